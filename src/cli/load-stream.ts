@@ -1,0 +1,42 @@
+import { StreamDecoder, type DeviceSectionSize } from '../stream/decoder.js';
+import type { StreamRecord } from '../stream/records.js';
+import { findTrailingVmDescription, parseVmDescription, vmdescSectionSizes, type VmDescription } from '../stream/vmdesc.js';
+import { readChunks, readTail } from './read-file.js';
+
+/** QEMU's analyze-migration.py looks at the last 10 MiB; our limit for a description is 16 MiB. */
+const TAIL_BYTES = 16 * 1024 * 1024;
+
+/**
+ * A file stream's trailing VM description, read before the stream itself so
+ * that device sections can be delimited exactly by size. Undefined when the
+ * file has none (postcopy captures) or it does not parse: the decoder then
+ * falls back to the footer rule and checks the description when it meets it.
+ */
+export async function readAheadVmDescription(path: string): Promise<{ desc: VmDescription; sizes: DeviceSectionSize[] } | undefined> {
+  const { bytes, offset } = await readTail(path, TAIL_BYTES);
+  const found = findTrailingVmDescription(bytes);
+  if (!found) return undefined;
+  try {
+    const desc = parseVmDescription(found.json, offset + found.offset);
+    return { desc, sizes: vmdescSectionSizes(desc) };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Decodes a whole file, handing each batch of records to `onRecords` (views stay valid). */
+export async function decodeFile(
+  path: string,
+  onRecords: (records: StreamRecord[], offset: number) => void | Promise<void>,
+  opts: { exact?: boolean } = {},
+): Promise<{ decoder: StreamDecoder; desc: VmDescription | undefined }> {
+  const ahead = opts.exact === false ? undefined : await readAheadVmDescription(path);
+  const decoder = new StreamDecoder(ahead ? { deviceSizes: ahead.sizes } : {});
+  for await (const chunk of readChunks(path)) {
+    const records = decoder.push(chunk);
+    if (records.length > 0) await onRecords(records, decoder.offset);
+  }
+  const last = decoder.end();
+  if (last.length > 0) await onRecords(last, decoder.offset);
+  return { decoder, desc: ahead?.desc };
+}

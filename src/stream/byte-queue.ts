@@ -1,0 +1,148 @@
+/**
+ * Input side of the decoders: the chunks pushed so far, consumed front to back.
+ *
+ * Borrowed from ws's receiver and pg-protocol's parser: records are parsed
+ * straight out of the chunk they arrived in (page payloads become views into
+ * it); only a record that spans chunks is copied, and only its own bytes.
+ */
+export class ByteQueue {
+  private chunks: Uint8Array[] = [];
+  /** The first chunk and a DataView over it, cached because nearly every read hits it. */
+  private head: Uint8Array = EMPTY;
+  private headView: DataView = new DataView(EMPTY.buffer);
+  private headPos = 0;
+  private buffered = 0;
+  /** Absolute stream offset of the next unconsumed byte. */
+  offset = 0;
+
+  get available(): number {
+    return this.buffered;
+  }
+
+  push(chunk: Uint8Array): void {
+    if (chunk.length === 0) return;
+    if (this.buffered === 0) {
+      this.setHead(chunk);
+    } else {
+      this.chunks.push(chunk);
+    }
+    this.buffered += chunk.length;
+  }
+
+  /** Puts bytes back in front of everything buffered (they were taken out by a scanner). */
+  unshift(bytes: Uint8Array): void {
+    if (bytes.length === 0) return;
+    if (this.buffered > 0) {
+      const rest = this.head.subarray(this.headPos);
+      this.chunks.unshift(rest);
+    }
+    this.setHead(bytes);
+    this.buffered += bytes.length;
+    this.offset -= bytes.length;
+  }
+
+  /**
+   * Makes the next `n` bytes contiguous in the head chunk. Returns false when
+   * fewer than `n` bytes are buffered. Copies only when they span chunks.
+   */
+  ensure(n: number): boolean {
+    if (this.buffered < n) return false;
+    if (this.head.length - this.headPos >= n) return true;
+    const merged = new Uint8Array(n);
+    let filled = 0;
+    let piece: Uint8Array = this.head.subarray(this.headPos);
+    for (;;) {
+      const take = Math.min(piece.length, n - filled);
+      merged.set(piece.subarray(0, take), filled);
+      filled += take;
+      if (filled === n) {
+        const leftover = piece.subarray(take);
+        if (leftover.length > 0) this.chunks.unshift(leftover);
+        break;
+      }
+      piece = this.chunks.shift() as Uint8Array;
+    }
+    this.setHead(merged);
+    return true;
+  }
+
+  /** The head chunk and the position of the next byte in it; valid after `ensure`. */
+  get buf(): Uint8Array {
+    return this.head;
+  }
+  get pos(): number {
+    return this.headPos;
+  }
+  get view(): DataView {
+    return this.headView;
+  }
+
+  u8(at: number): number {
+    return this.head[this.headPos + at] as number;
+  }
+  be16(at: number): number {
+    return this.headView.getUint16(this.headPos + at);
+  }
+  be32(at: number): number {
+    return this.headView.getUint32(this.headPos + at);
+  }
+  /** A be64 as a number; exact below 2^53, which covers every offset and length we accept. */
+  be64(at: number): number {
+    const p = this.headPos + at;
+    return this.headView.getUint32(p) * 0x1_0000_0000 + this.headView.getUint32(p + 4);
+  }
+  be64big(at: number): bigint {
+    return this.headView.getBigUint64(this.headPos + at);
+  }
+  /** A view of `len` bytes at `at` in the head chunk. */
+  bytes(at: number, len: number): Uint8Array {
+    const p = this.headPos + at;
+    return this.head.subarray(p, p + len);
+  }
+
+  /** Drops `n` bytes that `ensure` made contiguous. */
+  advance(n: number): void {
+    this.headPos += n;
+    this.buffered -= n;
+    this.offset += n;
+    if (this.headPos === this.head.length) {
+      const next = this.chunks.shift();
+      this.setHead(next ?? EMPTY);
+    }
+  }
+
+  /** An independent queue over the same (immutable) chunks. */
+  clone(): ByteQueue {
+    const c = new ByteQueue();
+    c.chunks = [...this.chunks];
+    c.setHead(this.head);
+    c.headPos = this.headPos;
+    c.buffered = this.buffered;
+    c.offset = this.offset;
+    return c;
+  }
+
+  /** Removes and returns everything buffered, as chunks (no copy). */
+  drain(): Uint8Array[] {
+    const out: Uint8Array[] = [];
+    if (this.buffered > 0) out.push(this.head.subarray(this.headPos), ...this.chunks);
+    this.offset += this.buffered;
+    this.chunks = [];
+    this.buffered = 0;
+    this.setHead(EMPTY);
+    return out;
+  }
+
+  private setHead(chunk: Uint8Array): void {
+    this.head = chunk;
+    this.headPos = 0;
+    this.headView = new DataView(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+  }
+}
+
+const EMPTY = new Uint8Array(0);
+
+/** idstrs are ASCII in practice; latin1 (ISO-8859-1) keeps any byte round-trippable. */
+export function decodeName(bytes: Uint8Array): string {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('latin1');
+}

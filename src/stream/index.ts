@@ -1,0 +1,12 @@
+export * from './constants.js';
+export * from './errors.js';
+export type * from './records.js';
+export { StreamDecoder, PreemptDecoder, type StreamDecoderOptions, type DeviceSectionSize } from './decoder.js';
+export { StreamEncoder, PreemptEncoder, type StreamEncoderOptions } from './encoder.js';
+export { ReturnPathDecoder, encodeReturnPathMessage, writeReturnPathMessage, ReceivedBitmap, type ReturnPathDecoderOptions } from './return-path.js';
+export { applyXbzrle, encodeXbzrle } from './xbzrle.js';
+export { ByteWriter, concatPieces } from './byte-writer.js';
+export { commandName } from './commands.js';
+export { isZeroPage, type KnownBlock, type RamFormat } from './ram.js';
+export * from './vmdesc.js';
+export { StreamSummary, type StreamSummaryReport, type PassCounts, type DeviceSummary } from './summary.js';

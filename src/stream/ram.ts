@@ -1,0 +1,290 @@
+import { RamFlag, TARGET_PAGE_MASK, TARGET_PAGE_SIZE, XBZRLE_ENCODING } from './constants.js';
+import { StreamError, type SectionContext } from './errors.js';
+import { decodeName, type ByteQueue } from './byte-queue.js';
+import type { ByteWriter } from './byte-writer.js';
+import type { RamBlockInfo, RamRecord } from './records.js';
+
+/** The flags that name a record's kind; CONTINUE is a modifier on top of one of them. */
+const KIND_MASK = TARGET_PAGE_MASK & ~RamFlag.CONTINUE;
+
+/** Options that change which optional block-list fields are on the wire. */
+export interface RamFormat {
+  /** x-ignore-shared: every block-list entry carries its guest physical address. */
+  ignoreShared: boolean;
+  /**
+   * POSTCOPY_ADVISE was received: a block-list entry may carry its page size
+   * (only blocks whose page size is not the host's, i.e. hugepages).
+   */
+  postcopyAdvised: boolean;
+}
+
+/** A RAM block as the parser tracks it: its length bounds page offsets. */
+export interface KnownBlock {
+  readonly idstr: string;
+  readonly length: number;
+}
+
+/**
+ * Parses RAM records (RAM section payloads and the preempt channel) one
+ * whole record at a time. Keeps the channel's CONTINUE memory ("last block"),
+ * which survives section boundaries, as QEMU's does.
+ */
+export class RamRecordParser {
+  /** Last block named by a record with an idstr on this channel. */
+  lastBlock: string | undefined;
+  /** After POSTCOPY_LISTEN only ZERO/PAGE/EOS may appear (QEMU's postcopy loader). */
+  postcopy = false;
+  private pendingList: { total: number; sum: number; blocks: RamBlockInfo[]; start: number } | undefined;
+
+  constructor(
+    /** Shared with the channel that carries the block list. */
+    readonly blocks: Map<string, KnownBlock>,
+    readonly format: RamFormat,
+    private readonly maxXbzrle = TARGET_PAGE_SIZE,
+  ) {}
+
+  /**
+   * Returns the next record, or undefined when more bytes are needed (nothing
+   * consumed in that case, except completed block-list entries).
+   */
+  next(q: ByteQueue, section?: SectionContext): RamRecord | undefined {
+    if (this.pendingList) return this.continueBlockList(q, section);
+    if (!q.ensure(8)) return undefined;
+    const start = q.offset;
+    const hi = q.be32(0);
+    const lo = q.be32(4);
+    const flags = lo & TARGET_PAGE_MASK;
+    const offset = hi * 0x1_0000_0000 + (lo - flags);
+    const kind = flags & KIND_MASK;
+    const continued = (flags & RamFlag.CONTINUE) !== 0;
+    switch (kind) {
+      case RamFlag.PAGE:
+      case RamFlag.ZERO:
+      case RamFlag.XBZRLE: {
+        if (this.postcopy && kind === RamFlag.XBZRLE) {
+          throw new StreamError('bad-ram-flags', start, `XBZRLE page in postcopy (flags 0x${flags.toString(16)})`, section);
+        }
+        let nameLen = 0;
+        if (!continued) {
+          if (!q.ensure(9)) return undefined;
+          nameLen = q.u8(8);
+          if (nameLen === 0) throw new StreamError('unknown-ram-block', start, 'page record with an empty block name', section);
+        }
+        const head = continued ? 8 : 9 + nameLen;
+        let total: number;
+        if (kind === RamFlag.PAGE) total = head + TARGET_PAGE_SIZE;
+        else if (kind === RamFlag.ZERO) total = head + 1;
+        else {
+          if (!q.ensure(head + 3)) return undefined;
+          if (q.u8(head) !== XBZRLE_ENCODING) {
+            throw new StreamError('bad-xbzrle', start, `XBZRLE encoding byte ${q.u8(head)} (expected 1)`, section);
+          }
+          const len = q.be16(head + 1);
+          if (len > this.maxXbzrle) throw new StreamError('bad-xbzrle', start, `XBZRLE length ${len} exceeds the page size`, section);
+          total = head + 3 + len;
+        }
+        if (!q.ensure(total)) return undefined;
+        let block: string;
+        if (continued) {
+          if (this.lastBlock === undefined) {
+            throw new StreamError('continue-without-block', start, 'CONTINUE flag on the first page record of the channel', section);
+          }
+          block = this.lastBlock;
+        } else {
+          block = decodeName(q.bytes(9, nameLen));
+        }
+        const known = this.blocks.get(block);
+        if (!known) throw new StreamError('unknown-ram-block', start, `page for unknown RAM block "${block}"`, section);
+        if (offset + TARGET_PAGE_SIZE > known.length) {
+          throw new StreamError('page-out-of-range', start, `page at 0x${offset.toString(16)} beyond block "${block}" of 0x${known.length.toString(16)} bytes`, section);
+        }
+        this.lastBlock = block;
+        let rec: RamRecord;
+        if (kind === RamFlag.PAGE) {
+          rec = { type: 'ram-page', block, offset, continued, data: q.bytes(head, TARGET_PAGE_SIZE) };
+        } else if (kind === RamFlag.ZERO) {
+          const fill = q.u8(head);
+          if (fill !== 0) throw new StreamError('bad-zero-fill', start, `zero page with fill byte 0x${fill.toString(16)}`, section);
+          rec = { type: 'ram-zero', block, offset, continued };
+        } else {
+          rec = { type: 'ram-xbzrle', block, offset, continued, encoded: q.bytes(head + 3, total - head - 3) };
+        }
+        q.advance(total);
+        return rec;
+      }
+      case RamFlag.EOS:
+      case RamFlag.MULTIFD_FLUSH:
+        if (continued || offset !== 0 || (this.postcopy && kind === RamFlag.MULTIFD_FLUSH)) {
+          throw new StreamError('bad-ram-flags', start, `unexpected RAM flags 0x${flags.toString(16)} with address 0x${offset.toString(16)}`, section);
+        }
+        q.advance(8);
+        return kind === RamFlag.EOS ? { type: 'ram-eos' } : { type: 'ram-multifd-flush' };
+      case RamFlag.MEM_SIZE:
+        if (continued || this.postcopy) {
+          throw new StreamError('bad-ram-flags', start, `unexpected RAM flags 0x${flags.toString(16)}`, section);
+        }
+        q.advance(8);
+        this.pendingList = { total: offset, sum: 0, blocks: [], start };
+        return this.continueBlockList(q, section);
+      case RamFlag.HOOK:
+        throw new StreamError('unsupported', start, 'RAM_SAVE_FLAG_HOOK (RDMA) is not supported', section);
+      default:
+        throw new StreamError('bad-ram-flags', start, `unknown combination of RAM flags 0x${flags.toString(16)}`, section);
+    }
+  }
+
+  private continueBlockList(q: ByteQueue, section: SectionContext | undefined): RamRecord | undefined {
+    const list = this.pendingList!;
+    while (list.sum < list.total) {
+      const at = q.offset;
+      if (!q.ensure(1)) return undefined;
+      const n = q.u8(0);
+      if (n === 0) throw new StreamError('bad-block-list', at, 'RAM block with an empty name', section);
+      // name, used_length, then up to two optional be64s: peek far enough to decide.
+      let need = 1 + n + 8;
+      if (!q.ensure(need)) return undefined;
+      const idstr = decodeName(q.bytes(1, n));
+      const length = q.be64(1 + n);
+      if (length % TARGET_PAGE_SIZE !== 0 || length === 0 || list.sum + length > list.total) {
+        throw new StreamError('bad-block-list', at, `RAM block "${idstr}" length 0x${length.toString(16)} does not fit the total 0x${list.total.toString(16)}`, section);
+      }
+      const isLast = list.sum + length === list.total;
+      let pageSize: number | undefined;
+      if (this.format.postcopyAdvised) {
+        // The page-size field is present only for non-host-page-size blocks. The
+        // next thing is otherwise a str8 (first byte ≥ 1) or, after the last block,
+        // a be64 EOS/MULTIFD_FLUSH: a be64 page size (first byte 0, value a power of
+        // two above 4 KiB) is told apart from both.
+        if (!q.ensure(need + 8)) return undefined;
+        const candidate = q.be64(need);
+        const firstByte = q.u8(need);
+        const looksLikePageSize = firstByte === 0 && candidate > TARGET_PAGE_SIZE && Number.isInteger(Math.log2(candidate));
+        if (looksLikePageSize && (!isLast || (candidate !== RamFlag.EOS && candidate !== RamFlag.MULTIFD_FLUSH))) {
+          pageSize = candidate;
+          need += 8;
+        }
+      }
+      let gpa: bigint | undefined;
+      if (this.format.ignoreShared) {
+        if (!q.ensure(need + 8)) return undefined;
+        gpa = q.be64big(need);
+        need += 8;
+      }
+      q.advance(need);
+      const info: RamBlockInfo = { idstr, length, ...(pageSize === undefined ? {} : { pageSize }), ...(gpa === undefined ? {} : { gpa }) };
+      list.blocks.push(info);
+      list.sum += length;
+      this.blocks.set(idstr, { idstr, length });
+    }
+    this.pendingList = undefined;
+    // QEMU forgets the last block when the block list is (re)sent.
+    this.lastBlock = undefined;
+    return { type: 'ram-blocks', total: list.total, blocks: list.blocks };
+  }
+
+  /** A copy with the same channel state, over `blocks` (for StreamDecoder.fork). */
+  clone(blocks: Map<string, KnownBlock>, format: RamFormat): RamRecordParser {
+    const c = new RamRecordParser(blocks, format, this.maxXbzrle);
+    c.lastBlock = this.lastBlock;
+    c.postcopy = this.postcopy;
+    if (this.pendingList) c.pendingList = { ...this.pendingList, blocks: [...this.pendingList.blocks] };
+    return c;
+  }
+
+  /** True while a block list is half read (so the section cannot end here). */
+  get inBlockList(): boolean {
+    return this.pendingList !== undefined;
+  }
+}
+
+/**
+ * Writes RAM records. Keeps the channel's CONTINUE memory, like QEMU's source:
+ * `continueMode` 'auto' sets CONTINUE whenever the block equals the previous
+ * page's, 'never' always names the block, 'as-recorded' follows each record's
+ * `continued` (for byte-exact re-encoding of a decoded stream).
+ */
+export class RamRecordWriter {
+  lastBlock: string | undefined;
+  constructor(public continueMode: 'auto' | 'never' | 'as-recorded' = 'auto') {}
+
+  /** Forget the last block: the next page names its block (QEMU does this before discards and on recovery). */
+  resetContinue(): void {
+    this.lastBlock = undefined;
+  }
+
+  write(w: ByteWriter, r: RamRecord, format?: RamFormat): void {
+    switch (r.type) {
+      case 'ram-page':
+      case 'ram-zero':
+      case 'ram-xbzrle': {
+        const kind = r.type === 'ram-page' ? RamFlag.PAGE : r.type === 'ram-zero' ? RamFlag.ZERO : RamFlag.XBZRLE;
+        const cont =
+          this.continueMode === 'never'
+            ? false
+            : this.continueMode === 'as-recorded'
+              ? r.continued
+              : this.lastBlock === r.block;
+        if (cont && this.lastBlock !== r.block) {
+          throw new RangeError(`CONTINUE for block "${r.block}" but the channel's last block is "${this.lastBlock ?? '(none)'}"`);
+        }
+        if (r.offset % TARGET_PAGE_SIZE !== 0) throw new RangeError(`page offset 0x${r.offset.toString(16)} is not page aligned`);
+        w.be64(r.offset + kind + (cont ? RamFlag.CONTINUE : 0));
+        if (!cont) w.str8(r.block);
+        this.lastBlock = r.block;
+        if (r.type === 'ram-page') {
+          if (r.data.length !== TARGET_PAGE_SIZE) throw new RangeError(`page of ${r.data.length} bytes`);
+          w.view(r.data);
+        } else if (r.type === 'ram-zero') {
+          w.u8(0);
+        } else {
+          w.u8(XBZRLE_ENCODING).be16(r.encoded.length).view(r.encoded);
+        }
+        return;
+      }
+      case 'ram-eos':
+        w.be64(RamFlag.EOS);
+        return;
+      case 'ram-multifd-flush':
+        w.be64(RamFlag.MULTIFD_FLUSH);
+        return;
+      case 'ram-blocks':
+        w.be64(r.total + RamFlag.MEM_SIZE);
+        for (const b of r.blocks) {
+          w.str8(b.idstr).be64(b.length);
+          if (b.pageSize !== undefined) {
+            if (format && !format.postcopyAdvised) throw new RangeError('a block page size is only sent after POSTCOPY_ADVISE');
+            w.be64(b.pageSize);
+          }
+          if (format?.ignoreShared) w.be64(b.gpa ?? 0n);
+        }
+        this.lastBlock = undefined;
+        return;
+    }
+  }
+}
+
+/** Encoded length of a page-like record (quic-go habit: every record knows its size). */
+export function ramPageRecordLength(r: RamRecord, continued: boolean): number {
+  const head = continued || !('block' in r) ? 8 : 9 + Buffer.byteLength(r.block, 'latin1');
+  switch (r.type) {
+    case 'ram-page':
+      return head + TARGET_PAGE_SIZE;
+    case 'ram-zero':
+      return head + 1;
+    case 'ram-xbzrle':
+      return head + 3 + r.encoded.length;
+    default:
+      return 8;
+  }
+}
+
+const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+/**
+ * True when a page is all zero bytes (sent as a 9-byte ZERO record instead of
+ * 4 KiB). The two byte probes reject most non-zero pages without a call; the
+ * rest is one native memcmp.
+ */
+export function isZeroPage(page: Uint8Array): boolean {
+  if (page[0] !== 0 || page[page.length - 1] !== 0) return false;
+  return ZERO_PAGE.equals(page.length === TARGET_PAGE_SIZE ? page : page.subarray(0, TARGET_PAGE_SIZE));
+}

@@ -1,0 +1,271 @@
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import { TransportError } from './errors.js';
+import { SendQueue } from './send-queue.js';
+import type { EffectiveTuning } from './tuning.js';
+
+export type ChannelRole = 'main' | 'preempt';
+
+/** Limits of one channel's user-space buffering. */
+export interface ChannelLimits {
+  /**
+   * Most bytes held in user space for this channel (our queue plus the
+   * socket's own write buffer); `send()` waits beyond it. Default: main 8 MiB,
+   * preempt 256 KiB.
+   */
+  readonly maxQueuedBytes?: number;
+  /**
+   * How much the socket's own (FIFO) write buffer may hold before we wait for
+   * 'drain'. Everything in it is ahead of any urgent write, so it stays small;
+   * the kernel's send buffer keeps the link busy meanwhile. Default: main
+   * 1 MiB, preempt 0 (hand over at once).
+   */
+  readonly socketBufferBytes?: number;
+}
+
+export interface ChannelStats {
+  role: ChannelRole;
+  bytesSent: number;
+  bytesReceived: number;
+  /** Bytes in user space right now (our queue + the socket's write buffer). */
+  queuedBytes: number;
+  peakQueuedBytes: number;
+  maxQueuedBytes: number;
+  /** Times a `send()` had to wait for room. */
+  writeWaits: number;
+  /** Times reading was paused because the consumer was busy. */
+  readPauses: number;
+  tuning: EffectiveTuning;
+  tls?: { protocol: string | null; cipher: string; resumed: boolean };
+}
+
+type Consumer = (chunk: Buffer) => void | Promise<void>;
+
+interface ChannelEvents {
+  error: [TransportError];
+  end: [];
+  close: [];
+}
+
+/**
+ * One migration socket (plain or TLS) with bounded buffering both ways:
+ * `send()` resolves once the bytes fit under `maxQueuedBytes` (so a producer
+ * awaiting it never grows memory past the bound), urgent groups overtake
+ * queued bulk groups, and a consumer that returns a promise pauses the socket
+ * until it settles. Errors are reported once, as TransportError, via 'error'.
+ */
+export class Channel extends EventEmitter<ChannelEvents> {
+  private readonly queue = new SendQueue();
+  private readonly maxQueued: number;
+  private readonly socketBudget: number;
+  private waiters: (() => void)[] = [];
+  private flushWaiters: (() => void)[] = [];
+  private closed = false;
+  private failure: TransportError | undefined;
+  private consumer: Consumer | undefined;
+  private readonly s: ChannelStats;
+
+  constructor(
+    readonly socket: Socket | TLSSocket,
+    readonly role: ChannelRole,
+    tuning: EffectiveTuning,
+    limits: ChannelLimits = {},
+  ) {
+    super();
+    this.maxQueued = limits.maxQueuedBytes ?? (role === 'main' ? 8 << 20 : 256 << 10);
+    this.socketBudget = limits.socketBufferBytes ?? (role === 'main' ? 1 << 20 : 0);
+    const tlsSock = socket as TLSSocket;
+    this.s = {
+      role,
+      bytesSent: 0,
+      bytesReceived: 0,
+      queuedBytes: 0,
+      peakQueuedBytes: 0,
+      maxQueuedBytes: this.maxQueued,
+      writeWaits: 0,
+      readPauses: 0,
+      tuning,
+      ...(typeof tlsSock.getProtocol === 'function'
+        ? { tls: { protocol: tlsSock.getProtocol(), cipher: tlsSock.getCipher()?.name ?? '', resumed: tlsSock.isSessionReused() } }
+        : {}),
+    };
+    socket.on('drain', this.afterWrite);
+    socket.on('error', (e) => this.fail(classifySocketError(e, role)));
+    socket.on('end', () => this.emit('end'));
+    socket.on('close', () => {
+      this.closed = true;
+      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', { channel: role }));
+      this.releaseAll();
+      this.emit('close');
+    });
+  }
+
+  /** Bytes in user space now: our queue plus the socket's write buffer. */
+  get queuedBytes(): number {
+    return this.queue.bytes + this.socket.writableLength;
+  }
+
+  get stats(): ChannelStats {
+    return { ...this.s, queuedBytes: this.queuedBytes };
+  }
+
+  get isClosed(): boolean {
+    return this.closed || this.socket.destroyed;
+  }
+
+  /**
+   * Queues `pieces` as one group (they leave back to back, one corked write on
+   * a bulk channel). Resolves when the channel's user-space bytes are back
+   * under the bound; rejects once the channel has failed or closed.
+   */
+  send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk'): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.role }));
+    let bytes = 0;
+    for (const p of pieces) bytes += p.length;
+    this.queue.push({ pieces, bytes }, priority);
+    this.pump();
+    const q = this.queuedBytes;
+    if (q > this.s.peakQueuedBytes) this.s.peakQueuedBytes = q;
+    if (q <= this.maxQueued) return Promise.resolve();
+    this.s.writeWaits++;
+    return new Promise((resolve, reject) => {
+      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
+    });
+  }
+
+  /** Runs when the socket took bytes off its own buffer: hand over more, wake writers. */
+  private readonly afterWrite = (): void => {
+    this.pump();
+    if (this.flushWaiters.length > 0 && this.queue.empty && this.socket.writableLength === 0) {
+      const w = this.flushWaiters;
+      this.flushWaiters = [];
+      for (const f of w) f();
+    }
+  };
+
+  /**
+   * Moves groups from our queue into the socket while its own buffer is under
+   * budget. Triggers: send(), each group's write callback, 'drain'.
+   */
+  private pump(): void {
+    const sock = this.socket;
+    if (sock.destroyed) return;
+    const cork = this.s.tuning.cork;
+    while (!this.queue.empty && sock.writableLength <= this.socketBudget) {
+      const g = this.queue.shift()!;
+      if (cork) sock.cork();
+      const last = g.pieces.length - 1;
+      for (let i = 0; i <= last; i++) sock.write(g.pieces[i]!, i === last ? this.afterWrite : undefined);
+      if (cork) sock.uncork();
+      this.s.bytesSent += g.bytes;
+    }
+    if (this.waiters.length > 0 && this.queuedBytes <= this.maxQueued) this.releaseWaiters();
+  }
+
+  private releaseWaiters(): void {
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  private releaseAll(): void {
+    this.releaseWaiters();
+    const f = this.flushWaiters;
+    this.flushWaiters = [];
+    for (const x of f) x();
+  }
+
+  /**
+   * Starts delivering received bytes to `consumer`. When it returns a promise,
+   * the socket is paused until the promise settles (a rejection fails the channel).
+   */
+  read(consumer: Consumer): void {
+    if (this.consumer) throw new Error('a channel has one reader');
+    this.consumer = consumer;
+    this.socket.on('data', (chunk: Buffer) => {
+      this.s.bytesReceived += chunk.length;
+      let r: void | Promise<void>;
+      try {
+        r = consumer(chunk);
+      } catch (e) {
+        this.destroy(e);
+        return;
+      }
+      if (r && typeof (r as Promise<void>).then === 'function') {
+        this.socket.pause();
+        this.s.readPauses++;
+        (r as Promise<void>).then(
+          () => {
+            if (!this.socket.destroyed) this.socket.resume();
+          },
+          (e: unknown) => this.destroy(e),
+        );
+      }
+    });
+  }
+
+  /** Resolves once everything queued has been handed to the socket. */
+  async flush(): Promise<void> {
+    if (this.queue.empty && this.socket.writableLength === 0) return;
+    await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
+    if (this.failure) throw this.failure;
+    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', { channel: this.role });
+  }
+
+  /** Sends what is queued, ends our direction and waits for the socket to close. */
+  async close(): Promise<void> {
+    if (this.isClosed) return;
+    try {
+      await this.flush();
+    } finally {
+      await new Promise<void>((resolve) => {
+        if (this.socket.destroyed) return resolve();
+        this.socket.once('close', () => resolve());
+        this.socket.end();
+        // The peer may never close its side; do not hang on it.
+        setTimeout(() => this.socket.destroy(), 2000).unref();
+      });
+    }
+  }
+
+  /** Tears the socket down now; `reason` becomes the channel's error (if it is the first). */
+  destroy(reason?: unknown): void {
+    if (reason !== undefined && !this.failure) {
+      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, channel: this.role }));
+    }
+    this.socket.destroy();
+  }
+
+  private fail(e: TransportError): void {
+    if (this.failure) return;
+    this.failure = e;
+    this.releaseAll();
+    this.socket.destroy();
+    if (this.listenerCount('error') > 0) this.emit('error', e);
+  }
+}
+
+/** Maps a socket error to a TransportError code. */
+export function classifySocketError(e: unknown, channel?: ChannelRole): TransportError {
+  if (e instanceof TransportError) return e;
+  const code = (e as NodeJS.ErrnoException | undefined)?.code;
+  const msg = e instanceof Error ? e.message : String(e);
+  const opts = { cause: e, ...(channel ? { channel } : {}) };
+  switch (code) {
+    case 'ECONNRESET':
+    case 'EPIPE':
+      return new TransportError('reset', msg, opts);
+    case 'ECONNREFUSED':
+    case 'ENOENT':
+    case 'EHOSTUNREACH':
+    case 'ENETUNREACH':
+    case 'EADDRNOTAVAIL':
+      return new TransportError('connect-failed', msg, opts);
+    case 'ETIMEDOUT':
+      return new TransportError('connect-timeout', msg, opts);
+    default:
+      return new TransportError('closed', msg, opts);
+  }
+}

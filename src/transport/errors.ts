@@ -1,0 +1,40 @@
+/**
+ * Stable codes of transport failures (sockets, TLS, channel setup). Like
+ * StreamError for the wire format: callers switch on `code`, the CLI prints it.
+ */
+export type TransportErrorCode =
+  | 'bad-endpoint' // an URI that is not tcp:HOST:PORT or unix:PATH
+  | 'connect-failed' // ECONNREFUSED, ENOENT, EHOSTUNREACH ...
+  | 'connect-timeout'
+  | 'closed' // the peer or the caller closed the channel
+  | 'reset' // ECONNRESET / EPIPE
+  | 'idle-timeout'
+  | 'tls-unknown-ca' // peer certificate not signed by our CA
+  | 'tls-no-peer-certificate' // the peer sent no certificate while we verify peers
+  | 'tls-certificate-expired' // or not yet valid
+  | 'tls-hostname-mismatch'
+  | 'tls-no-hostname' // verify-peer on, but no tls-hostname and no host in the URI (unix socket)
+  | 'tls-not-tls' // the peer does not speak TLS
+  | 'tls-handshake-failed' // any other handshake failure
+  | 'tls-bad-credentials' // missing or unreadable files in the credentials directory
+  | 'channel-order' // a channel used before its turn (preempt before main)
+  | 'write-after-close';
+
+/** The one error class of src/transport. `cause` keeps the system or OpenSSL error. */
+export class TransportError extends Error {
+  override readonly name = 'TransportError';
+  readonly code: TransportErrorCode;
+  /** Which channel failed, when it is known. */
+  readonly channel: 'main' | 'preempt' | undefined;
+
+  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.code = code;
+    this.channel = opts.channel;
+  }
+
+  /** The one-line form the CLI prints: `<code>: <what>`. */
+  describe(): string {
+    return `${this.code}${this.channel ? ` (${this.channel} channel)` : ''}: ${this.message}`;
+  }
+}
