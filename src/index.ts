@@ -1,5 +1,11 @@
 /**
- * qemu-migration-transport: QEMU 10.0's live-migration protocol, byte for byte.
- * `stream` is the wire format (pure, no I/O).
+ * qemu-migration-transport: QEMU 10.0's live-migration protocol, byte for byte,
+ * over two sockets (bulk precopy, urgent postcopy).
+ *
+ * - stream: the wire format (pure, no I/O)
+ * - transport: the two channels, TLS/PKI, TCP tuning, backpressure
+ * - protocol: the migration sessions
  */
 export * from './stream/index.js';
+export * from './transport/index.js';
+export * from './protocol/index.js';

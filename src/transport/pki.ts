@@ -7,6 +7,15 @@
  * The certificates carry what GnuTLS and QEMU's credential checks
  * (`crypto/tlscredsx509.c`) look at: X.509 v3, basicConstraints, keyUsage,
  * extKeyUsage, subjectAltName, key identifiers, SHA-256 signatures.
+ * Tried against QEMU 10.0.2 (`object-add tls-creds-x509`), each of these
+ * makes QEMU refuse the directory: a CA without basicConstraints CA:TRUE
+ * (so any v1 CA), a leaf with CA:TRUE, a critical leaf keyUsage without
+ * both digitalSignature and keyEncipherment, a critical extKeyUsage without
+ * the endpoint's purpose, SHA-1 signatures ("insecure algorithm"). QEMU
+ * loads a directory lacking any of: CA keyUsage, leaf keyUsage,
+ * extKeyUsage, subjectAltName, key identifiers (only the loading was tried
+ * for these). Node/OpenSSL, unlike QEMU, refuses a server certificate whose
+ * extKeyUsage lacks serverAuth even when not critical.
  */
 import { createPrivateKey, generateKeyPair, randomBytes, sign, X509Certificate, type KeyObject } from 'node:crypto';
 import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
@@ -199,6 +208,21 @@ function signSha256(cert: forge.pki.Certificate, key: KeyObject): void {
   cert.signature = sign('sha256', tbs, key).toString('binary');
 }
 
+function parseCa(given: { cert: string; key: string }): { cert: forge.pki.Certificate; key: KeyObject; keyPem: string } {
+  let cert: forge.pki.Certificate;
+  let key: KeyObject;
+  try {
+    cert = forge.pki.certificateFromPem(given.cert);
+    key = createPrivateKey(given.key);
+  } catch (e) {
+    throw new TransportError('tls-bad-credentials', `the given CA is not an RSA certificate and key in PEM form: ${(e as Error).message}`, { cause: e });
+  }
+  if (key.asymmetricKeyType !== 'rsa' || !new X509Certificate(given.cert).checkPrivateKey(key)) {
+    throw new TransportError('tls-bad-credentials', 'the given CA key is not the RSA key of the given CA certificate');
+  }
+  return { cert, key, keyPem: given.key };
+}
+
 function checkNumber(name: string, v: number, min: number, max: number): void {
   if (!Number.isInteger(v) || v < min || v > max) {
     throw new TransportError('tls-bad-credentials', `${name} must be an integer in ${min} … ${max}, got ${v}`);
@@ -226,39 +250,30 @@ export async function generatePki(opts: GeneratePkiOptions = {}): Promise<Pki> {
     };
   };
 
+  const given = opts.ca ? parseCa(opts.ca) : undefined;
   const [caPair, serverPair, clientPair] = await Promise.all([
-    opts.ca ? undefined : rsaKeyPair(keyBits),
+    given ? undefined : rsaKeyPair(keyBits),
     rsaKeyPair(keyBits),
     rsaKeyPair(keyBits),
   ]);
   let ca: forge.pki.Certificate;
   let caKey: KeyObject;
   let caKeyPem: string;
-  if (opts.ca) {
-    try {
-      ca = forge.pki.certificateFromPem(opts.ca.cert);
-      caKey = createPrivateKey(opts.ca.key);
-    } catch (e) {
-      throw new TransportError('tls-bad-credentials', `the given CA is not an RSA certificate and key in PEM form: ${(e as Error).message}`, { cause: e });
-    }
-    if (caKey.asymmetricKeyType !== 'rsa' || !new X509Certificate(opts.ca.cert).checkPrivateKey(caKey)) {
-      throw new TransportError('tls-bad-credentials', 'the given CA key is not the RSA key of the given CA certificate');
-    }
-    caKeyPem = opts.ca.key;
-  } else if (caPair) {
-    caKey = createPrivateKey(caPair.privatePem);
-    caKeyPem = caPair.privatePem;
+  if (given) {
+    ({ cert: ca, key: caKey, keyPem: caKeyPem } = given);
+  } else {
+    const pair = caPair as KeyPair;
+    caKey = createPrivateKey(pair.privatePem);
+    caKeyPem = pair.privatePem;
     ca = makeCert({
       subjectCn: opts.caName ?? 'qmt migration CA',
-      publicPem: caPair.publicPem,
+      publicPem: pair.publicPem,
       issuer: undefined,
       key: caKey,
       ...window('ca'),
       kind: 'ca',
       hostnames,
     });
-  } else {
-    throw new Error('unreachable: no CA key pair');
   }
   const server = makeCert({
     subjectCn: hostnames[0] ?? 'localhost',

@@ -394,6 +394,11 @@ function verifyError(sock: tls.TLSSocket): { known: boolean; error: Error | null
  * 'tls-no-peer-certificate', 'tls-not-tls' …). On any failure both the TLS and
  * the raw socket are destroyed. On success `authorized`/`authorizationError`
  * are set as a tls.Server would.
+ *
+ * Once it resolves, close the connection through the returned TLS socket
+ * (which also closes `raw`), never by destroying `raw` first: destroying the
+ * raw socket under a live TLS socket and then the TLS socket crashes Node 20
+ * (SIGSEGV, seen with 20.20).
  */
 export function secureAccept(raw: Socket, options: tls.TlsOptions, opts: AcceptOptions = {}): Promise<tls.TLSSocket> {
   const verifyPeer = options.rejectUnauthorized !== false;

@@ -3,8 +3,10 @@ import { spawnSync } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Command } from 'commander';
 import forge from 'node-forge';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { registerPkiCommand } from '../../src/cli/pki.js';
 import { TransportError } from '../../src/transport/errors.js';
 import { DEFAULT_PKI_HOSTNAMES, generatePki, initPkiDir, loadTlsDir, PKI_FILES, writePkiDir, type Pki } from '../../src/transport/pki.js';
 
@@ -177,6 +179,10 @@ describe('generatePki', () => {
       await expect(generatePki(opts)).rejects.toMatchObject({ code: 'tls-bad-credentials' });
     }
     await expect(generatePki({ ca: { cert: 'nope', key: 'nope' } })).rejects.toBeInstanceOf(TransportError);
+    await expect(generatePki({ ca: { cert: pki.caCert, key: pki.serverKey } })).rejects.toMatchObject({
+      code: 'tls-bad-credentials',
+      message: expect.stringContaining('not the RSA key of the given CA'),
+    });
   });
 
   it('verifies with the openssl CLI for the right purpose, when it is installed', async (ctx) => {
@@ -308,5 +314,60 @@ describe('loadTlsDir', () => {
     await expect(loadTlsDir(d, 'server')).rejects.toMatchObject({ message: expect.stringContaining('server-key.pem is not a private key') });
     await writeFile(join(d, 'ca-cert.pem'), 'not a cert');
     await expect(loadTlsDir(d, 'server')).rejects.toMatchObject({ message: expect.stringContaining('ca-cert.pem is not a certificate') });
+  });
+});
+
+describe('qmt pki init', () => {
+  async function run(args: string[]): Promise<{ out: string; err: string; exitCode: number | undefined }> {
+    let out = '';
+    let err = '';
+    const program = new Command().name('qmt').exitOverride();
+    program.configureOutput({ writeOut: (t) => (out += t), writeErr: (t) => (err += t) });
+    registerPkiCommand(program, { out: (t) => (out += t), err: (t) => (err += t) });
+    const before = process.exitCode;
+    try {
+      await program.parseAsync(['node', 'qmt', ...args]);
+    } catch (e) {
+      err += `[commander: ${(e as Error).message}]`;
+    }
+    const exitCode = process.exitCode === before ? undefined : (process.exitCode as number | undefined);
+    process.exitCode = before;
+    return { out, err, exitCode };
+  }
+  afterEach(() => {
+    process.exitCode = undefined;
+  });
+
+  it('writes the five files, prints them, takes repeatable --hostname and --days', async () => {
+    const d = join(dir, 'cli');
+    const t0 = performance.now();
+    const r = await run(['pki', 'init', d, '--hostname', 'dst.example', '--hostname', '192.0.2.10', '--days', '30']);
+    const ms = performance.now() - t0;
+    expect(r.exitCode).toBeUndefined();
+    expect(r.out.trim().split('\n')).toEqual(['ca-cert.pem', 'server-cert.pem', 'server-key.pem', 'client-cert.pem', 'client-key.pem'].map((f) => join(d, f)));
+    expect(r.err).toMatch(/certificates for dst\.example, 192\.0\.2\.10, valid until /);
+    const x = new X509Certificate(await readFile(join(d, 'server-cert.pem')));
+    expect(x.subjectAltName).toBe('DNS:dst.example, IP Address:192.0.2.10');
+    const days = (new Date(x.validTo).getTime() - Date.now()) / 86_400_000;
+    expect(days).toBeGreaterThan(29.9);
+    expect(days).toBeLessThan(30.1);
+    expect(ms).toBeLessThan(6000);
+    // again without --force: refused, with the code, exit status 1
+    const again = await run(['pki', 'init', d]);
+    expect(again.exitCode).toBe(1);
+    expect(again.err).toMatch(/^qmt: tls-bad-credentials: .*already exists/);
+    const forced = await run(['pki', 'init', d, '--force']);
+    expect(forced.exitCode).toBeUndefined();
+    expect(new X509Certificate(await readFile(join(d, 'server-cert.pem'))).subjectAltName).toBe(
+      'DNS:localhost, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1',
+    );
+  });
+
+  it('rejects bad --days and bad hostnames', async () => {
+    const r = await run(['pki', 'init', join(dir, 'cli-bad'), '--days', 'ten']);
+    expect(r.err).toMatch(/whole number of days/);
+    const h = await run(['pki', 'init', join(dir, 'cli-bad'), '--hostname', 'no spaces allowed']);
+    expect(h.exitCode).toBe(1);
+    expect(h.err).toMatch(/neither a DNS name nor an IP address/);
   });
 });

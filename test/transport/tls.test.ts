@@ -102,6 +102,21 @@ interface Listener {
   /** Outcome of each accepted connection, in accept order. */
   accepted: Array<Promise<Outcome>>;
   nextAccepted(): Promise<Outcome>;
+  /** Accepted raw sockets not yet closed. */
+  openRaw(): number;
+}
+
+/**
+ * Without any help from the test, every connection of these listeners ends:
+ * no raw socket left on the server side and no handle beyond the listeners
+ * themselves (a client socket or a server socket left open would show).
+ */
+async function expectAllClosed(...ls: Listener[]): Promise<void> {
+  const want = baseline + ls.length;
+  const deadline = Date.now() + 2000;
+  while ((openHandles() > want || ls.some((l) => l.openRaw() > 0)) && Date.now() < deadline) await sleep(10);
+  expect(ls.map((l) => l.openRaw())).toEqual(ls.map(() => 0));
+  expect(openHandles(), `handles: ${process.getActiveResourcesInfo().join(', ')}`).toBe(want);
 }
 
 /** A net.Server whose connections go through secureAccept (or `raw` for a plain listener). */
@@ -131,16 +146,19 @@ async function listen(
         });
   let next = 0;
   cleanups.push(async () => {
-    for (const r of raws) r.destroy();
+    // TLS sockets first: destroying a raw socket under a live TLSSocket and then the TLSSocket
+    // crashes Node 20 (SIGSEGV). Destroying the TLSSocket also destroys its raw socket.
     for (const a of accepted) {
       const o = await a;
       if (o.ok) o.sock.destroy();
     }
+    for (const r of raws) r.destroy();
     await new Promise<void>((r) => srv.close(() => r()));
   });
   return {
     address,
     accepted,
+    openRaw: () => raws.size,
     async nextAccepted() {
       const i = next++;
       while (accepted.length <= i) await new Promise<void>((r) => waiters.push(r));
@@ -416,6 +434,7 @@ describe('refusals: typed errors, nothing left open', () => {
     const s = await l.nextAccepted();
     // The server only sees the client go away (Node's client sends no alert).
     expect(s.ok).toBe(false);
+    await expectAllClosed(l);
   });
 
   it('client certificate from another CA → tls-unknown-ca on the server; the client is dropped', async () => {
@@ -423,6 +442,7 @@ describe('refusals: typed errors, nothing left open', () => {
     const c = expectOk(await connect(l, clientTlsOptions(clientMat(B, A), client(), '127.0.0.1'))); // TLS 1.3: our side is done first
     expectRefused(await l.nextAccepted(), 'tls-unknown-ca');
     expect(await fate(c)).toMatch(/^(close|error:reset)$/);
+    await expectAllClosed(l);
   });
 
   it('a tls.Server reports a refused client certificate only through tlsClientError + the socket', async () => {
@@ -439,6 +459,9 @@ describe('refusals: typed errors, nothing left open', () => {
     const deadline = Date.now() + 2000;
     while (errors.length < 3 && Date.now() < deadline) await sleep(10);
     expect(errors.map((e) => e.code)).toEqual(['tls-unknown-ca', 'tls-no-peer-certificate', 'tls-certificate-expired']);
+    const until = Date.now() + 2000;
+    while (openHandles() > baseline + 1 && Date.now() < until) await sleep(10);
+    expect(openHandles()).toBe(baseline + 1); // the server only
   });
 
   it('missing client certificate → tls-no-peer-certificate on both sides (TLS 1.3 certificate_required alert)', async () => {
@@ -446,6 +469,7 @@ describe('refusals: typed errors, nothing left open', () => {
     const c = expectOk(await connect(l, clientTlsOptions({ ca: Buffer.from(A.caCert) }, client(), '127.0.0.1')));
     expectRefused(await l.nextAccepted(), 'tls-no-peer-certificate');
     expect(await fate(c)).toBe('error:tls-no-peer-certificate');
+    await expectAllClosed(l);
   });
 
   it('missing client certificate with TLS 1.2: the client handshake itself fails', async () => {
@@ -453,6 +477,7 @@ describe('refusals: typed errors, nothing left open', () => {
     const o = await connect(l, clientTlsOptions({ ca: Buffer.from(A.caCert) }, client({ minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2' }), '127.0.0.1'));
     expectRefused(o, 'tls-handshake-failed'); // a TLS 1.2 handshake_failure alert does not say why
     expectRefused(await l.nextAccepted(), 'tls-no-peer-certificate');
+    await expectAllClosed(l);
   });
 
   it('without verify-peer the server accepts a client without a certificate (QEMU verify-peer=off)', async () => {
@@ -476,6 +501,7 @@ describe('refusals: typed errors, nothing left open', () => {
     const f = expectRefused(await l2.nextAccepted(), 'tls-certificate-expired');
     expect(f.message).toContain('not yet valid');
     await fate(c2);
+    await expectAllClosed(l, l2);
   });
 
   it('hostname mismatch → tls-hostname-mismatch; an IP literal must be an IP subjectAltName', async () => {
@@ -487,8 +513,8 @@ describe('refusals: typed errors, nothing left open', () => {
     await l2.nextAccepted();
     // ... and tls-hostname overrides the URI host
     const c = expectOk(await connect(l2, clientTlsOptions(clientMat(A), client({ hostname: 'localhost' }), '127.0.0.1')));
-    c.destroy();
-    await l2.nextAccepted();
+    await roundTrip(c, expectOk(await l2.nextAccepted()));
+    await expectAllClosed(l, l2);
   });
 
   it('a plain TCP peer talking to the TLS listener → tls-not-tls', async () => {
@@ -502,22 +528,24 @@ describe('refusals: typed errors, nothing left open', () => {
       else s.write(send);
       const o = await l.nextAccepted();
       expectRefused(o, 'tls-not-tls');
-      s.destroy();
     };
     await plain(Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3])); // a QEMU stream header
     await plain('GET / HTTP/1.1\r\n\r\n');
     await plain(null); // connects and hangs up without a byte
+    await expectAllClosed(l); // our plain sockets too: the listener closed them
   });
 
   it('our TLS client talking to a plain listener → tls-not-tls (or connect-timeout if it stays silent)', async () => {
     const closer = await listen('tcp', (raw) => void raw.destroy());
     expectRefused(await connect(closer, clientTlsOptions(clientMat(A), client(), '127.0.0.1')), 'tls-not-tls');
+    // (resume(): a plain listener that reads sees the client's close)
     const talker = await listen('tcp', (raw) => {
-      raw.end(Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0]));
+      raw.resume().end(Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0]));
     });
     expectRefused(await connect(talker, clientTlsOptions(clientMat(A), client(), '127.0.0.1')), 'tls-not-tls');
-    const silent = await listen('tcp', () => undefined);
+    const silent = await listen('tcp', (raw) => void raw.resume());
     expectRefused(await connect(silent, clientTlsOptions(clientMat(A), client(), '127.0.0.1'), 200), 'connect-timeout');
+    await expectAllClosed(closer, talker, silent);
   });
 
   it('nothing listening → connect-failed', async () => {
@@ -527,6 +555,7 @@ describe('refusals: typed errors, nothing left open', () => {
     expectRefused(await connect(dead, clientTlsOptions(clientMat(A), client(), '127.0.0.1')), 'connect-failed');
     const nowhere = { address: { path: join(tmp, 'nothing.sock') } } as Listener;
     expectRefused(await connect(nowhere, clientTlsOptions(clientMat(A), client({ hostname: 'localhost' }))), 'connect-failed');
+    await expectAllClosed(l);
   });
 
   it('unusable credentials → tls-bad-credentials, and a wrapped socket is destroyed', async () => {
@@ -538,6 +567,7 @@ describe('refusals: typed errors, nothing left open', () => {
     const o = await outcome(secureConnect({ ...clientTlsOptions(bad, client(), host), socket: raw }));
     expectRefused(o, 'tls-bad-credentials');
     expect(raw.destroyed).toBe(true);
+    await expectAllClosed(l);
   });
 });
 
@@ -557,6 +587,7 @@ describe('secureAccept awaitData', () => {
     const e = expectRefused(await l.nextAccepted(), 'tls-handshake-failed');
     expect(e.message).toMatch(/refused our certificate/);
     expect(e.channel).toBe('main');
+    await expectAllClosed(l);
   });
 });
 
@@ -611,5 +642,6 @@ describe('ClientHello', () => {
     const ext = await helloExtensions(clientTlsOptions(clientMat(A), client(), '127.0.0.1', session));
     expect(ext).toContain(PRE_SHARED_KEY);
     expect(ext).not.toContain(SNI);
+    expect(ext).not.toContain(ALPN);
   });
 });

@@ -1,0 +1,513 @@
+import { EventEmitter } from 'node:events';
+import { performance } from 'node:perf_hooks';
+import { PreemptDecoder, StreamDecoder } from '../stream/decoder.js';
+import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { encodeReturnPathMessage } from '../stream/return-path.js';
+import { applyXbzrle } from '../stream/xbzrle.js';
+import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
+import type { Channel, ChannelStats } from '../transport/channel.js';
+import { MigrationListener, type DestinationConnection, type TransportOptions } from '../transport/connection.js';
+import { MigrationError, type MigrationPhase } from './errors.js';
+import type { LatencySummary } from './latency.js';
+import type { GuestMemorySink } from './memory.js';
+import { PageTracker, type PageRequestResult } from './page-tracker.js';
+
+/** One device (non-RAM) section as received, delimited exactly. */
+export interface ReceivedDeviceSection {
+  sectionId: number;
+  idstr: string;
+  instanceId: number;
+  versionId: number;
+  kind: 'start' | 'part' | 'end' | 'full';
+  /** Whether it came inside the postcopy package. */
+  packaged: boolean;
+  data: Buffer;
+}
+
+/** Counters named as QEMU's `query-migrate` names them where one exists. */
+export interface DestinationStats {
+  status: 'setup' | 'active' | 'postcopy-active' | 'completed' | 'failed';
+  /** Bytes received on every channel. */
+  transferred: number;
+  /** PAGE records (QEMU's `normal`). */
+  normal: number;
+  /** ZERO records (QEMU's `duplicate`). */
+  duplicate: number;
+  xbzrle: number;
+  /** Pages that came on the preempt channel. */
+  'preempt-pages': number;
+  /** Demand requests sent (QEMU's source counts them as `postcopy-requests`). */
+  'postcopy-requests': number;
+  /** RAM PART sections seen (QEMU's iterations). */
+  'precopy-iterations': number;
+  'total-time': number;
+  /** Latency of demand requests (request sent → page arrived), µs. */
+  'postcopy-latency': LatencySummary;
+  channels: { main?: ChannelStats; preempt?: ChannelStats };
+}
+
+/** What a completed (or, on failure, partial) migration left behind. */
+export interface DestinationResult {
+  complete: boolean;
+  machineType: string | undefined;
+  configuration: ConfigurationRecord | undefined;
+  blocks: RamBlockInfo[];
+  devices: ReceivedDeviceSection[];
+  /** The VM description JSON (precopy only). */
+  vmdesc: Buffer | undefined;
+  postcopy: boolean;
+  stats: DestinationStats;
+  error?: MigrationError;
+}
+
+export interface DestinationOptions {
+  /** `tcp:HOST:PORT` or `unix:PATH`. */
+  listen: string;
+  /** Where RAM goes. */
+  sink: GuestMemorySink;
+  /** TLS, tuning and buffering of the two channels. */
+  transport?: TransportOptions;
+  /**
+   * Accept postcopy (a 16-byte POSTCOPY_ADVISE), as QEMU's `postcopy-ram`
+   * capability on a destination. Default false: such a stream is refused.
+   */
+  postcopy?: boolean;
+  /** Fail when no byte arrives for this long once connected (default 60 s; 0 = never). */
+  idleTimeoutMs?: number;
+}
+
+export interface DestinationEvents {
+  /** A channel connected (and finished its TLS handshake). */
+  channel: [{ role: 'main' | 'preempt'; stats: ChannelStats }];
+  configuration: [ConfigurationRecord];
+  'ram-blocks': [RamBlockInfo[]];
+  /** A RAM PART section ended: one precopy iteration. */
+  pass: [{ iteration: number; pages: number; transferred: number }];
+  'postcopy-advise': [];
+  'postcopy-listen': [];
+  /** POSTCOPY_RUN: the source VM is stopped and the destination may run. `at` is performance.now(). */
+  'postcopy-run': [{ at: number }];
+  /** A demand request was answered. */
+  'page-request': [PageRequestResult];
+  completed: [DestinationResult];
+  failed: [MigrationError];
+}
+
+/**
+ * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
+ * source or our own SourceSession: listens, takes the first connection as the
+ * main channel and the next as the preempt channel, follows the protocol
+ * (PING→PONG, OPEN_RETURN_PATH, ADVISE, DISCARD, LISTEN, PACKAGED, RUN, EOF,
+ * SHUT), writes RAM into a GuestMemorySink, keeps device state, and serves
+ * demand page requests during postcopy.
+ */
+export class DestinationSession extends EventEmitter<DestinationEvents> {
+  /** Resolves with the result when the migration completed; rejects with a MigrationError. */
+  readonly done: Promise<DestinationResult>;
+  private resolveDone!: (r: DestinationResult) => void;
+  private rejectDone!: (e: MigrationError) => void;
+  private conn: DestinationConnection | undefined;
+  private readonly decoder = new StreamDecoder();
+  private preemptDecoder: PreemptDecoder | undefined;
+  private readonly pages: PageTracker;
+  private phase: MigrationPhase = 'setup';
+  private rpOpen = false;
+  private advised = false;
+  private listening = false;
+  private eofSeen = false;
+  private inPackage = false;
+  private finished = false;
+  private configuration: ConfigurationRecord | undefined;
+  private blocks: RamBlockInfo[] = [];
+  private readonly devices: ReceivedDeviceSection[] = [];
+  private vmdesc: Buffer | undefined;
+  private idleTimer: NodeJS.Timeout | undefined;
+  private readonly startedAt = performance.now();
+  private endedAt: number | undefined;
+  private readonly counts = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, preempt: 0, iterations: 0, iterationPages: 0 };
+  private status: DestinationStats['status'] = 'setup';
+  private section: { idstr: string; kind: string } | undefined;
+
+  private constructor(
+    private readonly listener: MigrationListener,
+    private readonly opts: DestinationOptions,
+  ) {
+    super();
+    this.done = new Promise((resolve, reject) => {
+      this.resolveDone = resolve;
+      this.rejectDone = reject;
+    });
+    // A caller that only listens to events must not get an unhandled rejection.
+    this.done.catch(() => undefined);
+    this.pages = new PageTracker((m) => this.sendRp(m));
+  }
+
+  /** Starts listening; the migration proceeds as the source connects. */
+  static async listen(opts: DestinationOptions): Promise<DestinationSession> {
+    const listener = await MigrationListener.listen(opts.listen, opts.transport ?? {});
+    const s = new DestinationSession(listener, opts);
+    s.start();
+    return s;
+  }
+
+  /** The address listened on (with the real port when 0 was asked). */
+  get uri(): string {
+    return this.listener.uri;
+  }
+
+  /** The current phase. */
+  get currentPhase(): MigrationPhase {
+    return this.phase;
+  }
+
+  private start(): void {
+    this.listener.on('refused', (e) => {
+      if (!this.conn) this.fail(MigrationError.from(e, 'setup'));
+    });
+    this.listener.accept().then(
+      (conn) => this.onConnection(conn),
+      (e: unknown) => this.fail(MigrationError.from(e, 'setup')),
+    );
+  }
+
+  private onConnection(conn: DestinationConnection): void {
+    this.conn = conn;
+    this.status = 'active';
+    this.emit('channel', { role: 'main', stats: conn.main.stats });
+    this.armIdle();
+    conn.main.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    conn.main.on('close', () => {
+      if (!this.finished) this.onMainEnded();
+    });
+    conn.main.read((chunk) => this.onMainData(chunk));
+    conn.waitPreempt().then(
+      (ch) => this.onPreempt(ch),
+      () => undefined,
+    );
+  }
+
+  private onPreempt(ch: Channel): void {
+    if (this.finished) {
+      ch.destroy();
+      return;
+    }
+    this.emit('channel', { role: 'preempt', stats: ch.stats });
+    this.preemptDecoder = new PreemptDecoder(this.decoder.ramBlocks);
+    ch.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    ch.on('end', () => {
+      try {
+        this.preemptDecoder?.end();
+      } catch (e) {
+        this.fail(MigrationError.from(e, this.phase));
+      }
+    });
+    ch.read((chunk) => {
+      if (this.finished) return;
+      this.counts.transferred += chunk.length;
+      this.idleTimer?.refresh();
+      try {
+        const recs = this.preemptDecoder!.push(chunk);
+        const now = performance.now();
+        for (const r of recs) this.onPreemptRecord(r, now);
+      } catch (e) {
+        this.fail(MigrationError.from(e, this.phase));
+      }
+    });
+  }
+
+  private armIdle(): void {
+    const ms = this.opts.idleTimeoutMs ?? 60_000;
+    if (ms <= 0) return;
+    this.idleTimer = setTimeout(() => {
+      this.fail(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`));
+    }, ms);
+  }
+
+  private onMainData(chunk: Buffer): void {
+    if (this.finished) return;
+    this.counts.transferred += chunk.length;
+    this.idleTimer?.refresh();
+    try {
+      const recs = this.decoder.push(chunk);
+      const now = performance.now();
+      for (const r of recs) this.onRecord(r, now);
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+    }
+  }
+
+  private onMainEnded(): void {
+    if (this.finished) return;
+    if (this.eofSeen) {
+      // A stream that ends after EOF without a VM description is complete.
+      try {
+        for (const r of this.decoder.end()) this.onRecord(r, performance.now());
+        void this.finish();
+      } catch (e) {
+        this.fail(MigrationError.from(e, this.phase));
+      }
+      return;
+    }
+    this.fail(new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
+  }
+
+  private sendRp(m: ReturnPathMessage): void {
+    if (!this.rpOpen || !this.conn) throw new MigrationError('protocol', this.phase, `${m.type} needs a return path, but the source did not open one`);
+    this.conn.main.send([encodeReturnPathMessage(m)], 'urgent').catch((e: unknown) => this.fail(MigrationError.from(e, this.phase)));
+  }
+
+  private landPage(r: PreemptRecord | StreamRecord, channel: 'main' | 'preempt', now: number): void {
+    const sink = this.opts.sink;
+    switch (r.type) {
+      case 'ram-page':
+        sink.writePage(r.block, r.offset, r.data);
+        this.counts.normal++;
+        break;
+      case 'ram-zero':
+        sink.zeroPage(r.block, r.offset);
+        this.counts.duplicate++;
+        break;
+      case 'ram-xbzrle': {
+        const page = Buffer.from(sink.readPage(r.block, r.offset));
+        applyXbzrle(page, r.encoded);
+        sink.writePage(r.block, r.offset, page);
+        this.counts.xbzrle++;
+        break;
+      }
+      default:
+        return;
+    }
+    if (channel === 'preempt') this.counts.preempt++;
+    this.counts.iterationPages++;
+    this.pages.received(r.block, r.offset, channel, now);
+  }
+
+  private onPreemptRecord(r: PreemptRecord, now: number): void {
+    if (!this.listening) throw new MigrationError('protocol', this.phase, 'a page on the preempt channel before POSTCOPY_LISTEN');
+    this.landPage(r, 'preempt', now);
+  }
+
+  private onRecord(r: StreamRecord, now: number): void {
+    switch (r.type) {
+      case 'configuration':
+        this.configuration = r;
+        this.emit('configuration', r);
+        return;
+      case 'ram-blocks':
+        this.blocks = [...r.blocks];
+        for (const b of r.blocks) {
+          if (b.pageSize !== undefined && b.pageSize !== TARGET_PAGE_SIZE) {
+            throw new MigrationError('protocol', this.phase, `RAM block "${b.idstr}" uses ${b.pageSize}-byte pages; only ${TARGET_PAGE_SIZE} is supported`);
+          }
+        }
+        this.opts.sink.setBlocks(r.blocks);
+        this.pages.setBlocks(r.blocks);
+        this.emit('ram-blocks', this.blocks);
+        return;
+      case 'ram-page':
+      case 'ram-zero':
+      case 'ram-xbzrle':
+        this.landPage(r, 'main', now);
+        return;
+      case 'section':
+        this.section = { idstr: r.idstr, kind: r.kind };
+        if (r.idstr === 'ram' && r.kind === 'part' && !this.listening) this.phase = 'precopy';
+        if (r.kind === 'full' && !this.listening) this.phase = 'device-state';
+        return;
+      case 'footer':
+        // One RAM PART section is one precopy iteration of QEMU's RAM handler.
+        if (this.section?.idstr === 'ram' && this.section.kind === 'part' && !this.listening) {
+          this.counts.iterations++;
+          this.emit('pass', { iteration: this.counts.iterations, pages: this.counts.iterationPages, transferred: this.counts.transferred });
+        }
+        if (this.section?.idstr === 'ram') this.counts.iterationPages = 0;
+        this.section = undefined;
+        return;
+      case 'device-state':
+        this.devices.push({ sectionId: r.sectionId, idstr: r.idstr, instanceId: r.instanceId, versionId: r.versionId, kind: r.kind, packaged: this.inPackage, data: Buffer.from(r.data) });
+        return;
+      case 'command':
+        this.onCommand(r.command, now);
+        return;
+      case 'package-end':
+        this.inPackage = false;
+        return;
+      case 'eof':
+        this.eofSeen = true;
+        this.phase = 'completion';
+        // Postcopy streams end at EOF; precopy streams add the VM description, which QEMU always sends.
+        if (this.listening) void this.finish();
+        return;
+      case 'vmdesc':
+        this.vmdesc = Buffer.from(r.json);
+        void this.finish();
+        return;
+      default:
+        return;
+    }
+  }
+
+  private onCommand(c: Extract<StreamRecord, { type: 'command' }>['command'], now: number): void {
+    switch (c.cmd) {
+      case 'open-return-path':
+        this.rpOpen = true;
+        return;
+      case 'ping':
+        // Answered at once, in arrival order (QEMU may answer PING 4 before PING 3; both are valid).
+        this.sendRp({ type: 'pong', value: c.value });
+        return;
+      case 'postcopy-advise':
+        if (!this.opts.postcopy) throw new MigrationError('protocol', this.phase, 'the source advises postcopy, but postcopy is not enabled on this destination');
+        if (c.targetPageSize !== BigInt(TARGET_PAGE_SIZE) || c.pageSizeSummary !== BigInt(TARGET_PAGE_SIZE)) {
+          throw new MigrationError('protocol', this.phase, `postcopy page sizes 0x${c.pageSizeSummary.toString(16)}/0x${c.targetPageSize.toString(16)} differ from ours (0x1000)`);
+        }
+        this.advised = true;
+        this.emit('postcopy-advise');
+        return;
+      case 'postcopy-advise-bitmap-only':
+        return;
+      case 'postcopy-ram-discard':
+        if (!this.advised) throw new MigrationError('protocol', this.phase, 'POSTCOPY_RAM_DISCARD without POSTCOPY_ADVISE');
+        for (const range of c.ranges) this.pages.discard(c.block, range.start, range.length);
+        return;
+      case 'packaged':
+        this.inPackage = true;
+        this.phase = 'device-state';
+        return;
+      case 'postcopy-listen':
+        if (!this.advised) throw new MigrationError('protocol', this.phase, 'POSTCOPY_LISTEN without POSTCOPY_ADVISE');
+        this.listening = true;
+        this.status = 'postcopy-active';
+        this.pages.enableRequests(now);
+        this.emit('postcopy-listen');
+        return;
+      case 'postcopy-run':
+        this.phase = 'postcopy';
+        this.emit('postcopy-run', { at: now });
+        return;
+      case 'switchover-start':
+      case 'enable-colo':
+        return;
+      case 'postcopy-resume':
+      case 'recv-bitmap':
+        throw new MigrationError('protocol', this.phase, `${c.cmd} outside a postcopy recovery`);
+    }
+  }
+
+  /**
+   * Demand paging: resolves at once when the page is already here; otherwise
+   * sends REQ_PAGES(_ID) (during postcopy; before it, waits for LISTEN or for
+   * the bulk stream) and resolves when the page arrives on either channel.
+   * Concurrent requests for one page share one request.
+   */
+  async requestPage(block: string, offset: number): Promise<PageRequestResult> {
+    if (this.finished) throw new MigrationError('protocol', this.phase, 'the migration is over');
+    const r = await this.pages.request(block, offset, performance.now());
+    if (r.requested) this.emit('page-request', r);
+    return r;
+  }
+
+  /** True when the page has arrived. */
+  hasPage(block: string, offset: number): boolean {
+    return this.pages.has(block, offset - (offset % TARGET_PAGE_SIZE));
+  }
+
+  stats(): DestinationStats {
+    const c = this.counts;
+    return {
+      status: this.status,
+      transferred: c.transferred,
+      normal: c.normal,
+      duplicate: c.duplicate,
+      xbzrle: c.xbzrle,
+      'preempt-pages': c.preempt,
+      'postcopy-requests': this.pages.requestsSent,
+      'precopy-iterations': c.iterations,
+      'total-time': Math.round((this.endedAt ?? performance.now()) - this.startedAt),
+      'postcopy-latency': this.pages.latency.summary(),
+      channels: { ...(this.conn ? { main: this.conn.main.stats } : {}), ...(this.conn?.preempt ? { preempt: this.conn.preempt.stats } : {}) },
+    };
+  }
+
+  /** Everything received so far (complete or not). */
+  snapshot(error?: MigrationError): DestinationResult {
+    return {
+      complete: this.status === 'completed',
+      machineType: this.configuration?.machineType,
+      configuration: this.configuration,
+      blocks: this.blocks,
+      devices: this.devices,
+      vmdesc: this.vmdesc,
+      postcopy: this.listening,
+      stats: this.stats(),
+      ...(error ? { error } : {}),
+    };
+  }
+
+  private async finish(): Promise<void> {
+    if (this.finished) return;
+    this.finished = true;
+    clearTimeout(this.idleTimer);
+    try {
+      // Pages requested late may still be in flight on the preempt channel.
+      const deadline = performance.now() + 2000;
+      while (this.pages.missing() > 0 && this.conn?.preempt && !this.conn.preempt.isClosed && performance.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 5));
+      }
+      await this.opts.sink.flush();
+      this.status = 'completed';
+      this.endedAt = performance.now();
+      if (this.rpOpen && this.conn) {
+        // SHUT 0: without it a QEMU source reports the migration failed.
+        await this.conn.main.send([encodeReturnPathMessage({ type: 'shut', value: 0 })], 'urgent');
+        await this.conn.main.flush();
+      }
+    } catch (e) {
+      this.finished = false;
+      this.fail(MigrationError.from(e, 'completion'));
+      return;
+    }
+    this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
+    const result = this.snapshot();
+    this.emit('completed', result);
+    this.resolveDone(result);
+    await this.shutdown(false);
+  }
+
+  private fail(e: MigrationError): void {
+    if (this.finished) return;
+    this.finished = true;
+    clearTimeout(this.idleTimer);
+    this.status = 'failed';
+    this.endedAt = performance.now();
+    this.pages.failAll(e);
+    if (this.conn && this.rpOpen && !this.conn.main.isClosed) {
+      // SHUT 1 tells a QEMU source that our side failed.
+      this.conn.main.send([encodeReturnPathMessage({ type: 'shut', value: 1 })], 'urgent').catch(() => undefined);
+    }
+    if (this.listenerCount('failed') > 0) this.emit('failed', e);
+    this.rejectDone(e);
+    void this.shutdown(true);
+  }
+
+  private async shutdown(abort: boolean): Promise<void> {
+    this.listener.close();
+    if (!this.conn) return;
+    if (abort) {
+      setTimeout(() => this.conn?.destroy(), 50).unref();
+      return;
+    }
+    // Let the source close first (it waits for SHUT), then make sure nothing stays open.
+    await Promise.race([
+      new Promise<void>((r) => (this.conn!.main.isClosed ? r() : this.conn!.main.once('close', () => r()))),
+      new Promise<void>((r) => setTimeout(r, 3000).unref()),
+    ]);
+    this.conn.destroy();
+  }
+
+  /** Stops listening and tears everything down; a running migration fails as cancelled. */
+  close(): void {
+    if (!this.finished) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
+    else this.listener.close();
+  }
+}
