@@ -231,6 +231,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       const recs = this.decoder.push(chunk);
       const now = performance.now();
       for (const r of recs) this.onRecord(r, now);
+      if (this.decoder.error) throw this.decoder.error;
     } catch (e) {
       this.fail(MigrationError.from(e, this.phase));
     }

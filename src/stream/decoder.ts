@@ -183,15 +183,26 @@ export class StreamDecoder {
     throw e;
   }
 
+  /**
+   * Records parsed before an error in the same chunk are still returned (a
+   * PING before a corrupt record must still be answered); the error is then
+   * thrown by the next push()/end() and is visible at once in `error`.
+   */
   private run(): StreamRecord[] {
     const out: StreamRecord[] = [];
     try {
       while (this.step(out));
     } catch (e) {
-      if (e instanceof StreamError) this.fail(e);
-      throw e;
+      if (!(e instanceof StreamError)) throw e;
+      this.failed = e;
+      if (out.length === 0) throw e;
     }
     return out;
+  }
+
+  /** The error the stream failed with, if it has (also thrown by every later call). */
+  get error(): StreamError | undefined {
+    return this.failed;
   }
 
   private sectionContext(): SectionContext | undefined {

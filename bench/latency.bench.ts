@@ -1,0 +1,529 @@
+/**
+ * Urgent-request latency under bulk load (npm run bench:latency [-- --quick] [-- --no-veth]).
+ *
+ * A destination sends a 16-byte request; the source answers with a 4 KiB page
+ * while the main channel saturates the link source → destination with bulk
+ * data. Three ways to carry the answer:
+ *   (a) one shared socket: requests on the main channel's reverse direction,
+ *       the answer queued on the main channel with send(..., 'urgent') — it
+ *       overtakes bulk data queued in user space, not the socket's write
+ *       buffer, the kernel send buffer or the bottleneck queue;
+ *   (b) two sockets, every socket option at its kernel default;
+ *   (c) two sockets with the default profiles (BULK_PROFILE / URGENT_PROFILE).
+ * Links: loopback, and (as root) a veth pair between two namespaces created
+ * here, shaped to 1 Gbit/s with tbf on the source side; on that link also
+ * (c) with a prio qdisc under the tbf (bands by SO_PRIORITY, or by DSCP).
+ * Each side runs in its own process (bench/lib/peer.ts), in its own namespace
+ * on the veth link. Also: bulk throughput of one Channel (plain and TLS) next
+ * to a raw socket pair of the same kind, on loopback, measured in this run.
+ *
+ * Prints a markdown table and writes bench/results/latency.{md,json} and
+ * latency-cdf-<link>.svg. Prints figures next to same-run baselines; asserts nothing.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { rmSync } from 'node:fs';
+import os from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { initPkiDir } from '../src/transport/pki.js';
+import { VethLink, removeStaleNamespaces, vethUnavailable, type Shaping } from './lib/netns.js';
+import { PeerProcess, REPO_ROOT } from './lib/peer-process.js';
+import { MODE_LABEL, MODES, type CellKind, type Mode, type RunResult, type ThroughputVariant } from './lib/protocol.js';
+import { cdfChartSvg, fmt, machineInfo, summarize, type ChartSeries, type LatencySummary, type MachineInfo } from './lib/report.js';
+
+const { values: args } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    'no-veth': { type: 'boolean', default: false },
+    out: { type: 'string', default: join(REPO_ROOT, 'bench', 'results') },
+  },
+});
+
+/** Durations (ms). The whole run stays under ~3 minutes on 2 cores. */
+const T = args.quick
+  ? { idle: 800, warmup: 500, alone: 600, loaded: 1500, gap: 1, thrWarmup: 300, thr: 800, thrRounds: 1 }
+  : { idle: 2500, warmup: 1000, alone: 1500, loaded: 5000, gap: 1, thrWarmup: 500, thr: 2000, thrRounds: 3 };
+const MAX_SAMPLES = 20_000;
+const CMD_MS = 15_000;
+const LINK = { rate: '1gbit', burst: '256kb', latency: '50ms' };
+
+// ---------------------------------------------------------------------------
+// Cleanup: every child and namespace, on success, error, SIGINT and exit
+// ---------------------------------------------------------------------------
+
+const live = { peers: new Set<PeerProcess>(), link: undefined as VethLink | undefined, tmpDirs: [] as string[] };
+let cleaning: Promise<void> | undefined;
+
+function cleanup(): Promise<void> {
+  cleaning ??= (async () => {
+    await Promise.allSettled([...live.peers].map((p) => p.stop()));
+    live.peers.clear();
+    if (live.link) {
+      const errs = await live.link.destroy();
+      for (const e of errs) process.stderr.write(`cleanup: ${e}\n`);
+      live.link = undefined;
+    }
+    for (const d of live.tmpDirs.splice(0)) await rm(d, { recursive: true, force: true });
+  })();
+  return cleaning;
+}
+
+function cleanupSync(): void {
+  for (const p of live.peers) p.killNow();
+  live.link?.destroySync((c, a) => {
+    try {
+      execFileSync(c, a, { timeout: 5000, stdio: 'ignore' });
+    } catch {
+      // best effort on the way out
+    }
+  });
+  for (const d of live.tmpDirs) rmSync(d, { recursive: true, force: true });
+}
+
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    process.stderr.write(`\n${sig}: cleaning up\n`);
+    const force = setTimeout(() => {
+      cleanupSync();
+      process.exit(130);
+    }, 8000);
+    void cleanup().finally(() => {
+      clearTimeout(force);
+      process.exit(sig === 'SIGINT' ? 130 : 143);
+    });
+  });
+}
+process.on('exit', cleanupSync);
+
+// ---------------------------------------------------------------------------
+// Cells
+// ---------------------------------------------------------------------------
+
+interface Peers {
+  src: PeerProcess;
+  dst: PeerProcess;
+  /** Address the destination listens on. */
+  host: string;
+}
+
+interface LatencyCell {
+  link: 'loopback' | 'veth';
+  mode: Mode;
+  /** How the bottleneck was configured (veth), and any socket change made by the benchmark. */
+  variant: string;
+  label: string;
+  idle?: LatencySummary;
+  loaded?: LatencySummary;
+  loadedUnanswered: number;
+  bulkDuringMBps?: number;
+  bulkAloneMBps?: number;
+  bulkAloneRunsMBps: number[];
+  setup?: unknown;
+  closeStats?: unknown;
+  qdisc?: { text: string; bandBytes?: number[] };
+  error?: string;
+}
+
+const mbps = (r: RunResult): number => r.bulkBytes / 1e6 / r.windowSec;
+
+async function openCell(p: Peers, cell: CellKind, opts: { tlsDir?: string; reassertPriority?: number } = {}): Promise<Record<string, unknown>> {
+  const { uri } = await p.dst.call<{ uri: string }>({ cmd: 'listen', host: p.host, cell, ...(opts.tlsDir ? { tlsDir: opts.tlsDir } : {}) }, CMD_MS);
+  const [srcMain, dstMain] = await Promise.all([
+    p.src.call({ cmd: 'connect', uri, cell, ...(opts.tlsDir ? { tlsDir: opts.tlsDir } : {}) }, CMD_MS),
+    p.dst.call({ cmd: 'accept', timeoutMs: 10_000 }, CMD_MS),
+  ]);
+  const setup: Record<string, unknown> = { uri, srcMain, dstMain };
+  if (cell.kind === 'latency' && cell.mode !== 'shared') {
+    // Only once the destination has accepted the main channel (roles follow arrival order).
+    const [srcPreempt, dstPreempt] = await Promise.all([
+      p.src.call({ cmd: 'preempt', ...(opts.reassertPriority !== undefined ? { reassertPriority: opts.reassertPriority } : {}) }, CMD_MS),
+      p.dst.call({ cmd: 'wait-preempt', timeoutMs: 10_000 }, CMD_MS),
+    ]);
+    Object.assign(setup, { srcPreempt, dstPreempt });
+  }
+  return setup;
+}
+
+async function closeCell(p: Peers): Promise<unknown> {
+  await p.src.call({ cmd: 'bulk', on: false }, CMD_MS).catch(() => undefined);
+  const [s, d] = await Promise.allSettled([p.src.call({ cmd: 'close', timeoutMs: 5000 }, CMD_MS), p.dst.call({ cmd: 'close', timeoutMs: 5000 }, CMD_MS)]);
+  return { source: s.status === 'fulfilled' ? s.value : String(s.reason), dest: d.status === 'fulfilled' ? d.value : String(d.reason) };
+}
+
+const runCmd = (durationMs: number, warmupMs: number, requests: boolean) =>
+  ({ cmd: 'run', durationMs, warmupMs, requests, gapMs: T.gap, maxSamples: MAX_SAMPLES }) as const;
+
+async function latencyCell(
+  p: Peers,
+  link: LatencyCell['link'],
+  mode: Mode,
+  o: { variant: string; label: string; idle: boolean; reassertPriority?: number; afterLoaded?: () => Promise<LatencyCell['qdisc']> },
+): Promise<LatencyCell> {
+  const r: LatencyCell = { link, mode, variant: o.variant, label: o.label, loadedUnanswered: 0, bulkAloneRunsMBps: [] };
+  process.stderr.write(`- ${link}: ${o.label} …\n`);
+  let opened = false;
+  try {
+    r.setup = await openCell(p, { kind: 'latency', mode }, o.reassertPriority !== undefined ? { reassertPriority: o.reassertPriority } : {});
+    opened = true;
+    const long = T.loaded + T.warmup + CMD_MS;
+    if (o.idle) {
+      const idle = await p.dst.call<RunResult>(runCmd(T.idle, 200, true), long);
+      r.idle = summarize(idle.samples);
+    }
+    await p.src.call({ cmd: 'bulk', on: true }, CMD_MS);
+    // Bulk alone before and after the loaded run (the pair guards against drift), loaded in between.
+    const alone1 = await p.dst.call<RunResult>(runCmd(T.alone, T.warmup, false), long);
+    const loaded = await p.dst.call<RunResult>(runCmd(T.loaded, 0, true), long);
+    const alone2 = await p.dst.call<RunResult>(runCmd(T.alone, 0, false), long);
+    if (o.afterLoaded) r.qdisc = await o.afterLoaded();
+    r.loaded = summarize(loaded.samples);
+    r.loadedUnanswered = loaded.unanswered;
+    r.bulkDuringMBps = mbps(loaded);
+    r.bulkAloneRunsMBps = [mbps(alone1), mbps(alone2)];
+    r.bulkAloneMBps = (alone1.bulkBytes + alone2.bulkBytes) / 1e6 / (alone1.windowSec + alone2.windowSec);
+  } catch (e) {
+    r.error = e instanceof Error ? e.message : String(e);
+    process.stderr.write(`  error: ${r.error}\n`);
+  } finally {
+    if (opened || r.error) r.closeStats = await closeCell(p).catch((e: unknown) => String(e));
+  }
+  return r;
+}
+
+interface ThroughputCell {
+  variant: ThroughputVariant;
+  runsMBps: number[];
+  medianMBps?: number;
+  tls?: unknown;
+  error?: string;
+}
+
+async function throughputRun(p: Peers, variant: ThroughputVariant, tlsDir: string): Promise<{ mbps: number; tls?: unknown }> {
+  let opened = false;
+  try {
+    const setup = await openCell(p, { kind: 'throughput', variant }, variant.endsWith('tls') ? { tlsDir } : {});
+    opened = true;
+    await p.src.call({ cmd: 'bulk', on: true }, CMD_MS);
+    const r = await p.dst.call<RunResult>(runCmd(T.thr, T.thrWarmup, false), T.thr + T.thrWarmup + CMD_MS);
+    const main = setup.dstMain as { tls?: unknown } | undefined;
+    return { mbps: mbps(r), tls: main?.tls };
+  } finally {
+    if (opened) await closeCell(p).catch(() => undefined);
+  }
+}
+
+function median(xs: readonly number[]): number | undefined {
+  if (xs.length === 0) return undefined;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : ((s[m - 1] ?? 0) + (s[m] ?? 0)) / 2;
+}
+
+function spawnPeers(prefixSrc: readonly string[], prefixDst: readonly string[], host: string): Peers {
+  const src = PeerProcess.spawn('source', 'source', prefixSrc);
+  live.peers.add(src);
+  const dst = PeerProcess.spawn('dest', 'dest', prefixDst);
+  live.peers.add(dst);
+  return { src, dst, host };
+}
+
+async function stopPeers(p: Peers): Promise<void> {
+  await Promise.allSettled([p.src.stop(), p.dst.stop()]);
+  live.peers.delete(p.src);
+  live.peers.delete(p.dst);
+}
+
+/** Bytes sent per band of the prio qdisc (10:1, 10:2, 10:3) from `tc -s qdisc show`. */
+function bandBytes(text: string): number[] | undefined {
+  const out: number[] = [];
+  for (const band of [1, 2, 3]) {
+    const m = new RegExp(`parent 10:${band}[^\\n]*\\n\\s*Sent (\\d+) bytes`).exec(text);
+    if (!m) return undefined;
+    out.push(Number(m[1]));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------
+
+interface Report {
+  machine: MachineInfo;
+  config: typeof T & { maxSamples: number; requestBytes: number; replyBytes: number; bulkChunkBytes: number };
+  links: { loopback: string[]; veth?: { commands: string[]; congestionControl: string; note?: string }; vethSkipped?: string };
+  latency: LatencyCell[];
+  throughput: ThroughputCell[];
+  findings: string[];
+}
+
+function us(n: number | undefined): string {
+  return fmt(n);
+}
+
+function latencyTable(cells: readonly LatencyCell[]): string {
+  const rows = [
+    '| link | mode | samples | idle p50 | idle p99 | loaded p50 | loaded p99 | loaded p99.9 | loaded max | bulk during (MB/s) | bulk alone (MB/s) | during / alone |',
+    '|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
+  ];
+  for (const c of cells) {
+    const ratio = c.bulkDuringMBps !== undefined && c.bulkAloneMBps ? c.bulkDuringMBps / c.bulkAloneMBps : undefined;
+    rows.push(
+      `| ${c.link} | ${c.label}${c.error ? ` (error: ${c.error})` : ''} | ${fmt(c.loaded?.count)}${c.loadedUnanswered ? ` (+${c.loadedUnanswered} unanswered)` : ''} | ${us(c.idle?.p50Us)} | ${us(c.idle?.p99Us)} | ${us(c.loaded?.p50Us)} | ${us(c.loaded?.p99Us)} | ${us(c.loaded?.p999Us)} | ${us(c.loaded?.maxUs)} | ${fmt(c.bulkDuringMBps, 1)} | ${fmt(c.bulkAloneMBps, 1)} | ${ratio === undefined ? '–' : `${fmt(ratio * 100, 1)} %`} |`,
+    );
+  }
+  return rows.join('\n');
+}
+
+function throughputTable(cells: readonly ThroughputCell[]): string {
+  const get = (v: ThroughputVariant): ThroughputCell | undefined => cells.find((c) => c.variant === v);
+  const rows = ['| kind | raw socket pair (MB/s) | our Channel, main profile (MB/s) | Channel / raw | runs raw | runs Channel |', '|---|--:|--:|--:|---|---|'];
+  for (const [kind, raw, ch] of [
+    ['plain TCP', 'raw-tcp', 'channel-tcp'],
+    ['TLS 1.3', 'raw-tls', 'channel-tls'],
+  ] as const) {
+    const r = get(raw);
+    const c = get(ch);
+    const ratio = r?.medianMBps && c?.medianMBps ? c.medianMBps / r.medianMBps : undefined;
+    const runs = (x: ThroughputCell | undefined): string => (x?.error ? `error: ${x.error}` : (x?.runsMBps ?? []).map((v) => fmt(v)).join(', '));
+    rows.push(`| ${kind} | ${fmt(r?.medianMBps)} | ${fmt(c?.medianMBps)} | ${ratio === undefined ? '–' : `${fmt(ratio, 2)}×`} | ${runs(r)} | ${runs(c)} |`);
+  }
+  return rows.join('\n');
+}
+
+function aims(cells: readonly LatencyCell[]): string[] {
+  const out: string[] = [];
+  const find = (mode: Mode, variant: string): LatencyCell | undefined => cells.find((c) => c.link === 'veth' && c.mode === mode && c.variant === variant);
+  const tuned = find('two-tuned', 'tbf');
+  const shared = find('shared', 'tbf');
+  if (!tuned?.loaded || !shared?.loaded) return ['- (no shaped-link results)'];
+  const verdict = (ok: boolean): string => (ok ? 'met' : 'missed');
+  out.push(`- tuned p99 ≤ 1 ms: ${us(tuned.loaded.p99Us)} µs — ${verdict(tuned.loaded.p99Us <= 1000)}`);
+  const x = shared.loaded.p99Us / tuned.loaded.p99Us;
+  out.push(`- tuned p99 ≥ 10× better than the shared socket's: ${us(shared.loaded.p99Us)} / ${us(tuned.loaded.p99Us)} µs = ${fmt(x, 1)}× — ${verdict(x >= 10)}`);
+  for (const c of cells.filter((c) => c.link === 'veth' && c.mode === 'two-tuned')) {
+    if (c.bulkDuringMBps === undefined || !c.bulkAloneMBps) continue;
+    const r = c.bulkDuringMBps / c.bulkAloneMBps;
+    out.push(`- bulk within 5 % of bulk alone, ${c.label}: ${fmt(c.bulkDuringMBps, 1)} / ${fmt(c.bulkAloneMBps, 1)} MB/s = ${fmt(r * 100, 1)} % — ${verdict(r >= 0.95)}`);
+  }
+  for (const c of cells.filter((c) => c.link === 'veth' && c.mode === 'two-tuned' && c.variant !== 'tbf')) {
+    if (!c.loaded) continue;
+    out.push(`- ${c.label}: p99 ${us(c.loaded.p99Us)} µs (${c.loaded.p99Us <= 1000 ? '≤' : '>'} 1 ms), ${fmt(shared.loaded.p99Us / c.loaded.p99Us, 1)}× better than shared`);
+  }
+  return out;
+}
+
+function tuningSection(cells: readonly LatencyCell[]): string {
+  const rows = ['| link | mode | channel | SO_SNDBUF | TCP_NODELAY | NOTSENT_LOWAT | SO_PRIORITY reported by the transport | SO_PRIORITY in the kernel | IP_TOS |', '|---|---|---|--:|---|--:|--:|--:|--:|'];
+  type Side = { tuning?: { priority?: number; sndbuf?: number; noDelay?: boolean; notSentLowat?: number; tos?: number }; actual?: { priority?: number; tos?: number } };
+  for (const c of cells) {
+    if (c.link !== 'loopback' && c.variant !== 'tbf' && !c.variant.includes('re-set')) continue;
+    const s = c.setup as { srcMain?: Side; srcPreempt?: Side } | undefined;
+    for (const [name, side] of [
+      ['source main', s?.srcMain],
+      ['source preempt', s?.srcPreempt],
+    ] as const) {
+      if (!side) continue;
+      const t = side.tuning ?? {};
+      rows.push(
+        `| ${c.link} | ${c.label} | ${name} | ${fmt(t.sndbuf)} | ${t.noDelay ?? '–'} | ${t.notSentLowat === 0 ? '0 (unlimited)' : fmt(t.notSentLowat)} | ${fmt(t.priority)} | ${fmt(side.actual?.priority)} | ${side.actual?.tos === undefined ? '–' : `0x${side.actual.tos.toString(16)}`} |`,
+      );
+    }
+  }
+  return rows.join('\n');
+}
+
+function markdown(rep: Report): string {
+  const m = rep.machine;
+  const lines: string[] = [];
+  lines.push('# Urgent page requests under bulk load (bench/latency.bench.ts)', '');
+  lines.push(`- Machine: ${m.cpu}, ${m.cores} cores; ${m.os}; kernel ${m.kernel}; Node ${m.node}; TCP congestion control ${m.congestionControl}; run ${m.date}`);
+  lines.push(
+    `- Method: a 16-byte request destination → source, answered by a 12-byte header + 4 KiB page source → destination; one request outstanding, ${T.gap} ms pause between requests; round trip timed at the destination (hrtime), recorded in hdr-histogram (1 µs, 3 digits). Bulk: 256 KiB groups on the main channel, the sender awaiting send() for backpressure. Each side is its own Node process (${m.cores} cores in all).`,
+  );
+  lines.push(
+    `- Per cell: idle round trips for ${T.idle / 1000} s (no bulk), then bulk alone ${T.alone / 1000} s (after ${T.warmup / 1000} s warm-up), bulk + requests ${T.loaded / 1000} s, bulk alone ${T.alone / 1000} s again; "bulk alone" is the two alone windows together, on the same connection. Bulk is counted at the destination (payload bytes of bulk frames), MB = 10⁶ bytes.`,
+  );
+  lines.push(`- Loopback: ${rep.links.loopback.join('; ')}`);
+  if (rep.links.veth) {
+    lines.push(`- Shaped link: ${rep.links.veth.note ?? ''} Commands:`, '', '```', ...rep.links.veth.commands, '```');
+    lines.push(`  TCP congestion control inside the namespaces: ${rep.links.veth.congestionControl}.`);
+  } else {
+    lines.push(`- Shaped link: skipped (${rep.links.vethSkipped ?? 'not requested'})`);
+  }
+  lines.push('', '## Round trips (µs) and bulk throughput', '', latencyTable(rep.latency), '');
+  lines.push('Modes: (a) one socket, answer queued on the main channel as urgent (it overtakes user-space bulk only); (b) main + preempt socket, every option at the kernel default; (c) main + preempt with BULK_PROFILE / URGENT_PROFILE. Prio variants (shaped link, mode c): `prio` qdisc as the child of the tbf.', '');
+  lines.push('## Against the aims (shaped link; reported, not asserted)', '', ...aims(rep.latency), '');
+  lines.push('## Bulk throughput of one channel vs a raw socket pair (loopback, same run)', '');
+  lines.push(`Median of ${T.thrRounds} runs of ${T.thr / 1000} s (after ${T.thrWarmup / 1000} s warm-up), 1 MiB writes, the receiver reads and discards; raw = plain \`net\` / \`tls\` sockets with Node defaults and the same certificates.`, '');
+  lines.push(throughputTable(rep.throughput), '');
+  lines.push('## Socket options (read back)', '', tuningSection(rep.latency), '');
+  const prio = rep.latency.filter((c) => c.qdisc?.bandBytes);
+  if (prio.length > 0) {
+    lines.push('## Prio qdisc band counters (bytes sent per band during the cell)', '', '| variant | band 0 (10:1) | band 1 (10:2) | band 2 (10:3) |', '|---|--:|--:|--:|');
+    for (const c of prio) lines.push(`| ${c.label} | ${(c.qdisc!.bandBytes ?? []).map((b) => fmt(b)).join(' | ')} |`);
+    lines.push('');
+  }
+  if (rep.findings.length > 0) lines.push('## Findings', '', ...rep.findings.map((f) => `- ${f}`), '');
+  lines.push('CDF charts: ' + ['loopback', 'veth'].filter((l) => rep.latency.some((c) => c.link === l)).map((l) => `latency-cdf-${l}.svg`).join(', '), '');
+  return lines.join('\n');
+}
+
+function findings(cells: readonly LatencyCell[]): string[] {
+  const out: string[] = [];
+  type Side = { tuning?: { priority?: number }; actualAfterTuning?: { priority?: number }; actual?: { priority?: number } };
+  const tuned = cells.find((c) => c.mode === 'two-tuned' && c.variant === 'tbf' && c.link === 'veth') ?? cells.find((c) => c.mode === 'two-tuned');
+  const pre = (tuned?.setup as { srcPreempt?: Side } | undefined)?.srcPreempt;
+  if (pre?.tuning?.priority !== undefined && pre.actualAfterTuning?.priority !== undefined && pre.tuning.priority !== pre.actualAfterTuning.priority) {
+    out.push(
+      `Transport bug: the preempt socket's SO_PRIORITY is reported as ${pre.tuning.priority} (stats.tuning.priority) but the kernel holds ${pre.actualAfterTuning.priority}. applyTuning sets SO_PRIORITY, reads it back at once, then sets IP_TOS=0xb8, and Linux's IP_TOS handler overwrites sk_priority with rt_tos2priority(0xb8) = 4 (TC_PRIO_INTERACTIVE_BULK). A prio qdisc's default priomap sends priority 4 to band 1, the same band as bulk (priority 0), so SO_PRIORITY gives no precedence. Fix: set IP_TOS/IPV6_TCLASS before SO_PRIORITY (and read everything back after all sets).`,
+    );
+  }
+  const asIs = cells.find((c) => c.variant === 'tbf+prio');
+  const reset = cells.find((c) => c.variant.includes('re-set'));
+  const dscp = cells.find((c) => c.variant === 'tbf+prio+dscp');
+  const plain = cells.find((c) => c.link === 'veth' && c.mode === 'two-tuned' && c.variant === 'tbf');
+  if (plain?.loaded && asIs?.loaded) {
+    const parts = [`tbf alone p99 ${us(plain.loaded.p99Us)} µs`, `tbf+prio with the transport as is ${us(asIs.loaded.p99Us)} µs`];
+    if (reset?.loaded) parts.push(`tbf+prio with SO_PRIORITY 6 re-set after tuning ${us(reset.loaded.p99Us)} µs`);
+    if (dscp?.loaded) parts.push(`tbf+prio + u32 DSCP EF filter ${us(dscp.loaded.p99Us)} µs`);
+    out.push(`Prio at the bottleneck (mode c, shaped link): ${parts.join('; ')}.`);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Main
+// ---------------------------------------------------------------------------
+
+async function main(): Promise<void> {
+  const started = Date.now();
+  const machine = machineInfo();
+  const rep: Report = {
+    machine,
+    config: { ...T, maxSamples: MAX_SAMPLES, requestBytes: 16, replyBytes: 4096, bulkChunkBytes: 256 * 1024 },
+    links: { loopback: ['127.0.0.1, lo (noqueue: no qdisc, no shaping)', 'both peers in the root namespace, one process each'] },
+    latency: [],
+    throughput: [],
+    findings: [],
+  };
+
+  const pkiDir = await mkdtemp(join(os.tmpdir(), 'qmt-latency-pki-'));
+  live.tmpDirs.push(pkiDir);
+  await initPkiDir(pkiDir);
+
+  // Loopback.
+  {
+    const p = spawnPeers([], [], '127.0.0.1');
+    try {
+      for (const mode of MODES) rep.latency.push(await latencyCell(p, 'loopback', mode, { variant: 'lo', label: MODE_LABEL[mode], idle: true }));
+      const variants: ThroughputVariant[] = ['raw-tcp', 'channel-tcp', 'raw-tls', 'channel-tls'];
+      const thr = new Map<ThroughputVariant, ThroughputCell>(variants.map((v) => [v, { variant: v, runsMBps: [] }]));
+      process.stderr.write(`- loopback: bulk throughput, Channel vs raw (${T.thrRounds} rounds) …\n`);
+      for (let round = 0; round < T.thrRounds; round++) {
+        for (const v of variants) {
+          const cell = thr.get(v)!;
+          try {
+            const r = await throughputRun(p, v, pkiDir);
+            cell.runsMBps.push(r.mbps);
+            if (r.tls) cell.tls = r.tls;
+          } catch (e) {
+            cell.error = e instanceof Error ? e.message : String(e);
+            process.stderr.write(`  error (${v}): ${cell.error}\n`);
+          }
+        }
+      }
+      for (const c of thr.values()) {
+        const m = median(c.runsMBps);
+        if (m !== undefined) c.medianMBps = m;
+        rep.throughput.push(c);
+      }
+    } finally {
+      await stopPeers(p);
+    }
+  }
+
+  // Shaped veth link between two namespaces.
+  const why = args['no-veth'] ? '--no-veth' : await vethUnavailable();
+  if (why) {
+    rep.links.vethSkipped = why;
+  } else {
+    const stale = await removeStaleNamespaces();
+    if (stale.length > 0) process.stderr.write(`removed stale namespaces of an earlier run: ${stale.join(', ')}\n`);
+    const link = new VethLink(LINK);
+    live.link = link;
+    try {
+      await link.create();
+      await link.shape('tbf');
+      const p = spawnPeers(link.execPrefix('source'), link.execPrefix('dest'), link.addrDst);
+      try {
+        for (const mode of MODES) rep.latency.push(await latencyCell(p, 'veth', mode, { variant: 'tbf', label: MODE_LABEL[mode], idle: true }));
+        const prioVariants: { shaping: Shaping; variant: string; label: string; reassertPriority?: number }[] = [
+          { shaping: 'tbf+prio', variant: 'tbf+prio', label: '(c) tuned, tbf + prio qdisc (transport as is)' },
+          { shaping: 'tbf+prio', variant: 'tbf+prio, SO_PRIORITY re-set', label: '(c) tuned, tbf + prio, SO_PRIORITY 6 re-set after tuning', reassertPriority: 6 },
+          { shaping: 'tbf+prio+dscp', variant: 'tbf+prio+dscp', label: '(c) tuned, tbf + prio + u32 filter DSCP EF → band 0' },
+        ];
+        for (const v of prioVariants) {
+          // A fresh qdisc per variant, so its band counters cover this cell only.
+          await link.shape('tbf');
+          await link.shape(v.shaping);
+          rep.latency.push(
+            await latencyCell(p, 'veth', 'two-tuned', {
+              variant: v.variant,
+              label: v.label,
+              idle: false,
+              ...(v.reassertPriority !== undefined ? { reassertPriority: v.reassertPriority } : {}),
+              afterLoaded: async () => {
+                const text = await link.qdiscStats();
+                const b = bandBytes(text);
+                return b ? { text, bandBytes: b } : { text };
+              },
+            }),
+          );
+        }
+        await link.shape('tbf');
+      } finally {
+        await stopPeers(p);
+      }
+      rep.links.veth = {
+        commands: [...new Set(link.log)],
+        congestionControl: await link.sysctl('net.ipv4.tcp_congestion_control'),
+        note: `veth pair ${link.devSrc} (${link.addrSrc}/${link.prefixLen}, namespace ${link.nsSrc}, source) ↔ ${link.devDst} (${link.addrDst}/${link.prefixLen}, namespace ${link.nsDst}, destination); tbf ${LINK.rate} burst ${LINK.burst} latency ${LINK.latency} as root qdisc of the source side's veth (the only queue that builds); the reverse direction is unshaped; no netem in this kernel, so no added delay. Namespaces removed at the end.`,
+      };
+    } finally {
+      const errs = await link.destroy();
+      for (const e of errs) process.stderr.write(`cleanup: ${e}\n`);
+      live.link = undefined;
+    }
+  }
+
+  rep.findings = findings(rep.latency);
+
+  // Outputs.
+  await mkdir(args.out, { recursive: true });
+  const md = markdown(rep) + `\nTotal run time: ${fmt((Date.now() - started) / 1000, 0)} s.\n`;
+  await writeFile(join(args.out, 'latency.md'), md);
+  await writeFile(join(args.out, 'latency.json'), `${JSON.stringify(rep, null, 2)}\n`);
+  for (const link of ['loopback', 'veth'] as const) {
+    const cells = rep.latency.filter((c) => c.link === link);
+    if (cells.length === 0) continue;
+    const series: ChartSeries[] = [];
+    for (const c of cells) {
+      if (c.loaded) series.push({ label: c.label, load: 'with bulk', cdf: c.loaded.cdf });
+      if (c.idle) series.push({ label: c.label, load: 'idle', cdf: c.idle.cdf });
+    }
+    const title = link === 'veth' ? `Round-trip CDF, veth shaped to ${LINK.rate} (tbf)` : 'Round-trip CDF, loopback';
+    await writeFile(join(args.out, `latency-cdf-${link}.svg`), await cdfChartSvg(title, series));
+  }
+  process.stdout.write(md);
+}
+
+try {
+  await main();
+} catch (e) {
+  process.stderr.write(`latency bench failed: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+  process.exitCode = 1;
+} finally {
+  await cleanup();
+}

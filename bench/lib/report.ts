@@ -1,0 +1,134 @@
+/**
+ * Latency summaries (hdr-histogram-js), machine description, and the CDF chart
+ * (vega-lite → SVG, no browser).
+ */
+import { execFileSync } from 'node:child_process';
+import os from 'node:os';
+import hdr from 'hdr-histogram-js';
+import * as vega from 'vega';
+import * as vl from 'vega-lite';
+
+export interface CdfPoint {
+  /** Round trip, µs. */
+  us: number;
+  /** Fraction of samples at or below `us`. */
+  p: number;
+}
+
+export interface LatencySummary {
+  count: number;
+  minUs: number;
+  p50Us: number;
+  p90Us: number;
+  p99Us: number;
+  p999Us: number;
+  maxUs: number;
+  meanUs: number;
+  /** Value at each percentile of PERCENTILES, from the histogram. */
+  percentiles: Record<string, number>;
+  cdf: CdfPoint[];
+}
+
+const PERCENTILES = [0, 1, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99, 100];
+const CDF_STEPS = [...Array.from({ length: 100 }, (_, i) => i), 99.5, 99.75, 99.9, 99.95, 99.99, 100];
+
+/** Records samples (µs, float) at 1 µs resolution, 3 significant digits. */
+export function summarize(samplesUs: readonly number[]): LatencySummary | undefined {
+  if (samplesUs.length === 0) return undefined;
+  const h = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: 3, bitBucketSize: 64, autoResize: true, useWebAssembly: false });
+  try {
+    for (const s of samplesUs) h.recordValue(Math.max(1, Math.round(s)));
+    const at = (p: number): number => h.getValueAtPercentile(p);
+    const percentiles: Record<string, number> = {};
+    for (const p of PERCENTILES) percentiles[String(p)] = at(p);
+    const cdf: CdfPoint[] = [];
+    for (const p of CDF_STEPS) {
+      const us = p === 0 ? h.minNonZeroValue : p === 100 ? h.maxValue : at(p);
+      cdf.push({ us, p: p / 100 });
+    }
+    return {
+      count: h.totalCount,
+      minUs: h.minNonZeroValue,
+      p50Us: at(50),
+      p90Us: at(90),
+      p99Us: at(99),
+      p999Us: at(99.9),
+      maxUs: h.maxValue,
+      meanUs: Math.round(h.mean * 10) / 10,
+      percentiles,
+      cdf,
+    };
+  } finally {
+    h.destroy();
+  }
+}
+
+export interface MachineInfo {
+  cpu: string;
+  cores: number;
+  kernel: string;
+  node: string;
+  os: string;
+  congestionControl: string;
+  date: string;
+}
+
+export function machineInfo(): MachineInfo {
+  const sh = (c: string, a: string[]): string => {
+    try {
+      return execFileSync(c, a, { timeout: 5000, encoding: 'utf8' }).trim();
+    } catch {
+      return '?';
+    }
+  };
+  const cpus = os.cpus();
+  return {
+    cpu: cpus[0]?.model.trim() ?? '?',
+    cores: cpus.length,
+    kernel: `${os.type()} ${os.release()} ${os.version()}`,
+    node: process.version,
+    os: sh('sh', ['-c', '. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME"']) || '?',
+    congestionControl: sh('sysctl', ['-n', 'net.ipv4.tcp_congestion_control']),
+    date: new Date().toISOString(),
+  };
+}
+
+export interface ChartSeries {
+  label: string;
+  /** 'loaded' (solid) or 'idle' (dashed). */
+  load: string;
+  cdf: readonly CdfPoint[];
+}
+
+/** One CDF line per series, log-scale x axis in µs. */
+export async function cdfChartSvg(title: string, series: readonly ChartSeries[]): Promise<string> {
+  const values = series.flatMap((s) => s.cdf.map((c) => ({ series: s.label, load: s.load, us: Math.max(1, c.us), p: c.p })));
+  const spec: vl.TopLevelSpec = {
+    $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
+    title,
+    width: 720,
+    height: 380,
+    background: 'white',
+    data: { values },
+    mark: { type: 'line', interpolate: 'step-after', strokeWidth: 1.6 },
+    encoding: {
+      x: { field: 'us', type: 'quantitative', scale: { type: 'log' }, title: 'request → 4 KiB reply round trip (µs, log scale)' },
+      y: { field: 'p', type: 'quantitative', scale: { domain: [0, 1] }, title: 'fraction of requests ≤ x' },
+      color: { field: 'series', type: 'nominal', title: 'mode', legend: { orient: 'bottom', columns: 2, labelLimit: 400 } },
+      strokeDash: { field: 'load', type: 'nominal', title: 'load' },
+      detail: { field: 'series' },
+    },
+  };
+  const view = new vega.View(vega.parse(vl.compile(spec).spec), { renderer: 'none' });
+  try {
+    return await view.toSVG();
+  } finally {
+    view.finalize();
+  }
+}
+
+/** Right-aligned number formatting for tables. */
+export function fmt(n: number | undefined, digits = 0): string {
+  if (n === undefined || !Number.isFinite(n)) return '–';
+  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
