@@ -121,7 +121,7 @@ interface LatencyCell {
   bulkAloneRunsMBps: number[];
   setup?: unknown;
   closeStats?: unknown;
-  qdisc?: { text: string; bandBytes?: number[] };
+  qdisc?: { text: string; classBytes?: number[] };
   error?: string;
 }
 
@@ -234,11 +234,11 @@ async function stopPeers(p: Peers): Promise<void> {
   live.peers.delete(p.dst);
 }
 
-/** Bytes sent per band of the prio qdisc (10:1, 10:2, 10:3) from `tc -s qdisc show`. */
-function bandBytes(text: string): number[] | undefined {
+/** Bytes sent by the htb leaves 1:10 (urgent) and 1:20 (default) from `tc -s class show`. */
+function classBytes(text: string): number[] | undefined {
   const out: number[] = [];
-  for (const band of [1, 2, 3]) {
-    const m = new RegExp(`parent 10:${band}[^\\n]*\\n\\s*Sent (\\d+) bytes`).exec(text);
+  for (const cls of ['1:10', '1:20']) {
+    const m = new RegExp(`class htb ${cls} [^\\n]*\\n\\s*Sent (\\d+) bytes`).exec(text);
     if (!m) return undefined;
     out.push(Number(m[1]));
   }
@@ -359,10 +359,10 @@ function markdown(rep: Report): string {
   lines.push(`Median of ${T.thrRounds} runs of ${T.thr / 1000} s (after ${T.thrWarmup / 1000} s warm-up), 1 MiB writes, the receiver reads and discards; raw = plain \`net\` / \`tls\` sockets with Node defaults and the same certificates.`, '');
   lines.push(throughputTable(rep.throughput), '');
   lines.push('## Socket options (read back)', '', tuningSection(rep.latency), '');
-  const prio = rep.latency.filter((c) => c.qdisc?.bandBytes);
-  if (prio.length > 0) {
-    lines.push('## Prio qdisc band counters (bytes sent per band during the cell)', '', '| variant | band 0 (10:1) | band 1 (10:2) | band 2 (10:3) |', '|---|--:|--:|--:|');
-    for (const c of prio) lines.push(`| ${c.label} | ${(c.qdisc!.bandBytes ?? []).map((b) => fmt(b)).join(' | ')} |`);
+  const htb = rep.latency.filter((c) => c.qdisc?.classBytes);
+  if (htb.length > 0) {
+    lines.push('## htb class counters (bytes sent per class during the cell)', '', '| variant | 1:10 (urgent, prio 0) | 1:20 (default, prio 1) |', '|---|--:|--:|');
+    for (const c of htb) lines.push(`| ${c.label} | ${(c.qdisc!.classBytes ?? []).map((b) => fmt(b)).join(' | ')} |`);
     lines.push('');
   }
   if (rep.findings.length > 0) lines.push('## Findings', '', ...rep.findings.map((f) => `- ${f}`), '');
@@ -380,16 +380,12 @@ function findings(cells: readonly LatencyCell[]): string[] {
       `Transport bug: the preempt socket's SO_PRIORITY is reported as ${pre.tuning.priority} (stats.tuning.priority) but the kernel holds ${pre.actualAfterTuning.priority}. applyTuning sets SO_PRIORITY, reads it back at once, then sets IP_TOS=0xb8, and Linux's IP_TOS handler overwrites sk_priority with rt_tos2priority(0xb8) = 4 (TC_PRIO_INTERACTIVE_BULK). A prio qdisc's default priomap sends priority 4 to band 1, the same band as bulk (priority 0), so SO_PRIORITY gives no precedence. Fix: set IP_TOS/IPV6_TCLASS before SO_PRIORITY (and read everything back after all sets).`,
     );
   }
-  const asIs = cells.find((c) => c.variant === 'tbf+prio');
-  const reset = cells.find((c) => c.variant.includes('re-set'));
-  const dscp = cells.find((c) => c.variant === 'tbf+prio+dscp');
   const plain = cells.find((c) => c.link === 'veth' && c.mode === 'two-tuned' && c.variant === 'tbf');
-  if (plain?.loaded && asIs?.loaded) {
-    const parts = [`tbf alone p99 ${us(plain.loaded.p99Us)} µs`, `tbf+prio with the transport as is ${us(asIs.loaded.p99Us)} µs`];
-    if (reset?.loaded) parts.push(`tbf+prio with SO_PRIORITY 6 re-set after tuning ${us(reset.loaded.p99Us)} µs`);
-    if (dscp?.loaded) parts.push(`tbf+prio + u32 DSCP EF filter ${us(dscp.loaded.p99Us)} µs`);
-    out.push(`Prio at the bottleneck (mode c, shaped link): ${parts.join('; ')}.`);
+  const parts: string[] = [];
+  for (const c of cells.filter((c) => c.link === 'veth' && c.mode === 'two-tuned')) {
+    if (c.loaded) parts.push(`${c.variant}: p50 ${us(c.loaded.p50Us)} / p99 ${us(c.loaded.p99Us)} / p99.9 ${us(c.loaded.p999Us)} µs, bulk ${fmt(c.bulkDuringMBps, 1)} MB/s`);
   }
+  if (plain?.loaded && parts.length > 1) out.push(`Priority at the bottleneck (mode c, shaped link): ${parts.join('; ')}.`);
   return out;
 }
 
@@ -460,14 +456,26 @@ async function main(): Promise<void> {
       try {
         for (const mode of MODES) rep.latency.push(await latencyCell(p, 'veth', mode, { variant: 'tbf', label: MODE_LABEL[mode], idle: true }));
         const prioVariants: { shaping: Shaping; variant: string; label: string; reassertPriority?: number }[] = [
-          { shaping: 'tbf+prio', variant: 'tbf+prio', label: '(c) tuned, tbf + prio qdisc (transport as is)' },
-          { shaping: 'tbf+prio', variant: 'tbf+prio, SO_PRIORITY re-set', label: '(c) tuned, tbf + prio, SO_PRIORITY 6 re-set after tuning', reassertPriority: 6 },
-          { shaping: 'tbf+prio+dscp', variant: 'tbf+prio+dscp', label: '(c) tuned, tbf + prio + u32 filter DSCP EF → band 0' },
+          { shaping: 'tbf+pfifo_fast', variant: 'tbf+pfifo_fast', label: '(c) tuned, tbf + pfifo_fast bands (transport as is)' },
+          {
+            shaping: 'tbf+pfifo_fast',
+            variant: 'tbf+pfifo_fast, SO_PRIORITY re-set',
+            label: '(c) tuned, tbf + pfifo_fast bands, SO_PRIORITY 6 re-set after tuning',
+            reassertPriority: 6,
+          },
+          { shaping: 'htb', variant: 'htb', label: '(c) tuned, htb, no filter (control)' },
+          { shaping: 'htb+dscp', variant: 'htb+dscp', label: '(c) tuned, htb + u32 DSCP EF → prio-0 class' },
         ];
         for (const v of prioVariants) {
-          // A fresh qdisc per variant, so its band counters cover this cell only.
-          await link.shape('tbf');
-          await link.shape(v.shaping);
+          try {
+            // A fresh qdisc per variant, so its counters cover this cell only.
+            await link.shape('tbf');
+            await link.shape(v.shaping);
+          } catch (e) {
+            const error = `shaping ${v.shaping} failed: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}`;
+            rep.latency.push({ link: 'veth', mode: 'two-tuned', variant: v.variant, label: v.label, loadedUnanswered: 0, bulkAloneRunsMBps: [], error });
+            continue;
+          }
           rep.latency.push(
             await latencyCell(p, 'veth', 'two-tuned', {
               variant: v.variant,
@@ -476,8 +484,8 @@ async function main(): Promise<void> {
               ...(v.reassertPriority !== undefined ? { reassertPriority: v.reassertPriority } : {}),
               afterLoaded: async () => {
                 const text = await link.qdiscStats();
-                const b = bandBytes(text);
-                return b ? { text, bandBytes: b } : { text };
+                const b = classBytes(text);
+                return b ? { text, classBytes: b } : { text };
               },
             }),
           );

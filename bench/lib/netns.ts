@@ -58,14 +58,28 @@ function isAlive(pid: number): boolean {
   }
 }
 
-/** How the source side's veth is shaped. */
+/**
+ * How the source side's veth is shaped. This kernel has no `prio` (nor fq,
+ * fq_codel, drr, ets …) qdisc; what it has: tbf, htb, pfifo_fast, pfifo, bfifo
+ * and the u32 classifier.
+ */
 export type Shaping =
   /** tbf alone: one FIFO (tbf's default bfifo) at the bottleneck. */
   | 'tbf'
-  /** tbf root with a 3-band `prio` qdisc as its child: bands by skb->priority (SO_PRIORITY) through prio's priomap. */
-  | 'tbf+prio'
-  /** As tbf+prio, plus a u32 filter sending DSCP EF (TOS 0xb8) to band 0 whatever SO_PRIORITY says. */
-  | 'tbf+prio+dscp';
+  /**
+   * tbf root with `pfifo_fast` as its child: three strict-priority bands
+   * chosen by skb->priority (SO_PRIORITY) through the same default priomap as
+   * `prio` (priority 6 → band 0; 0 and 4 → band 1).
+   */
+  | 'tbf+pfifo_fast'
+  /**
+   * htb at the same rate with two leaves: 1:10 (prio 0, 100 Mbit/s assured,
+   * may borrow up to the full rate) for packets with DSCP EF (u32 filter on
+   * TOS 0xb8), 1:20 (prio 1, the rest) for everything else.
+   */
+  | 'htb+dscp'
+  /** The same htb classes without the filter (everything in 1:20): the control for 'htb+dscp'. */
+  | 'htb';
 
 export interface LinkConfig {
   /** tbf rate, e.g. '1gbit'. */
@@ -125,19 +139,25 @@ export class VethLink {
     if (this.shaping !== undefined) await tc('qdisc', 'del', 'dev', dev, 'root');
     this.shaping = undefined;
     const { rate, burst, latency } = this.config;
-    await tc('qdisc', 'add', 'dev', dev, 'root', 'handle', '1:', 'tbf', 'rate', rate, 'burst', burst, 'latency', latency);
-    if (s !== 'tbf') {
-      await tc('qdisc', 'add', 'dev', dev, 'parent', '1:1', 'handle', '10:', 'prio');
-      if (s === 'tbf+prio+dscp') {
-        await tc('filter', 'add', 'dev', dev, 'parent', '10:', 'protocol', 'ip', 'prio', '1', 'u32', 'match', 'ip', 'dsfield', '0xb8', '0xfc', 'flowid', '10:1');
-      }
+    if (s === 'htb' || s === 'htb+dscp') {
+      // r2q 1000 keeps each class's quantum (rate / r2q) under htb's 200000-byte warning limit at 1 Gbit/s.
+      await tc('qdisc', 'add', 'dev', dev, 'root', 'handle', '1:', 'htb', 'default', '20', 'r2q', '1000');
+      await tc('class', 'add', 'dev', dev, 'parent', '1:', 'classid', '1:1', 'htb', 'rate', rate, 'ceil', rate, 'burst', burst, 'cburst', burst);
+      await tc('class', 'add', 'dev', dev, 'parent', '1:1', 'classid', '1:10', 'htb', 'rate', '100mbit', 'ceil', rate, 'prio', '0');
+      await tc('class', 'add', 'dev', dev, 'parent', '1:1', 'classid', '1:20', 'htb', 'rate', '900mbit', 'ceil', rate, 'prio', '1');
+      if (s === 'htb+dscp') await tc('filter', 'add', 'dev', dev, 'parent', '1:', 'protocol', 'ip', 'prio', '1', 'u32', 'match', 'ip', 'dsfield', '0xb8', '0xfc', 'flowid', '1:10');
+    } else {
+      await tc('qdisc', 'add', 'dev', dev, 'root', 'handle', '1:', 'tbf', 'rate', rate, 'burst', burst, 'latency', latency);
+      if (s === 'tbf+pfifo_fast') await tc('qdisc', 'add', 'dev', dev, 'parent', '1:1', 'handle', '10:', 'pfifo_fast');
     }
     this.shaping = s;
   }
 
-  /** `tc -s qdisc show` on the shaped device (counters per band with prio). */
+  /** `tc -s qdisc show` and `tc -s class show` on the shaped device (htb: bytes per class). */
   async qdiscStats(): Promise<string> {
-    return this.cmd(['ip', 'netns', 'exec', this.nsSrc, 'tc', '-s', 'qdisc', 'show', 'dev', this.devSrc], false);
+    const q = await this.cmd(['ip', 'netns', 'exec', this.nsSrc, 'tc', '-s', 'qdisc', 'show', 'dev', this.devSrc], false);
+    const c = await this.cmd(['ip', 'netns', 'exec', this.nsSrc, 'tc', '-s', 'class', 'show', 'dev', this.devSrc], false);
+    return `${q}${c}`;
   }
 
   /** A sysctl as seen inside the source namespace. */

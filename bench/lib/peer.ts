@@ -184,43 +184,49 @@ class Destination {
   }
 
   async run(c: Extract<PeerCommand, { cmd: 'run' }>): Promise<RunResult> {
-    await sleep(c.warmupMs);
-    const samples: number[] = [];
-    let unanswered = 0;
+    // Warm-up: with requests, the same loop with its samples thrown away (JIT, first-use costs).
+    if (c.requests && c.warmupMs > 0) await this.requestLoop(nowNs() + BigInt(Math.round(c.warmupMs * 1e6)), c.gapMs, c.maxSamples);
+    else await sleep(c.warmupMs);
     const b0 = this.bulkBytes;
     const t0 = nowNs();
     const endNs = t0 + BigInt(Math.round(c.durationMs * 1e6));
-    if (c.requests) {
-      const ch = this.requestChannel();
-      const gapNs = BigInt(Math.round(c.gapMs * 1e6));
-      while (samples.length < c.maxSamples && nowNs() < endNs) {
-        const seq = ++this.seq;
-        let timer: NodeJS.Timeout | undefined;
-        const answered = new Promise<boolean>((resolve) => {
-          this.waiting = { seq, resolve: () => resolve(true) };
-          timer = setTimeout(() => resolve(false), 10_000);
-        });
-        const start = nowNs();
-        ch.send([request(seq)], 'urgent').catch((e: unknown) => log(`request send: ${String(e)}`));
-        const ok = await answered;
-        const end = nowNs();
-        clearTimeout(timer);
-        if (!ok) {
-          this.waiting = undefined;
-          unanswered++;
-          break;
-        }
-        samples.push(Number(end - start) / 1000);
-        // Pace: one request outstanding, then a short pause before the next.
-        const next = end + gapNs;
-        if (next >= endNs) break;
-        await sleep(c.gapMs);
-      }
-    } else {
-      await sleep(c.durationMs);
-    }
+    let samples: number[] = [];
+    let unanswered = 0;
+    if (c.requests) ({ samples, unanswered } = await this.requestLoop(endNs, c.gapMs, c.maxSamples));
+    else await sleep(c.durationMs);
     const t1 = nowNs();
     return { samples, bulkBytes: this.bulkBytes - b0, windowSec: Number(t1 - t0) / 1e9, unanswered };
+  }
+
+  /** One request outstanding at a time until `endNs`; round trips in µs. */
+  private async requestLoop(endNs: bigint, gapMs: number, maxSamples: number): Promise<{ samples: number[]; unanswered: number }> {
+    const ch = this.requestChannel();
+    const samples: number[] = [];
+    let unanswered = 0;
+    const gapNs = BigInt(Math.round(gapMs * 1e6));
+    while (samples.length < maxSamples && nowNs() < endNs) {
+      const seq = ++this.seq;
+      let timer: NodeJS.Timeout | undefined;
+      const answered = new Promise<boolean>((resolve) => {
+        this.waiting = { seq, resolve: () => resolve(true) };
+        timer = setTimeout(() => resolve(false), 10_000);
+      });
+      const start = nowNs();
+      ch.send([request(seq)], 'urgent').catch((e: unknown) => log(`request send: ${String(e)}`));
+      const ok = await answered;
+      const end = nowNs();
+      clearTimeout(timer);
+      if (!ok) {
+        this.waiting = undefined;
+        unanswered++;
+        break;
+      }
+      samples.push(Number(end - start) / 1000);
+      // Pace: one request outstanding, then a short pause before the next.
+      if (end + gapNs >= endNs) break;
+      await sleep(gapMs);
+    }
+    return { samples, unanswered };
   }
 
   async close(timeoutMs: number): Promise<unknown> {

@@ -2,6 +2,7 @@ import { Command } from 'commander';
 import { StreamError } from '../stream/errors.js';
 import { formatInspectReport, inspectFile, toJson } from './inspect.js';
 import { recodeFile } from './recode.js';
+import { registerPkiCommand } from './pki.js';
 
 /** Prints one line for a failure and sets the exit code; never a stack trace for bad input. */
 function report(e: unknown): void {
@@ -45,5 +46,7 @@ program
       report(e);
     }
   });
+
+registerPkiCommand(program);
 
 program.parseAsync(process.argv).catch(report);

@@ -118,13 +118,14 @@ export class Channel extends EventEmitter<ChannelEvents> {
    * Queues `pieces` as one group (they leave back to back, one corked write on
    * a bulk channel). Resolves when the channel's user-space bytes are back
    * under the bound; rejects once the channel has failed or closed.
+   * `written` is called when the group's last byte has reached the kernel.
    */
-  send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk'): Promise<void> {
+  send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.role }));
     let bytes = 0;
     for (const p of pieces) bytes += p.length;
-    this.queue.push({ pieces, bytes }, priority);
+    this.queue.push(written ? { pieces, bytes, written } : { pieces, bytes }, priority);
     this.pump();
     const q = this.queuedBytes;
     if (q > this.s.peakQueuedBytes) this.s.peakQueuedBytes = q;
@@ -157,7 +158,8 @@ export class Channel extends EventEmitter<ChannelEvents> {
       const g = this.queue.shift()!;
       if (cork) sock.cork();
       const last = g.pieces.length - 1;
-      for (let i = 0; i <= last; i++) sock.write(g.pieces[i]!, i === last ? this.afterWrite : undefined);
+      const done = g.written ? () => (g.written!(), this.afterWrite()) : this.afterWrite;
+      for (let i = 0; i <= last; i++) sock.write(g.pieces[i]!, i === last ? done : undefined);
       if (cork) sock.uncork();
       this.s.bytesSent += g.bytes;
     }

@@ -10,6 +10,8 @@
 export interface SendGroup {
   readonly pieces: readonly Uint8Array[];
   readonly bytes: number;
+  /** Called once the group's last byte has been handed to the kernel. */
+  readonly written?: () => void;
 }
 
 class Fifo {

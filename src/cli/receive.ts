@@ -1,0 +1,344 @@
+/**
+ * `qmt receive`: be the destination of one live migration from a QEMU 10.0
+ * source (or `qmt send`) and keep what arrives as a saved-VM directory.
+ */
+import { mkdir } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { DestinationSession, type DestinationResult, type DestinationStats } from '../protocol/destination.js';
+import { DirectorySink } from '../protocol/directory-sink.js';
+import { MigrationError, type MigrationPhase } from '../protocol/errors.js';
+import { RAM_DIR, writeSavedVm, type SavedVmManifest } from '../protocol/saved-vm.js';
+import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import type { RamBlockInfo } from '../stream/records.js';
+import { StreamError } from '../stream/errors.js';
+import { parseEndpoint } from '../transport/endpoint.js';
+import { TransportError } from '../transport/errors.js';
+import { FAULT_PATTERNS, FaultGenerator, MAX_FAULT_RATE, type FaultPattern, type FaultReport } from './fault.js';
+import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
+
+export interface ReceiveOptions {
+  /** `tcp:HOST:PORT` (port 0: any free port) or `unix:PATH`. */
+  listen: string;
+  /** The saved-VM directory to write (created if missing; RAM goes to OUT/ram). */
+  out: string;
+  /** A QEMU tls-creds-x509 directory with the server's files: TLS on every channel, client certificates verified. */
+  tls?: string;
+  /** Accept postcopy (QEMU's `postcopy-ram` capability on the destination). */
+  postcopy?: boolean;
+  /** Make demand page requests once postcopy runs (needs `postcopy`). */
+  fault?: FaultPattern;
+  /** Demand requests per second with `fault`, 1 .. 100 000 (default 100). */
+  faultRate?: number;
+  /** Fail when no byte arrives for this long once connected (default 60 000 ms; 0 = never). */
+  idleTimeoutMs?: number;
+  /** Progress display on `stderr` (default 'auto'). */
+  progress?: ProgressMode;
+  /** Where progress and the listen line go (default process.stderr). */
+  stderr?: NodeJS.WritableStream & { isTTY?: boolean };
+  /** Aborting fails the migration as `cancelled` (what SIGINT does in the command). */
+  signal?: AbortSignal;
+  /** Called with the actual listen URI (the real port when 0 was asked). */
+  onListening?: (uri: string) => void;
+}
+
+/** The `--json` report: one object, also returned by {@link receiveMigration}. */
+export interface ReceiveReport {
+  ok: boolean;
+  /** The URI actually listened on (null when listening failed). */
+  listen: string | null;
+  out: string;
+  /** Why it failed (absent when ok). */
+  error?: { code: string; phase?: string; message: string };
+  /** What manifest.json says, in short (null when nothing was written). */
+  manifest: {
+    complete: boolean;
+    machineType: string | null;
+    postcopy: boolean;
+    capabilities: string[];
+    blocks: { idstr: string; length: number; file: string }[];
+    devices: { count: number; bytes: number; idstrs: string[] };
+    vmdesc: string | null;
+    error?: { code: string; phase: string; message: string };
+  } | null;
+  /** The destination's counters (null when listening failed). */
+  stats: DestinationStats | null;
+  /** With `fault`: what the generator did and the latency of its requests (µs). */
+  faults?: FaultReport;
+}
+
+/** A failure as the CLI prints it: `qmt: <code>: <message>`. */
+export function describeError(e: unknown): { code: string; phase?: MigrationPhase; message: string } {
+  const oneLine = (s: string): string => s.replace(/\s*\n\s*/g, ' ').trim();
+  if (e instanceof MigrationError) return { code: e.code, phase: e.phase, message: oneLine(e.message) };
+  if (e instanceof TransportError) return { code: e.code, message: oneLine(`${e.channel ? `(${e.channel} channel) ` : ''}${e.message}`) };
+  if (e instanceof StreamError) return { code: e.code, message: oneLine(e.message) };
+  const errno = (e as NodeJS.ErrnoException | undefined)?.code;
+  if (typeof errno === 'string') {
+    // Disk trouble is 'storage', as in a session; other system errors keep their errno name.
+    const code = MigrationError.from(e, 'setup').code === 'storage' ? 'storage' : errno;
+    return { code, message: oneLine((e as Error).message) };
+  }
+  return { code: 'error', message: oneLine(e instanceof Error ? e.message : String(e)) };
+}
+
+function manifestSummary(m: SavedVmManifest): NonNullable<ReceiveReport['manifest']> {
+  return {
+    complete: m.complete,
+    machineType: m.machineType,
+    postcopy: m.postcopy,
+    capabilities: m.capabilities,
+    blocks: m.blocks.map((b) => ({ idstr: b.idstr, length: b.length, file: b.file })),
+    devices: { count: m.devices.length, bytes: m.devices.reduce((s, d) => s + d.size, 0), idstrs: [...new Set(m.devices.map((d) => d.idstr))] },
+    vmdesc: m.vmdesc,
+    ...(m.error ? { error: m.error } : {}),
+  };
+}
+
+function pagesOf(s: DestinationStats): number {
+  return s.normal + s.duplicate + s.xbzrle;
+}
+
+/**
+ * Receives one migration into `opts.out`: RAM into OUT/ram (one sparse file
+ * per block), then devices, VM description and manifest.json, on success and
+ * on failure alike (manifest `complete: false` with the error; what arrived
+ * stays on disk). Never throws: a failure is in the report (`ok: false`).
+ */
+export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveReport> {
+  const out = resolve(opts.out);
+  const progress = new Progress({ mode: opts.progress ?? 'auto', ...(opts.stderr ? { stream: opts.stderr } : {}) });
+  const report: ReceiveReport = { ok: false, listen: null, out, manifest: null, stats: null };
+  let session: DestinationSession | undefined;
+  let sink: DirectorySink | undefined;
+  try {
+    // Check the URI before anything is created on disk.
+    parseEndpoint(opts.listen);
+    if (opts.fault && !opts.postcopy) {
+      report.error = { code: 'usage', message: 'fault generation needs postcopy (--fault needs --postcopy)' };
+      progress.stop();
+      return report;
+    }
+    await mkdir(out, { recursive: true });
+    sink = new DirectorySink(join(out, RAM_DIR));
+    session = await DestinationSession.listen({
+      listen: opts.listen,
+      sink,
+      transport: { ...(opts.tls ? { tls: { dir: opts.tls } } : {}), ...(process.env.QMT_NODELAY ? { main: { tuning: { noDelay: true } } } : {}) },
+      postcopy: opts.postcopy ?? false,
+      ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
+    });
+  } catch (e) {
+    progress.stop();
+    await sink?.close().catch(() => undefined);
+    report.error = describeError(e);
+    return report;
+  }
+
+  const s = session;
+  report.listen = s.uri;
+  progress.log(`listening on ${s.uri}${opts.tls ? ' (TLS)' : ''}${opts.postcopy ? ', postcopy enabled' : ''}`);
+  opts.onListening?.(s.uri);
+
+  let blocks: RamBlockInfo[] = [];
+  let totalPages = 0;
+  let phase: string = s.currentPhase;
+  let faults: FaultGenerator | undefined;
+  const showPhase = (): void => {
+    const now = s.currentPhase;
+    if (now === phase) return;
+    phase = now;
+    progress.log(`phase ${now}`);
+  };
+  const refresh = (): void => {
+    showPhase();
+    const st = s.stats();
+    const f = faults?.report();
+    progress.update({
+      phase: st.status === 'postcopy-active' && phase !== 'completion' ? 'postcopy' : phase,
+      bytes: st.transferred,
+      done: pagesOf(st),
+      total: totalPages,
+      ...(f ? { detail: `${f.answered} faults served` } : {}),
+    });
+  };
+  const ticker = setInterval(refresh, 100);
+  ticker.unref();
+
+  s.on('channel', (c) => {
+    const tls = c.stats.tls ? ` (${c.stats.tls.protocol ?? 'TLS'}${c.stats.tls.resumed ? ', resumed' : ''})` : '';
+    progress.log(`${c.role} channel connected${tls}`);
+  });
+  s.on('configuration', (c) => progress.log(`machine ${c.machineType}`));
+  s.on('ram-blocks', (list) => {
+    blocks = list;
+    totalPages = list.reduce((n, b) => n + Math.ceil(b.length / TARGET_PAGE_SIZE), 0);
+    progress.log(`${list.length} RAM blocks, ${formatBytes(list.reduce((n, b) => n + b.length, 0))}`);
+    showPhase();
+  });
+  s.on('pass', (p) => {
+    showPhase();
+    progress.log(`precopy pass ${p.iteration}: ${p.pages} pages, ${formatBytes(p.transferred)} received`);
+  });
+  s.on('postcopy-advise', () => progress.log('postcopy advised'));
+  s.on('postcopy-listen', () => {
+    showPhase();
+    progress.log('postcopy listening');
+  });
+  s.on('postcopy-run', () => {
+    showPhase();
+    if (opts.fault) {
+      faults = new FaultGenerator(s, { pattern: opts.fault, rate: opts.faultRate ?? 100, blocks });
+      faults.start();
+      progress.log(`postcopy running (source stopped): requesting ${opts.faultRate ?? 100} pages/s (${opts.fault})`);
+    } else {
+      progress.log('postcopy running (source stopped)');
+    }
+  });
+  // Stop requesting the moment the migration ends, before anything else runs.
+  s.on('completed', () => faults?.stop());
+  s.on('failed', () => faults?.stop());
+
+  const cancel = (): void => s.close();
+  if (opts.signal?.aborted) cancel();
+  opts.signal?.addEventListener('abort', cancel, { once: true });
+
+  let result: DestinationResult;
+  let failure: MigrationError | undefined;
+  try {
+    result = await s.done;
+  } catch (e) {
+    failure = MigrationError.from(e, s.currentPhase);
+    result = s.snapshot(failure);
+  }
+  opts.signal?.removeEventListener('abort', cancel);
+  clearInterval(ticker);
+  if (faults) report.faults = faults.stop();
+  refresh();
+  progress.stop();
+
+  try {
+    // The session flushes RAM only when it completes; what a failure leaves must be durable too.
+    if (failure) await sink.flush();
+    const manifest = await writeSavedVm(out, result);
+    report.manifest = manifestSummary(manifest);
+  } catch (e) {
+    failure ??= MigrationError.from(e, 'completion');
+  } finally {
+    await sink.close().catch(() => undefined);
+  }
+  report.stats = result.stats;
+  report.ok = failure === undefined;
+  if (failure) report.error = describeError(failure);
+  return report;
+}
+
+/** The closing lines of a receive, for stderr (the error line, if any, is printed by the caller). */
+export function formatReceiveSummary(r: ReceiveReport): string[] {
+  const lines: string[] = [];
+  const st = r.stats;
+  if (st) {
+    const pages = pagesOf(st);
+    const iter = st['precopy-iterations'];
+    lines.push(
+      `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)}, ${pages} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ${iter} precopy pass${iter === 1 ? '' : 'es'}${st['preempt-pages'] ? `, ${st['preempt-pages']} pages on the preempt channel` : ''}`,
+    );
+  }
+  const f = r.faults;
+  if (f) {
+    const l = f.latency;
+    lines.push(
+      `faults (${f.pattern}, ${f.rate}/s): ${f.issued} issued, ${f.answered} answered${f.satisfied ? `, ${f.satisfied} arrived unasked` : ''}${f.unanswered ? `, ${f.unanswered} unanswered` : ''}${f.skipped ? `, ${f.skipped} skipped (nothing missing)` : ''}${f.throttled ? `, ${f.throttled} throttled` : ''}` +
+        (l.count ? `; latency p50 ${formatMicros(l.p50)}, p90 ${formatMicros(l.p90)}, p99 ${formatMicros(l.p99)}, p99.9 ${formatMicros(l.p999)}, max ${formatMicros(l.max)}` : ''),
+    );
+  }
+  if (r.manifest) {
+    const m = r.manifest;
+    lines.push(`saved to ${r.out} (${m.complete ? 'complete' : 'incomplete'}: ${m.blocks.length} RAM blocks, ${m.devices.count} device sections)`);
+  }
+  return lines;
+}
+
+function intArg(name: string, min: number, max: number): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer in ${min}..${max}`);
+    return n;
+  };
+}
+
+interface ReceiveCliOptions {
+  listen: string;
+  out: string;
+  tls?: string;
+  postcopy?: boolean;
+  fault?: FaultPattern;
+  faultRate?: number;
+  idleTimeout?: number;
+  json?: boolean;
+  progress: ProgressMode;
+}
+
+/** Runs `qmt receive` with parsed options; resolves with the exit code (0 complete, 1 otherwise). */
+export async function runReceiveCommand(o: ReceiveCliOptions): Promise<number> {
+  const stderr = process.stderr;
+  if (o.faultRate !== undefined && !o.fault) {
+    stderr.write('qmt: usage: --fault-rate needs --fault\n');
+    return 1;
+  }
+  const ac = new AbortController();
+  const onSignal = (): void => {
+    // A second signal while the manifest is written: leave at once.
+    if (ac.signal.aborted) process.exit(130);
+    ac.abort();
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  let r: ReceiveReport;
+  try {
+    r = await receiveMigration({
+      listen: o.listen,
+      out: o.out,
+      ...(o.tls ? { tls: o.tls } : {}),
+      postcopy: o.postcopy ?? false,
+      ...(o.fault ? { fault: o.fault, faultRate: o.faultRate ?? 100 } : {}),
+      ...(o.idleTimeout !== undefined ? { idleTimeoutMs: o.idleTimeout } : {}),
+      progress: o.progress,
+      signal: ac.signal,
+    });
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+  if (o.progress !== 'none') for (const line of formatReceiveSummary(r)) stderr.write(`qmt: ${line}\n`);
+  if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+  // The error line comes last, so that it is the one line a script looks at.
+  if (r.error) stderr.write(`qmt: ${r.error.code}: ${r.error.message}\n`);
+  return r.ok ? 0 : 1;
+}
+
+/** Adds `qmt receive` to a commander program. */
+export function registerReceiveCommand(program: Command): Command {
+  return program
+    .command('receive')
+    .description('receive one live migration (a QEMU 10 source) into a saved-VM directory')
+    .requiredOption('--listen <uri>', 'tcp:HOST:PORT (port 0: any free port) or unix:PATH')
+    .requiredOption('--out <dir>', 'saved-VM directory to write (RAM in DIR/ram, devices, manifest.json)')
+    .option('--tls <dir>', 'QEMU tls-creds-x509 directory (server side): TLS on every channel')
+    .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
+    .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
+    .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
+    .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never)', intArg('--idle-timeout', 0, 2_147_483_647))
+    .option('--json', 'print a machine-readable report on stdout at the end')
+    .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
+    .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
+    .action(async (o: ReceiveCliOptions) => {
+      try {
+        process.exitCode = await runReceiveCommand(o);
+      } catch (e) {
+        const d = describeError(e);
+        process.stderr.write(`qmt: ${d.code}: ${d.message}\n`);
+        process.exitCode = 1;
+      }
+    });
+}

@@ -1,0 +1,205 @@
+import { closeSync, openSync, readSync } from 'node:fs';
+import { join } from 'node:path';
+import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { readSavedVmManifest, type SavedVmManifest } from './saved-vm.js';
+
+/** A RAM block as a source offers it. */
+export interface SourceBlock {
+  readonly idstr: string;
+  /** Bytes, a multiple of TARGET_PAGE_SIZE. */
+  readonly length: number;
+}
+
+/**
+ * A bitmap of pages, one bit per TARGET_PAGE_SIZE page (LSB first), used for
+ * dirty pages and for sent pages.
+ */
+export class PageBitmap {
+  readonly words: Uint32Array;
+  constructor(readonly pages: number) {
+    this.words = new Uint32Array(Math.ceil(pages / 32));
+  }
+  set(i: number): void {
+    this.words[i >>> 5]! |= 1 << (i & 31);
+  }
+  clear(i: number): void {
+    this.words[i >>> 5]! &= ~(1 << (i & 31));
+  }
+  has(i: number): boolean {
+    return ((this.words[i >>> 5] as number) & (1 << (i & 31))) !== 0;
+  }
+  setAll(): void {
+    this.words.fill(0xffffffff);
+    const extra = this.words.length * 32 - this.pages;
+    if (extra > 0) this.words[this.words.length - 1] = 0xffffffff >>> extra;
+  }
+  count(): number {
+    let n = 0;
+    for (let w of this.words) {
+      w -= (w >>> 1) & 0x55555555;
+      w = (w & 0x33333333) + ((w >>> 2) & 0x33333333);
+      n += (((w + (w >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    }
+    return n;
+  }
+  /** The next set bit at or after `from`, or -1. */
+  next(from: number): number {
+    for (let i = from; i < this.pages; ) {
+      const w = this.words[i >>> 5] as number;
+      const masked = w & (~0 << (i & 31));
+      if (masked === 0) {
+        i = ((i >>> 5) + 1) << 5;
+        continue;
+      }
+      const bit = 31 - Math.clz32(masked & -masked);
+      const idx = ((i >>> 5) << 5) + bit;
+      return idx < this.pages ? idx : -1;
+    }
+    return -1;
+  }
+  /** Moves every bit of `this` into `into` (OR) and clears this. */
+  drainInto(into: PageBitmap): void {
+    for (let i = 0; i < this.words.length; i++) {
+      into.words[i]! |= this.words[i] as number;
+      this.words[i] = 0;
+    }
+  }
+}
+
+/**
+ * What a SourceSession migrates: RAM blocks, page reads, and the pages the
+ * guest dirtied since the last sync (the caller feeds them; QEMU's dirty
+ * bitmap sync is `syncDirty`).
+ */
+export interface GuestMemorySource {
+  blocks(): readonly SourceBlock[];
+  /** The page's bytes. The view must stay unchanged until the session has written it (it is sent by reference). */
+  readPage(block: string, offset: number): Uint8Array;
+  /** Moves the pages dirtied since the previous call into `into` (per block), clearing them here. */
+  syncDirty(into: ReadonlyMap<string, PageBitmap>): void;
+}
+
+/**
+ * Guest RAM in memory, for synthetic guests: `write()` changes memory and
+ * marks the pages dirty. A page being sent is copied first so that a later
+ * write cannot change bytes already queued.
+ */
+export class InMemorySource implements GuestMemorySource {
+  readonly memory = new Map<string, Buffer>();
+  private readonly dirty = new Map<string, PageBitmap>();
+  private readonly list: SourceBlock[];
+
+  constructor(blocks: readonly SourceBlock[] | ReadonlyMap<string, Buffer>) {
+    if (blocks instanceof Map) {
+      this.list = [...blocks].map(([idstr, buf]) => ({ idstr, length: buf.length }));
+      for (const [idstr, buf] of blocks) this.memory.set(idstr, buf);
+    } else {
+      this.list = [...(blocks as readonly SourceBlock[])];
+      for (const b of this.list) this.memory.set(b.idstr, Buffer.alloc(b.length));
+    }
+    for (const b of this.list) {
+      if (b.length % TARGET_PAGE_SIZE !== 0) throw new RangeError(`block "${b.idstr}" length is not a page multiple`);
+      this.dirty.set(b.idstr, new PageBitmap(b.length / TARGET_PAGE_SIZE));
+    }
+  }
+
+  blocks(): readonly SourceBlock[] {
+    return this.list;
+  }
+
+  /** Writes guest memory and marks the touched pages dirty. */
+  write(block: string, offset: number, data: Uint8Array): void {
+    const mem = this.memory.get(block);
+    const d = this.dirty.get(block);
+    if (!mem || !d) throw new Error(`unknown RAM block "${block}"`);
+    mem.set(data, offset);
+    const first = Math.floor(offset / TARGET_PAGE_SIZE);
+    const last = Math.floor((offset + data.length - 1) / TARGET_PAGE_SIZE);
+    for (let p = first; p <= last; p++) d.set(p);
+  }
+
+  private slab = Buffer.allocUnsafe(0);
+  private slabPos = 0;
+
+  readPage(block: string, offset: number): Uint8Array {
+    const mem = this.memory.get(block)!;
+    // A copy: the guest keeps writing while the page waits in a socket queue.
+    // Copies are carved from 256 KiB slabs (one allocation per 64 pages).
+    if (this.slabPos + TARGET_PAGE_SIZE > this.slab.length) {
+      this.slab = Buffer.allocUnsafe(64 * TARGET_PAGE_SIZE);
+      this.slabPos = 0;
+    }
+    const page = this.slab.subarray(this.slabPos, this.slabPos + TARGET_PAGE_SIZE);
+    mem.copy(page, 0, offset, offset + TARGET_PAGE_SIZE);
+    this.slabPos += TARGET_PAGE_SIZE;
+    return page;
+  }
+
+  syncDirty(into: ReadonlyMap<string, PageBitmap>): void {
+    for (const [name, d] of this.dirty) {
+      const target = into.get(name);
+      if (target) d.drainInto(target);
+    }
+  }
+}
+
+/**
+ * A saved VM (the directory `qmt receive` writes) as a source: RAM is read
+ * from the per-block files in place, in batches, so memory use does not
+ * depend on the guest size; nothing is ever dirtied (the VM is not running).
+ */
+export class SavedVmSource implements GuestMemorySource {
+  private readonly fds = new Map<string, number>();
+  private readonly list: SourceBlock[];
+  private batch: { block: string; start: number; buf: Buffer } | undefined;
+  private static readonly BATCH = 64 * TARGET_PAGE_SIZE;
+
+  private constructor(
+    readonly dir: string,
+    readonly manifest: SavedVmManifest,
+  ) {
+    this.list = manifest.blocks.map((b) => ({ idstr: b.idstr, length: b.length }));
+    for (const b of manifest.blocks) this.fds.set(b.idstr, openSync(join(dir, b.file), 'r'));
+  }
+
+  static async open(dir: string): Promise<SavedVmSource> {
+    const m = await readSavedVmManifest(dir);
+    if (!m.complete) throw new Error(`${dir}: the saved VM is incomplete (${m.error?.code ?? 'unknown'}: ${m.error?.message ?? ''})`);
+    return new SavedVmSource(dir, m);
+  }
+
+  blocks(): readonly SourceBlock[] {
+    return this.list;
+  }
+
+  readPage(block: string, offset: number): Uint8Array {
+    const b = this.batch;
+    if (b && b.block === block && offset >= b.start && offset + TARGET_PAGE_SIZE <= b.start + b.buf.length) {
+      return b.buf.subarray(offset - b.start, offset - b.start + TARGET_PAGE_SIZE);
+    }
+    const fd = this.fds.get(block);
+    if (fd === undefined) throw new Error(`unknown RAM block "${block}"`);
+    const len = this.list.find((x) => x.idstr === block)!.length;
+    // A fresh buffer per batch: earlier pages may still sit in a socket queue.
+    const size = Math.min(SavedVmSource.BATCH, len - offset);
+    const buf = Buffer.allocUnsafe(size);
+    let got = 0;
+    while (got < size) {
+      const n = readSync(fd, buf, got, size - got, offset + got);
+      if (n === 0) {
+        buf.fill(0, got);
+        break;
+      }
+      got += n;
+    }
+    this.batch = { block, start: offset, buf };
+    return buf.subarray(0, TARGET_PAGE_SIZE);
+  }
+
+  syncDirty(): void {}
+
+  close(): void {
+    for (const fd of this.fds.values()) closeSync(fd);
+    this.fds.clear();
+  }
+}

@@ -1,0 +1,718 @@
+import { EventEmitter } from 'node:events';
+import { performance } from 'node:perf_hooks';
+import { MAX_DISCARDS_PER_COMMAND, RAM_IDSTR, RAM_VERSION, TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { PreemptEncoder, StreamEncoder } from '../stream/encoder.js';
+import { isZeroPage } from '../stream/ram.js';
+import { ReturnPathDecoder } from '../stream/return-path.js';
+import { encodeXbzrle } from '../stream/xbzrle.js';
+import type { DiscardRange, PreemptRecord, StreamRecord } from '../stream/records.js';
+import type { Channel, ChannelStats } from '../transport/channel.js';
+import { SourceConnection, type TransportOptions } from '../transport/connection.js';
+import { MigrationError, type MigrationPhase } from './errors.js';
+import { LatencyHistogram, type LatencySummary } from './latency.js';
+import { PageBitmap, type GuestMemorySource, type SourceBlock } from './memory-source.js';
+import { autoWantsPostcopy, type PostcopyPolicy } from './postcopy-policy.js';
+
+/** One device (non-RAM) section to send: opaque bytes, as captured from a source. */
+export interface DeviceStateSection {
+  /** Section id to use on the wire (default: assigned in order). */
+  readonly sectionId?: number;
+  readonly idstr: string;
+  readonly instanceId: number;
+  readonly versionId: number;
+  readonly data: Uint8Array;
+}
+
+export interface SourceOptions {
+  /** Where the destination listens: `tcp:HOST:PORT` or `unix:PATH`. */
+  to: string;
+  transport?: TransportOptions;
+  memory: GuestMemorySource;
+  /** Sent in the configuration record; a QEMU destination must run the same machine type. */
+  machineType: string;
+  /** Device state, read after the VM stopped (a function) or given up front. */
+  devices: readonly DeviceStateSection[] | (() => readonly DeviceStateSection[] | Promise<readonly DeviceStateSection[]>);
+  /** When to switch to postcopy (default 'never'). */
+  postcopy?: PostcopyPolicy;
+  /** Open the preempt channel at the switch and answer page requests on it (needs postcopy). */
+  preempt?: boolean;
+  /** Stops the caller's VM at the switchover point; the `stopped` event follows at once. */
+  stopVm?: () => void | Promise<void>;
+  /** Precopy bandwidth cap in bytes/s (QEMU's max-bandwidth; default none). */
+  bandwidthLimit?: number;
+  /** Background bandwidth cap during postcopy (QEMU's max-postcopy-bandwidth; default none). */
+  postcopyBandwidthLimit?: number;
+  /** Precopy completes when the dirty set can be sent within this many ms (default 300). */
+  downtimeLimitMs?: number;
+  /** Complete (stop and send the rest) after this many passes without converging, when postcopy is not used (default unlimited, as QEMU). */
+  maxPasses?: number;
+  /** XBZRLE for pages resent in later precopy passes, with a cache of this many bytes (default off). */
+  xbzrleCacheBytes?: number;
+  /** Send SWITCHOVER_START before the final sections (default: when the machine type is 10.0 or newer, as QEMU). */
+  switchoverStart?: boolean;
+  /** The VM description sent after EOF in precopy; default: one generated from the device sizes. */
+  vmdesc?: Uint8Array;
+  /** Bytes of page data per RAM PART section (default 8 MiB). */
+  sectionBytes?: number;
+  /** How long to wait for the destination's SHUT after EOF (default 30 s). */
+  shutTimeoutMs?: number;
+}
+
+export interface SourceStats {
+  status: 'setup' | 'active' | 'postcopy-active' | 'completed' | 'failed';
+  transferred: number;
+  /** Bytes of dirty pages still to send. */
+  remaining: number;
+  /** Source stop → destination running (package sent in postcopy, SHUT received in precopy), ms. */
+  downtime: number | undefined;
+  'setup-time': number;
+  'total-time': number;
+  'dirty-sync-count': number;
+  'postcopy-requests': number;
+  'pages-per-second': number;
+  normal: number;
+  duplicate: number;
+  xbzrle: number;
+  passes: number;
+  /** Request arrival → last byte of the page handed to the kernel, µs. */
+  'postcopy-latency': LatencySummary;
+  channels: { main?: ChannelStats; preempt?: ChannelStats };
+}
+
+export interface SourceEvents {
+  connected: [{ uri: string }];
+  /** A precopy pass over the dirty pages ended. */
+  pass: [{ pass: number; pagesSent: number; bytes: number; dirtyPages: number; durationMs: number }];
+  /** The VM was stopped (by stopVm) — emitted before any device state is written. */
+  stopped: [{ at: number; hrtime: bigint }];
+  'postcopy-active': [];
+  'page-request': [{ block: string; offset: number; channel: 'main' | 'preempt'; latencyUs: number }];
+  completed: [SourceStats];
+  failed: [MigrationError];
+}
+
+interface BlockState {
+  readonly info: SourceBlock;
+  readonly pages: number;
+  /** Pages to send in the current pass / after LISTEN. */
+  readonly toSend: PageBitmap;
+  /** Pages sent at least once. */
+  readonly sentOnce: PageBitmap;
+  /** After LISTEN: pages sent (exactly once). */
+  readonly sentAfterListen: PageBitmap;
+}
+
+interface QueuedRequest {
+  block: string;
+  page: number;
+  arrived: number;
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/**
+ * The sending half of a migration (QEMU's source), into a QEMU 10.0
+ * destination or our own DestinationSession. Precopy passes over dirty pages,
+ * then either completion (stop, last dirty pages, device state, EOF) or the
+ * postcopy switch in QEMU 10.0's order (SWITCHOVER_START, discards, PING,
+ * PACKAGED with LISTEN + devices + PING + RUN, remaining pages exactly once,
+ * END, EOF). Page requests are answered on the preempt channel when there is
+ * one, otherwise first thing at the next record boundary on the main channel.
+ */
+export class SourceSession extends EventEmitter<SourceEvents> {
+  readonly done: Promise<SourceStats>;
+  private resolveDone!: (s: SourceStats) => void;
+  private rejectDone!: (e: MigrationError) => void;
+  private conn: SourceConnection | undefined;
+  private preempt: Channel | undefined;
+  private readonly enc = new StreamEncoder();
+  private readonly preemptEnc = new PreemptEncoder();
+  private readonly rp = new ReturnPathDecoder();
+  private readonly blocks = new Map<string, BlockState>();
+  private readonly order: BlockState[] = [];
+  private phase: MigrationPhase = 'setup';
+  private status: SourceStats['status'] = 'setup';
+  private postcopyRequested = false;
+  private inPostcopy = false;
+  private finished = false;
+  private failure: MigrationError | undefined;
+  private pongs = new Set<number>();
+  private pongWaiters: (() => void)[] = [];
+  private shutWaiter: ((v: number) => void) | undefined;
+  private shutValue: number | undefined;
+  private lastReqBlock: string | undefined;
+  private readonly requests: QueuedRequest[] = [];
+  private readonly latency = new LatencyHistogram();
+  private xbzrleCache: Map<string, Buffer> | undefined;
+  private xbzrleBytes = 0;
+  private readonly ramSectionId: number;
+  private readonly t0 = performance.now();
+  private setupMs = 0;
+  private stoppedAt: number | undefined;
+  private downtimeMs: number | undefined;
+  private endedAt: number | undefined;
+  private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0 };
+  private paceStart = 0;
+  private paceBytes = 0;
+
+  constructor(private readonly opts: SourceOptions) {
+    super();
+    this.done = new Promise((resolve, reject) => {
+      this.resolveDone = resolve;
+      this.rejectDone = reject;
+    });
+    this.done.catch(() => undefined);
+    const policy = opts.postcopy ?? 'never';
+    if (opts.preempt && policy === 'never') throw new TypeError('preempt needs a postcopy policy other than "never"');
+    const used = new Set<number>();
+    if (typeof opts.devices !== 'function') for (const d of opts.devices) if (d.sectionId !== undefined) used.add(d.sectionId);
+    let id = 1;
+    while (used.has(id)) id++;
+    this.ramSectionId = id;
+    if (opts.xbzrleCacheBytes) this.xbzrleCache = new Map();
+    for (const b of opts.memory.blocks()) {
+      const pages = b.length / TARGET_PAGE_SIZE;
+      const st: BlockState = { info: b, pages, toSend: new PageBitmap(pages), sentOnce: new PageBitmap(pages), sentAfterListen: new PageBitmap(pages) };
+      st.toSend.setAll(); // the first pass sends every page
+      this.blocks.set(b.idstr, st);
+      this.order.push(st);
+    }
+  }
+
+  /** Connects and runs the migration; the same as awaiting `done` after `start()`. */
+  static async migrate(opts: SourceOptions): Promise<SourceStats> {
+    const s = new SourceSession(opts);
+    s.start();
+    return s.done;
+  }
+
+  /** Starts the migration in the background; follow it with events and `done`. */
+  start(): this {
+    this.run().then(
+      (stats) => {
+        this.emit('completed', stats);
+        this.resolveDone(stats);
+      },
+      (e: unknown) => this.fail(MigrationError.from(e, this.phase)),
+    );
+    return this;
+  }
+
+  /**
+   * Switch to postcopy at the next record boundary. Callable at any moment,
+   * from any async context; a no-op once postcopy is active.
+   */
+  startPostcopy(): void {
+    if ((this.opts.postcopy ?? 'never') === 'never') throw new MigrationError('protocol', this.phase, 'postcopy is not enabled for this migration (policy "never")');
+    this.postcopyRequested = true;
+  }
+
+  get currentPhase(): MigrationPhase {
+    return this.phase;
+  }
+
+  stats(): SourceStats {
+    const total = (this.endedAt ?? performance.now()) - this.t0;
+    let remaining = 0;
+    for (const b of this.order) remaining += b.toSend.count() * TARGET_PAGE_SIZE;
+    return {
+      status: this.status,
+      transferred: this.c.transferred,
+      remaining,
+      downtime: this.downtimeMs,
+      'setup-time': Math.round(this.setupMs),
+      'total-time': Math.round(total),
+      'dirty-sync-count': this.c.syncs,
+      'postcopy-requests': this.c.requests,
+      'pages-per-second': Math.round(((this.c.normal + this.c.duplicate + this.c.xbzrle) * 1000) / Math.max(1, total)),
+      normal: this.c.normal,
+      duplicate: this.c.duplicate,
+      xbzrle: this.c.xbzrle,
+      passes: this.c.passes,
+      'postcopy-latency': this.latency.summary(),
+      channels: { ...(this.conn ? { main: this.conn.main.stats } : {}), ...(this.preempt ? { preempt: this.preempt.stats } : {}) },
+    };
+  }
+
+  /** Aborts the migration (the destination sees the connection drop). */
+  cancel(): void {
+    this.fail(new MigrationError('cancelled', this.phase, 'the migration was cancelled'));
+  }
+
+  private fail(e: MigrationError): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.failure = e;
+    this.status = 'failed';
+    this.endedAt = performance.now();
+    this.conn?.destroy();
+    if (this.listenerCount('failed') > 0) this.emit('failed', e);
+    this.rejectDone(e);
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  // ---- writing -----------------------------------------------------------
+
+  private write(records: readonly StreamRecord[]): void {
+    this.enc.writeAll(records);
+  }
+
+  /** Hands what the encoder holds to the main channel, waiting for room (backpressure and pacing). */
+  private async flushMain(written?: () => void): Promise<void> {
+    this.check();
+    const pieces = this.enc.take();
+    if (pieces.length === 0) return;
+    let n = 0;
+    for (const p of pieces) n += p.length;
+    this.c.transferred += n;
+    await this.conn!.main.send(pieces, 'bulk', written);
+    await this.pace(n);
+    this.check();
+  }
+
+  private async pace(bytes: number): Promise<void> {
+    const limit = this.inPostcopy ? this.opts.postcopyBandwidthLimit : this.opts.bandwidthLimit;
+    if (!limit) return;
+    const now = performance.now();
+    if (now - this.paceStart > 1000) {
+      this.paceStart = now;
+      this.paceBytes = 0;
+    }
+    this.paceBytes += bytes;
+    const due = this.paceStart + (this.paceBytes / limit) * 1000;
+    if (due > now) await sleep(due - now);
+  }
+
+  private pageRecord(st: BlockState, page: number, allowXbzrle: boolean): PreemptRecord | StreamRecord | undefined {
+    const offset = page * TARGET_PAGE_SIZE;
+    const block = st.info.idstr;
+    const data = this.opts.memory.readPage(block, offset);
+    if (isZeroPage(data)) {
+      this.c.duplicate++;
+      this.cacheXbzrle(block, page, undefined);
+      return { type: 'ram-zero', block, offset, continued: false };
+    }
+    if (allowXbzrle && this.xbzrleCache) {
+      const key = `${block}\0${page}`;
+      const prev = this.xbzrleCache.get(key);
+      if (prev) {
+        const delta = encodeXbzrle(prev, data, TARGET_PAGE_SIZE - TARGET_PAGE_SIZE / 8);
+        this.cacheXbzrle(block, page, data);
+        if (delta && delta.length === 0) return undefined; // unchanged: nothing to send (as QEMU)
+        if (delta) {
+          this.c.xbzrle++;
+          return { type: 'ram-xbzrle', block, offset, continued: false, encoded: delta };
+        }
+      } else {
+        this.cacheXbzrle(block, page, data);
+      }
+    }
+    this.c.normal++;
+    return { type: 'ram-page', block, offset, continued: false, data };
+  }
+
+  private cacheXbzrle(block: string, page: number, data: Uint8Array | undefined): void {
+    const cache = this.xbzrleCache;
+    if (!cache) return;
+    const key = `${block}\0${page}`;
+    const had = cache.get(key);
+    if (had) {
+      cache.delete(key);
+      this.xbzrleBytes -= TARGET_PAGE_SIZE;
+    }
+    if (!data) return;
+    if (this.xbzrleBytes + TARGET_PAGE_SIZE > (this.opts.xbzrleCacheBytes ?? 0)) {
+      const oldest = cache.keys().next();
+      if (!oldest.done) {
+        cache.delete(oldest.value);
+        this.xbzrleBytes -= TARGET_PAGE_SIZE;
+      }
+    }
+    cache.set(key, Buffer.from(data));
+    this.xbzrleBytes += TARGET_PAGE_SIZE;
+  }
+
+  // ---- the return path ------------------------------------------------------
+
+  private onReturnPath(chunk: Buffer): void {
+    let msgs;
+    try {
+      msgs = this.rp.push(chunk);
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+      return;
+    }
+    const now = performance.now();
+    for (const m of msgs) {
+      switch (m.type) {
+        case 'pong':
+          this.pongs.add(m.value);
+          for (const w of this.pongWaiters.splice(0)) w();
+          break;
+        case 'shut':
+          this.shutValue = m.value;
+          if (m.value !== 0) {
+            this.fail(new MigrationError('protocol', this.phase, `the destination reported a failure (SHUT ${m.value})`));
+            return;
+          }
+          this.shutWaiter?.(m.value);
+          break;
+        case 'req-pages-id':
+          this.lastReqBlock = m.block;
+          this.onRequest(m.block, m.offset, m.length, now);
+          break;
+        case 'req-pages':
+          if (this.lastReqBlock === undefined) {
+            this.fail(new MigrationError('protocol', this.phase, 'REQ_PAGES before any REQ_PAGES_ID'));
+            return;
+          }
+          this.onRequest(this.lastReqBlock, m.offset, m.length, now);
+          break;
+        default:
+          break; // SWITCHOVER_ACK, RESUME_ACK, RECV_BITMAP: not used without recovery
+      }
+    }
+  }
+
+  private onRequest(block: string, offset: number, length: number, now: number): void {
+    const st = this.blocks.get(block);
+    if (!st || offset % TARGET_PAGE_SIZE !== 0 || offset + length > st.info.length || length === 0) {
+      this.fail(new MigrationError('protocol', this.phase, `bad page request ${block}+0x${offset.toString(16)} len ${length}`));
+      return;
+    }
+    this.c.requests++;
+    if (!this.inPostcopy) return; // QEMU destinations only ask after LISTEN; earlier asks are served by the passes
+    for (let o = offset; o < offset + length; o += TARGET_PAGE_SIZE) {
+      const page = o / TARGET_PAGE_SIZE;
+      if (this.preempt) this.answerOnPreempt(st, page, now);
+      else this.requests.push({ block, page, arrived: now });
+    }
+  }
+
+  /** Preempt mode: the page goes out now on its own socket (exactly once). */
+  private answerOnPreempt(st: BlockState, page: number, arrived: number): void {
+    if (st.sentAfterListen.has(page)) return; // already on its way on the main channel
+    st.sentAfterListen.set(page);
+    st.toSend.clear(page);
+    const rec = this.pageRecord(st, page, false) as PreemptRecord;
+    this.preemptEnc.write(rec);
+    const pieces = this.preemptEnc.take();
+    for (const p of pieces) this.c.transferred += p.length;
+    const block = st.info.idstr;
+    const offset = page * TARGET_PAGE_SIZE;
+    this.preempt!.send(pieces, 'urgent', () => {
+      const latencyUs = (performance.now() - arrived) * 1000;
+      this.latency.record(latencyUs);
+      this.emit('page-request', { block, offset, channel: 'preempt', latencyUs });
+    }).catch((e: unknown) => this.fail(MigrationError.from(e, this.phase)));
+  }
+
+  private waitPong(value: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (this.failure) reject(this.failure);
+        else if (this.pongs.has(value)) resolve();
+        else this.pongWaiters.push(check);
+      };
+      check();
+    });
+  }
+
+  // ---- the migration ---------------------------------------------------------
+
+  private async run(): Promise<SourceStats> {
+    const o = this.opts;
+    const policy = o.postcopy ?? 'never';
+    const postcopyCapable = policy !== 'never';
+    this.conn = await SourceConnection.connect(o.to, o.transport ?? {});
+    const main = this.conn.main;
+    main.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    main.on('close', () => {
+      if (!this.finished) this.fail(new MigrationError('peer-disconnected', this.phase, 'the destination closed the main channel'));
+    });
+    main.read((chunk) => this.onReturnPath(chunk));
+    this.emit('connected', { uri: o.to });
+    this.status = 'active';
+
+    // Setup: header, configuration, return path, ADVISE, the RAM block list.
+    this.write([
+      { type: 'header', version: 3 },
+      { type: 'configuration', machineType: o.machineType },
+      { type: 'command', command: { cmd: 'open-return-path' } },
+      { type: 'command', command: { cmd: 'ping', value: 1 } },
+    ]);
+    if (postcopyCapable) this.write([{ type: 'command', command: { cmd: 'postcopy-advise', pageSizeSummary: 0x1000n, targetPageSize: 0x1000n } }]);
+    const ram = { type: 'section', sectionId: this.ramSectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION } as const;
+    const total = this.order.reduce((s, b) => s + b.info.length, 0);
+    this.write([
+      { ...ram, kind: 'start' },
+      { type: 'ram-blocks', total, blocks: this.order.map((b) => ({ idstr: b.info.idstr, length: b.info.length })) },
+      { type: 'ram-eos' },
+      { type: 'footer', sectionId: this.ramSectionId },
+    ]);
+    await this.flushMain();
+    this.setupMs = performance.now() - this.t0;
+
+    // Precopy passes.
+    this.phase = 'precopy';
+    let previousDirty = this.order.reduce((s, b) => s + b.pages, 0);
+    let switchToPostcopy = false;
+    for (;;) {
+      const passStart = performance.now();
+      const bytesBefore = this.c.transferred;
+      const sent = await this.sendPass(ram, true);
+      if (this.postcopyRequested) {
+        switchToPostcopy = true;
+        break;
+      }
+      this.c.passes++;
+      this.opts.memory.syncDirty(new Map(this.order.map((b) => [b.info.idstr, b.toSend])));
+      this.c.syncs++;
+      const dirty = this.order.reduce((s, b) => s + b.toSend.count(), 0);
+      const durationMs = performance.now() - passStart;
+      const bytes = this.c.transferred - bytesBefore;
+      this.emit('pass', { pass: this.c.passes, pagesSent: sent, bytes, dirtyPages: dirty, durationMs });
+      const bandwidth = bytes / Math.max(1, durationMs); // bytes per ms
+      const expectedDowntimeMs = (dirty * TARGET_PAGE_SIZE) / Math.max(1, bandwidth);
+      const downtimeLimitMs = o.downtimeLimitMs ?? 300;
+      if (dirty === 0 || expectedDowntimeMs <= downtimeLimitMs) break;
+      if (typeof policy === 'object' && this.c.passes >= policy.afterPasses) {
+        switchToPostcopy = true;
+        break;
+      }
+      if (policy === 'auto' && autoWantsPostcopy({ passes: this.c.passes, dirtyPages: dirty, previousDirtyPages: previousDirty, expectedDowntimeMs, downtimeLimitMs })) {
+        switchToPostcopy = true;
+        break;
+      }
+      if (this.postcopyRequested) {
+        switchToPostcopy = true;
+        break;
+      }
+      if (o.maxPasses !== undefined && this.c.passes >= o.maxPasses) break;
+      previousDirty = dirty;
+    }
+    if (switchToPostcopy) await this.postcopy(ram);
+    else await this.completePrecopy(ram);
+
+    // Completion: the destination answers SHUT 0 once it has everything.
+    this.phase = 'completion';
+    await this.waitShut();
+    // From here on the destination may close first: that is the normal end.
+    this.finished = true;
+    this.status = 'completed';
+    this.endedAt = performance.now();
+    if (this.downtimeMs === undefined && this.stoppedAt !== undefined) this.downtimeMs = Math.round(this.endedAt - this.stoppedAt);
+    await this.conn.close();
+    return this.stats();
+  }
+
+  /**
+   * Sends every page marked in `toSend`, in block order, as RAM PART sections
+   * (or one END section when `kind` is 'end'). In precopy, stops early when
+   * postcopy is requested. Returns the pages sent.
+   */
+  private async sendPass(ram: { sectionId: number }, precopy: boolean, kind: 'part' | 'end' = 'part'): Promise<number> {
+    const budget = this.opts.sectionBytes ?? 8 << 20;
+    let sent = 0;
+    let inSection = false;
+    let sectionBytes = 0;
+    let batch = 0;
+    const openSection = () => {
+      if (inSection) return;
+      this.write([{ type: 'section', kind, sectionId: ram.sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION }]);
+      inSection = true;
+      sectionBytes = 0;
+    };
+    const closeSection = () => {
+      if (!inSection) return;
+      this.write([{ type: 'ram-eos' }, { type: 'footer', sectionId: ram.sectionId }]);
+      inSection = false;
+    };
+    const emitPage = (st: BlockState, page: number) => {
+      const rec = this.pageRecord(st, page, precopy);
+      st.toSend.clear(page);
+      st.sentOnce.set(page);
+      if (this.inPostcopy) st.sentAfterListen.set(page);
+      if (!rec) return;
+      openSection();
+      this.write([rec as StreamRecord]);
+      sent++;
+      batch++;
+      sectionBytes += rec.type === 'ram-page' ? TARGET_PAGE_SIZE : 16;
+    };
+    for (const st of this.order) {
+      let page = st.toSend.next(0);
+      while (page >= 0) {
+        // Without a preempt channel, requested pages go first, inside the current section.
+        if (this.requests.length > 0) this.serveQueuedRequests(emitPage);
+        if (!(this.inPostcopy && st.sentAfterListen.has(page))) emitPage(st, page);
+        else st.toSend.clear(page);
+        if (batch >= 64) {
+          batch = 0;
+          if (kind === 'part' && sectionBytes >= budget) closeSection();
+          await this.flushMain();
+          if (precopy && this.postcopyRequested) {
+            closeSection();
+            await this.flushMain();
+            return sent;
+          }
+        }
+        page = st.toSend.next(page + 1);
+      }
+    }
+    if (this.requests.length > 0) this.serveQueuedRequests(emitPage);
+    if (kind === 'end') openSection();
+    closeSection();
+    await this.flushMain();
+    return sent;
+  }
+
+  private serveQueuedRequests(emitPage: (st: BlockState, page: number) => void): void {
+    const now = performance.now();
+    for (const r of this.requests.splice(0)) {
+      const st = this.blocks.get(r.block)!;
+      if (st.sentAfterListen.has(r.page)) continue;
+      emitPage(st, r.page);
+      const latencyUs = (now - r.arrived) * 1000;
+      this.latency.record(latencyUs);
+      this.emit('page-request', { block: r.block, offset: r.page * TARGET_PAGE_SIZE, channel: 'main', latencyUs });
+    }
+  }
+
+  private async stopVm(): Promise<void> {
+    await this.opts.stopVm?.();
+    this.stoppedAt = performance.now();
+    this.emit('stopped', { at: this.stoppedAt, hrtime: process.hrtime.bigint() });
+  }
+
+  private wantSwitchoverStart(): boolean {
+    if (this.opts.switchoverStart !== undefined) return this.opts.switchoverStart;
+    const m = /-(\d+)\.(\d+)$/.exec(this.opts.machineType);
+    return m ? Number(m[1]) >= 10 : true;
+  }
+
+  private async devices(): Promise<StreamRecord[]> {
+    const list = typeof this.opts.devices === 'function' ? await this.opts.devices() : this.opts.devices;
+    const out: StreamRecord[] = [];
+    let next = 0;
+    const used = new Set(list.map((d) => d.sectionId).filter((x): x is number => x !== undefined));
+    used.add(this.ramSectionId);
+    for (const d of list) {
+      let id = d.sectionId;
+      if (id === undefined) {
+        while (used.has(next)) next++;
+        id = next++;
+      }
+      const h = { sectionId: id, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId };
+      out.push({ type: 'section', kind: 'full', ...h }, { type: 'device-state', kind: 'full', ...h, data: d.data }, { type: 'footer', sectionId: id });
+    }
+    return out;
+  }
+
+  private async completePrecopy(ram: { sectionId: number }): Promise<void> {
+    await this.stopVm();
+    this.phase = 'device-state';
+    this.opts.memory.syncDirty(new Map(this.order.map((b) => [b.info.idstr, b.toSend])));
+    this.c.syncs++;
+    if (this.wantSwitchoverStart()) this.write([{ type: 'command', command: { cmd: 'switchover-start' } }]);
+    await this.sendPass(ram, true, 'end');
+    const devices = await this.devices();
+    this.write(devices);
+    this.write([{ type: 'eof' }]);
+    // A description after EOF: QEMU reads it, and our destination checks device sizes against it.
+    this.write([{ type: 'vmdesc', json: this.opts.vmdesc ?? generatedVmdesc(devices) }]);
+    await this.flushMain();
+    await this.conn!.main.flush();
+  }
+
+  private async postcopy(ram: { sectionId: number }): Promise<void> {
+    const main = this.conn!.main;
+    // QEMU order: the preempt channel is connected once the destination has
+    // proved it accepted the main channel (PONG 1), before the VM stops.
+    if (this.opts.preempt) {
+      await this.waitPong(1);
+      this.preempt = await this.conn!.connectPreempt();
+      this.preempt.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    }
+    await this.stopVm();
+    this.phase = 'device-state';
+    if (this.wantSwitchoverStart()) this.write([{ type: 'command', command: { cmd: 'switchover-start' } }]);
+    this.opts.memory.syncDirty(new Map(this.order.map((b) => [b.info.idstr, b.toSend])));
+    this.c.syncs++;
+    // Discard every page that is dirty again or was never sent; those, and only
+    // those, are sent after LISTEN, each exactly once.
+    for (const st of this.order) {
+      for (let i = 0; i < st.toSend.words.length; i++) st.toSend.words[i]! |= ~(st.sentOnce.words[i] as number);
+      const extra = st.toSend.words.length * 32 - st.pages;
+      if (extra > 0) st.toSend.words[st.toSend.words.length - 1]! &= 0xffffffff >>> extra;
+      const ranges = bitmapRanges(st.toSend);
+      for (let i = 0; i < ranges.length; i += MAX_DISCARDS_PER_COMMAND) {
+        this.write([{ type: 'command', command: { cmd: 'postcopy-ram-discard', block: st.info.idstr, ranges: ranges.slice(i, i + MAX_DISCARDS_PER_COMMAND) } }]);
+      }
+    }
+    this.write([{ type: 'command', command: { cmd: 'ping', value: 2 } }]);
+    // From LISTEN on, pages are exactly-once: requests are honoured from here.
+    this.inPostcopy = true;
+    this.status = 'postcopy-active';
+    const devices = await this.devices();
+    this.write([
+      { type: 'command', command: { cmd: 'packaged', length: 0 } },
+      { type: 'command', command: { cmd: 'postcopy-listen' } },
+      ...devices,
+      { type: 'command', command: { cmd: 'ping', value: 3 } },
+      { type: 'command', command: { cmd: 'postcopy-run' } },
+      { type: 'package-end' },
+      { type: 'command', command: { cmd: 'ping', value: 4 } },
+    ]);
+    await this.flushMain();
+    await main.flush();
+    this.downtimeMs = Math.round(performance.now() - (this.stoppedAt ?? performance.now()));
+    this.phase = 'postcopy';
+    this.emit('postcopy-active');
+    // The rest of RAM in the background; requests overtake it.
+    await this.sendPass(ram, false, 'part');
+    this.write([{ type: 'section', kind: 'end', sectionId: ram.sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION }, { type: 'ram-eos' }, { type: 'footer', sectionId: ram.sectionId }, { type: 'eof' }]);
+    await this.flushMain();
+    await Promise.all([main.flush(), this.preempt?.flush()]);
+  }
+
+  private async waitShut(): Promise<void> {
+    if (this.shutValue === 0) return;
+    const ms = this.opts.shutTimeoutMs ?? 30_000;
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new MigrationError('idle-timeout', 'completion', `no SHUT from the destination within ${ms} ms`)), ms);
+      this.shutWaiter = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this.done.catch((e: unknown) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+    });
+  }
+}
+
+/** Runs of set bits as byte ranges. */
+function bitmapRanges(bm: PageBitmap): DiscardRange[] {
+  const out: DiscardRange[] = [];
+  let i = bm.next(0);
+  while (i >= 0) {
+    let j = i;
+    while (j + 1 < bm.pages && bm.has(j + 1)) j++;
+    out.push({ start: i * TARGET_PAGE_SIZE, length: (j - i + 1) * TARGET_PAGE_SIZE });
+    i = bm.next(j + 1);
+  }
+  return out;
+}
+
+/** A VM description of opaque devices (QEMU's form for old-style handlers): exact sizes, nothing else. */
+function generatedVmdesc(devices: readonly StreamRecord[]): Uint8Array {
+  const list = devices
+    .filter((r): r is Extract<StreamRecord, { type: 'device-state' }> => r.type === 'device-state')
+    .map((d) => ({ name: d.idstr, instance_id: d.instanceId, size: d.data.length, fields: [{ name: 'data', type: 'buffer', size: d.data.length }] }));
+  return new TextEncoder().encode(JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: list }));
+}
