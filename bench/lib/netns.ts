@@ -131,13 +131,14 @@ export class VethLink {
     }
   }
 
-  /** Replaces the source side's root qdisc. */
-  async shape(s: Shaping): Promise<void> {
+  /** Replaces the source side's root qdisc; `undefined` removes it (back to the namespace's default). */
+  async shape(s: Shaping | undefined): Promise<void> {
     if (this.shaping === s) return;
     const dev = this.devSrc;
     const tc = (...a: string[]): Promise<string> => this.cmd(['ip', 'netns', 'exec', this.nsSrc, 'tc', ...a]);
     if (this.shaping !== undefined) await tc('qdisc', 'del', 'dev', dev, 'root');
     this.shaping = undefined;
+    if (s === undefined) return;
     const { rate, burst, latency } = this.config;
     if (s === 'htb' || s === 'htb+dscp') {
       // r2q 1000 keeps each class's quantum (rate / r2q) under htb's 200000-byte warning limit at 1 Gbit/s.

@@ -27,6 +27,8 @@ export const MODE_LABEL: Record<Mode, string> = {
   'two-tuned': '(c) two sockets, tuned',
 };
 
+export const MODE_SHORT: Record<Mode, string> = { shared: 'a shared socket', 'two-default': 'b two sockets, defaults', 'two-tuned': 'c two sockets, tuned' };
+
 /** Plain bulk-throughput variants measured on loopback (our Channel next to a raw socket pair). */
 export type ThroughputVariant = 'channel-tcp' | 'raw-tcp' | 'channel-tls' | 'raw-tls';
 

@@ -112,9 +112,9 @@ export async function cdfChartSvg(title: string, series: readonly ChartSeries[])
     data: { values },
     mark: { type: 'line', interpolate: 'step-after', strokeWidth: 1.6 },
     encoding: {
-      x: { field: 'us', type: 'quantitative', scale: { type: 'log' }, title: 'request → 4 KiB reply round trip (µs, log scale)' },
+      x: { field: 'us', type: 'quantitative', scale: { type: 'log', nice: false }, title: 'request → 4 KiB reply round trip (µs, log scale)' },
       y: { field: 'p', type: 'quantitative', scale: { domain: [0, 1] }, title: 'fraction of requests ≤ x' },
-      color: { field: 'series', type: 'nominal', title: 'mode', legend: { orient: 'bottom', columns: 2, labelLimit: 400 } },
+      color: { field: 'series', type: 'nominal', title: 'mode', sort: null, legend: { orient: 'right', labelLimit: 320 } },
       strokeDash: { field: 'load', type: 'nominal', title: 'load' },
       detail: { field: 'series' },
     },

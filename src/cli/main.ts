@@ -3,6 +3,7 @@ import { StreamError } from '../stream/errors.js';
 import { formatInspectReport, inspectFile, toJson } from './inspect.js';
 import { recodeFile } from './recode.js';
 import { registerPkiCommand } from './pki.js';
+import { rerunWithoutTls13Tickets } from './reexec.js';
 
 /** Prints one line for a failure and sets the exit code; never a stack trace for bad input. */
 function report(e: unknown): void {
@@ -12,6 +13,13 @@ function report(e: unknown): void {
     process.stderr.write(`qmt: ${e instanceof Error ? e.message : String(e)}\n`);
   }
   process.exitCode = 1;
+}
+
+// A TLS destination must not send TLS 1.3 session tickets to a QEMU source
+// that never reads them (openssl/no-tls13-tickets.cnf says why).
+if (process.argv[2] === 'receive' && process.argv.includes('--tls')) {
+  const code = rerunWithoutTls13Tickets();
+  if (code !== undefined) process.exit(code);
 }
 
 const program = new Command();

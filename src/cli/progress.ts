@@ -127,7 +127,7 @@ export class Progress {
       this.multi = new cliProgress.MultiBar(
         {
           stream: this.stream,
-          format: `{phase} |{bar}| {percentage}% | {bytes} | {done}/{total_units} ${this.unit} | {rate} | {duration_formatted}{detail}`,
+          format: `{phase} |{bar}| {percentage}% | {bytes} | {done}{of_total} ${this.unit} | {rate} | {duration_formatted}{detail}`,
           hideCursor: true,
           clearOnComplete: false,
           barsize: 30,
@@ -171,7 +171,8 @@ export class Progress {
 
   /** The status as one line ("precopy: 12.0 MiB, 3072/16384 pages, 25.1 MiB/s"). */
   formatStatus(s: ProgressStatus): string {
-    const parts = [formatBytes(s.bytes), `${s.done}${s.total ? `/${s.total}` : ''} ${this.unit}`];
+    // `done` may pass `total` (pages sent again in later passes): then the total says nothing.
+    const parts = [formatBytes(s.bytes), `${s.done}${s.total && s.done <= s.total ? `/${s.total}` : ''} ${this.unit}`];
     const r = this.rate.perSecond();
     if (r > 0) parts.push(`${formatBytes(r)}/s`);
     return `${s.phase}: ${parts.join(', ')}${s.detail ? `, ${s.detail}` : ''}`;
@@ -183,7 +184,7 @@ export class Progress {
       phase: s.phase.padEnd(12),
       bytes: formatBytes(s.bytes).padStart(10),
       done: s.done,
-      total_units: s.total ?? '?',
+      of_total: s.total && s.done <= s.total ? `/${s.total}` : '',
       rate: `${formatBytes(r)}/s`.padStart(12),
       detail: s.detail ? ` | ${s.detail}` : '',
     };

@@ -95,6 +95,20 @@ function manifestSummary(m: SavedVmManifest): NonNullable<ReceiveReport['manifes
   };
 }
 
+/** Pages of `blocks` the session does not have. */
+export function missingPages(s: Pick<DestinationSession, 'hasPage'>, blocks: readonly RamBlockInfo[]): { count: number; first?: { block: string; offset: number } } {
+  let count = 0;
+  let first: { block: string; offset: number } | undefined;
+  for (const b of blocks) {
+    for (let offset = 0; offset < b.length; offset += TARGET_PAGE_SIZE) {
+      if (s.hasPage(b.idstr, offset)) continue;
+      count++;
+      first ??= { block: b.idstr, offset };
+    }
+  }
+  return first ? { count, first } : { count };
+}
+
 function pagesOf(s: DestinationStats): number {
   return s.normal + s.duplicate + s.xbzrle;
 }
@@ -124,7 +138,12 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     session = await DestinationSession.listen({
       listen: opts.listen,
       sink,
-      transport: { ...(opts.tls ? { tls: { dir: opts.tls } } : {}), ...(process.env.QMT_NODELAY ? { main: { tuning: { noDelay: true } } } : {}) },
+      transport: {
+        ...(opts.tls ? { tls: { dir: opts.tls } } : {}),
+        // Here the main channel's outgoing direction is the return path: with Nagle a
+        // REQ_PAGES waits for the ACK of the previous one (measured: p90 30 ms → 0.3 ms).
+        main: { tuning: { noDelay: true } },
+      },
       postcopy: opts.postcopy ?? false,
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
     });
@@ -147,6 +166,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   const showPhase = (): void => {
     const now = s.currentPhase;
     if (now === phase) return;
+    if (phase === 'precopy') showPass();
     phase = now;
     progress.log(`phase ${now}`);
   };
@@ -176,9 +196,19 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     progress.log(`${list.length} RAM blocks, ${formatBytes(list.reduce((n, b) => n + b.length, 0))}`);
     showPhase();
   });
+  // One RAM PART section per QEMU iteration (every ~50 ms, or per rate-limit slice): a line a second at most.
+  let lastPass: { iteration: number; pages: number; transferred: number; at: number; shown: boolean } | undefined;
+  const showPass = (): void => {
+    if (!lastPass || lastPass.shown) return;
+    lastPass.shown = true;
+    progress.log(`precopy iteration ${lastPass.iteration}: ${lastPass.pages} pages, ${pagesOf(s.stats())} in all, ${formatBytes(lastPass.transferred)} received`);
+  };
   s.on('pass', (p) => {
     showPhase();
-    progress.log(`precopy pass ${p.iteration}: ${p.pages} pages, ${formatBytes(p.transferred)} received`);
+    const now = Date.now();
+    const due = !lastPass || now - lastPass.at >= 1000;
+    lastPass = { ...p, at: due ? now : lastPass!.at, shown: false };
+    if (due) showPass();
   });
   s.on('postcopy-advise', () => progress.log('postcopy advised'));
   s.on('postcopy-listen', () => {
@@ -207,6 +237,13 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   let failure: MigrationError | undefined;
   try {
     result = await s.done;
+    const missing = missingPages(s, result.blocks);
+    if (missing.count > 0) {
+      // A "completed" session with holes must not become a complete saved VM.
+      const first = missing.first!;
+      failure = new MigrationError('protocol', 'completion', `the migration ended with ${missing.count} page${missing.count === 1 ? '' : 's'} never received (first: ${first.block} +0x${first.offset.toString(16)})`);
+      result = { ...result, complete: false, error: failure };
+    }
   } catch (e) {
     failure = MigrationError.from(e, s.currentPhase);
     result = s.snapshot(failure);
@@ -241,7 +278,7 @@ export function formatReceiveSummary(r: ReceiveReport): string[] {
     const pages = pagesOf(st);
     const iter = st['precopy-iterations'];
     lines.push(
-      `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)}, ${pages} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ${iter} precopy pass${iter === 1 ? '' : 'es'}${st['preempt-pages'] ? `, ${st['preempt-pages']} pages on the preempt channel` : ''}`,
+      `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)}, ${pages} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ${iter} precopy iteration${iter === 1 ? '' : 's'}${st['preempt-pages'] ? `, ${st['preempt-pages']} pages on the preempt channel` : ''}`,
     );
   }
   const f = r.faults;

@@ -459,8 +459,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     // Precopy passes.
     this.phase = 'precopy';
     let previousDirty = this.order.reduce((s, b) => s + b.pages, 0);
-    let switchToPostcopy = false;
-    for (;;) {
+    // { afterPasses: 0 }: postcopy from the start (a lazy restore: the VM runs at once).
+    let switchToPostcopy = typeof policy === 'object' && policy.afterPasses === 0;
+    while (!switchToPostcopy) {
       const passStart = performance.now();
       const bytesBefore = this.c.transferred;
       const sent = await this.sendPass(ram, true);

