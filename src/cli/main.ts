@@ -3,6 +3,7 @@ import { StreamError } from '../stream/errors.js';
 import { formatInspectReport, inspectFile, toJson } from './inspect.js';
 import { recodeFile } from './recode.js';
 import { registerPkiCommand } from './pki.js';
+import { registerDemoCommand } from './demo.js';
 import { rerunWithoutTls13Tickets } from './reexec.js';
 
 /** Prints one line for a failure and sets the exit code; never a stack trace for bad input. */
@@ -56,5 +57,6 @@ program
   });
 
 registerPkiCommand(program);
+registerDemoCommand(program);
 
 program.parseAsync(process.argv).catch(report);

@@ -156,13 +156,23 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
 
   const s = session;
   report.listen = s.uri;
-  progress.log(`listening on ${s.uri}${opts.tls ? ' (TLS)' : ''}${opts.postcopy ? ', postcopy enabled' : ''}`);
+  const listening = `listening on ${s.uri}${opts.tls ? ' (TLS)' : ''}${opts.postcopy ? ', postcopy enabled' : ''}`;
+  // Printed even without progress: with port 0 it is the only way to learn the port.
+  if (progress.mode === 'none') (opts.stderr ?? process.stderr).write(`qmt: ${listening}\n`);
+  else progress.log(listening);
   opts.onListening?.(s.uri);
 
   let blocks: RamBlockInfo[] = [];
   let totalPages = 0;
   let phase: string = s.currentPhase;
   let faults: FaultGenerator | undefined;
+  // One RAM PART section per QEMU iteration (every ~50 ms, or per rate-limit slice): a line a second at most.
+  let lastPass: { iteration: number; pages: number; transferred: number; at: number; shown: boolean } | undefined;
+  const showPass = (): void => {
+    if (!lastPass || lastPass.shown) return;
+    lastPass.shown = true;
+    progress.log(`precopy iteration ${lastPass.iteration}: ${lastPass.pages} pages, ${pagesOf(s.stats())} in all, ${formatBytes(lastPass.transferred)} received`);
+  };
   const showPhase = (): void => {
     const now = s.currentPhase;
     if (now === phase) return;
@@ -196,13 +206,6 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     progress.log(`${list.length} RAM blocks, ${formatBytes(list.reduce((n, b) => n + b.length, 0))}`);
     showPhase();
   });
-  // One RAM PART section per QEMU iteration (every ~50 ms, or per rate-limit slice): a line a second at most.
-  let lastPass: { iteration: number; pages: number; transferred: number; at: number; shown: boolean } | undefined;
-  const showPass = (): void => {
-    if (!lastPass || lastPass.shown) return;
-    lastPass.shown = true;
-    progress.log(`precopy iteration ${lastPass.iteration}: ${lastPass.pages} pages, ${pagesOf(s.stats())} in all, ${formatBytes(lastPass.transferred)} received`);
-  };
   s.on('pass', (p) => {
     showPhase();
     const now = Date.now();
@@ -326,7 +329,10 @@ export async function runReceiveCommand(o: ReceiveCliOptions): Promise<number> {
   const ac = new AbortController();
   const onSignal = (): void => {
     // A second signal while the manifest is written: leave at once.
-    if (ac.signal.aborted) process.exit(130);
+    if (ac.signal.aborted) {
+      if (process.stderr.isTTY) process.stderr.write('\x1b[?25h\n'); // the bar hid the cursor
+      process.exit(130);
+    }
     ac.abort();
   };
   process.on('SIGINT', onSignal);

@@ -24,11 +24,16 @@ export interface GuestMemorySink {
 /** Guest RAM in memory: one Buffer per block. For tests, demos and small guests. */
 export class InMemorySink implements GuestMemorySink {
   readonly blocks = new Map<string, Buffer>();
+  /** Pages ever written: a ZERO record on a page still zero-filled costs nothing. */
+  private readonly written = new Map<string, Uint8Array>();
 
   setBlocks(blocks: readonly RamBlockInfo[]): void {
     for (const b of blocks) {
       const have = this.blocks.get(b.idstr);
-      if (!have || have.length !== b.length) this.blocks.set(b.idstr, Buffer.alloc(b.length));
+      if (!have || have.length !== b.length) {
+        this.blocks.set(b.idstr, Buffer.alloc(b.length));
+        this.written.set(b.idstr, new Uint8Array(Math.ceil(b.length / TARGET_PAGE_SIZE)));
+      }
     }
   }
 
@@ -40,10 +45,12 @@ export class InMemorySink implements GuestMemorySink {
 
   writePage(block: string, offset: number, data: Uint8Array): void {
     this.block(block).set(data, offset);
+    this.written.get(block)![offset / TARGET_PAGE_SIZE] = 1;
   }
 
   zeroPage(block: string, offset: number): void {
-    this.block(block).fill(0, offset, offset + TARGET_PAGE_SIZE);
+    const buf = this.block(block);
+    if (this.written.get(block)![offset / TARGET_PAGE_SIZE] === 1) buf.fill(0, offset, offset + TARGET_PAGE_SIZE);
   }
 
   readPage(block: string, offset: number): Uint8Array {

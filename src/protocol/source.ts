@@ -154,6 +154,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0 };
   private paceStart = 0;
   private paceBytes = 0;
+  private sinceYield = 0;
 
   constructor(private readonly opts: SourceOptions) {
     super();
@@ -270,6 +271,14 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.c.transferred += n;
     await this.conn!.main.send(pieces, 'bulk', written);
     await this.pace(n);
+    // A send that fits the queue resolves as a microtask, which never lets I/O
+    // run: yield to the event loop regularly so that return-path messages (page
+    // requests above all) are read while the background stream is busy.
+    this.sinceYield += n;
+    if (this.sinceYield >= (this.inPostcopy ? 64 << 10 : 1 << 20)) {
+      this.sinceYield = 0;
+      await new Promise<void>((r) => setImmediate(r));
+    }
     this.check();
   }
 
