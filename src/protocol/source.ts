@@ -488,11 +488,13 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       const bandwidth = bytes / Math.max(1, durationMs); // bytes per ms
       const expectedDowntimeMs = (dirty * TARGET_PAGE_SIZE) / Math.max(1, bandwidth);
       const downtimeLimitMs = o.downtimeLimitMs ?? 300;
-      if (dirty === 0 || expectedDowntimeMs <= downtimeLimitMs) break;
+      // { afterPasses: N } switches after N passes even when precopy could finish:
+      // the caller asked for postcopy at that point (the VM runs sooner at the destination).
       if (typeof policy === 'object' && this.c.passes >= policy.afterPasses) {
         switchToPostcopy = true;
         break;
       }
+      if (dirty === 0 || expectedDowntimeMs <= downtimeLimitMs) break;
       if (policy === 'auto' && autoWantsPostcopy({ passes: this.c.passes, dirtyPages: dirty, previousDirtyPages: previousDirty, expectedDowntimeMs, downtimeLimitMs })) {
         switchToPostcopy = true;
         break;
