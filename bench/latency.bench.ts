@@ -51,7 +51,7 @@ const { values: args } = parseArgs({
  */
 const T = args.quick
   ? { rounds: 1, idle: 800, warmup: 500, alone: 500, loaded: 1500, gap: 1, thrWarmup: 300, thr: 800, thrRounds: 1 }
-  : { rounds: 2, idle: 1250, warmup: 800, alone: 750, loaded: 2500, gap: 1, thrWarmup: 500, thr: 2000, thrRounds: 3 };
+  : { rounds: 2, idle: 1250, warmup: 800, alone: 750, loaded: 2500, gap: 1, thrWarmup: 400, thr: 1500, thrRounds: 5 };
 const MAX_SAMPLES = 20_000;
 const CMD_MS = 15_000;
 const LINK = { rate: '1gbit', burst: '256kb', latency: '50ms' };
@@ -370,13 +370,14 @@ function meanOf(xs: readonly number[]): number | undefined {
 
 function latencyTable(cells: readonly LatencyCell[]): string {
   const rows = [
-    '| link | mode | samples | idle p50 | idle p99 | loaded p50 | loaded p99 | loaded p99.9 | loaded max | p99 per round | bulk during (MB/s) | bulk alone (MB/s) | during / alone | CPU host / ours (%) |',
+    '| link | mode | samples | idle p50 | idle p99 | loaded p50 | loaded p99 | loaded p99.9 | loaded max | p99 per round | bulk during (MB/s) | bulk alone (MB/s) | during / alone | CPU % busy / ours / irq / others |',
     '|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
   ];
   for (const c of cells) {
     const ratio = c.bulkDuringMBps !== undefined && c.bulkAloneMBps ? c.bulkDuringMBps / c.bulkAloneMBps : undefined;
     const err = c.errors.length > 0 ? ` (errors: ${c.errors.join('; ')})` : '';
-    const cpu = c.cpu.length > 0 ? `${fmt(meanOf(c.cpu.map((x) => x.hostBusyPct)))} / ${fmt(meanOf(c.cpu.map((x) => x.oursPct)))}` : '–';
+    const avg = (f: (x: CpuUse) => number): string => fmt(meanOf(c.cpu.map(f)));
+    const cpu = c.cpu.length > 0 ? `${avg((x) => x.hostBusyPct)} / ${avg((x) => x.oursPct)} / ${avg((x) => x.irqPct)} / ${avg((x) => x.otherPct)}` : '–';
     rows.push(
       `| ${c.link} | ${c.label}${err} | ${fmt(c.loaded?.count)}${c.loadedUnanswered ? ` (+${c.loadedUnanswered} unanswered)` : ''} | ${us(c.idle?.p50Us)} | ${us(c.idle?.p99Us)} | ${us(c.loaded?.p50Us)} | ${us(c.loaded?.p99Us)} | ${us(c.loaded?.p999Us)} | ${us(c.loaded?.maxUs)} | ${c.loadedPerRound.map((r) => us(r.p99Us)).join(', ')} | ${fmt(c.bulkDuringMBps, 1)} | ${fmt(c.bulkAloneMBps, 1)} | ${ratio === undefined ? '–' : `${fmt(ratio * 100, 1)} %`} | ${cpu} |`,
     );
@@ -386,7 +387,10 @@ function latencyTable(cells: readonly LatencyCell[]): string {
 
 function throughputTable(cells: readonly ThroughputCell[]): string {
   const get = (v: ThroughputVariant): ThroughputCell | undefined => cells.find((c) => c.variant === v);
-  const rows = ['| kind | raw socket pair (MB/s) | our Channel, main profile (MB/s) | Channel / raw | runs raw | runs Channel |', '|---|--:|--:|--:|---|---|'];
+  const rows = [
+    '| kind | raw socket pair (MB/s, median) | our Channel, main profile (MB/s, median) | Channel / raw (medians) | Channel / raw (median of per-round ratios) | runs raw | runs Channel |',
+    '|---|--:|--:|--:|--:|---|---|',
+  ];
   for (const [kind, raw, ch] of [
     ['plain TCP', 'raw-tcp', 'channel-tcp'],
     ['TLS 1.3', 'raw-tls', 'channel-tls'],
@@ -394,8 +398,11 @@ function throughputTable(cells: readonly ThroughputCell[]): string {
     const r = get(raw);
     const c = get(ch);
     const ratio = r?.medianMBps && c?.medianMBps ? c.medianMBps / r.medianMBps : undefined;
+    // Raw and Channel of one round ran back to back: their ratio cancels slow drifts in outside load.
+    const paired = median((c?.runsMBps ?? []).flatMap((v, i) => (r?.runsMBps[i] ? [v / r.runsMBps[i]] : [])));
     const runs = (x: ThroughputCell | undefined): string => (x?.error ? `error: ${x.error}` : (x?.runsMBps ?? []).map((v) => fmt(v)).join(', '));
-    rows.push(`| ${kind} | ${fmt(r?.medianMBps)} | ${fmt(c?.medianMBps)} | ${ratio === undefined ? '–' : `${fmt(ratio, 2)}×`} | ${runs(r)} | ${runs(c)} |`);
+    const x = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)}×`);
+    rows.push(`| ${kind} | ${fmt(r?.medianMBps)} | ${fmt(c?.medianMBps)} | ${x(ratio)} | ${x(paired)} | ${runs(r)} | ${runs(c)} |`);
   }
   return rows.join('\n');
 }
@@ -445,7 +452,7 @@ function markdown(rep: Report): string {
   lines.push('# Urgent page requests under bulk load (bench/latency.bench.ts)', '');
   lines.push(`- Machine: ${m.cpu}, ${m.cores} cores; ${m.os}; kernel ${m.kernel}; Node ${m.node}; TCP congestion control ${m.congestionControl}; run ${m.date}.`);
   lines.push(
-    `- Load average at start / end: ${rep.loadAverage.start} / ${rep.loadAverage.end ?? '?'}. The VM is shared with other work; the "CPU host / ours" column is the whole machine's busy time during each loaded run (100 = both cores) and the share of it used by the two benchmark processes (the rest: other processes, softirq network processing, steal).`,
+    `- Load average at start / end: ${rep.loadAverage.start} / ${rep.loadAverage.end ?? '?'}. The VM is shared with other work; the CPU column is the whole machine's busy time during the loaded runs (100 = both cores), split into the two benchmark processes, interrupts + softirqs (network processing, mostly ours), and everything else (other people's processes, steal).`,
   );
   lines.push(
     `- Method: a 16-byte request destination → source, answered by a 12-byte header + 4 KiB page source → destination; one request outstanding, ${T.gap} ms pause between requests; round trip timed at the destination (hrtime), recorded in hdr-histogram (1 µs, 3 digits). Bulk: 256 KiB groups on the main channel, the sender awaiting send() for backpressure. Source and destination are separate Node processes${NICE !== 0 ? `, both under \`nice -n ${NICE}\`` : ' at normal priority'}.`,
@@ -467,7 +474,7 @@ function markdown(rep: Report): string {
   lines.push('## Against the aims (shaped link; reported, not asserted)', '', ...aims(rep.latency), '');
   lines.push('## Bulk throughput of one channel vs a raw socket pair (loopback, same run)', '');
   lines.push(
-    `Median of ${T.thrRounds} runs of ${T.thr / 1000} s each (after ${T.thrWarmup / 1000} s warm-up), raw and Channel alternating; 1 MiB writes, the receiver reads and discards; raw = plain \`net\` / \`tls\` sockets with Node's defaults and the same certificates (TLS 1.3 both).`,
+    `${T.thrRounds} rounds of ${T.thr / 1000} s per variant (after ${T.thrWarmup / 1000} s warm-up, a fresh connection each), raw and Channel back to back in each round; 1 MiB writes, the receiver reads and discards; raw = plain \`net\` / \`tls\` sockets with Node's defaults and the same certificates (TLS 1.3 both).`,
     '',
   );
   lines.push(throughputTable(rep.throughput), '');

@@ -10,20 +10,22 @@ export interface CpuSnapshot {
   total: number;
   busy: number;
   steal: number;
+  /** irq + softirq: network processing (much of it ours) lands here. */
+  irq: number;
   /** utime + stime of the watched processes. */
   ours: number;
 }
 
-function hostTimes(): { total: number; busy: number; steal: number } {
+function hostTimes(): { total: number; busy: number; steal: number; irq: number } {
   try {
     const line = readFileSync('/proc/stat', 'utf8').split('\n')[0] ?? '';
     const f = line.trim().split(/\s+/).slice(1).map(Number);
     // user nice system idle iowait irq softirq steal (guest time is already inside user)
     const [user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0] = f;
     const total = user + nice + system + idle + iowait + irq + softirq + steal;
-    return { total, busy: total - idle - iowait, steal };
+    return { total, busy: total - idle - iowait, steal, irq: irq + softirq };
   } catch {
-    return { total: 0, busy: 0, steal: 0 };
+    return { total: 0, busy: 0, steal: 0, irq: 0 };
   }
 }
 
@@ -49,7 +51,9 @@ export interface CpuUse {
   /** Percent of the whole machine (all cores = 100). */
   hostBusyPct: number;
   oursPct: number;
-  /** Everything else: other processes, interrupts and softirqs (including our network processing), steal. */
+  /** Interrupts and softirqs (network processing, ours included). */
+  irqPct: number;
+  /** Everything else: other processes and steal. */
   otherPct: number;
   stealPct: number;
 }
@@ -60,7 +64,8 @@ export function cpuUse(a: CpuSnapshot, b: CpuSnapshot): CpuUse | undefined {
   const pct = (x: number): number => Math.round((x / dt) * 1000) / 10;
   const host = pct(b.busy - a.busy);
   const ours = pct(b.ours - a.ours);
-  return { hostBusyPct: host, oursPct: ours, otherPct: Math.round((host - ours) * 10) / 10, stealPct: pct(b.steal - a.steal) };
+  const irq = pct(b.irq - a.irq);
+  return { hostBusyPct: host, oursPct: ours, irqPct: irq, otherPct: Math.round((host - ours - irq) * 10) / 10, stealPct: pct(b.steal - a.steal) };
 }
 
 export function loadAverage(): string {

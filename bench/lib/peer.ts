@@ -59,10 +59,7 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
 }
 
 function transportOptions(cell: CellKind, tlsDir: string | undefined): TransportOptions {
-  if (cell.kind === 'throughput') {
-    if (cell.variant === 'channel-tcp-autobuf') return { main: { tuning: { sndbuf: undefined, rcvbuf: undefined } } };
-    return cell.variant === 'channel-tls' && tlsDir ? { tls: { dir: tlsDir } } : {};
-  }
+  if (cell.kind === 'throughput') return cell.variant === 'channel-tls' && tlsDir ? { tls: { dir: tlsDir } } : {};
   if (cell.mode === 'two-default') return { main: { tuning: KERNEL_DEFAULTS }, preempt: { tuning: KERNEL_DEFAULTS } };
   return {};
 }

@@ -30,13 +30,7 @@ export const MODE_LABEL: Record<Mode, string> = {
 export const MODE_SHORT: Record<Mode, string> = { shared: 'a shared socket', 'two-default': 'b two sockets, defaults', 'two-tuned': 'c two sockets, tuned' };
 
 /** Plain bulk-throughput variants measured on loopback (our Channel next to a raw socket pair). */
-export type ThroughputVariant =
-  | 'channel-tcp'
-  | 'raw-tcp'
-  | 'channel-tls'
-  | 'raw-tls'
-  /** Channel with BULK_PROFILE but SO_SNDBUF/SO_RCVBUF left to kernel autotuning (explains a gap, if any). */
-  | 'channel-tcp-autobuf';
+export type ThroughputVariant = 'channel-tcp' | 'raw-tcp' | 'channel-tls' | 'raw-tls';
 
 export function frameHeader(type: number, length: number, seq: number): Buffer {
   const b = Buffer.allocUnsafe(FRAME_HEADER);

@@ -4,6 +4,7 @@ import { formatInspectReport, inspectFile, toJson } from './inspect.js';
 import { recodeFile } from './recode.js';
 import { registerPkiCommand } from './pki.js';
 import { registerDemoCommand } from './demo.js';
+import { registerReceiveCommand } from './receive.js';
 import { rerunWithoutTls13Tickets } from './reexec.js';
 
 /** Prints one line for a failure and sets the exit code; never a stack trace for bad input. */
@@ -58,5 +59,6 @@ program
 
 registerPkiCommand(program);
 registerDemoCommand(program);
+registerReceiveCommand(program);
 
 program.parseAsync(process.argv).catch(report);

@@ -117,6 +117,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private eofSeen = false;
   private inPackage = false;
   private finished = false;
+  /** finish() is waiting for the last pages; the preempt channel is still read. */
+  private finishing = false;
   private configuration: ConfigurationRecord | undefined;
   private blocks: RamBlockInfo[] = [];
   private readonly devices: ReceivedDeviceSection[] = [];
@@ -202,7 +204,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       }
     });
     ch.read((chunk) => {
-      if (this.finished) return;
+      // Still read while finishing: a requested page may arrive after the main channel's EOF.
+      if (this.finished && !this.finishing) return;
       this.counts.transferred += chunk.length;
       this.idleTimer?.refresh();
       try {
@@ -448,13 +451,19 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private async finish(): Promise<void> {
     if (this.finished) return;
     this.finished = true;
+    this.finishing = true;
     clearTimeout(this.idleTimer);
     try {
       // Pages requested late may still be in flight on the preempt channel.
-      const deadline = performance.now() + 2000;
-      while (this.pages.missing() > 0 && this.conn?.preempt && !this.conn.preempt.isClosed && performance.now() < deadline) {
+      const deadline = performance.now() + 5000;
+      while (this.listening && this.pages.missing() > 0 && this.conn?.preempt && performance.now() < deadline) {
         await new Promise((r) => setTimeout(r, 5));
       }
+      this.finishing = false;
+      // After LISTEN every page must have come (QEMU's source discards and resends
+      // whatever it had not sent cleanly); in precopy a page never sent stays zero.
+      const missing = this.listening ? this.pages.missing() : 0;
+      if (missing > 0) throw new MigrationError('protocol', 'completion', `the postcopy stream ended with ${missing} pages never received`);
       await this.opts.sink.flush();
       this.status = 'completed';
       this.endedAt = performance.now();
@@ -465,6 +474,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       }
     } catch (e) {
       this.finished = false;
+      this.finishing = false;
       this.fail(MigrationError.from(e, 'completion'));
       return;
     }

@@ -284,7 +284,10 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
       this.refuse(new TransportError('channel-order', 'a third connection for one migration'));
       return;
     }
-    const tuning = applyTuning(s, profileFor(role, this.opts), kind);
+    // The destination writes only return-path messages on the main channel:
+    // small and urgent (a page request), so no Nagle and no corking there.
+    const profile = role === 'main' ? mergeProfile(mergeProfile(BULK_PROFILE, { noDelay: true, cork: false }), this.opts.main?.tuning) : profileFor(role, this.opts);
+    const tuning = applyTuning(s, profile, kind);
     const ch = new Channel(s, role, tuning, limitsFor(role, this.opts));
     if (role === 'main') {
       this.conn = new DestinationConnection(ch);

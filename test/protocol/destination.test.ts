@@ -170,7 +170,17 @@ describe('DestinationSession with a scripted source', () => {
     const bulkOffset = all.slice(ping4 + 1).find((r) => r.type === 'ram-page' || r.type === 'ram-zero') as { offset: number } | undefined;
     expect(bulkOffset).toBeDefined();
     const c = dst.hasPage('pc.ram', bulkOffset!.offset) ? undefined : dst.requestPage('pc.ram', bulkOffset!.offset);
-    src.write(all.slice(ping4 + 1));
+    // The rest of RAM, as a source sends it after LISTEN: every page not yet there, once.
+    const tail = all.slice(ping4 + 1);
+    const endAt = tail.findIndex((r) => r.type === 'section' && r.kind === 'end');
+    const sentLater = new Set(tail.filter((r) => r.type === 'ram-page' || r.type === 'ram-zero').map((r) => `${(r as { block: string }).block}:${(r as { offset: number }).offset}`));
+    const rest: StreamRecord[] = [];
+    for (const [block, size] of [['pc.ram', 64], ['/rom@etc/acpi/tables', 4]] as const) {
+      for (let p = 0; p < size; p++) {
+        if (!dst.hasPage(block, p * 4096) && !sentLater.has(`${block}:${p * 4096}`)) rest.push({ type: 'ram-zero', block, offset: p * 4096, continued: false });
+      }
+    }
+    src.write([...tail.slice(0, endAt), { type: 'section', kind: 'part', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 }, ...rest, { type: 'ram-eos' }, { type: 'footer', sectionId: 2 }, ...tail.slice(endAt)]);
     if (c) await expect(c).resolves.toMatchObject({ channel: 'main' });
     const result = await dst.done;
     expect(result.postcopy).toBe(true);
@@ -183,4 +193,53 @@ describe('DestinationSession with a scripted source', () => {
     src.sock.destroy();
     pre.destroy();
   });
+
+  it('postcopy: a page that arrives on the preempt channel after EOF still lands; a page that never comes fails', async () => {
+    for (const deliver of [true, false]) {
+      const sink = new InMemorySink();
+      const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true });
+      const src = await scriptedSource(dst.uri);
+      const all = syntheticRecords(9, { postcopy: true, pagesPerPass: 2 });
+      const ping4 = all.findIndex((r) => r.type === 'package-end') + 1;
+      src.write(all.slice(0, ping4 + 1));
+      await new Promise<void>((r) => dst.once('postcopy-run', () => r()));
+      const pre = net.connect(Number(dst.uri.split(':').pop()), '127.0.0.1');
+      await new Promise((r) => pre.once('connect', r));
+      // Send every page but one on main, then END and EOF; the last one comes late on preempt.
+      const late = { block: 'pc.ram', offset: 63 * 4096 };
+      const rest: StreamRecord[] = [];
+      for (const [block, size] of [['pc.ram', 64], ['/rom@etc/acpi/tables', 4]] as const) {
+        for (let p = 0; p < size; p++) {
+          if (block === late.block && p * 4096 === late.offset) continue;
+          if (!dst.hasPage(block, p * 4096)) rest.push({ type: 'ram-zero', block, offset: p * 4096, continued: false });
+        }
+      }
+      const request = dst.requestPage(late.block, late.offset).catch((e: unknown) => e);
+      src.write([
+        { type: 'section', kind: 'part', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 },
+        ...rest,
+        { type: 'ram-eos' },
+        { type: 'footer', sectionId: 2 },
+        { type: 'section', kind: 'end', sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 },
+        { type: 'ram-eos' },
+        { type: 'footer', sectionId: 2 },
+        { type: 'eof' },
+      ]);
+      if (deliver) {
+        await new Promise((r) => setTimeout(r, 150));
+        const penc = new PreemptEncoder();
+        penc.write({ type: 'ram-page', block: late.block, offset: late.offset, continued: false, data: Buffer.alloc(4096, 7) });
+        pre.write(concatPieces(penc.take()));
+        const result = await dst.done;
+        expect(result.complete).toBe(true);
+        expect(await request).toMatchObject({ channel: 'preempt', requested: true });
+        expect(sink.blocks.get('pc.ram')![late.offset]).toBe(7);
+      } else {
+        await expect(dst.done).rejects.toMatchObject({ code: 'protocol', phase: 'completion', message: expect.stringMatching(/1 pages never received/) });
+        expect(await request).toBeInstanceOf(MigrationError);
+      }
+      src.sock.destroy();
+      pre.destroy();
+    }
+  }, 20_000);
 });

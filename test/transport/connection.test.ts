@@ -274,6 +274,8 @@ describe('tuning', () => {
       expect(m.sndbuf).toBe(2 * (4 << 20)); // the kernel doubles what was asked
       expect(m.rcvbuf).toBe(2 * (4 << 20));
       expect(m.noDelay).toBe(false);
+      // the destination's main channel carries only return-path messages: no Nagle there
+      expect(dst.main.stats.tuning).toMatchObject({ noDelay: true, cork: false, rcvbuf: 2 * (4 << 20) });
       expect(m.cork).toBe(true);
       const p = pre.stats.tuning;
       expect(p).toMatchObject({ noDelay: true, notSentLowat: 32 << 10, priority: 5, tos: 0xb8, sndbuf: 2 * (64 << 10), cork: false, warnings: [] });
