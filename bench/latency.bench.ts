@@ -30,7 +30,7 @@ import { initPkiDir } from '../src/transport/pki.js';
 import { cpuSnapshot, cpuUse, loadAverage, type CpuUse } from './lib/cpu.js';
 import { VethLink, removeStaleNamespaces, vethUnavailable, type Shaping } from './lib/netns.js';
 import { PeerProcess, REPO_ROOT } from './lib/peer-process.js';
-import { MODE_LABEL, MODE_SHORT, MODES, type CellKind, type Mode, type RunResult, type ThroughputVariant } from './lib/protocol.js';
+import { MODE_LABEL, MODE_SHORT, MODES, type CellKind, type LoopDelay, type Mode, type RunResult, type ThroughputVariant } from './lib/protocol.js';
 import { cdfChartSvg, fmt, machineInfo, summarize, type ChartSeries, type LatencySummary, type MachineInfo } from './lib/report.js';
 
 const { values: args } = parseArgs({
@@ -134,6 +134,7 @@ interface RoundResult {
   alone: RunResult[];
   loaded?: RunResult;
   cpu?: CpuUse;
+  loopDelay?: { source: LoopDelay; dest: LoopDelay };
   setup?: unknown;
   closeStats?: unknown;
   qdisc?: string;
@@ -156,6 +157,8 @@ interface LatencyCell {
   bulkAloneRunsMBps: number[];
   /** CPU use over the loaded run of each round. */
   cpu: CpuUse[];
+  /** Event-loop delay of both peers over the loaded run of each round. */
+  loopDelay: { source: LoopDelay; dest: LoopDelay }[];
   setup?: unknown;
   closeStats?: unknown[];
   qdisc?: { text: string; classBytes?: number[] };
@@ -211,9 +214,12 @@ async function latencyRound(p: Peers, spec: CellSpec, link: VethLink | undefined
     if (spec.idle) r.idle = await p.dst.call<RunResult>(runCmd(T.idle, 200, true), long);
     await p.src.call({ cmd: 'bulk', on: true }, CMD_MS);
     r.alone.push(await p.dst.call<RunResult>(runCmd(T.alone, T.warmup, false), long));
+    await Promise.all([p.src.call({ cmd: 'loop-delay' }, CMD_MS), p.dst.call({ cmd: 'loop-delay' }, CMD_MS)]);
     const c0 = cpuSnapshot([p.src.pid, p.dst.pid]);
     r.loaded = await p.dst.call<RunResult>(runCmd(T.loaded, 0, true), long);
     r.cpu = cpuUse(c0, cpuSnapshot([p.src.pid, p.dst.pid]));
+    const [source, dest] = await Promise.all([p.src.call<LoopDelay>({ cmd: 'loop-delay' }, CMD_MS), p.dst.call<LoopDelay>({ cmd: 'loop-delay' }, CMD_MS)]);
+    r.loopDelay = { source, dest };
     r.alone.push(await p.dst.call<RunResult>(runCmd(T.alone, 0, false), long));
     if (link && spec.shaping && spec.shaping !== 'tbf') r.qdisc = await link.qdiscStats();
   } catch (e) {
@@ -248,6 +254,7 @@ function merge(spec: CellSpec, rounds: readonly RoundResult[]): LatencyCell {
     loadedUnanswered: 0,
     bulkAloneRunsMBps: [],
     cpu: [],
+    loopDelay: [],
     errors: [],
   };
   const idle: number[] = [];
@@ -269,6 +276,7 @@ function merge(spec: CellSpec, rounds: readonly RoundResult[]): LatencyCell {
       c.bulkAloneRunsMBps.push(Math.round(mbps(a) * 10) / 10);
     }
     if (r.cpu) c.cpu.push(r.cpu);
+    if (r.loopDelay) c.loopDelay.push(r.loopDelay);
   }
   const si = summarize(idle);
   if (si) c.idle = si;
@@ -407,6 +415,16 @@ function throughputTable(cells: readonly ThroughputCell[]): string {
   return rows.join('\n');
 }
 
+function loopDelayTable(cells: readonly LatencyCell[]): string {
+  const rows = ['| link | mode | source | destination |', '|---|---|---|---|'];
+  const ms = (d: LoopDelay): string => `${fmt(d.p99Us / 1000, 1)} / ${fmt(d.maxUs / 1000, 1)}`;
+  for (const c of cells) {
+    if (c.loopDelay.length === 0) continue;
+    rows.push(`| ${c.link} | ${c.label} | ${c.loopDelay.map((d) => ms(d.source)).join('; ')} | ${c.loopDelay.map((d) => ms(d.dest)).join('; ')} |`);
+  }
+  return rows.join('\n');
+}
+
 function aims(cells: readonly LatencyCell[]): string[] {
   const out: string[] = [];
   const find = (mode: Mode, variant: string): LatencyCell | undefined => cells.find((c) => c.link === 'veth' && c.mode === mode && c.variant === variant);
@@ -471,6 +489,11 @@ function markdown(rep: Report): string {
     'Modes: (a) one socket, the answer queued on the main channel as urgent (it overtakes bulk queued in user space only); (b) main + preempt socket, every socket option at the kernel default (KERNEL_DEFAULTS override, cork off); (c) main + preempt with BULK_PROFILE / URGENT_PROFILE. Extra rows on the shaped link: mode (c) with a priority-aware bottleneck (this kernel has no `prio` qdisc: pfifo_fast under the tbf gives the same 3 bands by SO_PRIORITY; htb with a u32 filter classifies by DSCP).',
     '',
   );
+  lines.push('## Event-loop delay during the loaded runs (ms: p99 / max, per round)', '', loopDelayTable(rep.latency), '');
+  lines.push(
+    'Sampled every 1 ms with perf_hooks.monitorEventLoopDelay in each peer (≈ 1 ms = no delay). A request that arrives while its receiver\'s loop is busy, or while the process is not scheduled, waits this long before it is even read.',
+    '',
+  );
   lines.push('## Against the aims (shaped link; reported, not asserted)', '', ...aims(rep.latency), '');
   lines.push('## Bulk throughput of one channel vs a raw socket pair (loopback, same run)', '');
   lines.push(
@@ -507,14 +530,31 @@ function findings(cells: readonly LatencyCell[]): string[] {
       `Transport slowness: in mode (b) even an idle round trip on loopback takes ${us(b.idle.p50Us)} µs (p50). A channel whose tuning has cork off writes the pieces of one group ([12-byte header, 4 KiB page]) as separate writes; with Nagle on (kernel default) the page waits for the ACK of the header segment, which the receiver delays (~40 ms). On the veth link (MSS 1448) full-sized segments are exempt from Nagle and the effect mostly disappears. Writing a multi-piece group in one corked write (or writev) whatever the profile avoids it.`,
     );
   }
+  const vb = cells.find((c) => c.link === 'veth' && c.mode === 'two-default' && c.variant === 'tbf');
+  const vc = cells.find((c) => c.link === 'veth' && c.mode === 'two-tuned' && c.variant === 'tbf');
+  if (vb?.loaded && vc?.loaded && vb.loaded.p50Us > 1.5 * vc.loaded.p50Us) {
+    out.push(
+      `On the shaped link (b) needs ${us(vb.loaded.p50Us)} µs at p50 against ${us(vc.loaded.p50Us)} µs for (c): the same Nagle effect, milder — the last, partial segment of the page waits for the ACK of the previous ones, one queue-inflated round trip.`,
+    );
+  }
+  const lc = cells.find((c) => c.link === 'loopback' && c.mode === 'two-tuned');
+  if (lc?.loaded && lc.loaded.p99Us > 1000 && lc.loopDelay.length > 0) {
+    const worst = (f: (d: { source: LoopDelay; dest: LoopDelay }) => LoopDelay): string => us(Math.max(...lc.loopDelay.map((d) => f(d).p99Us)));
+    out.push(
+      `Loopback is CPU-bound, not link-bound: bulk runs at ${fmt(lc.bulkDuringMBps)} MB/s and keeps both peers busy (CPU column), so an urgent reply waits for the event loops rather than for a queue — (c) loaded p50 ${us(lc.loaded.p50Us)} µs / p99 ${us(lc.loaded.p99Us)} µs, with event-loop delay p99 up to ${worst((d) => d.source)} µs on the source and ${worst((d) => d.dest)} µs on the destination.`,
+    );
+  }
   const parts: string[] = [];
   for (const c of cells.filter((c) => c.link === 'veth' && c.mode === 'two-tuned')) {
     if (c.loaded) parts.push(`${c.variant}: p50 ${us(c.loaded.p50Us)} / p99 ${us(c.loaded.p99Us)} / p99.9 ${us(c.loaded.p999Us)} µs, bulk ${fmt(c.bulkDuringMBps, 1)} MB/s`);
   }
   if (parts.length > 1) out.push(`Priority at the bottleneck (mode c, shaped link): ${parts.join('; ')}.`);
-  const idleP99 = cells.filter((c) => c.idle).map((c) => c.idle!.p99Us);
-  if (idleP99.length > 0 && Math.max(...idleP99) > 1000) {
-    out.push(`Noise floor: idle round trips (no bulk at all) already reach p99 ${idleP99.map((v) => us(v)).join(' / ')} µs across cells in this run; tails beyond that come from scheduling on this shared 2-core VM, not from the link.`);
+  // Cells whose idle round trip is itself slow (the Nagle stall above) say nothing about the noise.
+  const quiet = cells.filter((c) => c.idle && c.idle.p50Us < 20_000);
+  if (quiet.some((c) => c.idle!.p99Us > 1000)) {
+    out.push(
+      `Noise floor: with no bulk at all, idle round trips already reach p99 ${quiet.map((c) => `${us(c.idle!.p99Us)} (${c.link} ${c.mode})`).join(', ')} µs in this run, and the event loops of idle peers run late by milliseconds: tails of that size come from scheduling on this shared 2-core VM, not from the link.`,
+    );
   }
   return out;
 }

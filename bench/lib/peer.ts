@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join } from 'node:path';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import tls from 'node:tls';
 import type { Channel } from '../../src/transport/channel.js';
@@ -24,6 +25,7 @@ import {
   frameHeader,
   request,
   type CellKind,
+  type LoopDelay,
   type PeerCommand,
   type PeerReply,
   type PeerRequest,
@@ -405,6 +407,16 @@ class Source {
 // Command loop
 // ---------------------------------------------------------------------------
 
+// Sampled every 1 ms: a late sample means the event loop was busy (or the process was not scheduled).
+const loopDelay = monitorEventLoopDelay({ resolution: 1 });
+loopDelay.enable();
+
+function readLoopDelay(): LoopDelay {
+  const r = { p50Us: loopDelay.percentile(50) / 1000, p99Us: loopDelay.percentile(99) / 1000, maxUs: loopDelay.max / 1000 };
+  loopDelay.reset();
+  return r;
+}
+
 const dest = role === 'dest' ? new Destination() : undefined;
 const source = role === 'source' ? new Source() : undefined;
 
@@ -431,6 +443,8 @@ async function handle(c: PeerCommand): Promise<unknown> {
       return undefined;
     case 'close':
       return dest ? dest.close(c.timeoutMs) : source!.close(c.timeoutMs);
+    case 'loop-delay':
+      return readLoopDelay();
     case 'exit':
       shutdown(0);
       return undefined;

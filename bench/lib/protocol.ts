@@ -130,6 +130,8 @@ export type PeerCommand =
   | { cmd: 'bulk'; on: boolean }
   | { cmd: 'run'; warmupMs: number; durationMs: number; requests: boolean; gapMs: number; maxSamples: number }
   | { cmd: 'close'; timeoutMs: number }
+  /** Event-loop delay of this peer since the last reset (perf_hooks.monitorEventLoopDelay), then reset. */
+  | { cmd: 'loop-delay' }
   | { cmd: 'exit' };
 
 /** What one peer connection carries: a latency cell in one mode, or a throughput variant. */
@@ -143,6 +145,13 @@ export interface RunResult {
   windowSec: number;
   /** Requests without an answer when the run ended. */
   unanswered: number;
+}
+
+/** Event-loop delay in µs (how long ready callbacks such as an arriving request waited). */
+export interface LoopDelay {
+  p50Us: number;
+  p99Us: number;
+  maxUs: number;
 }
 
 export type PeerRequest = PeerCommand & { id: number };

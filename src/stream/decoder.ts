@@ -421,15 +421,17 @@ export class StreamDecoder {
         checkCommandHeader(cmd, len, at);
         if (!q.ensure(COMMAND_HEADER_LENGTH + len)) return false;
         const command = decodeCommand(cmd, q.bytes(COMMAND_HEADER_LENGTH, len), at);
+        if (command.cmd === 'packaged') {
+          if (this.packageEnd !== undefined) throw new StreamError('unexpected-record', at, 'PACKAGED inside a PACKAGED blob');
+          if (command.length > this.maxPackage) {
+            throw new StreamError('length-too-large', at, `PACKAGED blob of ${command.length} bytes exceeds the limit of ${this.maxPackage}`);
+          }
+        }
         q.advance(COMMAND_HEADER_LENGTH + len);
         this.checkPackageBound(q.offset);
         out.push({ type: 'command', command });
         switch (command.cmd) {
           case 'packaged':
-            if (this.packageEnd !== undefined) throw new StreamError('unexpected-record', at, 'PACKAGED inside a PACKAGED blob');
-            if (command.length > this.maxPackage) {
-              throw new StreamError('length-too-large', at, `PACKAGED blob of ${command.length} bytes exceeds the limit of ${this.maxPackage}`);
-            }
             this.packageEnd = q.offset + command.length;
             break;
           case 'postcopy-advise':
