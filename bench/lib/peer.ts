@@ -361,7 +361,6 @@ class Source {
         // Awaiting send() is the backpressure: it resolves once user-space buffering is under the bound.
         await main.send([frame]);
         this.bulkSent += payload;
-        if (process.env.QMT_YIELD && (this.bulkSent & (1024 * 1024 - 1)) === 0) await new Promise((r) => setImmediate(r));
       }
     };
     this.bulkLoop = run().catch((e: unknown) => log(`bulk loop: ${String(e)}`));

@@ -120,13 +120,16 @@ export function applyTuning(socket: Socket, profile: TuningProfile, kind: 'tcp' 
   };
   eff.sndbuf = set('SO_SNDBUF', SOL_SOCKET, SO_SNDBUF, profile.sndbuf);
   eff.rcvbuf = set('SO_RCVBUF', SOL_SOCKET, SO_RCVBUF, profile.rcvbuf);
-  eff.priority = set('SO_PRIORITY', SOL_SOCKET, SO_PRIORITY, profile.priority);
   if (isTcp) {
     const nd = set('TCP_NODELAY', IPPROTO_TCP, TCP_NODELAY, undefined);
     if (nd !== undefined) eff.noDelay = nd !== 0;
     eff.notSentLowat = set('TCP_NOTSENT_LOWAT', IPPROTO_TCP, TCP_NOTSENT_LOWAT, profile.notSentLowat);
+    // IP_TOS before SO_PRIORITY: Linux derives the socket priority from the TOS
+    // byte when IP_TOS is set (EF → 4), which would undo a priority set earlier.
     eff.tos = v6 ? set('IPV6_TCLASS', IPPROTO_IPV6, IPV6_TCLASS, profile.tos) : set('IP_TOS', IPPROTO_IP, IP_TOS, profile.tos);
-  } else {
+  }
+  eff.priority = set('SO_PRIORITY', SOL_SOCKET, SO_PRIORITY, profile.priority);
+  if (!isTcp) {
     for (const [k, v] of [['TCP_NODELAY', profile.noDelay], ['TCP_NOTSENT_LOWAT', profile.notSentLowat], ['IP_TOS', profile.tos]] as const) {
       if (v !== undefined && v !== false) eff.warnings.push(`${k}: not applicable to a unix socket`);
     }

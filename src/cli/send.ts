@@ -1,0 +1,440 @@
+/**
+ * `qmt send`: restore a saved VM (the directory `qmt receive` writes) into a
+ * waiting QEMU 10.0 destination (or `qmt receive`), as the source of a live
+ * migration. With postcopy the destination runs the VM at once and its memory
+ * follows on demand (a lazy restore: `--postcopy after:0`).
+ */
+import { readFileSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { MigrationError } from '../protocol/errors.js';
+import { SavedVmSource } from '../protocol/memory-source.js';
+import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
+import { readSavedVmManifest, type SavedVmManifest } from '../protocol/saved-vm.js';
+import { SourceSession, type DeviceStateSection, type SourceStats } from '../protocol/source.js';
+import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { StreamError } from '../stream/errors.js';
+import { parseEndpoint } from '../transport/endpoint.js';
+import { TransportError } from '../transport/errors.js';
+import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
+
+export interface SendOptions {
+  /** The saved-VM directory (manifest.json, ram/, devices/) written by `qmt receive`. */
+  from: string;
+  /** Where the destination listens: `tcp:HOST:PORT` or `unix:PATH`. */
+  to: string;
+  /** A QEMU tls-creds-x509 directory with the client's files: TLS on every channel (we are the TLS client). */
+  tls?: string;
+  /** Name the destination's certificate must carry (QEMU's `tls-hostname`; default: the host of `to`). Needs `tls`. */
+  tlsHostname?: string;
+  /**
+   * When to switch to postcopy (default 'never'). `{ afterPasses: 0 }` is a
+   * lazy restore: the destination runs at once and pages follow on demand.
+   * 'manual': on `switchNow()` (the command: Enter on a TTY, or SIGUSR1). A
+   * saved VM never changes, so after one complete pass nothing is left to
+   * send: a switch later than the first pass only starts the VM sooner by the
+   * device-state transfer.
+   */
+  postcopy?: PostcopyPolicy;
+  /** Answer page requests on a separate preempt channel (needs postcopy; the destination needs `postcopy-preempt`). */
+  preempt?: boolean;
+  /** Cap in bytes/s of the precopy passes and, unless `postcopyBandwidth` is given, of the postcopy background stream (default none). Pages asked for on the preempt channel are never capped. */
+  bandwidth?: number;
+  /** Cap in bytes/s of the postcopy background stream (default: `bandwidth`). Without preempt, requested pages share this stream. */
+  postcopyBandwidth?: number;
+  /** Progress display on `stderr` (default 'auto'). */
+  progress?: ProgressMode;
+  /** Where progress goes (default process.stderr). */
+  stderr?: NodeJS.WritableStream & { isTTY?: boolean };
+  /** Aborting fails the migration as `cancelled` (what SIGINT does in the command). */
+  signal?: AbortSignal;
+  /**
+   * With postcopy 'manual': called once the session exists, with a function
+   * that switches to postcopy now; what it returns is shown as a progress line.
+   */
+  onSwitchReady?: (switchNow: () => void) => string | void;
+}
+
+/** The `--json` report: one object, also returned by {@link sendSavedVm}. */
+export interface SendReport {
+  ok: boolean;
+  from: string;
+  to: string;
+  tls: boolean;
+  /** The policy as given: never | manual | auto | after:N. */
+  policy: string;
+  preempt: boolean;
+  machineType: string | null;
+  /** Whether the migration went through postcopy. */
+  postcopy: boolean;
+  /** Why it failed (absent when ok). */
+  error?: { code: string; phase?: string; message: string };
+  /** Page requests answered, by the channel the page went out on. */
+  answered: { main: number; preempt: number };
+  /**
+   * The source's counters (null when nothing was sent): transferred, downtime,
+   * passes, postcopy-requests, postcopy-latency percentiles (µs, request
+   * arrival → page handed to the kernel), per-channel bytes...
+   */
+  stats: SourceStats | null;
+}
+
+/** A failure as the CLI prints it: `qmt: <code>: <message>`. */
+export function describeSendError(e: unknown): { code: string; phase?: string; message: string } {
+  const oneLine = (s: string): string => s.replace(/\s*\n\s*/g, ' ').trim();
+  if (e instanceof SendError) return { code: e.code, message: oneLine(e.message) };
+  if (e instanceof MigrationError) return { code: e.code, phase: e.phase, message: oneLine(e.message) };
+  if (e instanceof TransportError) return { code: e.code, message: oneLine(`${e.channel ? `(${e.channel} channel) ` : ''}${e.message}`) };
+  if (e instanceof StreamError) return { code: e.code, message: oneLine(e.message) };
+  const errno = (e as NodeJS.ErrnoException | undefined)?.code;
+  if (typeof errno === 'string') return { code: errno, message: oneLine((e as Error).message) };
+  return { code: 'error', message: oneLine(e instanceof Error ? e.message : String(e)) };
+}
+
+/** Why a send cannot start. */
+export class SendError extends Error {
+  override readonly name = 'SendError';
+  constructor(
+    /** 'incomplete-saved-vm' (the capture failed), 'saved-vm' (missing, damaged or unsupported) or 'usage' (options that do not go together). */
+    readonly code: 'incomplete-saved-vm' | 'saved-vm' | 'usage',
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+function policyName(p: PostcopyPolicy): string {
+  return typeof p === 'object' ? `after:${p.afterPasses}` : p;
+}
+
+/**
+ * Reads and checks a saved VM before anything is sent: a complete capture,
+ * a machine type, device sections QEMU can load as FULL sections, and every
+ * file present with the size the manifest says.
+ */
+export async function checkSavedVm(dir: string, policy: PostcopyPolicy): Promise<{ manifest: SavedVmManifest; devices: DeviceStateSection[]; vmdesc: Uint8Array | undefined }> {
+  let m: SavedVmManifest;
+  try {
+    m = await readSavedVmManifest(dir);
+  } catch (e) {
+    const errno = (e as NodeJS.ErrnoException).code;
+    if (errno === 'ENOENT') throw new SendError('saved-vm', `${dir}: not a saved VM (no manifest.json; write one with qmt receive)`);
+    if (e instanceof SyntaxError) throw new SendError('saved-vm', `${dir}: manifest.json is not valid JSON (${e.message})`);
+    throw new SendError('saved-vm', e instanceof Error ? e.message : String(e));
+  }
+  if (!m.complete) {
+    const why = m.error ? `the capture failed in ${m.error.phase}: ${m.error.code}: ${m.error.message}` : 'the capture did not complete';
+    throw new SendError('incomplete-saved-vm', `${dir}: the saved VM is incomplete (${why}); only a complete capture can be restored`);
+  }
+  if (!m.machineType) throw new SendError('saved-vm', `${dir}: the manifest names no machine type`);
+  if (!Array.isArray(m.devices)) throw new SendError('saved-vm', `${dir}: the manifest lists no device sections`);
+  if (!Array.isArray(m.blocks) || m.blocks.length === 0) throw new SendError('saved-vm', `${dir}: the manifest lists no RAM blocks`);
+  for (const b of m.blocks) {
+    if (b.length % TARGET_PAGE_SIZE !== 0) throw new SendError('saved-vm', `${dir}: RAM block "${b.idstr}" is ${b.length} bytes, not a multiple of ${TARGET_PAGE_SIZE}`);
+    if (policy !== 'never' && b.pageSize !== undefined && b.pageSize !== TARGET_PAGE_SIZE) {
+      throw new SendError('saved-vm', `${dir}: RAM block "${b.idstr}" uses ${b.pageSize}-byte host pages: postcopy is supported with ${TARGET_PAGE_SIZE}-byte pages only (use --postcopy never)`);
+    }
+    const size = fileSize(join(dir, b.file));
+    if (size === undefined) throw new SendError('saved-vm', `${dir}: ${b.file} (RAM block "${b.idstr}") is missing`);
+    if (size > b.length) throw new SendError('saved-vm', `${dir}: ${b.file} holds ${size} bytes, more than RAM block "${b.idstr}" (${b.length})`);
+  }
+  const devices: DeviceStateSection[] = [];
+  for (const d of m.devices) {
+    if (d.kind !== 'full') throw new SendError('saved-vm', `${dir}: device section "${d.idstr}" is a ${d.kind.toUpperCase()} section: only FULL device sections can be sent`);
+    let data: Buffer;
+    try {
+      data = readFileSync(join(dir, d.file));
+    } catch {
+      throw new SendError('saved-vm', `${dir}: ${d.file} (device "${d.idstr}") is missing or unreadable`);
+    }
+    if (data.length !== d.size) throw new SendError('saved-vm', `${dir}: ${d.file} holds ${data.length} bytes, the manifest says ${d.size}`);
+    devices.push({ sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, data });
+  }
+  let vmdesc: Uint8Array | undefined;
+  if (m.vmdesc) {
+    try {
+      vmdesc = readFileSync(join(dir, m.vmdesc));
+    } catch {
+      throw new SendError('saved-vm', `${dir}: ${m.vmdesc} (the VM description) is missing or unreadable`);
+    }
+  }
+  return { manifest: m, devices, vmdesc };
+}
+
+function fileSize(path: string): number | undefined {
+  try {
+    return statSync(path).size;
+  } catch {
+    return undefined;
+  }
+}
+
+function pagesOf(s: SourceStats): number {
+  return s.normal + s.duplicate + s.xbzrle;
+}
+
+/**
+ * Sends the saved VM in `opts.from` to `opts.to`. Never throws: a failure is
+ * in the report (`ok: false`).
+ */
+export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
+  const from = resolve(opts.from);
+  const policy = opts.postcopy ?? 'never';
+  const report: SendReport = {
+    ok: false,
+    from,
+    to: opts.to,
+    tls: opts.tls !== undefined,
+    policy: policyName(policy),
+    preempt: opts.preempt ?? false,
+    machineType: null,
+    postcopy: false,
+    answered: { main: 0, preempt: 0 },
+    stats: null,
+  };
+  const stderr = opts.stderr ?? process.stderr;
+  const progress = new Progress({ mode: opts.progress ?? 'auto', stream: stderr });
+
+  let source: SavedVmSource | undefined;
+  let session: SourceSession;
+  let saved: Awaited<ReturnType<typeof checkSavedVm>>;
+  try {
+    parseEndpoint(opts.to);
+    if (opts.preempt && policy === 'never') throw new SendError('usage', '--preempt needs --postcopy manual, auto or after:N');
+    if (opts.tlsHostname !== undefined && opts.tls === undefined) throw new SendError('usage', '--tls-hostname needs --tls');
+    saved = await checkSavedVm(from, policy);
+    report.machineType = saved.manifest.machineType;
+    source = await SavedVmSource.open(from);
+    session = new SourceSession({
+      to: opts.to,
+      transport: opts.tls ? { tls: { dir: opts.tls, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}) } } : {},
+      memory: source,
+      machineType: saved.manifest.machineType!,
+      devices: saved.devices,
+      ...(saved.vmdesc ? { vmdesc: saved.vmdesc } : {}),
+      postcopy: policy,
+      preempt: opts.preempt ?? false,
+      ...(opts.bandwidth ? { bandwidthLimit: opts.bandwidth } : {}),
+      ...((opts.postcopyBandwidth ?? opts.bandwidth) ? { postcopyBandwidthLimit: opts.postcopyBandwidth ?? opts.bandwidth } : {}),
+    });
+  } catch (e) {
+    progress.stop();
+    source?.close();
+    report.error = describeSendError(e);
+    return report;
+  }
+
+  const m = saved.manifest;
+  const s = session;
+  const totalPages = m.blocks.reduce((n, b) => n + b.length / TARGET_PAGE_SIZE, 0);
+  const ramBytes = m.blocks.reduce((n, b) => n + b.length, 0);
+  progress.log(`saved VM ${from}: ${m.machineType}, ${m.blocks.length} RAM blocks (${formatBytes(ramBytes)}), ${m.devices.length} device sections`);
+
+  let phase: string = 'connecting';
+  const refresh = (): void => {
+    const st = s.stats();
+    const requests = st['postcopy-requests'];
+    progress.update({ phase, bytes: st.transferred, done: pagesOf(st), total: totalPages, ...(requests ? { detail: `${requests} page requests` } : {}) });
+  };
+  const ticker = setInterval(refresh, 100);
+  ticker.unref();
+
+  s.on('connected', ({ uri }) => {
+    phase = 'precopy';
+    progress.log(`connected to ${uri}${opts.tls ? ' (TLS)' : ''}; postcopy ${report.policy}${report.preempt ? ' with preempt' : ''}`);
+  });
+  s.on('pass', (p) => {
+    progress.log(`pass ${p.pass}: ${p.pagesSent} pages, ${formatBytes(p.bytes)} in ${formatDuration(p.durationMs)}${p.dirtyPages ? `, ${p.dirtyPages} pages dirty again` : ''}`);
+  });
+  s.on('stopped', () => {
+    phase = 'switchover';
+    progress.log('switchover: sending the device state');
+  });
+  s.on('postcopy-active', () => {
+    phase = 'postcopy';
+    report.postcopy = true;
+    progress.log('postcopy active: the destination runs the VM; the rest of RAM follows, requested pages first');
+  });
+  s.on('page-request', (r) => report.answered[r.channel]++);
+
+  let switched = false;
+  function switchNow(): void {
+    if (switched || phase === 'postcopy' || phase === 'switchover') return;
+    switched = true;
+    progress.log('switching to postcopy (asked)');
+    s.startPostcopy();
+  }
+
+  if (policy === 'manual') {
+    const hint = opts.onSwitchReady?.(switchNow);
+    if (hint) progress.log(hint);
+  }
+
+  const cancel = (): void => s.cancel();
+  if (opts.signal?.aborted) cancel();
+  opts.signal?.addEventListener('abort', cancel, { once: true });
+  let failure: unknown;
+  try {
+    s.start();
+    await s.done;
+  } catch (e) {
+    failure = e;
+  }
+  opts.signal?.removeEventListener('abort', cancel);
+  clearInterval(ticker);
+  phase = failure ? 'failed' : 'completed';
+  refresh();
+  progress.stop();
+  source.close();
+  report.stats = s.stats();
+  report.ok = failure === undefined;
+  if (failure !== undefined) report.error = describeSendError(failure);
+  return report;
+}
+
+/** The closing lines of a send, for stderr (the error line, if any, is printed by the caller). */
+export function formatSendSummary(r: SendReport): string[] {
+  const st = r.stats;
+  // Nothing was sent (no connection): the error line says it all.
+  if (!st || st.transferred === 0) return [];
+  const lines: string[] = [];
+  const passes = st.passes;
+  lines.push(
+    `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)} sent, ${pagesOf(st)} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ` +
+      `${passes} precopy pass${passes === 1 ? '' : 'es'}${r.postcopy ? ', then postcopy' : ''}${st.downtime !== undefined ? `, downtime ${formatDuration(st.downtime)}` : ''}`,
+  );
+  if (r.postcopy) {
+    const l = st['postcopy-latency'];
+    lines.push(
+      `postcopy: ${st['postcopy-requests']} page requests, ${r.answered.preempt} answered on the preempt channel, ${r.answered.main} on the main channel` +
+        (l.count ? `; latency p50 ${formatMicros(l.p50)}, p90 ${formatMicros(l.p90)}, p99 ${formatMicros(l.p99)}, max ${formatMicros(l.max)}` : ''),
+    );
+  }
+  const ch = st.channels;
+  lines.push(`channels: main ${formatBytes(ch.main?.bytesSent ?? 0)} sent, ${formatBytes(ch.main?.bytesReceived ?? 0)} received${ch.preempt ? `; preempt ${formatBytes(ch.preempt.bytesSent)} sent` : ''}`);
+  return lines;
+}
+
+/** Bytes per second: an integer with an optional K, M or G suffix (powers of 1024; "32M", "1G", "500000"). */
+export function parseRate(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmg])?(?:i?b)?(?:\/s)?$/i.exec(v.trim());
+  const unit = { k: 1024, m: 1024 ** 2, g: 1024 ** 3 } as const;
+  const n = m ? Math.round(Number(m[1]) * (m[2] ? unit[m[2].toLowerCase() as keyof typeof unit] : 1)) : NaN;
+  if (!Number.isSafeInteger(n) || n < 4096) throw new InvalidArgumentError('must be bytes per second, at least 4096, e.g. 500000, 32M or 1G');
+  return n;
+}
+
+interface SendCliOptions {
+  from: string;
+  to: string;
+  tls?: string;
+  tlsHostname?: string;
+  postcopy: PostcopyPolicy;
+  preempt?: boolean;
+  bandwidth?: number;
+  postcopyBandwidth?: number;
+  json?: boolean;
+  progress: ProgressMode;
+}
+
+/** Runs `qmt send` with parsed options; resolves with the exit code (0 completed, 1 otherwise). */
+export async function runSendCommand(o: SendCliOptions): Promise<number> {
+  const stderr = process.stderr;
+  const ac = new AbortController();
+  const onSignal = (): void => {
+    // A second signal: leave at once.
+    if (ac.signal.aborted) {
+      if (stderr.isTTY) stderr.write('\x1b[?25h\n'); // the bar hid the cursor
+      process.exit(130);
+    }
+    ac.abort();
+  };
+  // 'manual': Enter on a TTY or SIGUSR1 switches to postcopy.
+  let switchNow: (() => void) | undefined;
+  const onUsr1 = (): void => switchNow?.();
+  const onLine = (): void => switchNow?.();
+  const stdin = process.stdin;
+  const readEnter = o.postcopy === 'manual' && stdin.isTTY === true;
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  if (o.postcopy === 'manual') process.on('SIGUSR1', onUsr1);
+  let r: SendReport;
+  try {
+    r = await sendSavedVm({
+      from: o.from,
+      to: o.to,
+      ...(o.tls !== undefined ? { tls: o.tls } : {}),
+      ...(o.tlsHostname !== undefined ? { tlsHostname: o.tlsHostname } : {}),
+      postcopy: o.postcopy,
+      preempt: o.preempt ?? false,
+      ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
+      ...(o.postcopyBandwidth !== undefined ? { postcopyBandwidth: o.postcopyBandwidth } : {}),
+      progress: o.progress,
+      signal: ac.signal,
+      onSwitchReady: (fn) => {
+        switchNow = fn;
+        if (readEnter) {
+          stdin.setEncoding('utf8');
+          stdin.on('data', onLine);
+          stdin.resume();
+        }
+        return `postcopy is manual: ${readEnter ? 'press Enter or ' : ''}send SIGUSR1 (kill -USR1 ${process.pid}) to switch`;
+      },
+    });
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('SIGUSR1', onUsr1);
+    if (readEnter) {
+      stdin.off('data', onLine);
+      stdin.pause();
+    }
+  }
+  if (o.progress !== 'none') for (const line of formatSendSummary(r)) stderr.write(`qmt: ${line}\n`);
+  if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
+  // The error line comes last, so that it is the one line a script looks at.
+  if (r.error) stderr.write(`qmt: ${r.error.code}: ${r.error.message}\n`);
+  return r.ok ? 0 : 1;
+}
+
+/**
+ * Adds `qmt send` to a commander program.
+ *
+ * `--postcopy manual` switches when the user presses Enter (stdin a TTY) or
+ * when the process receives SIGUSR1 (`kill -USR1 PID`; the PID is printed).
+ */
+export function registerSendCommand(program: Command): Command {
+  return program
+    .command('send')
+    .description('restore a saved VM (from qmt receive) into a waiting QEMU 10 destination; with postcopy the VM runs at once and its memory follows on demand')
+    .requiredOption('--from <dir>', 'saved-VM directory written by qmt receive')
+    .requiredOption('--to <uri>', 'where the destination listens: tcp:HOST:PORT or unix:PATH')
+    .option('--tls <dir>', 'QEMU tls-creds-x509 directory (client side: ca-cert.pem, client-cert.pem, client-key.pem): TLS on every channel')
+    .option('--tls-hostname <name>', "name the destination's certificate must carry (default: the host of --to)")
+    .addOption(
+      new Option('--postcopy <policy>', 'never | manual (Enter on a TTY, or SIGUSR1) | auto | after:N (after:0 = lazy restore: the VM runs at once)')
+        .default('never' as PostcopyPolicy, 'never')
+        .argParser((v: string) => {
+          try {
+            return parsePostcopyPolicy(v);
+          } catch (e) {
+            throw new InvalidArgumentError((e as Error).message);
+          }
+        }),
+    )
+    .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
+    .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
+    .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
+    .option('--json', 'print a machine-readable report on stdout at the end')
+    .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
+    .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
+    .action(async (o: SendCliOptions) => {
+      try {
+        process.exitCode = await runSendCommand(o);
+      } catch (e) {
+        const d = describeSendError(e);
+        process.stderr.write(`qmt: ${d.code}: ${d.message}\n`);
+        process.exitCode = 1;
+      }
+    });
+}
