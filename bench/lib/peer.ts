@@ -265,6 +265,7 @@ class Destination {
 // Source
 // ---------------------------------------------------------------------------
 
+const yieldToIo = (): Promise<void> => new Promise((r) => setImmediate(r));
 const BULK_FRAME = Buffer.concat([frameHeader(FRAME_BULK, BULK_CHUNK, 0), Buffer.alloc(BULK_CHUNK, 0x5a)]);
 const PAGE = Buffer.alloc(PAGE_BYTES, 0xa5);
 const RAW_CHUNK = Buffer.alloc(1024 * 1024, 0x5a);
@@ -355,12 +356,17 @@ class Source {
       }
       const main = this.conn?.main;
       if (!main) throw new Error('no connection');
-      const frame = this.cell?.kind === 'throughput' ? RAW_CHUNK : BULK_FRAME;
-      const payload = this.cell?.kind === 'throughput' ? RAW_CHUNK.length : BULK_CHUNK;
+      const latency = this.cell?.kind === 'latency';
+      const frame = latency ? BULK_FRAME : RAW_CHUNK;
+      const payload = latency ? BULK_CHUNK : RAW_CHUNK.length;
       while (this.bulkOn && Date.now() < deadline && !main.isClosed) {
         // Awaiting send() is the backpressure: it resolves once user-space buffering is under the bound.
         await main.send([frame]);
         this.bulkSent += payload;
+        // Under the bound send() resolves as a microtask, so this loop alone would never let I/O run while
+        // the kernel keeps taking data (loopback): requests would wait tens of ms to be read. Yield after
+        // every group, as the source session does in postcopy (src/protocol/source.ts, flushMain).
+        if (latency) await yieldToIo();
       }
     };
     this.bulkLoop = run().catch((e: unknown) => log(`bulk loop: ${String(e)}`));

@@ -64,6 +64,8 @@ export function summarize(samplesUs: readonly number[]): LatencySummary | undefi
 }
 
 export interface MachineInfo {
+  /** `git describe`-like revision of the code measured, and uncommitted changes under src/transport. */
+  revision: string;
   cpu: string;
   cores: number;
   kernel: string;
@@ -73,7 +75,7 @@ export interface MachineInfo {
   date: string;
 }
 
-export function machineInfo(): MachineInfo {
+export function machineInfo(repoRoot: string): MachineInfo {
   const sh = (c: string, a: string[]): string => {
     try {
       return execFileSync(c, a, { timeout: 5000, encoding: 'utf8' }).trim();
@@ -82,7 +84,13 @@ export function machineInfo(): MachineInfo {
     }
   };
   const cpus = os.cpus();
+  const head = sh('git', ['-C', repoRoot, 'rev-parse', '--short', 'HEAD']);
+  const dirty = sh('git', ['-C', repoRoot, 'status', '--porcelain', '--', 'src/transport'])
+    .split('\n')
+    .map((l) => l.trim().split(/\s+/).pop() ?? '')
+    .filter((f) => f !== '');
   return {
+    revision: dirty.length > 0 ? `${head}, with uncommitted changes to ${dirty.join(', ')}` : head,
     cpu: cpus[0]?.model.trim() ?? '?',
     cores: cpus.length,
     kernel: `${os.type()} ${os.release()} ${os.version()}`,
@@ -103,6 +111,9 @@ export interface ChartSeries {
 /** One CDF line per series, log-scale x axis in µs. */
 export async function cdfChartSvg(title: string, series: readonly ChartSeries[]): Promise<string> {
   const values = series.flatMap((s) => s.cdf.map((c) => ({ series: s.label, load: s.load, us: Math.max(1, c.us), p: c.p })));
+  // A little room on both sides of the data, on the log scale.
+  const xs = values.map((v) => v.us);
+  const domain = xs.length > 0 ? [Math.min(...xs) / 1.3, Math.max(...xs) * 1.3] : [1, 1e6];
   const spec: vl.TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     title,
@@ -112,7 +123,7 @@ export async function cdfChartSvg(title: string, series: readonly ChartSeries[])
     data: { values },
     mark: { type: 'line', interpolate: 'step-after', strokeWidth: 1.6 },
     encoding: {
-      x: { field: 'us', type: 'quantitative', scale: { type: 'log', nice: false }, title: 'request → 4 KiB reply round trip (µs, log scale)' },
+      x: { field: 'us', type: 'quantitative', scale: { type: 'log', nice: false, domain }, title: 'request → 4 KiB reply round trip (µs, log scale)' },
       y: { field: 'p', type: 'quantitative', scale: { domain: [0, 1] }, title: 'fraction of requests ≤ x' },
       color: { field: 'series', type: 'nominal', title: 'mode', sort: null, legend: { orient: 'right', labelLimit: 320 } },
       strokeDash: { field: 'load', type: 'nominal', title: 'load' },

@@ -75,3 +75,30 @@ export function readSocketOptions(socket: Socket): SocketOptions {
 export function setSocketPriority(socket: Socket, priority: number): void {
   so.setsockopt(socket, SOL_SOCKET, SO_PRIORITY, priority);
 }
+
+/**
+ * What the transport's default preempt profile really leaves in the kernel:
+ * one loopback connection (main + preempt), SO_PRIORITY as reported in
+ * `stats.tuning` next to a fresh getsockopt, then closed.
+ */
+export async function probeUrgentPriority(): Promise<{ reported?: number; actual?: number; tos?: number }> {
+  const { MigrationListener, SourceConnection } = await import('../../src/transport/connection.js');
+  const listener = await MigrationListener.listen('tcp:127.0.0.1:0');
+  let src: Awaited<ReturnType<typeof SourceConnection.connect>> | undefined;
+  let dst: Awaited<ReturnType<typeof listener.accept>> | undefined;
+  try {
+    src = await SourceConnection.connect(listener.uri, { connectTimeoutMs: 5000 });
+    dst = await listener.accept();
+    const ch = await src.connectPreempt();
+    const actual = readSocketOptions(ch.socket);
+    const out: { reported?: number; actual?: number; tos?: number } = {};
+    if (ch.stats.tuning.priority !== undefined) out.reported = ch.stats.tuning.priority;
+    if (actual.priority !== undefined) out.actual = actual.priority;
+    if (actual.tos !== undefined) out.tos = actual.tos;
+    return out;
+  } finally {
+    src?.destroy();
+    dst?.destroy();
+    listener.close();
+  }
+}

@@ -271,14 +271,18 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
   }
 
   const cancel = (): void => s.cancel();
-  if (opts.signal?.aborted) cancel();
-  opts.signal?.addEventListener('abort', cancel, { once: true });
   let failure: unknown;
-  try {
-    s.start();
-    await s.done;
-  } catch (e) {
-    failure = e;
+  if (opts.signal?.aborted) {
+    // Not started: nothing to close.
+    failure = new MigrationError('cancelled', 'setup', 'the migration was cancelled');
+  } else {
+    opts.signal?.addEventListener('abort', cancel, { once: true });
+    try {
+      s.start();
+      await s.done;
+    } catch (e) {
+      failure = e;
+    }
   }
   opts.signal?.removeEventListener('abort', cancel);
   clearInterval(ticker);
@@ -428,6 +432,22 @@ export function registerSendCommand(program: Command): Command {
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
     .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
+    .addHelpText(
+      'after',
+      [
+        '',
+        'The destination must be waiting: QEMU started with -incoming defer, the same machine type, RAM size',
+        'and devices, capabilities postcopy-ram (with --postcopy) and postcopy-preempt (with --preempt) set',
+        'before migrate-incoming.',
+        '',
+        "--postcopy manual: press Enter (when stdin is a terminal) or send SIGUSR1 (kill -USR1 PID; the PID is",
+        'printed) to switch. A saved VM does not change: after one complete pass nothing is left to send, so',
+        'a lazy restore (the VM runs at once, memory follows on demand) is --postcopy after:0.',
+        '',
+        'Example:',
+        '  qmt send --from ./vm --to tcp:127.0.0.1:4444 --postcopy after:0 --preempt',
+      ].join('\n'),
+    )
     .action(async (o: SendCliOptions) => {
       try {
         process.exitCode = await runSendCommand(o);
@@ -436,5 +456,8 @@ export function registerSendCommand(program: Command): Command {
         process.stderr.write(`qmt: ${d.code}: ${d.message}\n`);
         process.exitCode = 1;
       }
+      // The report is out: do not let a socket still closing (a destination that
+      // never answers its close, a connection cancelled mid-connect) keep us alive.
+      setTimeout(() => process.exit(), 2000).unref();
     });
 }

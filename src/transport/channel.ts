@@ -42,6 +42,9 @@ export interface ChannelStats {
 
 type Consumer = (chunk: Buffer) => void | Promise<void>;
 
+/** How many bytes `send()` may accept in a row before it lets the event loop run I/O. */
+const YIELD_EVERY_BYTES = 1 << 20;
+
 interface ChannelEvents {
   error: [TransportError];
   end: [];
@@ -65,6 +68,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
   private failure: TransportError | undefined;
   private consumer: Consumer | undefined;
   private readonly s: ChannelStats;
+  private sinceYield = 0;
 
   constructor(
     readonly socket: Socket | TLSSocket,
@@ -129,7 +133,15 @@ export class Channel extends EventEmitter<ChannelEvents> {
     this.pump();
     const q = this.queuedBytes;
     if (q > this.s.peakQueuedBytes) this.s.peakQueuedBytes = q;
-    if (q <= this.maxQueued) return Promise.resolve();
+    if (q <= this.maxQueued) {
+      // Resolving as a microtask every time would let a producer that only
+      // awaits send() starve the event loop: nothing would be read meanwhile
+      // (a page request on the return path, say). Every MiB, resolve after I/O.
+      this.sinceYield += bytes;
+      if (this.sinceYield < YIELD_EVERY_BYTES) return Promise.resolve();
+      this.sinceYield = 0;
+      return new Promise((resolve) => setImmediate(resolve));
+    }
     this.s.writeWaits++;
     return new Promise((resolve, reject) => {
       this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
@@ -153,16 +165,23 @@ export class Channel extends EventEmitter<ChannelEvents> {
   private pump(): void {
     const sock = this.socket;
     if (sock.destroyed) return;
-    const cork = this.s.tuning.cork;
+    // A bulk channel coalesces every group handed over in one go into one
+    // writev; any channel writes a group's pieces (a header and its page) as one
+    // writev at least: written one by one, the page would wait for the header's
+    // ACK under Nagle (a delayed ACK: ~40 ms on Linux).
+    const coalesce = this.s.tuning.cork;
+    if (coalesce) sock.cork();
     while (!this.queue.empty && sock.writableLength <= this.socketBudget) {
       const g = this.queue.shift()!;
-      if (cork) sock.cork();
       const last = g.pieces.length - 1;
+      const group = !coalesce && last > 0;
+      if (group) sock.cork();
       const done = g.written ? () => (g.written!(), this.afterWrite()) : this.afterWrite;
       for (let i = 0; i <= last; i++) sock.write(g.pieces[i]!, i === last ? done : undefined);
-      if (cork) sock.uncork();
+      if (group) sock.uncork();
       this.s.bytesSent += g.bytes;
     }
+    if (coalesce) sock.uncork();
     if (this.waiters.length > 0 && this.queuedBytes <= this.maxQueued) this.releaseWaiters();
   }
 
@@ -216,11 +235,22 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', { channel: this.role });
   }
 
-  /** Sends what is queued, ends our direction and waits for the socket to close. */
-  async close(): Promise<void> {
+  /**
+   * Sends what is queued (for at most `timeoutMs`: a peer that stopped reading
+   * must not hold us), ends our direction and waits for the socket to close.
+   */
+  async close(timeoutMs = 5000): Promise<void> {
     if (this.isClosed) return;
     try {
-      await this.flush();
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        this.flush(),
+        new Promise<void>((_, reject) => {
+          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, { channel: this.role })), timeoutMs);
+        }),
+      ]).finally(() => clearTimeout(timer));
+    } catch {
+      this.socket.destroy();
     } finally {
       await new Promise<void>((resolve) => {
         if (this.socket.destroyed) return resolve();

@@ -126,7 +126,8 @@ function faultTopDown(dst: DestinationSession, out: PageRequestResult[]): Promis
 async function migrate(c: Case): Promise<Outcome> {
   const postcopy = c.policy !== 'never';
   const sink = new InMemorySink();
-  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy, idleTimeoutMs: 10_000 });
+  // TCP_NODELAY on the return path, as qmt receive: requests go out at once.
+  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy, idleTimeoutMs: 10_000, transport: { main: { tuning: { noDelay: true } } } });
   const guest = new Workload();
   const demand: PageRequestResult[] = [];
   const faulting = postcopy ? faultTopDown(dst, demand) : Promise.resolve();
@@ -138,7 +139,7 @@ async function migrate(c: Case): Promise<Outcome> {
     postcopy: c.policy,
     preempt: c.preempt ?? false,
     bandwidthLimit: BANDWIDTH,
-    postcopyBandwidthLimit: Number(process.env.PCBW ?? BANDWIDTH / 2),
+    postcopyBandwidthLimit: BANDWIDTH,
     // Precopy never converges by itself: three passes, then the rest with the VM stopped.
     downtimeLimitMs: 1,
     maxPasses: 3,
