@@ -1,6 +1,7 @@
 import { closeSync, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { isZeroPage } from '../stream/ram.js';
 import { readSavedVmManifest, type SavedVmManifest } from './saved-vm.js';
 
 /** A RAM block as a source offers it. */
@@ -75,6 +76,12 @@ export interface GuestMemorySource {
   blocks(): readonly SourceBlock[];
   /** The page's bytes. The view must stay unchanged until the session has written it (it is sent by reference). */
   readPage(block: string, offset: number): Uint8Array;
+  /**
+   * Optional fast path: whether the page is all zero, looked at in place (no
+   * copy). A page the guest writes right after is dirty again and goes in the
+   * next pass, as with QEMU.
+   */
+  pageIsZero?(block: string, offset: number): boolean;
   /** Moves the pages dirtied since the previous call into `into` (per block), clearing them here. */
   syncDirty(into: ReadonlyMap<string, PageBitmap>): void;
 }
@@ -116,6 +123,10 @@ export class InMemorySource implements GuestMemorySource {
     const first = Math.floor(offset / TARGET_PAGE_SIZE);
     const last = Math.floor((offset + data.length - 1) / TARGET_PAGE_SIZE);
     for (let p = first; p <= last; p++) d.set(p);
+  }
+
+  pageIsZero(block: string, offset: number): boolean {
+    return isZeroPage(this.memory.get(block)!.subarray(offset, offset + TARGET_PAGE_SIZE));
   }
 
   private slab = Buffer.allocUnsafe(0);

@@ -108,6 +108,7 @@ interface QueuedRequest {
   arrived: number;
 }
 
+const EMPTY = new Uint8Array(0);
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /**
@@ -298,8 +299,10 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private pageRecord(st: BlockState, page: number, allowXbzrle: boolean): PreemptRecord | StreamRecord | undefined {
     const offset = page * TARGET_PAGE_SIZE;
     const block = st.info.idstr;
-    const data = this.opts.memory.readPage(block, offset);
-    if (isZeroPage(data)) {
+    const mem = this.opts.memory;
+    const zero = mem.pageIsZero ? mem.pageIsZero(block, offset) : undefined;
+    const data = zero ? EMPTY : mem.readPage(block, offset);
+    if (zero ?? isZeroPage(data)) {
       this.c.duplicate++;
       this.cacheXbzrle(block, page, undefined);
       return { type: 'ram-zero', block, offset, continued: false };
