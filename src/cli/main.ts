@@ -5,6 +5,7 @@ import { recodeFile } from './recode.js';
 import { registerPkiCommand } from './pki.js';
 import { registerDemoCommand } from './demo.js';
 import { registerReceiveCommand } from './receive.js';
+import { registerSendCommand } from './send.js';
 import { rerunWithoutTls13Tickets } from './reexec.js';
 
 /** Prints one line for a failure and sets the exit code; never a stack trace for bad input. */
@@ -60,5 +61,6 @@ program
 registerPkiCommand(program);
 registerDemoCommand(program);
 registerReceiveCommand(program);
+registerSendCommand(program);
 
 program.parseAsync(process.argv).catch(report);

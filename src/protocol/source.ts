@@ -153,7 +153,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private downtimeMs: number | undefined;
   private endedAt: number | undefined;
   private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0 };
-  private paceStart = 0;
+  private paceStart = -Infinity;
   private paceBytes = 0;
   private sinceYield = 0;
 
@@ -263,7 +263,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   }
 
   /** Hands what the encoder holds to the main channel, waiting for room (backpressure and pacing). */
-  private async flushMain(written?: () => void): Promise<void> {
+  private async flushMain(written = this.takeWrittenCallback()): Promise<void> {
     this.check();
     const pieces = this.enc.take();
     if (pieces.length === 0) return;
@@ -284,6 +284,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   }
 
   private async pace(bytes: number): Promise<void> {
+    // The VM is stopped for the last precopy stage: QEMU sends it at full speed, so do we.
+    if (this.stoppedAt !== undefined && !this.inPostcopy) return;
     const limit = this.inPostcopy ? this.opts.postcopyBandwidthLimit : this.opts.bandwidthLimit;
     if (!limit) return;
     const now = performance.now();
@@ -440,6 +442,11 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     const policy = o.postcopy ?? 'never';
     const postcopyCapable = policy !== 'never';
     this.conn = await SourceConnection.connect(o.to, o.transport ?? {});
+    if (this.failure) {
+      // cancelled while connecting
+      this.conn.destroy();
+      throw this.failure;
+    }
     const main = this.conn.main;
     main.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
     main.on('close', () => {
@@ -586,15 +593,29 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   }
 
   private serveQueuedRequests(emitPage: (st: BlockState, page: number) => void): void {
-    const now = performance.now();
     for (const r of this.requests.splice(0)) {
       const st = this.blocks.get(r.block)!;
       if (st.sentAfterListen.has(r.page)) continue;
       emitPage(st, r.page);
-      const latencyUs = (now - r.arrived) * 1000;
-      this.latency.record(latencyUs);
-      this.emit('page-request', { block: r.block, offset: r.page * TARGET_PAGE_SIZE, channel: 'main', latencyUs });
+      this.writtenCallbacks.push(r);
     }
+  }
+
+  /** Requests answered in the batch being written: timed when its last byte reaches the kernel. */
+  private writtenCallbacks: QueuedRequest[] = [];
+
+  private takeWrittenCallback(): (() => void) | undefined {
+    if (this.writtenCallbacks.length === 0) return undefined;
+    const served = this.writtenCallbacks;
+    this.writtenCallbacks = [];
+    return () => {
+      const now = performance.now();
+      for (const r of served) {
+        const latencyUs = (now - r.arrived) * 1000;
+        this.latency.record(latencyUs);
+        this.emit('page-request', { block: r.block, offset: r.page * TARGET_PAGE_SIZE, channel: 'main', latencyUs });
+      }
+    };
   }
 
   private async stopVm(): Promise<void> {
@@ -650,6 +671,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     if (this.opts.preempt) {
       await this.waitPong(1);
       this.preempt = await this.conn!.connectPreempt();
+      this.check(); // cancelled meanwhile: fail() already tore the connection down
       this.preempt.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
     }
     await this.stopVm();
@@ -671,6 +693,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.write([{ type: 'command', command: { cmd: 'ping', value: 2 } }]);
     // From LISTEN on, pages are exactly-once: requests are honoured from here.
     this.inPostcopy = true;
+    // A new pacing window: the postcopy cap starts now, not in the precopy window.
+    this.paceStart = performance.now();
+    this.paceBytes = 0;
     this.status = 'postcopy-active';
     const devices = await this.devices();
     this.write([
