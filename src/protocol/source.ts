@@ -448,9 +448,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       throw this.failure;
     }
     const main = this.conn.main;
-    main.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    main.on('error', (e) => {
+      if (this.shutValue !== 0) this.fail(MigrationError.from(e, this.phase));
+    });
     main.on('close', () => {
-      if (!this.finished) this.fail(new MigrationError('peer-disconnected', this.phase, 'the destination closed the main channel'));
+      // After SHUT 0 the destination has everything and may close before we do.
+      if (!this.finished && this.shutValue !== 0) this.fail(new MigrationError('peer-disconnected', this.phase, 'the destination closed the main channel'));
     });
     main.read((chunk) => this.onReturnPath(chunk));
     this.emit('connected', { uri: o.to });
@@ -672,7 +675,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       await this.waitPong(1);
       this.preempt = await this.conn!.connectPreempt();
       this.check(); // cancelled meanwhile: fail() already tore the connection down
-      this.preempt.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+      this.preempt.on('error', (e) => {
+        if (this.shutValue !== 0) this.fail(MigrationError.from(e, this.phase));
+      });
     }
     await this.stopVm();
     this.phase = 'device-state';
