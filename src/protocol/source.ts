@@ -4,7 +4,6 @@ import { MAX_DISCARDS_PER_COMMAND, RAM_IDSTR, RAM_VERSION, TARGET_PAGE_SIZE } fr
 import { PreemptEncoder, StreamEncoder } from '../stream/encoder.js';
 import { isZeroPage } from '../stream/ram.js';
 import { ReturnPathDecoder } from '../stream/return-path.js';
-import { encodeXbzrle } from '../stream/xbzrle.js';
 import type { DiscardRange, PreemptRecord, StreamRecord } from '../stream/records.js';
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { SourceConnection, type TransportOptions } from '../transport/connection.js';
@@ -12,6 +11,8 @@ import { MigrationError, type MigrationPhase } from './errors.js';
 import { LatencyHistogram, type LatencySummary } from './latency.js';
 import { PageBitmap, type GuestMemorySource, type SourceBlock } from './memory-source.js';
 import { autoWantsPostcopy, type PostcopyPolicy } from './postcopy-policy.js';
+import { Pacer } from './pacer.js';
+import { XbzrleCache } from './xbzrle-cache.js';
 
 /** One device (non-RAM) section to send: opaque bytes, as captured from a source. */
 export interface DeviceStateSection {
@@ -109,7 +110,6 @@ interface QueuedRequest {
 }
 
 const EMPTY = new Uint8Array(0);
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /**
  * The sending half of a migration (QEMU's source), into a QEMU 10.0
@@ -144,8 +144,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private lastReqBlock: string | undefined;
   private readonly requests: QueuedRequest[] = [];
   private readonly latency = new LatencyHistogram();
-  private xbzrleCache: Map<string, Buffer> | undefined;
-  private xbzrleBytes = 0;
+  private readonly xbzrle: XbzrleCache | undefined;
   private readonly ramSectionId: number;
   private readonly t0 = performance.now();
   private setupMs = 0;
@@ -153,8 +152,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private downtimeMs: number | undefined;
   private endedAt: number | undefined;
   private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0 };
-  private paceStart = -Infinity;
-  private paceBytes = 0;
+  private readonly pacer = new Pacer();
   private sinceYield = 0;
 
   constructor(private readonly opts: SourceOptions) {
@@ -171,7 +169,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     let id = 1;
     while (used.has(id)) id++;
     this.ramSectionId = id;
-    if (opts.xbzrleCacheBytes) this.xbzrleCache = new Map();
+    if (opts.xbzrleCacheBytes) this.xbzrle = new XbzrleCache(opts.xbzrleCacheBytes);
     for (const b of opts.memory.blocks()) {
       const pages = b.length / TARGET_PAGE_SIZE;
       const st: BlockState = { info: b, pages, toSend: new PageBitmap(pages), sentOnce: new PageBitmap(pages), sentAfterListen: new PageBitmap(pages) };
@@ -286,16 +284,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private async pace(bytes: number): Promise<void> {
     // The VM is stopped for the last precopy stage: QEMU sends it at full speed, so do we.
     if (this.stoppedAt !== undefined && !this.inPostcopy) return;
-    const limit = this.inPostcopy ? this.opts.postcopyBandwidthLimit : this.opts.bandwidthLimit;
-    if (!limit) return;
-    const now = performance.now();
-    if (now - this.paceStart > 1000) {
-      this.paceStart = now;
-      this.paceBytes = 0;
-    }
-    this.paceBytes += bytes;
-    const due = this.paceStart + (this.paceBytes / limit) * 1000;
-    if (due > now) await sleep(due - now);
+    await this.pacer.pace(bytes, this.inPostcopy ? this.opts.postcopyBandwidthLimit : this.opts.bandwidthLimit);
   }
 
   private pageRecord(st: BlockState, page: number, allowXbzrle: boolean): PreemptRecord | StreamRecord | undefined {
@@ -306,47 +295,19 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     const data = zero ? EMPTY : mem.readPage(block, offset);
     if (zero ?? isZeroPage(data)) {
       this.c.duplicate++;
-      this.cacheXbzrle(block, page, undefined);
+      this.xbzrle?.forget(block, page);
       return { type: 'ram-zero', block, offset, continued: false };
     }
-    if (allowXbzrle && this.xbzrleCache) {
-      const key = `${block}\0${page}`;
-      const prev = this.xbzrleCache.get(key);
-      if (prev) {
-        const delta = encodeXbzrle(prev, data, TARGET_PAGE_SIZE - TARGET_PAGE_SIZE / 8);
-        this.cacheXbzrle(block, page, data);
-        if (delta && delta.length === 0) return undefined; // unchanged: nothing to send (as QEMU)
-        if (delta) {
-          this.c.xbzrle++;
-          return { type: 'ram-xbzrle', block, offset, continued: false, encoded: delta };
-        }
-      } else {
-        this.cacheXbzrle(block, page, data);
+    if (allowXbzrle && this.xbzrle) {
+      const delta = this.xbzrle.encode(block, page, data);
+      if (delta && delta.length === 0) return undefined; // unchanged: nothing to send (as QEMU)
+      if (delta) {
+        this.c.xbzrle++;
+        return { type: 'ram-xbzrle', block, offset, continued: false, encoded: delta };
       }
     }
     this.c.normal++;
     return { type: 'ram-page', block, offset, continued: false, data };
-  }
-
-  private cacheXbzrle(block: string, page: number, data: Uint8Array | undefined): void {
-    const cache = this.xbzrleCache;
-    if (!cache) return;
-    const key = `${block}\0${page}`;
-    const had = cache.get(key);
-    if (had) {
-      cache.delete(key);
-      this.xbzrleBytes -= TARGET_PAGE_SIZE;
-    }
-    if (!data) return;
-    if (this.xbzrleBytes + TARGET_PAGE_SIZE > (this.opts.xbzrleCacheBytes ?? 0)) {
-      const oldest = cache.keys().next();
-      if (!oldest.done) {
-        cache.delete(oldest.value);
-        this.xbzrleBytes -= TARGET_PAGE_SIZE;
-      }
-    }
-    cache.set(key, Buffer.from(data));
-    this.xbzrleBytes += TARGET_PAGE_SIZE;
   }
 
   // ---- the return path ------------------------------------------------------
@@ -699,8 +660,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     // From LISTEN on, pages are exactly-once: requests are honoured from here.
     this.inPostcopy = true;
     // A new pacing window: the postcopy cap starts now, not in the precopy window.
-    this.paceStart = performance.now();
-    this.paceBytes = 0;
+    this.pacer.reset();
     this.status = 'postcopy-active';
     const devices = await this.devices();
     this.write([
