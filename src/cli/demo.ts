@@ -76,14 +76,16 @@ class SyntheticGuest {
   start(workload: Workload): void {
     if (workload === 'idle') return;
     const streamBytesPerTick = Math.max(TARGET_PAGE_SIZE, Math.floor(this.stream.length / 400)); // the buffer wraps every ~2 s
+    let tick = 0;
     this.timer = setInterval(() => {
+      // Cheap writes (a tick counter), so that the workload does not eat the CPU the migration needs.
+      tick = (tick + 1) & 0xff;
+      this.noise.fill(tick);
       for (let i = 0; i < 256; i++) {
         const off = this.hot.start + Math.floor(Math.random() * (this.hot.length / 64)) * 64;
-        randomFillSync(this.noise, 0, 64);
         this.source.write('pc.ram', off, this.noise.subarray(0, 64));
       }
       for (let done = 0; done < streamBytesPerTick; done += this.noise.length) {
-        randomFillSync(this.noise);
         this.source.write('pc.ram', this.stream.start + this.streamPos, this.noise);
         this.streamPos = (this.streamPos + this.noise.length) % this.stream.length;
       }
