@@ -10,7 +10,8 @@ export default defineConfig([
     target: 'node20',
   },
   {
-    entry: { 'cli/main': 'src/cli/main.ts' },
+    // demo-destination is the worker thread of `qmt demo`: its own file, loaded by URL.
+    entry: { 'cli/main': 'src/cli/main.ts', 'cli/demo-destination': 'src/cli/demo-destination.ts' },
     format: ['esm'],
     sourcemap: true,
     target: 'node20',

@@ -3,16 +3,16 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { Worker } from 'node:worker_threads';
 import type { Command } from 'commander';
-import { DestinationSession } from '../protocol/destination.js';
 import { MigrationError } from '../protocol/errors.js';
-import { LatencyHistogram, type LatencySummary } from '../protocol/latency.js';
-import { InMemorySink } from '../protocol/memory.js';
+import type { LatencySummary } from '../protocol/latency.js';
 import { InMemorySource } from '../protocol/memory-source.js';
 import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
 import { SourceSession, type SourceStats } from '../protocol/source.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { initPkiDir } from '../transport/pki.js';
+import type { DemoDestinationData, DemoTouches } from './demo-destination.js';
 
 const MiB = 1024 * 1024;
 
@@ -96,45 +96,51 @@ class SyntheticGuest {
     clearInterval(this.timer);
   }
 
-  /** The pages the guest touches once it runs at the destination, top-down: against the order of the background stream, as a guest that faults where the stream has not reached yet. */
-  *touches(): Generator<number> {
-    for (let o = this.stream.length - TARGET_PAGE_SIZE; o >= 0; o -= TARGET_PAGE_SIZE) yield this.stream.start + o;
-    for (let o = this.hot.length - TARGET_PAGE_SIZE; o >= 0; o -= TARGET_PAGE_SIZE) yield this.hot.start + o;
-  }
 }
 
-/** An in-process migration of a synthetic guest over the two (TLS) channels on loopback. */
+/** Starts the destination half in a worker thread (the .ts file under tsx, the .js one when built). */
+function startDestinationWorker(data: DemoDestinationData): Worker {
+  const self = import.meta.url;
+  if (!self.endsWith('.ts')) return new Worker(new URL('./demo-destination.js', self), { workerData: data });
+  // Running from source (tsx, vitest): the worker registers tsx itself before loading the .ts file.
+  const file = new URL('./demo-destination.ts', self).href;
+  const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(file)}); });`;
+  return new Worker(boot, { eval: true, workerData: data });
+}
+
+type WorkerMessage =
+  | { type: 'listening'; uri: string }
+  | { type: 'log'; line: string }
+  | { type: 'done'; postcopy: boolean; faults: LatencySummary; returnPathBytes: number; blocks: [string, SharedArrayBuffer][] }
+  | { type: 'failed'; message: string };
+
+/** A migration of a synthetic guest over the two (TLS) channels on loopback, the destination in a worker thread. */
 export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   const log = o.log ?? ((l: string) => process.stderr.write(`${l}\n`));
   const dir = await mkdtemp(join(tmpdir(), 'qmt-demo-'));
+  let worker: Worker | undefined;
   try {
     if (o.tls) await initPkiDir(join(dir, 'pki'));
     const transport = o.tls ? { tls: { dir: join(dir, 'pki') } } : {};
     const guest = new SyntheticGuest(o.sizeMiB * MiB);
-    const sink = new InMemorySink();
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport, postcopy: o.policy !== 'never' });
-    const faults = new LatencyHistogram();
-    let destinationRunning: Promise<void> = Promise.resolve();
-    // Once the destination "runs", the guest touches its working set: every missing page is a fault.
-    dst.on('postcopy-run', () => {
-      log('destination: running (postcopy): the guest faults on pages not yet here');
-      destinationRunning = (async () => {
-        const pending: Promise<unknown>[] = [];
-        for (const off of guest.touches()) {
-          if (dst.hasPage('pc.ram', off)) continue;
-          pending.push(
-            dst.requestPage('pc.ram', off).then(
-              (r) => r.requested && faults.record(r.latencyUs),
-              () => undefined,
-            ),
-          );
-          if (pending.length >= 16) await Promise.all(pending.splice(0)); // a few vCPUs' worth of outstanding faults
-        }
-        await Promise.all(pending);
-      })();
+    worker = startDestinationWorker({ transport, postcopy: o.policy !== 'never' });
+    const w = worker;
+    const finished = new Promise<Extract<WorkerMessage, { type: 'done' }>>((resolve, reject) => {
+      w.on('error', reject);
+      w.on('exit', (code) => reject(new Error(`the destination worker exited (${code})`)));
+      w.on('message', (m: WorkerMessage) => {
+        if (m.type === 'log') log(m.line);
+        else if (m.type === 'done') resolve(m);
+        else if (m.type === 'failed') reject(new Error(`destination: ${m.message}`));
+      });
+    });
+    finished.catch(() => undefined);
+    const uri = await new Promise<string>((resolve, reject) => {
+      w.on('message', (m: WorkerMessage) => m.type === 'listening' && resolve(m.uri));
+      w.once('error', reject);
     });
     const src = new SourceSession({
-      to: dst.uri,
+      to: uri,
       transport,
       memory: guest.source,
       machineType: 'pc-q35-10.0',
@@ -145,7 +151,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       postcopy: o.policy,
       preempt: o.preempt && o.policy !== 'never',
       maxPasses: 10,
-      stopVm: () => guest.stop(),
+      stopVm: () => {
+        guest.stop();
+        const touches: DemoTouches = { hot: guest.hot, stream: guest.stream };
+        w.postMessage({ type: 'touches', touches });
+      },
     });
     src.on('pass', (p) => log(`source: pass ${p.pass}: ${p.pagesSent} pages, ${(p.bytes / MiB).toFixed(0)} MiB in ${p.durationMs.toFixed(0)} ms, ${p.dirtyPages} pages dirty again`));
     src.on('stopped', () => log('source: VM stopped'));
@@ -154,13 +164,12 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     const t0 = performance.now();
     log(`demo: migrating a ${o.sizeMiB} MiB synthetic guest (${o.workload}) over ${o.tls ? 'two TLS channels' : 'two TCP channels'} on loopback, postcopy ${typeof o.policy === 'object' ? `after ${o.policy.afterPasses} pass(es)` : o.policy}`);
     src.start();
-    const [stats, result] = await Promise.all([src.done, dst.done]);
-    await destinationRunning;
+    const [stats, done] = await Promise.all([src.done, finished]);
     const totalMs = performance.now() - t0;
     guest.stop();
+    const received = new Map(done.blocks.map(([name, sab]) => [name, Buffer.from(sab)]));
     let identical = true;
-    for (const [name, mem] of guest.source.memory) identical &&= sink.blocks.get(name)?.equals(mem) ?? false;
-    const rp = result.stats.channels.main?.bytesSent ?? 0;
+    for (const [name, mem] of guest.source.memory) identical &&= received.get(name)?.equals(mem) ?? false;
     return {
       guestMiB: o.sizeMiB,
       policy: typeof o.policy === 'object' ? `after:${o.policy.afterPasses}` : o.policy,
@@ -171,13 +180,14 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       downtimeMs: stats.downtime,
       passes: stats.passes,
       throughputMBps: Math.round(stats.transferred / totalMs / 1000),
-      postcopy: result.postcopy,
-      faults: faults.summary(),
-      bytes: { main: stats.channels.main?.bytesSent ?? 0, preempt: stats.channels.preempt?.bytesSent ?? 0, returnPath: rp },
+      postcopy: done.postcopy,
+      faults: done.faults,
+      bytes: { main: stats.channels.main?.bytesSent ?? 0, preempt: stats.channels.preempt?.bytesSent ?? 0, returnPath: done.returnPathBytes },
       memoryIdentical: identical,
       source: stats,
     };
   } finally {
+    await worker?.terminate();
     await rm(dir, { recursive: true, force: true });
   }
 }

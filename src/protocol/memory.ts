@@ -27,11 +27,14 @@ export class InMemorySink implements GuestMemorySink {
   /** Pages ever written: a ZERO record on a page still zero-filled costs nothing. */
   private readonly written = new Map<string, Uint8Array>();
 
+  /** `shared`: back each block with a SharedArrayBuffer, so that another thread can read the RAM. */
+  constructor(private readonly opts: { shared?: boolean } = {}) {}
+
   setBlocks(blocks: readonly RamBlockInfo[]): void {
     for (const b of blocks) {
       const have = this.blocks.get(b.idstr);
       if (!have || have.length !== b.length) {
-        this.blocks.set(b.idstr, Buffer.alloc(b.length));
+        this.blocks.set(b.idstr, this.opts.shared ? Buffer.from(new SharedArrayBuffer(b.length)) : Buffer.alloc(b.length));
         this.written.set(b.idstr, new Uint8Array(Math.ceil(b.length / TARGET_PAGE_SIZE)));
       }
     }
