@@ -9,9 +9,8 @@ describe('qmt demo (npm start)', () => {
     expect(r.memoryIdentical).toBe(true);
     expect(r.postcopy).toBe(true);
     expect(r.passes).toBe(1);
-    // Whether the guest faults depends on how far the background stream got: every fault is one request, answered on preempt.
+    // Whether the guest faults depends on how far the background stream got; every fault is one request at the source.
     expect(r.source['postcopy-requests']).toBe(r.faults.count);
-    expect(r.bytes.preempt > 0).toBe(r.faults.count > 0);
     expect(lines.some((l) => l.includes('VM stopped'))).toBe(true);
     expect(formatDemoReport(r)).toMatch(/memory +identical at both ends/);
   }, 60_000);
