@@ -6,6 +6,7 @@ import { registerPkiCommand } from './pki.js';
 import { registerDemoCommand } from './demo.js';
 import { registerReceiveCommand } from './receive.js';
 import { registerSendCommand } from './send.js';
+import { registerTapCommand } from './tap.js';
 import { rerunWithoutTls13Tickets } from './reexec.js';
 
 /** Prints one line for a failure and sets the exit code; never a stack trace for bad input. */
@@ -62,5 +63,6 @@ registerPkiCommand(program);
 registerDemoCommand(program);
 registerReceiveCommand(program);
 registerSendCommand(program);
+registerTapCommand(program);
 
 program.parseAsync(process.argv).catch(report);

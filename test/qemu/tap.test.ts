@@ -1,0 +1,170 @@
+/**
+ * QEMU 10.0 → tap → QEMU 10.0. A 64 MiB guest rewriting 47 MiB top-down
+ * (against the background stream, so the destination faults and requests
+ * pages) migrates through the tap in postcopy, started after the first pass,
+ * with the postcopy bandwidth capped so that postcopy lasts a few seconds:
+ * without preempt, with postcopy-preempt, and with preempt over TLS (the tap
+ * terminates the source's TLS and originates its own to the destination).
+ * Each migration must complete, the destination guest must keep running with
+ * its memory invariant intact, and the tap's view must match QEMU's own
+ * counters: page requests (`ram.postcopy-requests`) and pages.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { startTap, type TapReport } from '../../src/tap/index.js';
+import { initPkiDir } from '../../src/transport/pki.js';
+import { checkGuestInvariant, dumpSizeFor, guestRangeOf, migrateBetween, readGuestRam, startQemu, stopAll, type MigrateBetweenResult } from './harness.js';
+import { describeWithQemu } from './require-qemu.js';
+
+const MiB = 1024 * 1024;
+const MEMORY_MIB = 64;
+const GUEST = { startMiB: 1, endMiB: 48, direction: 'down' as const };
+/** Precopy cannot converge (1 ms downtime); postcopy's background stream moves ~47 MiB in ~3 s. */
+const SOURCE_PARAMETERS = { 'max-bandwidth': 64 * MiB, 'downtime-limit': 1, 'max-postcopy-bandwidth': 16 * MiB };
+
+interface Case {
+  name: string;
+  preempt: boolean;
+  tlsDir?: string;
+}
+
+interface Outcome {
+  report: TapReport;
+  result: MigrateBetweenResult;
+}
+
+function tlsCreds(dir: string, endpoint: 'server' | 'client'): string[] {
+  return ['-object', `tls-creds-x509,id=tls0,dir=${dir},endpoint=${endpoint},verify-peer=on`];
+}
+
+function ms(us: number): string {
+  return (us / 1000).toFixed(us < 1000 ? 3 : 1);
+}
+
+async function migrateThroughTap(c: Case): Promise<Outcome> {
+  const tls = c.tlsDir;
+  const [src, dst] = await Promise.all([
+    startQemu({ name: `tap-${c.name}-src`, memoryMiB: MEMORY_MIB, guest: GUEST, ...(tls ? { extraArgs: tlsCreds(tls, 'client') } : {}) }),
+    startQemu({ name: `tap-${c.name}-dst`, memoryMiB: MEMORY_MIB, guest: GUEST, incoming: true, ...(tls ? { extraArgs: tlsCreds(tls, 'server') } : {}) }),
+  ]);
+  const dstUri = `unix:${join(dst.dir, 'migrate.sock')}`;
+  const tap = await startTap({
+    listen: 'tcp:127.0.0.1:0',
+    to: dstUri,
+    ...(tls ? { tlsIn: tls, tlsOut: tls, tlsHostname: 'localhost' } : {}),
+  });
+  try {
+    await src.waitSerialPasses(3, 15_000); // the guest's range holds non-zero counters
+    const ended = tap.sessionEnd(1);
+    const result = await migrateBetween(src, dst, {
+      uri: dstUri,
+      connectUri: tap.uri,
+      capabilities: { 'postcopy-ram': true, ...(c.preempt ? { 'postcopy-preempt': true } : {}) },
+      sourceParameters: { ...SOURCE_PARAMETERS, ...(tls ? { 'tls-creds': 'tls0', 'tls-hostname': 'localhost' } : {}) },
+      ...(tls ? { destinationParameters: { 'tls-creds': 'tls0' } } : {}),
+      postcopyAfterPasses: 2,
+      timeoutMs: 40_000,
+    });
+    const report = await Promise.race([
+      ended,
+      new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`tap session still open: ${JSON.stringify(tap.report()?.connections)}`)), 10_000)),
+    ]);
+
+    // The destination guest keeps running, and its memory invariant holds.
+    await dst.waitSerialPasses(dst.serialPasses() + 3, 15_000);
+    await dst.pauseVm();
+    const inv = checkGuestInvariant(await readGuestRam(dst, dumpSizeFor(dst)), guestRangeOf(dst));
+    expect(inv.ok, inv.detail).toBe(true);
+
+    const r = report.requests;
+    const o = report.overhead;
+    console.log(
+      `[tap ${c.name}] postcopy-requests ${r.count} (QEMU ${result.source.ram?.['postcopy-requests']}); ` +
+        `request→page p50 ${ms(r.latency.all.p50)} ms, p99 ${ms(r.latency.all.p99)} ms, max ${ms(r.latency.all.max)} ms; ` +
+        `answered on preempt ${r.answered.preempt}, main ${r.answered.main}, crossed ${r.alreadyForwarded}, unanswered ${r.unanswered}; ` +
+        `postcopy ${((report.switchover.eofMs ?? 0) - (report.switchover.postcopyRunMs ?? 0)).toFixed(0)} ms; ` +
+        `tap forward delay p50 ${o.forwardDelay.all.p50} µs, p99 ${o.forwardDelay.all.p99} µs, max ${o.forwardDelay.all.max} µs ` +
+        `(${o.forwardDelay.all.count} chunks; taken at once p50 ${o.forwardDelayUnqueued.p50} µs, p99 ${o.forwardDelayUnqueued.p99} µs; ` +
+        `analysis per chunk p50 ${o.analysisPerChunk.p50} µs, p99 ${o.analysisPerChunk.p99} µs; event loop p99 ${o.eventLoopDelay.p99} µs; paused ${o.backpressure.pausedMs.toFixed(0)} ms); ` +
+        `main ${(report.main.bytesPerSecond / MiB).toFixed(1)} MiB/s; migration ${result.durationMs} ms`,
+    );
+    const passes = (phase: string): number => report.passes.filter((p) => p.phase === phase).length;
+    console.log(
+      `[tap ${c.name}] RAM PART sections ${report.main.ramParts.precopy} precopy + ${report.main.ramParts.postcopy} postcopy; ` +
+        `inferred passes ${passes('precopy')} precopy + ${passes('postcopy')} postcopy (QEMU dirty-sync-count ${result.source.ram?.['dirty-sync-count']}); ` +
+        `switchover on the wire ${report.switchover.wireMs} ms; transport errors ${JSON.stringify(report.transportErrors)}`,
+    );
+    return { report, result };
+  } finally {
+    await tap.close();
+    await Promise.all([src.stop(), dst.stop()]);
+  }
+}
+
+function checkReport({ report, result }: Outcome, c: Case): void {
+  const ram = result.source.ram!;
+  expect(result.postcopyStarted).toBe(true);
+  expect(result.destination?.status).toBe('completed');
+  expect(report.state).toBe('ended');
+  expect(report.complete).toBe(true);
+  expect(report.postcopy).toBe(true);
+  expect(report.parseErrors).toEqual([]);
+  expect(report.transportErrors.filter((e) => !e.afterComplete)).toEqual([]);
+  // Every request the destination made went through the tap and was answered.
+  expect(ram['postcopy-requests']).toBeGreaterThan(0);
+  expect(report.requests.count).toBe(ram['postcopy-requests']);
+  expect(report.requests.unanswered).toBe(0);
+  // Every page QEMU sent, on one channel or the other.
+  const pre = report.preempt?.pages ?? { normal: 0, zero: 0, xbzrle: 0 };
+  expect(report.main.pages.normal + pre.normal).toBe(ram.normal);
+  expect(report.main.pages.zero + pre.zero).toBe(ram.duplicate);
+  expect(report.switchover.switchoverStartMs).not.toBeNull();
+  expect(report.switchover.postcopyRunMs).toBeGreaterThanOrEqual(report.switchover.switchoverStartMs!);
+  if (c.preempt) {
+    expect(report.preempt).not.toBeNull();
+    expect(report.connections.preempt?.establishedMs).toBeGreaterThan(report.connections.main.establishedMs!);
+    expect(report.requests.answered.preempt).toBeGreaterThan(report.requests.answered.main);
+    expect(report.requests.answered.preempt).toBeGreaterThan(report.requests.count / 2);
+  } else {
+    expect(report.preempt).toBeNull();
+    expect(report.requests.answered.preempt).toBe(0);
+  }
+  if (c.tlsDir) {
+    expect(report.connections.main.tlsIn?.protocol).toBe('TLSv1.3');
+    expect(report.connections.main.tlsOut?.protocol).toBe('TLSv1.3');
+    expect(report.connections.preempt?.tlsIn?.protocol).toBe('TLSv1.3');
+  }
+}
+
+describeWithQemu('tap between two QEMU 10.0 (postcopy, guest walking top-down)', () => {
+  let tmp: string;
+  let tlsDir: string;
+
+  beforeAll(async () => {
+    tmp = await mkdtemp(join(tmpdir(), 'qmt-tap-qemu-'));
+    tlsDir = join(tmp, 'pki');
+    await initPkiDir(tlsDir);
+  });
+
+  afterAll(async () => {
+    await stopAll();
+    await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('postcopy without preempt: completes, the tap counts QEMU\'s requests, all answered on the main channel', async () => {
+    const c: Case = { name: 'postcopy', preempt: false };
+    checkReport(await migrateThroughTap(c), c);
+  });
+
+  it('postcopy with postcopy-preempt: most requests are answered on the preempt channel', async () => {
+    const c: Case = { name: 'preempt', preempt: true };
+    checkReport(await migrateThroughTap(c), c);
+  });
+
+  it('postcopy with preempt over TLS (tls-in from the source, tls-out to the destination)', async () => {
+    const c: Case = { name: 'preempt-tls', preempt: true, tlsDir };
+    checkReport(await migrateThroughTap(c), c);
+  });
+});

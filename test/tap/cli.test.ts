@@ -1,0 +1,165 @@
+/**
+ * `qmt tap`: runTapCommand in process (text and JSON reports of a replayed
+ * postcopy capture) and the registered command in a child process (usage
+ * errors, SIGINT before any migration).
+ */
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { readFile } from 'node:fs/promises';
+import net from 'node:net';
+import { join } from 'node:path';
+import { PassThrough } from 'node:stream';
+import { describe, expect, it } from 'vitest';
+import { formatTapReport, runTapCommand, type TapCommandReport } from '../../src/cli/tap.js';
+import type { Tap } from '../../src/tap/index.js';
+
+const ROOT = join(import.meta.dirname, '..', '..');
+const FIXTURES = join(ROOT, 'test', 'fixtures');
+
+interface Sidecar {
+  relay: { connections: Array<{ srcToDstChunks: Array<[number, number, number]>; dstToSrcChunks: Array<[number, number, number]> }> };
+  source: { queryMigrate: { ram: { normal: number; 'postcopy-requests': number } } };
+}
+
+function collect(s: net.Socket): { bytes: () => number; data: () => Buffer } {
+  const chunks: Buffer[] = [];
+  let n = 0;
+  s.on('data', (b: Buffer) => {
+    chunks.push(b);
+    n += b.length;
+  });
+  s.on('error', () => undefined);
+  return { bytes: () => n, data: () => Buffer.concat(chunks) };
+}
+
+async function until(cond: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out: ${what}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+/** Replays postcopy-main.bin / postcopy-rp.bin through `tap` in recorded order (each chunk awaited at the far end). */
+async function replayPostcopy(tap: Tap, dstServer: net.Server): Promise<void> {
+  const [main, rp] = await Promise.all([readFile(join(FIXTURES, 'postcopy-main.bin')), readFile(join(FIXTURES, 'postcopy-rp.bin'))]);
+  const sc = JSON.parse(await readFile(join(FIXTURES, 'postcopy.json'), 'utf8')) as Sidecar;
+  const conn = sc.relay.connections[0]!;
+  const accepted = once(dstServer, 'connection') as Promise<[net.Socket]>;
+  const m = /^tcp:(.*):(\d+)$/.exec(tap.uri)!;
+  const src = net.connect({ host: m[1]!, port: Number(m[2]) });
+  const [dst] = await accepted;
+  const atDst = collect(dst);
+  const atSrc = collect(src);
+  const steps = [
+    ...conn.srcToDstChunks.map(([t, off, len]) => ({ t, up: true, off, len })),
+    ...conn.dstToSrcChunks.map(([t, off, len]) => ({ t, up: false, off, len })),
+  ].sort((a, b) => a.t - b.t);
+  for (const s of steps) {
+    if (s.up) src.write(main.subarray(s.off, s.off + s.len));
+    else dst.write(rp.subarray(s.off, s.off + s.len));
+    await until(() => (s.up ? atDst.bytes() : atSrc.bytes()) >= s.off + s.len, 'replayed chunk');
+  }
+  src.end();
+  dst.end();
+}
+
+describe('qmt tap (runTapCommand)', () => {
+  it('prints the text report of a completed postcopy migration and stops after it', async () => {
+    const dstServer = net.createServer();
+    await new Promise<void>((r) => dstServer.listen(0, '127.0.0.1', r));
+    const stdout = new PassThrough();
+    const stderr = new PassThrough();
+    let out = '';
+    let err = '';
+    stdout.on('data', (b: Buffer) => (out += b.toString()));
+    stderr.on('data', (b: Buffer) => (err += b.toString()));
+    let replay: Promise<void> | undefined;
+    const r = await runTapCommand(
+      { listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${(dstServer.address() as net.AddressInfo).port}` },
+      { stdout, stderr, onListening: (tap) => (replay = replayPostcopy(tap, dstServer)) },
+    );
+    await replay;
+    dstServer.close();
+    expect(r.ok).toBe(true);
+    expect(r.sessions).toHaveLength(1);
+    expect(err).toMatch(/^qmt: tap listening on tcp:127\.0\.0\.1:\d+, relaying to tcp:127\.0\.0\.1:\d+$/m);
+    expect(err).toMatch(/session 1: main channel forwarding/);
+    expect(err).toMatch(/session 1: postcopy-run at /);
+    expect(out).toMatch(/^session 1 \(migration, pc-q35-10\.0\): complete after .*, postcopy$/m);
+    expect(out).toMatch(/^ {2}requests {3}3: answered on preempt 0, on main 3; crossed in flight 0; unanswered 0$/m);
+    expect(out).toMatch(/^ {4}request → page {2}p50 /m);
+    expect(out).toMatch(/^ {2}switchover SWITCHOVER_START at .*, PACKAGED .*, RUN .*, EOF /m);
+    expect(out).toMatch(/^ {2}tap {8}forward delay p50 /m);
+    expect(out.trim().split('\n')).toEqual(formatTapReport(r.sessions[0]!));
+  });
+
+  it('--json prints one report object', async () => {
+    const dstServer = net.createServer();
+    await new Promise<void>((r) => dstServer.listen(0, '127.0.0.1', r));
+    const stdout = new PassThrough();
+    let out = '';
+    stdout.on('data', (b: Buffer) => (out += b.toString()));
+    let replay: Promise<void> | undefined;
+    await runTapCommand(
+      { listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${(dstServer.address() as net.AddressInfo).port}`, json: true },
+      { stdout, stderr: new PassThrough(), onListening: (tap) => (replay = replayPostcopy(tap, dstServer)) },
+    );
+    await replay;
+    dstServer.close();
+    const j = JSON.parse(out) as TapCommandReport;
+    const sc = JSON.parse(await readFile(join(FIXTURES, 'postcopy.json'), 'utf8')) as Sidecar;
+    expect(j.ok).toBe(true);
+    expect(j.sessions).toHaveLength(1);
+    expect(j.sessions[0]!.main.pages.normal).toBe(sc.source.queryMigrate.ram.normal);
+    expect(j.sessions[0]!.requests.count).toBe(sc.source.queryMigrate.ram['postcopy-requests']);
+    expect(j.sessions[0]!.requests.latency.all.count).toBe(3);
+  });
+
+  it('a listen address in use is reported, not thrown', async () => {
+    const busy = net.createServer();
+    await new Promise<void>((r) => busy.listen(0, '127.0.0.1', r));
+    const port = (busy.address() as net.AddressInfo).port;
+    const r = await runTapCommand({ listen: `tcp:127.0.0.1:${port}`, to: 'tcp:127.0.0.1:1' }, { stdout: new PassThrough(), stderr: new PassThrough() });
+    busy.close();
+    expect(r.ok).toBe(false);
+    expect(r.listen).toBeNull();
+    expect(r.error?.code).toBeDefined();
+  });
+});
+
+describe('qmt tap (command line)', () => {
+  const script = `
+    import { Command } from 'commander';
+    import { registerTapCommand } from './src/cli/tap.ts';
+    const program = new Command().name('qmt').exitOverride();
+    registerTapCommand(program);
+    try { await program.parseAsync(process.argv.slice(1), { from: 'user' }); } catch { process.exitCode = 2; }
+  `;
+  const run = (args: string[]) =>
+    spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+
+  it('refuses a missing --to', async () => {
+    const p = run(['tap', '--listen', 'tcp:127.0.0.1:0']);
+    let err = '';
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    const [code] = (await once(p, 'exit')) as [number];
+    expect(code).not.toBe(0);
+    expect(err).toMatch(/qmt: usage: required option '--to <uri>' not specified/);
+  });
+
+  it('SIGINT before any migration: a JSON report without sessions, exit code 1', async () => {
+    const p = run(['tap', '--listen', 'tcp:127.0.0.1:0', '--to', 'tcp:127.0.0.1:1', '--json']);
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    p.stderr.on('data', (b: Buffer) => (err += b.toString()));
+    await until(() => /tap listening on/.test(err), 'listening line', 20_000);
+    p.kill('SIGINT');
+    const [code] = (await once(p, 'exit')) as [number];
+    expect(code).toBe(1);
+    const j = JSON.parse(out) as TapCommandReport;
+    expect(j).toMatchObject({ ok: false, to: 'tcp:127.0.0.1:1', sessions: [] });
+    expect(j.listen).toMatch(/^tcp:127\.0\.0\.1:\d+$/);
+  });
+});
