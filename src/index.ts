@@ -5,9 +5,9 @@
  * - stream: the wire format (pure, no I/O)
  * - transport: the two channels, TLS/PKI, TCP tuning, backpressure
  * - protocol: the migration sessions
- * - tap: a protocol-aware relay that measures a migration between two peers
+ * - protocol/tap: a protocol-aware relay that measures a migration between two peers
  */
 export * from './stream/index.js';
 export * from './transport/index.js';
 export * from './protocol/index.js';
-export * from './tap/index.js';
+export * from './protocol/tap/index.js';

@@ -5,7 +5,7 @@
 import { Command } from 'commander';
 import type { LatencySummary } from '../protocol/latency.js';
 import { StreamError } from '../stream/errors.js';
-import { startTap, type Tap, type TapReport } from '../tap/index.js';
+import { startTap, type Tap, type TapReport } from '../protocol/tap/index.js';
 import { TransportError } from '../transport/errors.js';
 import { formatBytes, formatDuration, formatMicros } from './progress.js';
 import { rerunWithoutTls13Tickets } from './reexec.js';

@@ -13,7 +13,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { startTap, type TapReport } from '../../src/tap/index.js';
+import { startTap, type TapReport } from '../../src/protocol/tap/index.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { checkGuestInvariant, dumpSizeFor, guestRangeOf, migrateBetween, readGuestRam, startQemu, stopAll, type MigrateBetweenResult } from './harness.js';
 import { describeWithQemu } from './require-qemu.js';

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { StreamEncoder, PreemptEncoder } from '../../src/stream/encoder.js';
 import { encodeReturnPathMessage } from '../../src/stream/return-path.js';
-import { MigrationAnalysis, type AnalysisReport, type PageAnsweredEvent, type TapDirection } from '../../src/tap/analysis.js';
+import { MigrationAnalysis, type AnalysisReport, type PageAnsweredEvent, type TapDirection } from '../../src/protocol/tap/analysis.js';
 
 const FIXTURES = join(import.meta.dirname, '..', 'fixtures');
 const load = (name: string): Buffer => readFileSync(join(FIXTURES, name));

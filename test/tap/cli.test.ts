@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { formatTapReport, runTapCommand, type TapCommandReport } from '../../src/cli/tap.js';
-import type { Tap } from '../../src/tap/index.js';
+import type { Tap } from '../../src/protocol/tap/index.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const FIXTURES = join(ROOT, 'test', 'fixtures');

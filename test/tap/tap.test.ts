@@ -19,7 +19,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import tls from 'node:tls';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { StreamEncoder } from '../../src/stream/encoder.js';
-import { startTap, type Tap, type TapReport } from '../../src/tap/index.js';
+import { startTap, type Tap, type TapReport } from '../../src/protocol/tap/index.js';
 import type { Channel } from '../../src/transport/channel.js';
 import { MigrationListener, SourceConnection, type DestinationConnection } from '../../src/transport/connection.js';
 import { initPkiDir, loadTlsDir } from '../../src/transport/pki.js';

@@ -20,13 +20,13 @@ import { lstat, unlink } from 'node:fs/promises';
 import net from 'node:net';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
-import type { LatencySummary } from '../protocol/latency.js';
-import type { StreamError } from '../stream/errors.js';
-import { classifySocketError } from '../transport/channel.js';
-import { formatEndpoint, parseEndpoint, type Endpoint } from '../transport/endpoint.js';
-import { TransportError } from '../transport/errors.js';
-import { loadTlsDir } from '../transport/pki.js';
-import { classifyTlsError, clientTlsOptions, secureAccept, secureConnect, serverTlsOptions } from '../transport/tls.js';
+import type { LatencySummary } from '../latency.js';
+import type { StreamError } from '../../stream/errors.js';
+import { classifySocketError } from '../../transport/channel.js';
+import { formatEndpoint, parseEndpoint, type Endpoint } from '../../transport/endpoint.js';
+import { TransportError } from '../../transport/errors.js';
+import { loadTlsDir } from '../../transport/pki.js';
+import { classifyTlsError, clientTlsOptions, secureAccept, secureConnect, serverTlsOptions } from '../../transport/tls.js';
 import {
   MigrationAnalysis,
   type AnalysisReport,

@@ -10,12 +10,12 @@
  * tap.
  */
 import { performance } from 'node:perf_hooks';
-import { LatencyHistogram, type LatencySummary } from '../protocol/latency.js';
-import { RAM_IDSTR, RecordType, TARGET_PAGE_SIZE } from '../stream/constants.js';
-import { PreemptDecoder, StreamDecoder } from '../stream/decoder.js';
-import { StreamError } from '../stream/errors.js';
-import type { MigrationCommand, PreemptRecord, ReturnPathMessage, StreamRecord } from '../stream/records.js';
-import { ReturnPathDecoder } from '../stream/return-path.js';
+import { LatencyHistogram, type LatencySummary } from '../latency.js';
+import { RAM_IDSTR, RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
+import { PreemptDecoder, StreamDecoder } from '../../stream/decoder.js';
+import { StreamError } from '../../stream/errors.js';
+import type { MigrationCommand, PreemptRecord, ReturnPathMessage, StreamRecord } from '../../stream/records.js';
+import { ReturnPathDecoder } from '../../stream/return-path.js';
 
 /**
  * The four directions of a session: `main` (source → destination on the first
