@@ -140,17 +140,20 @@ function pushField(b: Buffer, f: Field, value: number): void {
 const JSON_NUMBERS = ['0', '-1', '1.5', '1e308', '9007199254740993', '4294967296', '18446744073709551616', '""', 'null', '[]', '{}', '99999999999'];
 
 function replaceJsonNumber(b: Buffer, pos: number, value: number): Buffer {
-  // The k-th run of ASCII digits after `pos` (wrapping), in a window that keeps this cheap.
-  const from = pos % b.length;
-  const window = Math.min(b.length, 65536);
+  // The first number after `pos` that follows a colon (a JSON value), wrapping around once.
+  let from = pos % b.length;
   let start = -1;
-  for (let i = 0; i < window; i++) {
-    const p = (from + i) % b.length;
-    const c = b[p] as number;
-    if (c >= 0x30 && c <= 0x39 && (p === 0 || (b[p - 1] as number) === 0x20 || (b[p - 1] as number) === 0x3a)) {
-      start = p;
-      break;
+  for (let tries = 0; tries < 64 && start < 0; tries++) {
+    let i = b.indexOf(0x3a, from);
+    if (i < 0) {
+      if (from === 0) break;
+      from = 0;
+      continue;
     }
+    from = i + 1;
+    while (b[i + 1] === 0x20) i++;
+    const c = b[i + 1];
+    if (c !== undefined && c >= 0x30 && c <= 0x39) start = i + 1;
   }
   if (start < 0) return b;
   let end = start;
@@ -165,7 +168,7 @@ function replaceJsonNumber(b: Buffer, pos: number, value: number): Buffer {
  * that move bytes follow, in order. `donors` feed DONOR_SPLICE.
  */
 export function mutate(base: Uint8Array, muts: readonly Mutation[], map: RecordMap = EMPTY_MAP, donors: readonly Uint8Array[] = []): Buffer {
-  let b = Buffer.from(base);
+  let b: Buffer = Buffer.from(base);
   const ordered = [...muts.filter((m) => IN_PLACE.has(m[0] % KIND_COUNT)), ...muts.filter((m) => !IN_PLACE.has(m[0] % KIND_COUNT))];
   for (const [rawKind, pos, value] of ordered) {
     if (b.length === 0) break;
