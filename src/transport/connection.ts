@@ -264,8 +264,10 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     if (secure) {
       server.on('secureConnection', (s: tls.TLSSocket) => this.arrived(s, kind));
       server.on('tlsClientError', (e: Error, s: tls.TLSSocket) => {
+        // The verification result is on the socket: the error alone is often just "socket hang up".
+        const err = classifyTlsError(e, this.conn ? 'preempt' : 'main', { side: 'server', socket: s });
         s.destroy();
-        this.refuse(classifyTlsError(e, this.conn ? 'preempt' : 'main'));
+        this.refuse(err);
       });
     } else {
       server.on('connection', (s: net.Socket) => this.arrived(s, kind));

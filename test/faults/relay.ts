@@ -1,0 +1,436 @@
+/**
+ * A fault-injecting TCP relay between a source and a destination (both ours).
+ *
+ * The source connects to the relay; for every accepted connection the relay
+ * opens one to the real destination and forwards both directions: `up` is
+ * source → destination (the migration stream), `down` is destination → source
+ * (the return path). Faults are set per connection (by accept order: 0 is the
+ * main channel, 1 the preempt channel) and per direction, at byte offsets of
+ * that direction:
+ *
+ * - `dropAt`: after N bytes, reset both sockets (RST): a network failure (the
+ *   receiver may lose bytes still in flight, or see the reset as an end of stream);
+ * - `stall`: after N bytes, forward nothing in that direction for `ms`;
+ * - `truncateAt`: after N bytes, end that direction cleanly (FIN) and discard
+ *   whatever the sender writes afterwards; the other direction goes on;
+ * - `corrupt`: XOR the byte at offset N with `xor` (default 0xff);
+ * - `bytesPerSecond`: forward at most R bytes/s (a slow reader: the sender's
+ *   buffers fill and its writes wait).
+ *
+ * and per relay:
+ *
+ * - `reorder`: hold the first accepted connection (not connected onward)
+ *   until a second one arrives, then connect the second to the destination
+ *   first; gives up holding after `holdMs` (default 2 s), because a source
+ *   that waits for an answer on its first connection never opens a second.
+ *
+ * Bounded: at most `maxConnections` connections (later ones are refused),
+ * at most `highWaterBytes` buffered per direction (the reading socket is
+ * paused beyond it), every stall and throttle delay is a timer the relay
+ * owns. `close()` destroys every socket, clears every timer and closes the
+ * server; `fired` lists what happened, for failure messages.
+ */
+import net from 'node:net';
+
+export interface DirectionFaults {
+  /** Reset both sockets (RST) once this many bytes have been forwarded in this direction (at most these reach the receiver). */
+  readonly dropAt?: number;
+  /** Forward nothing in this direction for `ms` once `at` bytes have been forwarded. */
+  readonly stall?: { readonly at: number; readonly ms: number };
+  /** End this direction (FIN) after this many bytes; later bytes of the sender are discarded. */
+  readonly truncateAt?: number;
+  /** XOR the byte at this offset of the direction with `xor` (default 0xff; 0 is taken as 0xff). */
+  readonly corrupt?: { readonly at: number; readonly xor?: number };
+  /** Forward at most this many bytes per second (token bucket, burst of 1/20 s). */
+  readonly bytesPerSecond?: number;
+}
+
+export interface ConnectionFaults {
+  readonly up?: DirectionFaults;
+  readonly down?: DirectionFaults;
+}
+
+export interface FaultRelayOptions {
+  /** The destination: `tcp:HOST:PORT` (or host and port). */
+  readonly target: string | { readonly host: string; readonly port: number };
+  /** Faults of each connection by accept order (index 0: the main channel, 1: the preempt channel). */
+  readonly connections?: readonly (ConnectionFaults | undefined)[] | ((index: number) => ConnectionFaults | undefined);
+  /** Connect the second accepted connection onward before the first (see the file comment). */
+  readonly reorder?: boolean | { readonly holdMs?: number };
+  /** Connections accepted in the relay's life (default 4); later ones are destroyed at once. */
+  readonly maxConnections?: number;
+  /** Bytes buffered per direction before the reading socket is paused (default 256 KiB). */
+  readonly highWaterBytes?: number;
+}
+
+export type Direction = 'up' | 'down';
+
+/** What one relayed connection did. */
+export interface RelayConnectionInfo {
+  readonly index: number;
+  /** Bytes forwarded per direction. */
+  readonly forwarded: Record<Direction, number>;
+  /** Bytes received from the sender per direction (forwarded or not). */
+  readonly received: Record<Direction, number>;
+  /** Which of the relay's two sockets are still open: toward the source and toward the destination. */
+  readonly open: { readonly source: boolean; readonly destination: boolean };
+  /** True once both sockets are closed. */
+  readonly closed: boolean;
+}
+
+const DEFAULT_HOLD_MS = 2000;
+
+function parseTarget(t: FaultRelayOptions['target']): { host: string; port: number } {
+  if (typeof t !== 'string') return t;
+  const m = /^tcp:(\[[^\]]+\]|[^:]+):(\d+)$/.exec(t);
+  if (!m) throw new Error(`fault relay: target must be tcp:HOST:PORT, got ${t}`);
+  return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+}
+
+/** One direction of one connection: reads `from`, applies the faults, writes `to`. */
+class Pipe {
+  /** Bytes received from the sender. */
+  received = 0;
+  /** Bytes forwarded to the receiver (the offset faults refer to). */
+  forwarded = 0;
+  private readonly queue: Buffer[] = [];
+  private queued = 0;
+  private blocked: 'stall' | 'throttle' | 'drain' | undefined;
+  private stalled = false;
+  private ended = false; // truncated or dropped: nothing more is forwarded
+  private fromEnded = false;
+  private tokens: number;
+  private lastRefill = performance.now();
+
+  constructor(
+    private readonly conn: RelayConnection,
+    readonly dir: Direction,
+    private readonly from: net.Socket,
+    private readonly to: net.Socket,
+    private readonly faults: DirectionFaults,
+    private readonly highWater: number,
+  ) {
+    this.tokens = this.burst;
+    from.on('data', (chunk: Buffer) => {
+      this.received += chunk.length;
+      if (this.ended) return; // truncated: the sender's bytes go nowhere
+      this.queue.push(chunk);
+      this.queued += chunk.length;
+      if (this.queued > this.highWater) from.pause();
+      this.pump();
+    });
+    from.on('end', () => this.senderGone());
+    to.on('drain', () => {
+      if (this.blocked === 'drain') {
+        this.blocked = undefined;
+        this.pump();
+      }
+    });
+  }
+
+  /** The receiver went away: drop what is queued and read the sender to its end (so that its close is seen). */
+  receiverGone(): void {
+    this.ended = true;
+    this.queue.length = 0;
+    this.queued = 0;
+    this.from.resume();
+  }
+
+  /** The sender finished (FIN or close): end the receiver once the queue is written. */
+  senderGone(): void {
+    this.fromEnded = true;
+    this.pump();
+  }
+
+  private get burst(): number {
+    const r = this.faults.bytesPerSecond;
+    return r === undefined ? Infinity : Math.max(1, Math.floor(r / 20));
+  }
+
+  /** The next offset at which something must happen, beyond the current one. */
+  private nextBoundary(): number {
+    const f = this.faults;
+    let b = Infinity;
+    for (const at of [f.dropAt, f.truncateAt, this.stalled ? undefined : f.stall?.at, f.corrupt?.at]) {
+      if (at !== undefined && at >= this.forwarded && at < b) b = at;
+    }
+    return b;
+  }
+
+  pump(): void {
+    const f = this.faults;
+    while (!this.blocked && !this.ended && !this.conn.isClosing) {
+      if (this.to.destroyed || this.to.writableEnded) {
+        this.receiverGone();
+        return;
+      }
+      // Faults that fire at the current offset, before anything more is written.
+      if (f.dropAt !== undefined && this.forwarded >= f.dropAt) {
+        this.conn.fire(`${this.dir} dropped (reset) at byte ${this.forwarded}`);
+        this.ended = true;
+        this.conn.reset();
+        return;
+      }
+      if (f.truncateAt !== undefined && this.forwarded >= f.truncateAt) {
+        this.conn.fire(`${this.dir} truncated (FIN) at byte ${this.forwarded}`);
+        this.ended = true;
+        this.queue.length = 0;
+        this.queued = 0;
+        this.from.resume();
+        this.to.end();
+        return;
+      }
+      if (f.stall && !this.stalled && this.forwarded >= f.stall.at) {
+        this.stalled = true;
+        this.blocked = 'stall';
+        this.conn.fire(`${this.dir} stalled for ${f.stall.ms} ms at byte ${this.forwarded}`);
+        this.conn.timer(f.stall.ms, () => {
+          this.blocked = undefined;
+          this.pump();
+        });
+        return;
+      }
+      const head = this.queue[0];
+      if (!head) {
+        if (this.fromEnded && !this.to.writableEnded) this.to.end();
+        return;
+      }
+      let n = Math.min(head.length, this.nextBoundary() === this.forwarded ? 1 : this.nextBoundary() - this.forwarded);
+      if (f.bytesPerSecond !== undefined) {
+        const now = performance.now();
+        this.tokens = Math.min(this.burst, this.tokens + ((now - this.lastRefill) * f.bytesPerSecond) / 1000);
+        this.lastRefill = now;
+        if (this.tokens < 1) {
+          this.blocked = 'throttle';
+          this.conn.timer(Math.max(1, Math.ceil(((1 - this.tokens) * 1000) / f.bytesPerSecond)), () => {
+            this.blocked = undefined;
+            this.pump();
+          });
+          return;
+        }
+        n = Math.min(n, Math.floor(this.tokens));
+        this.tokens -= n;
+        if (this.forwarded === 0) this.conn.fire(`${this.dir} throttled to ${f.bytesPerSecond} B/s`);
+      }
+      let piece = head.subarray(0, n);
+      if (n === head.length) this.queue.shift();
+      else this.queue[0] = head.subarray(n);
+      this.queued -= n;
+      if (f.corrupt && f.corrupt.at >= this.forwarded && f.corrupt.at < this.forwarded + n) {
+        piece = Buffer.from(piece);
+        const i = f.corrupt.at - this.forwarded;
+        piece[i]! ^= f.corrupt.xor || 0xff;
+        this.conn.fire(`${this.dir} byte ${f.corrupt.at} corrupted (xor 0x${(f.corrupt.xor || 0xff).toString(16)})`);
+      }
+      this.forwarded += n;
+      if (this.queued <= this.highWater / 2 && this.from.isPaused()) this.from.resume();
+      if (!this.to.write(piece)) this.blocked = 'drain';
+    }
+  }
+}
+
+/** One accepted connection and its onward connection. */
+class RelayConnection {
+  readonly up: Pipe | undefined;
+  private downPipe: Pipe | undefined;
+  private closing = false;
+  private readonly timers = new Set<NodeJS.Timeout>();
+  upstream: net.Socket | undefined;
+
+  constructor(
+    private readonly relay: FaultRelay,
+    readonly index: number,
+    readonly client: net.Socket,
+    readonly faults: ConnectionFaults,
+  ) {
+    client.on('error', () => this.onSocketGone(client, true));
+    client.on('close', (hadError) => this.onSocketGone(client, hadError));
+    // Until connected onward, the client's bytes wait in the kernel (no reading).
+    client.pause();
+  }
+
+  get isClosing(): boolean {
+    return this.closing;
+  }
+
+  /** Opens the onward connection and starts forwarding. */
+  connect(target: { host: string; port: number }, highWater: number): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.closing) return resolve();
+      const up = net.connect(target);
+      this.upstream = up;
+      up.setNoDelay(true);
+      this.client.setNoDelay(true);
+      up.on('error', () => this.onSocketGone(up, true));
+      up.on('close', (hadError) => this.onSocketGone(up, hadError));
+      up.once('connect', () => {
+        if (this.closing) return resolve();
+        (this as { up: Pipe | undefined }).up = new Pipe(this, 'up', this.client, up, this.faults.up ?? {}, highWater);
+        this.downPipe = new Pipe(this, 'down', up, this.client, this.faults.down ?? {}, highWater);
+        this.client.resume();
+        resolve();
+      });
+      up.once('error', () => resolve());
+    });
+  }
+
+  info(): RelayConnectionInfo {
+    return {
+      index: this.index,
+      forwarded: { up: this.up?.forwarded ?? 0, down: this.downPipe?.forwarded ?? 0 },
+      received: { up: this.up?.received ?? 0, down: this.downPipe?.received ?? 0 },
+      open: { source: !this.client.destroyed, destination: this.upstream !== undefined && !this.upstream.destroyed },
+      closed: this.client.destroyed && (this.upstream?.destroyed ?? true),
+    };
+  }
+
+  fire(what: string): void {
+    this.relay.fired.push(`conn ${this.index}: ${what}`);
+  }
+
+  timer(ms: number, fn: () => void): void {
+    const t = setTimeout(() => {
+      this.timers.delete(t);
+      if (!this.closing) fn();
+    }, ms);
+    this.timers.add(t);
+  }
+
+  /** A network failure: both ends see a reset. */
+  reset(): void {
+    if (this.closing) return;
+    this.closing = true;
+    this.clearTimers();
+    for (const s of [this.client, this.upstream]) if (s && !s.destroyed) s.resetAndDestroy();
+  }
+
+  /**
+   * One side went away. An error is passed on as a reset. A clean close is
+   * passed on as a FIN by the pipe toward the other side, once it has written
+   * what it holds (a stall or a throttle still delays it).
+   */
+  private onSocketGone(s: net.Socket, hadError: boolean): void {
+    if (this.closing) return;
+    const other = s === this.client ? this.upstream : this.client;
+    if (hadError || !other || !this.up) {
+      this.reset();
+      return;
+    }
+    const toOther = s === this.client ? this.up : this.downPipe;
+    const fromOther = s === this.client ? this.downPipe : this.up;
+    toOther?.senderGone();
+    fromOther?.receiverGone();
+    if (this.client.destroyed && this.upstream?.destroyed) {
+      this.closing = true;
+      this.clearTimers();
+      return;
+    }
+    // A peer that never closes its side must not keep the relay's socket for long.
+    this.timer(5000, () => this.destroy());
+  }
+
+  private clearTimers(): void {
+    for (const t of this.timers) clearTimeout(t);
+    this.timers.clear();
+  }
+
+  destroy(): void {
+    this.closing = true;
+    this.clearTimers();
+    this.client.destroy();
+    this.upstream?.destroy();
+  }
+}
+
+export class FaultRelay {
+  /** Every fault that fired, in order ("conn 0: up dropped (reset) at byte 1234"). */
+  readonly fired: string[] = [];
+  private readonly conns: RelayConnection[] = [];
+  private accepted = 0;
+  private held: RelayConnection | undefined;
+  private holdTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  private constructor(
+    private readonly server: net.Server,
+    private readonly target: { host: string; port: number },
+    private readonly opts: FaultRelayOptions,
+  ) {
+    server.on('connection', (s) => this.onConnection(s));
+  }
+
+  /** Listens on 127.0.0.1 (ephemeral port). */
+  static async start(opts: FaultRelayOptions): Promise<FaultRelay> {
+    const server = net.createServer({ pauseOnConnect: true });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host: '127.0.0.1', port: 0 }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    return new FaultRelay(server, parseTarget(opts.target), opts);
+  }
+
+  /** `tcp:127.0.0.1:PORT`: give it to the source as its destination. */
+  get uri(): string {
+    const a = this.server.address() as net.AddressInfo;
+    return `tcp:127.0.0.1:${a.port}`;
+  }
+
+  /** Per-connection counters. */
+  get connections(): RelayConnectionInfo[] {
+    return this.conns.map((c) => c.info());
+  }
+
+  private faultsFor(i: number): ConnectionFaults {
+    const c = this.opts.connections;
+    if (!c) return {};
+    return (typeof c === 'function' ? c(i) : c[i]) ?? {};
+  }
+
+  private onConnection(s: net.Socket): void {
+    const index = this.accepted++;
+    if (this.closed || index >= (this.opts.maxConnections ?? 4)) {
+      s.destroy();
+      return;
+    }
+    const conn = new RelayConnection(this, index, s, this.faultsFor(index));
+    this.conns.push(conn);
+    const hw = this.opts.highWaterBytes ?? 256 << 10;
+    const reorder = this.opts.reorder;
+    if (reorder && index === 0) {
+      this.held = conn;
+      const holdMs = typeof reorder === 'object' ? (reorder.holdMs ?? DEFAULT_HOLD_MS) : DEFAULT_HOLD_MS;
+      this.holdTimer = setTimeout(() => {
+        this.holdTimer = undefined;
+        const h = this.held;
+        this.held = undefined;
+        if (h) {
+          this.fired.push(`conn 0: held ${holdMs} ms, no second connection came; connected in order`);
+          void h.connect(this.target, hw);
+        }
+      }, holdMs);
+      return;
+    }
+    if (reorder && index === 1 && this.held) {
+      const first = this.held;
+      this.held = undefined;
+      clearTimeout(this.holdTimer);
+      this.holdTimer = undefined;
+      this.fired.push('conn 1 connected onward before conn 0 (reordered)');
+      void conn.connect(this.target, hw).then(() => first.connect(this.target, hw));
+      return;
+    }
+    void conn.connect(this.target, hw);
+  }
+
+  /** Destroys every socket, clears every timer, closes the server. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.holdTimer);
+    for (const c of this.conns) c.destroy();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
