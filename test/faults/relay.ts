@@ -27,7 +27,8 @@
  * Bounded: at most `maxConnections` connections (later ones are refused),
  * at most `highWaterBytes` buffered per direction (the reading socket is
  * paused beyond it), every stall and throttle delay is a timer the relay
- * owns. `close()` destroys every socket, clears every timer and closes the
+ * owns, a connection one side of which has closed is destroyed at most 5 s
+ * later. `close()` destroys every socket, clears every timer and closes the
  * server; `fired` lists what happened, for failure messages.
  */
 import net from 'node:net';
@@ -301,7 +302,12 @@ class RelayConnection {
     if (this.closing) return;
     this.closing = true;
     this.clearTimers();
-    for (const s of [this.client, this.upstream]) if (s && !s.destroyed) s.resetAndDestroy();
+    for (const s of [this.client, this.upstream]) {
+      if (!s || s.destroyed) continue;
+      // After end() (a FIN already on its way) libuv refuses the reset, and Node then never closes the handle.
+      if (s.writableEnded) s.destroy();
+      else s.resetAndDestroy();
+    }
   }
 
   /**
@@ -356,6 +362,7 @@ export class FaultRelay {
     private readonly target: { host: string; port: number },
     private readonly opts: FaultRelayOptions,
   ) {
+    this.uri = `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`;
     server.on('connection', (s) => this.onConnection(s));
   }
 
@@ -372,11 +379,8 @@ export class FaultRelay {
     return new FaultRelay(server, parseTarget(opts.target), opts);
   }
 
-  /** `tcp:127.0.0.1:PORT`: give it to the source as its destination. */
-  get uri(): string {
-    const a = this.server.address() as net.AddressInfo;
-    return `tcp:127.0.0.1:${a.port}`;
-  }
+  /** `tcp:127.0.0.1:PORT`: give it to the source as its destination (still readable after `close()`). */
+  readonly uri: string;
 
   /** Per-connection counters. */
   get connections(): RelayConnectionInfo[] {
