@@ -55,8 +55,13 @@ export interface SourceOptions {
   vmdesc?: Uint8Array;
   /** Bytes of page data per RAM PART section (default 8 MiB). */
   sectionBytes?: number;
-  /** How long to wait for the destination's SHUT after EOF (default 30 s). */
-  shutTimeoutMs?: number;
+  /**
+   * How long an answer from the destination (PONG 1 before the preempt channel
+   * opens, SHUT at the end) may be outstanding with nothing moving: no
+   * return-path message and, where the kernel tells, none of our bytes
+   * acknowledged (default 30 s). A slow link is not a timeout; a dead peer is.
+   */
+  replyTimeoutMs?: number;
 }
 
 export interface SourceStats {
@@ -103,11 +108,23 @@ interface BlockState {
   readonly sentAfterListen: PageBitmap;
 }
 
+/** Pages [page, end) of one page request, still to be answered. */
 interface QueuedRequest {
+  block: string;
+  page: number;
+  end: number;
+  arrived: number;
+}
+
+/** One answered page, timed when its last byte reaches the kernel. */
+interface AnsweredPage {
   block: string;
   page: number;
   arrived: number;
 }
+
+/** Pages answered per turn before the background stream gets the socket again. */
+const REQUEST_PAGES_PER_TURN = 64;
 
 const EMPTY = new Uint8Array(0);
 
@@ -138,11 +155,15 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private finished = false;
   private failure: MigrationError | undefined;
   private pongs = new Set<number>();
-  private pongWaiters: (() => void)[] = [];
-  private shutWaiter: ((v: number) => void) | undefined;
+  /** Re-checked on every return-path message and on failure (see waitForPeer). */
+  private readonly peerWaiters = new Set<() => void>();
   private shutValue: number | undefined;
   private lastReqBlock: string | undefined;
+  /** Requests to answer inside the main stream (no preempt channel). */
   private readonly requests: QueuedRequest[] = [];
+  /** Requests to answer on the preempt channel, by servePreempt (one at a time, waiting for room). */
+  private readonly preemptRequests: QueuedRequest[] = [];
+  private servingPreempt = false;
   private readonly latency = new LatencyHistogram();
   private readonly xbzrle: XbzrleCache | undefined;
   private readonly ramSectionId: number;
@@ -246,6 +267,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.status = 'failed';
     this.endedAt = performance.now();
     this.conn?.destroy();
+    this.wakePeerWaiters();
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
     this.rejectDone(e);
   }
@@ -325,7 +347,6 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       switch (m.type) {
         case 'pong':
           this.pongs.add(m.value);
-          for (const w of this.pongWaiters.splice(0)) w();
           break;
         case 'shut':
           this.shutValue = m.value;
@@ -333,7 +354,6 @@ export class SourceSession extends EventEmitter<SourceEvents> {
             this.fail(new MigrationError('protocol', this.phase, `the destination reported a failure (SHUT ${m.value})`));
             return;
           }
-          this.shutWaiter?.(m.value);
           break;
         case 'req-pages-id':
           this.lastReqBlock = m.block;
@@ -350,6 +370,50 @@ export class SourceSession extends EventEmitter<SourceEvents> {
           break; // SWITCHOVER_ACK, RESUME_ACK, RECV_BITMAP: not used without recovery
       }
     }
+    this.wakePeerWaiters();
+  }
+
+  private wakePeerWaiters(): void {
+    for (const w of [...this.peerWaiters]) w();
+  }
+
+  /**
+   * Waits until `ready()` holds, re-checked on every return-path message. Gives
+   * up only after `replyTimeoutMs` in which nothing moved: no message from the
+   * destination and no byte of ours newly acknowledged by its kernel. The
+   * stream may still be crossing a slow link when we start waiting (megabytes
+   * sit in socket buffers once our last write returned), so a fixed deadline
+   * would fail a healthy migration.
+   */
+  private waitForPeer(what: string, ready: () => boolean): Promise<void> {
+    const ms = this.opts.replyTimeoutMs ?? 30_000;
+    return new Promise<void>((resolve, reject) => {
+      let idleSince = performance.now();
+      let unacked = this.conn?.main.unackedBytes;
+      const finish = (e?: MigrationError) => {
+        clearInterval(poll);
+        this.peerWaiters.delete(waiter);
+        if (e) reject(e);
+        else resolve();
+      };
+      const waiter = () => {
+        idleSince = performance.now();
+        if (this.failure) finish(this.failure);
+        else if (ready()) finish();
+      };
+      const poll = setInterval(
+        () => {
+          const now = performance.now();
+          const q = this.conn?.main.unackedBytes;
+          if (q !== undefined && unacked !== undefined && q < unacked) idleSince = now;
+          unacked = q;
+          if (now - idleSince >= ms) finish(new MigrationError('idle-timeout', this.phase, `no ${what} from the destination, and nothing moved, for ${ms} ms`));
+        },
+        Math.max(10, Math.min(250, ms / 4)),
+      );
+      this.peerWaiters.add(waiter);
+      waiter();
+    });
   }
 
   private onRequest(block: string, offset: number, length: number, now: number): void {
@@ -360,41 +424,49 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     }
     this.c.requests++;
     if (!this.inPostcopy) return; // QEMU destinations only ask after LISTEN; earlier asks are served by the passes
-    for (let o = offset; o < offset + length; o += TARGET_PAGE_SIZE) {
-      const page = o / TARGET_PAGE_SIZE;
-      if (this.preempt) this.answerOnPreempt(st, page, now);
-      else this.requests.push({ block, page, arrived: now });
+    // Kept as a range: one request may cover a whole block (the page data is read when sent).
+    const r: QueuedRequest = { block, page: offset / TARGET_PAGE_SIZE, end: (offset + length) / TARGET_PAGE_SIZE, arrived: now };
+    if (this.preempt) {
+      this.preemptRequests.push(r);
+      if (!this.servingPreempt) {
+        this.servingPreempt = true;
+        this.servePreempt()
+          .catch((e: unknown) => this.fail(MigrationError.from(e, this.phase)))
+          .finally(() => (this.servingPreempt = false));
+      }
+    } else {
+      this.requests.push(r);
     }
   }
 
-  /** Preempt mode: the page goes out now on its own socket (exactly once). */
-  private answerOnPreempt(st: BlockState, page: number, arrived: number): void {
-    if (st.sentAfterListen.has(page)) return; // already on its way on the main channel
-    st.sentAfterListen.set(page);
-    st.toSend.clear(page);
-    const rec = this.pageRecord(st, page, false) as PreemptRecord;
-    this.preemptEnc.write(rec);
-    const pieces = this.preemptEnc.take();
-    for (const p of pieces) this.c.transferred += p.length;
-    const block = st.info.idstr;
-    const offset = page * TARGET_PAGE_SIZE;
-    this.preempt!.send(pieces, 'urgent', () => {
-      const latencyUs = (performance.now() - arrived) * 1000;
-      this.latency.record(latencyUs);
-      this.emit('page-request', { block, offset, channel: 'preempt', latencyUs });
-    }).catch((e: unknown) => this.fail(MigrationError.from(e, this.phase)));
+  /**
+   * Preempt mode: requested pages go out on their own socket in arrival order,
+   * each exactly once. The first leaves in the tick its request arrived; later
+   * ones wait for room in the channel, so a request for a whole block holds
+   * at most the channel's bound in memory, not the block.
+   */
+  private async servePreempt(): Promise<void> {
+    const q = this.preemptRequests;
+    while (q.length > 0 && !this.failure) {
+      const r = q[0]!;
+      const page = r.page++;
+      if (r.page >= r.end) q.shift();
+      const st = this.blocks.get(r.block)!;
+      if (st.sentAfterListen.has(page)) continue; // already on its way on the main channel
+      st.sentAfterListen.set(page);
+      st.toSend.clear(page);
+      this.preemptEnc.write(this.pageRecord(st, page, false) as PreemptRecord);
+      const pieces = this.preemptEnc.take();
+      for (const p of pieces) this.c.transferred += p.length;
+      const { block, arrived } = r;
+      await this.preempt!.send(pieces, 'urgent', () => {
+        const latencyUs = (performance.now() - arrived) * 1000;
+        this.latency.record(latencyUs);
+        this.emit('page-request', { block, offset: page * TARGET_PAGE_SIZE, channel: 'preempt', latencyUs });
+      });
+    }
   }
 
-  private waitPong(value: number): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const check = () => {
-        if (this.failure) reject(this.failure);
-        else if (this.pongs.has(value)) resolve();
-        else this.pongWaiters.push(check);
-      };
-      check();
-    });
-  }
 
   // ---- the migration ---------------------------------------------------------
 
@@ -485,7 +557,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
     // Completion: the destination answers SHUT 0 once it has everything.
     this.phase = 'completion';
-    await this.waitShut();
+    await this.waitForPeer('SHUT', () => this.shutValue === 0);
     // From here on the destination may close first: that is the normal end.
     this.finished = true;
     this.status = 'completed';
@@ -549,24 +621,34 @@ export class SourceSession extends EventEmitter<SourceEvents> {
         page = st.toSend.next(page + 1);
       }
     }
-    if (this.requests.length > 0) this.serveQueuedRequests(emitPage);
+    while (this.requests.length > 0) {
+      this.serveQueuedRequests(emitPage);
+      await this.flushMain();
+    }
     if (kind === 'end') openSection();
     closeSection();
     await this.flushMain();
     return sent;
   }
 
+  /** Answers up to REQUEST_PAGES_PER_TURN requested pages into the current section. */
   private serveQueuedRequests(emitPage: (st: BlockState, page: number) => void): void {
-    for (const r of this.requests.splice(0)) {
+    const q = this.requests;
+    let budget = REQUEST_PAGES_PER_TURN;
+    while (q.length > 0 && budget > 0) {
+      const r = q[0]!;
+      const page = r.page++;
+      if (r.page >= r.end) q.shift();
       const st = this.blocks.get(r.block)!;
-      if (st.sentAfterListen.has(r.page)) continue;
-      emitPage(st, r.page);
-      this.writtenCallbacks.push(r);
+      if (st.sentAfterListen.has(page)) continue;
+      emitPage(st, page);
+      budget--;
+      this.writtenCallbacks.push({ block: r.block, page, arrived: r.arrived });
     }
   }
 
   /** Requests answered in the batch being written: timed when its last byte reaches the kernel. */
-  private writtenCallbacks: QueuedRequest[] = [];
+  private writtenCallbacks: AnsweredPage[] = [];
 
   private takeWrittenCallback(): (() => void) | undefined {
     if (this.writtenCallbacks.length === 0) return undefined;
@@ -633,7 +715,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     // QEMU order: the preempt channel is connected once the destination has
     // proved it accepted the main channel (PONG 1), before the VM stops.
     if (this.opts.preempt) {
-      await this.waitPong(1);
+      await this.waitForPeer('PONG 1', () => this.pongs.has(1));
       this.preempt = await this.conn!.connectPreempt();
       this.check(); // cancelled meanwhile: fail() already tore the connection down
       this.preempt.on('error', (e) => {
@@ -684,21 +766,6 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     await Promise.all([main.flush(), this.preempt?.flush()]);
   }
 
-  private async waitShut(): Promise<void> {
-    if (this.shutValue === 0) return;
-    const ms = this.opts.shutTimeoutMs ?? 30_000;
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new MigrationError('idle-timeout', 'completion', `no SHUT from the destination within ${ms} ms`)), ms);
-      this.shutWaiter = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-      this.done.catch((e: unknown) => {
-        clearTimeout(timer);
-        reject(e);
-      });
-    });
-  }
 }
 
 /** Runs of set bits as byte ranges. */

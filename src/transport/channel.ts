@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { TransportError } from './errors.js';
+import { unackedBytes } from './kernel-queue.js';
 import { SendQueue } from './send-queue.js';
 import type { EffectiveTuning } from './tuning.js';
 
@@ -112,6 +113,14 @@ export class Channel extends EventEmitter<ChannelEvents> {
 
   get stats(): ChannelStats {
     return { ...this.s, queuedBytes: this.queuedBytes };
+  }
+
+  /**
+   * Bytes in the kernel not yet acknowledged by the peer (see kernel-queue.ts);
+   * undefined where the kernel does not tell (unix sockets, not Linux).
+   */
+  get unackedBytes(): number | undefined {
+    return unackedBytes(this.socket);
   }
 
   get isClosed(): boolean {

@@ -265,7 +265,11 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
       server.on('secureConnection', (s: tls.TLSSocket) => this.arrived(s, kind));
       server.on('tlsClientError', (e: Error, s: tls.TLSSocket) => {
         // The verification result is on the socket: the error alone is often just "socket hang up".
-        const err = classifyTlsError(e, this.conn ? 'preempt' : 'main', { side: 'server', socket: s });
+        // A TLSSocket counts decrypted bytes only; the raw socket under it (Node's
+        // long-standing `_parent`) tells a client that sent its hello and hung up
+        // (it refused our certificate) from one that never spoke.
+        const raw = (s as tls.TLSSocket & { _parent?: net.Socket })._parent;
+        const err = classifyTlsError(e, this.conn ? 'preempt' : 'main', { side: 'server', socket: s, rawBytesRead: raw?.bytesRead ?? 0 });
         s.destroy();
         this.refuse(err);
       });

@@ -202,6 +202,8 @@ export interface TlsErrorContext {
   socket?: tls.TLSSocket;
   /** True once the handshake had completed: a reset is then a plain 'reset'. */
   established?: boolean;
+  /** Bytes the peer sent on the raw (TCP/unix) socket before the error: more than 0 means it spoke first. */
+  rawBytesRead?: number;
 }
 
 function errCode(err: unknown): string | undefined {
@@ -263,6 +265,11 @@ export function classifyTlsError(err: unknown, channel?: TlsChannel, ctx: TlsErr
   if (code === 'ETIMEDOUT') return make('connect-timeout', msg);
   if (code === 'ECONNRESET' || code === 'EPIPE' || code === 'ERR_SSL_UNEXPECTED_EOF_WHILE_READING') {
     if (ctx.established) return make('reset', msg);
+    // A client that sent its hello and then hung up speaks TLS: it refused the handshake
+    // (a Node client that rejects our certificate closes without an alert).
+    if (ctx.side === 'server' && (ctx.rawBytesRead ?? 0) > 0) {
+      return make('tls-handshake-failed', `the client hung up during the handshake; it probably refused our certificate: ${msg}`);
+    }
     return make('tls-not-tls', `the peer closed the connection before completing a TLS handshake (not TLS, or it refused the handshake): ${msg}`);
   }
   return make('tls-handshake-failed', `TLS handshake failed: ${msg}`);

@@ -31,6 +31,7 @@
  * later. `close()` destroys every socket, clears every timer and closes the
  * server; `fired` lists what happened, for failure messages.
  */
+import { createRequire } from 'node:module';
 import net from 'node:net';
 
 export interface DirectionFaults {
@@ -266,8 +267,8 @@ class RelayConnection {
       up.on('close', (hadError) => this.onSocketGone(up, hadError));
       up.once('connect', () => {
         if (this.closing) return resolve();
-        (this as { up: Pipe | undefined }).up = new Pipe(this, 'up', this.client, up, this.faults.up ?? {}, highWater);
-        this.downPipe = new Pipe(this, 'down', up, this.client, this.faults.down ?? {}, highWater);
+        (this as { up: Pipe | undefined }).up = new Pipe(this, 'up', this.client, up, this.faults.up ?? {}, linkBuffer(this.client, this.faults.up, highWater));
+        this.downPipe = new Pipe(this, 'down', up, this.client, this.faults.down ?? {}, linkBuffer(up, this.faults.down, highWater));
         this.client.resume();
         resolve();
       });
@@ -437,4 +438,27 @@ export class FaultRelay {
     for (const c of this.conns) c.destroy();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
+}
+
+const SOL_SOCKET = 1;
+const SO_RCVBUF = 8;
+const sockopt = createRequire(import.meta.url)('sockopt') as { setsockopt(s: net.Socket, level: number, name: number, value: number): void };
+
+/**
+ * A throttled direction behaves like a slow link: what it cannot carry yet
+ * stays with the sender (its kernel send queue), not in megabytes of relay
+ * buffers — a real bottleneck queues a fraction of a second. So the relay
+ * holds at most a quarter second of data and reads through a small receive
+ * buffer; an unthrottled direction keeps `highWater`.
+ */
+function linkBuffer(from: net.Socket, faults: DirectionFaults | undefined, highWater: number): number {
+  const rate = faults?.bytesPerSecond;
+  if (rate === undefined) return highWater;
+  const bytes = Math.max(16 << 10, Math.floor(rate / 4));
+  try {
+    sockopt.setsockopt(from, SOL_SOCKET, SO_RCVBUF, bytes);
+  } catch {
+    // Without the addon the relay buffers more: a slow-link test then measures less of the sender.
+  }
+  return Math.min(highWater, bytes);
 }
