@@ -11,6 +11,7 @@ import { MigrationError, type MigrationPhase } from './errors.js';
 import type { LatencySummary } from './latency.js';
 import type { GuestMemorySink } from './memory.js';
 import { PageTracker, type PageRequestResult } from './page-tracker.js';
+import { isNetworkFailure, type DestinationRecoveryOptions, type PausedEvent, type ResumedEvent } from './recovery.js';
 
 /** One device (non-RAM) section as received, delimited exactly. */
 export interface ReceivedDeviceSection {
@@ -26,7 +27,11 @@ export interface ReceivedDeviceSection {
 
 /** Counters named as QEMU's `query-migrate` names them where one exists. */
 export interface DestinationStats {
-  status: 'setup' | 'active' | 'postcopy-active' | 'completed' | 'failed';
+  status: 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'completed' | 'failed';
+  /** Postcopy recoveries completed. */
+  recoveries: number;
+  /** Pages that arrived after POSTCOPY_LISTEN although already here (QEMU would refuse to place them twice); 0 in a correct migration. */
+  'placed-twice': number;
   /** Bytes received on every channel. */
   transferred: number;
   /** PAGE records (QEMU's `normal`). */
@@ -74,6 +79,14 @@ export interface DestinationOptions {
   postcopy?: boolean;
   /** Fail when no byte arrives for this long once connected (default 60 s; 0 = never). */
   idleTimeoutMs?: number;
+  /**
+   * Postcopy recovery: once the VM runs here (the postcopy package is in), a
+   * network failure pauses the migration ('paused'), keeps every page and
+   * request, and listens for the source's new connection ('resumed' after
+   * POSTCOPY_RESUME). Default: on when `postcopy` is; `false` makes such a
+   * failure final.
+   */
+  recovery?: DestinationRecoveryOptions | false;
 }
 
 export interface DestinationEvents {
@@ -89,6 +102,10 @@ export interface DestinationEvents {
   'postcopy-run': [{ at: number }];
   /** A demand request was answered. */
   'page-request': [PageRequestResult];
+  /** Postcopy: a channel failed; requests wait, the source's new connection is awaited at `uri`. */
+  paused: [PausedEvent & { uri: string }];
+  /** POSTCOPY_RESUME on a new connection: postcopy goes on, waiting requests were sent again. */
+  resumed: [ResumedEvent];
   completed: [DestinationResult];
   failed: [MigrationError];
 }
@@ -107,7 +124,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private resolveDone!: (r: DestinationResult) => void;
   private rejectDone!: (e: MigrationError) => void;
   private conn: DestinationConnection | undefined;
-  private readonly decoder = new StreamDecoder();
+  private decoder = new StreamDecoder();
   private preemptDecoder: PreemptDecoder | undefined;
   private readonly pages: PageTracker;
   private phase: MigrationPhase = 'setup';
@@ -129,9 +146,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private readonly counts = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, preempt: 0, iterations: 0, iterationPages: 0 };
   private status: DestinationStats['status'] = 'setup';
   private section: { idstr: string; kind: string } | undefined;
+  /** The postcopy package has been read whole: the VM may run here, and a failure can pause. */
+  private packageDone = false;
+  /** Connection generation: handlers of a connection replaced by a recovery ignore what they see. */
+  private generation = 0;
+  private pausedBy: MigrationError | undefined;
+  private pausedAt = 0;
+  private recoveryTimer: NodeJS.Timeout | undefined;
+  private recoveries = 0;
+  private placedTwice = 0;
 
   private constructor(
-    private readonly listener: MigrationListener,
+    private listener: MigrationListener,
     private readonly opts: DestinationOptions,
   ) {
     super();
@@ -173,43 +199,55 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onConnection(conn: DestinationConnection): void {
+    const gen = ++this.generation;
     this.conn = conn;
-    this.status = 'active';
+    if (this.status === 'setup') this.status = 'active';
     this.emit('channel', { role: 'main', stats: conn.main.stats });
     this.armIdle();
-    conn.main.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    conn.main.on('error', (e) => this.channelLost(e, gen));
     conn.main.on('close', () => {
-      if (!this.finished) this.onMainEnded();
+      if (!this.finished && gen === this.generation) this.onMainEnded(gen);
     });
-    conn.main.read((chunk) => this.onMainData(chunk));
+    conn.main.read((chunk) => {
+      if (gen === this.generation) this.onMainData(chunk);
+    });
     conn.waitPreempt().then(
-      (ch) => this.onPreempt(ch),
+      (ch) => this.onPreempt(ch, gen),
       () => undefined,
     );
   }
 
-  private onPreempt(ch: Channel): void {
-    if (this.finished) {
+  private onPreempt(ch: Channel, gen: number): void {
+    if (this.finished || gen !== this.generation) {
       ch.destroy();
       return;
     }
     this.emit('channel', { role: 'preempt', stats: ch.stats });
-    this.preemptDecoder = new PreemptDecoder(this.decoder.ramBlocks);
-    ch.on('error', (e) => this.fail(MigrationError.from(e, this.phase)));
+    const decoder = new PreemptDecoder(this.decoder.ramBlocks);
+    this.preemptDecoder = decoder;
+    const lost = () => new MigrationError('peer-disconnected', this.phase, 'the source closed the preempt channel before the migration completed');
+    ch.on('error', (e) => this.channelLost(e, gen));
     ch.on('end', () => {
+      if (gen !== this.generation) return;
+      // While the VM runs here the source never ends this channel first: a cut.
+      if (this.canRecover() && !this.eofSeen) {
+        this.channelLost(lost(), gen);
+        return;
+      }
       try {
-        this.preemptDecoder?.end();
+        decoder.end();
       } catch (e) {
         this.fail(MigrationError.from(e, this.phase));
       }
     });
     ch.read((chunk) => {
+      if (gen !== this.generation) return;
       // Still read while finishing: a requested page may arrive after the main channel's EOF.
       if (this.finished && !this.finishing) return;
       this.counts.transferred += chunk.length;
       this.idleTimer?.refresh();
       try {
-        const recs = this.preemptDecoder!.push(chunk);
+        const recs = decoder.push(chunk);
         const now = performance.now();
         for (const r of recs) this.onPreemptRecord(r, now);
       } catch (e) {
@@ -240,8 +278,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
   }
 
-  private onMainEnded(): void {
-    if (this.finished) return;
+  private onMainEnded(gen: number): void {
+    if (this.finished || gen !== this.generation) return;
     if (this.eofSeen) {
       // A stream that ends after EOF without a VM description is complete.
       try {
@@ -252,12 +290,121 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       }
       return;
     }
-    this.fail(new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
+    this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'), gen);
+  }
+
+  // ---- postcopy recovery ----------------------------------------------------
+
+  /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
+  private canRecover(): boolean {
+    return this.opts.recovery !== false && this.listening && this.packageDone && !this.finished;
+  }
+
+  /** A channel of connection `gen` failed: pause (VM running here, network) or fail. */
+  private channelLost(e: unknown, gen: number): void {
+    if (gen !== this.generation || this.finished || this.pausedBy) return;
+    const err = MigrationError.from(e, this.phase);
+    if (this.canRecover() && isNetworkFailure(err)) void this.pause(err);
+    else this.fail(err);
+  }
+
+  /**
+   * Postcopy paused (QEMU's postcopy-paused): the connection is dropped, pages
+   * and waiting requests are kept, and a listener waits for the source's new
+   * connection — at `recovery.listen`, else where the migration came in.
+   */
+  private async pause(e: MigrationError): Promise<void> {
+    this.pausedBy = e;
+    this.pausedAt = performance.now();
+    this.status = 'postcopy-paused';
+    clearTimeout(this.idleTimer);
+    this.generation++; // the lost connection's handlers go quiet
+    this.pages.suspendRequests();
+    this.conn?.destroy();
+    this.conn = undefined;
+    this.preemptDecoder = undefined;
+    const opts = this.opts.recovery || {};
+    if (opts.timeoutMs !== undefined) {
+      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(e.code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
+    }
+    const uri = opts.listen ?? this.listener.uri;
+    this.listener.close();
+    try {
+      await this.listenForRecovery(uri);
+    } catch (err) {
+      this.fail(MigrationError.from(err, this.phase));
+      return;
+    }
+    this.emit('paused', { error: e, at: this.pausedAt, uri: this.listener.uri });
+  }
+
+  /**
+   * Postcopy recovery: wait for the source's new connection at `uri` instead
+   * (QEMU's `migrate-recover`). Resolves with the address listened on.
+   */
+  async recover(uri: string): Promise<string> {
+    if (!this.pausedBy || this.finished) throw new MigrationError('protocol', this.phase, 'recover() needs a paused postcopy migration');
+    this.listener.close();
+    await this.listenForRecovery(uri);
+    return this.listener.uri;
+  }
+
+  private async listenForRecovery(uri: string): Promise<void> {
+    // The old listener has just closed: its port may take a moment to be free.
+    let listener: MigrationListener | undefined;
+    for (let i = 0; !listener; i++) {
+      try {
+        listener = await MigrationListener.listen(uri, this.opts.transport ?? {});
+      } catch (e) {
+        if (i >= 20 || (e as { cause?: { code?: string } }).cause?.code !== 'EADDRINUSE') throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    if (this.finished) {
+      listener.close();
+      return;
+    }
+    this.listener = listener;
+    listener.accept().then(
+      (conn) => {
+        if (this.finished || this.listener !== listener) {
+          conn.destroy();
+          return;
+        }
+        this.status = 'postcopy-recover';
+        // The new main channel has no header: it continues the old stream's sections and blocks.
+        this.decoder = new StreamDecoder({ channel: 'resume', resumeFrom: this.decoder });
+        this.onConnection(conn);
+      },
+      () => undefined, // refused (a wrong certificate, say): keep waiting; the timeout, if any, decides
+    );
+  }
+
+  /** RECV_BITMAP: which pages of `block` are here, so that the source resends exactly the others. */
+  private answerRecvBitmap(block: string): void {
+    if (this.status !== 'postcopy-recover') throw new MigrationError('protocol', this.phase, 'RECV_BITMAP outside a postcopy recovery');
+    const bitmap = this.pages.bitmap(block);
+    if (!bitmap) throw new MigrationError('protocol', this.phase, `RECV_BITMAP for unknown RAM block "${block}"`);
+    this.sendRp({ type: 'recv-bitmap', block, bitmap: bitmap.bytes });
+  }
+
+  /** POSTCOPY_RESUME: acknowledge, then ask again for every page the guest still waits for. */
+  private resumed(now: number): void {
+    if (this.status !== 'postcopy-recover') throw new MigrationError('protocol', this.phase, 'POSTCOPY_RESUME outside a postcopy recovery');
+    this.sendRp({ type: 'resume-ack', value: 1 });
+    this.pages.resumeRequests(now);
+    clearTimeout(this.recoveryTimer);
+    this.pausedBy = undefined;
+    this.status = 'postcopy-active';
+    this.recoveries++;
+    this.emit('resumed', { recoveries: this.recoveries, pausedMs: now - this.pausedAt });
   }
 
   private sendRp(m: ReturnPathMessage): void {
-    if (!this.rpOpen || !this.conn) throw new MigrationError('protocol', this.phase, `${m.type} needs a return path, but the source did not open one`);
-    this.conn.main.send([encodeReturnPathMessage(m)], 'urgent').catch((e: unknown) => this.fail(MigrationError.from(e, this.phase)));
+    if (!this.rpOpen) throw new MigrationError('protocol', this.phase, `${m.type} needs a return path, but the source did not open one`);
+    if (!this.conn) return; // paused: waiting requests are sent again after the resume
+    const gen = this.generation;
+    this.conn.main.send([encodeReturnPathMessage(m)], 'urgent').catch((e: unknown) => this.channelLost(e, gen));
   }
 
   private landPage(r: PreemptRecord | StreamRecord, channel: 'main' | 'preempt', now: number): void {
@@ -281,6 +428,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       default:
         return;
     }
+    if (this.listening && this.pages.has(r.block, r.offset)) this.placedTwice++;
     if (channel === 'preempt') this.counts.preempt++;
     this.counts.iterationPages++;
     this.pages.received(r.block, r.offset, channel, now);
@@ -335,6 +483,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         return;
       case 'package-end':
         this.inPackage = false;
+        if (this.listening) this.packageDone = true;
         return;
       case 'eof':
         this.eofSeen = true;
@@ -392,9 +541,12 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       case 'switchover-start':
       case 'enable-colo':
         return;
-      case 'postcopy-resume':
       case 'recv-bitmap':
-        throw new MigrationError('protocol', this.phase, `${c.cmd} outside a postcopy recovery`);
+        this.answerRecvBitmap(c.block);
+        return;
+      case 'postcopy-resume':
+        this.resumed(now);
+        return;
     }
   }
 
@@ -420,6 +572,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     const c = this.counts;
     return {
       status: this.status,
+      recoveries: this.recoveries,
+      'placed-twice': this.placedTwice,
       transferred: c.transferred,
       normal: c.normal,
       duplicate: c.duplicate,
@@ -489,6 +643,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     if (this.finished) return;
     this.finished = true;
     clearTimeout(this.idleTimer);
+    clearTimeout(this.recoveryTimer);
     this.status = 'failed';
     this.endedAt = performance.now();
     this.pages.failAll(e);

@@ -16,6 +16,8 @@ export type MigrationErrorCode =
 /** The one error a session ends with: what went wrong and in which phase. */
 export class MigrationError extends Error {
   override readonly name = 'MigrationError';
+  /** The message without the phase, to quote inside another message. */
+  readonly reason: string;
   constructor(
     readonly code: MigrationErrorCode,
     readonly phase: MigrationPhase,
@@ -23,6 +25,7 @@ export class MigrationError extends Error {
     options?: { cause?: unknown },
   ) {
     super(`${message} (phase: ${phase})`, options);
+    this.reason = message;
   }
 
   /** Wraps any failure of a session's parts into a MigrationError. */

@@ -106,11 +106,39 @@ export class PageTracker {
     if (p.sentAt !== undefined) return;
     p.sentAt = now;
     this.requestsSent++;
+    this.sendMessage(p);
+  }
+
+  private sendMessage(p: Pending): void {
     if (p.block !== this.lastRequestedBlock) {
       this.lastRequestedBlock = p.block;
       this.send({ type: 'req-pages-id', block: p.block, offset: p.offset, length: TARGET_PAGE_SIZE });
     } else {
       this.send({ type: 'req-pages', offset: p.offset, length: TARGET_PAGE_SIZE });
+    }
+  }
+
+  /** Postcopy paused: requests made from now on wait (the source cannot hear them). */
+  suspendRequests(): void {
+    this.canRequest = false;
+  }
+
+  /**
+   * Postcopy resumed on a new connection: every request still waiting goes out
+   * (again), the first one naming its block (REQ_PAGES_ID), as QEMU re-sends
+   * its outstanding faults after RESUME_ACK. A request keeps its first send
+   * time: its latency includes the pause, as the guest's wait does.
+   */
+  resumeRequests(now: number): void {
+    this.canRequest = true;
+    this.lastRequestedBlock = undefined;
+    for (const p of this.pending.values()) {
+      if (p.sentAt === undefined) {
+        this.sendRequest(p, now);
+        continue;
+      }
+      this.requestsSent++;
+      this.sendMessage(p);
     }
   }
 

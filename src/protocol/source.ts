@@ -13,6 +13,7 @@ import { PageBitmap, type GuestMemorySource, type SourceBlock } from './memory-s
 import { autoWantsPostcopy, type PostcopyPolicy } from './postcopy-policy.js';
 import { Pacer } from './pacer.js';
 import { XbzrleCache } from './xbzrle-cache.js';
+import { applyReceivedBitmap, isNetworkFailure, retryDelayMs, type PausedEvent, type ResumedEvent, type SourceRecoveryOptions } from './recovery.js';
 
 /** One device (non-RAM) section to send: opaque bytes, as captured from a source. */
 export interface DeviceStateSection {
@@ -62,10 +63,19 @@ export interface SourceOptions {
    * acknowledged (default 30 s). A slow link is not a timeout; a dead peer is.
    */
   replyTimeoutMs?: number;
+  /**
+   * Postcopy recovery: once the destination runs the VM, a network failure
+   * pauses the migration ('paused') and the source reconnects with backoff
+   * until the destination takes the new connection ('resumed'). Default: on
+   * whenever postcopy is possible; `false` makes such a failure final.
+   */
+  recovery?: SourceRecoveryOptions | false;
 }
 
 export interface SourceStats {
-  status: 'setup' | 'active' | 'postcopy-active' | 'completed' | 'failed';
+  status: 'setup' | 'active' | 'postcopy-active' | 'postcopy-paused' | 'postcopy-recover' | 'completed' | 'failed';
+  /** Postcopy recoveries completed. */
+  recoveries: number;
   transferred: number;
   /** Bytes of dirty pages still to send. */
   remaining: number;
@@ -93,6 +103,12 @@ export interface SourceEvents {
   stopped: [{ at: number; hrtime: bigint }];
   'postcopy-active': [];
   'page-request': [{ block: string; offset: number; channel: 'main' | 'preempt'; latencyUs: number }];
+  /** Postcopy: a channel failed; the migration waits for a new connection (state kept). */
+  paused: [PausedEvent];
+  /** A reconnection attempt starts. */
+  recovering: [{ attempt: number; to: string }];
+  /** The destination acknowledged the resume (RESUME_ACK); postcopy goes on. */
+  resumed: [ResumedEvent];
   completed: [SourceStats];
   failed: [MigrationError];
 }
@@ -145,7 +161,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private preempt: Channel | undefined;
   private readonly enc = new StreamEncoder();
   private readonly preemptEnc = new PreemptEncoder();
-  private readonly rp = new ReturnPathDecoder();
+  private rp = new ReturnPathDecoder();
   private readonly blocks = new Map<string, BlockState>();
   private readonly order: BlockState[] = [];
   private phase: MigrationPhase = 'setup';
@@ -172,7 +188,19 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private stoppedAt: number | undefined;
   private downtimeMs: number | undefined;
   private endedAt: number | undefined;
-  private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0 };
+  private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0, recoveries: 0 };
+  /** Connection generation: handlers of a connection replaced by a recovery ignore what they see. */
+  private generation = 0;
+  /** Set while postcopy is paused by a network failure (cleared by a new connection). */
+  private pausedBy: MigrationError | undefined;
+  private pausedAt = 0;
+  /** Received-bitmaps of the recovery in progress, by block. */
+  private readonly recvBitmaps = new Map<string, Uint8Array>();
+  private resumeAcked = false;
+  /** Where the next recovery attempt connects (resume(uri) sets it). */
+  private recoverTo: string | undefined;
+  /** Wakes a recovery that sleeps between attempts. */
+  private wakeRecovery: (() => void) | undefined;
   private readonly pacer = new Pacer();
   private sinceYield = 0;
 
@@ -238,6 +266,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     for (const b of this.order) remaining += b.toSend.count() * TARGET_PAGE_SIZE;
     return {
       status: this.status,
+      recoveries: this.c.recoveries,
       transferred: this.c.transferred,
       remaining,
       downtime: this.downtimeMs,
@@ -255,6 +284,15 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     };
   }
 
+  /**
+   * Postcopy recovery: connect to `to` from now on (a destination's
+   * `migrate-recover` address) and try at once if paused.
+   */
+  resume(to?: string): void {
+    if (to !== undefined) this.recoverTo = to;
+    this.wakeRecovery?.();
+  }
+
   /** Aborts the migration (the destination sees the connection drop). */
   cancel(): void {
     this.fail(new MigrationError('cancelled', this.phase, 'the migration was cancelled'));
@@ -268,6 +306,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.endedAt = performance.now();
     this.conn?.destroy();
     this.wakePeerWaiters();
+    this.wakeRecovery?.();
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
     this.rejectDone(e);
   }
@@ -334,7 +373,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   // ---- the return path ------------------------------------------------------
 
-  private onReturnPath(chunk: Buffer): void {
+  private onReturnPath(chunk: Buffer, gen: number): void {
+    if (gen !== this.generation) return;
     let msgs;
     try {
       msgs = this.rp.push(chunk);
@@ -366,8 +406,14 @@ export class SourceSession extends EventEmitter<SourceEvents> {
           }
           this.onRequest(this.lastReqBlock, m.offset, m.length, now);
           break;
+        case 'recv-bitmap':
+          this.recvBitmaps.set(m.block, m.bitmap);
+          break;
+        case 'resume-ack':
+          this.resumeAcked = true;
+          break;
         default:
-          break; // SWITCHOVER_ACK, RESUME_ACK, RECV_BITMAP: not used without recovery
+          break; // SWITCHOVER_ACK: only with QEMU's switchover-ack capability, which we never ask for
       }
     }
     this.wakePeerWaiters();
@@ -399,6 +445,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       const waiter = () => {
         idleSince = performance.now();
         if (this.failure) finish(this.failure);
+        else if (this.pausedBy) finish(this.pausedBy);
         else if (ready()) finish();
       };
       const poll = setInterval(
@@ -430,9 +477,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       this.preemptRequests.push(r);
       if (!this.servingPreempt) {
         this.servingPreempt = true;
-        this.servePreempt()
-          .catch((e: unknown) => this.fail(MigrationError.from(e, this.phase)))
-          .finally(() => (this.servingPreempt = false));
+        const gen = this.generation;
+        this.servePreempt(gen)
+          .catch((e: unknown) => this.channelLost(e, gen))
+          .finally(() => {
+            if (gen === this.generation) this.servingPreempt = false;
+          });
       }
     } else {
       this.requests.push(r);
@@ -445,9 +495,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    * ones wait for room in the channel, so a request for a whole block holds
    * at most the channel's bound in memory, not the block.
    */
-  private async servePreempt(): Promise<void> {
+  private async servePreempt(gen: number): Promise<void> {
     const q = this.preemptRequests;
-    while (q.length > 0 && !this.failure) {
+    while (q.length > 0 && !this.failure && gen === this.generation) {
       const r = q[0]!;
       const page = r.page++;
       if (r.page >= r.end) q.shift();
@@ -474,21 +524,13 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     const o = this.opts;
     const policy = o.postcopy ?? 'never';
     const postcopyCapable = policy !== 'never';
-    this.conn = await SourceConnection.connect(o.to, o.transport ?? {});
+    const conn = await SourceConnection.connect(o.to, o.transport ?? {});
     if (this.failure) {
       // cancelled while connecting
-      this.conn.destroy();
+      conn.destroy();
       throw this.failure;
     }
-    const main = this.conn.main;
-    main.on('error', (e) => {
-      if (this.shutValue !== 0) this.fail(MigrationError.from(e, this.phase));
-    });
-    main.on('close', () => {
-      // After SHUT 0 the destination has everything and may close before we do.
-      if (!this.finished && this.shutValue !== 0) this.fail(new MigrationError('peer-disconnected', this.phase, 'the destination closed the main channel'));
-    });
-    main.read((chunk) => this.onReturnPath(chunk));
+    this.attachMain(conn);
     this.emit('connected', { uri: o.to });
     this.status = 'active';
 
@@ -552,18 +594,20 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       if (o.maxPasses !== undefined && this.c.passes >= o.maxPasses) break;
       previousDirty = dirty;
     }
-    if (switchToPostcopy) await this.postcopy(ram);
-    else await this.completePrecopy(ram);
-
-    // Completion: the destination answers SHUT 0 once it has everything.
-    this.phase = 'completion';
-    await this.waitForPeer('SHUT', () => this.shutValue === 0);
+    if (switchToPostcopy) {
+      await this.postcopy(ram);
+    } else {
+      await this.completePrecopy(ram);
+      // Completion: the destination answers SHUT 0 once it has everything.
+      this.phase = 'completion';
+      await this.waitForPeer('SHUT', () => this.shutValue === 0);
+    }
     // From here on the destination may close first: that is the normal end.
     this.finished = true;
     this.status = 'completed';
     this.endedAt = performance.now();
     if (this.downtimeMs === undefined && this.stoppedAt !== undefined) this.downtimeMs = Math.round(this.endedAt - this.stoppedAt);
-    await this.conn.close();
+    await this.conn!.close();
     return this.stats();
   }
 
@@ -711,16 +755,13 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   }
 
   private async postcopy(ram: { sectionId: number }): Promise<void> {
-    const main = this.conn!.main;
     // QEMU order: the preempt channel is connected once the destination has
     // proved it accepted the main channel (PONG 1), before the VM stops.
     if (this.opts.preempt) {
       await this.waitForPeer('PONG 1', () => this.pongs.has(1));
-      this.preempt = await this.conn!.connectPreempt();
+      const ch = await this.conn!.connectPreempt();
       this.check(); // cancelled meanwhile: fail() already tore the connection down
-      this.preempt.on('error', (e) => {
-        if (this.shutValue !== 0) this.fail(MigrationError.from(e, this.phase));
-      });
+      this.attachPreempt(ch, this.generation);
     }
     await this.stopVm();
     this.phase = 'device-state';
@@ -754,16 +795,194 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       { type: 'package-end' },
       { type: 'command', command: { cmd: 'ping', value: 4 } },
     ]);
-    await this.flushMain();
-    await main.flush();
+    try {
+      await this.flushMain();
+      await this.conn!.main.flush();
+    } catch (e) {
+      this.pauseOrThrow(e);
+    }
     this.downtimeMs = Math.round(performance.now() - (this.stoppedAt ?? performance.now()));
     this.phase = 'postcopy';
     this.emit('postcopy-active');
-    // The rest of RAM in the background; requests overtake it.
-    await this.sendPass(ram, false, 'part');
-    this.write([{ type: 'section', kind: 'end', sectionId: ram.sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION }, { type: 'ram-eos' }, { type: 'footer', sectionId: ram.sectionId }, { type: 'eof' }]);
+    await this.postcopyBackground(ram);
+  }
+
+  /**
+   * The rest of RAM in the background (requests overtake it), END, EOF, and
+   * the destination's SHUT. A network failure on the way pauses; the loop
+   * then recovers and sends again whatever the destination says it lacks.
+   */
+  private async postcopyBackground(ram: { sectionId: number }): Promise<void> {
+    for (;;) {
+      try {
+        if (this.pausedBy) await this.recover();
+        await this.sendPass(ram, false, 'part');
+        this.write([{ type: 'section', kind: 'end', sectionId: ram.sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION }, { type: 'ram-eos' }, { type: 'footer', sectionId: ram.sectionId }, { type: 'eof' }]);
+        await this.flushMain();
+        await Promise.all([this.conn!.main.flush(), this.preempt?.flush()]);
+        this.phase = 'completion';
+        await this.waitForPeer('SHUT', () => this.shutValue === 0);
+        return;
+      } catch (e) {
+        this.pauseOrThrow(e);
+      }
+    }
+  }
+
+  /** After a failure in postcopy: pause if a new connection can cure it, else rethrow. */
+  private pauseOrThrow(e: unknown): void {
+    if (this.failure) throw this.failure;
+    if (this.pausedBy) return;
+    const err = MigrationError.from(e, this.phase);
+    if (!this.canRecover() || !isNetworkFailure(err)) throw err;
+    this.pause(err);
+  }
+
+  private canRecover(): boolean {
+    return this.inPostcopy && this.opts.recovery !== false;
+  }
+
+  /** Wires a (new) connection: its main channel's errors and close, and the return path on it. */
+  private attachMain(conn: SourceConnection): number {
+    const gen = ++this.generation;
+    this.conn = conn;
+    this.rp = new ReturnPathDecoder();
+    const main = conn.main;
+    main.on('error', (e) => {
+      if (this.shutValue !== 0) this.channelLost(e, gen);
+    });
+    main.on('close', () => {
+      // After SHUT 0 the destination has everything and may close before we do.
+      if (!this.finished && this.shutValue !== 0) this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the destination closed the main channel'), gen);
+    });
+    main.read((chunk) => this.onReturnPath(chunk, gen));
+    return gen;
+  }
+
+  private attachPreempt(ch: Channel, gen: number): void {
+    this.preempt = ch;
+    ch.on('error', (e) => {
+      if (this.shutValue !== 0) this.channelLost(e, gen);
+    });
+  }
+
+  /** A channel of connection `gen` failed: pause (postcopy, network) or fail. */
+  private channelLost(e: unknown, gen: number): void {
+    if (gen !== this.generation || this.finished || this.pausedBy) return;
+    const err = MigrationError.from(e, this.phase);
+    if (this.canRecover() && isNetworkFailure(err)) this.pause(err);
+    else this.fail(err);
+  }
+
+  /**
+   * Postcopy paused (QEMU's postcopy-paused): the connection is dropped, every
+   * page and request state kept. What was in flight is settled by the
+   * destination's received-bitmap on recovery, and it asks again for the
+   * pages its guest still waits for.
+   */
+  private pause(e: MigrationError): void {
+    if (this.pausedBy || this.finished) return;
+    this.pausedBy = e;
+    this.pausedAt = performance.now();
+    this.status = 'postcopy-paused';
+    const conn = this.conn;
+    this.preempt = undefined;
+    conn?.destroy();
+    this.requests.length = 0;
+    this.preemptRequests.length = 0;
+    this.writtenCallbacks = [];
+    // Records encoded for the lost channel are dropped; the bitmap says what to resend.
+    this.enc.take();
+    this.preemptEnc.take();
+    this.emit('paused', { error: e, at: this.pausedAt });
+    this.wakePeerWaiters();
+  }
+
+  /** Reconnects until a recovery exchange completes (or the migration is cancelled, or attempts run out). */
+  private async recover(): Promise<void> {
+    const opts = this.opts.recovery || {};
+    let last: MigrationError = this.pausedBy!;
+    for (let attempt = 1; ; attempt++) {
+      this.check();
+      if (attempt > 1) {
+        if (opts.maxAttempts !== undefined && attempt > opts.maxAttempts) {
+          const e = new MigrationError(last.code, 'postcopy', `postcopy recovery gave up after ${opts.maxAttempts} attempts; the last: ${last.reason}`, { cause: last });
+          this.fail(e);
+          throw e;
+        }
+        await this.sleepUnlessWoken(retryDelayMs(attempt, opts));
+        this.check();
+      }
+      const to = this.recoverTo ?? opts.to ?? this.opts.to;
+      this.emit('recovering', { attempt, to });
+      try {
+        await this.reconnect(to);
+        return;
+      } catch (e) {
+        this.check();
+        last = MigrationError.from(e, 'postcopy');
+        if (!isNetworkFailure(last)) {
+          this.fail(last);
+          throw last;
+        }
+        // The new connection failed too: paused again (QEMU: back to postcopy-paused).
+        this.pause(last);
+      }
+    }
+  }
+
+  /**
+   * One recovery exchange on a new connection (QEMU 10.0's order): RECV_BITMAP
+   * for every block back to back, their bitmaps back, the new preempt
+   * channel, POSTCOPY_RESUME, RESUME_ACK.
+   */
+  private async reconnect(to: string): Promise<void> {
+    const conn = await SourceConnection.connect(to, this.opts.transport ?? {});
+    if (this.failure) {
+      conn.destroy();
+      throw this.failure;
+    }
+    this.recvBitmaps.clear();
+    this.resumeAcked = false;
+    const gen = this.attachMain(conn);
+    this.pausedBy = undefined;
+    this.status = 'postcopy-recover';
+    this.phase = 'postcopy';
+    this.lastReqBlock = undefined;
+    // New channels: the first page on each names its block again.
+    this.enc.resetContinue();
+    this.preemptEnc.resetContinue();
+    this.write(this.order.map((st): StreamRecord => ({ type: 'command', command: { cmd: 'recv-bitmap', block: st.info.idstr } })));
     await this.flushMain();
-    await Promise.all([main.flush(), this.preempt?.flush()]);
+    await this.waitForPeer('received bitmap', () => this.order.every((st) => this.recvBitmaps.has(st.info.idstr)));
+    for (const st of this.order) applyReceivedBitmap(st.info.idstr, st.pages, this.recvBitmaps.get(st.info.idstr)!, st.toSend, st.sentAfterListen);
+    if (this.opts.preempt) {
+      const ch = await conn.connectPreempt();
+      if (gen !== this.generation || this.pausedBy || this.failure) {
+        ch.destroy();
+        throw this.failure ?? this.pausedBy ?? new MigrationError('peer-disconnected', 'postcopy', 'the recovery connection was lost');
+      }
+      this.attachPreempt(ch, gen);
+    }
+    this.write([{ type: 'command', command: { cmd: 'postcopy-resume' } }]);
+    await this.flushMain();
+    await this.waitForPeer('RESUME_ACK', () => this.resumeAcked);
+    this.status = 'postcopy-active';
+    this.c.recoveries++;
+    this.pacer.reset();
+    this.emit('resumed', { recoveries: this.c.recoveries, pausedMs: performance.now() - this.pausedAt });
+  }
+
+  private sleepUnlessWoken(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.wakeRecovery = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.wakeRecovery = done;
+    });
   }
 
 }

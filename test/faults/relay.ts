@@ -383,6 +383,21 @@ export class FaultRelay {
   /** `tcp:127.0.0.1:PORT`: give it to the source as its destination (still readable after `close()`). */
   readonly uri: string;
 
+  /**
+   * A network failure now: every open connection (or those `which` picks, by
+   * accept index) is reset at both ends. Returns how many were cut.
+   */
+  cut(which: (index: number) => boolean = () => true): number {
+    let n = 0;
+    for (const c of this.conns) {
+      if (c.isClosing || !which(c.index)) continue;
+      c.reset();
+      this.fired.push(`conn ${c.index}: cut (reset) by the test`);
+      n++;
+    }
+    return n;
+  }
+
   /** Per-connection counters. */
   get connections(): RelayConnectionInfo[] {
     return this.conns.map((c) => c.info());

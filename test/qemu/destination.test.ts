@@ -7,9 +7,10 @@
  * from initPkiDir. Each migration must complete on both sides with the RAM we
  * received equal, bit for bit, to the stopped source's (every RAM block), and
  * in postcopy our demand requests must be answered (on the preempt channel
- * when it exists). A source killed mid-precopy / mid-postcopy must make the
- * session fail promptly with a MigrationError, and what arrived must still be
- * savable as an incomplete saved VM.
+ * when it exists). A source killed mid-precopy must make the session fail
+ * promptly with a MigrationError; mid-postcopy it pauses first (the source
+ * might come back: postcopy recovery) and fails when its recovery timeout
+ * ends. What arrived must still be savable as an incomplete saved VM.
  */
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -302,7 +303,17 @@ describeWithQemu('DestinationSession receives a live migration from QEMU 10.0', 
     async (phase) => {
       const tmp = await mkdtemp(join(tmpdir(), `qmt-dest-kill-${phase}-`));
       const sink = new DirectorySink(join(tmp, RAM_DIR));
-      const session = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: phase === 'postcopy', idleTimeoutMs: 20_000 });
+      // In postcopy the VM runs here: a lost source pauses the migration (it may come back);
+      // after a second without a recovery the session gives up with the failure's reason.
+      const session = await DestinationSession.listen({
+        listen: 'tcp:127.0.0.1:0',
+        sink,
+        postcopy: phase === 'postcopy',
+        idleTimeoutMs: 20_000,
+        recovery: { timeoutMs: 1000 },
+      });
+      let paused = false;
+      session.on('paused', () => (paused = true));
       let src: QemuProcess | undefined;
       let demand: Promise<DemandResult> | undefined;
       try {
@@ -350,6 +361,7 @@ describeWithQemu('DestinationSession receives a live migration from QEMU 10.0', 
         expect(['peer-disconnected', 'transport']).toContain(me.code);
         expect(me.phase).toBe(phase);
         expect(afterMs).toBeLessThan(5_000);
+        expect(paused, 'postcopy pauses before giving up; precopy fails at once').toBe(phase === 'postcopy');
         if (demand) {
           const d = await within(demand, 2_000, 'demand paging after the kill');
           expect(['session-ended', 'met-bulk-stream']).toContain(d.ended);

@@ -1,0 +1,233 @@
+/**
+ * Postcopy recovery, library to library: SourceSession → fault relay →
+ * DestinationSession. Once the destination runs the VM (postcopy package in),
+ * the relay cuts the connections (a reset at both ends) at moments fast-check
+ * picks, one to three times in one migration — all channels, or the preempt
+ * channel alone — while the destination's guest faults pages in from the top
+ * down. Both sessions must pause, recover on the source's new connection and
+ * complete, with the destination's memory equal to the source's bit for bit,
+ * no page placed twice, every cut counted as one recovery on both sides, and
+ * nothing left open.
+ */
+import { randomFillSync } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import fc from 'fast-check';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DestinationSession } from '../../src/protocol/destination.js';
+import { MigrationError } from '../../src/protocol/errors.js';
+import { InMemorySink } from '../../src/protocol/memory.js';
+import { InMemorySource } from '../../src/protocol/memory-source.js';
+import { SourceSession, type DeviceStateSection } from '../../src/protocol/source.js';
+import { initPkiDir } from '../../src/transport/pki.js';
+import type { TransportOptions } from '../../src/transport/connection.js';
+import { FaultRelay } from './relay.js';
+
+const MiB = 1 << 20;
+const PAGE = 4096;
+const RAM = 24 * MiB;
+const HOT = { start: 2 * MiB, end: 14 * MiB };
+
+interface Scenario {
+  preempt: boolean;
+  tls: boolean;
+  /** Delay of each cut after the VM runs at the destination / after the previous resume, ms. */
+  cuts: { afterMs: number; preemptOnly: boolean }[];
+}
+
+interface Outcome {
+  ok: boolean;
+  why: string;
+  cuts: number;
+  sourceRecoveries: number;
+  destinationRecoveries: number;
+  placedTwice: number;
+  memoryEqual: boolean;
+  requests: number;
+  pausedMs: number[];
+}
+
+const DEVICES: DeviceStateSection[] = [
+  { idstr: 'timer', instanceId: 0, versionId: 2, data: randomFillSync(Buffer.alloc(24)) },
+  { idstr: 'cpu', instanceId: 0, versionId: 12, data: randomFillSync(Buffer.alloc(1851)) },
+];
+
+let pki: string;
+beforeAll(async () => {
+  pki = await mkdtemp(join(tmpdir(), 'qmt-recovery-'));
+  await initPkiDir(pki);
+});
+afterAll(async () => {
+  await rm(pki, { recursive: true, force: true });
+});
+
+function busySource(): { source: InMemorySource; stop: () => void } {
+  const source = new InMemorySource([
+    { idstr: 'pc.ram', length: RAM },
+    { idstr: 'pc.bios', length: 256 * 1024 },
+  ]);
+  const ram = source.memory.get('pc.ram')!;
+  for (let p = 0; p < RAM; p += 2 * PAGE) randomFillSync(ram, p, PAGE);
+  randomFillSync(source.memory.get('pc.bios')!);
+  const noise = Buffer.alloc(16);
+  const timer = setInterval(() => {
+    const pages = (HOT.end - HOT.start) / PAGE;
+    for (let i = 0; i < 300; i++) source.write('pc.ram', HOT.start + Math.floor(Math.random() * pages) * PAGE + 64, randomFillSync(noise));
+  }, 5);
+  return { source, stop: () => clearInterval(timer) };
+}
+
+/** The destination's guest: touches pc.ram from the top down, four faults in flight, through pauses. */
+async function faultTopDown(dst: DestinationSession): Promise<void> {
+  let over = false;
+  dst.done.then(
+    () => (over = true),
+    () => (over = true),
+  );
+  const inFlight = new Set<Promise<void>>();
+  for (let off = RAM - PAGE; off >= 0 && !over; off -= PAGE) {
+    if (dst.hasPage('pc.ram', off)) continue;
+    const p: Promise<void> = dst.requestPage('pc.ram', off).then(
+      () => {
+        inFlight.delete(p);
+      },
+      () => {
+        inFlight.delete(p);
+      },
+    );
+    inFlight.add(p);
+    if (inFlight.size >= 4) await Promise.race(inFlight);
+  }
+  await Promise.all(inFlight);
+}
+
+function resources(): string[] {
+  return process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap' || r === 'Timeout');
+}
+
+async function run(s: Scenario): Promise<Outcome> {
+  const before = resources().length;
+  const transport: TransportOptions = s.tls ? { tls: { dir: pki } } : {};
+  const dtransport: TransportOptions = s.tls ? { tls: { dir: pki } } : {};
+  const sink = new InMemorySink();
+  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, idleTimeoutMs: 20_000, transport: dtransport });
+  const relay = await FaultRelay.start({ target: dst.uri, maxConnections: 64 });
+  const guest = busySource();
+  const src = new SourceSession({
+    to: relay.uri,
+    transport,
+    memory: guest.source,
+    machineType: 'pc-q35-10.0',
+    devices: DEVICES,
+    postcopy: { afterPasses: 1 },
+    preempt: s.preempt,
+    stopVm: guest.stop,
+    // Slow enough that the background stream is still running when the cuts come.
+    postcopyBandwidthLimit: 8 * MiB,
+    recovery: { initialDelayMs: 20, maxDelayMs: 200 },
+  });
+  const pausedMs: number[] = [];
+  src.on('resumed', (e) => pausedMs.push(e.pausedMs));
+  let cuts = 0;
+  const plan = [...s.cuts];
+  const cutLater = () => {
+    const next = plan.shift();
+    if (!next) return;
+    setTimeout(() => {
+      const st = dst.stats().status;
+      if (st !== 'postcopy-active') return; // finished meanwhile
+      // Preempt only: the newest connection is the preempt channel of the live pair.
+      const last = relay.connections.length - 1;
+      const n = relay.cut(next.preemptOnly && s.preempt ? (i) => i === last : () => true);
+      if (n > 0) cuts++;
+    }, next.afterMs);
+  };
+  let faulting: Promise<void> = Promise.resolve();
+  dst.on('postcopy-run', () => {
+    faulting = faultTopDown(dst);
+    cutLater();
+  });
+  dst.on('resumed', cutLater);
+  src.start();
+  const t0 = performance.now();
+  const settled = await Promise.allSettled([src.done, dst.done]);
+  await faulting;
+  guest.stop();
+  await relay.close();
+  const [a, b] = settled;
+  const describe = (r: PromiseSettledResult<unknown>) => (r.status === 'fulfilled' ? 'ok' : r.reason instanceof MigrationError ? r.reason.describe() : String(r.reason));
+  const ok = a.status === 'fulfilled' && b.status === 'fulfilled';
+  let memoryEqual = false;
+  if (b.status === 'fulfilled') {
+    memoryEqual = ['pc.ram', 'pc.bios'].every((id) => sink.blocks.get(id)?.equals(guest.source.memory.get(id)!) ?? false);
+  }
+  // Sockets and timers of both sessions and the relay go.
+  const deadline = performance.now() + 3000;
+  while (resources().length > before && performance.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  const left = resources().length - before;
+  const dstats = dst.stats();
+  return {
+    ok,
+    why: `${JSON.stringify(s)} → source ${describe(a)}, destination ${describe(b)}; fired: ${relay.fired.join('; ')}; ${Math.round(performance.now() - t0)} ms; left ${left}`,
+    cuts,
+    sourceRecoveries: src.stats().recoveries,
+    destinationRecoveries: dstats.recoveries,
+    placedTwice: dstats['placed-twice'],
+    memoryEqual,
+    requests: dstats['postcopy-requests'],
+    pausedMs: left > 0 ? [-left] : pausedMs,
+  };
+}
+
+function check(o: Outcome): void {
+  expect(o.ok, o.why).toBe(true);
+  expect(o.memoryEqual, `destination memory equals the source's\n  ${o.why}`).toBe(true);
+  expect(o.placedTwice, `no page placed twice\n  ${o.why}`).toBe(0);
+  expect(o.sourceRecoveries, `one recovery per cut (source)\n  ${o.why}`).toBe(o.cuts);
+  expect(o.destinationRecoveries, `one recovery per cut (destination)\n  ${o.why}`).toBe(o.cuts);
+  expect(o.pausedMs.every((ms) => ms >= 0), `nothing left open\n  ${o.why}`).toBe(true);
+}
+
+const scenario: fc.Arbitrary<Scenario> = fc.record({
+  preempt: fc.boolean(),
+  tls: fc.boolean(),
+  cuts: fc.array(fc.record({ afterMs: fc.integer({ min: 0, max: 400 }), preemptOnly: fc.boolean() }), { minLength: 1, maxLength: 3 }),
+});
+
+describe('postcopy recovery between our sessions', () => {
+  it('three cuts of every channel, with preempt: pauses, recovers three times, memory bit for bit', async () => {
+    const o = await run({ preempt: true, tls: false, cuts: [{ afterMs: 50, preemptOnly: false }, { afterMs: 100, preemptOnly: false }, { afterMs: 150, preemptOnly: false }] });
+    console.log(`[recovery] ${o.why}; paused ${o.pausedMs.map((m) => m.toFixed(0)).join(', ')} ms; ${o.requests} requests`);
+    check(o);
+    expect(o.cuts, 'the cuts all came during postcopy').toBe(3);
+  }, 120_000);
+
+  it('two cuts without preempt, over TLS', async () => {
+    const o = await run({ preempt: false, tls: true, cuts: [{ afterMs: 30, preemptOnly: false }, { afterMs: 120, preemptOnly: false }] });
+    console.log(`[recovery] ${o.why}; paused ${o.pausedMs.map((m) => m.toFixed(0)).join(', ')} ms; ${o.requests} requests`);
+    check(o);
+    expect(o.cuts).toBe(2);
+  }, 120_000);
+
+  it('the preempt channel alone is cut: both sessions pause and recover', async () => {
+    const o = await run({ preempt: true, tls: false, cuts: [{ afterMs: 40, preemptOnly: true }] });
+    console.log(`[recovery] ${o.why}; paused ${o.pausedMs.map((m) => m.toFixed(0)).join(', ')} ms; ${o.requests} requests`);
+    check(o);
+    expect(o.cuts).toBe(1);
+  }, 120_000);
+
+  it('cuts at moments fast-check picks', async () => {
+    const log: string[] = [];
+    await fc.assert(
+      fc.asyncProperty(scenario, async (s) => {
+        const o = await run(s);
+        log.push(`${o.cuts} cut(s), ${o.sourceRecoveries} recoveries: ${o.why}`);
+        check(o);
+      }),
+      { numRuns: Number(process.env.RECOVERY_RUNS ?? 10), endOnFailure: true },
+    );
+    console.log(`[recovery]\n  ${log.join('\n  ')}`);
+  }, 600_000);
+});
