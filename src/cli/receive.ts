@@ -32,6 +32,12 @@ export interface ReceiveOptions {
   faultRate?: number;
   /** Fail when no byte arrives for this long once connected (default 60 000 ms; 0 = never). */
   idleTimeoutMs?: number;
+  /**
+   * Postcopy recovery (default: on with `postcopy`): where to wait for the
+   * source's new connection after a network failure (default: `listen`), and
+   * how long (default: forever); `false` fails at once instead.
+   */
+  recovery?: { listen?: string; timeoutMs?: number } | false;
   /** Progress display on `stderr` (default 'auto'). */
   progress?: ProgressMode;
   /** Where progress and the listen line go (default process.stderr). */
@@ -146,6 +152,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
       },
       postcopy: opts.postcopy ?? false,
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
+      ...(opts.recovery !== undefined ? { recovery: opts.recovery } : {}),
     });
   } catch (e) {
     progress.stop();
@@ -229,6 +236,8 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     }
   });
   // Stop requesting the moment the migration ends, before anything else runs.
+  s.on('paused', (p) => progress.log(`postcopy paused (${p.error.reason}); waiting for the source to recover at ${p.uri}`));
+  s.on('resumed', (r) => progress.log(`postcopy resumed after ${Math.round(r.pausedMs)} ms (recovery ${r.recoveries})`));
   s.on('completed', () => faults?.stop());
   s.on('failed', () => faults?.stop());
 
@@ -315,6 +324,10 @@ interface ReceiveCliOptions {
   fault?: FaultPattern;
   faultRate?: number;
   idleTimeout?: number;
+  /** commander: false with --no-recovery. */
+  recovery?: boolean;
+  recoverListen?: string;
+  recoveryTimeout?: number;
   json?: boolean;
   progress: ProgressMode;
 }
@@ -346,6 +359,9 @@ export async function runReceiveCommand(o: ReceiveCliOptions): Promise<number> {
       postcopy: o.postcopy ?? false,
       ...(o.fault ? { fault: o.fault, faultRate: o.faultRate ?? 100 } : {}),
       ...(o.idleTimeout !== undefined ? { idleTimeoutMs: o.idleTimeout } : {}),
+      ...(o.recovery === false
+        ? { recovery: false as const }
+        : { recovery: { ...(o.recoverListen ? { listen: o.recoverListen } : {}), ...(o.recoveryTimeout !== undefined ? { timeoutMs: o.recoveryTimeout } : {}) } }),
       progress: o.progress,
       signal: ac.signal,
     });
@@ -372,6 +388,9 @@ export function registerReceiveCommand(program: Command): Command {
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
     .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never)', intArg('--idle-timeout', 0, 2_147_483_647))
+    .option('--recover-listen <uri>', 'postcopy recovery: wait for the source here after a network failure (default: --listen)')
+    .option('--recovery-timeout <ms>', 'postcopy recovery: fail when no recovery came this long after the failure (default: wait)', intArg('--recovery-timeout', 1, 2_147_483_647))
+    .option('--no-recovery', 'postcopy: fail on a network failure instead of pausing for a recovery')
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
     .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })

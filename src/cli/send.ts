@@ -42,6 +42,13 @@ export interface SendOptions {
   bandwidth?: number;
   /** Cap in bytes/s of the postcopy background stream (default: `bandwidth`). Without preempt, requested pages share this stream. */
   postcopyBandwidth?: number;
+  /**
+   * Postcopy recovery (default: on with postcopy): after a network failure,
+   * reconnect to `to` (default: the `to` above; QEMU's destination listens
+   * where `migrate-recover` told it), retrying with backoff up to
+   * `maxAttempts` (default: until cancelled); `false` fails at once instead.
+   */
+  recovery?: { to?: string; maxAttempts?: number } | false;
   /** Progress display on `stderr` (default 'auto'). */
   progress?: ProgressMode;
   /** Where progress goes (default process.stderr). */
@@ -216,6 +223,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
       preempt: opts.preempt ?? false,
       ...(opts.bandwidth ? { bandwidthLimit: opts.bandwidth } : {}),
       ...((opts.postcopyBandwidth ?? opts.bandwidth) ? { postcopyBandwidthLimit: opts.postcopyBandwidth ?? opts.bandwidth } : {}),
+      ...(opts.recovery !== undefined ? { recovery: opts.recovery } : {}),
     });
   } catch (e) {
     progress.stop();
@@ -256,6 +264,17 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     progress.log('postcopy active: the destination runs the VM; the rest of RAM follows, requested pages first');
   });
   s.on('page-request', (r) => report.answered[r.channel]++);
+  s.on('paused', (p) => {
+    phase = 'paused';
+    progress.log(`postcopy paused (${p.error.reason}): reconnecting`);
+  });
+  s.on('recovering', (r) => {
+    if (r.attempt === 1 || r.attempt % 10 === 0) progress.log(`recovery attempt ${r.attempt}: connecting to ${r.to}`);
+  });
+  s.on('resumed', (r) => {
+    phase = 'postcopy';
+    progress.log(`postcopy resumed after ${Math.round(r.pausedMs)} ms (recovery ${r.recoveries})`);
+  });
 
   let switched = false;
   function switchNow(): void {
@@ -337,6 +356,10 @@ interface SendCliOptions {
   preempt?: boolean;
   bandwidth?: number;
   postcopyBandwidth?: number;
+  /** commander: false with --no-recovery. */
+  recovery?: boolean;
+  recoverTo?: string;
+  recoveryAttempts?: number;
   json?: boolean;
   progress: ProgressMode;
 }
@@ -373,6 +396,9 @@ export async function runSendCommand(o: SendCliOptions): Promise<number> {
       preempt: o.preempt ?? false,
       ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
       ...(o.postcopyBandwidth !== undefined ? { postcopyBandwidth: o.postcopyBandwidth } : {}),
+      ...(o.recovery === false
+        ? { recovery: false as const }
+        : { recovery: { ...(o.recoverTo ? { to: o.recoverTo } : {}), ...(o.recoveryAttempts !== undefined ? { maxAttempts: o.recoveryAttempts } : {}) } }),
       progress: o.progress,
       signal: ac.signal,
       onSwitchReady: (fn) => {
@@ -429,6 +455,13 @@ export function registerSendCommand(program: Command): Command {
     .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
     .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
     .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
+    .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)")
+    .option('--recovery-attempts <n>', 'postcopy recovery: give up after this many failed reconnections (default: keep trying)', (v: string) => {
+      const n = Number(v);
+      if (!/^\d+$/.test(v.trim()) || n < 1) throw new InvalidArgumentError('--recovery-attempts must be a positive integer');
+      return n;
+    })
+    .option('--no-recovery', 'postcopy: fail on a network failure instead of pausing and reconnecting')
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
     .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })

@@ -17,7 +17,10 @@ import { FaultGenerator, type FaultTarget } from '../../src/cli/fault.js';
 import { Progress } from '../../src/cli/progress.js';
 import type { ReceiveReport } from '../../src/cli/receive.js';
 import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
+import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { readSavedVmManifest } from '../../src/protocol/saved-vm.js';
+import { SourceSession } from '../../src/protocol/source.js';
+import { FaultRelay } from '../faults/relay.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { checkGuestInvariant, compareGuestRam, guestRangeOf, readGuestRam, startQemu, stopAll, type QemuProcess } from '../qemu/harness.js';
 import { describeWithQemu } from '../qemu/require-qemu.js';
@@ -278,6 +281,38 @@ describe('qmt receive without QEMU', () => {
     expect(r.error?.code).toBe('idle-timeout');
     expect(r.manifest?.complete).toBe(false);
     expect(r.stats?.transferred).toBe(8);
+  });
+
+  it('--postcopy: a cut in postcopy pauses, the source reconnects, exit 0 with the saved RAM equal to the source', async () => {
+    const out = join(work, 'recover');
+    const run = receive(['--listen', 'tcp:127.0.0.1:0', '--out', out, '--postcopy', '--progress', 'plain']);
+    const relay = await FaultRelay.start({ target: (await run.uri).replace(/,$/, ''), maxConnections: 8 });
+    const size = 8 * MiB;
+    const memory = new InMemorySource([{ idstr: 'pc.ram', length: size }]);
+    const ram = memory.memory.get('pc.ram')!;
+    for (let p = 0; p < size; p += 8192) ram.fill((p >> 13) & 0xff, p, p + 4096);
+    const src = new SourceSession({
+      to: relay.uri,
+      memory,
+      machineType: 'pc-q35-10.0',
+      devices: [{ idstr: 'timer', instanceId: 0, versionId: 2, data: Buffer.alloc(24, 7) }],
+      postcopy: { afterPasses: 0 },
+      postcopyBandwidthLimit: 2 * MiB,
+      recovery: { initialDelayMs: 20 },
+    });
+    src.once('postcopy-active', () => setTimeout(() => relay.cut(), 300));
+    src.start();
+    const stats = await src.done;
+    const { code, stderr } = await run.exit;
+    await relay.close();
+    expect(stats.recoveries).toBe(1);
+    expect(code, stderr).toBe(0);
+    expect(stderr).toMatch(/^qmt: postcopy paused \(.*\); waiting for the source to recover at tcp:127\.0\.0\.1:\d+$/m);
+    expect(stderr).toMatch(/^qmt: postcopy resumed after \d+ ms \(recovery 1\)$/m);
+    const manifest = await readSavedVmManifest(out);
+    expect(manifest.complete).toBe(true);
+    const block = manifest.blocks.find((b) => b.idstr === 'pc.ram')!;
+    expect(readFileSync(join(out, block.file)).equals(ram), 'saved RAM equals the source, bit for bit').toBe(true);
   });
 
   it('SIGINT: exit 1 cancelled, manifest written incomplete', async () => {
