@@ -250,6 +250,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         const recs = decoder.push(chunk);
         const now = performance.now();
         for (const r of recs) this.onPreemptRecord(r, now);
+        if (decoder.error) throw decoder.error;
       } catch (e) {
         this.fail(MigrationError.from(e, this.phase));
       }

@@ -3,6 +3,7 @@ import { StreamError, type SectionContext } from './errors.js';
 import { ByteQueue, decodeName } from './byte-queue.js';
 import { COMMAND_HEADER_LENGTH, checkCommandHeader, decodeCommand } from './commands.js';
 import { findFooter, plausibleNextRecord } from './device-boundary.js';
+import { PushDecoder } from './push-decoder.js';
 import { RamRecordParser, type KnownBlock, type RamFormat } from './ram.js';
 import type { ConfigurationRecord, PreemptRecord, SectionKind, StreamRecord } from './records.js';
 import { parseVmDescription, vmdescSectionSizes } from './vmdesc.js';
@@ -60,10 +61,11 @@ interface EmittedDevice {
  * `push(chunk)` returns every record the bytes so far complete and keeps the
  * rest; the records are the same for any chunking. Page payloads are views into
  * the pushed chunk (copied only when a page spans chunks), valid as long as the
- * caller does not reuse that chunk's memory. On malformed input it throws one
- * StreamError (code, byte offset, section) and stays failed.
+ * caller does not reuse that chunk's memory. On malformed input it fails with
+ * one StreamError (code, byte offset, section) and stays failed; records parsed
+ * before the error are still returned (see PushDecoder).
  */
-export class StreamDecoder {
+export class StreamDecoder extends PushDecoder<StreamRecord> {
   private q = new ByteQueue();
   private state: State;
   private sections = new Map<number, Section>();
@@ -75,7 +77,6 @@ export class StreamDecoder {
   private ram: RamRecordParser;
   private packageEnd: number | undefined;
   private ended = false;
-  private failed: StreamError | undefined;
   private configuration: ConfigurationRecord | undefined;
   private configPartial: { machineType: string; targetPageBits?: number; capabilities?: string[]; uuid?: Uint8Array } | undefined;
   // device-section scanning
@@ -91,6 +92,7 @@ export class StreamDecoder {
   private readonly verify: boolean;
 
   constructor(opts: StreamDecoderOptions = {}) {
+    super();
     this.maxDevice = opts.maxDeviceSectionBytes ?? 16 * 1024 * 1024;
     this.maxVmdesc = opts.maxVmdescBytes ?? 16 * 1024 * 1024;
     this.maxPackage = opts.maxPackageBytes ?? 256 * 1024 * 1024;
@@ -154,10 +156,10 @@ export class StreamDecoder {
   }
 
   push(chunk: Uint8Array): StreamRecord[] {
-    if (this.failed) throw this.failed;
+    this.throwIfFailed();
     if (this.ended) throw new TypeError('push() after end()');
     this.q.push(chunk);
-    return this.run();
+    return this.parseAvailable();
   }
 
   /**
@@ -165,9 +167,11 @@ export class StreamDecoder {
    * complete; throws 'truncated' unless the stream is complete (EOF read).
    */
   end(): StreamRecord[] {
-    if (this.failed) throw this.failed;
+    this.throwIfFailed();
     this.ended = true;
-    const out = this.run();
+    const out = this.parseAvailable();
+    // Records completed before an error: returned now, the error is thrown next time.
+    if (this.failed) return out;
     if (this.state !== 'after-eof' && this.state !== 'done') {
       const at = this.state === 'device' ? this.devStart : this.q.offset;
       this.fail(new StreamError('truncated', at, `input ended ${this.describeState()}`, this.sectionContext()));
@@ -176,33 +180,6 @@ export class StreamDecoder {
       this.fail(new StreamError('truncated', this.q.offset, `input ended inside a record (${this.q.available} bytes left)`, this.sectionContext()));
     }
     return out;
-  }
-
-  private fail(e: StreamError): never {
-    this.failed = e;
-    throw e;
-  }
-
-  /**
-   * Records parsed before an error in the same chunk are still returned (a
-   * PING before a corrupt record must still be answered); the error is then
-   * thrown by the next push()/end() and is visible at once in `error`.
-   */
-  private run(): StreamRecord[] {
-    const out: StreamRecord[] = [];
-    try {
-      while (this.step(out));
-    } catch (e) {
-      if (!(e instanceof StreamError)) throw e;
-      this.failed = e;
-      if (out.length === 0) throw e;
-    }
-    return out;
-  }
-
-  /** The error the stream failed with, if it has (also thrown by every later call). */
-  get error(): StreamError | undefined {
-    return this.failed;
   }
 
   private sectionContext(): SectionContext | undefined {
@@ -228,8 +205,7 @@ export class StreamDecoder {
     }
   }
 
-  /** Parses one record (or one step) into `out`; false when more input is needed. */
-  private step(out: StreamRecord[]): boolean {
+  protected step(out: StreamRecord[]): boolean {
     const q = this.q;
     switch (this.state) {
       case 'header': {
@@ -492,40 +468,44 @@ export class StreamDecoder {
       if (idx >= 0) {
         const size = this.exactSizes[idx]!.size;
         if (size > this.maxDevice) throw new StreamError('length-too-large', q.offset, `device section of ${size} bytes`, this.sectionContext());
-        if (!q.ensure(size)) {
-          if (this.ended) return false;
-          return false;
-        }
+        // Start and length are known: an overrun is an error now, whatever has arrived.
+        this.checkPackageBound(q.offset + size);
+        if (!q.ensure(size)) return false;
         this.exactSizes.splice(idx, 1);
         const data = q.bytes(0, size);
         q.advance(size);
-        this.checkPackageBound(q.offset);
         this.emitDevice(cur, data, out);
         return true;
       }
     }
     // 2. The footer rule, over the bytes gathered so far.
     for (const chunk of q.drain()) this.appendDev(chunk);
-    const limitAbs = this.packageEnd;
+    const pkgEnd = this.packageEnd;
+    // Largest payload whose footer still fits: the limit, and inside a package its end.
+    const inPackage = pkgEnd === undefined ? Infinity : pkgEnd - this.devStart - 5;
+    const bound = Math.min(this.maxDevice, inPackage);
+    const view = this.dev.subarray(0, this.devLen);
+    // Candidates are judged in order and each verdict is final once its bytes are here,
+    // so where the scan stops (and why) depends on the bytes, never on the chunking.
+    // `devScan`: every position before it is a refused candidate.
     for (;;) {
-      const i = findFooter(this.dev.subarray(0, this.devLen), this.devScan, cur.sectionId);
+      const i = findFooter(view, this.devScan, cur.sectionId);
       if (i < 0) {
-        this.devScan = Math.max(this.devScan, this.devLen - 4);
+        this.devScan = this.devLen; // not even a 0x7E from devScan on
         break;
       }
-      if (limitAbs !== undefined && this.devStart + i + 5 > limitAbs) {
-        throw new StreamError('package-overrun', this.devStart, 'device section has no footer inside the PACKAGED blob', this.sectionContext());
+      if (i > bound) {
+        this.devScan = i;
+        break;
       }
       if (i + 5 > this.devLen) {
-        this.devScan = i;
-        if (this.ended) throw new StreamError('truncated', this.devStart, 'input ended inside a device section', this.sectionContext());
+        this.devScan = i; // a footer may start here: wait for its bytes
         break;
       }
-      const view = this.dev.subarray(0, this.devLen);
       const verdict = plausibleNextRecord(view, i + 5, {
         startedSections: this.startedIds,
         ended: this.ended,
-        ...(limitAbs === undefined ? {} : { packageRemaining: limitAbs - (this.devStart + i + 5) }),
+        ...(pkgEnd === undefined ? {} : { packageRemaining: pkgEnd - (this.devStart + i + 5) }),
       });
       if (verdict === 'need-more') {
         this.devScan = i;
@@ -545,7 +525,11 @@ export class StreamDecoder {
       this.emitDevice(cur, data, out);
       return true;
     }
-    if (this.devLen > this.maxDevice + 512) {
+    if (this.devScan > bound) {
+      // No footer at any allowed place, and the bytes go past the last one.
+      if (bound === inPackage) {
+        throw new StreamError('package-overrun', this.devStart, 'device section has no footer inside the PACKAGED blob', this.sectionContext());
+      }
       throw new StreamError('device-boundary-not-found', this.devStart, `no footer within ${this.maxDevice} bytes of device state`, this.sectionContext());
     }
     if (this.ended) throw new StreamError('truncated', this.devStart, 'input ended inside a device section', this.sectionContext());
@@ -587,15 +571,16 @@ export class StreamDecoder {
 /**
  * Push parser of the preempt channel: bare RAM page records with their own
  * CONTINUE memory. `blocks` is the main channel's block map (the preempt
- * channel opens only after the block list was sent).
+ * channel opens only after the block list was sent). Same error contract as
+ * StreamDecoder (PushDecoder).
  */
-export class PreemptDecoder {
+export class PreemptDecoder extends PushDecoder<PreemptRecord> {
   private readonly q = new ByteQueue();
   private readonly ram: RamRecordParser;
   private finished = false;
-  private failed: StreamError | undefined;
 
   constructor(blocks: Map<string, KnownBlock>) {
+    super();
     this.ram = new RamRecordParser(blocks, { ignoreShared: false, postcopyAdvised: true });
     this.ram.postcopy = true;
   }
@@ -605,36 +590,32 @@ export class PreemptDecoder {
   }
 
   push(chunk: Uint8Array): PreemptRecord[] {
-    if (this.failed) throw this.failed;
+    this.throwIfFailed();
     this.q.push(chunk);
-    const out: PreemptRecord[] = [];
-    try {
-      for (;;) {
-        if (this.finished) {
-          if (this.q.available > 0) throw new StreamError('trailing-data', this.q.offset, 'bytes after EOS on the preempt channel');
-          break;
-        }
-        const r = this.ram.next(this.q);
-        if (!r) break;
-        if (r.type !== 'ram-page' && r.type !== 'ram-zero' && r.type !== 'ram-eos') {
-          throw new StreamError('bad-ram-flags', this.q.offset, `${r.type} record on the preempt channel`);
-        }
-        if (r.type === 'ram-eos') this.finished = true;
-        out.push(r);
-      }
-    } catch (e) {
-      if (e instanceof StreamError) this.failed = e;
-      throw e;
+    return this.parseAvailable();
+  }
+
+  protected step(out: PreemptRecord[]): boolean {
+    if (this.finished) {
+      if (this.q.available > 0) throw new StreamError('trailing-data', this.q.offset, 'bytes after EOS on the preempt channel');
+      return false;
     }
-    return out;
+    const at = this.q.offset;
+    const r = this.ram.next(this.q);
+    if (!r) return false;
+    if (r.type !== 'ram-page' && r.type !== 'ram-zero' && r.type !== 'ram-eos') {
+      throw new StreamError('bad-ram-flags', at, `${r.type} record on the preempt channel`);
+    }
+    if (r.type === 'ram-eos') this.finished = true;
+    out.push(r);
+    return true;
   }
 
   /** The preempt channel ends by being closed (≥ 8.0 machine types): only a partial record is an error. */
   end(): void {
-    if (this.failed) throw this.failed;
+    this.throwIfFailed();
     if (this.q.available > 0) {
-      this.failed = new StreamError('truncated', this.q.offset, `preempt channel ended inside a page record (${this.q.available} bytes left)`);
-      throw this.failed;
+      this.fail(new StreamError('truncated', this.q.offset, `preempt channel ended inside a page record (${this.q.available} bytes left)`));
     }
   }
 

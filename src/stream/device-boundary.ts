@@ -12,7 +12,9 @@ import { Command, COMMAND_MAX, RecordType } from './constants.js';
  *    (a START/FULL with a printable idstr and small instance/version, a
  *    PART/END of a section already started, a COMMAND with a known number and
  *    its fixed length, or EOF followed by VMDESCRIPTION or the end of input).
- *    Inside a PACKAGED blob the boundary must also lie within the package.
+ *    Inside a PACKAGED blob the footer and the next record's header must lie
+ *    within the package. The payload may not exceed maxDeviceSectionBytes: once
+ *    no candidate within that (or the package) is left, the section is refused.
  * 3. Confirmed afterwards: when the VM description arrives after EOF, every
  *    size found by rule 2 is checked against it.
  */
@@ -49,7 +51,11 @@ function be32(b: Uint8Array, p: number): number {
  */
 export function plausibleNextRecord(b: Uint8Array, p: number, ctx: BoundaryContext): BoundaryVerdict {
   const have = b.length - p;
-  const need = (n: number): BoundaryVerdict | undefined => (have >= n ? undefined : ctx.ended ? 'no' : 'need-more');
+  const need = (n: number): BoundaryVerdict | undefined => {
+    // A header that would cross the package end is no record of this package; known without its bytes.
+    if (ctx.packageRemaining !== undefined && n > ctx.packageRemaining) return 'no';
+    return have >= n ? undefined : ctx.ended ? 'no' : 'need-more';
+  };
   if (ctx.packageRemaining !== undefined) {
     // A package never ends after a device section: POSTCOPY_RUN comes last.
     if (ctx.packageRemaining <= 0) return 'no';

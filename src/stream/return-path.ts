@@ -2,6 +2,7 @@ import { RECV_BITMAP_ENDING, RESUME_ACK_VALUE, RP_MAX_LENGTH, RP_MESSAGE_MAX, Rp
 import { StreamError } from './errors.js';
 import { ByteQueue, decodeName } from './byte-queue.js';
 import { ByteWriter } from './byte-writer.js';
+import { PushDecoder } from './push-decoder.js';
 import type { ReturnPathMessage } from './records.js';
 
 /**
@@ -24,13 +25,13 @@ export interface ReturnPathDecoderOptions {
   maxBitmapBytes?: number;
 }
 
-/** Push parser for the return path; same contract as StreamDecoder. */
-export class ReturnPathDecoder {
+/** Push parser for the return path; same contract as StreamDecoder (PushDecoder). */
+export class ReturnPathDecoder extends PushDecoder<ReturnPathMessage> {
   private readonly q = new ByteQueue();
   private readonly maxBitmap: number;
-  private failed: StreamError | undefined;
 
   constructor(opts: ReturnPathDecoderOptions = {}) {
+    super();
     this.maxBitmap = opts.maxBitmapBytes ?? 64 * 1024 * 1024;
   }
 
@@ -40,29 +41,24 @@ export class ReturnPathDecoder {
   }
 
   push(chunk: Uint8Array): ReturnPathMessage[] {
-    if (this.failed) throw this.failed;
+    this.throwIfFailed();
     this.q.push(chunk);
-    const out: ReturnPathMessage[] = [];
-    try {
-      for (;;) {
-        const m = this.next();
-        if (!m) break;
-        out.push(m);
-      }
-    } catch (e) {
-      if (e instanceof StreamError) this.failed = e;
-      throw e;
-    }
-    return out;
+    return this.parseAvailable();
   }
 
   /** Throws 'truncated' when the input ended inside a message. */
   end(): void {
-    if (this.failed) throw this.failed;
+    this.throwIfFailed();
     if (this.q.available > 0) {
-      this.failed = new StreamError('truncated', this.q.offset, `return path ended inside a message (${this.q.available} bytes left)`);
-      throw this.failed;
+      this.fail(new StreamError('truncated', this.q.offset, `return path ended inside a message (${this.q.available} bytes left)`));
     }
+  }
+
+  protected step(out: ReturnPathMessage[]): boolean {
+    const m = this.next();
+    if (!m) return false;
+    out.push(m);
+    return true;
   }
 
   private next(): ReturnPathMessage | undefined {

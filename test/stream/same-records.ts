@@ -1,7 +1,5 @@
-import type { StreamRecord } from '../../src/stream/index.js';
-
-/** Deep equality for records, comparing byte arrays with memcmp (fast on page data). */
-export function sameRecords(a: readonly StreamRecord[], b: readonly StreamRecord[]): boolean {
+/** Deep equality for records (of any decoder), comparing byte arrays with memcmp (fast on page data). */
+export function sameRecords(a: readonly unknown[], b: readonly unknown[]): boolean {
   if (a.length !== b.length) return false;
   for (let i = 0; i < a.length; i++) if (!same(a[i], b[i])) return false;
   return true;

@@ -374,8 +374,9 @@ export class MigrationAnalysis {
       if (!(e instanceof StreamError)) throw e;
       this.fail(direction, e, t);
     }
-    // StreamDecoder returns the records before an error and keeps the error for later.
-    if (direction === 'main' && this.mainDecoder?.error && !this.failed.has('main')) this.fail('main', this.mainDecoder.error, t);
+    // Each decoder returns the records before an error and keeps the error for later.
+    const decoder = direction === 'main' ? this.mainDecoder : direction === 'return-path' ? this.rpDecoder : this.preemptDecoder;
+    if (decoder?.error && !this.failed.has(direction)) this.fail(direction, decoder.error, t);
   }
 
   /** Declares that the preempt connection exists (even before it carries a byte). */
