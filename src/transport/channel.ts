@@ -4,6 +4,7 @@ import type { TLSSocket } from 'node:tls';
 import { TransportError } from './errors.js';
 import { unackedBytes } from './kernel-queue.js';
 import { SendQueue } from './send-queue.js';
+import { classifyTlsError } from './tls.js';
 import type { EffectiveTuning } from './tuning.js';
 
 export type ChannelRole = 'main' | 'preempt';
@@ -294,6 +295,10 @@ export function classifySocketError(e: unknown, channel?: ChannelRole): Transpor
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   const msg = e instanceof Error ? e.message : String(e);
   const opts = { cause: e, ...(channel ? { channel } : {}) };
+  // OpenSSL errors on an established TLS channel: with TLS 1.3 the server judges the client
+  // certificate after the client's handshake is done, so its refusal (an alert naming the reason)
+  // only arrives here.
+  if (code?.startsWith('ERR_SSL_')) return classifyTlsError(e, channel, { established: true });
   switch (code) {
     case 'ECONNRESET':
     case 'EPIPE':
