@@ -49,7 +49,7 @@ export interface PausedEvent {
 export interface ResumedEvent {
   /** Recoveries completed in this migration, this one included. */
   readonly recoveries: number;
-  /** From the pause to RESUME_ACK, ms. */
+  /** From the failure that ended postcopy-active to RESUME_ACK, ms (recovery connections lost on the way included). */
   readonly pausedMs: number;
 }
 

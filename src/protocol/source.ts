@@ -416,6 +416,11 @@ export class SourceSession extends EventEmitter<SourceEvents> {
           break; // SWITCHOVER_ACK: only with QEMU's switchover-ack capability, which we never ask for
       }
     }
+    // Messages before a malformed one were handled above; the error itself ends the migration now.
+    if (this.rp.error) {
+      this.fail(MigrationError.from(this.rp.error, this.phase));
+      return;
+    }
     this.wakePeerWaiters();
   }
 
@@ -883,18 +888,23 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private pause(e: MigrationError): void {
     if (this.pausedBy || this.finished) return;
     this.pausedBy = e;
-    this.pausedAt = performance.now();
+    const at = performance.now();
+    // A recovery connection lost before RESUME_ACK prolongs the same outage:
+    // `pausedMs` counts from the failure that ended postcopy-active.
+    if (this.status === 'postcopy-active') this.pausedAt = at;
     this.status = 'postcopy-paused';
     const conn = this.conn;
     this.preempt = undefined;
     conn?.destroy();
     this.requests.length = 0;
     this.preemptRequests.length = 0;
+    // A servePreempt of the lost channel ends on its own (generation check); the next may start.
+    this.servingPreempt = false;
     this.writtenCallbacks = [];
     // Records encoded for the lost channel are dropped; the bitmap says what to resend.
     this.enc.take();
     this.preemptEnc.take();
-    this.emit('paused', { error: e, at: this.pausedAt });
+    this.emit('paused', { error: e, at });
     this.wakePeerWaiters();
   }
 
