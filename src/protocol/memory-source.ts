@@ -74,7 +74,12 @@ export class PageBitmap {
  */
 export interface GuestMemorySource {
   blocks(): readonly SourceBlock[];
-  /** The page's bytes. The view must stay unchanged until the session has written it (it is sent by reference). */
+  /**
+   * The page's bytes, sent by reference (no copy). The guest may change them
+   * before they leave, as QEMU's guest may: such a page must then be dirty
+   * (reported by `syncDirty`) and goes again. A source that cannot report
+   * every write must return a copy.
+   */
   readPage(block: string, offset: number): Uint8Array;
   /**
    * Optional fast path: whether the page is all zero, looked at in place (no
@@ -88,8 +93,8 @@ export interface GuestMemorySource {
 
 /**
  * Guest RAM in memory, for synthetic guests: `write()` changes memory and
- * marks the pages dirty. A page being sent is copied first so that a later
- * write cannot change bytes already queued.
+ * marks the pages dirty. Pages are sent by reference: one written while
+ * queued is dirty, and the next pass (or the final stage) sends it again.
  */
 export class InMemorySource implements GuestMemorySource {
   readonly memory = new Map<string, Buffer>();
@@ -129,21 +134,10 @@ export class InMemorySource implements GuestMemorySource {
     return isZeroPage(this.memory.get(block)!.subarray(offset, offset + TARGET_PAGE_SIZE));
   }
 
-  private slab = Buffer.allocUnsafe(0);
-  private slabPos = 0;
-
   readPage(block: string, offset: number): Uint8Array {
-    const mem = this.memory.get(block)!;
-    // A copy: the guest keeps writing while the page waits in a socket queue.
-    // Copies are carved from 256 KiB slabs (one allocation per 64 pages).
-    if (this.slabPos + TARGET_PAGE_SIZE > this.slab.length) {
-      this.slab = Buffer.allocUnsafe(64 * TARGET_PAGE_SIZE);
-      this.slabPos = 0;
-    }
-    const page = this.slab.subarray(this.slabPos, this.slabPos + TARGET_PAGE_SIZE);
-    mem.copy(page, 0, offset, offset + TARGET_PAGE_SIZE);
-    this.slabPos += TARGET_PAGE_SIZE;
-    return page;
+    // No copy: every write goes through write(), which marks the page dirty, so
+    // a page changed while it waits in a socket queue is sent again.
+    return this.memory.get(block)!.subarray(offset, offset + TARGET_PAGE_SIZE);
   }
 
   syncDirty(into: ReadonlyMap<string, PageBitmap>): void {
