@@ -36,18 +36,16 @@ function limitsFor(role: ChannelRole, opts: TransportOptions): ChannelLimits {
   return (role === 'main' ? opts.main : opts.preempt) ?? {};
 }
 
-/** Connects one TCP/unix socket, then (optionally) runs the TLS client handshake on it. */
-async function openClientChannel(
-  ep: Endpoint,
-  role: ChannelRole,
-  opts: TransportOptions,
-  material: TlsMaterial | undefined,
-  session: Buffer | undefined,
-  onSession: (s: Buffer) => void,
-): Promise<Channel> {
-  const timeoutMs = opts.connectTimeoutMs ?? 10_000;
-  const raw = await new Promise<net.Socket>((resolve, reject) => {
-    const s = ep.kind === 'tcp' ? net.connect({ host: ep.host, port: ep.port }) : net.connect({ path: ep.path });
+/**
+ * Connects one TCP/unix socket to `ep` within `timeoutMs`; failures are
+ * TransportErrors of channel `role` (`connect-timeout`, or as the socket
+ * error says). `allowHalfOpen`: keep the socket writable after the peer's
+ * FIN (a relay forwards the half-close).
+ */
+export function connectSocket(ep: Endpoint, role: ChannelRole, timeoutMs: number, opts: { allowHalfOpen?: boolean } = {}): Promise<net.Socket> {
+  return new Promise<net.Socket>((resolve, reject) => {
+    const allowHalfOpen = opts.allowHalfOpen ?? false;
+    const s = ep.kind === 'tcp' ? net.connect({ host: ep.host, port: ep.port, allowHalfOpen }) : net.connect({ path: ep.path, allowHalfOpen });
     const timer = setTimeout(() => {
       s.destroy();
       reject(new TransportError('connect-timeout', `no connection to ${formatEndpoint(ep)} within ${timeoutMs} ms`, { channel: role }));
@@ -63,6 +61,19 @@ async function openClientChannel(
       reject(classifySocketError(e, role));
     });
   });
+}
+
+/** Connects one TCP/unix socket, then (optionally) runs the TLS client handshake on it. */
+async function openClientChannel(
+  ep: Endpoint,
+  role: ChannelRole,
+  opts: TransportOptions,
+  material: TlsMaterial | undefined,
+  session: Buffer | undefined,
+  onSession: (s: Buffer) => void,
+): Promise<Channel> {
+  const timeoutMs = opts.connectTimeoutMs ?? 10_000;
+  const raw = await connectSocket(ep, role, timeoutMs);
   // Tune before the handshake so that even the handshake runs with the channel's options.
   const tuning = applyTuning(raw, profileFor(role, opts), ep.kind);
   if (!material || !opts.tls) return new Channel(raw, role, tuning, limitsFor(role, opts));

@@ -423,7 +423,8 @@ export class MigrationRelay {
     s.queued = 0;
     for (const sock of [s.client, s.upstream]) {
       if (sock.destroyed) continue;
-      if (reset && !sock.connecting) {
+      // After end() (a FIN on its way) libuv refuses the reset and Node never closes the handle.
+      if (reset && !sock.connecting && !sock.writableEnded) {
         try {
           sock.resetAndDestroy(); // RST on TCP; throws for unix sockets
           continue;

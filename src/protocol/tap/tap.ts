@@ -23,6 +23,7 @@ import type tls from 'node:tls';
 import type { LatencySummary } from '../latency.js';
 import type { StreamError } from '../../stream/errors.js';
 import { classifySocketError } from '../../transport/channel.js';
+import { connectSocket } from '../../transport/connection.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../transport/endpoint.js';
 import { TransportError } from '../../transport/errors.js';
 import { loadTlsDir } from '../../transport/pki.js';
@@ -198,13 +199,21 @@ class Link {
   }
 }
 
-/** RST for a plain TCP socket (the peer must notice a failure); a TLS socket is closed through itself, never under it. */
+/**
+ * RST for a plain TCP socket (the peer must notice a failure); a TLS socket is
+ * closed through itself, never under it. While the FIN of an ended socket is
+ * pending in libuv (every write done, the shutdown not yet), libuv refuses the
+ * reset (EINVAL) and Node then never closes the handle: such a socket is only
+ * closed (its peer has the FIN; its next write is refused).
+ */
 function destroySocket(s: AnySocket, reset: boolean): void {
   if (s.destroyed) return;
   const isTls = typeof (s as tls.TLSSocket).getProtocol === 'function';
   if (reset && !isTls && !s.connecting && typeof s.resetAndDestroy === 'function') {
     try {
-      s.resetAndDestroy();
+      const shutdownPending = s.writableEnded && !s.writableFinished && s.writableLength === 0;
+      if (shutdownPending) s.destroy();
+      else s.resetAndDestroy();
       return;
     } catch {
       // not TCP (unix socket): a plain close
@@ -428,25 +437,9 @@ export class Tap extends EventEmitter<TapEvents> {
   }
 
   private async connectUpstream(role: TapRole): Promise<AnySocket> {
-    const ep = this.target;
     const timeoutMs = this.timeoutMs;
-    const raw = await new Promise<net.Socket>((resolve, reject) => {
-      const s = ep.kind === 'tcp' ? net.connect({ host: ep.host, port: ep.port, allowHalfOpen: true }) : net.connect({ path: ep.path, allowHalfOpen: true });
-      const timer = setTimeout(() => {
-        s.destroy();
-        reject(new TransportError('connect-timeout', `no connection to ${formatEndpoint(ep)} within ${timeoutMs} ms`, { channel: role }));
-      }, timeoutMs);
-      s.once('connect', () => {
-        clearTimeout(timer);
-        s.removeAllListeners('error');
-        resolve(s);
-      });
-      s.once('error', (e) => {
-        clearTimeout(timer);
-        s.destroy();
-        reject(classifySocketError(e, role));
-      });
-    });
+    // Half-open: the end of one direction is forwarded as a FIN while the other goes on.
+    const raw = await connectSocket(this.target, role, timeoutMs, { allowHalfOpen: true });
     raw.setNoDelay(true);
     if (!this.clientTls) return raw;
     return secureConnect({ ...this.clientTls, socket: raw }, { channel: role, timeoutMs });
