@@ -623,9 +623,13 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       this.status = 'completed';
       this.endedAt = performance.now();
       if (this.rpOpen && this.conn) {
-        // SHUT 0: without it a QEMU source reports the migration failed.
-        await this.conn.main.send([encodeReturnPathMessage({ type: 'shut', value: 0 })], 'urgent');
-        await this.conn.main.flush();
+        // SHUT 0: without it a QEMU source reports the migration failed. Everything is here and
+        // flushed by now, so a source that is gone meanwhile does not undo the migration.
+        const main = this.conn.main;
+        await main
+          .send([encodeReturnPathMessage({ type: 'shut', value: 0 })], 'urgent')
+          .then(() => main.flush())
+          .catch(() => undefined);
       }
     } catch (e) {
       this.finished = false;

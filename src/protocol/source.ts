@@ -61,6 +61,9 @@ export interface SourceOptions {
    * opens, SHUT at the end) may be outstanding with nothing moving: no
    * return-path message and, where the kernel tells, none of our bytes
    * acknowledged (default 30 s). A slow link is not a timeout; a dead peer is.
+   * Once the destination's kernel has acknowledged the whole stream, the wait
+   * for SHUT goes on until SHUT or the connection's end (a destination may
+   * take long to flush its RAM; TCP keepalive finds a dead host).
    */
   replyTimeoutMs?: number;
   /**
@@ -436,12 +439,15 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    * sit in socket buffers once our last write returned), so a fixed deadline
    * would fail a healthy migration.
    */
-  private waitForPeer(what: string, ready: () => boolean): Promise<void> {
+  private waitForPeer(what: string, ready: () => boolean, opts: { deliveredIsProgress?: boolean } = {}): Promise<void> {
     const ms = this.opts.replyTimeoutMs ?? 30_000;
     return new Promise<void>((resolve, reject) => {
       let idleSince = performance.now();
       let unacked = this.conn?.main.unackedBytes;
+      let done = false;
       const finish = (e?: MigrationError) => {
+        if (done) return;
+        done = true;
         clearInterval(poll);
         this.peerWaiters.delete(waiter);
         if (e) reject(e);
@@ -458,8 +464,16 @@ export class SourceSession extends EventEmitter<SourceEvents> {
           const now = performance.now();
           const q = this.conn?.main.unackedBytes;
           if (q !== undefined && unacked !== undefined && q < unacked) idleSince = now;
+          // Everything we sent is acknowledged: the destination has the whole stream and is
+          // finishing (a large flush may take long); only the connection's end ends this wait.
+          if (opts.deliveredIsProgress && q === 0) idleSince = now;
           unacked = q;
-          if (now - idleSince >= ms) finish(new MigrationError('idle-timeout', this.phase, `no ${what} from the destination, and nothing moved, for ${ms} ms`));
+          if (now - idleSince < ms) return;
+          // After a long stall of our own event loop this timer may run before the socket's
+          // pending bytes are read: decide after the next poll phase.
+          setImmediate(() => {
+            if (!done && performance.now() - idleSince >= ms) finish(new MigrationError('idle-timeout', this.phase, `no ${what} from the destination, and nothing moved, for ${ms} ms`));
+          });
         },
         Math.max(10, Math.min(250, ms / 4)),
       );
@@ -605,7 +619,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       await this.completePrecopy(ram);
       // Completion: the destination answers SHUT 0 once it has everything.
       this.phase = 'completion';
-      await this.waitForPeer('SHUT', () => this.shutValue === 0);
+      await this.waitForPeer('SHUT', () => this.shutValue === 0, { deliveredIsProgress: true });
     }
     // From here on the destination may close first: that is the normal end.
     this.finished = true;
@@ -826,7 +840,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
         await this.flushMain();
         await Promise.all([this.conn!.main.flush(), this.preempt?.flush()]);
         this.phase = 'completion';
-        await this.waitForPeer('SHUT', () => this.shutValue === 0);
+        await this.waitForPeer('SHUT', () => this.shutValue === 0, { deliveredIsProgress: true });
         return;
       } catch (e) {
         this.pauseOrThrow(e);

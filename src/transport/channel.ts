@@ -96,6 +96,8 @@ export class Channel extends EventEmitter<ChannelEvents> {
         ? { tls: { protocol: tlsSock.getProtocol(), cipher: tlsSock.getCipher()?.name ?? '', resumed: tlsSock.isSessionReused() } }
         : {}),
     };
+    // A peer host that vanishes without a FIN or RST is found even when we only wait for it.
+    socket.setKeepAlive(true, 10_000);
     socket.on('drain', this.afterWrite);
     socket.on('error', (e) => this.fail(classifySocketError(e, role)));
     socket.on('end', () => this.emit('end'));

@@ -6,7 +6,9 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
+import { DestinationSession } from '../../src/protocol/destination.js';
 import { MigrationError } from '../../src/protocol/errors.js';
+import { InMemorySink } from '../../src/protocol/memory.js';
 import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { SourceSession } from '../../src/protocol/source.js';
 import { PreemptDecoder, StreamDecoder } from '../../src/stream/decoder.js';
@@ -128,4 +130,37 @@ describe('a destination that never answers', () => {
     const after = process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'Timeout').length;
     expect(after, 'no socket or timer left').toBeLessThanOrEqual(before);
   }, 30_000);
+});
+
+describe('a destination slow to finish', () => {
+  for (const postcopy of [false, true]) {
+    it(`${postcopy ? 'postcopy' : 'precopy'}: a 1 s flush before SHUT outlasts replyTimeoutMs 200 ms; both complete, no pause`, async () => {
+      class SlowSink extends InMemorySink {
+        override async flush(): Promise<void> {
+          await new Promise((r) => setTimeout(r, 1000));
+        }
+      }
+      const size = 4 * MiB;
+      const memory = new InMemorySource([{ idstr: 'pc.ram', length: size }]);
+      randomFillSync(memory.memory.get('pc.ram')!);
+      const sink = new SlowSink();
+      const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy });
+      const src = new SourceSession({
+        to: dst.uri,
+        memory,
+        machineType: 'pc-q35-10.0',
+        devices: [],
+        postcopy: postcopy ? { afterPasses: 1 } : 'never',
+        replyTimeoutMs: 200,
+      });
+      let paused = 0;
+      src.on('paused', () => paused++);
+      src.start();
+      const [s, d] = await Promise.allSettled([src.done, dst.done]);
+      expect(s.status, s.status === 'rejected' ? String(s.reason) : '').toBe('fulfilled');
+      expect(d.status, d.status === 'rejected' ? String(d.reason) : '').toBe('fulfilled');
+      expect(paused).toBe(0);
+      expect(sink.blocks.get('pc.ram')!.equals(memory.memory.get('pc.ram')!)).toBe(true);
+    }, 30_000);
+  }
 });
