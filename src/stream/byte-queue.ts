@@ -48,7 +48,7 @@ export class ByteQueue {
   ensure(n: number): boolean {
     if (this.buffered < n) return false;
     if (this.head.length - this.headPos >= n) return true;
-    const merged = new Uint8Array(n);
+    const merged = carve(n);
     let filled = 0;
     let piece: Uint8Array = this.head.subarray(this.headPos);
     for (;;) {
@@ -141,6 +141,27 @@ export class ByteQueue {
 }
 
 const EMPTY = new Uint8Array(0);
+
+/**
+ * Room for records that span chunks, carved from 256 KiB slabs: over TLS a
+ * quarter of all pages straddle a 16 KiB record boundary, and an ArrayBuffer
+ * of their own each would cost an allocation apiece. A slab is never reused
+ * (a carved record may be kept by the consumer); the GC frees it with the
+ * last view.
+ */
+const SLAB_BYTES = 256 * 1024;
+let slab = new Uint8Array(0);
+let slabPos = 0;
+function carve(n: number): Uint8Array {
+  if (n > SLAB_BYTES / 4) return new Uint8Array(n);
+  if (slabPos + n > slab.length) {
+    slab = new Uint8Array(SLAB_BYTES);
+    slabPos = 0;
+  }
+  const out = slab.subarray(slabPos, slabPos + n);
+  slabPos += n;
+  return out;
+}
 
 /** idstrs are ASCII in practice; latin1 (ISO-8859-1) keeps any byte round-trippable. */
 export function decodeName(bytes: Uint8Array): string {

@@ -1,0 +1,23 @@
+import { describe, expect, it } from 'vitest';
+import { InMemorySink } from '../../src/protocol/memory.js';
+
+describe('InMemorySink', () => {
+  it('preallocate: the stream block list of the same name and size uses the blocks as they are; another size replaces them', () => {
+    const sink = new InMemorySink();
+    sink.preallocate([{ idstr: 'pc.ram', length: 1 << 20 }, { idstr: 'pc.bios', length: 8192 }], { prefault: true });
+    const ram = sink.blocks.get('pc.ram')!;
+    expect(ram.length).toBe(1 << 20);
+    expect(ram.every((b) => b === 0)).toBe(true);
+    sink.setBlocks([
+      { idstr: 'pc.ram', length: 1 << 20 },
+      { idstr: 'pc.bios', length: 4096 },
+    ]);
+    expect(sink.blocks.get('pc.ram'), 'same block kept').toBe(ram);
+    expect(sink.blocks.get('pc.bios')!.length, 'resized').toBe(4096);
+    const page = Buffer.alloc(4096, 0xab);
+    sink.writePage('pc.ram', 8192, page);
+    expect(ram.subarray(8192, 8192 + 4096).equals(page)).toBe(true);
+    sink.zeroPage('pc.ram', 8192);
+    expect(ram.subarray(8192, 8192 + 4096).every((b) => b === 0)).toBe(true);
+  });
+});
