@@ -1,5 +1,5 @@
 /**
- * Urgent-request latency under bulk load (npm run bench:latency [-- --quick] [-- --no-veth]).
+ * Urgent-request latency under bulk load (npm run bench:latency [-- --quick] [-- --no-veth] [-- --rounds N]).
  *
  * A destination sends a 16-byte request; the source answers with a 4 KiB page
  * while the main channel saturates the link source → destination with bulk
@@ -40,6 +40,8 @@ const { values: args } = parseArgs({
     'no-veth': { type: 'boolean', default: false },
     /** Run both peers under `nice -n N` (negative needs root): less interference from other work on a shared machine. */
     nice: { type: 'string', default: '0' },
+    /** Rounds per cell (default 2, --quick 1); `npm run bench` asks for 3. */
+    rounds: { type: 'string' },
     out: { type: 'string', default: join(REPO_ROOT, 'bench', 'results') },
   },
 });
@@ -53,6 +55,8 @@ const { values: args } = parseArgs({
 const T = args.quick
   ? { rounds: 1, idle: 800, warmup: 500, alone: 500, loaded: 1500, gap: 1, thrWarmup: 300, thr: 800, thrRounds: 1 }
   : { rounds: 2, idle: 1250, warmup: 800, alone: 750, loaded: 2500, gap: 1, thrWarmup: 400, thr: 1500, thrRounds: 5 };
+if (args.rounds !== undefined) T.rounds = Number(args.rounds);
+if (!Number.isInteger(T.rounds) || T.rounds < 1) throw new Error(`--rounds must be a positive integer, got ${args.rounds}`);
 const MAX_SAMPLES = 20_000;
 const CMD_MS = 15_000;
 const LINK = { rate: '1gbit', burst: '256kb', latency: '50ms' };

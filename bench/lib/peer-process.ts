@@ -1,101 +1,18 @@
 /**
- * The orchestrator's handle on one peer child process (bench/lib/peer.ts):
- * spawn it (optionally through `ip netns exec`), send commands with a time
- * limit each, and stop it by its own PID.
+ * The latency benchmark's handle on one peer child process (bench/lib/peer.ts):
+ * a {@link BenchChild} that speaks {@link PeerCommand}.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { createInterface } from 'node:readline';
-import type { PeerCommand, PeerReply } from './protocol.js';
+import { BenchChild, REPO_ROOT } from './child.js';
+import type { PeerCommand } from './protocol.js';
+
+export { REPO_ROOT };
 
 const PEER_SCRIPT = fileURLToPath(new URL('./peer.ts', import.meta.url));
-/** The repository root: `--import tsx` is resolved from the working directory. */
-export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 
-export class PeerProcess {
-  private nextId = 1;
-  private pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
-  private exited = false;
-  private readonly exitPromise: Promise<void>;
-
-  private constructor(
-    readonly name: string,
-    private readonly child: ChildProcess,
-  ) {
-    this.exitPromise = new Promise((resolve) => {
-      child.once('exit', (code, signal) => {
-        this.exited = true;
-        for (const [, p] of this.pending) {
-          clearTimeout(p.timer);
-          p.reject(new Error(`${name} exited (code ${code}, signal ${signal})`));
-        }
-        this.pending.clear();
-        resolve();
-      });
-    });
-    child.once('error', (e) => process.stderr.write(`${name}: ${e.message}\n`));
-    const rl = createInterface({ input: child.stdout! });
-    rl.on('line', (line) => {
-      let r: PeerReply;
-      try {
-        r = JSON.parse(line) as PeerReply;
-      } catch {
-        process.stderr.write(`${name} (stdout): ${line}\n`);
-        return;
-      }
-      const p = this.pending.get(r.id);
-      if (!p) return;
-      this.pending.delete(r.id);
-      clearTimeout(p.timer);
-      if (r.ok) p.resolve(r.data);
-      else p.reject(new Error(`${name}: ${r.error}`));
-    });
-    createInterface({ input: child.stderr! }).on('line', (line) => process.stderr.write(`  ${line}\n`));
-  }
-
+export class PeerProcess extends BenchChild<PeerCommand> {
   /** Starts `peer.ts role`, inside a namespace when `prefix` is `['ip','netns','exec',NS]`. */
   static spawn(name: string, role: 'source' | 'dest', prefix: readonly string[] = []): PeerProcess {
-    const argv = [...prefix, process.execPath, '--import', 'tsx', PEER_SCRIPT, role];
-    const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
-    return new PeerProcess(name, child);
-  }
-
-  get pid(): number | undefined {
-    return this.child.pid;
-  }
-
-  call<T = unknown>(cmd: PeerCommand, timeoutMs: number): Promise<T> {
-    if (this.exited) return Promise.reject(new Error(`${this.name} has exited`));
-    const id = this.nextId++;
-    return new Promise<T>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(id);
-        reject(new Error(`${this.name}: no answer to "${cmd.cmd}" within ${timeoutMs} ms`));
-      }, timeoutMs);
-      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer });
-      this.child.stdin!.write(`${JSON.stringify({ ...cmd, id })}\n`);
-    });
-  }
-
-  /** Asks the peer to exit, then SIGTERM, then SIGKILL — always by this child's PID. */
-  async stop(): Promise<void> {
-    if (this.exited) return;
-    try {
-      this.child.stdin!.end(`${JSON.stringify({ cmd: 'exit', id: 0 })}\n`);
-    } catch {
-      // stdin already gone
-    }
-    const waited = (ms: number): Promise<boolean> =>
-      Promise.race([this.exitPromise.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), ms).unref())]);
-    if (await waited(2000)) return;
-    this.child.kill('SIGTERM');
-    if (await waited(2000)) return;
-    this.child.kill('SIGKILL');
-    await waited(2000);
-  }
-
-  /** For synchronous exit paths: SIGKILL by PID. */
-  killNow(): void {
-    if (!this.exited) this.child.kill('SIGKILL');
+    return new PeerProcess(name, BenchChild.spawnChild(PEER_SCRIPT, [role], prefix));
   }
 }

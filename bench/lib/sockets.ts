@@ -5,7 +5,7 @@
  */
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
-import type { TuningProfile } from '../../src/transport/tuning.js';
+import { IPPROTO_IP, IPPROTO_TCP, IP_TOS, SOL_SOCKET, SO_PRIORITY, SO_RCVBUF, SO_SNDBUF, TCP_NODELAY, TCP_NOTSENT_LOWAT, type TuningProfile } from '../../src/transport/tuning.js';
 
 /**
  * Overrides that reset every option of a profile to what the kernel does
@@ -28,16 +28,6 @@ interface SockoptAddon {
   getsockopt(socket: Socket, level: number, name: number): number;
 }
 const so = createRequire(import.meta.url)('sockopt') as SockoptAddon;
-
-const SOL_SOCKET = 1;
-const SO_SNDBUF = 7;
-const SO_RCVBUF = 8;
-const SO_PRIORITY = 12;
-const IPPROTO_IP = 0;
-const IP_TOS = 1;
-const IPPROTO_TCP = 6;
-const TCP_NODELAY = 1;
-const TCP_NOTSENT_LOWAT = 25;
 
 export interface SocketOptions {
   sndbuf?: number;

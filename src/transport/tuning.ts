@@ -54,18 +54,18 @@ export interface EffectiveTuning {
   warnings: string[];
 }
 
-// Linux values (socket.h, in.h, tcp.h).
-const SOL_SOCKET = 1;
-const SO_SNDBUF = 7;
-const SO_RCVBUF = 8;
-const SO_PRIORITY = 12;
-const IPPROTO_IP = 0;
-const IP_TOS = 1;
-const IPPROTO_TCP = 6;
-const TCP_NODELAY = 1;
-const TCP_NOTSENT_LOWAT = 25;
-const IPPROTO_IPV6 = 41;
-const IPV6_TCLASS = 67;
+// Linux values (socket.h, in.h, tcp.h); exported for tools that read sockets back (bench).
+export const SOL_SOCKET = 1;
+export const SO_SNDBUF = 7;
+export const SO_RCVBUF = 8;
+export const SO_PRIORITY = 12;
+export const IPPROTO_IP = 0;
+export const IP_TOS = 1;
+export const IPPROTO_TCP = 6;
+export const TCP_NODELAY = 1;
+export const TCP_NOTSENT_LOWAT = 25;
+export const IPPROTO_IPV6 = 41;
+export const IPV6_TCLASS = 67;
 
 interface SockoptAddon {
   setsockopt(socket: Socket, level: number, name: number, value: number): void;

@@ -1,0 +1,223 @@
+/**
+ * One side of a library migration, as a child process
+ * (`node --import tsx bench/lib/session-peer.ts`): a SourceSession over a
+ * synthetic guest or a saved VM, or a DestinationSession into memory or a
+ * directory. Driven by bench/lib/child.ts; every time it reports is
+ * CLOCK_MONOTONIC in µs (monoUs), comparable across processes.
+ */
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { DestinationSession, type DestinationStats } from '../../src/protocol/destination.js';
+import { DirectorySink } from '../../src/protocol/directory-sink.js';
+import { InMemorySink, type GuestMemorySink } from '../../src/protocol/memory.js';
+import { SavedVmSource, type GuestMemorySource } from '../../src/protocol/memory-source.js';
+import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
+import { readSavedVmManifest } from '../../src/protocol/saved-vm.js';
+import { SourceSession, type DeviceStateSection, type SourceStats } from '../../src/protocol/source.js';
+import type { TransportOptions } from '../../src/transport/connection.js';
+import { monoUs, residentSet, serve } from './child-server.js';
+import { createGuest, hashBlocks, MACHINE_TYPE, runVideoAtDestination, syntheticDevices, type BenchGuest, type DestinationWorkloadReport, type GuestSpec } from './synthetic-guest.js';
+
+export type SourceMemory = GuestSpec | { kind: 'saved-vm'; dir: string };
+
+export type SessionCommand =
+  | { cmd: 'source-prepare'; memory: SourceMemory }
+  | {
+      cmd: 'source-migrate';
+      to: string;
+      tlsDir?: string;
+      tlsHostname?: string;
+      policy: PostcopyPolicy;
+      preempt: boolean;
+      maxPasses?: number;
+      /** Hash guest RAM after the migration (synthetic guests). */
+      hash?: boolean;
+      timeoutMs: number;
+    }
+  | { cmd: 'dest-listen'; host: string; tlsDir?: string; postcopy: boolean; sink: { kind: 'memory' } | { kind: 'directory'; dir: string }; workload?: 'video'; idleTimeoutMs?: number }
+  | { cmd: 'dest-wait'; timeoutMs: number; hash?: boolean }
+  | { cmd: 'rss' };
+
+export interface SourceRun {
+  startUs: number;
+  stoppedUs: number | undefined;
+  postcopyActiveUs: number | undefined;
+  doneUs: number;
+  stats: SourceStats;
+  passes: { pass: number; bytes: number; dirtyPages: number; durationMs: number }[];
+  /** Per answered request, arrival → written (µs), as the source measures it. */
+  requestLatencyUs: number[];
+  hash?: string;
+}
+
+export interface DestinationRun {
+  /** POSTCOPY_RUN arrived (postcopy): the destination runs. */
+  runUs: number | undefined;
+  /** The migration completed here (precopy: the destination can run now). */
+  completedUs: number;
+  stats: DestinationStats;
+  postcopy: boolean;
+  /** Per demand request, sent → page arrived (µs). */
+  requestLatencyUs: number[];
+  workload?: DestinationWorkloadReport;
+  hash?: string;
+}
+
+const log = (msg: string): void => void process.stderr.write(`[session-peer] ${msg}\n`);
+const transport = (tlsDir: string | undefined, hostname?: string): TransportOptions => (tlsDir ? { tls: { dir: tlsDir, ...(hostname ? { hostname } : {}) } } : {});
+
+// ---------------------------------------------------------------------------
+// Source
+// ---------------------------------------------------------------------------
+
+let memory: GuestMemorySource | undefined;
+let guest: BenchGuest | undefined;
+let savedDevices: DeviceStateSection[] | undefined;
+let savedVmdesc: Uint8Array | undefined;
+let machineType = MACHINE_TYPE;
+let session: SourceSession | undefined;
+
+async function sourcePrepare(m: SourceMemory): Promise<{ prepareMs: number }> {
+  const t0 = performance.now();
+  if (m.kind === 'saved-vm') {
+    const saved = await SavedVmSource.open(m.dir);
+    const manifest = await readSavedVmManifest(m.dir);
+    memory = saved;
+    machineType = manifest.machineType ?? MACHINE_TYPE;
+    savedDevices = manifest.devices.map((d) => ({ sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, data: readFileSync(join(m.dir, d.file)) }));
+    savedVmdesc = manifest.vmdesc ? readFileSync(join(m.dir, manifest.vmdesc)) : undefined;
+  } else {
+    guest = createGuest(m);
+    memory = guest.source;
+  }
+  return { prepareMs: Math.round(performance.now() - t0) };
+}
+
+async function sourceMigrate(c: Extract<SessionCommand, { cmd: 'source-migrate' }>): Promise<SourceRun> {
+  if (!memory) throw new Error('source-prepare first');
+  const g = guest;
+  const devices = savedDevices ?? syntheticDevices();
+  const s = new SourceSession({
+    to: c.to,
+    transport: transport(c.tlsDir, c.tlsHostname),
+    memory,
+    machineType,
+    devices: () => [...devices, ...(g?.devices() ?? [])],
+    ...(savedVmdesc ? { vmdesc: savedVmdesc } : {}),
+    postcopy: c.policy,
+    preempt: c.preempt,
+    ...(c.maxPasses !== undefined ? { maxPasses: c.maxPasses } : {}),
+    stopVm: () => g?.stop(),
+  });
+  session = s;
+  let stoppedUs: number | undefined;
+  let postcopyActiveUs: number | undefined;
+  const passes: SourceRun['passes'] = [];
+  const requestLatencyUs: number[] = [];
+  s.on('stopped', (e) => (stoppedUs = Number(e.hrtime / 1000n)));
+  s.on('postcopy-active', () => (postcopyActiveUs = monoUs()));
+  s.on('pass', (p) => passes.push({ pass: p.pass, bytes: p.bytes, dirtyPages: p.dirtyPages, durationMs: Math.round(p.durationMs) }));
+  s.on('page-request', (r) => requestLatencyUs.push(Math.round(r.latencyUs)));
+  g?.start();
+  const startUs = monoUs();
+  s.start();
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    const stats = await Promise.race([
+      s.done,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          s.cancel();
+          reject(new Error(`source: no completion within ${c.timeoutMs} ms (${s.currentPhase})`));
+        }, c.timeoutMs);
+      }),
+    ]);
+    const doneUs = monoUs();
+    const run: SourceRun = { startUs, stoppedUs, postcopyActiveUs, doneUs, stats, passes, requestLatencyUs };
+    if (c.hash && g) run.hash = hashBlocks(g.source.memory);
+    return run;
+  } finally {
+    clearTimeout(timer);
+    g?.stop();
+    session = undefined;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Destination
+// ---------------------------------------------------------------------------
+
+let dest: DestinationSession | undefined;
+let sink: GuestMemorySink | undefined;
+let sinkDir: string | undefined;
+let runUs: number | undefined;
+let workload: Promise<DestinationWorkloadReport | undefined> = Promise.resolve(undefined);
+const destLatency: number[] = [];
+
+async function destListen(c: Extract<SessionCommand, { cmd: 'dest-listen' }>): Promise<{ uri: string }> {
+  if (dest) throw new Error('a destination is already listening');
+  sink = c.sink.kind === 'memory' ? new InMemorySink() : new DirectorySink(c.sink.dir);
+  sinkDir = c.sink.kind === 'directory' ? c.sink.dir : undefined;
+  const d = await DestinationSession.listen({
+    listen: `tcp:${c.host}:0`,
+    sink,
+    postcopy: c.postcopy,
+    idleTimeoutMs: c.idleTimeoutMs ?? 30_000,
+    // TCP_NODELAY on the return path, as qmt receive: requests go out at once.
+    transport: { ...transport(c.tlsDir), main: { tuning: { noDelay: true } } },
+  });
+  dest = d;
+  d.on('page-request', (r) => destLatency.push(Math.round(r.latencyUs)));
+  d.once('postcopy-run', () => {
+    runUs = monoUs();
+    if (c.workload === 'video') {
+      workload = runVideoAtDestination(d).catch((e: unknown) => {
+        log(`destination workload: ${String(e)}`);
+        return undefined;
+      });
+    }
+  });
+  return { uri: d.uri };
+}
+
+async function destWait(c: Extract<SessionCommand, { cmd: 'dest-wait' }>): Promise<DestinationRun> {
+  const d = dest;
+  if (!d) throw new Error('dest-listen first');
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    const result = await Promise.race([
+      d.done,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`destination: no completion within ${c.timeoutMs} ms (${d.currentPhase})`)), c.timeoutMs);
+      }),
+    ]);
+    const completedUs = monoUs();
+    const run: DestinationRun = { runUs, completedUs, stats: result.stats, postcopy: result.postcopy, requestLatencyUs: [...destLatency] };
+    const w = await workload;
+    if (w) run.workload = w;
+    if (c.hash && sink instanceof InMemorySink) run.hash = hashBlocks(sink.blocks);
+    return run;
+  } finally {
+    clearTimeout(timer);
+    d.close();
+    await sink?.close();
+    if (sinkDir) rmSync(sinkDir, { recursive: true, force: true });
+  }
+}
+
+serve(
+  'session-peer',
+  {
+    'source-prepare': (c) => sourcePrepare((c as Extract<SessionCommand, { cmd: 'source-prepare' }>).memory),
+    'source-migrate': (c) => sourceMigrate(c as Extract<SessionCommand, { cmd: 'source-migrate' }>),
+    'dest-listen': (c) => destListen(c as Extract<SessionCommand, { cmd: 'dest-listen' }>),
+    'dest-wait': (c) => destWait(c as Extract<SessionCommand, { cmd: 'dest-wait' }>),
+    rss: () => residentSet(),
+  },
+  () => {
+    session?.cancel();
+    dest?.close();
+    if (sinkDir) rmSync(sinkDir, { recursive: true, force: true });
+  },
+);

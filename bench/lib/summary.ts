@@ -1,0 +1,106 @@
+/**
+ * The summary table at the top of bench/REPORT.md: the headline figure of
+ * each part next to its same-run baseline, from the parts' result files.
+ */
+import type { BulkData } from '../bulk.bench.js';
+import type { MemoryData } from '../memory.bench.js';
+import type { SeedData } from '../seed.bench.js';
+import type { SwitchoverData } from '../switchover.bench.js';
+import type { UrgentData } from '../urgent.bench.js';
+import type { PartResult } from './part.js';
+import { fmt } from './report.js';
+
+export interface SummaryLine {
+  part: string;
+  what: string;
+  figure: string;
+  baseline: string;
+  ratio: string;
+  aim: string;
+}
+
+export interface CodecData {
+  mib: number;
+  runs: number;
+  /** GB/s of guest RAM, median of the runs. */
+  gbps: { copy: number; bulk: number; decode: number; encode: number };
+}
+
+const x = (a: number | undefined, b: number | undefined): string => (a === undefined || b === undefined || !b ? '–' : `${fmt(a / b, 2)}×`);
+const verdict = (ok: boolean | undefined): string => (ok === undefined ? '' : ok ? ' — met' : ' — missed');
+
+export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLine[] {
+  const out: SummaryLine[] = [];
+  const codec = parts.get('codec')?.data as CodecData | undefined;
+  if (codec) {
+    out.push({ part: 'codec', what: 'decode into guest memory', figure: `${fmt(codec.gbps.decode, 2)} GB/s`, baseline: `Buffer.copy page by page ${fmt(codec.gbps.copy, 2)} GB/s`, ratio: x(codec.gbps.decode, codec.gbps.copy), aim: '' });
+    out.push({ part: 'codec', what: 'encode with zero-page detection', figure: `${fmt(codec.gbps.encode, 2)} GB/s`, baseline: `Buffer.copy page by page ${fmt(codec.gbps.copy, 2)} GB/s`, ratio: x(codec.gbps.encode, codec.gbps.copy), aim: '' });
+  }
+  const bulk = parts.get('bulk')?.data as BulkData | undefined;
+  if (bulk) {
+    const m = (impl: string, kind: string): number | undefined => bulk.variants.find((v) => v.impl === impl && v.kind === kind)?.stats?.median;
+    const gb = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
+    const tls = m('library', 'tls');
+    const qtls = m('qemu', 'tls');
+    out.push({ part: 'bulk', what: `library → library, TLS, ${fmt(bulk.guestBytes / 2 ** 20)} MiB guest`, figure: gb(tls), baseline: `QEMU → QEMU TLS ${gb(qtls)}`, ratio: x(tls, qtls), aim: `≥ 2×${verdict(tls !== undefined && qtls !== undefined ? tls / qtls >= 2 : undefined)}` });
+    out.push({ part: 'bulk', what: 'library → library, TLS', figure: gb(tls), baseline: `raw TLS socket pair ${gb(m('raw', 'tls'))}`, ratio: x(tls, m('raw', 'tls')), aim: '' });
+    out.push({ part: 'bulk', what: 'library → library, plain TCP', figure: gb(m('library', 'plain')), baseline: `QEMU → QEMU plain ${gb(m('qemu', 'plain'))}; raw pair ${gb(m('raw', 'plain'))}`, ratio: `${x(m('library', 'plain'), m('qemu', 'plain'))}; ${x(m('library', 'plain'), m('raw', 'plain'))}`, aim: '' });
+  }
+  const urgent = parts.get('urgent')?.data as UrgentData | undefined;
+  if (urgent) {
+    for (const link of ['loopback', 'veth'] as const) {
+      const ours = urgent.rows.find((r) => r.link === link && r.source === 'library' && r.preempt)?.summary;
+      const q = urgent.rows.find((r) => r.link === link && r.source === 'qemu' && r.preempt)?.summary;
+      if (!ours && !q) continue;
+      const f = (s: typeof ours): string => (s ? `p50 ${fmt(s.p50Us / 1000, 2)} / p99 ${fmt(s.p99Us / 1000, 2)} ms` : '–');
+      out.push({
+        part: 'urgent',
+        what: `our source → QEMU, lazy restore + preempt, ${link}`,
+        figure: f(ours),
+        baseline: `QEMU → QEMU + preempt ${f(q)}`,
+        ratio: `p50 ${x(ours?.p50Us, q?.p50Us)}, p99 ${x(ours?.p99Us, q?.p99Us)}`,
+        aim: `no worse than QEMU + preempt${verdict(ours && q ? ours.p50Us <= q.p50Us && ours.p99Us <= q.p99Us : undefined)}`,
+      });
+    }
+  }
+  const seed = parts.get('seed')?.data as SeedData | undefined;
+  if (seed) {
+    const d = (n: string): number | undefined => seed.rows.find((r) => r.name === n)?.downtime?.median;
+    out.push({ part: 'seed', what: 'downtime, postcopy after 1 pass', figure: `${fmt(d('after-1'), 1)} ms`, baseline: `postcopy at once ${fmt(d('immediate'), 1)} ms; precopy only ${fmt(d('precopy'), 1)} ms`, ratio: `at once / after-1 = ${x(d('immediate'), d('after-1'))}`, aim: 'the seed: 3.5 s → < 1 s' });
+  }
+  const sw = parts.get('switchover')?.data as SwitchoverData | undefined;
+  if (sw) {
+    for (const mode of ['precopy', 'postcopy'] as const) {
+      const ours = sw.rows.find((r) => r.impl === 'library' && r.mode === mode);
+      const q = sw.rows.find((r) => r.impl === 'qemu' && r.mode === mode);
+      if (!ours?.toDevice) continue;
+      out.push({
+        part: 'switchover',
+        what: `stop → first device-state byte on the wire, ${mode}`,
+        figure: `${fmt(ours.toDevice.median, 2)} ms (running after ${fmt(ours.toRunning?.median, 2)} ms)`,
+        baseline: q?.toDevice ? `QEMU ${fmt(q.toDevice.median, 2)} ms (running after ${fmt(q.toRunning?.median, 2)} ms)` : '–',
+        ratio: x(ours.toDevice.median, q?.toDevice?.median),
+        aim: 'no polling (the seed saw ~25 ms)',
+      });
+    }
+  }
+  const mem = parts.get('memory')?.data as MemoryData | undefined;
+  if (mem?.source) {
+    const MiB = 2 ** 20;
+    out.push({
+      part: 'memory',
+      what: `source peak RSS, ${fmt(mem.guestBytes / MiB)} MiB file-backed guest`,
+      figure: `${fmt(mem.source.median / MiB)} MiB (destination ${fmt((mem.dest?.median ?? NaN) / MiB)} MiB)`,
+      baseline: `idle process ${fmt((mem.idleHwm?.median ?? NaN) / MiB)} MiB`,
+      ratio: x(mem.source.median, mem.idleHwm?.median),
+      aim: `≤ 256 MiB${verdict(mem.source.median <= 256 * MiB)}`,
+    });
+  }
+  return out;
+}
+
+export function summaryTable(lines: readonly SummaryLine[]): string {
+  const rows = ['| part | what | figure | baseline (same run) | ratio | aim |', '|---|---|---|---|---|---|'];
+  for (const l of lines) rows.push(`| ${l.part} | ${l.what} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} |`);
+  return rows.join('\n');
+}

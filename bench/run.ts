@@ -1,0 +1,241 @@
+/**
+ * `npm run bench [-- --quick] [-- --only codec,bulk,latency,seed,switchover,memory] [-- --skip ...] [-- --no-veth] [-- --trace]`
+ *
+ * Runs every part of the benchmark, each in a process of its own, one after
+ * the other, and writes bench/REPORT.md: the machine, how loaded it was, a
+ * summary of each part's headline figure next to its same-run baseline, and
+ * each part's section; raw JSON, per-part markdown and SVG charts are in
+ * bench/results/. A part not run this time keeps its earlier results, marked
+ * with their date. Prints figures; asserts nothing.
+ *
+ * Parts: codec (bench/codec.bench.ts), bulk (bulk.bench.ts), latency
+ * (latency.bench.ts, then urgent.bench.ts with real QEMU destinations, one
+ * table), seed (seed.bench.ts), switchover (switchover.bench.ts), memory
+ * (memory.bench.ts).
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { readFile, writeFile, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { REPO_ROOT } from './lib/child.js';
+import { cpuSnapshot, cpuUse, loadAverage } from './lib/cpu.js';
+import { partHeader, type PartResult } from './lib/part.js';
+import { fmt, machineInfo } from './lib/report.js';
+import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
+import { summaryLines, summaryTable, type CodecData } from './lib/summary.js';
+
+const PARTS = ['codec', 'bulk', 'latency', 'seed', 'switchover', 'memory'] as const;
+
+const { values: args } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    only: { type: 'string' },
+    skip: { type: 'string' },
+    'no-veth': { type: 'boolean', default: false },
+    trace: { type: 'boolean', default: false },
+  },
+});
+
+const BENCH = join(REPO_ROOT, 'bench');
+const OUT = join(BENCH, 'results');
+const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
+for (const p of [...list(args.only), ...list(args.skip)]) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`unknown part "${p}" (parts: ${PARTS.join(', ')})`);
+const selected = PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p));
+const quick = args.quick ? ['--quick'] : [];
+
+/** The part running now, and the signal that stopped the run (no further part starts). */
+let current: ChildProcess | undefined;
+let stoppedBy: NodeJS.Signals | undefined;
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(sig, () => {
+    // The part cleans up after itself (children, QEMUs, namespaces) and exits.
+    stoppedBy ??= sig;
+    current?.kill(sig);
+  });
+}
+
+/** Runs `node --import tsx bench/SCRIPT ...`, stderr passed through; resolves with stdout and the exit code. */
+function runScript(script: string, extra: string[]): Promise<{ code: number | null; stdout: string }> {
+  if (stoppedBy) return Promise.resolve({ code: 130, stdout: '' });
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(BENCH, script), ...extra], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
+    current = child;
+    let stdout = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.on('close', (code) => {
+      current = undefined;
+      resolve({ code, stdout });
+    });
+  });
+}
+
+/** bench/codec.bench.ts prints a table and a JSON line: kept as a part result like the others. */
+async function codecPart(): Promise<number | null> {
+  const started = new Date();
+  const load = loadAverage();
+  const cpu0 = cpuSnapshot([]);
+  const mib = args.quick ? 256 : 1024;
+  const { code, stdout } = await runScript('codec.bench.ts', ['--mib', String(mib), '--runs', '3']);
+  const lines = stdout.trim().split('\n');
+  const json = JSON.parse(lines.find((l) => l.startsWith('{')) ?? '{}') as { results?: Record<'copy' | 'bulk' | 'decode' | 'encode', number[]> };
+  const r = json.results;
+  // Seconds per run → GB/s of guest RAM per run.
+  const gbps = (xs: number[] | undefined): number[] => (xs ?? []).map((sec) => (mib * 2 ** 20) / sec / 1e9);
+  const stats = { copy: runStats(gbps(r?.copy)), bulk: runStats(gbps(r?.bulk)), decode: runStats(gbps(r?.decode)), encode: runStats(gbps(r?.encode)) };
+  const data: CodecData = { mib, runs: 3, gbps: { copy: stats.copy?.median ?? NaN, bulk: stats.bulk?.median ?? NaN, decode: stats.decode?.median ?? NaN, encode: stats.encode?.median ?? NaN } };
+  const rows = [
+    ['Buffer.copy, page by page (baseline)', stats.copy],
+    ['Buffer.copy, one bulk copy (reference)', stats.bulk],
+    ['decode into guest memory', stats.decode],
+    ['encode with zero-page detection', stats.encode],
+  ] as const;
+  const table = [
+    `${lines[0] ?? ''}`,
+    '',
+    '| what | GB/s of guest RAM, median (min–max) | runs | ratio to page copy |',
+    '|---|--:|---|--:|',
+    ...rows.map(([what, st]) => `| ${what} | ${fmtStats(st, 2)} | ${(st?.runs ?? []).map((x) => fmt(x, 2)).join(', ')} | ${fmtRatio(st?.median, stats.copy?.median)} |`),
+  ];
+  const result: PartResult<CodecData> = {
+    part: 'codec',
+    title: 'Codec throughput',
+    quick: args.quick === true,
+    machine: machineInfo(REPO_ROOT),
+    startedAt: started.toISOString(),
+    durationS: Math.round((Date.now() - started.getTime()) / 100) / 10,
+    load: { start: load, end: loadAverage(), max1m: Math.max(Number(load.split(' ')[0]), Number(loadAverage().split(' ')[0])) },
+    cpu: cpuUse(cpu0, cpuSnapshot([])),
+    config: { mib, runs: 3 },
+    data,
+    markdown: `${table.join('\n')}\n\nIn one process, no I/O: the stream's records land in (or are read from) a preallocated buffer. Ratios are to Buffer.copy of the same pages, page by page, in the same run.${code === 0 ? '' : `\n\n**codec.bench.ts exited with ${code}.**`}`,
+    ...(code === 0 ? {} : { error: `exit ${code}` }),
+  };
+  await writeFile(join(OUT, 'codec.json'), `${JSON.stringify(result, null, 1)}\n`);
+  await writeFile(join(OUT, 'codec.md'), `## ${result.title}\n\n${partHeader(result)}\n\n${result.markdown}\n`);
+  return code;
+}
+
+async function readPart(name: string): Promise<PartResult<unknown> | undefined> {
+  try {
+    return JSON.parse(await readFile(join(OUT, `${name}.json`), 'utf8')) as PartResult<unknown>;
+  } catch {
+    return undefined;
+  }
+}
+
+/** bench:latency writes its own format; the report needs when it ran and how loaded the machine was. */
+async function readLatency(): Promise<{ date: string; load: string; quick: boolean } | undefined> {
+  try {
+    const j = JSON.parse(await readFile(join(OUT, 'latency.json'), 'utf8')) as { machine: { date: string }; loadAverage: { start: string; end?: string }; config: { rounds: number } };
+    return { date: j.machine.date, load: `${j.loadAverage.start} at the start, ${j.loadAverage.end ?? '?'} at the end`, quick: j.config.rounds < 2 };
+  } catch {
+    return undefined;
+  }
+}
+
+function qemuVersion(): string {
+  try {
+    return execFileSync(process.env.QEMU_BINARY ?? 'qemu-system-x86_64', ['--version'], { encoding: 'utf8', timeout: 10_000 }).split('\n')[0] ?? '?';
+  } catch {
+    return 'not found';
+  }
+}
+
+async function main(): Promise<void> {
+  await mkdir(OUT, { recursive: true });
+  const started = Date.now();
+  const loads: number[] = [];
+  const loadStart = loadAverage();
+  const sample = (): void => void loads.push(Number(loadAverage().split(' ')[0]));
+  sample();
+  const sampler = setInterval(sample, 5000);
+  const cpu0 = cpuSnapshot([]);
+  const ran = new Map<string, { seconds: number; code: number | null }>();
+  const extra = [...quick];
+  for (const part of selected) {
+    if (stoppedBy) break;
+    const t0 = Date.now();
+    process.stderr.write(`\n=== ${part} ===\n`);
+    let code: number | null;
+    if (part === 'codec') code = await codecPart();
+    else if (part === 'latency') {
+      // Three rounds per cell: the medians below are of ≥ 3 runs.
+      const a = await runScript('latency.bench.ts', [...extra, ...(args.quick ? [] : ['--rounds', '3']), ...(args['no-veth'] ? ['--no-veth'] : [])]);
+      const b = await runScript('urgent.bench.ts', [...extra, ...(args['no-veth'] ? ['--no-veth'] : []), ...(args.trace ? ['--trace'] : [])]);
+      code = a.code || b.code;
+    } else code = (await runScript(`${part}.bench.ts`, extra)).code;
+    ran.set(part, { seconds: (Date.now() - t0) / 1000, code });
+  }
+  clearInterval(sampler);
+  if (stoppedBy) {
+    process.stderr.write(`\n${stoppedBy}: stopped; bench/REPORT.md left as it was\n`);
+    process.exit(stoppedBy === 'SIGINT' ? 130 : 143);
+  }
+  sample();
+  const cpu = cpuUse(cpu0, cpuSnapshot([]));
+  const totalS = (Date.now() - started) / 1000;
+
+  const parts = new Map<string, PartResult<unknown>>();
+  for (const name of ['codec', 'bulk', 'urgent', 'seed', 'switchover', 'memory']) {
+    const p = await readPart(name);
+    if (p) parts.set(name, p);
+  }
+  const latency = await readLatency();
+  const m = machineInfo(REPO_ROOT);
+  const runStart = new Date(started).toISOString();
+  const fresh = (p: PartResult<unknown> | undefined): boolean => p !== undefined && p.startedAt >= runStart;
+  const lines: string[] = [];
+  lines.push('# Benchmark report', '');
+  lines.push(
+    `- Machine: ${m.cpu}, ${m.cores} cores, ${fmt(m.memoryBytes / 2 ** 30, 1)} GiB RAM; ${m.os}; kernel ${m.kernel}; Node ${m.node}; ${qemuVersion()}; TCP congestion control ${m.congestionControl}. A shared VM: other work may run at the same time (see the load).`,
+    `- Code: ${m.revision}.`,
+    `- Run: \`npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}\`, started ${runStart}, ${fmt(totalS / 60, 1)} min (${[...ran].map(([p, r]) => `${p} ${fmt(r.seconds)} s${r.code ? ` (exit ${r.code})` : ''}`).join(', ')}).`,
+    `- Load average during the run: ${loadStart} at the start, ${loadAverage()} at the end; 1-minute load sampled every 5 s: median ${fmt(median(loads), 2)}, peak ${fmt(Math.max(...loads), 2)}. The whole machine's CPU was ${cpu ? `${cpu.hostBusyPct} % busy (100 = all cores; steal ${cpu.stealPct} %)` : '?'} over the run. Each part states its own load below.`,
+    '- Every figure is measured next to its baseline in the same run; medians of the runs with (min–max); nothing asserts on timing. Raw data: `bench/results/*.json`.',
+    '',
+  );
+  const stale = [...parts.values()].filter((p) => !fresh(p)).map((p) => `${p.part} (${p.startedAt})`);
+  if (stale.length > 0 || (latency && latency.date < runStart)) {
+    lines.push(`> Not run this time, results from an earlier run: ${[...stale, ...(latency && latency.date < runStart ? [`latency (${latency.date})`] : [])].join(', ')}.`, '');
+  }
+  lines.push('## Summary', '', summaryTable(summaryLines(parts)), '');
+  const section = (n: number, name: string, extraLinks = ''): void => {
+    const p = parts.get(name);
+    if (!p) {
+      lines.push(`## ${n}. ${name}`, '', `Not run yet: \`npm run bench -- --only ${name === 'urgent' ? 'latency' : name}\`.`, '');
+      return;
+    }
+    lines.push(`## ${n}. ${p.title}`, '', partHeader(p), '', p.markdown.replace(/\]\(([\w.-]+\.(?:svg|md|json))\)/g, '](results/$1)'), '', `Details: [results/${name}.md](results/${name}.md), raw: [results/${name}.json](results/${name}.json).${extraLinks}`, '');
+  };
+  section(1, 'codec');
+  section(2, 'bulk');
+  section(
+    3,
+    'urgent',
+    latency
+      ? ` bench:latency's own report (${latency.date}${latency.quick ? ', --quick' : ''}; load ${latency.load}), with event-loop delays, socket options and the priority-queue variants: [results/latency.md](results/latency.md), CDFs [loopback](results/latency-cdf-loopback.svg) and [veth](results/latency-cdf-veth.svg).`
+      : '',
+  );
+  section(4, 'seed');
+  section(5, 'switchover');
+  section(6, 'memory');
+  lines.push(
+    '## Charts',
+    '',
+    ...[
+      ['bulk-throughput.svg', 'bulk throughput'],
+      ['urgent-cdf.svg', 'urgent page requests, CDF (one chart, both links)'],
+      ['seed-downtime.svg', "the seed's experiment: downtime"],
+      ['latency-cdf-loopback.svg', 'bench:latency, loopback'],
+      ['latency-cdf-veth.svg', 'bench:latency, veth'],
+    ].map(([f, t]) => `- [${t}](results/${f})`),
+    '',
+    `Reproduce: \`npm run bench\` as root on an idle machine with QEMU 10.0 (\`-- --quick\` for a short run, \`-- --only bulk,seed\` for some parts, \`-- --no-veth\` without the shaped link).`,
+    '',
+  );
+  await writeFile(join(BENCH, 'REPORT.md'), lines.join('\n'));
+  process.stderr.write(`\nwrote bench/REPORT.md (${fmt(totalS / 60, 1)} min)\n`);
+  if ([...ran.values()].some((r) => r.code)) process.exitCode = 1;
+}
+
+await main();
