@@ -82,6 +82,12 @@ export interface GuestMemorySource {
    */
   readPage(block: string, offset: number): Uint8Array;
   /**
+   * Set by a source that recycles its read buffers: a page's bytes stay valid
+   * only until this many bytes of later pages were read. A SourceSession
+   * refuses a main channel that may hold more than that unsent.
+   */
+  readonly reuseAfterBytes?: number;
+  /**
    * Optional fast path: whether the page is all zero, looked at in place (no
    * copy). A page the guest writes right after is dirty again and goes in the
    * next pass, as with QEMU.
@@ -158,6 +164,10 @@ export class SavedVmSource implements GuestMemorySource {
   private readonly list: SourceBlock[];
   private batch: { block: string; start: number; buf: Buffer } | undefined;
   private static readonly BATCH = 64 * TARGET_PAGE_SIZE;
+  private static readonly RING_SLOTS = 128;
+  readonly reuseAfterBytes = SavedVmSource.RING_SLOTS * SavedVmSource.BATCH;
+  private readonly ring: Buffer[] = [];
+  private ringNext = 0;
 
   private constructor(
     readonly dir: string,
@@ -185,9 +195,11 @@ export class SavedVmSource implements GuestMemorySource {
     const fd = this.fds.get(block);
     if (fd === undefined) throw new Error(`unknown RAM block "${block}"`);
     const len = this.list.find((x) => x.idstr === block)!.length;
-    // A fresh buffer per batch: earlier pages may still sit in a socket queue.
-    const size = Math.min(SavedVmSource.BATCH, len - offset);
-    const buf = Buffer.allocUnsafe(size);
+    // A scan (the next page after the batch) reads 64 pages ahead into the ring;
+    // a page asked for out of order (a postcopy request) is read alone.
+    const sequential = b !== undefined && b.block === block && offset === b.start + b.buf.length;
+    const size = sequential ? Math.min(SavedVmSource.BATCH, len - offset) : TARGET_PAGE_SIZE;
+    const buf = sequential ? this.ringSlot().subarray(0, size) : Buffer.allocUnsafe(size);
     let got = 0;
     while (got < size) {
       const n = readSync(fd, buf, got, size - got, offset + got);
@@ -199,6 +211,19 @@ export class SavedVmSource implements GuestMemorySource {
     }
     this.batch = { block, start: offset, buf };
     return buf.subarray(0, TARGET_PAGE_SIZE);
+  }
+
+  /**
+   * Batch buffers are reused round-robin: a fresh 256 KiB buffer per batch
+   * kept a GiB-sized scan at ~450 MiB of RSS until the GC caught up. A slot
+   * comes back after RING_SLOTS × 256 KiB (32 MiB) of later reads, well past
+   * what a session holds unsent (the main channel's 8 MiB bound, 1 MiB in the
+   * socket, one encoder batch): its pages have long been handed to the kernel.
+   */
+  private ringSlot(): Buffer {
+    const i = this.ringNext;
+    this.ringNext = (i + 1) % SavedVmSource.RING_SLOTS;
+    return (this.ring[i] ??= Buffer.allocUnsafeSlow(SavedVmSource.BATCH));
   }
 
   syncDirty(): void {}

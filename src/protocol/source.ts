@@ -222,6 +222,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     while (used.has(id)) id++;
     this.ramSectionId = id;
     if (opts.xbzrleCacheBytes) this.xbzrle = new XbzrleCache(opts.xbzrleCacheBytes);
+    // Pages go out by reference: a source that recycles its buffers must outlast what we may hold unsent.
+    const main = opts.transport?.main;
+    const unsent = (main?.maxQueuedBytes ?? 8 << 20) + (main?.socketBufferBytes ?? 1 << 20) + (1 << 20); // + an encoder batch, with room
+    if (opts.memory.reuseAfterBytes !== undefined && unsent > opts.memory.reuseAfterBytes / 2) {
+      throw new TypeError(`the guest-memory source recycles its buffers after ${opts.memory.reuseAfterBytes} bytes; the main channel may hold ${unsent} unsent: lower transport.main.maxQueuedBytes`);
+    }
     for (const b of opts.memory.blocks()) {
       const pages = b.length / TARGET_PAGE_SIZE;
       const st: BlockState = { info: b, pages, toSend: new PageBitmap(pages), sentOnce: new PageBitmap(pages), sentAfterListen: new PageBitmap(pages) };

@@ -21,3 +21,15 @@ describe('InMemorySink', () => {
     expect(ram.subarray(8192, 8192 + 4096).every((b) => b === 0)).toBe(true);
   });
 });
+
+describe('a guest-memory source that recycles its buffers', () => {
+  it('SourceSession refuses a main channel that may hold more unsent than the source keeps valid', async () => {
+    const { SourceSession } = await import('../../src/protocol/source.js');
+    const { InMemorySource } = await import('../../src/protocol/memory-source.js');
+    const inner = new InMemorySource([{ idstr: 'pc.ram', length: 1 << 20 }]);
+    const memory = Object.assign(Object.create(inner) as typeof inner, { reuseAfterBytes: 32 << 20 });
+    const base = { to: 'tcp:127.0.0.1:1', memory, machineType: 'pc-q35-10.0', devices: [] };
+    expect(() => new SourceSession(base)).not.toThrow();
+    expect(() => new SourceSession({ ...base, transport: { main: { maxQueuedBytes: 64 << 20 } } })).toThrow(/recycles its buffers/);
+  });
+});
