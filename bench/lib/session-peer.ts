@@ -35,7 +35,7 @@ export type SessionCommand =
       hash?: boolean;
       timeoutMs: number;
     }
-  | { cmd: 'dest-listen'; host: string; tlsDir?: string; postcopy: boolean; sink: { kind: 'memory' } | { kind: 'directory'; dir: string }; workload?: 'video'; idleTimeoutMs?: number }
+  | { cmd: 'dest-listen'; host: string; tlsDir?: string; postcopy: boolean; sink: { kind: 'memory'; prefault?: { idstr: string; length: number }[] } | { kind: 'directory'; dir: string }; workload?: 'video'; idleTimeoutMs?: number }
   | { cmd: 'dest-wait'; timeoutMs: number; hash?: boolean }
   | { cmd: 'rss' };
 
@@ -157,7 +157,14 @@ const destLatency: number[] = [];
 
 async function destListen(c: Extract<SessionCommand, { cmd: 'dest-listen' }>): Promise<{ uri: string }> {
   if (dest) throw new Error('a destination is already listening');
-  sink = c.sink.kind === 'memory' ? new InMemorySink() : new DirectorySink(c.sink.dir);
+  if (c.sink.kind === 'memory') {
+    const mem = new InMemorySink();
+    // RAM that exists (touched) before the migration, as a VM's does before its incoming migration.
+    if (c.sink.prefault) mem.preallocate(c.sink.prefault, { prefault: true });
+    sink = mem;
+  } else {
+    sink = new DirectorySink(c.sink.dir);
+  }
   sinkDir = c.sink.kind === 'directory' ? c.sink.dir : undefined;
   const d = await DestinationSession.listen({
     listen: `tcp:${c.host}:0`,

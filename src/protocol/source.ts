@@ -677,7 +677,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
         if (this.requests.length > 0) this.serveQueuedRequests(emitPage);
         if (!(this.inPostcopy && st.sentAfterListen.has(page))) emitPage(st, page);
         else st.toSend.clear(page);
-        if (batch >= 64) {
+        // In postcopy, smaller batches: the event loop reads page requests between them.
+        if (batch >= (this.inPostcopy ? 16 : 64)) {
           batch = 0;
           if (kind === 'part' && sectionBytes >= budget) closeSection();
           await this.flushMain();
@@ -734,9 +735,28 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   }
 
   private async stopVm(): Promise<void> {
+    await this.drainBeforeStop();
     await this.opts.stopVm?.();
     this.stoppedAt = performance.now();
     this.emit('stopped', { at: this.stoppedAt, hrtime: process.hrtime.bigint() });
+  }
+
+  /**
+   * Lets the precopy data already queued reach the peer while the VM still
+   * runs: whatever sits in our queue and the kernel's send buffer at the stop
+   * would otherwise go ahead of the device state, inside the downtime. Bounded
+   * (1 s); pages the guest dirties meanwhile are caught by the final sync.
+   */
+  private async drainBeforeStop(): Promise<void> {
+    const main = this.conn?.main;
+    if (!main) return;
+    const deadline = performance.now() + 1000;
+    await Promise.race([main.flush(), new Promise((r) => setTimeout(r, 1000))]);
+    for (;;) {
+      const q = main.unackedBytes;
+      if (q === undefined || q <= 64 * 1024 || performance.now() >= deadline || this.failure) return;
+      await new Promise((r) => setTimeout(r, 1));
+    }
   }
 
   private wantSwitchoverStart(): boolean {

@@ -257,8 +257,9 @@ describeWithQemu('SourceSession restores a saved VM into QEMU 10.0', () => {
     const st = r.stats!;
     expect(st.status).toBe('completed');
     expect(st.passes).toBe(0);
-    expect(st.channels.main?.bytesSent).toBeGreaterThan(32 * MiB);
     expect(st.channels.preempt).toBeDefined();
+    // Every page crossed on one channel or the other (how many went on demand depends on timing).
+    expect((st.channels.main?.bytesSent ?? 0) + (st.channels.preempt?.bytesSent ?? 0)).toBeGreaterThan(32 * MiB);
     expect(r.answered.main).toBe(0);
     expect(st['postcopy-latency'].count).toBe(r.answered.preempt);
     const check = await checkDestination(q, savedRam(vmDir, manifest).get('pc.ram')!);
