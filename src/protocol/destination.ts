@@ -303,7 +303,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   /** A channel of connection `gen` failed: pause (VM running here, network) or fail. */
   private channelLost(e: unknown, gen: number): void {
-    if (gen !== this.generation || this.finished || this.pausedBy) return;
+    if (gen !== this.generation || this.finished) return;
+    // Paused with no connection: nothing to lose. A recovery connection that fails before
+    // POSTCOPY_RESUME sends us back to paused (QEMU: postcopy-recover → postcopy-paused).
+    if (this.pausedBy && this.status !== 'postcopy-recover') return;
     const err = MigrationError.from(e, this.phase);
     if (this.canRecover() && isNetworkFailure(err)) void this.pause(err);
     else this.fail(err);
@@ -315,8 +318,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * connection — at `recovery.listen`, else where the migration came in.
    */
   private async pause(e: MigrationError): Promise<void> {
+    // Paused again before a recovery completed: the outage (and its timeout) goes on.
+    const again = this.pausedBy !== undefined;
     this.pausedBy = e;
-    this.pausedAt = performance.now();
+    if (!again) this.pausedAt = performance.now();
     this.status = 'postcopy-paused';
     clearTimeout(this.idleTimer);
     this.generation++; // the lost connection's handlers go quiet
@@ -325,7 +330,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.conn = undefined;
     this.preemptDecoder = undefined;
     const opts = this.opts.recovery || {};
-    if (opts.timeoutMs !== undefined) {
+    if (opts.timeoutMs !== undefined && !again) {
       this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(e.code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
     }
     const uri = opts.listen ?? this.listener.uri;
@@ -377,7 +382,13 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.decoder = new StreamDecoder({ channel: 'resume', resumeFrom: this.decoder });
         this.onConnection(conn);
       },
-      () => undefined, // refused (a wrong certificate, say): keep waiting; the timeout, if any, decides
+      () => {
+        // Refused (a wrong certificate, a port scanner): a listener reports only its first
+        // refusal, so listen afresh at the same address and keep waiting.
+        if (this.finished || this.listener !== listener) return;
+        listener.close();
+        this.listenForRecovery(uri).catch((err: unknown) => this.fail(MigrationError.from(err, this.phase)));
+      },
     );
   }
 

@@ -35,6 +35,8 @@ interface Scenario {
   tls: boolean;
   /** Delay of each cut after the VM runs at the destination / after the previous resume, ms. */
   cuts: { afterMs: number; preemptOnly: boolean }[];
+  /** Also cut the first recovery connection itself, as soon as it arrives (before POSTCOPY_RESUME). */
+  interruptRecovery?: boolean;
 }
 
 interface Outcome {
@@ -47,6 +49,9 @@ interface Outcome {
   memoryEqual: boolean;
   requests: number;
   pausedMs: number[];
+  /** 'paused' events of the destination (a cut recovery connection pauses again). */
+  destinationPauses: number;
+  recoveryCuts: number;
 }
 
 const DEVICES: DeviceStateSection[] = [
@@ -150,6 +155,14 @@ async function run(s: Scenario): Promise<Outcome> {
     cutLater();
   });
   dst.on('resumed', cutLater);
+  let destinationPauses = 0;
+  let recoveryCuts = 0;
+  dst.on('paused', () => destinationPauses++);
+  dst.on('channel', ({ role }) => {
+    if (!s.interruptRecovery || recoveryCuts > 0 || role !== 'main' || dst.stats().status !== 'postcopy-recover') return;
+    // The recovery connection, cut before its exchange can finish.
+    recoveryCuts += relay.cut();
+  });
   src.start();
   const t0 = performance.now();
   const settled = await Promise.allSettled([src.done, dst.done]);
@@ -178,6 +191,8 @@ async function run(s: Scenario): Promise<Outcome> {
     memoryEqual,
     requests: dstats['postcopy-requests'],
     pausedMs: left > 0 ? [-left] : pausedMs,
+    destinationPauses,
+    recoveryCuts,
   };
 }
 
@@ -209,6 +224,15 @@ describe('postcopy recovery between our sessions', () => {
     console.log(`[recovery] ${o.why}; paused ${o.pausedMs.map((m) => m.toFixed(0)).join(', ')} ms; ${o.requests} requests`);
     check(o);
     expect(o.cuts).toBe(2);
+  }, 120_000);
+
+  it('the recovery connection itself is cut before POSTCOPY_RESUME: paused again, then recovered', async () => {
+    const o = await run({ preempt: true, tls: false, cuts: [{ afterMs: 60, preemptOnly: false }], interruptRecovery: true });
+    console.log(`[recovery] ${o.why}; destination pauses ${o.destinationPauses}; paused ${o.pausedMs.map((m) => m.toFixed(0)).join(', ')} ms`);
+    check(o);
+    expect(o.cuts).toBe(1);
+    expect(o.recoveryCuts, 'the recovery connection was cut').toBeGreaterThan(0);
+    expect(o.destinationPauses, 'the destination paused again').toBeGreaterThanOrEqual(2);
   }, 120_000);
 
   it('the preempt channel alone is cut: both sessions pause and recover', async () => {
