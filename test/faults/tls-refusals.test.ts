@@ -127,8 +127,10 @@ const CASES: Case[] = [
     destination: { listen: 'tcp', tls: 'good' },
     source: { tls: 'no-client-cert' },
     // OpenSSL itself refuses here and sends TLS 1.3's certificate_required alert, which names
-    // the reason on the source too (after its handshake: it is connected by then).
-    expectSource: { fails: ['transport/tls-no-peer-certificate'], connects: true },
+    // the reason on the source too (after its handshake: it is connected by then) — unless the
+    // source, already sending its stream, hits the reset on a write before it reads the alert
+    // (seen once in CI on 2 loaded cores); the destination always names the reason.
+    expectSource: { fails: ['transport/tls-no-peer-certificate', 'transport/reset'], connects: true },
     expectDestination: { fails: ['transport/tls-no-peer-certificate'], connects: false },
   },
   {
