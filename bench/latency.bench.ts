@@ -33,6 +33,7 @@ import { PeerProcess, REPO_ROOT } from './lib/peer-process.js';
 import { MODE_LABEL, MODE_SHORT, MODES, type CellKind, type LoopDelay, type Mode, type RunResult, type ThroughputVariant } from './lib/protocol.js';
 import { probeUrgentPriority } from './lib/sockets.js';
 import { cdfChartSvg, fmt, machineInfo, summarize, type ChartSeries, type LatencySummary, type MachineInfo } from './lib/report.js';
+import { cleanUpOnSignal } from './lib/signal-cleanup.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -94,20 +95,7 @@ function cleanupSync(): void {
   for (const d of live.tmpDirs) rmSync(d, { recursive: true, force: true });
 }
 
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(sig, () => {
-    process.stderr.write(`\n${sig}: cleaning up\n`);
-    const force = setTimeout(() => {
-      cleanupSync();
-      process.exit(130);
-    }, 8000);
-    void cleanup().finally(() => {
-      clearTimeout(force);
-      process.exit(sig === 'SIGINT' ? 130 : 143);
-    });
-  });
-}
-process.on('exit', cleanupSync);
+cleanUpOnSignal(cleanup, cleanupSync);
 
 // ---------------------------------------------------------------------------
 // Cells

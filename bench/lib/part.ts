@@ -15,6 +15,7 @@ import type { BenchChild } from './child.js';
 import { REPO_ROOT } from './child.js';
 import { cpuSnapshot, cpuUse, loadAverage, type CpuUse } from './cpu.js';
 import { machineInfo, type MachineInfo } from './report.js';
+import { cleanUpOnSignal } from './signal-cleanup.js';
 
 export interface PartResult<D = unknown> {
   part: string;
@@ -88,25 +89,7 @@ export async function runPart<D>(part: string, title: string, extra: ExtraOption
     for (const h of hooks) h.sync?.();
     for (const d of dirs) rmSync(d, { recursive: true, force: true });
   };
-  // `on`, not `once`: the QEMU harness re-raises a signal at once when it sees no other
-  // listener, which would end this process before the cleanup (namespaces!) ran.
-  let signalled = false;
-  const onSignal = (sig: NodeJS.Signals): void => {
-    if (signalled) return;
-    signalled = true;
-    process.stderr.write(`\n${sig}: cleaning up\n`);
-    const force = setTimeout(() => {
-      cleanupSync();
-      process.exit(130);
-    }, 8000);
-    void cleanup().finally(() => {
-      clearTimeout(force);
-      process.exit(sig === 'SIGINT' ? 130 : 143);
-    });
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  process.on('exit', cleanupSync);
+  cleanUpOnSignal(cleanup, cleanupSync);
 
   const ctx: PartContext = {
     quick,

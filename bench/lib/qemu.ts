@@ -24,7 +24,7 @@ process.env.QEMU_BINARY = wrapper;
 process.on('exit', () => rmSync(wrapperDir, { recursive: true, force: true }));
 
 const harness = await import('../../test/qemu/harness.js');
-export const { startQemu, stopAll, migrateBetween, readGuestRam, checkGuestInvariant, guestRangeOf, dumpSizeFor } = harness;
+export const { startQemu, stopAll, migrateBetween, readGuestRam, checkGuestInvariant, guestRangeOf, dumpSizeFor, incomingPort } = harness;
 export type QemuProcess = import('../../test/qemu/harness.js').QemuProcess;
 export type QemuOptions = import('../../test/qemu/harness.js').QemuOptions;
 export type MigrationInfo = import('../../test/qemu/harness.js').MigrationInfo;
@@ -64,14 +64,6 @@ export function tlsCredsArgs(dir: string, endpoint: 'server' | 'client'): string
   return ['-object', `tls-creds-x509,id=tls0,dir=${dir},endpoint=${endpoint},verify-peer=on`];
 }
 
-/** The port QEMU bound for `migrate-incoming tcp:HOST:0`. */
-export async function incomingPort(q: QemuProcess): Promise<number> {
-  const info = await q.queryMigrate();
-  const addrs = info['socket-address'] as Array<{ port?: string }> | undefined;
-  const port = Number(addrs?.[0]?.port);
-  if (!Number.isInteger(port) || port <= 0) throw new Error(`${q.name}: no incoming port in ${JSON.stringify(info)}`);
-  return port;
-}
 
 /** Wall-clock µs (QMP timestamp) of the last event `name` received so far that matches, or undefined. */
 export function eventUs(q: QemuProcess, name: string, match: (data: Record<string, unknown> | undefined) => boolean = () => true): number | undefined {

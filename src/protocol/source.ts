@@ -521,13 +521,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    * at most the channel's bound in memory, not the block.
    */
   private async servePreempt(gen: number): Promise<void> {
-    const q = this.preemptRequests;
-    while (q.length > 0 && !this.failure && gen === this.generation) {
-      const r = q[0]!;
-      const page = r.page++;
-      if (r.page >= r.end) q.shift();
+    for (;;) {
+      if (this.failure || gen !== this.generation) return;
+      const r = this.nextRequestedPage(this.preemptRequests);
+      if (!r) return;
+      const page = r.page - 1;
       const st = this.blocks.get(r.block)!;
-      if (st.sentAfterListen.has(page)) continue; // already on its way on the main channel
       st.sentAfterListen.set(page);
       st.toSend.clear(page);
       this.preemptEnc.write(this.pageRecord(st, page, false) as PreemptRecord);
@@ -541,7 +540,6 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       });
     }
   }
-
 
   // ---- the migration ---------------------------------------------------------
 
@@ -703,18 +701,27 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   /** Answers up to REQUEST_PAGES_PER_TURN requested pages into the current section. */
   private serveQueuedRequests(emitPage: (st: BlockState, page: number) => void): void {
-    const q = this.requests;
-    let budget = REQUEST_PAGES_PER_TURN;
-    while (q.length > 0 && budget > 0) {
+    for (let budget = REQUEST_PAGES_PER_TURN; budget > 0; budget--) {
+      const r = this.nextRequestedPage(this.requests);
+      if (!r) return;
+      emitPage(this.blocks.get(r.block)!, r.page - 1);
+      this.writtenCallbacks.push({ block: r.block, page: r.page - 1, arrived: r.arrived });
+    }
+  }
+
+  /**
+   * Takes the next requested page off `q` that has not gone out since LISTEN
+   * (it may be on its way on the other channel): returns its request, whose
+   * `page - 1` it is (no object per page).
+   */
+  private nextRequestedPage(q: QueuedRequest[]): QueuedRequest | undefined {
+    while (q.length > 0) {
       const r = q[0]!;
       const page = r.page++;
       if (r.page >= r.end) q.shift();
-      const st = this.blocks.get(r.block)!;
-      if (st.sentAfterListen.has(page)) continue;
-      emitPage(st, page);
-      budget--;
-      this.writtenCallbacks.push({ block: r.block, page, arrived: r.arrived });
+      if (!this.blocks.get(r.block)!.sentAfterListen.has(page)) return r;
     }
+    return undefined;
   }
 
   /** Requests answered in the batch being written: timed when its last byte reaches the kernel. */
@@ -913,10 +920,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   /** A channel of connection `gen` failed: pause (postcopy, network) or fail. */
   private channelLost(e: unknown, gen: number): void {
-    if (gen !== this.generation || this.finished || this.pausedBy) return;
-    const err = MigrationError.from(e, this.phase);
-    if (this.canRecover() && isNetworkFailure(err)) this.pause(err);
-    else this.fail(err);
+    if (gen !== this.generation || this.finished) return;
+    try {
+      this.pauseOrThrow(e);
+    } catch (err) {
+      this.fail(MigrationError.from(err, this.phase));
+    }
   }
 
   /**

@@ -24,6 +24,7 @@ import { SourceSession, type DeviceStateSection } from '../../src/protocol/sourc
 import { initPkiDir } from '../../src/transport/pki.js';
 import type { TransportOptions } from '../../src/transport/connection.js';
 import { FaultRelay } from './relay.js';
+import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
@@ -49,6 +50,8 @@ interface Outcome {
   memoryEqual: boolean;
   requests: number;
   pausedMs: number[];
+  /** Resources of the run still open after it (sockets, servers, timers). */
+  left: string[];
   /** 'paused' events of the destination (a cut recovery connection pauses again). */
   destinationPauses: number;
   recoveryCuts: number;
@@ -108,12 +111,8 @@ async function faultTopDown(dst: DestinationSession): Promise<void> {
   await Promise.all(inFlight);
 }
 
-function resources(): string[] {
-  return process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TCPServerWrap' || r === 'Timeout');
-}
-
 async function run(s: Scenario): Promise<Outcome> {
-  const before = resources().length;
+  const before = resourceSnapshot();
   const transport: TransportOptions = s.tls ? { tls: { dir: pki } } : {};
   const dtransport: TransportOptions = s.tls ? { tls: { dir: pki } } : {};
   const sink = new InMemorySink();
@@ -177,20 +176,19 @@ async function run(s: Scenario): Promise<Outcome> {
     memoryEqual = ['pc.ram', 'pc.bios'].every((id) => sink.blocks.get(id)?.equals(guest.source.memory.get(id)!) ?? false);
   }
   // Sockets and timers of both sessions and the relay go.
-  const deadline = performance.now() + 3000;
-  while (resources().length > before && performance.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-  const left = resources().length - before;
+  const left = await leftAfter(before, 3000);
   const dstats = dst.stats();
   return {
     ok,
-    why: `${JSON.stringify(s)} → source ${describe(a)}, destination ${describe(b)}; fired: ${relay.fired.join('; ')}; ${Math.round(performance.now() - t0)} ms; left ${left}`,
+    why: `${JSON.stringify(s)} → source ${describe(a)}, destination ${describe(b)}; fired: ${relay.fired.join('; ')}; ${Math.round(performance.now() - t0)} ms; left ${left.join(', ') || 'nothing'}`,
     cuts,
     sourceRecoveries: src.stats().recoveries,
     destinationRecoveries: dstats.recoveries,
     placedTwice: dstats['placed-twice'],
     memoryEqual,
     requests: dstats['postcopy-requests'],
-    pausedMs: left > 0 ? [-left] : pausedMs,
+    pausedMs,
+    left,
     destinationPauses,
     recoveryCuts,
   };
@@ -202,7 +200,7 @@ function check(o: Outcome): void {
   expect(o.placedTwice, `no page placed twice\n  ${o.why}`).toBe(0);
   expect(o.sourceRecoveries, `one recovery per cut (source)\n  ${o.why}`).toBe(o.cuts);
   expect(o.destinationRecoveries, `one recovery per cut (destination)\n  ${o.why}`).toBe(o.cuts);
-  expect(o.pausedMs.every((ms) => ms >= 0), `nothing left open\n  ${o.why}`).toBe(true);
+  expect(o.left, `nothing left open\n  ${o.why}`).toEqual([]);
 }
 
 const scenario: fc.Arbitrary<Scenario> = fc.record({

@@ -38,6 +38,7 @@ import { initPkiDir } from '../../src/transport/pki.js';
 import { StreamError } from '../../src/stream/errors.js';
 import { TransportError } from '../../src/transport/errors.js';
 import { FaultRelay, type ConnectionFaults, type DirectionFaults } from './relay.js';
+import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -56,22 +57,6 @@ const HEAP_LIMIT = 512 * MiB;
 
 const CODES = new Set<MigrationErrorCode>(['stream', 'transport', 'protocol', 'peer-disconnected', 'idle-timeout', 'storage', 'cancelled']);
 const PHASES = new Set<MigrationPhase>(['setup', 'precopy', 'device-state', 'postcopy', 'completion']);
-
-/** Resources vitest's worker owns and that come and go on their own. */
-const IGNORED_RESOURCES = new Set(['MessagePort', 'TTYWrap', 'PipeWrap', 'FSReqCallback', 'FSReqPromise', 'ProcessWrap', 'SignalWrap', 'StatWatcher', 'FSEventWrap']);
-
-function resources(): Map<string, number> {
-  const m = new Map<string, number>();
-  for (const r of process.getActiveResourcesInfo()) if (!IGNORED_RESOURCES.has(r)) m.set(r, (m.get(r) ?? 0) + 1);
-  return m;
-}
-
-/** Resource types with more instances now than in `before`. */
-function leaked(before: Map<string, number>): string[] {
-  const out: string[] = [];
-  for (const [k, n] of resources()) if (n > (before.get(k) ?? 0)) out.push(`${k} ×${n - (before.get(k) ?? 0)}`);
-  return out;
-}
 
 const unhandled: unknown[] = [];
 const onUnhandled = (e: unknown) => unhandled.push(e);
@@ -335,7 +320,7 @@ function corruptedReturnPath(o: RunOutcome): boolean {
 
 /** Runs one scenario and checks every property of the file comment; returns a short line for the log. */
 async function checkScenario(s: Scenario, mustComplete = false): Promise<string> {
-  const before = resources();
+  const before = resourceSnapshot();
   unhandled.length = 0;
   lingering.length = 0;
   const o = await migrateThroughRelay(s);
@@ -364,12 +349,7 @@ async function checkScenario(s: Scenario, mustComplete = false): Promise<string>
     expect(o.source.ok && o.destination.ok, `no harmful fault: both complete\n  ${why}`).toBe(true);
   }
   // Leaks: wait for the sessions' sockets and timers to go (they may close a little after `done`).
-  const deadline = performance.now() + SETTLE_MS;
-  let left = leaked(before);
-  while (left.length > 0 && performance.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 25));
-    left = leaked(before);
-  }
+  const left = await leftAfter(before, SETTLE_MS);
   expect(lingering, `sockets kept open by a session\n  ${why}`).toEqual([]);
   expect(left, `resources left after the run (before: ${JSON.stringify([...before])})\n  ${why}`).toEqual([]);
   await new Promise((r) => setImmediate(r));
@@ -470,7 +450,7 @@ describe('connection arrival reordered', () => {
     const fixtures = join(import.meta.dirname, '..', 'fixtures');
     const main = readFileSync(join(fixtures, 'preempt-main.bin'));
     const preempt = readFileSync(join(fixtures, 'preempt-channel.bin'));
-    const before = resources();
+    const before = resourceSnapshot();
     unhandled.length = 0;
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), postcopy: true, idleTimeoutMs: IDLE_MS });
     const relay = await FaultRelay.start({ target: dst.uri, reorder: { holdMs: 5000 } });
@@ -498,12 +478,7 @@ describe('connection arrival reordered', () => {
     expect(e, describeError(e)).toBeInstanceOf(MigrationError);
     expect((e as MigrationError).code, describeError(e)).toBe('stream');
     expect(describeError(e)).toContain('bad-magic');
-    const deadline = performance.now() + SETTLE_MS;
-    let left = leaked(before);
-    while (left.length > 0 && performance.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 25));
-      left = leaked(before);
-    }
+    const left = await leftAfter(before, SETTLE_MS);
     expect(left, 'nothing left open').toEqual([]);
     expect(unhandled.map(describeError)).toEqual([]);
   });
@@ -536,7 +511,7 @@ describe('TLS refused at the session level', () => {
 
   /** A migration between a destination with credentials `dstDir` and a source with `srcDir`; waits for both and for their sockets. */
   async function tlsRun(dstDir: string, srcDir: string): Promise<TlsRun> {
-    const before = resources();
+    const before = resourceSnapshot();
     unhandled.length = 0;
     const sink = new InMemorySink();
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, idleTimeoutMs: IDLE_MS, transport: { tls: { dir: join(dir, dstDir) } } });
@@ -558,12 +533,7 @@ describe('TLS refused at the session level', () => {
     dst.close();
     if (!both.settled || both.value.status !== 'fulfilled') throw new Error(`the TLS run did not end within ${RUN_BOUND_MS} ms`);
     const [source, destination] = both.value.value;
-    const deadline = performance.now() + SETTLE_MS;
-    let left = leaked(before);
-    while (left.length > 0 && performance.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 25));
-      left = leaked(before);
-    }
+    const left = await leftAfter(before, SETTLE_MS);
     await new Promise((r) => setImmediate(r));
     expect(unhandled.map(describeError), 'unhandled rejections').toEqual([]);
     return { source, destination, ...run, sink, left };

@@ -30,6 +30,7 @@ import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
 import { StreamError, type StreamErrorCode } from '../../src/stream/errors.js';
 import { TransportError, type TransportErrorCode } from '../../src/transport/errors.js';
 import { initPkiDir, type GeneratePkiOptions } from '../../src/transport/pki.js';
+import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const KiB = 1024;
 const PAGE = 4096;
@@ -42,22 +43,6 @@ const RUN_BOUND_MS = 15_000;
 /** Sockets and timers must be gone this long after both settled. */
 const SETTLE_MS = 4000;
 const DAY_MS = 24 * 60 * 60 * 1000;
-
-/** Resources vitest's worker owns and that come and go on their own. */
-const IGNORED_RESOURCES = new Set(['MessagePort', 'TTYWrap', 'PipeWrap', 'FSReqCallback', 'FSReqPromise', 'ProcessWrap', 'SignalWrap', 'StatWatcher', 'FSEventWrap']);
-
-function resources(): Map<string, number> {
-  const m = new Map<string, number>();
-  for (const r of process.getActiveResourcesInfo()) if (!IGNORED_RESOURCES.has(r)) m.set(r, (m.get(r) ?? 0) + 1);
-  return m;
-}
-
-/** Resource types with more instances now than in `before`. */
-function leaked(before: Map<string, number>): string[] {
-  const out: string[] = [];
-  for (const [k, n] of resources()) if (n > (before.get(k) ?? 0)) out.push(`${k} ×${n - (before.get(k) ?? 0)}`);
-  return out;
-}
 
 const unhandled: unknown[] = [];
 const onUnhandled = (e: unknown) => unhandled.push(e);
@@ -225,7 +210,7 @@ async function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
 let dir: string;
 
 async function run(c: Case): Promise<TlsRun> {
-  const before = resources();
+  const before = resourceSnapshot();
   unhandled.length = 0;
   const sink = new InMemorySink();
   const listen = c.destination.listen === 'tcp' ? 'tcp:127.0.0.1:0' : `unix:${join(dir, 'dst.sock')}`;
@@ -261,12 +246,7 @@ async function run(c: Case): Promise<TlsRun> {
     throw new Error(`the run did not end within ${RUN_BOUND_MS} ms: source ${src.stats().status} (phase ${src.currentPhase}), destination ${dst.stats().status} (phase ${dst.currentPhase})`);
   }
   const [source, destination] = both;
-  const deadline = performance.now() + SETTLE_MS;
-  let left = leaked(before);
-  while (left.length > 0 && performance.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 25));
-    left = leaked(before);
-  }
+  const left = await leftAfter(before, SETTLE_MS);
   await new Promise((r) => setImmediate(r));
   return { source, destination, ...seen, sink, left, ms };
 }

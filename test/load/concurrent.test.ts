@@ -26,25 +26,25 @@
  * page placed; source: request read → the answer's last byte handed to the
  * kernel).
  *
- * Without QEMU the library migrations still run and the QEMU part shows as a
- * skipped test; with REQUIRE_QEMU=1 a missing QEMU fails the test.
+ * The restore into QEMU is part of the load: like every test needing QEMU it
+ * runs under describeWithQemu (with REQUIRE_QEMU=1 a missing QEMU fails).
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { stopAll } from '../qemu/harness.js';
-import { qemuAvailability, qemuRequired } from '../qemu/require-qemu.js';
+import { describeWithQemu, qemuAvailability } from '../qemu/require-qemu.js';
 import { captureSavedVm } from '../qemu/source-helpers.js';
 import { PAGE } from './dirtying-guest.js';
 import { pagesReceived, pagesSent, prepareLibraryMigration, type LibraryMigrationSpec, type LibraryOutcome, type PreparedLibraryMigration, type RunningLibraryMigration } from './library-migration.js';
 import { loadReport, reportLines, type Sample } from './load-report.js';
 import { writeJson } from './metrics.js';
 import { prepareQemuRestore, QEMU_SPEC, type PreparedQemuRestore, type QemuOutcome, type RunningQemuRestore } from './qemu-restore.js';
-import { leftAfter, resourceSnapshot } from './resources.js';
+import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const MiB = 1024 * 1024;
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -72,29 +72,29 @@ const QEMU = qemuAvailability();
 let work: string;
 let pkiDir: string;
 let vmDir: string;
-let manifest: SavedVmManifest | undefined;
+let manifest: SavedVmManifest;
 
-beforeAll(async () => {
-  work = await mkdtemp(join(tmpdir(), 'qmt-load-'));
-  pkiDir = join(work, 'pki');
-  vmDir = join(work, 'vm');
-  await initPkiDir(pkiDir);
-  // The saved VM to restore: captured from a QEMU source before the load starts.
-  if (QEMU.available) manifest = await captureSavedVm(vmDir, QEMU_SPEC, 'load-capture');
-});
 
-afterAll(async () => {
-  await stopAll();
-  if (work) await rm(work, { recursive: true, force: true });
-});
-
-function sample(t0: number, lib: readonly RunningLibraryMigration[], qemu: RunningQemuRestore | undefined): Sample {
-  return { atMs: performance.now() - t0, library: lib.map((m) => m.received()), qemu: qemu?.sent() };
+function sample(t0: number, lib: readonly RunningLibraryMigration[], qemu: RunningQemuRestore): Sample {
+  return { atMs: performance.now() - t0, library: lib.map((m) => m.received()), qemu: qemu.sent() };
 }
 
-describe('load: eight library migrations and one into QEMU 10.0, at once', () => {
+describeWithQemu('load: eight library migrations and one into QEMU 10.0, at once', () => {
+  beforeAll(async () => {
+    work = await mkdtemp(join(tmpdir(), 'qmt-load-'));
+    pkiDir = join(work, 'pki');
+    vmDir = join(work, 'vm');
+    await initPkiDir(pkiDir);
+    // The saved VM to restore: captured from a QEMU source before the load starts.
+    manifest = await captureSavedVm(vmDir, QEMU_SPEC, 'load-capture');
+  });
+
+  afterAll(async () => {
+    await stopAll();
+    if (work) await rm(work, { recursive: true, force: true });
+  });
+
   it('all complete with memory intact, none starves, nothing is left open; numbers printed', { timeout: 300_000 }, async () => {
-    if (!QEMU.available && qemuRequired()) throw new Error(`QEMU is required (REQUIRE_QEMU=1) but unavailable: ${QEMU.reason}`);
     const testStart = performance.now();
     const before = resourceSnapshot();
 
@@ -102,7 +102,7 @@ describe('load: eight library migrations and one into QEMU 10.0, at once', () =>
     let preparedQemu: PreparedQemuRestore | undefined;
     const preparedLib: PreparedLibraryMigration[] = [];
     try {
-      if (QEMU.available) preparedQemu = await prepareQemuRestore('qemu-preempt', vmDir, manifest!);
+      preparedQemu = await prepareQemuRestore('qemu-preempt', vmDir, manifest);
       for (const [i, { tls, ...s }] of SPECS.entries()) preparedLib.push(await prepareLibraryMigration({ ...s, tlsDir: tls ? pkiDir : undefined }, i));
     } catch (e) {
       for (const p of preparedLib) p.abandon();
@@ -111,40 +111,39 @@ describe('load: eight library migrations and one into QEMU 10.0, at once', () =>
     }
     const t0 = performance.now();
     const lib = preparedLib.map((p) => p.start());
-    const qemuRun = preparedQemu?.start();
+    const qemuRun = preparedQemu.start();
 
     // The window in which every migration runs: from here until the first library migration settles.
     const windowStart = sample(t0, lib, qemuRun);
     let windowEnd: Sample | undefined;
     for (const m of lib) void m.ended.then(() => (windowEnd ??= sample(t0, lib, qemuRun)));
-    const all = Promise.allSettled([...lib.map((m) => m.done), ...(qemuRun ? [qemuRun.done] : [])]);
+    const all = Promise.allSettled([...lib.map((m) => m.done), qemuRun.done]);
     let bound: NodeJS.Timeout | undefined;
     const hung = await Promise.race([all.then(() => false), new Promise<boolean>((resolve) => (bound = setTimeout(() => resolve(true), RUN_BOUND_MS)))]);
     clearTimeout(bound);
     if (hung) {
       const states = lib.map((m) => `${m.spec.name}: ${m.state()}`).join('\n  ');
       for (const m of lib) m.cancel();
-      qemuRun?.cancel();
-      throw new Error(`not every migration settled within ${RUN_BOUND_MS} ms:\n  ${states}${qemuRun ? `\n  qemu: sent ${qemuRun.sent()} bytes` : ''}`);
+      qemuRun.cancel();
+      throw new Error(`not every migration settled within ${RUN_BOUND_MS} ms:\n  ${states}\n  qemu: sent ${qemuRun.sent()} bytes`);
     }
     const results = await all;
     const settled = results.slice(0, lib.length) as PromiseSettledResult<LibraryOutcome>[];
-    const qemuSettled = qemuRun ? (results[lib.length] as PromiseSettledResult<QemuOutcome>) : undefined;
+    const qemuSettled = results[lib.length] as PromiseSettledResult<QemuOutcome>;
 
     const failures = [
       ...settled.flatMap((r, i) => (r.status === 'rejected' ? [`${SPECS[i]!.name}: ${String((r.reason as Error)?.message ?? r.reason)}; ${lib[i]!.state()}`] : [])),
-      ...(qemuSettled?.status === 'rejected' ? [`qemu: ${String((qemuSettled.reason as Error)?.stack ?? qemuSettled.reason)}`] : []),
+      ...(qemuSettled.status === 'rejected' ? [`qemu: ${String((qemuSettled.reason as Error)?.stack ?? qemuSettled.reason)}`] : []),
     ];
     expect(failures, 'migrations that failed').toEqual([]);
     const outcomes = settled.map((r) => (r as PromiseFulfilledResult<LibraryOutcome>).value);
-    const qemu = qemuSettled && (qemuSettled as PromiseFulfilledResult<QemuOutcome>).value;
+    const qemu = (qemuSettled as PromiseFulfilledResult<QemuOutcome>).value;
 
     // ---- numbers (reported, not asserted) ----------------------------------------------
     const report = loadReport({
       library: outcomes,
       qemu,
       qemuVersion: QEMU.version,
-      qemuSkipped: QEMU.reason,
       t0,
       window: { start: windowStart, end: windowEnd! },
       testMs: performance.now() - testStart,
@@ -176,16 +175,14 @@ describe('load: eight library migrations and one into QEMU 10.0, at once', () =>
         expect(o.latency.source.count, name).toBe(o.answered.preempt);
       }
     }
-    if (qemu) {
-      expect(qemu.source.status).toBe('completed');
-      expect(qemu.check.info.status).toBe('completed');
-      expect(qemu.check.statuses).toContain('postcopy-active');
-      expect(qemu.check.passesAfter, 'guest passes at the destination after completion').toBeGreaterThanOrEqual(2);
-      expect(qemu.check.invariant.ok, qemu.check.invariant.detail).toBe(true);
-      expect(qemu.check.outside!.count, `pages outside the guest's range differing: ${qemu.check.outside!.pages.map((p) => `0x${p.toString(16)}`).join(', ')}`).toBe(0);
-      expect(qemu.source['postcopy-requests'], 'QEMU asked for pages').toBeGreaterThan(0);
-      expect(qemu.answered.main, 'requests answered on the main channel').toBe(0);
-    }
+    expect(qemu.source.status).toBe('completed');
+    expect(qemu.check.info.status).toBe('completed');
+    expect(qemu.check.statuses).toContain('postcopy-active');
+    expect(qemu.check.passesAfter, 'guest passes at the destination after completion').toBeGreaterThanOrEqual(2);
+    expect(qemu.check.invariant.ok, qemu.check.invariant.detail).toBe(true);
+    expect(qemu.check.outside!.count, `pages outside the guest's range differing: ${qemu.check.outside!.pages.map((p) => `0x${p.toString(16)}`).join(', ')}`).toBe(0);
+    expect(qemu.source['postcopy-requests'], 'QEMU asked for pages').toBeGreaterThan(0);
+    expect(qemu.answered.main, 'requests answered on the main channel').toBe(0);
     // None starved: while all ran, each moved pages (counted in bytes, not time).
     const starved = report.fairness.window.bytes.flatMap((b, i) => (b < STARVATION_FLOOR ? [`${SPECS[i]!.name}: ${b} bytes`] : []));
     expect(starved, `library migrations that moved less than ${STARVATION_FLOOR} bytes while all ran`).toEqual([]);
@@ -193,8 +190,4 @@ describe('load: eight library migrations and one into QEMU 10.0, at once', () =>
     expect(await leftAfter(before, SETTLE_MS), 'sockets or timers left after the run').toEqual([]);
     console.log(`[load] test ${Math.round(report.testMs)} ms until every migration was checked; report: ${REPORT}`);
   });
-
-  if (!QEMU.available && !qemuRequired()) {
-    it.skip(`the concurrent restore into QEMU 10.0 (skipped: ${QEMU.reason})`, () => undefined);
-  }
 });

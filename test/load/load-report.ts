@@ -15,15 +15,13 @@ const MiB = 1024 * 1024;
 export interface Sample {
   atMs: number;
   library: number[];
-  qemu: number | undefined;
+  qemu: number;
 }
 
 export interface LoadRunInput {
   library: LibraryOutcome[];
-  /** undefined: QEMU unavailable (`qemuSkipped` says why). */
-  qemu: QemuOutcome | undefined;
+  qemu: QemuOutcome;
   qemuVersion: string | undefined;
-  qemuSkipped: string | undefined;
   /** performance.now() when every source was started. */
   t0: number;
   /** Samples at t0 and when the first library migration settled: every migration ran in between. */
@@ -75,27 +73,27 @@ export type LoadReport = ReturnType<typeof loadReport>;
 
 export function loadReport(r: LoadRunInput) {
   const lib = r.library;
-  const first = Math.min(...lib.map((o) => o.startedAt), r.qemu?.startedAt ?? Infinity);
+  const first = Math.min(...lib.map((o) => o.startedAt), r.qemu.startedAt);
   const lastLib = Math.max(...lib.map((o) => o.endedAt));
-  const allEnd = Math.max(lastLib, r.qemu?.endedAt ?? 0);
+  const allEnd = Math.max(lastLib, r.qemu.endedAt);
   const libBytes = lib.reduce((n, o) => n + o.bytesReceived, 0);
-  const allBytes = libBytes + (r.qemu?.source.transferred ?? 0);
+  const allBytes = libBytes + r.qemu.source.transferred;
   const perMigration = lib.map((o) => mbps(o.bytesReceived, o.endedAt - o.startedAt));
   const { start, end } = r.window;
   const windowBytes = end.library.map((b, i) => b - start.library[i]!);
   const worstDst = lib.reduce((w, o) => (o.latency.destination.p99 > w.latency.destination.p99 ? o : w));
-  const sourceP99 = [...lib.map((o) => ({ name: o.spec.name, p99: o.latency.source.p99 })), ...(r.qemu ? [{ name: r.qemu.name, p99: r.qemu.latency.source.p99 }] : [])];
+  const sourceP99 = [...lib.map((o) => ({ name: o.spec.name, p99: o.latency.source.p99 })), { name: r.qemu.name, p99: r.qemu.latency.source.p99 }];
   return {
     machine: { cpus: cpus().length, node: process.version, qemu: r.qemuVersion ?? null },
     library: lib.map(libraryRow),
-    qemu: r.qemu ? qemuRow(r.qemu) : { skipped: r.qemuSkipped ?? 'unknown' },
+    qemu: qemuRow(r.qemu),
     aggregate: {
       /** Wire bytes of the library migrations over first start → last end. */
       libraryMBps: round(mbps(libBytes, lastLib - first)),
       libraryBytes: libBytes,
       libraryMs: round(lastLib - first),
       /** The same with the QEMU restore's bytes and time. */
-      allMBps: r.qemu ? round(mbps(allBytes, allEnd - first)) : null,
+      allMBps: round(mbps(allBytes, allEnd - first)),
       perMigrationMBps: Object.fromEntries(Object.entries(spread(perMigration)).map(([k, v]) => [k, round(v)])) as { min: number; median: number; max: number },
     },
     fairness: {
@@ -106,7 +104,7 @@ export function loadReport(r: LoadRunInput) {
         ms: round(end.atMs - start.atMs),
         bytes: windowBytes,
         jainBytes: round(jainIndex(windowBytes) ?? 0, 3),
-        qemuBytes: end.qemu !== undefined && start.qemu !== undefined ? end.qemu - start.qemu : null,
+        qemuBytes: end.qemu - start.qemu,
       },
     },
     urgentLatencyP99Us: {
@@ -127,9 +125,7 @@ export function reportLines(report: LoadReport): string[] {
       `requests ${m.requests} (preempt ${m.answered.preempt}, main ${m.answered.main}), p99 dst ${m.latencyUs.destination.p99} µs src ${m.latencyUs.source.p99} µs`,
   );
   const q = report.qemu;
-  if ('skipped' in q) lines.push(`[load] QEMU restore skipped: ${q.skipped}`);
-  else
-    lines.push(
+  lines.push(
       `[load] ${q.name.padEnd(15)} ${String(Math.round(q.ms)).padStart(6)} ms, ${round(q.bytesSent / MiB)} MiB on the wire → ${q.mbps} MB/s, passes ${q.passes}, ` +
         `downtime ${q.downtimeMs} ms, requests ${q.requests} (preempt ${q.answered.preempt}, main ${q.answered.main}), ` +
         `p50 src ${q.latencyUs.source.p50} µs p99 src ${q.latencyUs.source.p99} µs, ${q.invariant}`,
@@ -139,7 +135,7 @@ export function reportLines(report: LoadReport): string[] {
   const u = report.urgentLatencyP99Us;
   lines.push(
     `[load] aggregate ${a.libraryMBps} MB/s library (${round(a.libraryBytes / MiB)} MiB in ${Math.round(a.libraryMs)} ms)` +
-      `${a.allMBps !== null ? `, ${a.allMBps} MB/s with QEMU` : ''}; per migration min ${a.perMigrationMBps.min} / median ${a.perMigrationMBps.median} / max ${a.perMigrationMBps.max} MB/s; ` +
+      `, ${a.allMBps} MB/s with QEMU; per migration min ${a.perMigrationMBps.min} / median ${a.perMigrationMBps.median} / max ${a.perMigrationMBps.max} MB/s; ` +
       `Jain ${f.jainThroughput} (throughput), ${f.window.jainBytes} (bytes while all ran, ${Math.round(f.window.ms)} ms: ${f.window.bytes.map((b) => round(b / MiB)).join(', ')} MiB); ` +
       `worst urgent p99: destination ${u.worstDestination.p99} µs (${u.worstDestination.name}), source ${u.worstSource.p99} µs (${u.worstSource.name})`,
   );

@@ -491,6 +491,15 @@ export class QemuProcess {
 }
 
 /** Parses the text of HMP `info ramblock`. */
+/** The port QEMU bound for `migrate-incoming tcp:HOST:0`. */
+export async function incomingPort(q: QemuProcess): Promise<number> {
+  const info = await q.queryMigrate();
+  const addrs = info['socket-address'] as Array<{ port?: string }> | undefined;
+  const port = Number(addrs?.[0]?.port);
+  if (!Number.isInteger(port) || port <= 0) throw new Error(`${q.name}: no incoming port in ${JSON.stringify(info)}`);
+  return port;
+}
+
 export function parseRamBlocks(text: string): RamBlockInfo[] {
   const units: Record<string, number> = { B: 1, KiB: 1024, MiB: MiB, GiB: 1024 * MiB };
   const out: RamBlockInfo[] = [];

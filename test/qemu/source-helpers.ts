@@ -17,6 +17,7 @@ import {
   checkGuestInvariant,
   compareGuestRam,
   guestRangeOf,
+  incomingPort,
   readGuestRam,
   startQemu,
   type InvariantResult,
@@ -38,14 +39,7 @@ function tlsServerArgs(dir: string): string[] {
   return ['-object', `tls-creds-x509,id=tls0,dir=${dir},endpoint=server`];
 }
 
-/** The port QEMU bound for `migrate-incoming tcp:127.0.0.1:0`. */
-export async function incomingPort(q: QemuProcess): Promise<number> {
-  const info = await q.queryMigrate();
-  const addrs = info['socket-address'] as Array<{ port?: string }> | undefined;
-  const port = Number(addrs?.[0]?.port);
-  if (!Number.isInteger(port) || port <= 0) throw new Error(`${q.name}: no incoming port in ${JSON.stringify(info)}`);
-  return port;
-}
+export { incomingPort } from './harness.js';
 
 /**
  * Runs the test guest on a QEMU source and migrates it (precopy) into a

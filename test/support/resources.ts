@@ -1,7 +1,7 @@
 /**
- * Leak checks by process.getActiveResourcesInfo(), as test/faults does:
- * sockets, servers and timers of this process, compared by type with a
- * snapshot taken before the run.
+ * Leak checks by process.getActiveResourcesInfo(): sockets, servers and
+ * timers of this process, compared by type with a snapshot taken before the
+ * run (test/faults, test/load).
  */
 
 /**
