@@ -1,23 +1,32 @@
 import { randomFillSync } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { tmpdir, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
-import type { Command } from 'commander';
-import { MigrationError } from '../protocol/errors.js';
+import { Option, type Command } from 'commander';
 import type { LatencySummary } from '../protocol/latency.js';
 import { InMemorySource } from '../protocol/memory-source.js';
 import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
 import { SourceSession, type SourceStats } from '../protocol/source.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { initPkiDir } from '../transport/pki.js';
+import { asArgParser, intArg } from './args.js';
 import type { DemoDestinationData, DemoTouches } from './demo-destination.js';
+import { usageError } from './errors.js';
+import { latencyJson, sourceStatsJson, type LatencyJson, type SourceStatsJson } from './json.js';
+import { Progress, PROGRESS_MODES, type ProgressMode } from './progress.js';
+import { run } from './run.js';
 
 const MiB = 1024 * 1024;
 
 /** What the synthetic guest does while it migrates. */
 export type Workload = 'video' | 'idle';
+
+export const WORKLOADS: readonly Workload[] = ['video', 'idle'];
+
+/** The largest --size the parser takes; the command also refuses more than the machine holds. */
+export const MAX_DEMO_MIB = 1 << 20;
 
 export interface DemoOptions {
   sizeMiB: number;
@@ -25,8 +34,12 @@ export interface DemoOptions {
   workload: Workload;
   tls: boolean;
   preempt: boolean;
-  /** Where progress lines go (default stderr). */
+  /** Where progress lines go (default stderr, or `progress` when given). */
   log?: (line: string) => void;
+  /** A display to keep up to date (bytes sent, pages of the guest). */
+  progress?: Progress;
+  /** Aborting cancels the migration (runDemo then rejects with 'cancelled'). */
+  signal?: AbortSignal;
 }
 
 export interface DemoReport {
@@ -116,7 +129,8 @@ type WorkerMessage =
 
 /** A migration of a synthetic guest over the two (TLS) channels on loopback, the destination in a worker thread. */
 export async function runDemo(o: DemoOptions): Promise<DemoReport> {
-  const log = o.log ?? ((l: string) => process.stderr.write(`${l}\n`));
+  const log = o.log ?? (o.progress ? (l: string) => o.progress!.log(l) : (l: string) => process.stderr.write(`${l}\n`));
+  o.signal?.throwIfAborted();
   const dir = await mkdtemp(join(tmpdir(), 'qmt-demo-'));
   let worker: Worker | undefined;
   try {
@@ -158,13 +172,34 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       },
     });
     src.on('pass', (p) => log(`source: pass ${p.pass}: ${p.pagesSent} pages, ${(p.bytes / MiB).toFixed(0)} MiB in ${p.durationMs.toFixed(0)} ms, ${p.dirtyPages} pages dirty again`));
-    src.on('stopped', () => log('source: VM stopped'));
-    src.on('postcopy-active', () => log('source: postcopy active'));
+    let phase = 'precopy';
+    src.on('stopped', () => {
+      phase = 'switchover';
+      log('source: VM stopped');
+    });
+    src.on('postcopy-active', () => {
+      phase = 'postcopy';
+      log('source: postcopy active');
+    });
+    const totalPages = (o.sizeMiB * MiB + 256 * 1024) / TARGET_PAGE_SIZE;
+    const refresh = (): void => {
+      const st = src.stats();
+      o.progress?.update({ phase, bytes: st.transferred, done: st.normal + st.duplicate + st.xbzrle, total: totalPages });
+    };
+    const ticker = o.progress ? setInterval(refresh, 100) : undefined;
+    ticker?.unref();
+    const cancel = (): void => src.cancel();
+    o.signal?.addEventListener('abort', cancel, { once: true });
+    o.signal?.throwIfAborted();
     guest.start(o.workload);
     const t0 = performance.now();
     log(`demo: migrating a ${o.sizeMiB} MiB synthetic guest (${o.workload}) over ${o.tls ? 'two TLS channels' : 'two TCP channels'} on loopback, postcopy ${typeof o.policy === 'object' ? `after ${o.policy.afterPasses} pass(es)` : o.policy}`);
     src.start();
-    const [stats, done] = await Promise.all([src.done, finished]);
+    const [stats, done] = await Promise.all([src.done, finished]).finally(() => {
+      o.signal?.removeEventListener('abort', cancel);
+      clearInterval(ticker);
+    });
+    refresh();
     const totalMs = performance.now() - t0;
     guest.stop();
     const received = new Map(done.blocks.map(([name, sab]) => [name, Buffer.from(sab)]));
@@ -206,25 +241,85 @@ export function formatDemoReport(r: DemoReport): string {
   ].join('\n');
 }
 
-export function registerDemoCommand(program: Command): void {
-  program
+/** The fields of `qmt demo --json` after the envelope (README "JSON output"). */
+export interface DemoJson {
+  guestMiB: number;
+  policy: string;
+  workload: Workload;
+  tls: boolean;
+  preempt: boolean;
+  postcopy: boolean;
+  passes: number;
+  /** Source start → both ends done. */
+  migrationMs: number;
+  /** Source stop → destination running; null when it was not measured. */
+  downtimeMs: number | null;
+  /** Bytes sent / migration time, in MB/s (10^6 bytes). */
+  throughputMBps: number;
+  /** The destination's page faults (request → page placed). */
+  faults: LatencyJson;
+  bytesSent: { main: number; preempt: number; returnPath: number };
+  memoryIdentical: boolean;
+  source: SourceStatsJson;
+}
+
+export function demoJson(r: DemoReport): DemoJson {
+  return {
+    guestMiB: r.guestMiB,
+    policy: r.policy,
+    workload: r.workload,
+    tls: r.tls,
+    preempt: r.preempt,
+    postcopy: r.postcopy,
+    passes: r.passes,
+    migrationMs: r.totalMs,
+    downtimeMs: r.downtimeMs ?? null,
+    throughputMBps: r.throughputMBps,
+    faults: latencyJson(r.faults),
+    bytesSent: r.bytes,
+    memoryIdentical: r.memoryIdentical,
+    source: sourceStatsJson(r.source),
+  };
+}
+
+interface DemoCliOptions {
+  size: number;
+  postcopy: PostcopyPolicy;
+  workload: Workload;
+  tls: boolean;
+  preempt: boolean;
+  json?: boolean;
+  progress: ProgressMode;
+}
+
+export function registerDemoCommand(program: Command): Command {
+  return program
     .command('demo')
     .description('migrate a synthetic guest in-process over two TLS channels on loopback (postcopy after one pass)')
-    .option('--size <MiB>', 'guest RAM in MiB', '1024')
-    .option('--postcopy <policy>', 'never | manual | auto | after:N', 'after:1')
-    .option('--workload <kind>', 'video (hot set + streaming buffer) | idle', 'video')
+    .option('--size <MiB>', `guest RAM in MiB (1..${MAX_DEMO_MIB}; the demo holds it twice)`, intArg('--size', 1, MAX_DEMO_MIB), 1024)
+    .addOption(new Option('--postcopy <policy>', 'never | manual | auto | after:N').argParser(asArgParser(parsePostcopyPolicy)).default({ afterPasses: 1 } as PostcopyPolicy, 'after:1'))
+    .addOption(new Option('--workload <kind>', 'video (hot set + streaming buffer) | idle').choices([...WORKLOADS]).default('video'))
     .option('--no-tls', 'plain TCP instead of TLS')
     .option('--no-preempt', 'answer page requests on the main channel')
     .option('--json', 'print the report as JSON')
-    .action(async (opts: { size: string; postcopy: string; workload: string; tls: boolean; preempt: boolean; json?: boolean }) => {
-      try {
-        const workload = opts.workload === 'idle' ? 'idle' : 'video';
-        const report = await runDemo({ sizeMiB: Number(opts.size), policy: parsePostcopyPolicy(opts.postcopy), workload, tls: opts.tls, preempt: opts.preempt });
-        process.stdout.write(opts.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatDemoReport(report)}\n`);
-        if (!report.memoryIdentical) process.exitCode = 1;
-      } catch (e) {
-        process.stderr.write(`qmt: ${e instanceof MigrationError ? e.describe() : e instanceof Error ? e.message : String(e)}\n`);
-        process.exitCode = 1;
-      }
-    });
+    .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
+    .action(
+      run('demo', async (ctx, opts: DemoCliOptions) => {
+        // Source and destination each hold the whole guest in this process.
+        const needMiB = 2 * opts.size;
+        const haveMiB = Math.floor(totalmem() / MiB);
+        if (needMiB > haveMiB) throw usageError(`--size ${opts.size}: the demo holds the guest twice (${needMiB} MiB), more than this machine's ${haveMiB} MiB of RAM`);
+        const progress = new Progress({ mode: opts.progress, stream: ctx.stderr, prefix: '' });
+        let report: DemoReport;
+        try {
+          report = await runDemo({ sizeMiB: opts.size, policy: opts.postcopy, workload: opts.workload, tls: opts.tls, preempt: opts.preempt, progress, signal: ctx.signal });
+        } finally {
+          progress.stop();
+        }
+        if (!ctx.json) ctx.stdout.write(`${formatDemoReport(report)}\n`);
+        return report.memoryIdentical
+          ? { ok: true, json: demoJson(report) }
+          : { ok: false, error: { code: 'memory-differs', message: 'the destination memory differs from the source' }, json: demoJson(report) };
+      }),
+    );
 }

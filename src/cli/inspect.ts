@@ -1,11 +1,19 @@
+import { Option, type Command } from 'commander';
 import { StreamSummary, type StreamSummaryReport } from '../stream/summary.js';
 import type { StreamRecord } from '../stream/records.js';
 import { decodeDeviceState, deviceStateToJson, parseVmDescription, type VmDescription } from '../stream/vmdesc.js';
+import { checkInputFile } from './args.js';
+import { CliError } from './errors.js';
+import { fileProgress, PROGRESS_MODES, type ProgressMode } from './file-progress.js';
 import { decodeFile } from './load-stream.js';
+import { run } from './run.js';
 
 export interface InspectOptions {
-  json?: boolean;
   devices?: boolean;
+  /** Called after each chunk read (a progress display). */
+  onProgress?: (bytesRead: number) => void;
+  /** Aborting stops the decode. */
+  signal?: AbortSignal;
 }
 
 export interface InspectReport extends StreamSummaryReport {
@@ -26,7 +34,7 @@ export async function inspectFile(path: string, opts: InspectOptions = {}): Prom
       if (r.type === 'device-state' && r.kind === 'full') payloads.push({ idstr: r.idstr, instanceId: r.instanceId, data: r.data });
       if (r.type === 'vmdesc') vmdescJson = r.json;
     }
-  });
+  }, { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) });
   const report: InspectReport = { file: path, ...summary.report };
   if (opts.devices) {
     const desc: VmDescription | undefined = ahead ?? (vmdescJson ? parseVmDescription(vmdescJson) : undefined);
@@ -89,7 +97,89 @@ function formatCommand(c: InspectReport['commands'][number]): string {
   }
 }
 
-/** JSON.stringify that writes bigints as decimal strings. */
-export function toJson(v: unknown): string {
-  return JSON.stringify(v, (_k, x: unknown) => (typeof x === 'bigint' ? x.toString() : x instanceof Uint8Array ? Buffer.from(x).toString('hex') : x), 2);
+/** The fields of `qmt inspect --json` after the envelope (README "JSON output"). */
+export interface InspectJson {
+  file: string;
+  /** Bytes decoded (the whole file when it ends with EOF). */
+  bytes: number;
+  /** The stream's own version (QEMU_VM_FILE_VERSION, 3). */
+  streamVersion: number | null;
+  machineType: string | null;
+  capabilities: readonly string[];
+  ramBlocks: { idstr: string; lengthBytes: number; pageSizeBytes: number | null; gpa: string | null }[];
+  sections: StreamSummaryReport['sections'];
+  pages: StreamSummaryReport['pages'];
+  passes: StreamSummaryReport['passes'];
+  /** The commands in order; `packaged` carries `lengthBytes`, a discard its ranges as `startBytes`/`lengthBytes`. */
+  commands: Record<string, unknown>[];
+  devices: { sectionId: number; idstr: string; instanceId: number; versionId: number; kind: string; sizeBytes: number; packaged: boolean }[];
+  eof: boolean;
+  vmdescBytes: number | null;
+  deviceFields?: Record<string, unknown>;
+}
+
+function commandJson(c: InspectReport['commands'][number]): Record<string, unknown> {
+  switch (c.cmd) {
+    case 'packaged':
+      return { cmd: c.cmd, lengthBytes: c.length };
+    case 'postcopy-advise':
+      return { cmd: c.cmd, pageSizeSummary: c.pageSizeSummary.toString(), targetPageSizeBytes: Number(c.targetPageSize) };
+    case 'postcopy-ram-discard':
+      return { cmd: c.cmd, block: c.block, ranges: c.ranges.map((r) => ({ startBytes: r.start, lengthBytes: r.length })) };
+    default:
+      return { ...c };
+  }
+}
+
+export function inspectJson(r: InspectReport): InspectJson {
+  return {
+    file: r.file,
+    bytes: r.bytes,
+    streamVersion: r.version ?? null,
+    machineType: r.machineType ?? null,
+    capabilities: r.capabilities ?? [],
+    ramBlocks: r.ramBlocks.map((b) => ({ idstr: b.idstr, lengthBytes: b.length, pageSizeBytes: b.pageSize ?? null, gpa: b.gpa === undefined ? null : b.gpa.toString() })),
+    sections: r.sections,
+    pages: r.pages,
+    passes: r.passes,
+    commands: r.commands.map(commandJson),
+    devices: r.devices.map((d) => ({ sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, kind: d.kind, sizeBytes: d.size, packaged: d.packaged })),
+    eof: r.eof,
+    vmdescBytes: r.vmdescBytes ?? null,
+    ...(r.deviceFields ? { deviceFields: r.deviceFields } : {}),
+  };
+}
+
+/** A decode error of FILE as the CLI prints it: the code, and the file and offset in the message. */
+export function inFile(file: string, e: unknown): unknown {
+  const x = e as { code?: unknown; offset?: unknown; message?: unknown } | null;
+  if (typeof x?.code !== 'string' || typeof x.offset !== 'number' || typeof x.message !== 'string') return e;
+  return new CliError(x.code, `${file} at offset ${x.offset}: ${x.message}`, { cause: e });
+}
+
+/** Adds `qmt inspect FILE [--json] [--devices] [--progress MODE]`. */
+export function registerInspectCommand(program: Command): Command {
+  return program
+    .command('inspect')
+    .description('decode a captured migration stream and summarise it')
+    .argument('<file>', 'a stream written by QEMU (migrate "file:...") or by qmt')
+    .option('--json', 'print a machine-readable report')
+    .option('--devices', 'decode device state into named fields (needs the VM description)')
+    .addOption(new Option('--progress <mode>', 'progress on stderr (auto: a bar on a TTY for files of 64 MiB or more)').choices([...PROGRESS_MODES]).default('auto'))
+    .action(
+      run('inspect', async (ctx, file: string, opts: { json?: boolean; devices?: boolean; progress: ProgressMode }) => {
+        const size = await checkInputFile(file, 'the stream to inspect');
+        const bar = fileProgress(opts.progress, size, 'inspect');
+        let r: InspectReport;
+        try {
+          r = await inspectFile(file, { ...(opts.devices ? { devices: true } : {}), onProgress: (n) => bar.update(n), signal: ctx.signal });
+        } catch (e) {
+          return { ok: false, error: inFile(file, e) };
+        } finally {
+          bar.stop();
+        }
+        if (!ctx.json) ctx.stdout.write(`${formatInspectReport(r)}\n`);
+        return { ok: true, json: inspectJson(r) };
+      }),
+    );
 }

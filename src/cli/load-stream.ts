@@ -24,17 +24,30 @@ export async function readAheadVmDescription(path: string): Promise<{ desc: VmDe
   }
 }
 
+export interface DecodeFileOptions {
+  /** false: do not read the trailing VM description first (default true). */
+  exact?: boolean;
+  /** Called after each chunk with the bytes read so far (a progress display). */
+  onProgress?: (bytesRead: number) => void;
+  /** Checked between chunks: aborting stops the decode with the signal's reason. */
+  signal?: AbortSignal;
+}
+
 /** Decodes a whole file, handing each batch of records to `onRecords` (views stay valid). */
 export async function decodeFile(
   path: string,
   onRecords: (records: StreamRecord[], offset: number) => void | Promise<void>,
-  opts: { exact?: boolean } = {},
+  opts: DecodeFileOptions = {},
 ): Promise<{ decoder: StreamDecoder; desc: VmDescription | undefined }> {
   const ahead = opts.exact === false ? undefined : await readAheadVmDescription(path);
   const decoder = new StreamDecoder(ahead ? { deviceSizes: ahead.sizes } : {});
+  let read = 0;
   for await (const chunk of readChunks(path)) {
+    opts.signal?.throwIfAborted();
     const records = decoder.push(chunk);
     if (records.length > 0) await onRecords(records, decoder.offset);
+    read += chunk.length;
+    opts.onProgress?.(read);
   }
   const last = decoder.end();
   if (last.length > 0) await onRecords(last, decoder.offset);

@@ -1,12 +1,24 @@
 import { X509Certificate } from 'node:crypto';
 import { InvalidArgumentError, Option, type Command } from 'commander';
-import { TransportError } from '../transport/errors.js';
 import { DEFAULT_PKI_HOSTNAMES, initPkiDir } from '../transport/pki.js';
+import { describeError, formatErrorLine } from './errors.js';
+import { run } from './run.js';
 
-/** Where the command writes; tests replace it. */
+/** Where the command writes; tests replace it (then the command reports in place of the runner). */
 export interface PkiCommandIo {
   out(text: string): void;
   err(text: string): void;
+}
+
+async function initCommand(dir: string, opts: { hostname: string[]; days: number; force?: boolean }, io: PkiCommandIo, json: boolean): Promise<{ ok: true; json: object }> {
+  const hostnames = opts.hostname.length > 0 ? opts.hostname : [...DEFAULT_PKI_HOSTNAMES];
+  const { pki: made, files } = await initPkiDir(dir, { hostnames, days: opts.days, force: opts.force === true });
+  const until = new X509Certificate(made.serverCert).validTo;
+  if (!json) {
+    io.out(`${files.join('\n')}\n`);
+    io.err(`qmt: certificates for ${hostnames.join(', ')}, valid until ${until}\n`);
+  }
+  return { ok: true, json: { dir, files, hostnames, validDays: opts.days, validUntil: new Date(until).toISOString() } };
 }
 
 const defaultIo: PkiCommandIo = {
@@ -48,17 +60,18 @@ export function registerPkiCommand(program: Command, io: PkiCommandIo = defaultI
     )
     .option('--days <n>', 'validity in days', parseDays, 365)
     .option('--force', 'replace existing files')
-    .action(async (dir: string, opts: { hostname: string[]; days: number; force?: boolean }) => {
-      try {
-        const hostnames = opts.hostname.length > 0 ? opts.hostname : [...DEFAULT_PKI_HOSTNAMES];
-        const { pki: made, files } = await initPkiDir(dir, { hostnames, days: opts.days, force: opts.force === true });
-        const until = new X509Certificate(made.serverCert).validTo;
-        io.out(`${files.join('\n')}\n`);
-        io.err(`qmt: certificates for ${hostnames.join(', ')}, valid until ${until}\n`);
-      } catch (e) {
-        io.err(`qmt: ${e instanceof TransportError ? e.describe() : e instanceof Error ? e.message : String(e)}\n`);
-        process.exitCode = 1;
-      }
-    });
+    .option('--json', 'print a machine-readable report (the files written) instead of the list')
+    .action(
+      io === defaultIo
+        ? run('pki init', (ctx, dir: string, opts: { hostname: string[]; days: number; force?: boolean }) => initCommand(dir, opts, io, ctx.json))
+        : async (dir: string, opts: { hostname: string[]; days: number; force?: boolean }) => {
+            try {
+              await initCommand(dir, opts, io, false);
+            } catch (e) {
+              io.err(formatErrorLine(describeError(e)));
+              process.exitCode = 1;
+            }
+          },
+    );
   return pki;
 }

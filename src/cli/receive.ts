@@ -4,18 +4,20 @@
  */
 import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import { DestinationSession, type DestinationResult, type DestinationStats } from '../protocol/destination.js';
 import { DirectorySink } from '../protocol/directory-sink.js';
-import { MigrationError, type MigrationPhase } from '../protocol/errors.js';
+import { MigrationError } from '../protocol/errors.js';
 import { RAM_DIR, writeSavedVm, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
-import { StreamError } from '../stream/errors.js';
 import { parseEndpoint } from '../transport/endpoint.js';
-import { TransportError } from '../transport/errors.js';
+import { endpointArg, intArg } from './args.js';
+import { describeError as describeAny, type DescribedError } from './errors.js';
 import { FAULT_PATTERNS, FaultGenerator, MAX_FAULT_RATE, type FaultPattern, type FaultReport } from './fault.js';
+import { destinationStatsJson, latencyJson, type DestinationStatsJson, type LatencyJson } from './json.js';
 import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
+import { run, type CommandContext, type CommandOutcome } from './run.js';
 
 export interface ReceiveOptions {
   /** `tcp:HOST:PORT` (port 0: any free port) or `unix:PATH`. */
@@ -73,19 +75,14 @@ export interface ReceiveReport {
   faults?: FaultReport;
 }
 
-/** A failure as the CLI prints it: `qmt: <code>: <message>`. */
-export function describeError(e: unknown): { code: string; phase?: MigrationPhase; message: string } {
-  const oneLine = (s: string): string => s.replace(/\s*\n\s*/g, ' ').trim();
-  if (e instanceof MigrationError) return { code: e.code, phase: e.phase, message: oneLine(e.message) };
-  if (e instanceof TransportError) return { code: e.code, message: oneLine(`${e.channel ? `(${e.channel} channel) ` : ''}${e.message}`) };
-  if (e instanceof StreamError) return { code: e.code, message: oneLine(e.message) };
+/** A failure as the CLI prints it (`qmt: <code>: <message>`) and reports it (`error`). */
+export function describeError(e: unknown): DescribedError {
+  // Disk trouble ends a session as 'storage'; the CLI says the same of its own.
   const errno = (e as NodeJS.ErrnoException | undefined)?.code;
-  if (typeof errno === 'string') {
-    // Disk trouble is 'storage', as in a session; other system errors keep their errno name.
-    const code = MigrationError.from(e, 'setup').code === 'storage' ? 'storage' : errno;
-    return { code, message: oneLine((e as Error).message) };
+  if (typeof errno === 'string' && /^E[A-Z]/.test(errno) && MigrationError.from(e, 'setup').code === 'storage') {
+    return { ...describeAny(e), code: 'storage' };
   }
-  return { code: 'error', message: oneLine(e instanceof Error ? e.message : String(e)) };
+  return describeAny(e);
 }
 
 function manifestSummary(m: SavedVmManifest): NonNullable<ReceiveReport['manifest']> {
@@ -135,7 +132,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     // Check the URI before anything is created on disk.
     parseEndpoint(opts.listen);
     if (opts.fault && !opts.postcopy) {
-      report.error = { code: 'usage', message: 'fault generation needs postcopy (--fault needs --postcopy)' };
+      report.error = { code: 'usage', message: '--fault needs --postcopy (fault generation happens in postcopy)' };
       progress.stop();
       return report;
     }
@@ -308,14 +305,6 @@ export function formatReceiveSummary(r: ReceiveReport): string[] {
   return lines;
 }
 
-function intArg(name: string, min: number, max: number): (v: string) => number {
-  return (v) => {
-    const n = Number(v);
-    if (!/^\d+$/.test(v.trim()) || !Number.isSafeInteger(n) || n < min || n > max) throw new InvalidArgumentError(`${name} must be an integer in ${min}..${max}`);
-    return n;
-  };
-}
-
 interface ReceiveCliOptions {
   listen: string;
   out: string;
@@ -332,48 +321,49 @@ interface ReceiveCliOptions {
   progress: ProgressMode;
 }
 
-/** Runs `qmt receive` with parsed options; resolves with the exit code (0 complete, 1 otherwise). */
-export async function runReceiveCommand(o: ReceiveCliOptions): Promise<number> {
-  const stderr = process.stderr;
-  if (o.faultRate !== undefined && !o.fault) {
-    stderr.write('qmt: usage: --fault-rate needs --fault\n');
-    return 1;
-  }
-  const ac = new AbortController();
-  const onSignal = (): void => {
-    // A second signal while the manifest is written: leave at once.
-    if (ac.signal.aborted) {
-      if (process.stderr.isTTY) process.stderr.write('\x1b[?25h\n'); // the bar hid the cursor
-      process.exit(130);
-    }
-    ac.abort();
+/** The fields of `qmt receive --json` after the envelope (README "JSON output"). */
+export interface ReceiveJson {
+  listen: string | null;
+  out: string;
+  manifest:
+    | (Omit<NonNullable<ReceiveReport['manifest']>, 'blocks' | 'devices'> & {
+        blocks: { idstr: string; lengthBytes: number; file: string }[];
+        devices: { count: number; bytes: number; idstrs: string[] };
+      })
+    | null;
+  stats: DestinationStatsJson | null;
+  faults?: Omit<FaultReport, 'latency'> & { latency: LatencyJson };
+}
+
+export function receiveJson(r: ReceiveReport): ReceiveJson {
+  const m = r.manifest;
+  return {
+    listen: r.listen,
+    out: r.out,
+    manifest: m ? { ...m, blocks: m.blocks.map((b) => ({ idstr: b.idstr, lengthBytes: b.length, file: b.file })) } : null,
+    stats: r.stats ? destinationStatsJson(r.stats) : null,
+    ...(r.faults ? { faults: { ...r.faults, latency: latencyJson(r.faults.latency) } } : {}),
   };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  let r: ReceiveReport;
-  try {
-    r = await receiveMigration({
-      listen: o.listen,
-      out: o.out,
-      ...(o.tls ? { tls: o.tls } : {}),
-      postcopy: o.postcopy ?? false,
-      ...(o.fault ? { fault: o.fault, faultRate: o.faultRate ?? 100 } : {}),
-      ...(o.idleTimeout !== undefined ? { idleTimeoutMs: o.idleTimeout } : {}),
-      ...(o.recovery === false
-        ? { recovery: false as const }
-        : { recovery: { ...(o.recoverListen ? { listen: o.recoverListen } : {}), ...(o.recoveryTimeout !== undefined ? { timeoutMs: o.recoveryTimeout } : {}) } }),
-      progress: o.progress,
-      signal: ac.signal,
-    });
-  } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-  }
-  if (o.progress !== 'none') for (const line of formatReceiveSummary(r)) stderr.write(`qmt: ${line}\n`);
-  if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
-  // The error line comes last, so that it is the one line a script looks at.
-  if (r.error) stderr.write(`qmt: ${r.error.code}: ${r.error.message}\n`);
-  return r.ok ? 0 : 1;
+}
+
+/** Runs `qmt receive` with parsed options (SIGINT/SIGTERM: `ctx.signal`). */
+export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOptions): Promise<CommandOutcome> {
+  if (o.faultRate !== undefined && !o.fault) return { ok: false, error: { code: 'usage', message: '--fault-rate needs --fault' } };
+  const r = await receiveMigration({
+    listen: o.listen,
+    out: o.out,
+    ...(o.tls ? { tls: o.tls } : {}),
+    postcopy: o.postcopy ?? false,
+    ...(o.fault ? { fault: o.fault, faultRate: o.faultRate ?? 100 } : {}),
+    ...(o.idleTimeout !== undefined ? { idleTimeoutMs: o.idleTimeout } : {}),
+    ...(o.recovery === false
+      ? { recovery: false as const }
+      : { recovery: { ...(o.recoverListen ? { listen: o.recoverListen } : {}), ...(o.recoveryTimeout !== undefined ? { timeoutMs: o.recoveryTimeout } : {}) } }),
+    progress: o.progress,
+    signal: ctx.signal,
+  });
+  if (o.progress !== 'none') for (const line of formatReceiveSummary(r)) ctx.stderr.write(`qmt: ${line}\n`);
+  return { ok: r.ok, ...(r.error ? { error: r.error } : {}), json: receiveJson(r) };
 }
 
 /** Adds `qmt receive` to a commander program. */
@@ -381,26 +371,17 @@ export function registerReceiveCommand(program: Command): Command {
   return program
     .command('receive')
     .description('receive one live migration (a QEMU 10 source) into a saved-VM directory')
-    .requiredOption('--listen <uri>', 'tcp:HOST:PORT (port 0: any free port) or unix:PATH')
+    .requiredOption('--listen <uri>', 'tcp:HOST:PORT (port 0: any free port) or unix:PATH', endpointArg)
     .requiredOption('--out <dir>', 'saved-VM directory to write (RAM in DIR/ram, devices, manifest.json)')
     .option('--tls <dir>', 'QEMU tls-creds-x509 directory (server side): TLS on every channel')
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
     .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never)', intArg('--idle-timeout', 0, 2_147_483_647))
-    .option('--recover-listen <uri>', 'postcopy recovery: wait for the source here after a network failure (default: --listen)')
+    .option('--recover-listen <uri>', 'postcopy recovery: wait for the source here after a network failure (default: --listen)', endpointArg)
     .option('--recovery-timeout <ms>', 'postcopy recovery: fail when no recovery came this long after the failure (default: wait)', intArg('--recovery-timeout', 1, 2_147_483_647))
     .option('--no-recovery', 'postcopy: fail on a network failure instead of pausing for a recovery')
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
-    .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
-    .action(async (o: ReceiveCliOptions) => {
-      try {
-        process.exitCode = await runReceiveCommand(o);
-      } catch (e) {
-        const d = describeError(e);
-        process.stderr.write(`qmt: ${d.code}: ${d.message}\n`);
-        process.exitCode = 1;
-      }
-    });
+    .action(run('receive', runReceiveCommand));
 }

@@ -13,9 +13,11 @@ import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-p
 import { readSavedVmManifest, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { SourceSession, type DeviceStateSection, type SourceStats } from '../protocol/source.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
-import { StreamError } from '../stream/errors.js';
 import { parseEndpoint } from '../transport/endpoint.js';
-import { TransportError } from '../transport/errors.js';
+import { asArgParser, checkInputDirectory, endpointArg } from './args.js';
+import { describeError, type DescribedError } from './errors.js';
+import { sourceStatsJson, type SourceStatsJson } from './json.js';
+import { run, type CommandContext, type CommandOutcome } from './run.js';
 import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
 
 export interface SendOptions {
@@ -86,17 +88,8 @@ export interface SendReport {
   stats: SourceStats | null;
 }
 
-/** A failure as the CLI prints it: `qmt: <code>: <message>`. */
-export function describeSendError(e: unknown): { code: string; phase?: string; message: string } {
-  const oneLine = (s: string): string => s.replace(/\s*\n\s*/g, ' ').trim();
-  if (e instanceof SendError) return { code: e.code, message: oneLine(e.message) };
-  if (e instanceof MigrationError) return { code: e.code, phase: e.phase, message: oneLine(e.message) };
-  if (e instanceof TransportError) return { code: e.code, message: oneLine(`${e.channel ? `(${e.channel} channel) ` : ''}${e.message}`) };
-  if (e instanceof StreamError) return { code: e.code, message: oneLine(e.message) };
-  const errno = (e as NodeJS.ErrnoException | undefined)?.code;
-  if (typeof errno === 'string') return { code: errno, message: oneLine((e as Error).message) };
-  return { code: 'error', message: oneLine(e instanceof Error ? e.message : String(e)) };
-}
+/** A failure as the CLI prints it (`qmt: <code>: <message>`) and reports it (`error`). */
+export const describeSendError: (e: unknown) => DescribedError = describeError;
 
 /** Why a send cannot start. */
 export class SendError extends Error {
@@ -364,27 +357,43 @@ interface SendCliOptions {
   progress: ProgressMode;
 }
 
-/** Runs `qmt send` with parsed options; resolves with the exit code (0 completed, 1 otherwise). */
-export async function runSendCommand(o: SendCliOptions): Promise<number> {
-  const stderr = process.stderr;
-  const ac = new AbortController();
-  const onSignal = (): void => {
-    // A second signal: leave at once.
-    if (ac.signal.aborted) {
-      if (stderr.isTTY) stderr.write('\x1b[?25h\n'); // the bar hid the cursor
-      process.exit(130);
-    }
-    ac.abort();
+/** The fields of `qmt send --json` after the envelope (README "JSON output"). */
+export interface SendJson {
+  from: string;
+  to: string;
+  tls: boolean;
+  policy: string;
+  preempt: boolean;
+  machineType: string | null;
+  postcopy: boolean;
+  /** Page requests answered, by the channel the page went out on. */
+  answered: { main: number; preempt: number };
+  stats: SourceStatsJson | null;
+}
+
+export function sendJson(r: SendReport): SendJson {
+  return {
+    from: r.from,
+    to: r.to,
+    tls: r.tls,
+    policy: r.policy,
+    preempt: r.preempt,
+    machineType: r.machineType,
+    postcopy: r.postcopy,
+    answered: r.answered,
+    stats: r.stats ? sourceStatsJson(r.stats) : null,
   };
+}
+
+/** Runs `qmt send` with parsed options (SIGINT/SIGTERM: `ctx.signal`; SIGUSR1 with manual postcopy: switch). */
+export async function runSendCommand(ctx: CommandContext, o: SendCliOptions): Promise<CommandOutcome> {
   // 'manual': Enter on a TTY or SIGUSR1 switches to postcopy.
   let switchNow: (() => void) | undefined;
-  const onUsr1 = (): void => switchNow?.();
   const onLine = (): void => switchNow?.();
   const stdin = process.stdin;
   const readEnter = o.postcopy === 'manual' && stdin.isTTY === true;
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  if (o.postcopy === 'manual') process.on('SIGUSR1', onUsr1);
+  if (o.postcopy === 'manual') ctx.onSignal('SIGUSR1', () => switchNow?.());
+  await checkInputDirectory(o.from, '--from, the saved VM');
   let r: SendReport;
   try {
     r = await sendSavedVm({
@@ -400,7 +409,7 @@ export async function runSendCommand(o: SendCliOptions): Promise<number> {
         ? { recovery: false as const }
         : { recovery: { ...(o.recoverTo ? { to: o.recoverTo } : {}), ...(o.recoveryAttempts !== undefined ? { maxAttempts: o.recoveryAttempts } : {}) } }),
       progress: o.progress,
-      signal: ac.signal,
+      signal: ctx.signal,
       onSwitchReady: (fn) => {
         switchNow = fn;
         if (readEnter) {
@@ -412,19 +421,13 @@ export async function runSendCommand(o: SendCliOptions): Promise<number> {
       },
     });
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    process.off('SIGUSR1', onUsr1);
     if (readEnter) {
       stdin.off('data', onLine);
       stdin.pause();
     }
   }
-  if (o.progress !== 'none') for (const line of formatSendSummary(r)) stderr.write(`qmt: ${line}\n`);
-  if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
-  // The error line comes last, so that it is the one line a script looks at.
-  if (r.error) stderr.write(`qmt: ${r.error.code}: ${r.error.message}\n`);
-  return r.ok ? 0 : 1;
+  if (o.progress !== 'none') for (const line of formatSendSummary(r)) ctx.stderr.write(`qmt: ${line}\n`);
+  return { ok: r.ok, ...(r.error ? { error: r.error } : {}), json: sendJson(r) };
 }
 
 /**
@@ -438,24 +441,18 @@ export function registerSendCommand(program: Command): Command {
     .command('send')
     .description('restore a saved VM (from qmt receive) into a waiting QEMU 10 destination; with postcopy the VM runs at once and its memory follows on demand')
     .requiredOption('--from <dir>', 'saved-VM directory written by qmt receive')
-    .requiredOption('--to <uri>', 'where the destination listens: tcp:HOST:PORT or unix:PATH')
+    .requiredOption('--to <uri>', 'where the destination listens: tcp:HOST:PORT or unix:PATH', endpointArg)
     .option('--tls <dir>', 'QEMU tls-creds-x509 directory (client side: ca-cert.pem, client-cert.pem, client-key.pem): TLS on every channel')
     .option('--tls-hostname <name>', "name the destination's certificate must carry (default: the host of --to)")
     .addOption(
       new Option('--postcopy <policy>', 'never | manual (Enter on a TTY, or SIGUSR1) | auto | after:N (after:0 = lazy restore: the VM runs at once)')
         .default('never' as PostcopyPolicy, 'never')
-        .argParser((v: string) => {
-          try {
-            return parsePostcopyPolicy(v);
-          } catch (e) {
-            throw new InvalidArgumentError((e as Error).message);
-          }
-        }),
+        .argParser(asArgParser(parsePostcopyPolicy)),
     )
     .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
     .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
     .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
-    .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)")
+    .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)", endpointArg)
     .option('--recovery-attempts <n>', 'postcopy recovery: give up after this many failed reconnections (default: keep trying)', (v: string) => {
       const n = Number(v);
       if (!/^\d+$/.test(v.trim()) || n < 1) throw new InvalidArgumentError('--recovery-attempts must be a positive integer');
@@ -464,7 +461,6 @@ export function registerSendCommand(program: Command): Command {
     .option('--no-recovery', 'postcopy: fail on a network failure instead of pausing and reconnecting')
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
-    .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
     .addHelpText(
       'after',
       [
@@ -481,16 +477,7 @@ export function registerSendCommand(program: Command): Command {
         '  qmt send --from ./vm --to tcp:127.0.0.1:4444 --postcopy after:0 --preempt',
       ].join('\n'),
     )
-    .action(async (o: SendCliOptions) => {
-      try {
-        process.exitCode = await runSendCommand(o);
-      } catch (e) {
-        const d = describeSendError(e);
-        process.stderr.write(`qmt: ${d.code}: ${d.message}\n`);
-        process.exitCode = 1;
-      }
-      // The report is out: do not let a socket still closing (a destination that
-      // never answers its close, a connection cancelled mid-connect) keep us alive.
-      setTimeout(() => process.exit(), 2000).unref();
-    });
+    // The runner exits 2 s after the report even if a socket is still closing
+    // (a destination that never answers its close, a connection cancelled mid-connect).
+    .action(run('send', runSendCommand));
 }

@@ -2,13 +2,15 @@
  * `qmt tap`: relay one live migration between two QEMUs and report what went
  * through (see src/tap).
  */
-import { Command } from 'commander';
+import { Writable } from 'node:stream';
+import type { Command } from 'commander';
 import type { LatencySummary } from '../protocol/latency.js';
-import { StreamError } from '../stream/errors.js';
 import { startTap, type Tap, type TapReport } from '../protocol/tap/index.js';
-import { TransportError } from '../transport/errors.js';
+import { endpointArg } from './args.js';
+import { describeError } from './errors.js';
 import { formatBytes, formatDuration, formatMicros } from './progress.js';
 import { rerunWithoutTls13Tickets } from './reexec.js';
+import { run } from './run.js';
 
 export interface TapCommandOptions {
   listen: string;
@@ -42,9 +44,8 @@ export interface TapCommandIo {
 }
 
 function describe(e: unknown): { code: string; message: string } {
-  if (e instanceof TransportError || e instanceof StreamError) return { code: e.code, message: e.message };
-  const code = (e as NodeJS.ErrnoException | undefined)?.code;
-  return { code: typeof code === 'string' ? code : 'error', message: e instanceof Error ? e.message : String(e) };
+  const { code, message } = describeError(e);
+  return { code, message };
 }
 
 /**
@@ -146,35 +147,31 @@ export function registerTapCommand(program: Command): Command {
   return program
     .command('tap')
     .description('relay a live migration between two QEMUs, byte for byte, and report what went through (pages, passes, switchover, postcopy request latency)')
-    .requiredOption('--listen <uri>', 'where the source QEMU migrates to: tcp:HOST:PORT (port 0: any free port) or unix:PATH')
-    .requiredOption('--to <uri>', "the destination QEMU's migrate-incoming URI: tcp:HOST:PORT or unix:PATH")
+    .requiredOption('--listen <uri>', 'where the source QEMU migrates to: tcp:HOST:PORT (port 0: any free port) or unix:PATH', endpointArg)
+    .requiredOption('--to <uri>', "the destination QEMU's migrate-incoming URI: tcp:HOST:PORT or unix:PATH", endpointArg)
     .option('--tls-in <dir>', 'tls-creds-x509 directory with server credentials: terminate the source\'s TLS')
     .option('--tls-out <dir>', 'tls-creds-x509 directory with client credentials: TLS to the destination')
     .option('--tls-hostname <name>', "name the destination's certificate must carry (default: the host of --to)")
     .option('--json', 'print one machine-readable report on stdout when the tap stops')
     .option('--keep-listening', 'relay further migrations after one completed (stop with SIGINT)')
-    .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
-    .action(async (o: TapCommandOptions) => {
-      // A QEMU source never reads TLS 1.3 session tickets on a channel without a
-      // return path; unread, they make its close a reset (openssl/no-tls13-tickets.cnf).
-      if (o.tlsIn) {
-        const code = rerunWithoutTls13Tickets();
-        if (code !== undefined) process.exit(code);
-      }
-      const ac = new AbortController();
-      const onSignal = (): void => {
-        if (ac.signal.aborted) process.exit(130);
-        ac.abort();
-      };
-      process.on('SIGINT', onSignal);
-      process.on('SIGTERM', onSignal);
-      try {
-        const r = await runTapCommand(o, { stdout: process.stdout, stderr: process.stderr, signal: ac.signal });
-        if (r.error) process.stderr.write(`qmt: ${r.error.code}: ${r.error.message}\n`);
-        process.exitCode = r.ok ? 0 : 1;
-      } finally {
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
-      }
-    });
+    .action(
+      run('tap', async (ctx, o: TapCommandOptions) => {
+        // A QEMU source never reads TLS 1.3 session tickets on a channel without a
+        // return path; unread, they make its close a reset (openssl/no-tls13-tickets.cnf).
+        if (o.tlsIn) {
+          const code = rerunWithoutTls13Tickets();
+          if (code !== undefined) process.exit(code);
+        }
+        // The reports go to stdout as the runner's one JSON object (`--json`) or as text.
+        const r = await runTapCommand({ ...o, json: false }, { stdout: ctx.json ? devNull : ctx.stdout, stderr: ctx.stderr, signal: ctx.signal });
+        return { ok: r.ok, ...(r.error ? { error: r.error } : {}), json: tapJson(r) };
+      }),
+    );
 }
+
+/** The fields of `qmt tap --json` after the envelope (README "JSON output"); TapReport names its units. */
+export function tapJson(r: TapCommandReport): Omit<TapCommandReport, 'ok' | 'error'> {
+  return { listen: r.listen, to: r.to, sessions: r.sessions };
+}
+
+const devNull: NodeJS.WritableStream = new Writable({ write: (_c, _e, cb) => cb() });

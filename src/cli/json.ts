@@ -1,0 +1,132 @@
+/**
+ * The `--json` output of every `qmt` command: one object on stdout when the
+ * command ends, success or failure, with the same envelope
+ * (`version`, `command`, `ok`, `durationMs`, `error`) and the command's own
+ * fields after it. Quantities carry their unit in the key (`…Bytes`, `…Ms`,
+ * `…Us`, `…MiB`, `…BytesPerSecond`); counts (pages, requests) have none.
+ * 64-bit values are decimal strings, byte strings hex. README "JSON output"
+ * documents the schema; bump JSON_SCHEMA_VERSION on any incompatible change.
+ */
+import type { LatencySummary } from '../protocol/latency.js';
+import type { DestinationStats } from '../protocol/destination.js';
+import type { SourceStats } from '../protocol/source.js';
+import type { ChannelStats } from '../transport/channel.js';
+import type { DescribedError } from './errors.js';
+
+export const JSON_SCHEMA_VERSION = 1;
+
+/** The fields every command's `--json` object starts with. */
+export interface JsonEnvelope {
+  /** Schema version of this output (JSON_SCHEMA_VERSION). */
+  version: number;
+  /** 'demo', 'inspect', 'recode', 'pki init', 'receive', 'send', 'tap'; null when the command line did not parse. */
+  command: string | null;
+  /** The command did what it was asked (exit code 0). */
+  ok: boolean;
+  /** Wall time of the command. */
+  durationMs: number;
+  /** Why it failed (absent when ok). */
+  error?: DescribedError;
+}
+
+/** Latency percentiles, µs. */
+export interface LatencyJson {
+  count: number;
+  p50Us: number;
+  p90Us: number;
+  p99Us: number;
+  p999Us: number;
+  maxUs: number;
+  meanUs: number;
+}
+
+export function latencyJson(l: LatencySummary): LatencyJson {
+  return { count: l.count, p50Us: l.p50, p90Us: l.p90, p99Us: l.p99, p999Us: l.p999, maxUs: l.max, meanUs: l.mean };
+}
+
+/** One channel's counters (ChannelStats already names its units). */
+export type ChannelJson = ChannelStats;
+
+/** Page records by kind: PAGE (QEMU's `normal`), ZERO (`duplicate`), XBZRLE. */
+export interface PagesJson {
+  normal: number;
+  zero: number;
+  xbzrle: number;
+}
+
+/** `qmt receive`'s counters, from DestinationStats. */
+export interface DestinationStatsJson {
+  status: DestinationStats['status'];
+  totalTimeMs: number;
+  transferredBytes: number;
+  pages: PagesJson;
+  preemptPages: number;
+  precopyIterations: number;
+  postcopyRequests: number;
+  /** Request sent → page arrived. */
+  postcopyLatency: LatencyJson;
+  recoveries: number;
+  /** 0 in a correct migration. */
+  placedTwice: number;
+  channels: { main?: ChannelJson; preempt?: ChannelJson };
+}
+
+export function destinationStatsJson(s: DestinationStats): DestinationStatsJson {
+  return {
+    status: s.status,
+    totalTimeMs: s['total-time'],
+    transferredBytes: s.transferred,
+    pages: { normal: s.normal, zero: s.duplicate, xbzrle: s.xbzrle },
+    preemptPages: s['preempt-pages'],
+    precopyIterations: s['precopy-iterations'],
+    postcopyRequests: s['postcopy-requests'],
+    postcopyLatency: latencyJson(s['postcopy-latency']),
+    recoveries: s.recoveries,
+    placedTwice: s['placed-twice'],
+    channels: s.channels,
+  };
+}
+
+/** `qmt send`'s and `qmt demo`'s source counters, from SourceStats. */
+export interface SourceStatsJson {
+  status: SourceStats['status'];
+  totalTimeMs: number;
+  setupTimeMs: number;
+  /** Source stop → destination running; null when the migration did not get there. */
+  downtimeMs: number | null;
+  transferredBytes: number;
+  remainingBytes: number;
+  pages: PagesJson;
+  pagesPerSecond: number;
+  passes: number;
+  dirtySyncCount: number;
+  postcopyRequests: number;
+  /** Request arrival → last byte of the page handed to the kernel. */
+  postcopyLatency: LatencyJson;
+  recoveries: number;
+  channels: { main?: ChannelJson; preempt?: ChannelJson };
+}
+
+export function sourceStatsJson(s: SourceStats): SourceStatsJson {
+  return {
+    status: s.status,
+    totalTimeMs: s['total-time'],
+    setupTimeMs: s['setup-time'],
+    downtimeMs: s.downtime ?? null,
+    transferredBytes: s.transferred,
+    remainingBytes: s.remaining,
+    pages: { normal: s.normal, zero: s.duplicate, xbzrle: s.xbzrle },
+    pagesPerSecond: s['pages-per-second'],
+    passes: s.passes,
+    dirtySyncCount: s['dirty-sync-count'],
+    postcopyRequests: s['postcopy-requests'],
+    postcopyLatency: latencyJson(s['postcopy-latency']),
+    recoveries: s.recoveries,
+    channels: s.channels,
+  };
+}
+
+/** JSON.stringify that writes bigints as decimal strings and bytes as hex. */
+export function stringifyJson(v: unknown): string {
+  return JSON.stringify(v, (_k, x: unknown) => (typeof x === 'bigint' ? x.toString() : x instanceof Uint8Array ? Buffer.from(x).toString('hex') : x), 2);
+}
