@@ -45,6 +45,7 @@ describe('qmt inspect', () => {
     const cli = [process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'main.ts')]] as const;
     const { stdout } = await run(cli[0], [...cli[1], 'inspect', '--json', join(FIX, 'postcopy-main.bin')], { cwd: ROOT });
     const j = JSON.parse(stdout);
+    expect(j).toMatchObject({ version: 1, command: 'inspect', ok: true, streamVersion: 3 });
     expect(j.commands.map((c: { cmd: string }) => c.cmd)).toContain('packaged');
     expect(j.devices.every((d: { packaged: boolean }) => d.packaged)).toBe(true);
     const bad = join(work, 'bad.bin');
@@ -58,7 +59,7 @@ describe('qmt inspect', () => {
       (e: { code: number; stderr: string }) => e,
     );
     expect(err?.code).toBe(1);
-    expect(err?.stderr).toBe(`qmt: unknown-section at offset ${at}: section 77 was never started\n`);
+    expect(err?.stderr).toBe(`qmt: unknown-section: ${bad} at offset ${at}: section 77 was never started\n`);
   });
 });
 

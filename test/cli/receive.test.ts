@@ -2,7 +2,7 @@
  * `qmt receive` as a command (a child process running test/cli/run-qmt.ts):
  * precopy and postcopy from a real QEMU 10 source, memory compared bit for bit
  * with the stopped source; failures (source killed, idle timeout, bad URI,
- * SIGINT) end with exit code 1, one error line and an incomplete manifest.
+ * SIGINT) end with exit code 1 (130 for SIGINT), one error line and an incomplete manifest.
  * Plus the fault generator and the progress display on their own.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -15,7 +15,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { FaultGenerator, type FaultTarget } from '../../src/cli/fault.js';
 import { Progress } from '../../src/cli/progress.js';
-import type { ReceiveReport } from '../../src/cli/receive.js';
+import type { JsonEnvelope } from '../../src/cli/json.js';
+import type { ReceiveJson } from '../../src/cli/receive.js';
+
+type ReceiveOutput = JsonEnvelope & ReceiveJson;
 import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
 import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { readSavedVmManifest } from '../../src/protocol/saved-vm.js';
@@ -128,15 +131,17 @@ describeWithQemu('qmt receive from a QEMU 10 source', () => {
     expect(mine.equals(theirs)).toBe(true);
     expect(checkGuestInvariant(mine, guestRangeOf(q)).ok).toBe(true);
 
-    const r = JSON.parse(stdout) as ReceiveReport;
-    expect(r.ok).toBe(true);
+    const r = JSON.parse(stdout) as ReceiveOutput;
+    expect(r).toMatchObject({ version: 1, command: 'receive', ok: true });
+    expect(r.durationMs).toBeGreaterThan(0);
     expect(r.listen).toBe(uri);
     expect(r.manifest?.complete).toBe(true);
     expect(r.manifest?.devices.count).toBe(m.devices.length);
     expect(r.stats?.status).toBe('completed');
     const src = (await q.queryMigrate()).ram!;
-    expect(r.stats!.normal).toBe(src.normal);
-    expect(r.stats!.duplicate).toBe(src.duplicate);
+    expect(r.stats!.pages.normal).toBe(src.normal);
+    expect(r.stats!.pages.zero).toBe(src.duplicate);
+    expect(r.stats!.transferredBytes).toBeGreaterThan(0);
     expect(r.faults).toBeUndefined();
     await q.stop();
   });
@@ -158,8 +163,8 @@ describeWithQemu('qmt receive from a QEMU 10 source', () => {
     expect(stderr).toMatch(/^qmt: postcopy running \(source stopped\): requesting 200 pages\/s \(random\)$/m);
     expect(stderr).toMatch(/^qmt: faults \(random, 200\/s\): \d+ issued, \d+ answered.*; latency p50 /m);
 
-    const r = JSON.parse(stdout) as ReceiveReport;
-    expect(r.ok).toBe(true);
+    const r = JSON.parse(stdout) as ReceiveOutput;
+    expect(r).toMatchObject({ version: 1, command: 'receive', ok: true });
     expect(r.manifest?.complete).toBe(true);
     expect(r.manifest?.postcopy).toBe(true);
     const f = r.faults!;
@@ -167,15 +172,15 @@ describeWithQemu('qmt receive from a QEMU 10 source', () => {
     expect(f.rate).toBe(200);
     expect(f.answered).toBeGreaterThan(0);
     expect(f.latency.count).toBe(f.answered);
-    expect(f.latency.p50).toBeGreaterThan(0);
-    expect(f.latency.p50).toBeLessThanOrEqual(f.latency.p90);
-    expect(f.latency.p90).toBeLessThanOrEqual(f.latency.p99);
-    expect(f.latency.p99).toBeLessThanOrEqual(f.latency.max);
+    expect(f.latency.p50Us).toBeGreaterThan(0);
+    expect(f.latency.p50Us).toBeLessThanOrEqual(f.latency.p90Us);
+    expect(f.latency.p90Us).toBeLessThanOrEqual(f.latency.p99Us);
+    expect(f.latency.p99Us).toBeLessThanOrEqual(f.latency.maxUs);
     // Roughly the asked rate over the postcopy phase (a loose bound: a 2-core CI box).
     expect(f.issued + f.skipped + f.throttled).toBeGreaterThan((f.durationMs / 1000) * 200 * 0.5);
-    const sent = r.stats!['postcopy-requests'];
+    const sent = r.stats!.postcopyRequests;
     expect(sent).toBeGreaterThanOrEqual(f.answered);
-    expect(r.stats!['postcopy-latency'].count).toBe(f.answered);
+    expect(r.stats!.postcopyLatency.count).toBe(f.answered);
     expect(info.ram!['postcopy-requests']).toBeGreaterThanOrEqual(sent);
 
     const m = await readSavedVmManifest(out);
@@ -239,21 +244,21 @@ describeWithQemu('qmt receive from a QEMU 10 source', () => {
 });
 
 describe('qmt receive without QEMU', () => {
-  it('a bad --listen URI: exit 1, exactly one line, nothing written', async () => {
+  it('a bad --listen URI: exit 2 (usage), exactly one line naming the option, nothing written', async () => {
     const out = join(work, 'bad-uri');
     const { code, stdout, stderr } = await receive(['--listen', 'tcp:nohost', '--out', out]).exit;
-    expect(code).toBe(1);
+    expect(code).toBe(2);
     expect(stdout).toBe('');
-    expect(stderr).toBe('qmt: bad-endpoint: expected tcp:HOST:PORT, got "tcp:nohost"\n');
+    expect(stderr).toBe(`qmt: usage: option '--listen <uri>' argument 'tcp:nohost' is invalid. expected tcp:HOST:PORT, got "tcp:nohost"\n`);
     expect(existsSync(out)).toBe(false);
   });
 
-  it('usage errors are one line too', async () => {
+  it('usage errors are one line too, exit 2', async () => {
     const a = await receive(['--listen', 'tcp:127.0.0.1:0', '--out', join(work, 'u1'), '--fault', 'random']).exit;
-    expect(a.code).toBe(1);
-    expect(a.stderr).toBe('qmt: usage: fault generation needs postcopy (--fault needs --postcopy)\n');
+    expect(a.code).toBe(2);
+    expect(a.stderr).toBe('qmt: usage: --fault needs --postcopy (fault generation happens in postcopy)\n');
     const b = await receive(['--listen', 'tcp:127.0.0.1:0', '--out', join(work, 'u2'), '--postcopy', '--fault', 'random', '--fault-rate', '0']).exit;
-    expect(b.code).toBe(1);
+    expect(b.code).toBe(2);
     expect(b.stderr).toMatch(/^qmt: usage: .*--fault-rate must be an integer in 1\.\.100000\n$/);
   });
 
@@ -276,11 +281,11 @@ describe('qmt receive without QEMU', () => {
     const manifest = await readSavedVmManifest(out);
     expect(manifest.complete).toBe(false);
     expect(manifest.error).toEqual({ code: 'idle-timeout', phase: 'setup', message: 'no data from the source for 300 ms (phase: setup)' });
-    const r = JSON.parse(stdout) as ReceiveReport;
-    expect(r.ok).toBe(false);
+    const r = JSON.parse(stdout) as ReceiveOutput;
+    expect(r).toMatchObject({ version: 1, command: 'receive', ok: false });
     expect(r.error?.code).toBe('idle-timeout');
     expect(r.manifest?.complete).toBe(false);
-    expect(r.stats?.transferred).toBe(8);
+    expect(r.stats?.transferredBytes).toBe(8);
   });
 
   it('--postcopy: a cut in postcopy pauses, the source reconnects, exit 0 with the saved RAM equal to the source', async () => {
@@ -315,13 +320,13 @@ describe('qmt receive without QEMU', () => {
     expect(readFileSync(join(out, block.file)).equals(ram), 'saved RAM equals the source, bit for bit').toBe(true);
   });
 
-  it('SIGINT: exit 1 cancelled, manifest written incomplete', async () => {
+  it('SIGINT: exit 130 cancelled, manifest written incomplete', async () => {
     const out = join(work, 'sigint');
     const run = receive(['--listen', `unix:${join(work, 'sigint.sock')}`, '--out', out]);
     expect(await run.uri).toBe(`unix:${join(work, 'sigint.sock')}`);
     run.child.kill('SIGINT');
     const { code, stderr } = await run.exit;
-    expect(code).toBe(1);
+    expect(code).toBe(130);
     expect(errorLine(stderr)).toBe('qmt: cancelled: the destination was closed (phase: setup)');
     const m = await readSavedVmManifest(out);
     expect(m.complete).toBe(false);

@@ -1,12 +1,5 @@
 /**
- * Test-only entry of `qmt send`: a commander program with the send command,
- * run as `node --import tsx test/cli/run-send.ts send ...` until
- * src/cli/main.ts registers it.
+ * The CLI as tests run it: `node --import tsx test/cli/run-send.ts send ...`
+ * is `qmt send ...` (src/cli/main.ts, the program users run).
  */
-import { Command } from 'commander';
-import { registerSendCommand } from '../../src/cli/send.js';
-
-const program = new Command();
-program.name('qmt');
-registerSendCommand(program);
-await program.parseAsync(process.argv);
+import '../../src/cli/main.js';

@@ -75,7 +75,7 @@ describeWithQemu('codec against QEMU 10.0', () => {
       const report = JSON.parse(stdout) as {
         bytes: number;
         pages: { normal: number; zero: number };
-        ramBlocks: { idstr: string; length: number }[];
+        ramBlocks: { idstr: string; lengthBytes: number }[];
         machineType: string;
         devices: unknown[];
       };
@@ -83,7 +83,7 @@ describeWithQemu('codec against QEMU 10.0', () => {
       expect(report.pages.normal).toBe(info.ram!.normal);
       expect(report.pages.zero).toBe(info.ram!.duplicate);
       expect(report.bytes).toBe(info.ram!.transferred);
-      expect(report.ramBlocks.map((b) => [b.idstr, b.length]).sort()).toEqual(blocks.map((b) => [b.name, b.usedLength]).sort());
+      expect(report.ramBlocks.map((b) => [b.idstr, b.lengthBytes]).sort()).toEqual(blocks.map((b) => [b.name, b.usedLength]).sort());
       expect(report.machineType).toMatch(qemu.machine === 'pc' ? /^pc-i440fx-10\.0$/ : /^pc-q35-10\.0$/);
       if (qemu.numaNodesMiB) expect(report.ramBlocks.map((b) => b.idstr)).toEqual(expect.arrayContaining(['ram-node0', 'ram-node1']));
 

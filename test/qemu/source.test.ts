@@ -21,7 +21,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { SendReport } from '../../src/cli/send.js';
+import type { JsonEnvelope } from '../../src/cli/json.js';
+import type { SendJson } from '../../src/cli/send.js';
+
+type SendOutput = JsonEnvelope & SendJson;
 import { SavedVmSource } from '../../src/protocol/memory-source.js';
 import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import { MANIFEST, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
@@ -251,8 +254,8 @@ describeWithQemu('SourceSession restores a saved VM into QEMU 10.0', () => {
     expect(stderr).toMatch(/^qmt: connected to tcp:127\.0\.0\.1:\d+; postcopy after:0 with preempt$/m);
     expect(stderr).toMatch(/^qmt: postcopy active/m);
     expect(stderr).toMatch(/^qmt: completed after .*then postcopy/m);
-    const r = JSON.parse(stdout) as SendReport;
-    expect(r).toMatchObject({ ok: true, policy: 'after:0', preempt: true, postcopy: true, machineType: manifest.machineType });
+    const r = JSON.parse(stdout) as SendOutput;
+    expect(r).toMatchObject({ version: 1, command: 'send', ok: true, policy: 'after:0', preempt: true, postcopy: true, machineType: manifest.machineType });
     expect(r.error).toBeUndefined();
     const st = r.stats!;
     expect(st.status).toBe('completed');
@@ -261,11 +264,11 @@ describeWithQemu('SourceSession restores a saved VM into QEMU 10.0', () => {
     // Every page crossed on one channel or the other (how many went on demand depends on timing).
     expect((st.channels.main?.bytesSent ?? 0) + (st.channels.preempt?.bytesSent ?? 0)).toBeGreaterThan(32 * MiB);
     expect(r.answered.main).toBe(0);
-    expect(st['postcopy-latency'].count).toBe(r.answered.preempt);
+    expect(st.postcopyLatency.count).toBe(r.answered.preempt);
     const check = await checkDestination(q, savedRam(vmDir, manifest).get('pc.ram')!);
     console.log(
-      `[send] qmt send after:0 --preempt: ${st['total-time']} ms, downtime ${st.downtime} ms, requests ${st['postcopy-requests']} (preempt ${r.answered.preempt}), ` +
-        `latency p50 ${st['postcopy-latency'].p50} µs p99 ${st['postcopy-latency'].p99} µs, ${check.invariant.detail}`,
+      `[send] qmt send after:0 --preempt: ${st.totalTimeMs} ms, downtime ${st.downtimeMs} ms, requests ${st.postcopyRequests} (preempt ${r.answered.preempt}), ` +
+        `latency p50 ${st.postcopyLatency.p50Us} µs p99 ${st.postcopyLatency.p99Us} µs, ${check.invariant.detail}`,
     );
     expect(check.invariant.ok, check.invariant.detail).toBe(true);
     expect(check.passesAfter).toBeGreaterThanOrEqual(2);
@@ -285,8 +288,8 @@ describeWithQemu('SourceSession restores a saved VM into QEMU 10.0', () => {
     expect(code, stderr).toBe(0);
     expect(stderr).toMatch(/^qmt: switching to postcopy \(asked\)$/m);
     expect(stderr).toMatch(/^qmt: postcopy active/m);
-    const r = JSON.parse(stdout) as SendReport;
-    expect(r).toMatchObject({ ok: true, tls: true, policy: 'manual', postcopy: true });
+    const r = JSON.parse(stdout) as SendOutput;
+    expect(r).toMatchObject({ version: 1, command: 'send', ok: true, tls: true, policy: 'manual', postcopy: true });
     expect(r.stats!.passes).toBe(0);
     expect(r.stats!.channels.main?.tls?.protocol).toBe('TLSv1.3');
     const check = await checkDestination(q, savedRam(vmDir, manifest).get('pc.ram')!);
@@ -334,8 +337,8 @@ describe('qmt send refuses what it cannot restore', () => {
     const { code, stdout, stderr } = await qmtSend(['--from', vm, '--to', 'tcp:127.0.0.1:1', '--json']).exit;
     expect(code).toBe(1);
     expect(lastLine(stderr)).toBe(`qmt: incomplete-saved-vm: ${vm}: the saved VM is incomplete (the capture failed in precopy: peer-disconnected: the source closed the main channel (phase: precopy)); only a complete capture can be restored`);
-    const r = JSON.parse(stdout) as SendReport;
-    expect(r).toMatchObject({ ok: false, error: { code: 'incomplete-saved-vm' }, stats: null });
+    const r = JSON.parse(stdout) as SendOutput;
+    expect(r).toMatchObject({ version: 1, command: 'send', ok: false, error: { code: 'incomplete-saved-vm' }, stats: null });
   });
 
   it('not a saved VM, a missing RAM file, a bad option: one line each', async () => {
@@ -352,10 +355,10 @@ describe('qmt send refuses what it cannot restore', () => {
 
     const ok = writeVm('ok', {});
     r = await qmtSend(['--from', ok, '--to', 'tcp:127.0.0.1:1', '--preempt']).exit;
-    expect(r.code).toBe(1);
+    expect(r.code).toBe(2);
     expect(lastLine(r.stderr)).toBe('qmt: usage: --preempt needs --postcopy manual, auto or after:N');
     r = await qmtSend(['--from', ok, '--to', 'tcp:127.0.0.1:1', '--postcopy', 'later']).exit;
-    expect(r.code).toBe(1);
+    expect(r.code).toBe(2);
     expect(lastLine(r.stderr)).toMatch(/^qmt: usage: option '--postcopy <policy>' argument 'later' is invalid/);
     // Nothing listens on port 1: a transport error, in one line.
     r = await qmtSend(['--from', ok, '--to', 'tcp:127.0.0.1:1']).exit;

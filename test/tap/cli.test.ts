@@ -129,26 +129,18 @@ describe('qmt tap (runTapCommand)', () => {
 });
 
 describe('qmt tap (command line)', () => {
-  const script = `
-    import { Command } from 'commander';
-    import { registerTapCommand } from './src/cli/tap.ts';
-    const program = new Command().name('qmt').exitOverride();
-    registerTapCommand(program);
-    try { await program.parseAsync(process.argv.slice(1), { from: 'user' }); } catch { process.exitCode = 2; }
-  `;
-  const run = (args: string[]) =>
-    spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const run = (args: string[]) => spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'main.ts'), ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
 
   it('refuses a missing --to', async () => {
     const p = run(['tap', '--listen', 'tcp:127.0.0.1:0']);
     let err = '';
     p.stderr.on('data', (b: Buffer) => (err += b.toString()));
     const [code] = (await once(p, 'exit')) as [number];
-    expect(code).not.toBe(0);
-    expect(err).toMatch(/qmt: usage: required option '--to <uri>' not specified/);
+    expect(code).toBe(2);
+    expect(err).toBe("qmt: usage: required option '--to <uri>' not specified\n");
   });
 
-  it('SIGINT before any migration: a JSON report without sessions, exit code 1', async () => {
+  it('SIGINT before any migration: a JSON report without sessions, exit code 130', async () => {
     const p = run(['tap', '--listen', 'tcp:127.0.0.1:0', '--to', 'tcp:127.0.0.1:1', '--json']);
     let out = '';
     let err = '';
@@ -157,9 +149,10 @@ describe('qmt tap (command line)', () => {
     await until(() => /tap listening on/.test(err), 'listening line', 20_000);
     p.kill('SIGINT');
     const [code] = (await once(p, 'exit')) as [number];
-    expect(code).toBe(1);
+    expect(code).toBe(130);
     const j = JSON.parse(out) as TapCommandReport;
-    expect(j).toMatchObject({ ok: false, to: 'tcp:127.0.0.1:1', sessions: [] });
+    expect(j).toMatchObject({ version: 1, command: 'tap', ok: false, error: { code: 'cancelled', message: 'interrupted by SIGINT' }, to: 'tcp:127.0.0.1:1', sessions: [] });
+    expect(err.trimEnd().split('\n').pop()).toBe('qmt: cancelled: interrupted by SIGINT');
     expect(j.listen).toMatch(/^tcp:127\.0\.0\.1:\d+$/);
   });
 });
