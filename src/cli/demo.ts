@@ -1,7 +1,9 @@
 import { randomFillSync } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir, totalmem } from 'node:os';
-import { join } from 'node:path';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
 import { Option, type Command } from 'commander';
@@ -115,9 +117,11 @@ class SyntheticGuest {
 function startDestinationWorker(data: DemoDestinationData): Worker {
   const self = import.meta.url;
   if (!self.endsWith('.ts')) return new Worker(new URL('./demo-destination.js', self), { workerData: data });
-  // Running from source (tsx, vitest): the worker registers tsx itself before loading the .ts file.
+  // Running from source (tsx, vitest): the worker registers tsx itself before loading the .ts file,
+  // found from here rather than from the working directory (which may have no node_modules).
   const file = new URL('./demo-destination.ts', self).href;
-  const boot = `import('tsx/esm/api').then((api) => { api.register(); return import(${JSON.stringify(file)}); });`;
+  const tsxApi = pathToFileURL(join(dirname(createRequire(self).resolve('tsx/package.json')), 'dist', 'esm', 'api', 'index.mjs')).href;
+  const boot = `import(${JSON.stringify(tsxApi)}).then((api) => { api.register(); return import(${JSON.stringify(file)}); });`;
   return new Worker(boot, { eval: true, workerData: data });
 }
 
