@@ -72,3 +72,9 @@ export function endpointArg(v: string): string {
   }
   return v;
 }
+
+/** Checks that `path` is a directory or does not exist yet (it will be created): 'not-a-directory' otherwise. */
+export async function checkOutputDirectory(path: string, what: string): Promise<void> {
+  const s = await stat(path).catch(() => undefined);
+  if (s && !s.isDirectory()) throw new CliError('not-a-directory', `${path}: is a file, expected a directory (${what})`);
+}

@@ -1,6 +1,7 @@
 import { X509Certificate } from 'node:crypto';
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { DEFAULT_PKI_HOSTNAMES, initPkiDir } from '../transport/pki.js';
+import { checkOutputDirectory } from './args.js';
 import { describeError, formatErrorLine } from './errors.js';
 import { run } from './run.js';
 
@@ -11,6 +12,7 @@ export interface PkiCommandIo {
 }
 
 async function initCommand(dir: string, opts: { hostname: string[]; days: number; force?: boolean }, io: PkiCommandIo, json: boolean): Promise<{ ok: true; json: object }> {
+  await checkOutputDirectory(dir, 'DIR, the credentials directory');
   const hostnames = opts.hostname.length > 0 ? opts.hostname : [...DEFAULT_PKI_HOSTNAMES];
   const { pki: made, files } = await initPkiDir(dir, { hostnames, days: opts.days, force: opts.force === true });
   const until = new X509Certificate(made.serverCert).validTo;

@@ -12,7 +12,7 @@ import { RAM_DIR, writeSavedVm, type SavedVmManifest } from '../protocol/saved-v
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import { parseEndpoint } from '../transport/endpoint.js';
-import { endpointArg, intArg } from './args.js';
+import { checkOutputDirectory, endpointArg, intArg } from './args.js';
 import { describeError as describeAny, type DescribedError } from './errors.js';
 import { FAULT_PATTERNS, FaultGenerator, MAX_FAULT_RATE, type FaultPattern, type FaultReport } from './fault.js';
 import { destinationStatsJson, latencyJson, type DestinationStatsJson, type LatencyJson } from './json.js';
@@ -349,6 +349,7 @@ export function receiveJson(r: ReceiveReport): ReceiveJson {
 /** Runs `qmt receive` with parsed options (SIGINT/SIGTERM: `ctx.signal`). */
 export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOptions): Promise<CommandOutcome> {
   if (o.faultRate !== undefined && !o.fault) return { ok: false, error: { code: 'usage', message: '--fault-rate needs --fault' } };
+  await checkOutputDirectory(o.out, '--out, the saved VM to write');
   const r = await receiveMigration({
     listen: o.listen,
     out: o.out,
