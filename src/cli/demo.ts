@@ -262,7 +262,8 @@ export interface DemoJson {
   throughputMBps: number;
   /** The destination's page faults (request → page placed). */
   faults: LatencyJson;
-  bytesSent: { main: number; preempt: number; returnPath: number };
+  /** Bytes each channel carried: main and preempt from the source, the return path from the destination. */
+  channels: { mainBytes: number; preemptBytes: number; returnPathBytes: number };
   memoryIdentical: boolean;
   source: SourceStatsJson;
 }
@@ -280,7 +281,7 @@ export function demoJson(r: DemoReport): DemoJson {
     downtimeMs: r.downtimeMs ?? null,
     throughputMBps: r.throughputMBps,
     faults: latencyJson(r.faults),
-    bytesSent: r.bytes,
+    channels: { mainBytes: r.bytes.main, preemptBytes: r.bytes.preempt, returnPathBytes: r.bytes.returnPath },
     memoryIdentical: r.memoryIdentical,
     source: sourceStatsJson(r.source),
   };

@@ -44,8 +44,61 @@ export function latencyJson(l: LatencySummary): LatencyJson {
   return { count: l.count, p50Us: l.p50, p90Us: l.p90, p99Us: l.p99, p999Us: l.p999, maxUs: l.max, meanUs: l.mean };
 }
 
-/** One channel's counters (ChannelStats already names its units). */
-export type ChannelJson = ChannelStats;
+/** One channel's counters, its socket options as read back (getsockopt). */
+export interface ChannelJson {
+  role: ChannelStats['role'];
+  bytesSent: number;
+  bytesReceived: number;
+  queuedBytes: number;
+  peakQueuedBytes: number;
+  maxQueuedBytes: number;
+  /** Times a send had to wait for room. */
+  writeWaits: number;
+  /** Times reading paused for a busy consumer. */
+  readPauses: number;
+  tuning: {
+    sndbufBytes: number | null;
+    rcvbufBytes: number | null;
+    noDelay: boolean | null;
+    cork: boolean;
+    notSentLowatBytes: number | null;
+    /** SO_PRIORITY (0..6). */
+    priority: number | null;
+    /** IP_TOS / IPV6_TCLASS byte. */
+    tos: number | null;
+    warnings: string[];
+  };
+  tls: ChannelStats['tls'] | null;
+}
+
+export function channelJson(c: ChannelStats): ChannelJson {
+  const t = c.tuning;
+  return {
+    role: c.role,
+    bytesSent: c.bytesSent,
+    bytesReceived: c.bytesReceived,
+    queuedBytes: c.queuedBytes,
+    peakQueuedBytes: c.peakQueuedBytes,
+    maxQueuedBytes: c.maxQueuedBytes,
+    writeWaits: c.writeWaits,
+    readPauses: c.readPauses,
+    tuning: {
+      sndbufBytes: t.sndbuf ?? null,
+      rcvbufBytes: t.rcvbuf ?? null,
+      noDelay: t.noDelay ?? null,
+      cork: t.cork,
+      notSentLowatBytes: t.notSentLowat ?? null,
+      priority: t.priority ?? null,
+      tos: t.tos ?? null,
+      warnings: t.warnings,
+    },
+    tls: c.tls ?? null,
+  };
+}
+
+function channelsJson(c: { main?: ChannelStats; preempt?: ChannelStats }): { main?: ChannelJson; preempt?: ChannelJson } {
+  return { ...(c.main ? { main: channelJson(c.main) } : {}), ...(c.preempt ? { preempt: channelJson(c.preempt) } : {}) };
+}
 
 /** Page records by kind: PAGE (QEMU's `normal`), ZERO (`duplicate`), XBZRLE. */
 export interface PagesJson {
@@ -83,7 +136,7 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
     placedTwice: s['placed-twice'],
-    channels: s.channels,
+    channels: channelsJson(s.channels),
   };
 }
 
@@ -122,7 +175,7 @@ export function sourceStatsJson(s: SourceStats): SourceStatsJson {
     postcopyRequests: s['postcopy-requests'],
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
-    channels: s.channels,
+    channels: channelsJson(s.channels),
   };
 }
 

@@ -16,8 +16,8 @@ export interface QmtResult {
 
 export interface QmtRun {
   child: ChildProcess;
-  /** Resolves when stderr so far matches `re`. */
-  stderrMatches(re: RegExp): Promise<void>;
+  /** Resolves with the match once stderr so far matches `re` (rejects if qmt exits first). */
+  stderrMatches(re: RegExp): Promise<RegExpExecArray>;
   exit: Promise<QmtResult>;
 }
 
@@ -25,20 +25,24 @@ export function startQmt(args: string[], opts: { cwd?: string } = {}): QmtRun {
   const child = spawn(process.execPath, ['--import', TSX, MAIN, ...args], { cwd: opts.cwd ?? ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
-  const waiters: { re: RegExp; resolve: () => void }[] = [];
+  const waiters: { re: RegExp; resolve: (m: RegExpExecArray) => void }[] = [];
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
   child.stderr!.setEncoding('utf8').on('data', (d: string) => {
     stderr += d;
-    for (const w of waiters.splice(0)) if (w.re.test(stderr)) w.resolve();
-    else waiters.push(w);
+    for (const w of waiters.splice(0)) {
+      const m = w.re.exec(stderr);
+      if (m) w.resolve(m);
+      else waiters.push(w);
+    }
   });
   const exit = new Promise<QmtResult>((resolve) => child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr })));
   return {
     child,
     exit,
     stderrMatches: (re) =>
-      new Promise<void>((resolve, reject) => {
-        if (re.test(stderr)) return resolve();
+      new Promise<RegExpExecArray>((resolve, reject) => {
+        const m = re.exec(stderr);
+        if (m) return resolve(m);
         waiters.push({ re, resolve });
         void exit.then((r) => reject(new Error(`qmt exited (${r.code}) before stderr matched ${re}: ${r.stderr}`)));
       }),
