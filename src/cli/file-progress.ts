@@ -27,7 +27,8 @@ export function fileProgress(mode: ProgressMode, sizeBytes: number, phase: strin
   const p = new Progress({ mode: resolved, stream, unit: 'MiB', intervalMs: 2000 });
   const total = Math.max(1, Math.ceil(sizeBytes / MiB));
   return {
-    update: (bytes) => p.update({ phase, bytes, done: Math.floor(bytes / MiB), total }),
+    // Whole MiB on the bar; the last partial one counts once the file is read.
+    update: (bytes) => p.update({ phase, bytes, done: bytes >= sizeBytes ? total : Math.floor(bytes / MiB), total }),
     stop: () => p.stop(),
   };
 }
