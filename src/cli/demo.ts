@@ -83,8 +83,11 @@ class SyntheticGuest {
     const ram = this.source.memory.get('pc.ram')!;
     for (let p = 0; p < size; p += 3 * TARGET_PAGE_SIZE) randomFillSync(ram, p, TARGET_PAGE_SIZE);
     randomFillSync(this.source.memory.get('pc.bios')!);
-    this.hot = { start: Math.floor(size / 8), length: Math.max(4 * MiB, Math.floor(size / 64)) };
-    this.stream = { start: Math.floor(size / 2), length: Math.max(16 * MiB, Math.floor(size / 8)) };
+    // Both regions stay inside the guest however small it is (--size 1): the hot set in the
+    // first half, the streaming buffer in the second half.
+    const pageAligned = (n: number): number => Math.max(TARGET_PAGE_SIZE, Math.floor(n / TARGET_PAGE_SIZE) * TARGET_PAGE_SIZE);
+    this.hot = { start: Math.floor(size / 8), length: pageAligned(Math.min(size / 4, Math.max(4 * MiB, size / 64))) };
+    this.stream = { start: Math.floor(size / 2), length: pageAligned(Math.min(size / 2, Math.max(16 * MiB, size / 8))) };
   }
 
   /** Runs the workload: every 5 ms, scattered writes in the hot set and a slice of the stream. */

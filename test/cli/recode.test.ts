@@ -3,7 +3,7 @@
  * a symlink), an existing OUT kept unless --force, OUT written to a temporary
  * file and renamed, and a failed or interrupted recode leaves nothing behind.
  * Progress: a bar on a terminal (a real pty through script(1)) for a large
- * file, none for a small one or a pipe.
+ * file, none for a small one or a pipe; demo's bar.
  */
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
@@ -126,5 +126,12 @@ describe('progress of inspect and recode', () => {
     expect(piped.code).toBe(0);
     expect(piped.stderr).toBe('');
     expect(existsSync(join(work, 'big-copy.bin'))).toBe(true);
+  }, 60_000);
+
+  it('demo on a terminal: a bar with the bytes and pages sent', () => {
+    const tty = onTty(['demo', '--size', '16', '--no-tls', '--workload', 'idle']);
+    expect(tty.status, tty.screen).toBe(0);
+    expect(tty.screen).toMatch(/(precopy|postcopy|switchover)\s+\|[█░]+\| \d+% \|.* pages/);
+    expect(tty.screen).toMatch(/memory +identical at both ends/);
   }, 60_000);
 });
