@@ -15,7 +15,7 @@ import { SourceSession, type DeviceStateSection, type SourceStats } from '../pro
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { parseEndpoint } from '../transport/endpoint.js';
 import { asArgParser, checkInputDirectory, endpointArg } from './args.js';
-import { describeError, type DescribedError } from './errors.js';
+import { describeError } from './errors.js';
 import { sourceStatsJson, type SourceStatsJson } from './json.js';
 import { run, type CommandContext, type CommandOutcome } from './run.js';
 import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
@@ -87,9 +87,6 @@ export interface SendReport {
    */
   stats: SourceStats | null;
 }
-
-/** A failure as the CLI prints it (`qmt: <code>: <message>`) and reports it (`error`). */
-export const describeSendError: (e: unknown) => DescribedError = describeError;
 
 /** Why a send cannot start. */
 export class SendError extends Error {
@@ -221,7 +218,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
   } catch (e) {
     progress.stop();
     source?.close();
-    report.error = describeSendError(e);
+    report.error = describeError(e);
     return report;
   }
 
@@ -304,7 +301,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
   source.close();
   report.stats = s.stats();
   report.ok = failure === undefined;
-  if (failure !== undefined) report.error = describeSendError(failure);
+  if (failure !== undefined) report.error = describeError(failure);
   return report;
 }
 
