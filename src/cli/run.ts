@@ -86,15 +86,11 @@ export function run<A extends unknown[]>(name: string, body: (ctx: CommandContex
     const json = cmd.opts().json === true;
     const t0 = performance.now();
     const ac = new AbortController();
-    const handlers = new Map<NodeJS.Signals, () => void>();
+    // A handler of our own per registration, so that removing one never removes another's.
     const listen = (sig: NodeJS.Signals, handler: () => void): (() => void) => {
       const h = (): void => handler();
       process.on(sig, h);
-      handlers.set(sig, h);
-      return () => {
-        process.off(sig, h);
-        if (handlers.get(sig) === h) handlers.delete(sig);
-      };
+      return () => void process.off(sig, h);
     };
     const offs: (() => void)[] = [];
     let caught: NodeJS.Signals | undefined;
