@@ -131,7 +131,7 @@ describeWithQemu('codec against QEMU 10.0', () => {
         (e: { code: number; stderr: string; stdout: string }) => e,
       );
       expect(err?.code).toBe(1);
-      expect(err?.stderr).toBe('qmt: bad-magic at offset 0: bad magic 0xdeadbeef (expected "QEVM")\n');
+      expect(err?.stderr).toBe(`qmt: bad-magic: ${bad} at offset 0: bad magic 0xdeadbeef (expected "QEVM")\n`);
       const truncated = join(q.dir, 'truncated.bin');
       await writeFile(truncated, bytes.subarray(0, 20_000).fill(0x51, 0, 1).fill(0x45, 1, 2).fill(0x56, 2, 3).fill(0x4d, 3, 4));
       const err2 = await qmt('inspect', truncated).then(
@@ -139,7 +139,7 @@ describeWithQemu('codec against QEMU 10.0', () => {
         (e: { code: number; stderr: string }) => e,
       );
       expect(err2?.code).toBe(1);
-      expect(err2?.stderr).toMatch(/^qmt: truncated at offset \d+: input ended .*\n$/);
+      expect(err2?.stderr).toMatch(/^qmt: truncated: .*truncated\.bin at offset \d+: input ended .*\n$/);
       expect(err2?.stderr.split('\n').length).toBe(2);
     } finally {
       await q.stop();
