@@ -224,7 +224,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onPreempt(ch: Channel, gen: number): void {
-    if (this.finished || gen !== this.generation) {
+    // While finishing, a plain-TCP preempt channel may qualify only now, with its first (late) page.
+    if ((this.finished && !this.finishing) || gen !== this.generation) {
       ch.destroy();
       return;
     }

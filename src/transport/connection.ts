@@ -409,9 +409,18 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
       return;
     }
     if (this.pending.size >= this.maxPending) {
-      raw.destroy();
-      this.report({ reason: 'too-many', error: new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`), ...(remote ? { remote } : {}) });
-      return;
+      const tooMany = new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`);
+      // Make room by dropping the oldest main-channel candidate: a real source's main channel
+      // speaks within milliseconds, so a flood must outpace it to matter, and silent
+      // connections cannot hold the port. Plain preempt candidates are kept (the oldest is
+      // most likely the real, silent, preempt channel): then the newcomer is refused.
+      const oldest = [...this.pending].find((p) => !p.forPreempt || secure);
+      if (!oldest) {
+        raw.destroy();
+        this.report({ reason: 'too-many', error: tooMany, ...(remote ? { remote } : {}) });
+        return;
+      }
+      this.drop(oldest, oldest.raw, 'too-many', tooMany);
     }
     const forPreempt = this.conn !== undefined;
     const c: Candidate = {

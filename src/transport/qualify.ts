@@ -37,9 +37,11 @@
  *   never the preempt channel: QEMU's source opens it only after PONG 1, so
  *   after its main channel has spoken.
  *
- * Bounds: at most `maxPendingConnections` connections wait to qualify (more
- * are dropped at once); a main-channel candidate has `qualifyTimeoutMs`
- * (TLS handshake included). A silent plain-TCP preempt candidate has no time
+ * Bounds: at most `maxPendingConnections` connections wait to qualify (at
+ * the bound the oldest main-channel candidate makes room: a real main channel
+ * speaks within milliseconds, so silent connections cannot hold the port); a
+ * main-channel candidate has `qualifyTimeoutMs` (with TLS: for the handshake,
+ * then again for the first bytes). A silent plain-TCP preempt candidate has no time
  * limit while the migration runs (the real preempt channel may be silent for
  * the whole precopy phase), only the count bound. Plain TCP authenticates
  * nothing: a stranger that opens enough silent connections between the main
@@ -58,7 +60,9 @@ export const DEFAULT_QUALIFY_TIMEOUT_MS = 10_000;
 export interface QualifyOptions {
   /**
    * Most connections waiting to qualify at once (TLS handshake or first bytes
-   * not yet in); one more is dropped at once with reason 'too-many'. Default 16.
+   * not yet in). One more makes room by dropping the oldest waiting
+   * main-channel candidate (reason 'too-many'); when only plain-TCP preempt
+   * candidates wait, the newcomer is dropped instead. Default 16.
    */
   readonly maxPendingConnections?: number;
   /**
