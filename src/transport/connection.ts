@@ -41,6 +41,11 @@ export interface TransportOptions extends QualifyOptions {
   readonly connectTimeoutMs?: number;
 }
 
+/** `qualifyTimeoutMs`, else `connectTimeoutMs` (the handshake limit it replaces on the destination), else the default. */
+function qualifyTimeout(opts: TransportOptions): number {
+  return opts.qualifyTimeoutMs ?? opts.connectTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS;
+}
+
 function profileFor(role: ChannelRole, opts: TransportOptions): TuningProfile {
   return role === 'main' ? mergeProfile(BULK_PROFILE, opts.main?.tuning) : mergeProfile(URGENT_PROFILE, opts.preempt?.tuning);
 }
@@ -315,7 +320,7 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
   ) {
     super();
     this.maxPending = opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS;
-    this.qualifyMs = opts.qualifyTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS;
+    this.qualifyMs = qualifyTimeout(opts);
   }
 
   static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}): Promise<MigrationListener> {
@@ -332,7 +337,7 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     if (material && opts.tls) {
       const settings: TlsSettings = { ...opts.tls, endpoint: 'server' };
       // A handshake that never completes must not hold a socket forever.
-      server = tls.createServer({ ...serverTlsOptions(material, settings), handshakeTimeout: opts.qualifyTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS });
+      server = tls.createServer({ ...serverTlsOptions(material, settings), handshakeTimeout: qualifyTimeout(opts) });
     } else {
       server = net.createServer();
     }

@@ -67,8 +67,8 @@ export interface QualifyOptions {
   readonly maxPendingConnections?: number;
   /**
    * Time a connection has to qualify as the main channel, from its TCP accept
-   * (TLS handshake and first bytes included); then it is dropped with reason
-   * 'timeout'. Default 10 s.
+   * (with TLS: for the handshake, then again for the first bytes); then it is
+   * dropped with reason 'timeout'. Default: `connectTimeoutMs` when set, else 10 s.
    */
   readonly qualifyTimeoutMs?: number;
 }
