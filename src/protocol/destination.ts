@@ -91,7 +91,11 @@ export interface DestinationOptions {
 }
 
 export interface DestinationEvents {
-  /** A channel connected (and finished its TLS handshake). */
+  /**
+   * A connection qualified as a channel (after its TLS handshake; see
+   * MigrationListener): the main channel when its first bytes came, a
+   * plain-TCP preempt channel only with its first page.
+   */
   channel: [{ role: 'main' | 'preempt'; stats: ChannelStats }];
   /**
    * A connection was dropped before it became a channel (it closed, sent
@@ -119,8 +123,9 @@ export interface DestinationEvents {
 
 /**
  * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
- * source or our own SourceSession: listens, takes the first connection as the
- * main channel and the next as the preempt channel, follows the protocol
+ * source or our own SourceSession: listens, takes the first connection that
+ * qualifies as the main channel and the next as the preempt channel (others
+ * on the port are dropped and reported as 'stranger' events), follows the protocol
  * (PING→PONG, OPEN_RETURN_PATH, ADVISE, DISCARD, LISTEN, PACKAGED, RUN, EOF,
  * SHUT), writes RAM into a GuestMemorySink, keeps device state, and serves
  * demand page requests during postcopy.

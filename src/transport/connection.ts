@@ -329,7 +329,7 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
       ['maxPendingConnections', opts.maxPendingConnections, 1],
       ['qualifyTimeoutMs', opts.qualifyTimeoutMs, 1],
     ] as const) {
-      if (v !== undefined && !(Number.isInteger(v) && v >= min)) throw new RangeError(`${name} must be an integer ≥ ${min}, got ${String(v)}`);
+      if (v !== undefined && !(Number.isInteger(v) && v >= min && v <= 2_147_483_647)) throw new RangeError(`${name} must be an integer from ${min} to 2147483647, got ${String(v)}`);
     }
     const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'server') : undefined;
     if (ep.kind === 'unix') await removeStaleSocket(ep.path);
