@@ -118,6 +118,7 @@ describe('qmt: bad invocations, one line each', () => {
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--bandwidth', '1'], 2, /^qmt: usage: option '--bandwidth <bytes\/s>' argument '1' is invalid/],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--postcopy', 'later'], 2, /^qmt: usage: option '--postcopy <policy>' argument 'later' is invalid/],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--preempt'], 2, /^qmt: usage: --preempt needs --postcopy/],
+      [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--tls-allow', 'x'], 2, /^qmt: usage: --tls-allow needs --tls$/],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--recovery-attempts', '0'], 2, /^qmt: usage: option '--recovery-attempts <n>' argument '0' is invalid/],
     ]);
   }, 60_000);
