@@ -50,6 +50,8 @@ export interface ReceiveOptions {
   signal?: AbortSignal;
   /** Called with the actual listen URI (the real port when 0 was asked). */
   onListening?: (uri: string) => void;
+  /** Called once with the session, before anything arrives (the command hangs its signal handlers on it). */
+  onSession?: (session: DestinationSession) => void;
 }
 
 /** The `--json` report: one object, also returned by {@link receiveMigration}. */
@@ -178,6 +180,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     else progress.log(line);
   });
   opts.onListening?.(s.uri);
+  opts.onSession?.(s);
 
   let blocks: RamBlockInfo[] = [];
   let totalPages = 0;

@@ -64,6 +64,8 @@ export interface SendOptions {
    * that switches to postcopy now; what it returns is shown as a progress line.
    */
   onSwitchReady?: (switchNow: () => void) => string | void;
+  /** Called once with the session, before it starts (the command hangs its signal handlers on it). */
+  onSession?: (session: SourceSession) => void;
 }
 
 /** The `--json` report: one object, also returned by {@link sendSavedVm}. */
@@ -229,6 +231,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
 
   const m = saved.manifest;
   const s = session;
+  opts.onSession?.(s);
   const totalPages = m.blocks.reduce((n, b) => n + b.length / TARGET_PAGE_SIZE, 0);
   const ramBytes = m.blocks.reduce((n, b) => n + b.length, 0);
   progress.log(`saved VM ${from}: ${m.machineType}, ${m.blocks.length} RAM blocks (${formatBytes(ramBytes)}), ${m.devices.length} device sections`);
