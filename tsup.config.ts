@@ -8,6 +8,8 @@ export default defineConfig([
     sourcemap: true,
     clean: true,
     target: 'node20',
+    // Class names are API (errors are told apart by `name` in logs and by users): keep them under any minification.
+    keepNames: true,
   },
   {
     // demo-destination is the worker thread of `qmt demo`: its own file, loaded by URL.

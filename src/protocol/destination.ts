@@ -7,6 +7,7 @@ import { applyXbzrle } from '../stream/xbzrle.js';
 import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { MigrationListener, type DestinationConnection, type TransportOptions } from '../transport/connection.js';
+import { TransportError } from '../transport/errors.js';
 import { MigrationError, type MigrationPhase } from './errors.js';
 import type { LatencySummary } from './latency.js';
 import type { GuestMemorySink } from './memory.js';
@@ -362,7 +363,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       try {
         listener = await MigrationListener.listen(uri, this.opts.transport ?? {});
       } catch (e) {
-        if (i >= 20 || (e as { cause?: { code?: string } }).cause?.code !== 'EADDRINUSE') throw e;
+        if (i >= 20 || !(e instanceof TransportError && e.code === 'address-in-use')) throw e;
         await new Promise((r) => setTimeout(r, 50));
       }
     }

@@ -100,9 +100,11 @@ describe('DestinationSession with a scripted source', () => {
       (e: unknown) => e as MigrationError,
     );
     expect(err).toBeInstanceOf(MigrationError);
-    expect(err?.code).toBe('stream');
+    expect(err?.code).toBe('unknown-section');
+    expect(err?.kind).toBe('stream');
+    expect(err?.offset).toBe(at);
     expect(err?.phase).toBe('setup');
-    expect(err?.message).toMatch(new RegExp(`unknown-section at offset ${at}`));
+    expect(err?.message).toMatch(new RegExp(`at offset ${at}`));
     await src.waitFor((m) => m.some((x) => x.type === 'shut'));
     expect(src.messages.at(-1)).toEqual({ type: 'shut', value: 1 });
     expect(dst.snapshot().complete).toBe(false);
