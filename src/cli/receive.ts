@@ -241,7 +241,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   s.on('completed', () => faults?.stop());
   s.on('failed', () => faults?.stop());
 
-  const cancel = (): void => s.close();
+  const cancel = (): void => void s.close();
   if (opts.signal?.aborted) cancel();
   opts.signal?.addEventListener('abort', cancel, { once: true });
 

@@ -289,7 +289,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     if (hint) progress.log(hint);
   }
 
-  const cancel = (): void => s.cancel();
+  const cancel = (): void => void s.cancel();
   let failure: unknown;
   if (opts.signal?.aborted) {
     // Not started: nothing to close.

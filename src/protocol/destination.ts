@@ -8,7 +8,9 @@ import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { MigrationListener, type DestinationConnection, type TransportOptions } from '../transport/connection.js';
 import { TransportError } from '../transport/errors.js';
-import { MigrationError, type MigrationPhase } from './errors.js';
+import { usageError } from '../errors.js';
+import { MigrationError, abortError, type MigrationPhase } from './errors.js';
+import { checkEndpoint, checkNumber, checkSignal, checkTransport } from './options.js';
 import type { LatencySummary } from './latency.js';
 import type { GuestMemorySink } from './memory.js';
 import { PageTracker, type PageRequestResult } from './page-tracker.js';
@@ -88,6 +90,18 @@ export interface DestinationOptions {
    * failure final.
    */
   recovery?: DestinationRecoveryOptions | false;
+  /**
+   * Fail with 'accept-timeout' when no source has connected (no main
+   * channel) this long after listening (default: wait forever, as QEMU's
+   * `migrate-incoming`).
+   */
+  acceptTimeoutMs?: number;
+  /**
+   * Aborting it closes the destination, as `close()`: while `listen()` runs it
+   * rejects, afterwards `done` rejects with 'cancelled' (`cause`: the
+   * signal's reason).
+   */
+  signal?: AbortSignal;
 }
 
 export interface DestinationEvents {
@@ -156,6 +170,13 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private recoveryTimer: NodeJS.Timeout | undefined;
   private recoveries = 0;
   private placedTwice = 0;
+  private started = false;
+  private acceptTimer: NodeJS.Timeout | undefined;
+  /** The source ended the preempt channel (FIN): no late page can come on it any more. */
+  private preemptEnded = false;
+  /** Settles once shutdown() has let go of the sockets (close() waits for it). */
+  private shutDown: Promise<void> | undefined;
+  private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
 
   private constructor(
     private listener: MigrationListener,
@@ -171,9 +192,24 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.pages = new PageTracker((m) => this.sendRp(m));
   }
 
-  /** Starts listening; the migration proceeds as the source connects. */
-  static async listen(opts: DestinationOptions): Promise<DestinationSession> {
+  /**
+   * Starts listening; the migration proceeds as the source connects. Bad
+   * options throw at once (TypeError/RangeError with a `code`); a failure to
+   * listen (`address-in-use`, `tls-bad-credentials`, …) rejects.
+   */
+  static listen(opts: DestinationOptions): Promise<DestinationSession> {
+    validateDestinationOptions(opts);
+    return DestinationSession.open(opts);
+  }
+
+  private static async open(opts: DestinationOptions): Promise<DestinationSession> {
+    const signal = opts.signal;
+    if (signal?.aborted) throw abortError(signal, 'setup');
     const listener = await MigrationListener.listen(opts.listen, opts.transport ?? {});
+    if (signal?.aborted) {
+      listener.close();
+      throw abortError(signal, 'setup');
+    }
     const s = new DestinationSession(listener, opts);
     s.start();
     return s;
@@ -190,6 +226,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private start(): void {
+    if (this.started) throw usageError('state', 'already-started', 'start', 'this DestinationSession is already listening');
+    this.started = true;
+    this.opts.signal?.addEventListener('abort', this.onAbort, { once: true });
+    const acceptMs = this.opts.acceptTimeoutMs;
+    if (acceptMs !== undefined) {
+      this.acceptTimer = setTimeout(() => {
+        if (!this.conn) this.fail(new MigrationError('accept-timeout', 'setup', `no source connected to ${this.listener.uri} within ${acceptMs} ms`));
+      }, acceptMs);
+    }
     this.listener.on('refused', (e) => {
       if (!this.conn) this.fail(MigrationError.from(e, 'setup'));
     });
@@ -202,6 +247,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private onConnection(conn: DestinationConnection): void {
     const gen = ++this.generation;
     this.conn = conn;
+    clearTimeout(this.acceptTimer);
     if (this.status === 'setup') this.status = 'active';
     this.emit('channel', { role: 'main', stats: conn.main.stats });
     this.armIdle();
@@ -230,6 +276,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     ch.on('error', (e) => this.channelLost(e, gen));
     ch.on('end', () => {
       if (gen !== this.generation) return;
+      this.preemptEnded = true;
       // While the VM runs here the source never ends this channel first: a cut.
       if (this.canRecover() && !this.eofSeen) {
         this.channelLost(lost(), gen);
@@ -570,7 +617,17 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * Concurrent requests for one page share one request.
    */
   async requestPage(block: string, offset: number): Promise<PageRequestResult> {
+    // Checked before anything is sent: a request the source would refuse ends the migration there.
+    if (typeof block !== 'string') throw usageError('type', 'unknown-ram-block', 'block', `block must be a RAM block name, got ${typeof block}`);
+    if (typeof offset !== 'number' || !Number.isSafeInteger(offset)) throw usageError('type', 'page-out-of-range', 'offset', `offset must be an integer, got ${String(offset)}`);
     if (this.finished) throw new MigrationError('protocol', this.phase, 'the migration is over');
+    const info = this.blocks.find((b) => b.idstr === block);
+    if (!info) {
+      const known = this.blocks.length === 0 ? 'the RAM block list has not arrived yet' : `known: ${this.blocks.map((b) => `"${b.idstr}"`).join(', ')}`;
+      throw usageError('range', 'unknown-ram-block', 'block', `no RAM block "${block}" in this migration (${known})`);
+    }
+    if (offset < 0 || offset >= info.length) throw usageError('range', 'page-out-of-range', 'offset', `offset 0x${offset.toString(16)} is outside RAM block "${block}" (0x${info.length.toString(16)} bytes)`);
+    if (offset % TARGET_PAGE_SIZE !== 0) throw usageError('range', 'unaligned-offset', 'offset', `offset 0x${offset.toString(16)} is not a multiple of the page size (0x${TARGET_PAGE_SIZE.toString(16)})`);
     const r = await this.pages.request(block, offset, performance.now());
     if (r.requested) this.emit('page-request', r);
     return r;
@@ -623,13 +680,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     try {
       // Pages requested late may still be in flight on the preempt channel.
       const deadline = performance.now() + 5000;
-      while (this.listening && this.pages.missing() > 0 && this.conn?.preempt && performance.now() < deadline) {
+      while (this.listening && this.pages.missing() > 0 && this.conn?.preempt && !this.preemptEnded && performance.now() < deadline) {
         await new Promise((r) => setTimeout(r, 5));
       }
       this.finishing = false;
       // After LISTEN every page must have come (QEMU's source discards and resends
       // whatever it had not sent cleanly); in precopy a page never sent stays zero.
       const missing = this.listening ? this.pages.missing() : 0;
+      // A source that cannot answer a request ends the stream on purpose (QEMU's protocol has no
+      // "refused" message; see SourceSession): EOF while our requests wait is that sign.
+      if (missing > 0 && this.pages.outstanding > 0) {
+        throw new MigrationError('source-refused', 'completion', `the source ended the stream with ${this.pages.outstanding} page request(s) unanswered and ${missing} pages never received: it refused a request`);
+      }
       if (missing > 0) throw new MigrationError('protocol', 'completion', `the postcopy stream ended with ${missing} pages never received`);
       await this.opts.sink.flush();
       this.status = 'completed';
@@ -651,14 +713,17 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
     const result = this.snapshot();
+    this.release();
+    this.shutDown = this.shutdown(false);
     this.emit('completed', result);
     this.resolveDone(result);
-    await this.shutdown(false);
+    await this.shutDown;
   }
 
   private fail(e: MigrationError): void {
     if (this.finished) return;
     this.finished = true;
+    this.release();
     clearTimeout(this.idleTimer);
     clearTimeout(this.recoveryTimer);
     this.status = 'failed';
@@ -670,14 +735,25 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
     this.rejectDone(e);
-    void this.shutdown(true);
+    this.shutDown = this.shutdown(true);
+  }
+
+  /** Drops what only a running migration needs: the signal listener, the accept timer. */
+  private release(): void {
+    this.opts.signal?.removeEventListener('abort', this.onAbort);
+    clearTimeout(this.acceptTimer);
   }
 
   private async shutdown(abort: boolean): Promise<void> {
     this.listener.close();
     if (!this.conn) return;
+    // From `done` on, nothing of ours may keep the process alive: the sockets only wait
+    // for the source to close first (or for SHUT 1 to leave), unreferenced.
+    this.conn.main.socket.unref();
+    this.conn.preempt?.socket.unref();
     if (abort) {
-      setTimeout(() => this.conn?.destroy(), 50).unref();
+      await new Promise<void>((r) => setTimeout(r, 50).unref());
+      this.conn.destroy();
       return;
     }
     // Let the source close first (it waits for SHUT), then make sure nothing stays open.
@@ -688,9 +764,44 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.conn.destroy();
   }
 
-  /** Stops listening and tears everything down; a running migration fails as cancelled. */
-  close(): void {
+  /**
+   * Stops listening and tears everything down; a running migration fails as
+   * cancelled. Resolves once the listener and every socket are closed. The
+   * same as `cancel()`.
+   */
+  async close(): Promise<void> {
     if (!this.finished) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
     else this.listener.close();
+    await this.shutDown;
+    this.conn?.destroy();
+    this.release();
+  }
+
+  /** The same as `close()` (SourceSession has both names too). */
+  cancel(): Promise<void> {
+    return this.close();
+  }
+
+  /** `await using dst = await DestinationSession.listen(…)`: closed when the scope ends. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+function validateDestinationOptions(o: DestinationOptions): void {
+  if (typeof o !== 'object' || o === null) throw usageError('type', 'bad-option', 'options', 'DestinationSession.listen needs an options object');
+  checkEndpoint(o.listen, 'listen');
+  const sink = o.sink as Partial<GuestMemorySink> | undefined;
+  if (typeof sink !== 'object' || sink === null || typeof sink.setBlocks !== 'function' || typeof sink.writePage !== 'function' || typeof sink.zeroPage !== 'function' || typeof sink.readPage !== 'function') {
+    throw usageError('type', 'bad-option', 'sink', 'sink must be a GuestMemorySink (setBlocks, writePage, zeroPage, readPage, flush, close)');
+  }
+  if (o.postcopy !== undefined && typeof o.postcopy !== 'boolean') throw usageError('type', 'bad-option', 'postcopy', `postcopy must be a boolean, got ${typeof o.postcopy}`);
+  checkTransport(o.transport);
+  checkSignal(o.signal);
+  checkNumber(o.idleTimeoutMs, 'idleTimeoutMs');
+  checkNumber(o.acceptTimeoutMs, 'acceptTimeoutMs', { min: 1 });
+  if (o.recovery) {
+    if (o.recovery.listen !== undefined) checkEndpoint(o.recovery.listen, 'recovery.listen');
+    checkNumber(o.recovery.timeoutMs, 'recovery.timeoutMs', { min: 1 });
   }
 }

@@ -83,3 +83,8 @@ export class MigrationError extends QmtError {
     return new MigrationError('protocol', phase, e instanceof Error ? e.message : String(e), { cause: e });
   }
 }
+
+/** The error of a session ended by its AbortSignal: 'cancelled', the signal's reason as `cause`. */
+export function abortError(signal: AbortSignal, phase: MigrationPhase): MigrationError {
+  return new MigrationError('cancelled', phase, 'the migration was aborted (signal)', { cause: signal.reason });
+}
