@@ -35,6 +35,8 @@ export type MigrationErrorCode = SessionErrorCode | StreamErrorCode | TransportE
 export type MigrationErrorKind = 'stream' | 'network' | 'protocol' | 'storage' | 'cancelled';
 
 function kindOf(code: MigrationErrorCode, cause: unknown): MigrationErrorKind {
+  // A session's own restatement of an earlier failure (recovery gave up, …) keeps its kind.
+  if (cause instanceof MigrationError && cause.code === code) return cause.kind;
   if (cause instanceof StreamError) return 'stream';
   if (cause instanceof TransportError) return 'network';
   switch (code) {

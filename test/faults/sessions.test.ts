@@ -332,7 +332,7 @@ async function checkScenario(s: Scenario, mustComplete = false): Promise<string>
     const e = side.error as MigrationError;
     expect(KINDS.has(e.kind), `known kind ${e.kind}\n  ${why}`).toBe(true);
     // The specific code: the cause's own (a TransportError's, a StreamError's) or a session's.
-    if (e.cause instanceof TransportError || e.cause instanceof StreamError) expect(e.code, `the cause's code\n  ${why}`).toBe(e.cause.code);
+    if (e.cause instanceof TransportError || e.cause instanceof StreamError || e.cause instanceof MigrationError) expect(e.code, `the cause's code\n  ${why}`).toBe(e.cause.code);
     else expect(SESSION_CODES.has(e.code as SessionErrorCode), `known code ${e.code}\n  ${why}`).toBe(true);
     expect(PHASES.has(e.phase), `known phase ${e.phase}\n  ${why}`).toBe(true);
     // MigrationError.from turns any unexpected exception into a 'protocol' error: the cause tells them apart.

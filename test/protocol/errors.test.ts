@@ -95,6 +95,8 @@ describe('a session error carries the specific code', () => {
     expect(isNetworkFailure(new MigrationError('protocol', 'postcopy', 'bad order'))).toBe(false);
     expect(new MigrationError('cancelled', 'setup', 'x').kind).toBe('cancelled');
     expect(MigrationError.from(new TransportError('reset', 'ECONNRESET'), 'postcopy')).toMatchObject({ code: 'reset', kind: 'network' });
+    const reset = MigrationError.from(new TransportError('reset', 'ECONNRESET'), 'postcopy');
+    expect(new MigrationError('reset', 'postcopy', 'recovery gave up', { cause: reset }), 'a restatement keeps the kind').toMatchObject({ code: 'reset', kind: 'network' });
     expect(MigrationError.from(Object.assign(new Error('no space'), { code: 'ENOSPC' }), 'precopy')).toMatchObject({ code: 'storage', kind: 'storage' });
   });
 

@@ -14,14 +14,13 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { describe, expect, it } from 'vitest';
-import { DestinationSession, InMemorySink, InMemorySource, MigrationError, SourceSession, type SourceOptions } from '../../src/index.js';
+import { DestinationSession, InMemorySink, InMemorySource, MigrationError, SourceSession } from '../../src/index.js';
 import { leakedSince, leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const execFileP = promisify(execFile);
 const root = join(import.meta.dirname, '..', '..');
 const PAGE = 4096;
 const MiB = 1 << 20;
-const DEVICES = [{ idstr: 'timer', instanceId: 0, versionId: 2, data: Buffer.alloc(24, 3) }];
 
 function guest(bytes: number): InMemorySource {
   const buf = Buffer.alloc(bytes);
