@@ -772,7 +772,14 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   async close(): Promise<void> {
     if (!this.finished) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
     else this.listener.close();
-    await this.shutDown;
+    // The teardown's own timers and sockets are unreferenced (they must not hold a process
+    // whose migration is over); one who awaits close() is owed the end of it.
+    const hold = setInterval(() => undefined, 1000);
+    try {
+      await this.shutDown;
+    } finally {
+      clearInterval(hold);
+    }
     this.conn?.destroy();
     this.release();
   }

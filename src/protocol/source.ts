@@ -345,8 +345,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   /**
    * Aborts the migration (the destination sees the connection drop): `done`
    * rejects with 'cancelled'. Resolves once the session has let go of every
-   * socket and timer. After completion it only waits for that. The same as
-   * `close()`.
+   * socket and timer (while connecting, at most `transport.connectTimeoutMs`
+   * later). After completion it only waits for that. The same as `close()`.
    */
   async cancel(): Promise<void> {
     this.fail(new MigrationError('cancelled', this.phase, 'the migration was cancelled'));
