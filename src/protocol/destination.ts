@@ -7,6 +7,7 @@ import { applyXbzrle } from '../stream/xbzrle.js';
 import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { MigrationListener, type DestinationConnection, type TransportOptions } from '../transport/connection.js';
+import type { StrangerEvent } from '../transport/qualify.js';
 import { TransportError } from '../transport/errors.js';
 import { usageError } from '../errors.js';
 import { MigrationError, abortError, type MigrationPhase } from './errors.js';
@@ -105,8 +106,18 @@ export interface DestinationOptions {
 }
 
 export interface DestinationEvents {
-  /** A channel connected (and finished its TLS handshake). */
+  /**
+   * A connection qualified as a channel (after its TLS handshake; see
+   * MigrationListener): the main channel when its first bytes came, a
+   * plain-TCP preempt channel only with its first page.
+   */
   channel: [{ role: 'main' | 'preempt'; stats: ChannelStats }];
+  /**
+   * A connection was dropped before it became a channel (it closed, sent
+   * something else than a migration stream, failed TLS, was too slow or one
+   * too many): the migration is unaffected and the listener keeps waiting.
+   */
+  stranger: [StrangerEvent];
   configuration: [ConfigurationRecord];
   'ram-blocks': [RamBlockInfo[]];
   /** A RAM PART section ended: one precopy iteration. */
@@ -127,8 +138,9 @@ export interface DestinationEvents {
 
 /**
  * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
- * source or our own SourceSession: listens, takes the first connection as the
- * main channel and the next as the preempt channel, follows the protocol
+ * source or our own SourceSession: listens, takes the first connection that
+ * qualifies as the main channel and the next as the preempt channel (others
+ * on the port are dropped and reported as 'stranger' events), follows the protocol
  * (PING→PONG, OPEN_RETURN_PATH, ADVISE, DISCARD, LISTEN, PACKAGED, RUN, EOF,
  * SHUT), writes RAM into a GuestMemorySink, keeps device state, and serves
  * demand page requests during postcopy.
@@ -174,6 +186,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private acceptTimer: NodeJS.Timeout | undefined;
   /** The source ended the preempt channel (FIN): no late page can come on it any more. */
   private preemptEnded = false;
+  /** After LISTEN, RAM's END section came: the source finished sending RAM (a refusing source never sends it). */
+  private ramEnded = false;
   /** Settles once shutdown() has let go of the sockets (close() waits for it). */
   private shutDown: Promise<void> | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
@@ -235,9 +249,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         if (!this.conn) this.fail(new MigrationError('accept-timeout', 'setup', `no source connected to ${this.listener.uri} within ${acceptMs} ms`));
       }, acceptMs);
     }
-    this.listener.on('refused', (e) => {
-      if (!this.conn) this.fail(MigrationError.from(e, 'setup'));
-    });
+    this.listener.on('stranger', (ev) => this.emit('stranger', ev));
+    // Rejects only when the listener is closed, i.e. when the session is over.
     this.listener.accept().then(
       (conn) => this.onConnection(conn),
       (e: unknown) => this.fail(MigrationError.from(e, 'setup')),
@@ -265,7 +278,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onPreempt(ch: Channel, gen: number): void {
-    if (this.finished || gen !== this.generation) {
+    // While finishing, a plain-TCP preempt channel may qualify only now, with its first (late) page.
+    if ((this.finished && !this.finishing) || gen !== this.generation) {
       ch.destroy();
       return;
     }
@@ -408,7 +422,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     let listener: MigrationListener | undefined;
     for (let i = 0; !listener; i++) {
       try {
-        listener = await MigrationListener.listen(uri, this.opts.transport ?? {});
+        listener = await MigrationListener.listen(uri, this.opts.transport ?? {}, { start: 'resume' });
       } catch (e) {
         if (i >= 20 || !(e instanceof TransportError && e.code === 'address-in-use')) throw e;
         await new Promise((r) => setTimeout(r, 50));
@@ -419,6 +433,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       return;
     }
     this.listener = listener;
+    // Strangers (a wrong certificate, a port scanner) are dropped by the listener, which keeps waiting.
+    listener.on('stranger', (ev) => this.emit('stranger', ev));
     listener.accept().then(
       (conn) => {
         if (this.finished || this.listener !== listener) {
@@ -430,13 +446,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.decoder = new StreamDecoder({ channel: 'resume', resumeFrom: this.decoder });
         this.onConnection(conn);
       },
-      () => {
-        // Refused (a wrong certificate, a port scanner): a listener reports only its first
-        // refusal, so listen afresh at the same address and keep waiting.
-        if (this.finished || this.listener !== listener) return;
-        listener.close();
-        this.listenForRecovery(uri).catch((err: unknown) => this.fail(MigrationError.from(err, this.phase)));
-      },
+      () => undefined, // closed: replaced by recover(), or the session is over
     );
   }
 
@@ -525,6 +535,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.section = { idstr: r.idstr, kind: r.kind };
         if (r.idstr === 'ram' && r.kind === 'part' && !this.listening) this.phase = 'precopy';
         if (r.kind === 'full' && !this.listening) this.phase = 'device-state';
+        if (r.idstr === 'ram' && r.kind === 'end' && this.listening) this.ramEnded = true;
         return;
       case 'footer':
         // One RAM PART section is one precopy iteration of QEMU's RAM handler.
@@ -680,7 +691,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     try {
       // Pages requested late may still be in flight on the preempt channel.
       const deadline = performance.now() + 5000;
-      while (this.listening && this.pages.missing() > 0 && this.conn?.preempt && !this.preemptEnded && performance.now() < deadline) {
+      while (this.listening && this.ramEnded && this.pages.missing() > 0 && this.conn?.preemptExpected && !this.preemptEnded && performance.now() < deadline) {
         await new Promise((r) => setTimeout(r, 5));
       }
       this.finishing = false;
@@ -688,9 +699,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       // whatever it had not sent cleanly); in precopy a page never sent stays zero.
       const missing = this.listening ? this.pages.missing() : 0;
       // A source that cannot answer a request ends the stream on purpose (QEMU's protocol has no
-      // "refused" message; see SourceSession): EOF while our requests wait is that sign.
-      if (missing > 0 && this.pages.outstanding > 0) {
-        throw new MigrationError('source-refused', 'completion', `the source ended the stream with ${this.pages.outstanding} page request(s) unanswered and ${missing} pages never received: it refused a request`);
+      // "refused" message; see SourceSession): EOF after LISTEN without RAM's END section, which
+      // every complete postcopy stream has, is that sign.
+      if (this.listening && !this.ramEnded) {
+        throw new MigrationError('source-refused', 'completion', `the source ended the stream before RAM was complete (${missing} pages never received, ${this.pages.outstanding} request(s) unanswered): it refused a page request`);
       }
       if (missing > 0) throw new MigrationError('protocol', 'completion', `the postcopy stream ended with ${missing} pages never received`);
       await this.opts.sink.flush();

@@ -586,9 +586,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    * and a destination running the VM treats a dropped connection as a cut
    * and pauses — forever, since we will not come back. So in postcopy we end
    * the stream on purpose: at the next record boundary the RAM section is
-   * closed, EOF written and both channels closed with a FIN. A destination
-   * that sees EOF while its requests wait knows the source gave up on them
-   * (ours fails with 'source-refused'). Before LISTEN the destination is not
+   * closed, EOF written (without RAM's END section, which a complete stream
+   * always has) and both channels closed with a FIN: a destination seeing
+   * that knows the source gave up (ours fails with 'source-refused'). Before LISTEN the destination is not
    * running anything: fail at once.
    */
   private refuseRequest(e: MigrationError): void {
