@@ -76,16 +76,19 @@ describe('a session error carries the specific code', () => {
     }
   });
 
-  it('bad-magic with its offset: bytes that are not a migration stream', async () => {
+  it('a stream code with its offset: a migration stream that goes bad after its header', async () => {
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink() });
-    const port = Number(dst.uri.split(':').at(-1));
-    const s = net.connect(port, '127.0.0.1');
+    const s = net.connect(Number(dst.uri.split(':').at(-1)), '127.0.0.1');
     s.on('error', () => undefined);
-    s.write(Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+    // QEVM, version 3 (so the connection qualifies as the main channel), then a record type that does not exist.
+    s.write(Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 0xee, 0, 0, 0, 0]));
     const e = await rejection(dst.done);
     s.destroy();
-    expect(e).toMatchObject({ code: 'bad-magic', kind: 'stream', offset: 0, phase: 'setup' });
     expect(e.cause).toBeInstanceOf(StreamError);
+    const cause = e.cause as StreamError;
+    expect(e).toMatchObject({ code: cause.code, kind: 'stream', offset: 8, phase: 'setup' });
+    expect(cause.offset).toBe(8);
+    expect(e.code).not.toBe('stream');
     expect(isNetworkFailure(e)).toBe(false);
   });
 
