@@ -7,7 +7,9 @@ export default defineConfig([
     dts: true,
     sourcemap: true,
     clean: true,
-    target: 'node20',
+    target: 'node22',
+    // import.meta.url in the CJS build (the sockopt addon and the OpenSSL configuration are found relative to it).
+    shims: true,
     // Class names are API (errors are told apart by `name` in logs and by users): keep them under any minification.
     keepNames: true,
   },
@@ -16,7 +18,7 @@ export default defineConfig([
     entry: { 'cli/main': 'src/cli/main.ts', 'cli/demo-destination': 'src/cli/demo-destination.ts' },
     format: ['esm'],
     sourcemap: true,
-    target: 'node20',
+    target: 'node22',
     banner: { js: '#!/usr/bin/env node' },
   },
 ]);
