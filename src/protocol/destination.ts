@@ -77,7 +77,13 @@ export interface DestinationOptions {
    * capability on a destination. Default false: such a stream is refused.
    */
   postcopy?: boolean;
-  /** Fail when no byte arrives for this long once connected (default 60 s; 0 = never). */
+  /**
+   * Fail when no byte arrives for this long once connected (default 60 s;
+   * 0 = never). Once the VM runs here (the postcopy package is in) such
+   * silence is a network failure instead — a pulled cable or a frozen
+   * middlebox sends no FIN and no RST — and pauses the migration like a reset
+   * (see `recovery`); with `recovery: false` it fails.
+   */
   idleTimeoutMs?: number;
   /**
    * Postcopy recovery: once the VM runs here (the postcopy package is in), a
@@ -203,7 +209,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.conn = conn;
     if (this.status === 'setup') this.status = 'active';
     this.emit('channel', { role: 'main', stats: conn.main.stats });
-    this.armIdle();
+    this.armIdle(gen);
     conn.main.on('error', (e) => this.channelLost(e, gen));
     conn.main.on('close', () => {
       if (!this.finished && gen === this.generation) this.onMainEnded(gen);
@@ -257,11 +263,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     });
   }
 
-  private armIdle(): void {
+  /**
+   * Silence from the source on connection `gen`. Before the VM runs here it
+   * ends the migration; once it does, silence is a network failure like a
+   * reset (a pulled cable, a frozen middlebox send neither FIN nor RST), so
+   * channelLost pauses instead: QEMU's source may still resume.
+   */
+  private armIdle(gen: number): void {
     const ms = this.opts.idleTimeoutMs ?? 60_000;
     if (ms <= 0) return;
+    clearTimeout(this.idleTimer);
     this.idleTimer = setTimeout(() => {
-      this.fail(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`));
+      this.channelLost(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`), gen);
     }, ms);
   }
 
@@ -308,8 +321,28 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     // POSTCOPY_RESUME sends us back to paused (QEMU: postcopy-recover → postcopy-paused).
     if (this.pausedBy && this.status !== 'postcopy-recover') return;
     const err = MigrationError.from(e, this.phase);
-    if (this.canRecover() && isNetworkFailure(err)) void this.pause(err);
+    if (this.canRecover() && isNetworkFailure(err)) void this.enterPause(err);
     else this.fail(err);
+  }
+
+  /**
+   * Forces the paused state now, as QEMU's `migrate-pause` on a destination:
+   * for an operator who knows the link is dead and will not wait for the idle
+   * timeout. The connection is dropped; every page and waiting request is
+   * kept; the source's recovery connection is awaited as after a network
+   * failure ('paused' follows once listening). A no-op when already paused.
+   *
+   * @throws MigrationError `invalid-state` (synchronously) unless the VM runs
+   *   here — postcopy, package received, recovery not disabled — and the
+   *   migration has not ended.
+   */
+  pause(): void {
+    if (!this.canRecover()) {
+      const why = this.finished ? 'the migration is over' : this.opts.recovery === false ? 'postcopy recovery is off (recovery: false)' : 'the VM does not run here yet (no postcopy package received)';
+      throw new MigrationError('invalid-state', this.phase, `pause() needs a running postcopy migration: ${why}`);
+    }
+    if (this.status === 'postcopy-paused') return;
+    void this.enterPause(new MigrationError('paused', this.phase, 'paused by the operator (pause())'));
   }
 
   /**
@@ -317,7 +350,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * and waiting requests are kept, and a listener waits for the source's new
    * connection — at `recovery.listen`, else where the migration came in.
    */
-  private async pause(e: MigrationError): Promise<void> {
+  private async enterPause(e: MigrationError): Promise<void> {
     // Paused again before a recovery completed: the outage (and its timeout) goes on.
     const again = this.pausedBy !== undefined;
     this.pausedBy = e;
@@ -331,7 +364,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.preemptDecoder = undefined;
     const opts = this.opts.recovery || {};
     if (opts.timeoutMs !== undefined && !again) {
-      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(e.code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
+      // A manual pause that nobody resumes ends as a timeout, not as 'paused'.
+      const code = e.code === 'paused' ? 'idle-timeout' : e.code;
+      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
     }
     const uri = opts.listen ?? this.listener.uri;
     this.listener.close();
