@@ -7,9 +7,16 @@ import type { Channel } from '../transport/channel.js';
  * queue, the socket's buffer or the kernel's send queue) and nothing moves —
  * no byte received from the peer, no byte newly handed to the kernel, none
  * newly acknowledged by the peer's kernel (Linux' tx_queue, see
- * kernel-queue.ts). A partition that sends neither FIN nor RST (a pulled
- * cable, a frozen relay) looks exactly like that; a slow link does not (its
- * queue shrinks), and a quiet one (nothing to send) is never a stall.
+ * kernel-queue.ts). Where the kernel tells, bytes merely written into our
+ * own send buffer do not count: only the peer's acknowledgements do (handed
+ * to the kernel minus still unacknowledged, which grows with every ACK). A
+ * partition that sends neither FIN nor RST (a pulled cable, a frozen relay)
+ * looks exactly like that; a slow link does not (its ACKs come), and a quiet
+ * one (nothing to send) is never a stall.
+ *
+ * What it cannot see: a stream whose every byte was acknowledged — by the
+ * peer, or by a middlebox that buffers it and then hangs. Nothing waits then,
+ * and the sender's only signs of life are the peer's answers.
  *
  * Samples a few times per window, at most 4 per second: a read of
  * /proc/net/tcp per channel per sample, nothing per page.
@@ -55,8 +62,7 @@ export class StallWatch {
       const c = current[i]!;
       const p = this.last[i];
       if (c.queued > 0 || (c.unacked ?? 0) > 0) waiting = true;
-      if (!p || p.channel !== c.channel || c.received !== p.received || c.sent !== p.sent) moved = true;
-      else if (c.unacked !== undefined && p.unacked !== undefined && c.unacked < p.unacked) moved = true;
+      if (!p || p.channel !== c.channel || c.received !== p.received || progressOf(c) > progressOf(p)) moved = true;
     }
     this.last = current;
     if (moved || !waiting) {
@@ -69,7 +75,7 @@ export class StallWatch {
     setImmediate(() => {
       if (this.timer === undefined) return;
       const again = this.channels().filter((c): c is Channel => c !== undefined && !c.isClosed).map(sampleOf);
-      const still = again.length === this.last.length && again.every((c, i) => c.channel === this.last[i]!.channel && c.received === this.last[i]!.received && c.sent === this.last[i]!.sent);
+      const still = again.length === this.last.length && again.every((c, i) => c.channel === this.last[i]!.channel && c.received === this.last[i]!.received && progressOf(c) <= progressOf(this.last[i]!));
       if (!still) {
         this.last = again;
         this.idleSince = performance.now();
@@ -89,6 +95,15 @@ interface Sample {
   /** Bytes in user space (our queue and the socket's buffer). */
   queued: number;
   unacked: number | undefined;
+}
+
+/**
+ * What the peer has taken so far: bytes acknowledged (written minus still
+ * unacknowledged; over TLS written counts plaintext, so a write alone even
+ * lowers it a little) or, where the kernel does not tell, bytes written.
+ */
+function progressOf(s: Sample): number {
+  return s.unacked === undefined ? s.sent : s.sent - s.unacked;
 }
 
 function sampleOf(channel: Channel): Sample {
