@@ -1090,13 +1090,20 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   /** After pause(): waits for resume() (or the migration's end). */
   private async holdUntilResume(): Promise<void> {
-    while (this.manualHold && !this.failure) {
-      await new Promise<void>((resolve) => {
-        this.wakeRecovery = () => {
-          this.wakeRecovery = undefined;
-          resolve();
-        };
-      });
+    // A held migration is not over, but no socket or timer is left to say so: without this
+    // the process would exit under a caller awaiting `done`.
+    const alive = setInterval(() => undefined, 1 << 30);
+    try {
+      while (this.manualHold && !this.failure) {
+        await new Promise<void>((resolve) => {
+          this.wakeRecovery = () => {
+            this.wakeRecovery = undefined;
+            resolve();
+          };
+        });
+      }
+    } finally {
+      clearInterval(alive);
     }
   }
 
