@@ -70,7 +70,7 @@ export interface SourceOptions {
    * wait to be delivered and nothing moves for this long (no return-path
    * message, no byte newly acknowledged by the destination's kernel, no byte
    * newly written), the link is taken as dead and postcopy pauses and
-   * reconnects, as after a reset (see `recovery`). 0 turns both off.
+   * reconnects, as after a reset (see `recovery`).
    */
   replyTimeoutMs?: number;
   /**
