@@ -310,7 +310,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   /**
    * Postcopy recovery: connect to `to` from now on (a destination's
-   * `migrate-recover` address) and try at once if paused.
+   * `migrate-recover` address) and try at once if paused — the end of the
+   * hold after `pause()`, or of the backoff wait after a failure. A no-op
+   * when not paused.
    */
   resume(to?: string): void {
     if (to !== undefined) this.recoverTo = to;
