@@ -861,17 +861,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     if (this.wantSwitchoverStart()) this.write([{ type: 'command', command: { cmd: 'switchover-start' } }]);
     this.opts.memory.syncDirty(new Map(this.order.map((b) => [b.info.idstr, b.toSend])));
     this.c.syncs++;
-    // Discard every page that is dirty again or was never sent; those, and only
-    // those, are sent after LISTEN, each exactly once.
-    for (const st of this.order) {
-      for (let i = 0; i < st.toSend.words.length; i++) st.toSend.words[i]! |= ~(st.sentOnce.words[i] as number);
-      const extra = st.toSend.words.length * 32 - st.pages;
-      if (extra > 0) st.toSend.words[st.toSend.words.length - 1]! &= 0xffffffff >>> extra;
-      const ranges = bitmapRanges(st.toSend);
-      for (let i = 0; i < ranges.length; i += MAX_DISCARDS_PER_COMMAND) {
-        this.write([{ type: 'command', command: { cmd: 'postcopy-ram-discard', block: st.info.idstr, ranges: ranges.slice(i, i + MAX_DISCARDS_PER_COMMAND) } }]);
-      }
-    }
+    this.writeDiscards();
     this.write([{ type: 'command', command: { cmd: 'ping', value: 2 } }]);
     // From LISTEN on, pages are exactly-once: requests are honoured from here.
     this.inPostcopy = true;
@@ -900,6 +890,37 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.phase = 'postcopy';
     this.emit('postcopy-active');
     await this.postcopyBackground(ram);
+  }
+
+  /**
+   * Discards every page that is dirty again or was never sent; those, and only
+   * those, are sent after LISTEN, each exactly once.
+   *
+   * A QEMU 10.0 destination must see at least one discard before LISTEN: its
+   * LISTEN handler, finding no discard came (postcopy state ADVISE), runs the
+   * first-discard preparation itself, and that preparation sets the state to
+   * DISCARD after LISTEN had set LISTENING, so the RUN that follows fails with
+   * "CMD_POSTCOPY_RUN in wrong postcopy state (2)". A saved VM that did not
+   * change since its first pass has nothing to discard; then one page is
+   * discarded (and so sent again after LISTEN, as every discarded page is):
+   * the last page of the first block, which a booting guest touches last.
+   */
+  private writeDiscards(): void {
+    let any = false;
+    for (const st of this.order) {
+      for (let i = 0; i < st.toSend.words.length; i++) st.toSend.words[i]! |= ~(st.sentOnce.words[i] as number);
+      const extra = st.toSend.words.length * 32 - st.pages;
+      if (extra > 0) st.toSend.words[st.toSend.words.length - 1]! &= 0xffffffff >>> extra;
+      any ||= st.toSend.next(0) >= 0;
+    }
+    const first = this.order.find((st) => st.pages > 0);
+    if (!any && first) first.toSend.set(first.pages - 1);
+    for (const st of this.order) {
+      const ranges = bitmapRanges(st.toSend);
+      for (let i = 0; i < ranges.length; i += MAX_DISCARDS_PER_COMMAND) {
+        this.write([{ type: 'command', command: { cmd: 'postcopy-ram-discard', block: st.info.idstr, ranges: ranges.slice(i, i + MAX_DISCARDS_PER_COMMAND) } }]);
+      }
+    }
   }
 
   /**
