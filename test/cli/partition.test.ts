@@ -1,6 +1,6 @@
 /**
  * A silent partition and an operator's pause, through the commands as a user
- * runs them (child processes of test/cli/run-qmt.ts and run-send.ts):
+ * runs them (child processes of the CLI's entry, src/cli/main.ts):
  *
  * - a QEMU 10 source → a relay that freezes (forwards nothing, closes
  *   nothing) → `qmt receive --postcopy --idle-timeout 3000`: qmt pauses on
@@ -49,10 +49,9 @@ interface Run {
   exit: Promise<{ code: number | null; stdout: string; stderr: string }>;
 }
 
-/** Starts `qmt COMMAND ARGS` through its test runner (stderr a pipe: plain progress lines). */
+/** Starts `qmt COMMAND ARGS` (stderr a pipe: plain progress lines). */
 function qmt(command: 'receive' | 'send', args: string[]): Run {
-  const runner = join(ROOT, 'test', 'cli', command === 'receive' ? 'run-qmt.ts' : 'run-send.ts');
-  const child = spawn(process.execPath, ['--import', 'tsx', runner, command, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'main.ts'), command, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(child);
   let stdout = '';
   let stderr = '';
