@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import { PreemptDecoder, StreamDecoder } from '../stream/decoder.js';
-import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { RecordType, TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { encodeReturnPathMessage } from '../stream/return-path.js';
 import { applyXbzrle } from '../stream/xbzrle.js';
 import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
@@ -246,10 +246,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.fail(MigrationError.from(e, this.phase));
       }
     });
+    let first = true;
     ch.read((chunk) => {
       if (gen !== this.generation) return;
       // Still read while finishing: a requested page may arrive after the main channel's EOF.
       if (this.finished && !this.finishing) return;
+      if (first && chunk.length > 0) {
+        first = false;
+        if (chunk[0] === RecordType.COMMAND && this.canRecover()) {
+          this.recoveryArrivedEarly(ch, gen);
+          return;
+        }
+      }
       this.counts.transferred += chunk.length;
       this.idleTimer?.refresh();
       try {
@@ -308,6 +316,20 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   // ---- postcopy recovery ----------------------------------------------------
+
+  /**
+   * A "preempt" connection that starts with a command is a recovery main
+   * channel (a page record's first byte is its offset's top byte, 0): the
+   * source took this connection for dead — a partition it saw first (its
+   * stall window is shorter than our idle timeout), or its pause() — and came
+   * back before we noticed. It is the proof we lacked: pause now, so that the
+   * source's next attempt finds us listening; this connection goes (QEMU's
+   * destination would not even accept it before migrate-recover).
+   */
+  private recoveryArrivedEarly(ch: Channel, gen: number): void {
+    ch.destroy();
+    this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the source opened a recovery connection: it lost the current one'), gen);
+  }
 
   /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
   private canRecover(): boolean {

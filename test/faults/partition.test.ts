@@ -104,10 +104,10 @@ interface Pair {
   running: Promise<void>;
 }
 
-async function pair(opts: { preempt: boolean; tls: boolean }): Promise<Pair> {
+async function pair(opts: { preempt: boolean; tls: boolean; sourceWindowMs?: number; destinationIdleMs?: number }): Promise<Pair> {
   const transport: TransportOptions = opts.tls ? { tls: { dir: pki }, connectTimeoutMs: 2000 } : {};
   const sink = new InMemorySink();
-  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, idleTimeoutMs: WINDOW_MS, transport });
+  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, idleTimeoutMs: opts.destinationIdleMs ?? WINDOW_MS, transport });
   const relay = await FaultRelay.start({ target: dst.uri, maxConnections: 10_000 });
   const guest = guestSource();
   const src = new SourceSession({
@@ -124,7 +124,7 @@ async function pair(opts: { preempt: boolean; tls: boolean }): Promise<Pair> {
     stopVm: guest.stop,
     // Slow enough that the background stream still runs when the partition comes.
     postcopyBandwidthLimit: 4 * MiB,
-    replyTimeoutMs: WINDOW_MS,
+    replyTimeoutMs: opts.sourceWindowMs ?? WINDOW_MS,
     recovery: { initialDelayMs: 20, maxDelayMs: 200 },
   });
   let faults!: Promise<Fault[]>;
@@ -263,6 +263,53 @@ describe('a silent partition in postcopy', () => {
     expect(attempts).toBe(1);
     expect(o.memoryEqual, o.why).toBe(true);
     expect(p.src.stats().recoveries).toBe(1);
+  }, 60_000);
+
+  it('the partition heals before the destination noticed: the source\'s recovery connection is the proof, both recover', async () => {
+    // The defaults have this shape: the source's window (30 s) is shorter than the destination's
+    // idle timeout (60 s). Without preempt the recovery connection takes the free preempt slot.
+    const p = await pair({ preempt: false, tls: false, sourceWindowMs: 800, destinationIdleMs: 30_000 });
+    await p.running;
+    await sleep(200);
+    const srcPaused = nextPaused(p.src);
+    const dstPaused = nextPaused(p.dst);
+    const resumed = new Promise<{ pausedMs: number }>((r) => p.dst.once('resumed', r));
+    const { at } = p.relay.freeze();
+    const s = await within(srcPaused, 15_000, () => `the source pauses (${p.src.stats().status})`);
+    expect(s.error.code, s.error.message).toBe('idle-timeout');
+    expect(p.dst.stats().status, 'the destination has not noticed').toBe('postcopy-active');
+    // A new route: nothing of the old connection ever arrives (no FIN, no RST), new ones pass.
+    p.relay.heal({ keepFrozen: true });
+    const d = await within(dstPaused, 10_000, () => `the destination pauses (${p.dst.stats().status})`);
+    expect(d.error.message).toMatch(/the source opened a recovery connection/);
+    const r = await within(resumed, 10_000, () => `both resume (destination ${p.dst.stats().status}, source ${p.src.stats().status})`);
+    const o = await settle(p);
+    console.log(`[partition] healed before the destination noticed: source paused after ${(s.at - at).toFixed(0)} ms, destination on its recovery connection ${(d.at - at).toFixed(0)} ms, pausedMs ${r.pausedMs.toFixed(0)}; ${o.why}`);
+    expect(o.memoryEqual, o.why).toBe(true);
+    expect(p.dst.stats().recoveries).toBe(1);
+  }, 60_000);
+
+  it('a slow link in postcopy is not a partition: 256 KiB/s, no pause, memory bit for bit', async () => {
+    const sink = new InMemorySink();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, idleTimeoutMs: WINDOW_MS });
+    // The bottleneck queues a quarter second (see linkBuffer in relay.ts): our bytes wait, ACKs trickle.
+    const relay = await FaultRelay.start({ target: dst.uri, connections: [{ up: { bytesPerSecond: 256 * 1024 } }] });
+    const source = new InMemorySource([{ idstr: 'pc.ram', length: 2 * MiB }]);
+    const ram = source.memory.get('pc.ram')!;
+    for (let p = 0; p < ram.length; p += 2 * PAGE) randomFillSync(ram, p, PAGE);
+    const src = new SourceSession({ to: relay.uri, memory: source, machineType: 'pc-q35-10.0', devices: [], postcopy: { afterPasses: 0 }, replyTimeoutMs: WINDOW_MS });
+    const pauses: string[] = [];
+    src.on('paused', (e) => pauses.push(`source: ${e.error.message}`));
+    dst.on('paused', (e) => pauses.push(`destination: ${e.error.message}`));
+    const t = performance.now();
+    src.start();
+    const [stats] = await Promise.all([src.done, dst.done]);
+    await relay.close();
+    const ms = performance.now() - t;
+    console.log(`[partition] slow link: ${stats.transferred} bytes in ${ms.toFixed(0)} ms (${((stats.transferred / ms) * 1000 / 1024).toFixed(0)} KiB/s), pauses: ${pauses.join(' | ') || 'none'}`);
+    expect(ms, 'the link was the bottleneck for several windows').toBeGreaterThan(2000);
+    expect(pauses).toEqual([]);
+    expect(sink.blocks.get('pc.ram')!.equals(ram)).toBe(true);
   }, 60_000);
 
   it('pause() outside postcopy throws invalid-state at once, and the migration goes on', async () => {

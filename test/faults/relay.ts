@@ -32,8 +32,8 @@
  *   resets and closes of either side are not passed on; connections that
  *   arrive meanwhile are refused at once (the retries of a reconnecting
  *   source fail fast). `heal()` ends the partition: the frozen connections
- *   are destroyed (both peers gave up on them, or will see a reset) and new
- *   ones are forwarded again.
+ *   are destroyed (both peers gave up on them, or will see a reset; or, with
+ *   `keepFrozen`, stay black holes) and new ones are forwarded again.
  *
  * Bounded: at most `maxConnections` connections (later ones are refused),
  * at most `highWaterBytes` buffered per direction (the reading socket is
@@ -440,12 +440,17 @@ export class FaultRelay {
     return { at: this.frozenAt, frozen };
   }
 
-  /** Ends the partition: frozen connections are destroyed, new ones forwarded. */
-  heal(): void {
+  /**
+   * Ends the partition: new connections are forwarded again, and the frozen
+   * ones are destroyed — unless `keepFrozen`, then they stay black holes (a
+   * new route for new connections; nothing of the old ones ever arrives)
+   * until close().
+   */
+  heal(opts: { keepFrozen?: boolean } = {}): void {
     if (this.frozenAt === undefined) return;
     this.frozenAt = undefined;
-    for (const c of this.conns) c.destroyIfFrozen();
-    this.fired.push('healed by the test');
+    if (!opts.keepFrozen) for (const c of this.conns) c.destroyIfFrozen();
+    this.fired.push(`healed by the test${opts.keepFrozen ? ' (the frozen connections stay frozen)' : ''}`);
   }
 
   /** Whether a partition is on (between freeze() and heal()). */
