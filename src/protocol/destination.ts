@@ -207,7 +207,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private start(): void {
-    this.listener.on('stranger', (ev) => this.emit('stranger', ev));
+    this.listener.on('stranger', (ev) => this.onStranger(ev));
     // Rejects only when the listener is closed, i.e. when the session is over.
     this.listener.accept().then(
       (conn) => this.onConnection(conn),
@@ -331,16 +331,24 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   /**
    * A "preempt" connection that starts with a command is a recovery main
-   * channel (a page record's first byte is its offset's top byte, 0): the
+   * channel (a page record's first byte is its offset's top byte, 0; over
+   * TLS the preempt channel qualifies by order, so this is where it shows;
+   * over plain TCP the listener drops it as a 'recovery' stranger): the
    * source took this connection for dead — a partition it saw first (its
    * stall window is shorter than our idle timeout), or its pause() — and came
    * back before we noticed. It is the proof we lacked: pause now, so that the
    * source's next attempt finds us listening; this connection goes (QEMU's
    * destination would not even accept it before migrate-recover).
    */
-  private recoveryArrivedEarly(ch: Channel, gen: number): void {
-    ch.destroy();
+  private recoveryArrivedEarly(ch: Channel | undefined, gen: number): void {
+    ch?.destroy();
     this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the source opened a recovery connection: it lost the current one'), gen);
+  }
+
+  /** A dropped connection; a plain-TCP recovery connection in the preempt slot is the same proof as above. */
+  private onStranger(ev: StrangerEvent): void {
+    this.emit('stranger', ev);
+    if (ev.reason === 'recovery' && this.status === 'postcopy-active' && this.canRecover()) this.recoveryArrivedEarly(undefined, this.generation);
   }
 
   /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
@@ -441,7 +449,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     this.listener = listener;
     // Strangers (a wrong certificate, a port scanner) are dropped by the listener, which keeps waiting.
-    listener.on('stranger', (ev) => this.emit('stranger', ev));
+    listener.on('stranger', (ev) => this.onStranger(ev));
     listener.accept().then(
       (conn) => {
         if (this.finished || this.listener !== listener) {
