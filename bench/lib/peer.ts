@@ -119,8 +119,9 @@ class Destination {
       const a = server.address() as net.AddressInfo;
       return { uri: `tcp:${host}:${a.port}` };
     }
-    this.listener = await MigrationListener.listen(`tcp:${host}:0`, transportOptions(cell, tlsDir));
-    this.listener.on('refused', (e) => log(`refused: ${e.describe()}`));
+    // Bench frames, not a migration stream: roles by order, as QEMU assigns them.
+    this.listener = await MigrationListener.listen(`tcp:${host}:0`, transportOptions(cell, tlsDir), { start: 'any' });
+    this.listener.on('stranger', (ev) => log(`dropped a connection (${ev.reason}): ${ev.error.describe()}`));
     return { uri: this.listener.uri };
   }
 

@@ -73,7 +73,7 @@ export function setSocketPriority(socket: Socket, priority: number): void {
  */
 export async function probeUrgentPriority(): Promise<{ reported?: number; actual?: number; tos?: number }> {
   const { MigrationListener, SourceConnection } = await import('../../src/transport/connection.js');
-  const listener = await MigrationListener.listen('tcp:127.0.0.1:0');
+  const listener = await MigrationListener.listen('tcp:127.0.0.1:0', {}, { start: 'any' });
   let src: Awaited<ReturnType<typeof SourceConnection.connect>> | undefined;
   let dst: Awaited<ReturnType<typeof listener.accept>> | undefined;
   try {

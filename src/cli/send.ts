@@ -27,6 +27,8 @@ export interface SendOptions {
   tls?: string;
   /** Name the destination's certificate must carry (QEMU's `tls-hostname`; default: the host of `to`). Needs `tls`. */
   tlsHostname?: string;
+  /** With `tls`: accept only a destination whose certificate carries one of these names (see TlsSettings.allowedPeers). */
+  tlsAllow?: readonly string[];
   /**
    * When to switch to postcopy (default 'never'). `{ afterPasses: 0 }` is a
    * lazy restore: the destination runs at once and pages follow on demand.
@@ -209,12 +211,15 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     parseEndpoint(opts.to);
     if (opts.preempt && policy === 'never') throw new SendError('usage', '--preempt needs --postcopy manual, auto or after:N');
     if (opts.tlsHostname !== undefined && opts.tls === undefined) throw new SendError('usage', '--tls-hostname needs --tls');
+    if (opts.tlsAllow?.length && opts.tls === undefined) throw new SendError('usage', '--tls-allow needs --tls');
     saved = await checkSavedVm(from, policy);
     report.machineType = saved.manifest.machineType;
     source = await SavedVmSource.open(from);
     session = new SourceSession({
       to: opts.to,
-      transport: opts.tls ? { tls: { dir: opts.tls, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}) } } : {},
+      transport: opts.tls
+        ? { tls: { dir: opts.tls, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}), ...(opts.tlsAllow?.length ? { allowedPeers: opts.tlsAllow } : {}) } }
+        : {},
       memory: source,
       machineType: saved.manifest.machineType!,
       devices: saved.devices,
@@ -352,6 +357,7 @@ interface SendCliOptions {
   to: string;
   tls?: string;
   tlsHostname?: string;
+  tlsAllow?: string[];
   postcopy: PostcopyPolicy;
   preempt?: boolean;
   bandwidth?: number;
@@ -392,6 +398,7 @@ export async function runSendCommand(o: SendCliOptions): Promise<number> {
       to: o.to,
       ...(o.tls !== undefined ? { tls: o.tls } : {}),
       ...(o.tlsHostname !== undefined ? { tlsHostname: o.tlsHostname } : {}),
+      ...(o.tlsAllow?.length ? { tlsAllow: o.tlsAllow } : {}),
       postcopy: o.postcopy,
       preempt: o.preempt ?? false,
       ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
@@ -441,6 +448,7 @@ export function registerSendCommand(program: Command): Command {
     .requiredOption('--to <uri>', 'where the destination listens: tcp:HOST:PORT or unix:PATH')
     .option('--tls <dir>', 'QEMU tls-creds-x509 directory (client side: ca-cert.pem, client-cert.pem, client-key.pem): TLS on every channel')
     .option('--tls-hostname <name>', "name the destination's certificate must carry (default: the host of --to)")
+    .option('--tls-allow <name>', "with --tls: accept only a destination whose certificate names NAME (subject DN, CN or subjectAltName; repeatable)", (v: string, all: string[]) => [...all, v], [] as string[])
     .addOption(
       new Option('--postcopy <policy>', 'never | manual (Enter on a TTY, or SIGUSR1) | auto | after:N (after:0 = lazy restore: the VM runs at once)')
         .default('never' as PostcopyPolicy, 'never')

@@ -7,6 +7,7 @@ import { applyXbzrle } from '../stream/xbzrle.js';
 import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { MigrationListener, type DestinationConnection, type TransportOptions } from '../transport/connection.js';
+import type { StrangerEvent } from '../transport/qualify.js';
 import { MigrationError, type MigrationPhase } from './errors.js';
 import type { LatencySummary } from './latency.js';
 import type { GuestMemorySink } from './memory.js';
@@ -90,8 +91,18 @@ export interface DestinationOptions {
 }
 
 export interface DestinationEvents {
-  /** A channel connected (and finished its TLS handshake). */
+  /**
+   * A connection qualified as a channel (after its TLS handshake; see
+   * MigrationListener): the main channel when its first bytes came, a
+   * plain-TCP preempt channel only with its first page.
+   */
   channel: [{ role: 'main' | 'preempt'; stats: ChannelStats }];
+  /**
+   * A connection was dropped before it became a channel (it closed, sent
+   * something else than a migration stream, failed TLS, was too slow or one
+   * too many): the migration is unaffected and the listener keeps waiting.
+   */
+  stranger: [StrangerEvent];
   configuration: [ConfigurationRecord];
   'ram-blocks': [RamBlockInfo[]];
   /** A RAM PART section ended: one precopy iteration. */
@@ -112,8 +123,9 @@ export interface DestinationEvents {
 
 /**
  * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
- * source or our own SourceSession: listens, takes the first connection as the
- * main channel and the next as the preempt channel, follows the protocol
+ * source or our own SourceSession: listens, takes the first connection that
+ * qualifies as the main channel and the next as the preempt channel (others
+ * on the port are dropped and reported as 'stranger' events), follows the protocol
  * (PING→PONG, OPEN_RETURN_PATH, ADVISE, DISCARD, LISTEN, PACKAGED, RUN, EOF,
  * SHUT), writes RAM into a GuestMemorySink, keeps device state, and serves
  * demand page requests during postcopy.
@@ -189,9 +201,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private start(): void {
-    this.listener.on('refused', (e) => {
-      if (!this.conn) this.fail(MigrationError.from(e, 'setup'));
-    });
+    this.listener.on('stranger', (ev) => this.emit('stranger', ev));
+    // Rejects only when the listener is closed, i.e. when the session is over.
     this.listener.accept().then(
       (conn) => this.onConnection(conn),
       (e: unknown) => this.fail(MigrationError.from(e, 'setup')),
@@ -218,7 +229,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onPreempt(ch: Channel, gen: number): void {
-    if (this.finished || gen !== this.generation) {
+    // While finishing, a plain-TCP preempt channel may qualify only now, with its first (late) page.
+    if ((this.finished && !this.finishing) || gen !== this.generation) {
       ch.destroy();
       return;
     }
@@ -360,7 +372,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     let listener: MigrationListener | undefined;
     for (let i = 0; !listener; i++) {
       try {
-        listener = await MigrationListener.listen(uri, this.opts.transport ?? {});
+        listener = await MigrationListener.listen(uri, this.opts.transport ?? {}, { start: 'resume' });
       } catch (e) {
         if (i >= 20 || (e as { cause?: { code?: string } }).cause?.code !== 'EADDRINUSE') throw e;
         await new Promise((r) => setTimeout(r, 50));
@@ -371,6 +383,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       return;
     }
     this.listener = listener;
+    // Strangers (a wrong certificate, a port scanner) are dropped by the listener, which keeps waiting.
+    listener.on('stranger', (ev) => this.emit('stranger', ev));
     listener.accept().then(
       (conn) => {
         if (this.finished || this.listener !== listener) {
@@ -382,13 +396,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.decoder = new StreamDecoder({ channel: 'resume', resumeFrom: this.decoder });
         this.onConnection(conn);
       },
-      () => {
-        // Refused (a wrong certificate, a port scanner): a listener reports only its first
-        // refusal, so listen afresh at the same address and keep waiting.
-        if (this.finished || this.listener !== listener) return;
-        listener.close();
-        this.listenForRecovery(uri).catch((err: unknown) => this.fail(MigrationError.from(err, this.phase)));
-      },
+      () => undefined, // closed: replaced by recover(), or the session is over
     );
   }
 
@@ -622,7 +630,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     try {
       // Pages requested late may still be in flight on the preempt channel.
       const deadline = performance.now() + 5000;
-      while (this.listening && this.pages.missing() > 0 && this.conn?.preempt && performance.now() < deadline) {
+      while (this.listening && this.pages.missing() > 0 && this.conn?.preemptExpected && performance.now() < deadline) {
         await new Promise((r) => setTimeout(r, 5));
       }
       this.finishing = false;

@@ -6,7 +6,17 @@ import { Channel, classifySocketError, type ChannelLimits, type ChannelRole, typ
 import { formatEndpoint, parseEndpoint, type Endpoint } from './endpoint.js';
 import { TransportError } from './errors.js';
 import { loadTlsDir, type TlsMaterial } from './pki.js';
-import { classifyTlsError, clientTlsOptions, serverTlsOptions, type TlsSettings } from './tls.js';
+import {
+  DEFAULT_MAX_PENDING_CONNECTIONS,
+  DEFAULT_QUALIFY_TIMEOUT_MS,
+  judgeMainStart,
+  judgePreemptStart,
+  type ChannelStart,
+  type QualifyOptions,
+  type StrangerEvent,
+  type StrangerReason,
+} from './qualify.js';
+import { checkAllowedPeer, classifyTlsError, clientTlsOptions, serverTlsOptions, type TlsSettings } from './tls.js';
 import { BULK_PROFILE, URGENT_PROFILE, applyTuning, mergeProfile, type TuningProfile } from './tuning.js';
 
 /** Options of one channel: its tuning (over the role's default profile) and buffering limits. */
@@ -15,8 +25,11 @@ export interface ChannelOptions extends ChannelLimits {
   readonly tuning?: Partial<TuningProfile>;
 }
 
-/** Options shared by both ends. */
-export interface TransportOptions {
+/**
+ * Options shared by both ends; `maxPendingConnections` and `qualifyTimeoutMs`
+ * (which connections may become a channel, see qualify.ts) are the destination's.
+ */
+export interface TransportOptions extends QualifyOptions {
   /**
    * TLS with QEMU's tls-creds-x509 directory layout. The source is always the
    * TLS client, the destination the server, on every channel (as in QEMU).
@@ -26,6 +39,11 @@ export interface TransportOptions {
   readonly preempt?: ChannelOptions;
   /** TCP connect plus TLS handshake, per channel (default 10 s). */
   readonly connectTimeoutMs?: number;
+}
+
+/** `qualifyTimeoutMs`, else `connectTimeoutMs` (the handshake limit it replaces on the destination), else the default. */
+function qualifyTimeout(opts: TransportOptions): number {
+  return opts.qualifyTimeoutMs ?? opts.connectTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS;
 }
 
 function profileFor(role: ChannelRole, opts: TransportOptions): TuningProfile {
@@ -96,6 +114,12 @@ async function openClientChannel(
     t.on('session', onSession);
     t.once('secureConnect', () => {
       clearTimeout(timer);
+      const notAllowed = checkAllowedPeer(t, settings.allowedPeers, role);
+      if (notAllowed) {
+        t.destroy();
+        reject(notAllowed);
+        return;
+      }
       t.removeAllListeners('error');
       resolve(t);
     });
@@ -168,10 +192,12 @@ export class SourceConnection {
   }
 }
 
-/** The destination's side of one migration: the channels in the order they arrived. */
+/** The destination's side of one migration: the channels in the order they qualified. */
 export class DestinationConnection {
   private preemptChannel: Channel | undefined;
   private preemptWaiters: { resolve: (c: Channel) => void; reject: (e: TransportError) => void }[] = [];
+  /** @internal plain-TCP connections that may still turn out to be the (silent) preempt channel. */
+  preemptCandidates = 0;
 
   constructor(readonly main: Channel) {}
 
@@ -180,7 +206,16 @@ export class DestinationConnection {
     return this.preemptChannel;
   }
 
-  /** Resolves when the second connection arrives (QEMU's preempt channel). */
+  /**
+   * True when a preempt channel is here or may be: a plain-TCP preempt
+   * channel is only known by its first bytes (see qualify.ts), so pages may
+   * still come on a connection that has not spoken yet.
+   */
+  get preemptExpected(): boolean {
+    return this.preemptChannel !== undefined || this.preemptCandidates > 0;
+  }
+
+  /** Resolves when the preempt channel has qualified (the next connection after main, as in QEMU). */
   waitPreempt(): Promise<Channel> {
     if (this.preemptChannel) return Promise.resolve(this.preemptChannel);
     return new Promise((resolve, reject) => this.preemptWaiters.push({ resolve, reject }));
@@ -211,43 +246,98 @@ export class DestinationConnection {
   }
 }
 
+/** Options of {@link MigrationListener.listen} that are not about the channels themselves. */
+export interface ListenOptions {
+  /**
+   * What a connection must start with to become the main channel: a new
+   * migration's stream magic (default), on a postcopy-recovery listener the
+   * recovery's first command, or 'any' (roles by order, no byte checked).
+   */
+  readonly start?: ChannelStart;
+}
+
 interface ListenerEvents {
-  /** A connection was refused (TLS failure, or one connection too many). */
-  refused: [TransportError];
+  /** A connection was dropped before it became a channel; the listener keeps waiting. */
+  stranger: [StrangerEvent];
   main: [Channel];
   preempt: [Channel];
 }
 
+/** A connection waiting to qualify as a channel. */
+interface Candidate {
+  readonly raw: net.Socket;
+  /** The TLS socket over `raw`, once its handshake succeeded. */
+  secure?: tls.TLSSocket;
+  /** Accepted after the main channel qualified: it may become the preempt channel, never the main one. */
+  readonly forPreempt: boolean;
+  readonly remote: string | undefined;
+  timer?: NodeJS.Timeout;
+  /** Removes the listeners the first-bytes wait installed. */
+  unwatch?: () => void;
+  /** Our listeners on the sockets, removed when it qualifies (Node's own must stay). */
+  readonly onRawClose: () => void;
+  onSecureError?: () => void;
+}
+
+const ignoreError = (): void => undefined;
+
+function remoteOf(s: net.Socket): string | undefined {
+  return s.remoteAddress ? `${s.remoteAddress.includes(':') ? `[${s.remoteAddress}]` : s.remoteAddress}:${s.remotePort}` : undefined;
+}
+
+/** The first bytes of a connection, for a log line: hex, and the text when it is printable. */
+function describeBytes(b: Buffer): string {
+  const head = b.subarray(0, 8);
+  const text = head.toString('latin1');
+  const printable = /^[\x20-\x7e]*$/.test(text) ? ` ("${text}")` : '';
+  const hint = head[0] === 0x16 ? ' (a TLS ClientHello: the peer uses TLS, this listener does not)' : '';
+  return `${head.toString('hex').replace(/(..)(?!$)/g, '$1 ')}${printable}${hint}`;
+}
+
 /**
- * Listens for one migration. Roles follow arrival, as in QEMU 10.0: the first
- * connection is the main channel, the next the preempt channel. "Arrival" is
- * the TCP accept for plain sockets and the completed TLS handshake with TLS —
- * QEMU too identifies a TLS channel only after its handshake. Further
- * connections are refused. A refused main channel rejects `accept()`.
+ * Listens for one migration. Channel roles go only to connections that
+ * qualify (see qualify.ts): the main channel is the first whose first bytes
+ * are the stream magic (with TLS: after a handshake with a valid client
+ * certificate), then the preempt channel by order, as QEMU 10.0. Anything
+ * else on the port — a probe that connects and closes, an HTTP request, a TLS
+ * client of another CA, a client that says nothing — is dropped and reported
+ * as a 'stranger' event; the listener keeps waiting. `accept()` rejects only
+ * when the listener is closed.
  */
 export class MigrationListener extends EventEmitter<ListenerEvents> {
   private conn: DestinationConnection | undefined;
   private acceptWaiters: { resolve: (c: DestinationConnection) => void; reject: (e: TransportError) => void }[] = [];
-  private firstRefusal: TransportError | undefined;
+  private readonly pending = new Set<Candidate>();
   private closing = false;
+  private readonly maxPending: number;
+  private readonly qualifyMs: number;
 
   private constructor(
     private readonly server: net.Server,
     readonly endpoint: Endpoint,
     private readonly opts: TransportOptions,
+    private readonly listenOpts: ListenOptions,
   ) {
     super();
+    this.maxPending = opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS;
+    this.qualifyMs = qualifyTimeout(opts);
   }
 
-  static async listen(uri: string, opts: TransportOptions = {}): Promise<MigrationListener> {
+  static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}): Promise<MigrationListener> {
     const ep = parseEndpoint(uri);
+    for (const [name, v, min] of [
+      ['maxPendingConnections', opts.maxPendingConnections, 1],
+      ['qualifyTimeoutMs', opts.qualifyTimeoutMs, 1],
+    ] as const) {
+      if (v !== undefined && !(Number.isInteger(v) && v >= min && v <= 2_147_483_647)) throw new RangeError(`${name} must be an integer from ${min} to 2147483647, got ${String(v)}`);
+    }
     const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'server') : undefined;
     if (ep.kind === 'unix') await removeStaleSocket(ep.path);
     let server: net.Server;
     if (material && opts.tls) {
       const settings: TlsSettings = { ...opts.tls, endpoint: 'server' };
       // A handshake that never completes must not hold a socket forever.
-      server = tls.createServer({ ...serverTlsOptions(material, settings), handshakeTimeout: opts.connectTimeoutMs ?? 10_000 });
+      server = tls.createServer({ ...serverTlsOptions(material, settings), handshakeTimeout: qualifyTimeout(opts) });
     } else {
       server = net.createServer();
     }
@@ -261,7 +351,7 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
       if (ep.kind === 'tcp') server.listen({ host: ep.host, port: ep.port }, onListening);
       else server.listen(ep.path, onListening);
     });
-    const l = new MigrationListener(server, actual, opts);
+    const l = new MigrationListener(server, actual, opts, listenOpts);
     l.wire(server, ep.kind, material !== undefined);
     return l;
   }
@@ -271,36 +361,167 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     return formatEndpoint(this.endpoint);
   }
 
+  /** Connections waiting to qualify right now. */
+  get pendingConnections(): number {
+    return this.pending.size;
+  }
+
   private wire(server: net.Server, kind: 'tcp' | 'unix', secure: boolean): void {
+    // tls.Server emits 'connection' with the raw socket before it starts the handshake.
+    server.on('connection', (raw: net.Socket) => this.admit(raw, kind, secure));
     if (secure) {
-      server.on('secureConnection', (s: tls.TLSSocket) => this.arrived(s, kind));
+      server.on('secureConnection', (s: tls.TLSSocket) => this.secured(s, kind));
       server.on('tlsClientError', (e: Error, s: tls.TLSSocket) => {
         // The verification result is on the socket: the error alone is often just "socket hang up".
         // A TLSSocket counts decrypted bytes only; the raw socket under it (Node's
         // long-standing `_parent`) tells a client that sent its hello and hung up
         // (it refused our certificate) from one that never spoke.
         const raw = (s as tls.TLSSocket & { _parent?: net.Socket })._parent;
-        const err = classifyTlsError(e, this.conn ? 'preempt' : 'main', { side: 'server', socket: s, rawBytesRead: raw?.bytesRead ?? 0 });
+        const c = this.candidateOf(raw);
         s.destroy();
-        this.refuse(err);
+        if (!c) return; // already dropped (timed out, or the listener is closing)
+        const channel = c.forPreempt ? 'preempt' : 'main';
+        if ((e as { code?: string }).code === 'ERR_TLS_HANDSHAKE_TIMEOUT') {
+          this.drop(c, raw, 'timeout', new TransportError('qualify-timeout', `no TLS handshake within ${this.qualifyMs} ms`, { channel, cause: e }));
+          return;
+        }
+        this.drop(c, raw, 'tls', classifyTlsError(e, channel, { side: 'server', socket: s, rawBytesRead: raw?.bytesRead ?? 0 }));
       });
-    } else {
-      server.on('connection', (s: net.Socket) => this.arrived(s, kind));
     }
-    server.on('error', (e) => this.refuse(classifySocketError(e)));
+    // Accept errors (EMFILE …) cost one connection, not the migration.
+    server.on('error', (e) => this.report({ reason: 'closed', error: classifySocketError(e) }));
   }
 
-  private arrived(s: net.Socket | tls.TLSSocket, kind: 'tcp' | 'unix'): void {
-    const role: ChannelRole | undefined = !this.conn ? 'main' : !this.conn.preempt ? 'preempt' : undefined;
+  private candidateOf(raw: net.Socket | undefined): Candidate | undefined {
+    for (const c of this.pending) if (c.raw === raw) return c;
+    return undefined;
+  }
+
+  private rolesTaken(): boolean {
+    return this.conn?.preempt !== undefined;
+  }
+
+  /** A TCP/unix connection arrived: it waits to qualify, within the bounds. */
+  private admit(raw: net.Socket, kind: 'tcp' | 'unix', secure: boolean): void {
+    const remote = remoteOf(raw);
     if (this.closing) {
+      raw.destroy();
+      return;
+    }
+    if (this.rolesTaken()) {
+      raw.destroy();
+      this.report({ reason: 'extra', error: new TransportError('channel-order', 'a connection after every channel of this migration had arrived'), ...(remote ? { remote } : {}) });
+      return;
+    }
+    if (this.pending.size >= this.maxPending) {
+      const tooMany = new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`);
+      // Make room by dropping the oldest main-channel candidate: a real source's main channel
+      // speaks within milliseconds, so a flood must outpace it to matter, and silent
+      // connections cannot hold the port. Plain preempt candidates are kept (the oldest is
+      // most likely the real, silent, preempt channel): then the newcomer is refused.
+      const oldest = [...this.pending].find((p) => !p.forPreempt || secure);
+      if (!oldest) {
+        raw.destroy();
+        this.report({ reason: 'too-many', error: tooMany, ...(remote ? { remote } : {}) });
+        return;
+      }
+      this.drop(oldest, oldest.raw, 'too-many', tooMany);
+    }
+    const forPreempt = this.conn !== undefined;
+    const c: Candidate = {
+      raw,
+      forPreempt,
+      remote,
+      onRawClose: () => {
+        const closed = (): void => {
+          if (this.pending.has(c)) this.drop(c, raw, 'closed', new TransportError('closed', 'the connection closed before it was a migration channel', forPreempt ? { channel: 'preempt' } : {}));
+        };
+        // With TLS, 'tlsClientError' may follow the close and knows better why: let it come first.
+        if (secure) setImmediate(closed);
+        else closed();
+      },
+    };
+    this.pending.add(c);
+    this.countCandidates();
+    raw.on('error', ignoreError); // reported as its close
+    raw.once('close', c.onRawClose);
+    if (secure) return; // the handshake comes first: see secured()
+    // A silent plain-TCP preempt candidate may be the real preempt channel: no time limit (see qualify.ts).
+    if (!c.forPreempt) this.startTimer(c);
+    this.awaitFirstBytes(c, raw, kind);
+  }
+
+  /** A TLS handshake succeeded with a valid client certificate. */
+  private secured(s: tls.TLSSocket, kind: 'tcp' | 'unix'): void {
+    const raw = (s as tls.TLSSocket & { _parent?: net.Socket })._parent;
+    const c = this.candidateOf(raw);
+    if (!c || this.closing) {
       s.destroy();
       return;
     }
-    if (!role) {
-      s.destroy();
-      this.refuse(new TransportError('channel-order', 'a third connection for one migration'));
+    c.secure = s;
+    const channel = c.forPreempt ? 'preempt' : 'main';
+    s.on('error', ignoreError); // reported as the raw socket's close
+    const notAllowed = checkAllowedPeer(s, this.opts.tls?.allowedPeers, channel);
+    if (notAllowed) {
+      this.drop(c, raw, 'tls', notAllowed);
       return;
     }
+    if (c.forPreempt) {
+      // An authenticated peer: the preempt channel by order, as QEMU.
+      this.qualified(c, s, kind);
+      return;
+    }
+    if (this.conn) {
+      this.drop(c, raw, 'extra', new TransportError('channel-order', 'another connection became the main channel first', { channel }));
+      return;
+    }
+    this.startTimer(c);
+    this.awaitFirstBytes(c, s, kind);
+  }
+
+  private startTimer(c: Candidate): void {
+    c.timer = setTimeout(() => {
+      this.drop(c, c.raw, 'timeout', new TransportError('qualify-timeout', `no migration stream within ${this.qualifyMs} ms of connecting`, c.forPreempt ? { channel: 'preempt' } : {}));
+    }, this.qualifyMs);
+  }
+
+  /** Peeks at the first bytes (they stay in the socket for the decoder) and judges them. */
+  private awaitFirstBytes(c: Candidate, s: net.Socket, kind: 'tcp' | 'unix'): void {
+    const start = this.listenOpts.start ?? 'stream';
+    if (start === 'any') {
+      this.qualified(c, s, kind);
+      return;
+    }
+    let seen: Buffer = Buffer.alloc(0);
+    const onReadable = (): void => {
+      for (let chunk: Buffer | null; (chunk = s.read() as Buffer | null) !== null; ) seen = seen.length === 0 ? chunk : Buffer.concat([seen, chunk]);
+      const verdict = c.forPreempt ? judgePreemptStart(seen) : judgeMainStart(start, seen);
+      if (verdict === 'more') return;
+      c.unwatch?.();
+      // Handing the bytes back: the channel's reader sees the stream from its first byte.
+      if (seen.length > 0) s.unshift(seen);
+      if (verdict === 'yes') {
+        this.qualified(c, s, kind);
+        return;
+      }
+      const what = c.forPreempt ? 'a RAM page record (the preempt channel)' : start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
+      this.drop(c, c.raw, 'not-migration', new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`, c.forPreempt ? { channel: 'preempt' } : {}));
+    };
+    s.on('readable', onReadable);
+    c.unwatch = () => s.off('readable', onReadable);
+  }
+
+  private qualified(c: Candidate, s: net.Socket | tls.TLSSocket, kind: 'tcp' | 'unix'): void {
+    this.forget(c);
+    s.off('error', ignoreError);
+    c.raw.off('error', ignoreError);
+    c.raw.off('close', c.onRawClose);
+    if (this.closing || this.rolesTaken()) {
+      s.destroy();
+      return;
+    }
+    const role: ChannelRole = this.conn ? 'preempt' : 'main';
     // The destination writes only return-path messages on the main channel:
     // small and urgent (a page request), so no Nagle and no corking there.
     const profile = role === 'main' ? mergeProfile(mergeProfile(BULK_PROFILE, { noDelay: true, cork: false }), this.opts.main?.tuning) : profileFor(role, this.opts);
@@ -308,35 +529,73 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     const ch = new Channel(s, role, tuning, limitsFor(role, this.opts));
     if (role === 'main') {
       this.conn = new DestinationConnection(ch);
+      // Connections that came before the main channel spoke are not the preempt channel: QEMU's
+      // source opens that one only after its main channel has been answered (PONG 1).
+      this.dropAllPending('another connection became the main channel');
       for (const w of this.acceptWaiters.splice(0)) w.resolve(this.conn);
       this.emit('main', ch);
     } else {
+      this.dropAllPending('another connection became the preempt channel');
       this.conn!.attachPreempt(ch);
       this.emit('preempt', ch);
     }
   }
 
-  private refuse(e: TransportError): void {
-    this.firstRefusal ??= e;
-    if (!this.conn) for (const w of this.acceptWaiters.splice(0)) w.reject(e);
-    if (this.listenerCount('refused') > 0) this.emit('refused', e);
+  private dropAllPending(why: string): void {
+    for (const other of [...this.pending]) this.drop(other, other.raw, 'extra', new TransportError('channel-order', why));
   }
 
-  /** Resolves with the connection once its main channel has arrived; rejects if it was refused. */
+  /** Stops waiting for `c` without touching its sockets. */
+  private forget(c: Candidate): void {
+    this.pending.delete(c);
+    clearTimeout(c.timer);
+    c.unwatch?.();
+    this.countCandidates();
+  }
+
+  private countCandidates(): void {
+    if (!this.conn) return;
+    let n = 0;
+    for (const c of this.pending) if (c.forPreempt) n++;
+    this.conn.preemptCandidates = n;
+  }
+
+  /** Drops a connection that did not qualify, and reports it. */
+  private drop(c: Candidate, raw: net.Socket | undefined, reason: StrangerReason, error: TransportError): void {
+    if (!this.pending.has(c)) return;
+    this.forget(c);
+    // Through the TLS socket when there is one: destroying the raw socket under a live TLS
+    // socket first crashes Node 20 (see secureAccept).
+    if (c.secure) c.secure.destroy();
+    else (raw ?? c.raw).destroy();
+    this.report({ reason, error, ...(c.remote ? { remote: c.remote } : {}) });
+  }
+
+  private report(ev: StrangerEvent): void {
+    if (this.closing) return;
+    this.emit('stranger', ev);
+  }
+
+  /** Resolves with the connection once its main channel has qualified; rejects when the listener is closed first. */
   accept(): Promise<DestinationConnection> {
     if (this.conn) return Promise.resolve(this.conn);
-    if (this.firstRefusal) return Promise.reject(this.firstRefusal);
+    if (this.closing) return Promise.reject(new TransportError('closed', 'listener closed'));
     return new Promise((resolve, reject) => this.acceptWaiters.push({ resolve, reject }));
   }
 
   /**
-   * Stops listening. Channels that arrived stay open (close them through the
-   * connection); a handshake still running is dropped when it completes.
+   * Stops listening and drops every connection still waiting to qualify.
+   * Channels that qualified stay open (close them through the connection).
    */
   close(): void {
     if (this.closing) return;
     this.closing = true;
     const e = new TransportError('closed', 'listener closed');
+    for (const c of [...this.pending]) {
+      this.forget(c);
+      if (c.secure) c.secure.destroy();
+      else c.raw.destroy();
+    }
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);
     // net.Server.close() calls back only once every accepted socket has ended: do not wait for it.

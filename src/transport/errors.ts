@@ -17,6 +17,10 @@ export type TransportErrorCode =
   | 'tls-not-tls' // the peer does not speak TLS
   | 'tls-handshake-failed' // any other handshake failure
   | 'tls-bad-credentials' // missing or unreadable files in the credentials directory
+  | 'tls-peer-not-allowed' // a valid certificate, but not one of the names allowed (QEMU's tls-authz)
+  | 'not-a-migration-channel' // a connection whose first bytes are not a migration channel's
+  | 'qualify-timeout' // a connection that did not qualify as a channel in time
+  | 'too-many-connections' // more connections waiting to qualify than allowed
   | 'channel-order' // a channel used before its turn (preempt before main)
   | 'write-after-close';
 

@@ -9,7 +9,8 @@
  * run one handshake and turn every failure into a {@link TransportError},
  * destroying the sockets.
  */
-import type { Socket } from 'node:net';
+import type { X509Certificate } from 'node:crypto';
+import { isIP, type Socket } from 'node:net';
 import tls from 'node:tls';
 import { TransportError, type TransportErrorCode } from './errors.js';
 import type { TlsMaterial } from './pki.js';
@@ -35,6 +36,16 @@ export interface TlsSettings {
   minVersion?: TlsVersion;
   /** Highest protocol version offered (default 'TLSv1.3'). */
   maxVersion?: TlsVersion;
+  /**
+   * Accept only a peer whose (valid) certificate carries one of these names,
+   * as QEMU's `tls-authz` does with an exact-match authz list: its subject
+   * distinguished name (`CN=…,O=…` in either order: OpenSSL and GnuTLS print
+   * it differently), its common name, or one of its subjectAltName entries
+   * (DNS name, IP address, e-mail, URI). On the server it applies to every
+   * client; on the client to the server, on top of the hostname check.
+   * Unset: any certificate that verifies. Refusal: 'tls-peer-not-allowed'.
+   */
+  allowedPeers?: readonly string[];
 }
 
 /**
@@ -145,6 +156,57 @@ export function serverTlsOptions(material: TlsMaterial, settings: TlsSettings): 
     rejectUnauthorized: settings.verifyPeer ?? true,
     sessionIdContext: SESSION_ID_CONTEXT,
   };
+}
+
+// ---------------------------------------------------------------------------
+// Allow-list of peer names (QEMU's tls-authz)
+// ---------------------------------------------------------------------------
+
+/** One spelling of an IP literal, so that `::1` matches OpenSSL's `0:0:0:0:0:0:0:1`. */
+function canonicalName(name: string): string {
+  const bare = name.replace(/^\[(.*)\]$/, '$1');
+  if (isIP(bare) === 6) return new URL(`http://[${bare}]`).hostname.slice(1, -1);
+  return bare;
+}
+
+/**
+ * The names a certificate can be allowed by (see {@link TlsSettings.allowedPeers}):
+ * its subject DN in certificate order and reversed, its CN, its subjectAltName entries.
+ */
+export function certificateNames(cert: X509Certificate): string[] {
+  const rdns = cert.subject.split('\n').filter((l) => l.length > 0);
+  const names = [rdns.join(','), [...rdns].reverse().join(',')];
+  for (const rdn of rdns) if (rdn.startsWith('CN=')) names.push(rdn.slice(3));
+  // "DNS:a, IP Address:127.0.0.1, email:x@y, URI:…"
+  for (const entry of (cert.subjectAltName ?? '').split(/,\s*/)) {
+    const colon = entry.indexOf(':');
+    if (colon > 0) names.push(canonicalName(entry.slice(colon + 1)));
+  }
+  return [...new Set(names)];
+}
+
+/**
+ * Checks a completed handshake's peer against `allowed`; undefined when it is
+ * allowed (or there is no list), else a 'tls-peer-not-allowed' error naming
+ * the peer. A resumed session without a certificate passes: the session's
+ * first handshake was checked.
+ */
+export function checkAllowedPeer(sock: tls.TLSSocket, allowed: readonly string[] | undefined, channel?: TlsChannel): TransportError | undefined {
+  if (allowed === undefined) return undefined;
+  const cert = sock.getPeerX509Certificate();
+  if (!cert) {
+    return sock.isSessionReused()
+      ? undefined
+      : new TransportError('tls-peer-not-allowed', 'the peer sent no certificate, and only named peers are allowed', channelOpt(channel));
+  }
+  const wanted = new Set(allowed.map(canonicalName));
+  const names = certificateNames(cert);
+  if (names.some((n) => wanted.has(n))) return undefined;
+  return new TransportError(
+    'tls-peer-not-allowed',
+    `the peer's certificate (${cert.subject.split('\n').join(', ')}) names none of the allowed peers (${allowed.join(', ') || 'none'})`,
+    channelOpt(channel),
+  );
 }
 
 // ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import { FaultRelay } from '../faults/relay.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { checkGuestInvariant, compareGuestRam, guestRangeOf, readGuestRam, startQemu, stopAll, type QemuProcess } from '../qemu/harness.js';
 import { describeWithQemu } from '../qemu/require-qemu.js';
+import { playStranger } from '../support/strangers.js';
 
 const MiB = 1024 * 1024;
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -452,5 +453,63 @@ describe('Progress', () => {
     expect(text).toContain('qmt: pass 1\n');
     expect(text).toMatch(/precopy\s+\|[█░]+\| 50% \|\s+2\.0 MiB \| 512\/1024 pages/);
     expect(text).toMatch(/postcopy\s+\|█+\| 100% \|\s+5\.0 MiB \| 2048 pages/);
+  });
+});
+
+describe('qmt receive with strangers on its port', () => {
+  it('--tls --tls-allow: a probe, an HTTP request, a TLS client of another CA, an idle client and a valid but unnamed source are each dropped with one line; the named source migrates, exit 0, RAM equal', async () => {
+    const pkiDir = join(work, 'strangers-pki');
+    const { pki } = await initPkiDir(pkiDir);
+    // Same CA, a client certificate naming source-a.example; another CA altogether.
+    const namedDir = join(work, 'strangers-named');
+    await initPkiDir(namedDir, { ca: { cert: pki.caCert, key: pki.caKey }, hostnames: ['source-a.example'] });
+    const otherDir = join(work, 'strangers-other-ca');
+    await initPkiDir(otherDir);
+    const out = join(work, 'strangers');
+    const run = receive(['--listen', 'tcp:127.0.0.1:0', '--out', out, '--tls', pkiDir, '--tls-allow', 'source-a.example', '--progress', 'none']);
+    const uri = await run.uri;
+    const port = Number(uri.split(':').pop());
+    const silent = await playStranger('silent', port);
+    for (const kind of ['connect-close', 'http', 'tls-foreign-ca'] as const) await playStranger(kind, port, otherDir);
+    const size = 4 * MiB;
+    const source = (dir: string, memory: InMemorySource) =>
+      new SourceSession({
+        to: uri,
+        memory,
+        machineType: 'pc-q35-10.0',
+        devices: [{ idstr: 'timer', instanceId: 0, versionId: 2, data: Buffer.alloc(24, 7) }],
+        replyTimeoutMs: 5000,
+        transport: { tls: { dir, hostname: 'localhost' }, connectTimeoutMs: 5000 },
+      });
+    // A certificate of the right CA, but not a name on the list: refused like a stranger.
+    const unnamed = source(pkiDir, new InMemorySource([{ idstr: 'pc.ram', length: size }]));
+    unnamed.start();
+    expect(await unnamed.done.then(() => 'completed', (e: unknown) => (e as Error).name)).toBe('MigrationError');
+    const memory = new InMemorySource([{ idstr: 'pc.ram', length: size }]);
+    const ram = memory.memory.get('pc.ram')!;
+    for (let p = 0; p < size; p += 8192) ram.fill((p >> 13) & 0xff, p, p + 4096);
+    const src = source(namedDir, memory);
+    src.start();
+    await src.done;
+    const { code, stderr } = await run.exit;
+    silent?.destroy();
+    expect(code, stderr).toBe(0);
+    const dropped = stderr.split('\n').filter((l) => l.startsWith('qmt: dropped a connection'));
+    expect(dropped, stderr).toHaveLength(5);
+    for (const l of dropped) expect(l).toMatch(/^qmt: dropped a connection from 127\.0\.0\.1:\d+ that is not a migration channel \((closed|tls|extra|timeout)\): [a-z-]+( \((main|preempt) channel\))?: .+$/);
+    expect(dropped.filter((l) => l.includes('tls-unknown-ca')), stderr).toHaveLength(1);
+    expect(dropped.filter((l) => l.includes('tls-peer-not-allowed')), stderr).toHaveLength(1);
+    expect(dropped.some((l) => /\(extra\)|\(timeout\)/.test(l)), 'the idle client').toBe(true);
+    const manifest = await readSavedVmManifest(out);
+    expect(manifest.complete).toBe(true);
+    const block = manifest.blocks.find((b) => b.idstr === 'pc.ram')!;
+    expect(readFileSync(join(out, block.file)).equals(ram), 'saved RAM equals the source, bit for bit').toBe(true);
+  }, 60_000);
+
+  it('--tls-allow without --tls is a usage error', async () => {
+    const run = receive(['--listen', 'tcp:127.0.0.1:0', '--out', join(work, 'allow-no-tls'), '--tls-allow', 'x']);
+    const { code, stderr } = await run.exit;
+    expect(code).toBe(1);
+    expect(errorLine(stderr)).toBe('qmt: usage: --tls-allow needs --tls');
   });
 });

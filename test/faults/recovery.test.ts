@@ -11,6 +11,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
+import type net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -24,6 +25,7 @@ import { SourceSession, type DeviceStateSection } from '../../src/protocol/sourc
 import { initPkiDir } from '../../src/transport/pki.js';
 import type { TransportOptions } from '../../src/transport/connection.js';
 import { FaultRelay } from './relay.js';
+import { playStranger } from '../support/strangers.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const MiB = 1 << 20;
@@ -38,6 +40,12 @@ interface Scenario {
   cuts: { afterMs: number; preemptOnly: boolean }[];
   /** Also cut the first recovery connection itself, as soon as it arrives (before POSTCOPY_RESUME). */
   interruptRecovery?: boolean;
+  /**
+   * At the first pause, before the source comes back (it waits 500 ms), strangers at the
+   * recovery listener: connect and close, an HTTP request, a new stream's magic (not a
+   * recovery), and a client that stays silent.
+   */
+  strangersAtPause?: boolean;
 }
 
 interface Outcome {
@@ -55,6 +63,8 @@ interface Outcome {
   /** 'paused' events of the destination (a cut recovery connection pauses again). */
   destinationPauses: number;
   recoveryCuts: number;
+  /** What the destination reported as strangers: `reason/code`. */
+  strangers: string[];
 }
 
 const DEVICES: DeviceStateSection[] = [
@@ -130,8 +140,26 @@ async function run(s: Scenario): Promise<Outcome> {
     stopVm: guest.stop,
     // Slow enough that the background stream is still running when the cuts come.
     postcopyBandwidthLimit: 8 * MiB,
-    recovery: { initialDelayMs: 20, maxDelayMs: 200 },
+    recovery: s.strangersAtPause ? { initialDelayMs: 500, maxDelayMs: 500 } : { initialDelayMs: 20, maxDelayMs: 200 },
   });
+  const strangers: string[] = [];
+  dst.on('stranger', (ev) => strangers.push(`${ev.reason}/${ev.error.code}`));
+  const silent: net.Socket[] = [];
+  let strangersPlayed: Promise<void> = Promise.resolve();
+  if (s.strangersAtPause) {
+    dst.once('paused', ({ uri }) => {
+      const port = Number(uri.split(':').pop());
+      strangersPlayed = (async () => {
+        await playStranger('connect-close', port);
+        await playStranger('http', port);
+        const fresh = await playStranger('silent', port);
+        fresh?.write(Buffer.from('QEVM\0\0\0\x03')); // a new migration's header: not a recovery
+        const idle = await playStranger('silent', port);
+        if (fresh) silent.push(fresh);
+        if (idle) silent.push(idle);
+      })();
+    });
+  }
   const pausedMs: number[] = [];
   src.on('resumed', (e) => pausedMs.push(e.pausedMs));
   let cuts = 0;
@@ -166,6 +194,8 @@ async function run(s: Scenario): Promise<Outcome> {
   const t0 = performance.now();
   const settled = await Promise.allSettled([src.done, dst.done]);
   await faulting;
+  await strangersPlayed;
+  for (const sock of silent) sock.destroy();
   guest.stop();
   await relay.close();
   const [a, b] = settled;
@@ -191,6 +221,7 @@ async function run(s: Scenario): Promise<Outcome> {
     left,
     destinationPauses,
     recoveryCuts,
+    strangers,
   };
 }
 
@@ -238,6 +269,16 @@ describe('postcopy recovery between our sessions', () => {
     console.log(`[recovery] ${o.why}; paused ${o.pausedMs.map((m) => m.toFixed(0)).join(', ')} ms; ${o.requests} requests`);
     check(o);
     expect(o.cuts).toBe(1);
+  }, 120_000);
+
+  it('strangers at the recovery listener while paused are dropped and reported; the source recovers, memory bit for bit', async () => {
+    const o = await run({ preempt: true, tls: false, cuts: [{ afterMs: 50, preemptOnly: false }], strangersAtPause: true });
+    console.log(`[recovery] ${o.why}; strangers ${o.strangers.join(', ')}`);
+    check(o);
+    expect(o.cuts).toBe(1);
+    expect(o.strangers.slice(0, 3)).toEqual(['closed/closed', 'not-migration/not-a-migration-channel', 'not-migration/not-a-migration-channel']);
+    // The silent one: dropped once the source's recovery connection became the main channel.
+    expect(o.strangers[3]).toBe('extra/channel-order');
   }, 120_000);
 
   it('cuts at moments fast-check picks', async () => {

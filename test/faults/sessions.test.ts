@@ -37,6 +37,7 @@ import { SourceSession, type DeviceStateSection, type SourceStats } from '../../
 import { initPkiDir } from '../../src/transport/pki.js';
 import { StreamError } from '../../src/stream/errors.js';
 import { TransportError } from '../../src/transport/errors.js';
+import type { StrangerEvent } from '../../src/transport/qualify.js';
 import { FaultRelay, type ConnectionFaults, type DirectionFaults } from './relay.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
@@ -148,6 +149,14 @@ interface RunOutcome {
   cancelledBeforeSettled: boolean;
   /** Postcopy recoveries the source completed (a cut in postcopy pauses, then resumes). */
   recoveries: number;
+  /**
+   * The source settled while the destination had no channel: its connection was cut (or
+   * corrupted) before its first bytes, so the destination dropped it as a stranger and kept
+   * waiting for a real source; the run closed it, as its user would.
+   */
+  destinationStillWaiting: boolean;
+  /** Connections the destination dropped as strangers. */
+  strangers: number;
 }
 
 /** What may stand behind a MigrationError: nothing, the codec's or the transport's typed error, or a system error (storage). */
@@ -242,6 +251,20 @@ async function migrateThroughRelay(s: Scenario): Promise<RunOutcome> {
       () => resolve(),
     );
   });
+  let channels = 0;
+  let strangers = 0;
+  let stillWaiting = false;
+  dst.on('channel', () => channels++);
+  dst.on('stranger', () => strangers++);
+  // A destination is not ended by a connection that never became a channel (issue 11 §3).
+  const giveUpWaiting = (): void => {
+    setTimeout(() => {
+      if (channels > 0) return;
+      stillWaiting = dst.stats().status === 'setup';
+      dst.close();
+    }, 1500);
+  };
+  src.done.then(giveUpWaiting, giveUpWaiting);
   const t0 = performance.now();
   if (!s.quiet) guest.start();
   src.start();
@@ -282,6 +305,8 @@ async function migrateThroughRelay(s: Scenario): Promise<RunOutcome> {
       firstDifference: difference ?? '',
       cancelledBeforeSettled,
       recoveries: src.stats().recoveries,
+      destinationStillWaiting: stillWaiting,
+      strangers,
     };
   } finally {
     clearTimeout(cancelTimer);
@@ -339,6 +364,10 @@ async function checkScenario(s: Scenario, mustComplete = false): Promise<string>
     expect(o.devicesEqual, `destination completed with the source's devices\n  ${why}`).toBe(true);
   }
   if (o.source.ok && !corruptedReturnPath(o)) expect(o.destination.ok, `the source completed, so did the destination\n  ${why}`).toBe(true);
+  if (o.destinationStillWaiting) {
+    // It kept waiting because the only connection it saw was dropped, and it said so.
+    expect(o.strangers, `a destination still waiting reported the connection it dropped\n  ${why}`).toBeGreaterThan(0);
+  }
   if (s.cancel) {
     // Cancelling a session that has not settled yet ends it as 'cancelled'.
     const cancelled = s.cancel.side === 'source' ? o.source : o.destination;
@@ -444,7 +473,7 @@ describe('a slow link', () => {
 });
 
 describe('connection arrival reordered', () => {
-  it("the preempt channel arriving first is taken for the main channel: the destination fails typed, nothing left open", async () => {
+  it('the preempt channel arriving first is not taken for the main channel (its first bytes are no stream magic): dropped and reported, the main channel still taken, the destination fails typed, nothing left open', async () => {
     // What a QEMU source sent on its two connections (it opens the second only after PONG 1,
     // which is why the SourceSession scenarios above never reorder: there the hold times out).
     const fixtures = join(import.meta.dirname, '..', 'fixtures');
@@ -453,6 +482,10 @@ describe('connection arrival reordered', () => {
     const before = resourceSnapshot();
     unhandled.length = 0;
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), postcopy: true, idleTimeoutMs: IDLE_MS });
+    const strangers: StrangerEvent[] = [];
+    const roles: string[] = [];
+    dst.on('stranger', (ev) => strangers.push(ev));
+    dst.on('channel', (c) => roles.push(c.role));
     const relay = await FaultRelay.start({ target: dst.uri, reorder: { holdMs: 5000 } });
     const port = Number(relay.uri.split(':')[2]);
     const sockets: net.Socket[] = [];
@@ -476,8 +509,12 @@ describe('connection arrival reordered', () => {
     expect(r.status).toBe('rejected');
     const e = (r as PromiseRejectedResult).reason as unknown;
     expect(e, describeError(e)).toBeInstanceOf(MigrationError);
-    expect((e as MigrationError).code, describeError(e)).toBe('stream');
-    expect(describeError(e)).toContain('bad-magic');
+    // QEMU takes roles by order and would read the page records as a bad stream header;
+    // here the preempt connection is a stranger, and its pages never come.
+    expect(strangers.map((x) => `${x.reason}/${x.error.code}`)).toEqual(['not-migration/not-a-migration-channel']);
+    expect(roles).toEqual(['main']);
+    expect((e as MigrationError).code, describeError(e)).toBe('protocol');
+    expect(describeError(e)).toMatch(/pages never received/);
     const left = await leftAfter(before, SETTLE_MS);
     expect(left, 'nothing left open').toEqual([]);
     expect(unhandled.map(describeError)).toEqual([]);
@@ -502,7 +539,11 @@ describe('TLS refused at the session level', () => {
 
   interface TlsRun {
     source: PromiseSettledResult<SourceStats>;
+    /** The destination keeps waiting after a refused connection: this is its end once closed. */
     destination: PromiseSettledResult<DestinationResult>;
+    /** Its status after the source had failed and the refusal had been reported. */
+    destinationWaiting: string;
+    strangers: StrangerEvent[];
     sourceConnected: boolean;
     destinationChannels: number;
     sink: InMemorySink;
@@ -525,18 +566,34 @@ describe('TLS refused at the session level', () => {
       transport: { tls: { dir: join(dir, srcDir) }, connectTimeoutMs: 5000 },
     });
     const run = { sourceConnected: false, destinationChannels: 0 };
+    const strangers: StrangerEvent[] = [];
     src.on('connected', () => (run.sourceConnected = true));
     dst.on('channel', () => run.destinationChannels++);
+    dst.on('stranger', (ev) => strangers.push(ev));
+    const t0 = performance.now();
     src.start();
-    const both = await within(Promise.allSettled([src.done, dst.done]), RUN_BOUND_MS);
+    const srcEnd = await within(Promise.allSettled([src.done]), RUN_BOUND_MS);
+    while (strangers.length === 0 && performance.now() - t0 < RUN_BOUND_MS) await new Promise((r) => setTimeout(r, 10));
+    const destinationWaiting = dst.stats().status;
     src.cancel();
     dst.close();
-    if (!both.settled || both.value.status !== 'fulfilled') throw new Error(`the TLS run did not end within ${RUN_BOUND_MS} ms`);
-    const [source, destination] = both.value.value;
+    const dstEnd = await within(Promise.allSettled([dst.done]), RUN_BOUND_MS);
+    if (!srcEnd.settled || srcEnd.value.status !== 'fulfilled' || !dstEnd.settled || dstEnd.value.status !== 'fulfilled') throw new Error(`the TLS run did not end within ${RUN_BOUND_MS} ms`);
+    const [source] = srcEnd.value.value;
+    const [destination] = dstEnd.value.value;
     const left = await leftAfter(before, SETTLE_MS);
     await new Promise((r) => setImmediate(r));
     expect(unhandled.map(describeError), 'unhandled rejections').toEqual([]);
-    return { source, destination, ...run, sink, left };
+    return { source, destination, destinationWaiting, strangers, ...run, sink, left };
+  }
+
+  /** The destination's side: one stranger reported with the reason, still waiting, then closed by us. */
+  function strangerCause(r: TlsRun): TransportError {
+    expect(r.strangers.map((e) => e.reason), 'one refused connection, reported').toEqual(['tls']);
+    expect(r.destinationWaiting, 'the destination keeps waiting').toBe('setup');
+    expect(r.destination.status).toBe('rejected');
+    expect((r.destination as PromiseRejectedResult).reason, 'closed by us').toMatchObject({ code: 'cancelled' });
+    return r.strangers[0]!.error;
   }
 
   function tlsCause(r: PromiseSettledResult<unknown>, name: string): TransportError {
@@ -550,7 +607,7 @@ describe('TLS refused at the session level', () => {
     return m.cause as TransportError;
   }
 
-  it('certificates from another CA: no session starts, both sides fail naming the reason, nothing left open', async () => {
+  it('certificates from another CA: no session starts, the source fails and the destination reports the stranger, both naming the reason, nothing left open', async () => {
     const r = await tlsRun('a', 'b');
     expect(r.sourceConnected, 'the source never connected').toBe(false);
     expect(r.destinationChannels, 'the destination never accepted a channel').toBe(0);
@@ -560,12 +617,13 @@ describe('TLS refused at the session level', () => {
     expect(s.code, s.describe()).toBe('tls-unknown-ca');
     // The source refuses the server certificate and drops the connection without a TLS
     // alert: the destination sees a hang-up in mid-handshake. It cannot know the CA was the
-    // reason, but it must name a TLS refusal, not a peer that "does not speak TLS".
-    const d = tlsCause(r.destination, 'destination');
+    // reason, but it must name a TLS refusal, not a peer that "does not speak TLS" — and it
+    // is a stranger: dropped, reported, and the destination keeps waiting.
+    const d = strangerCause(r);
     expect(['tls-unknown-ca', 'tls-handshake-failed'], `destination names the reason: ${d.describe()}`).toContain(d.code);
   });
 
-  it('a client certificate from another CA: the destination refuses it and says why, nothing left open', async () => {
+  it('a client certificate from another CA: the destination refuses it, says why, and keeps waiting; nothing left open', async () => {
     const r = await tlsRun('a', 'mixed');
     expect(r.destinationChannels, 'the destination never accepted a channel').toBe(0);
     expect(r.sink.blocks.size, 'no RAM block was set up').toBe(0);
@@ -574,7 +632,7 @@ describe('TLS refused at the session level', () => {
     // certificate, so the source starts sending, then sees the connection close.
     expect(r.source.status, 'source fails').toBe('rejected');
     expect((r.source as PromiseRejectedResult).reason, 'a typed error').toBeInstanceOf(MigrationError);
-    const d = tlsCause(r.destination, 'destination');
+    const d = strangerCause(r);
     expect(d.code, `destination names the reason: ${d.describe()}`).toBe('tls-unknown-ca');
   });
 });

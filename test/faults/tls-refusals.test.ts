@@ -7,14 +7,16 @@
  * to a plain destination. (Certificates of another CA are in
  * sessions.test.ts, 'TLS refused at the session level'.)
  *
- * For each: both `done` promises settle within RUN_BOUND_MS, each with a
- * MigrationError; a side that can know why it was refused fails with code
- * 'transport' and a TransportError naming the reason, a side that can only
- * see a hang-up (or bytes it cannot parse) fails with the documented code
- * for that (see CASES); no session starts: a side that learns of the refusal
- * before its connection is established never counts as connected (see
- * `Side.connects`), and no RAM block is set up on the destination; nothing is
- * left open and nothing is rejected unhandled.
+ * For each: the source's `done` settles within RUN_BOUND_MS with a
+ * MigrationError naming the reason where it can know it ('transport' and a
+ * TransportError), or the documented code for a hang-up (see CASES). The
+ * destination does not fail: a refused connection is a stranger (issue 11
+ * §3), dropped and reported by a 'stranger' event whose TransportError names
+ * the reason, and it keeps waiting for the real source (still 'setup', no
+ * channel, no RAM block) until it is closed. No session starts: a side that
+ * learns of the refusal before its connection is established never counts as
+ * connected (see `Side.connects`); nothing is left open and nothing is
+ * rejected unhandled.
  */
 import { randomFillSync } from 'node:crypto';
 import { copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
@@ -29,6 +31,7 @@ import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
 import { StreamError, type StreamErrorCode } from '../../src/stream/errors.js';
 import { TransportError, type TransportErrorCode } from '../../src/transport/errors.js';
+import type { StrangerEvent } from '../../src/transport/qualify.js';
 import { initPkiDir, type GeneratePkiOptions } from '../../src/transport/pki.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
@@ -178,9 +181,9 @@ const CASES: Case[] = [
     destination: { listen: 'tcp' },
     source: { tls: 'good' },
     expectSource: { fails: ['transport/tls-not-tls'], connects: false },
-    // The destination accepts the channel, then reads a TLS ClientHello where the stream
-    // header belongs: a bad magic number is all it can say.
-    expectDestination: { fails: ['stream/bad-magic'], connects: true },
+    // The destination peeks at a TLS ClientHello where the stream magic belongs: not a
+    // migration channel (the message says it looks like TLS).
+    expectDestination: { fails: ['transport/not-a-migration-channel'], connects: false },
   },
 ];
 
@@ -188,7 +191,11 @@ const CASES: Case[] = [
 
 interface TlsRun {
   source: PromiseSettledResult<SourceStats>;
+  /** How the destination ended once closed: it keeps waiting until then. */
   destination: PromiseSettledResult<DestinationResult>;
+  /** Its status while still waiting, after the source had settled and the stranger was reported. */
+  destinationWaiting: string;
+  strangers: StrangerEvent[];
   sourceConnected: boolean;
   destinationChannels: number;
   sink: InMemorySink;
@@ -234,21 +241,26 @@ async function run(c: Case): Promise<TlsRun> {
     },
   });
   const seen = { sourceConnected: false, destinationChannels: 0 };
+  const strangers: StrangerEvent[] = [];
   src.on('connected', () => (seen.sourceConnected = true));
   dst.on('channel', () => seen.destinationChannels++);
+  dst.on('stranger', (ev) => strangers.push(ev));
   const t0 = performance.now();
   src.start();
-  const both = await within(Promise.allSettled([src.done, dst.done]), RUN_BOUND_MS);
+  const [source] = (await within(Promise.allSettled([src.done]), RUN_BOUND_MS)) ?? [];
+  // The destination reports the refused connection; give it until the bound to do so.
+  while (strangers.length === 0 && performance.now() - t0 < RUN_BOUND_MS) await new Promise((r) => setTimeout(r, 10));
   const ms = performance.now() - t0;
+  const destinationWaiting = dst.stats().status;
   src.cancel(); // no-op once settled
   dst.close();
-  if (!both) {
+  const [destination] = (await within(Promise.allSettled([dst.done]), RUN_BOUND_MS)) ?? [];
+  if (!source || !destination) {
     throw new Error(`the run did not end within ${RUN_BOUND_MS} ms: source ${src.stats().status} (phase ${src.currentPhase}), destination ${dst.stats().status} (phase ${dst.currentPhase})`);
   }
-  const [source, destination] = both;
   const left = await leftAfter(before, SETTLE_MS);
   await new Promise((r) => setImmediate(r));
-  return { source, destination, ...seen, sink, left, ms };
+  return { source, destination, destinationWaiting, strangers, ...seen, sink, left, ms };
 }
 
 /** Checks that `r` is the failure `want` allows; returns its outcome for the log. */
@@ -302,10 +314,18 @@ describe('TLS refusals at the session level', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  it.each(CASES.map((c) => [c.name, c] as const))('%s: no session starts, both sides fail naming the reason, nothing left open', async (_name, c) => {
+  it.each(CASES.map((c) => [c.name, c] as const))('%s: no session starts, the source fails and the destination reports the stranger, both naming the reason, nothing left open', async (_name, c) => {
     const r = await run(c);
     const s = checkFailure(r.source, 'source', c.expectSource);
-    const d = checkFailure(r.destination, 'destination', c.expectDestination);
+    expect(r.strangers.length, 'the destination reported the refused connection').toBeGreaterThan(0);
+    const first = r.strangers[0]!;
+    const d: Outcome = `transport/${first.error.code}`;
+    expect(first.error, 'a TransportError').toBeInstanceOf(TransportError);
+    expect(c.expectDestination.fails, `destination names the reason: ${first.reason}: ${first.error.describe()}`).toContain(d);
+    // It is not the migration's end: the destination was still waiting for the real source.
+    expect(r.destinationWaiting, 'the destination keeps waiting').toBe('setup');
+    expect(r.destination.status).toBe('rejected');
+    expect((r.destination as PromiseRejectedResult).reason, 'closed by us').toMatchObject({ code: 'cancelled' });
     console.log(`[tls-refusals] ${c.name}: source ${s}${r.sourceConnected ? ' (connected first)' : ''}, destination ${d}${r.destinationChannels > 0 ? ' (accepted a channel first)' : ''} (${r.ms.toFixed(0)} ms)`);
     if (!c.expectSource.connects) expect(r.sourceConnected, 'the source never connected').toBe(false);
     if (!c.expectDestination.connects) expect(r.destinationChannels, 'the destination never accepted a channel').toBe(0);

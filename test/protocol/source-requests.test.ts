@@ -67,9 +67,10 @@ describe('page requests answered on the preempt channel', () => {
       }
     });
     await isRunning;
-    const preempt = await conn.waitPreempt();
     // The whole block in one request, as no QEMU destination would ask.
     await conn.main.send([encodeReturnPathMessage({ type: 'req-pages-id', block: 'big', offset: 0, length: big.length })]);
+    // A plain-TCP preempt channel is known by its first page record (it is peeked, not read).
+    const preempt = await conn.waitPreempt();
     // Leave the preempt channel unread while the source would queue 64 MiB of answers.
     let peak = 0;
     for (let i = 0; i < 20; i++) {

@@ -22,6 +22,8 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { SendReport } from '../../src/cli/send.js';
+import { DestinationSession } from '../../src/protocol/destination.js';
+import { InMemorySink } from '../../src/protocol/memory.js';
 import { SavedVmSource } from '../../src/protocol/memory-source.js';
 import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import { MANIFEST, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
@@ -361,6 +363,34 @@ describe('qmt send refuses what it cannot restore', () => {
     r = await qmtSend(['--from', ok, '--to', 'tcp:127.0.0.1:1']).exit;
     expect(r.code).toBe(1);
     expect(lastLine(r.stderr)).toMatch(/^qmt: transport: connect-failed \(main channel\): connect ECONNREFUSED 127\.0\.0\.1:1/);
+  });
+
+  it('--tls-allow: a destination whose valid certificate names none of the peers is refused, typed, in one line; a named one gets the saved VM', async () => {
+    const pki = join(dir, 'allow-pki');
+    await initPkiDir(pki);
+    const vm = writeVm('allow', {});
+    const sink = new InMemorySink();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport: { tls: { dir: pki } } });
+    try {
+      const strangers: string[] = [];
+      dst.on('stranger', (ev) => strangers.push(ev.reason));
+      let r = await qmtSend(['--from', vm, '--to', dst.uri, '--tls', pki, '--tls-allow', 'dst.example', '--tls-allow', 'other.example']).exit;
+      expect(r.code).toBe(1);
+      expect(lastLine(r.stderr)).toMatch(/^qmt: [a-z-]+: .*tls-peer-not-allowed.*names none of the allowed peers \(dst\.example, other\.example\)/);
+      // Our destination saw a client that hung up after the handshake, and keeps waiting.
+      expect(dst.stats().status).toBe('setup');
+      r = await qmtSend(['--from', vm, '--to', dst.uri, '--tls', pki, '--tls-allow', 'localhost']).exit;
+      expect(r.code, r.stderr).toBe(0);
+      const result = await dst.done;
+      expect(result.complete).toBe(true);
+      expect(sink.blocks.get('pc.ram')?.equals(Buffer.alloc(1 * MiB))).toBe(true);
+      expect(strangers.length).toBeGreaterThan(0);
+      r = await qmtSend(['--from', vm, '--to', dst.uri, '--tls-allow', 'localhost']).exit;
+      expect(r.code).toBe(1);
+      expect(lastLine(r.stderr)).toBe('qmt: usage: --tls-allow needs --tls');
+    } finally {
+      dst.close();
+    }
   });
 });
 

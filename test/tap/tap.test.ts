@@ -343,7 +343,8 @@ describe('tap: TLS in and out', () => {
 
   it('SourceConnection → tap → MigrationListener over TLS both ways: the preempt replay is byte-exact and analysed', async () => {
     const [main, rp, pre, sc] = await Promise.all([load('preempt-main.bin'), load('preempt-rp.bin'), load('preempt-channel.bin'), sidecar('preempt.json')]);
-    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', { tls: { dir } });
+    // Roles by order (as QEMU): the replay sends the channels' bytes only once both ends exist.
+    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', { tls: { dir } }, { start: 'any' });
     cleanups.push(() => listener.close());
     const tap = await tapTo(listener.uri, { tlsIn: dir, tlsOut: dir, tlsHostname: 'localhost' });
     const source = await SourceConnection.connect(tap.uri, { tls: { dir, hostname: 'localhost' } });

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { once } from 'node:events';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -8,6 +9,7 @@ import { Channel } from '../../src/transport/channel.js';
 import { MigrationListener, SourceConnection, type TransportOptions } from '../../src/transport/connection.js';
 import { formatEndpoint, parseEndpoint } from '../../src/transport/endpoint.js';
 import { TransportError } from '../../src/transport/errors.js';
+import type { StrangerEvent } from '../../src/transport/qualify.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 
 const work = mkdtempSync(join(tmpdir(), 'qmt-conn-'));
@@ -46,6 +48,13 @@ function collect(ch: Channel): { bytes: () => Buffer; waitFor: (n: number) => Pr
   };
 }
 
+/** What a main channel starts with (the stream magic), and a preempt channel (a PAGE record naming its block). */
+const MAGIC = Buffer.from('QEVM');
+const pageRecord = (data: Buffer): Buffer => Buffer.concat([Buffer.from('0000000000001008', 'hex'), Buffer.from([2]), Buffer.from('m0'), data]);
+
+/** Roles by order, no byte checked: for the tests of the bytes themselves (backpressure, tuning). */
+const BY_ORDER = { start: 'any' } as const;
+
 let unixCount = 0;
 const endpoints = () => ({ tcp: 'tcp:127.0.0.1:0', unix: `unix:${join(work, `m${unixCount++}.sock`)}` });
 
@@ -73,22 +82,24 @@ describe.each([
     try {
       const accepted = listener.accept();
       const src = await SourceConnection.connect(listener.uri, opts);
+      // The listener peeks at the magic without consuming it: the reader gets every byte.
+      const bulk = Buffer.concat([MAGIC, randomBytes((3 << 20) - MAGIC.length)]);
+      await src.main.send([bulk.subarray(0, MAGIC.length)]);
       const dst = await accepted;
       const onMain = collect(dst.main);
       const onReturn = collect(src.main);
-      const bulk = randomBytes(3 << 20);
-      for (let i = 0; i < bulk.length; i += 256 << 10) await src.main.send([bulk.subarray(i, i + (128 << 10)), bulk.subarray(i + (128 << 10), i + (256 << 10))]);
+      for (let i = MAGIC.length; i < bulk.length; i += 256 << 10) await src.main.send([bulk.subarray(i, i + (128 << 10)), bulk.subarray(i + (128 << 10), i + (256 << 10))]);
       expect((await onMain.waitFor(bulk.length)).equals(bulk)).toBe(true);
       // the return path: the reverse direction of the main socket
       await dst.main.send([Buffer.from([0, 2, 0, 4, 0, 0, 0, 1])], 'urgent');
       expect((await onReturn.waitFor(8)).toString('hex')).toBe('0002000400000001');
 
       const preempt = await src.connectPreempt();
+      const page = pageRecord(randomBytes(4096));
+      await preempt.send([page], 'urgent');
       const dstPreempt = await dst.waitPreempt();
       const onPreempt = collect(dstPreempt);
-      const page = randomBytes(4096);
-      await preempt.send([page], 'urgent');
-      expect((await onPreempt.waitFor(4096)).equals(page)).toBe(true);
+      expect((await onPreempt.waitFor(page.length)).equals(page)).toBe(true);
       if (useTls) {
         expect(src.main.stats.tls).toMatchObject({ protocol: 'TLSv1.3', resumed: false });
         expect(preempt.stats.tls).toMatchObject({ protocol: 'TLSv1.3', resumed: true });
@@ -106,32 +117,62 @@ describe.each([
 });
 
 describe('channel order', () => {
-  it('the destination assigns roles by arrival, whatever is written first', async () => {
+  it('roles go to connections that qualify: main by the magic, then preempt by its first record; the others are dropped as strangers', async () => {
     const listener = await MigrationListener.listen('tcp:127.0.0.1:0');
+    const strangers: StrangerEvent[] = [];
+    listener.on('stranger', (ev) => strangers.push(ev));
+    const sockets: net.Socket[] = [];
+    const open = async (): Promise<net.Socket> => {
+      const s = net.connect((listener.endpoint as { port: number }).port, '127.0.0.1');
+      s.on('error', () => undefined);
+      sockets.push(s);
+      await once(s, 'connect');
+      return s;
+    };
+    const until = async (what: string, ok: () => boolean): Promise<void> => {
+      const deadline = Date.now() + 10_000;
+      while (!ok()) {
+        if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; strangers: ${JSON.stringify(strangers.map((e) => e.error.describe()))}`);
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    };
     try {
-      const { port } = listener.endpoint as { port: number };
-      const first = net.connect(port, '127.0.0.1');
-      await new Promise((r) => first.once('connect', r));
-      const dst = await listener.accept();
-      const second = net.connect(port, '127.0.0.1');
-      const pre = await dst.waitPreempt();
+      const http = await open();
+      http.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+      await until('the HTTP request to be dropped', () => strangers.length === 1);
+      expect(strangers[0]).toMatchObject({ reason: 'not-migration', error: { code: 'not-a-migration-channel' } });
+      expect(strangers[0]!.error.message).toContain('"GET / HT"');
+      expect(strangers[0]!.remote).toMatch(/^127\.0\.0\.1:\d+$/);
+
+      const accepted = listener.accept();
+      const first = await open();
+      first.write('QE'); // the magic in two pieces: the listener waits for the rest
+      await new Promise((r) => setTimeout(r, 50));
+      first.write(Buffer.from('VMfirst'));
+      const dst = await accepted;
       const onMain = collect(dst.main);
+      expect((await onMain.waitFor(9)).toString()).toBe('QEVMfirst');
+
+      // Two connections after the main channel: a silent one, and one that sends a page record.
+      await open();
+      const second = await open();
+      const rec = pageRecord(Buffer.from('second'));
+      second.write(rec);
+      const pre = await dst.waitPreempt();
       const onPre = collect(pre);
-      second.write('second'); // the later connection speaks first
-      await onPre.waitFor(6);
-      first.write('first');
-      await onMain.waitFor(5);
-      expect(onMain.bytes().toString()).toBe('first');
-      expect(onPre.bytes().toString()).toBe('second');
-      // a third connection for the same migration is refused
-      const refused = new Promise<TransportError>((r) => listener.once('refused', r));
-      const third = net.connect(port, '127.0.0.1');
-      expect((await refused).code).toBe('channel-order');
-      await new Promise((r) => third.once('close', r));
-      first.destroy();
-      second.destroy();
+      expect((await onPre.waitFor(rec.length)).equals(rec)).toBe(true);
+      await until('the silent candidate to be dropped', () => strangers.length === 2);
+      expect(strangers[1]).toMatchObject({ reason: 'extra', error: { code: 'channel-order' } });
+
+      // Every role is taken: the next connection is dropped at once.
+      const third = await open();
+      await until('the third connection to be dropped', () => strangers.length === 3);
+      expect(strangers[2]).toMatchObject({ reason: 'extra', error: { code: 'channel-order' } });
+      await new Promise((r) => (third.destroyed ? r(undefined) : third.once('close', r)));
+      expect(listener.pendingConnections).toBe(0);
       dst.destroy();
     } finally {
+      for (const s of sockets) s.destroy();
       listener.close();
     }
   });
@@ -144,9 +185,11 @@ describe('channel order', () => {
     try {
       const accepted = listener.accept();
       const src = await SourceConnection.connect(listener.uri);
+      await src.main.send([MAGIC]);
       const dst = await accepted;
       expect(seen).toEqual(['main']);
-      await src.connectPreempt();
+      const preempt = await src.connectPreempt();
+      await preempt.send([pageRecord(Buffer.alloc(4096))]);
       await dst.waitPreempt();
       expect(seen).toEqual(['main', 'preempt']);
       // Once the main channel is gone, a preempt channel is refused: its role could not be told apart.
@@ -166,7 +209,7 @@ describe('backpressure', () => {
   it("a stalled reader never makes the writer's memory grow past its bound", async () => {
     const maxQueuedBytes = 2 << 20;
     const opts: TransportOptions = { main: { maxQueuedBytes, tuning: { sndbuf: 256 << 10, rcvbuf: 256 << 10 } } };
-    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', opts);
+    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', opts, BY_ORDER);
     try {
       const accepted = listener.accept();
       const src = await SourceConnection.connect(listener.uri, opts);
@@ -217,7 +260,7 @@ describe('backpressure', () => {
 
   it('urgent writes overtake bulk writes queued in user space', async () => {
     const opts: TransportOptions = { main: { maxQueuedBytes: 64 << 20, socketBufferBytes: 0, tuning: { sndbuf: 64 << 10, rcvbuf: 64 << 10 } } };
-    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', opts);
+    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', opts, BY_ORDER);
     try {
       const accepted = listener.accept();
       const src = await SourceConnection.connect(listener.uri, opts);
@@ -262,7 +305,7 @@ describe('backpressure', () => {
 describe('tuning', () => {
   it('applies the profiles and reads them back; overrides win', async () => {
     const opts: TransportOptions = { preempt: { tuning: { notSentLowat: 32 << 10, priority: 5 } } };
-    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', opts);
+    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', opts, BY_ORDER);
     try {
       const accepted = listener.accept();
       const src = await SourceConnection.connect(listener.uri, opts);
@@ -288,7 +331,7 @@ describe('tuning', () => {
   });
 
   it('TCP options on a unix socket degrade to warnings', async () => {
-    const listener = await MigrationListener.listen(endpoints().unix);
+    const listener = await MigrationListener.listen(endpoints().unix, {}, BY_ORDER);
     try {
       const accepted = listener.accept();
       const src = await SourceConnection.connect(listener.uri);
@@ -308,10 +351,8 @@ describe('refusals through the connection API', () => {
   async function refusedPair(srcOpts: TransportOptions, dstOpts: TransportOptions, uri = 'tcp:127.0.0.1:0') {
     const before = process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'PipeWrap').length;
     const listener = await MigrationListener.listen(uri, dstOpts);
-    const accepted = listener.accept().then(
-      () => undefined,
-      (e: unknown) => e,
-    );
+    // A refused connection is dropped and reported; the listener keeps waiting.
+    const accepted = new Promise<TransportError>((r) => listener.once('stranger', (ev) => r(ev.error)));
     const srcErr = await SourceConnection.connect(listener.uri, srcOpts).then(
       (c) => {
         c.destroy();

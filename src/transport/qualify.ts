@@ -1,0 +1,140 @@
+/**
+ * Which connections to a migration listener may become a channel.
+ *
+ * A destination port is reachable by whoever is on the network: a health
+ * probe, a port scanner, an HTTP client, a TLS client of another CA. None of
+ * them may end the migration, so a connection gets a channel role only once
+ * it qualifies, and one that closes, fails or stays silent before that is
+ * dropped and reported as a {@link StrangerEvent}.
+ *
+ * What qualifies, and how this follows QEMU 10.0 (migration.c
+ * `migration_ioc_process_incoming`, channel.c):
+ *
+ * - QEMU peeks at the first 4 bytes (the stream magic "QEVM") only with
+ *   multifd without postcopy; with postcopy-preempt, or a single channel, it
+ *   takes roles purely by accept order (`!mis->from_src_file`: the first
+ *   connection is the main channel, the next the preempt channel), after the
+ *   TLS handshake when TLS is on. A stranger that connects first therefore
+ *   ends a QEMU destination's migration; we peek like QEMU's multifd mode
+ *   does, always:
+ * - main channel: the first connection whose first bytes are the stream
+ *   magic (a new migration) or, on a postcopy-recovery listener, a
+ *   RECV_BITMAP / POSTCOPY_RESUME command (a QEMU 10 source begins a recovery
+ *   with RECV_BITMAP: `ram_resume_prepare`). With TLS the handshake must
+ *   first succeed with a valid client certificate (and a name of the
+ *   allow-list, when there is one). The bytes are peeked, never consumed:
+ *   the decoder still sees them.
+ * - preempt channel: it carries no magic, so QEMU takes it by order. With
+ *   TLS we do the same: the next connection after the main channel whose
+ *   handshake succeeds with a valid certificate (only a peer holding a
+ *   certificate of our CA gets there). Plain TCP has no such proof, and the
+ *   preempt channel stays silent until the first urgent page: so every
+ *   connection accepted after the main channel is a candidate, and the first
+ *   whose first bytes are a RAM page record naming its block (the first
+ *   record on a new channel always does; `x-preempt-pre-7-2` channels may
+ *   send only an EOS record) becomes the preempt channel; the others are
+ *   dropped then. A connection accepted before the main channel qualified is
+ *   never the preempt channel: QEMU's source opens it only after PONG 1, so
+ *   after its main channel has spoken.
+ *
+ * Bounds: at most `maxPendingConnections` connections wait to qualify (at
+ * the bound the oldest main-channel candidate makes room: a real main channel
+ * speaks within milliseconds, so silent connections cannot hold the port); a
+ * main-channel candidate has `qualifyTimeoutMs` (with TLS: for the handshake,
+ * then again for the first bytes). A silent plain-TCP preempt candidate has no time
+ * limit while the migration runs (the real preempt channel may be silent for
+ * the whole precopy phase), only the count bound. Plain TCP authenticates
+ * nothing: a stranger that opens enough silent connections between the main
+ * and the preempt channel can still fill the bound; use TLS where the
+ * network is not trusted.
+ */
+import { Command, FILE_MAGIC, RamFlag, RecordType } from '../stream/constants.js';
+import { TransportError } from './errors.js';
+
+/** Default of {@link QualifyOptions.maxPendingConnections}. */
+export const DEFAULT_MAX_PENDING_CONNECTIONS = 16;
+/** Default of {@link QualifyOptions.qualifyTimeoutMs}. */
+export const DEFAULT_QUALIFY_TIMEOUT_MS = 10_000;
+
+/** Limits on connections that are not (yet) a migration channel. Destination only. */
+export interface QualifyOptions {
+  /**
+   * Most connections waiting to qualify at once (TLS handshake or first bytes
+   * not yet in). One more makes room by dropping the oldest waiting
+   * main-channel candidate (reason 'too-many'); when only plain-TCP preempt
+   * candidates wait, the newcomer is dropped instead. Default 16.
+   */
+  readonly maxPendingConnections?: number;
+  /**
+   * Time a connection has to qualify as the main channel, from its TCP accept
+   * (with TLS: for the handshake, then again for the first bytes); then it is
+   * dropped with reason 'timeout'. Default: `connectTimeoutMs` when set, else 10 s.
+   */
+  readonly qualifyTimeoutMs?: number;
+}
+
+/** Why a connection was dropped before it became a migration channel. */
+export type StrangerReason =
+  /** It closed or was reset before it qualified (a port scan, a health probe). */
+  | 'closed'
+  /** Its first bytes are not what the channel starts with (an HTTP request, TLS to a plain listener …). */
+  | 'not-migration'
+  /** Its TLS handshake failed or its certificate was refused; `error.code` says why (`tls-unknown-ca`, `tls-peer-not-allowed` …). */
+  | 'tls'
+  /** It did not qualify within `qualifyTimeoutMs`. */
+  | 'timeout'
+  /** `maxPendingConnections` connections were already waiting to qualify. */
+  | 'too-many'
+  /** Its role went to another connection, or every role is taken. */
+  | 'extra';
+
+/** A connection dropped before it became a migration channel; the listener keeps waiting. */
+export interface StrangerEvent {
+  reason: StrangerReason;
+  /** What happened, typed; its `describe()` is the CLI's line. */
+  error: TransportError;
+  /** `HOST:PORT` of the peer (TCP), when known. */
+  remote?: string;
+}
+
+/**
+ * What makes a connection a channel: a main channel starting a new stream
+ * (the magic), one resuming a postcopy migration (RECV_BITMAP or
+ * POSTCOPY_RESUME first), or 'any': roles purely by order, as QEMU 10.0
+ * itself does, for a listener that carries something else than a migration
+ * stream (benchmarks, transport tests).
+ */
+export type ChannelStart = 'stream' | 'resume' | 'any';
+
+/** The verdict on the bytes seen so far: a channel, not one, or undecided (wait for more). */
+export type FirstBytesVerdict = 'yes' | 'no' | 'more';
+
+const MAGIC = Buffer.alloc(4);
+MAGIC.writeUInt32BE(FILE_MAGIC);
+
+/** Does `b` begin a main channel: the stream magic, or (recovery) RECV_BITMAP / POSTCOPY_RESUME? */
+export function judgeMainStart(start: ChannelStart, b: Uint8Array): FirstBytesVerdict {
+  if (start === 'any') return 'yes';
+  if (start === 'stream') {
+    for (let i = 0; i < Math.min(b.length, MAGIC.length); i++) if (b[i] !== MAGIC[i]) return 'no';
+    return b.length >= MAGIC.length ? 'yes' : 'more';
+  }
+  if (b.length === 0) return 'more';
+  if (b[0] !== RecordType.COMMAND) return 'no';
+  if (b.length < 3) return 'more';
+  const cmd = (b[1]! << 8) | b[2]!;
+  return cmd === Command.RECV_BITMAP || cmd === Command.POSTCOPY_RESUME ? 'yes' : 'no';
+}
+
+/**
+ * Does `b` begin a preempt channel: a PAGE or ZERO record that names its
+ * block (be64 offset|flags, then a non-empty idstr), or a lone EOS?
+ */
+export function judgePreemptStart(b: Uint8Array): FirstBytesVerdict {
+  if (b.length < 8) return 'more';
+  const flags = ((b[6]! << 8) | b[7]!) & 0xfff;
+  if (flags === RamFlag.EOS) return 'yes';
+  if (flags !== RamFlag.PAGE && flags !== RamFlag.ZERO) return 'no';
+  if (b.length < 9) return 'more';
+  return b[8]! > 0 ? 'yes' : 'no';
+}
