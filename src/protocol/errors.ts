@@ -8,8 +8,10 @@ export type { MigrationPhase } from '../errors.js';
 export type SessionErrorCode =
   | 'protocol' // well-formed records in an order or with values the protocol forbids
   | 'peer-disconnected' // the peer closed before the migration completed
-  | 'idle-timeout' // no bytes (or no progress) for longer than the timeout
+  | 'idle-timeout' // no bytes (or no progress) for longer than the timeout (in postcopy: a pause, not a failure)
   | 'accept-timeout' // a destination nobody connected to within acceptTimeoutMs
+  | 'paused' // the operator paused postcopy (pause(), QEMU's migrate-pause): the reason of a 'paused' event
+  | 'invalid-state' // a call the session's current state does not allow (pause() outside postcopy)
   | 'storage' // the guest-memory sink failed (disk full, ...)
   | 'length-mismatch' // the stream's RAM block list differs from the sink's preallocated blocks (QEMU: "Length mismatch")
   | 'bad-page-request' // the destination asked for a page the source does not have
@@ -42,6 +44,7 @@ function kindOf(code: MigrationErrorCode, cause: unknown): MigrationErrorKind {
   switch (code) {
     case 'peer-disconnected':
     case 'idle-timeout':
+    case 'paused': // migrate-pause: a forced network failure, cured by a new connection
       return 'network';
     case 'storage':
       return 'storage';
