@@ -10,6 +10,8 @@ export default defineConfig([
     target: 'node22',
     // import.meta.url in the CJS build (the sockopt addon and the OpenSSL configuration are found relative to it).
     shims: true,
+    // Class names are API (errors are told apart by `name` in logs and by users): keep them under any minification.
+    keepNames: true,
   },
   {
     // demo-destination is the worker thread of `qmt demo`: its own file, loaded by URL.

@@ -7,6 +7,7 @@
  * - protocol: the migration sessions
  * - protocol/tap: a protocol-aware relay that measures a migration between two peers
  */
+export * from './errors.js';
 export * from './stream/index.js';
 export * from './transport/index.js';
 export * from './protocol/index.js';

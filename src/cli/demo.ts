@@ -195,7 +195,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     };
     const ticker = o.progress ? setInterval(refresh, 100) : undefined;
     ticker?.unref();
-    const cancel = (): void => src.cancel();
+    const cancel = (): void => void src.cancel().catch(() => undefined);
     o.signal?.addEventListener('abort', cancel, { once: true });
     o.signal?.throwIfAborted();
     guest.start(o.workload);
@@ -244,6 +244,10 @@ export function formatDemoReport(r: DemoReport): string {
     `downtime        ${r.downtimeMs ?? '-'} ms (source stop → destination running)`,
     `faults          ${r.faults.count}${r.faults.count ? `: p50 ${ms(r.faults.p50)}, p99 ${ms(r.faults.p99)}, max ${ms(r.faults.max)}` : ''}`,
     `bytes           main ${r.bytes.main}, preempt ${r.bytes.preempt}, return path ${r.bytes.returnPath}`,
+    // Why preempt may carry nothing: the requested pages had already left on main, queued ahead of the request.
+    ...(r.preempt && r.postcopy && r.source['requested-pages-already-sent'] > 0
+      ? [`requests        ${r.source['postcopy-requests']} sent; ${r.source['requested-pages-already-sent']} requested page(s) had already been queued on main, so they came that way`]
+      : []),
     `memory          ${r.memoryIdentical ? 'identical at both ends (bit for bit)' : 'DIFFERS'}`,
   ].join('\n');
 }

@@ -50,8 +50,12 @@ export interface ReceiveOptions {
   signal?: AbortSignal;
   /** Called with the actual listen URI (the real port when 0 was asked). */
   onListening?: (uri: string) => void;
-  /** Called once with the session, before anything arrives (the command hangs its signal handlers on it). */
-  onSession?: (session: DestinationSession) => void;
+  /**
+   * Called once the session exists with a function that pauses postcopy now
+   * (DestinationSession.pause(), QEMU's migrate-pause; what SIGUSR1 does in
+   * the command). Outside postcopy the function only logs why it cannot.
+   */
+  onPauseReady?: (pause: () => void) => void;
 }
 
 /** The `--json` report: one object, also returned by {@link receiveMigration}. */
@@ -180,7 +184,6 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
     else progress.log(line);
   });
   opts.onListening?.(s.uri);
-  opts.onSession?.(s);
 
   let blocks: RamBlockInfo[] = [];
   let totalPages = 0;
@@ -254,7 +257,16 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   s.on('completed', () => faults?.stop());
   s.on('failed', () => faults?.stop());
 
-  const cancel = (): void => s.close();
+  opts.onPauseReady?.(() => {
+    try {
+      s.pause();
+      progress.log('pausing postcopy (asked)');
+    } catch (e) {
+      progress.log(`cannot pause: ${e instanceof MigrationError ? e.reason : String(e)}`);
+    }
+  });
+
+  const cancel = (): void => void s.close();
   if (opts.signal?.aborted) cancel();
   opts.signal?.addEventListener('abort', cancel, { once: true });
 
@@ -367,6 +379,9 @@ export function receiveJson(r: ReceiveReport): ReceiveJson {
 export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOptions): Promise<CommandOutcome> {
   if (o.faultRate !== undefined && !o.fault) return { ok: false, error: { code: 'usage', message: '--fault-rate needs --fault' } };
   await checkOutputDirectory(o.out, '--out, the saved VM to write');
+  // SIGUSR1: pause postcopy now (the operator knows the link is dead); without a handler it would kill us.
+  let pauseNow: (() => void) | undefined;
+  ctx.onSignal('SIGUSR1', () => pauseNow?.());
   const r = await receiveMigration({
     listen: o.listen,
     out: o.out,
@@ -380,6 +395,7 @@ export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOption
       : { recovery: { ...(o.recoverListen ? { listen: o.recoverListen } : {}), ...(o.recoveryTimeout !== undefined ? { timeoutMs: o.recoveryTimeout } : {}) } }),
     progress: o.progress,
     signal: ctx.signal,
+    onPauseReady: (fn) => (pauseNow = fn),
   });
   if (o.progress !== 'none') for (const line of formatReceiveSummary(r)) ctx.stderr.write(`qmt: ${line}\n`);
   return { ok: r.ok, ...(r.error ? { error: r.error } : {}), json: receiveJson(r) };
@@ -397,11 +413,21 @@ export function registerReceiveCommand(program: Command): Command {
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
-    .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never)', intArg('--idle-timeout', 0, 2_147_483_647))
+    .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never); once postcopy runs, pause instead', intArg('--idle-timeout', 0, 2_147_483_647))
     .option('--recover-listen <uri>', 'postcopy recovery: wait for the source here after a network failure (default: --listen)', endpointArg)
     .option('--recovery-timeout <ms>', 'postcopy recovery: fail when no recovery came this long after the failure (default: wait)', intArg('--recovery-timeout', 1, 2_147_483_647))
     .option('--no-recovery', 'postcopy: fail on a network failure instead of pausing for a recovery')
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
+    .addHelpText(
+      'after',
+      [
+        '',
+        'Postcopy recovery: once the VM runs here, a network failure — a reset, or no byte for --idle-timeout',
+        "(a silent partition) — pauses the migration: every page is kept and qmt listens again (at",
+        '--recover-listen, default --listen) for the source\'s `migrate … resume=true`.',
+        'SIGUSR1 (kill -USR1 PID) pauses postcopy now, as QEMU\'s migrate-pause, for a link known to be dead.',
+      ].join('\n'),
+    )
     .action(run('receive', runReceiveCommand));
 }

@@ -1,14 +1,17 @@
 import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import { PreemptDecoder, StreamDecoder } from '../stream/decoder.js';
-import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { RecordType, TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { encodeReturnPathMessage } from '../stream/return-path.js';
 import { applyXbzrle } from '../stream/xbzrle.js';
 import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { MigrationListener, type DestinationConnection, type TransportOptions } from '../transport/connection.js';
 import type { StrangerEvent } from '../transport/qualify.js';
-import { MigrationError, type MigrationPhase } from './errors.js';
+import { TransportError } from '../transport/errors.js';
+import { usageError } from '../errors.js';
+import { MigrationError, abortError, type MigrationPhase } from './errors.js';
+import { checkEndpoint, checkNumber, checkSignal, checkTransport } from './options.js';
 import type { LatencySummary } from './latency.js';
 import type { GuestMemorySink } from './memory.js';
 import { PageTracker, type PageRequestResult } from './page-tracker.js';
@@ -78,7 +81,13 @@ export interface DestinationOptions {
    * capability on a destination. Default false: such a stream is refused.
    */
   postcopy?: boolean;
-  /** Fail when no byte arrives for this long once connected (default 60 s; 0 = never). */
+  /**
+   * Fail when no byte arrives for this long once connected (default 60 s;
+   * 0 = never). Once the VM runs here (the postcopy package is in) such
+   * silence is a network failure instead — a pulled cable or a frozen
+   * middlebox sends no FIN and no RST — and pauses the migration like a reset
+   * (see `recovery`); with `recovery: false` it fails.
+   */
   idleTimeoutMs?: number;
   /**
    * Postcopy recovery: once the VM runs here (the postcopy package is in), a
@@ -88,6 +97,18 @@ export interface DestinationOptions {
    * failure final.
    */
   recovery?: DestinationRecoveryOptions | false;
+  /**
+   * Fail with 'accept-timeout' when no source has connected (no main
+   * channel) this long after listening (default: wait forever, as QEMU's
+   * `migrate-incoming`).
+   */
+  acceptTimeoutMs?: number;
+  /**
+   * Aborting it closes the destination, as `close()`: while `listen()` runs it
+   * rejects, afterwards `done` rejects with 'cancelled' (`cause`: the
+   * signal's reason).
+   */
+  signal?: AbortSignal;
 }
 
 export interface DestinationEvents {
@@ -167,6 +188,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private recoveryTimer: NodeJS.Timeout | undefined;
   private recoveries = 0;
   private placedTwice = 0;
+  private started = false;
+  private acceptTimer: NodeJS.Timeout | undefined;
+  /** The source ended the preempt channel (FIN): no late page can come on it any more. */
+  private preemptEnded = false;
+  /** After LISTEN, RAM's END section came: the source finished sending RAM (a refusing source never sends it). */
+  private ramEnded = false;
+  /** Settles once shutdown() has let go of the sockets (close() waits for it). */
+  private shutDown: Promise<void> | undefined;
+  private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
 
   private constructor(
     private listener: MigrationListener,
@@ -182,9 +212,24 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.pages = new PageTracker((m) => this.sendRp(m));
   }
 
-  /** Starts listening; the migration proceeds as the source connects. */
-  static async listen(opts: DestinationOptions): Promise<DestinationSession> {
+  /**
+   * Starts listening; the migration proceeds as the source connects. Bad
+   * options throw at once (TypeError/RangeError with a `code`); a failure to
+   * listen (`address-in-use`, `tls-bad-credentials`, …) rejects.
+   */
+  static listen(opts: DestinationOptions): Promise<DestinationSession> {
+    validateDestinationOptions(opts);
+    return DestinationSession.open(opts);
+  }
+
+  private static async open(opts: DestinationOptions): Promise<DestinationSession> {
+    const signal = opts.signal;
+    if (signal?.aborted) throw abortError(signal, 'setup');
     const listener = await MigrationListener.listen(opts.listen, opts.transport ?? {});
+    if (signal?.aborted) {
+      listener.close();
+      throw abortError(signal, 'setup');
+    }
     const s = new DestinationSession(listener, opts);
     s.start();
     return s;
@@ -201,7 +246,16 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private start(): void {
-    this.listener.on('stranger', (ev) => this.emit('stranger', ev));
+    if (this.started) throw usageError('state', 'already-started', 'start', 'this DestinationSession is already listening');
+    this.started = true;
+    this.opts.signal?.addEventListener('abort', this.onAbort, { once: true });
+    const acceptMs = this.opts.acceptTimeoutMs;
+    if (acceptMs !== undefined) {
+      this.acceptTimer = setTimeout(() => {
+        if (!this.conn) this.fail(new MigrationError('accept-timeout', 'setup', `no source connected to ${this.listener.uri} within ${acceptMs} ms`));
+      }, acceptMs);
+    }
+    this.listener.on('stranger', (ev) => this.onStranger(ev));
     // Rejects only when the listener is closed, i.e. when the session is over.
     this.listener.accept().then(
       (conn) => this.onConnection(conn),
@@ -212,9 +266,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private onConnection(conn: DestinationConnection): void {
     const gen = ++this.generation;
     this.conn = conn;
+    clearTimeout(this.acceptTimer);
     if (this.status === 'setup') this.status = 'active';
     this.emit('channel', { role: 'main', stats: conn.main.stats });
-    this.armIdle();
+    this.armIdle(gen);
     conn.main.on('error', (e) => this.channelLost(e, gen));
     conn.main.on('close', () => {
       if (!this.finished && gen === this.generation) this.onMainEnded(gen);
@@ -241,6 +296,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     ch.on('error', (e) => this.channelLost(e, gen));
     ch.on('end', () => {
       if (gen !== this.generation) return;
+      this.preemptEnded = true;
       // While the VM runs here the source never ends this channel first: a cut.
       if (this.canRecover() && !this.eofSeen) {
         this.channelLost(lost(), gen);
@@ -252,10 +308,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.fail(MigrationError.from(e, this.phase));
       }
     });
+    let first = true;
     ch.read((chunk) => {
       if (gen !== this.generation) return;
       // Still read while finishing: a requested page may arrive after the main channel's EOF.
       if (this.finished && !this.finishing) return;
+      if (first && chunk.length > 0) {
+        first = false;
+        if (chunk[0] === RecordType.COMMAND && this.canRecover()) {
+          this.recoveryArrivedEarly(ch, gen);
+          return;
+        }
+      }
       this.counts.transferred += chunk.length;
       this.idleTimer?.refresh();
       try {
@@ -269,11 +333,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     });
   }
 
-  private armIdle(): void {
+  /**
+   * Silence from the source on connection `gen`. Before the VM runs here it
+   * ends the migration; once it does, silence is a network failure like a
+   * reset (a pulled cable, a frozen middlebox send neither FIN nor RST), so
+   * channelLost pauses instead: QEMU's source may still resume.
+   */
+  private armIdle(gen: number): void {
     const ms = this.opts.idleTimeoutMs ?? 60_000;
     if (ms <= 0) return;
+    clearTimeout(this.idleTimer);
     this.idleTimer = setTimeout(() => {
-      this.fail(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`));
+      this.channelLost(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`), gen);
     }, ms);
   }
 
@@ -308,6 +379,28 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   // ---- postcopy recovery ----------------------------------------------------
 
+  /**
+   * A "preempt" connection that starts with a command is a recovery main
+   * channel (a page record's first byte is its offset's top byte, 0; over
+   * TLS the preempt channel qualifies by order, so this is where it shows;
+   * over plain TCP the listener drops it as a 'recovery' stranger): the
+   * source took this connection for dead — a partition it saw first (its
+   * stall window is shorter than our idle timeout), or its pause() — and came
+   * back before we noticed. It is the proof we lacked: pause now, so that the
+   * source's next attempt finds us listening; this connection goes (QEMU's
+   * destination would not even accept it before migrate-recover).
+   */
+  private recoveryArrivedEarly(ch: Channel | undefined, gen: number): void {
+    ch?.destroy();
+    this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the source opened a recovery connection: it lost the current one'), gen);
+  }
+
+  /** A dropped connection; a plain-TCP recovery connection in the preempt slot is the same proof as above. */
+  private onStranger(ev: StrangerEvent): void {
+    this.emit('stranger', ev);
+    if (ev.reason === 'recovery' && this.status === 'postcopy-active' && this.canRecover()) this.recoveryArrivedEarly(undefined, this.generation);
+  }
+
   /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
   private canRecover(): boolean {
     return this.opts.recovery !== false && this.listening && this.packageDone && !this.finished;
@@ -320,8 +413,28 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     // POSTCOPY_RESUME sends us back to paused (QEMU: postcopy-recover → postcopy-paused).
     if (this.pausedBy && this.status !== 'postcopy-recover') return;
     const err = MigrationError.from(e, this.phase);
-    if (this.canRecover() && isNetworkFailure(err)) void this.pause(err);
+    if (this.canRecover() && isNetworkFailure(err)) void this.enterPause(err);
     else this.fail(err);
+  }
+
+  /**
+   * Forces the paused state now, as QEMU's `migrate-pause` on a destination:
+   * for an operator who knows the link is dead and will not wait for the idle
+   * timeout. The connection is dropped; every page and waiting request is
+   * kept; the source's recovery connection is awaited as after a network
+   * failure ('paused' follows once listening). A no-op when already paused.
+   *
+   * @throws MigrationError `invalid-state` (synchronously) unless the VM runs
+   *   here — postcopy, package received, recovery not disabled — and the
+   *   migration has not ended.
+   */
+  pause(): void {
+    if (!this.canRecover()) {
+      const why = this.finished ? 'the migration is over' : this.opts.recovery === false ? 'postcopy recovery is off (recovery: false)' : 'the VM does not run here yet (no postcopy package received)';
+      throw new MigrationError('invalid-state', this.phase, `pause() needs a running postcopy migration: ${why}`);
+    }
+    if (this.status === 'postcopy-paused') return;
+    void this.enterPause(new MigrationError('paused', this.phase, 'paused by the operator (pause())'));
   }
 
   /**
@@ -329,7 +442,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * and waiting requests are kept, and a listener waits for the source's new
    * connection — at `recovery.listen`, else where the migration came in.
    */
-  private async pause(e: MigrationError): Promise<void> {
+  private async enterPause(e: MigrationError): Promise<void> {
     // Paused again before a recovery completed: the outage (and its timeout) goes on.
     const again = this.pausedBy !== undefined;
     this.pausedBy = e;
@@ -343,7 +456,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.preemptDecoder = undefined;
     const opts = this.opts.recovery || {};
     if (opts.timeoutMs !== undefined && !again) {
-      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(e.code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
+      // A manual pause that nobody resumes ends as a timeout, not as 'paused'.
+      const code = e.code === 'paused' ? 'idle-timeout' : e.code;
+      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
     }
     const uri = opts.listen ?? this.listener.uri;
     this.listener.close();
@@ -374,7 +489,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       try {
         listener = await MigrationListener.listen(uri, this.opts.transport ?? {}, { start: 'resume' });
       } catch (e) {
-        if (i >= 20 || (e as { cause?: { code?: string } }).cause?.code !== 'EADDRINUSE') throw e;
+        if (i >= 20 || !(e instanceof TransportError && e.code === 'address-in-use')) throw e;
         await new Promise((r) => setTimeout(r, 50));
       }
     }
@@ -384,7 +499,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     this.listener = listener;
     // Strangers (a wrong certificate, a port scanner) are dropped by the listener, which keeps waiting.
-    listener.on('stranger', (ev) => this.emit('stranger', ev));
+    listener.on('stranger', (ev) => this.onStranger(ev));
     listener.accept().then(
       (conn) => {
         if (this.finished || this.listener !== listener) {
@@ -485,6 +600,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.section = { idstr: r.idstr, kind: r.kind };
         if (r.idstr === 'ram' && r.kind === 'part' && !this.listening) this.phase = 'precopy';
         if (r.kind === 'full' && !this.listening) this.phase = 'device-state';
+        if (r.idstr === 'ram' && r.kind === 'end' && this.listening) this.ramEnded = true;
         return;
       case 'footer':
         // One RAM PART section is one precopy iteration of QEMU's RAM handler.
@@ -577,7 +693,17 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * Concurrent requests for one page share one request.
    */
   async requestPage(block: string, offset: number): Promise<PageRequestResult> {
+    // Checked before anything is sent: a request the source would refuse ends the migration there.
+    if (typeof block !== 'string') throw usageError('type', 'unknown-ram-block', 'block', `block must be a RAM block name, got ${typeof block}`);
+    if (typeof offset !== 'number' || !Number.isSafeInteger(offset)) throw usageError('type', 'page-out-of-range', 'offset', `offset must be an integer, got ${String(offset)}`);
     if (this.finished) throw new MigrationError('protocol', this.phase, 'the migration is over');
+    const info = this.blocks.find((b) => b.idstr === block);
+    if (!info) {
+      const known = this.blocks.length === 0 ? 'the RAM block list has not arrived yet' : `known: ${this.blocks.map((b) => `"${b.idstr}"`).join(', ')}`;
+      throw usageError('range', 'unknown-ram-block', 'block', `no RAM block "${block}" in this migration (${known})`);
+    }
+    if (offset < 0 || offset >= info.length) throw usageError('range', 'page-out-of-range', 'offset', `offset 0x${offset.toString(16)} is outside RAM block "${block}" (0x${info.length.toString(16)} bytes)`);
+    if (offset % TARGET_PAGE_SIZE !== 0) throw usageError('range', 'unaligned-offset', 'offset', `offset 0x${offset.toString(16)} is not a multiple of the page size (0x${TARGET_PAGE_SIZE.toString(16)})`);
     const r = await this.pages.request(block, offset, performance.now());
     if (r.requested) this.emit('page-request', r);
     return r;
@@ -630,13 +756,19 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     try {
       // Pages requested late may still be in flight on the preempt channel.
       const deadline = performance.now() + 5000;
-      while (this.listening && this.pages.missing() > 0 && this.conn?.preemptExpected && performance.now() < deadline) {
+      while (this.listening && this.ramEnded && this.pages.missing() > 0 && this.conn?.preemptExpected && !this.preemptEnded && performance.now() < deadline) {
         await new Promise((r) => setTimeout(r, 5));
       }
       this.finishing = false;
       // After LISTEN every page must have come (QEMU's source discards and resends
       // whatever it had not sent cleanly); in precopy a page never sent stays zero.
       const missing = this.listening ? this.pages.missing() : 0;
+      // A source that cannot answer a request ends the stream on purpose (QEMU's protocol has no
+      // "refused" message; see SourceSession): EOF after LISTEN without RAM's END section, which
+      // every complete postcopy stream has, is that sign.
+      if (this.listening && !this.ramEnded) {
+        throw new MigrationError('source-refused', 'completion', `the source ended the stream before RAM was complete (${missing} pages never received, ${this.pages.outstanding} request(s) unanswered): it refused a page request`);
+      }
       if (missing > 0) throw new MigrationError('protocol', 'completion', `the postcopy stream ended with ${missing} pages never received`);
       await this.opts.sink.flush();
       this.status = 'completed';
@@ -658,14 +790,17 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
     const result = this.snapshot();
+    this.release();
+    this.shutDown = this.shutdown(false);
     this.emit('completed', result);
     this.resolveDone(result);
-    await this.shutdown(false);
+    await this.shutDown;
   }
 
   private fail(e: MigrationError): void {
     if (this.finished) return;
     this.finished = true;
+    this.release();
     clearTimeout(this.idleTimer);
     clearTimeout(this.recoveryTimer);
     this.status = 'failed';
@@ -677,14 +812,25 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
     this.rejectDone(e);
-    void this.shutdown(true);
+    this.shutDown = this.shutdown(true);
+  }
+
+  /** Drops what only a running migration needs: the signal listener, the accept timer. */
+  private release(): void {
+    this.opts.signal?.removeEventListener('abort', this.onAbort);
+    clearTimeout(this.acceptTimer);
   }
 
   private async shutdown(abort: boolean): Promise<void> {
     this.listener.close();
     if (!this.conn) return;
+    // From `done` on, nothing of ours may keep the process alive: the sockets only wait
+    // for the source to close first (or for SHUT 1 to leave), unreferenced.
+    this.conn.main.socket.unref();
+    this.conn.preempt?.socket.unref();
     if (abort) {
-      setTimeout(() => this.conn?.destroy(), 50).unref();
+      await new Promise<void>((r) => setTimeout(r, 50).unref());
+      this.conn.destroy();
       return;
     }
     // Let the source close first (it waits for SHUT), then make sure nothing stays open.
@@ -695,9 +841,51 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.conn.destroy();
   }
 
-  /** Stops listening and tears everything down; a running migration fails as cancelled. */
-  close(): void {
+  /**
+   * Stops listening and tears everything down; a running migration fails as
+   * cancelled. Resolves once the listener and every socket are closed. The
+   * same as `cancel()`.
+   */
+  async close(): Promise<void> {
     if (!this.finished) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
     else this.listener.close();
+    // The teardown's own timers and sockets are unreferenced (they must not hold a process
+    // whose migration is over); one who awaits close() is owed the end of it.
+    const hold = setInterval(() => undefined, 1000);
+    try {
+      await this.shutDown;
+    } finally {
+      clearInterval(hold);
+    }
+    this.conn?.destroy();
+    this.release();
+  }
+
+  /** The same as `close()` (SourceSession has both names too). */
+  cancel(): Promise<void> {
+    return this.close();
+  }
+
+  /** `await using dst = await DestinationSession.listen(…)`: closed when the scope ends. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+function validateDestinationOptions(o: DestinationOptions): void {
+  if (typeof o !== 'object' || o === null) throw usageError('type', 'bad-option', 'options', 'DestinationSession.listen needs an options object');
+  checkEndpoint(o.listen, 'listen');
+  const sink = o.sink as Partial<GuestMemorySink> | undefined;
+  if (typeof sink !== 'object' || sink === null || typeof sink.setBlocks !== 'function' || typeof sink.writePage !== 'function' || typeof sink.zeroPage !== 'function' || typeof sink.readPage !== 'function') {
+    throw usageError('type', 'bad-option', 'sink', 'sink must be a GuestMemorySink (setBlocks, writePage, zeroPage, readPage, flush, close)');
+  }
+  if (o.postcopy !== undefined && typeof o.postcopy !== 'boolean') throw usageError('type', 'bad-option', 'postcopy', `postcopy must be a boolean, got ${typeof o.postcopy}`);
+  checkTransport(o.transport);
+  checkSignal(o.signal);
+  checkNumber(o.idleTimeoutMs, 'idleTimeoutMs');
+  checkNumber(o.acceptTimeoutMs, 'acceptTimeoutMs', { min: 1 });
+  if (o.recovery) {
+    if (o.recovery.listen !== undefined) checkEndpoint(o.recovery.listen, 'recovery.listen');
+    checkNumber(o.recovery.timeoutMs, 'recovery.timeoutMs', { min: 1 });
   }
 }

@@ -1,5 +1,6 @@
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
+import { MigrationError } from './errors.js';
 
 /**
  * Where a destination puts guest RAM. Calls are synchronous on the hot path
@@ -30,7 +31,28 @@ export class InMemorySink implements GuestMemorySink {
   /** `shared`: back each block with a SharedArrayBuffer, so that another thread can read the RAM. */
   constructor(private readonly opts: { shared?: boolean } = {}) {}
 
+  /** preallocate() was called: the blocks are the destination VM's, and the stream must match them. */
+  private preallocated = false;
+
+  /**
+   * Sizes the storage for the stream's block list. With preallocated blocks
+   * (the destination VM's RAM) the list must name those blocks with those
+   * sizes, as QEMU requires ("Length mismatch", "Unknown ramblock"): a
+   * mismatch is refused, never silently replaced.
+   */
   setBlocks(blocks: readonly RamBlockInfo[]): void {
+    if (this.preallocated) {
+      for (const b of blocks) {
+        const have = this.blocks.get(b.idstr);
+        if (!have) {
+          throw new MigrationError('unknown-ram-block', 'setup', `RAM block "${b.idstr}" of the stream is not one of the preallocated blocks (${[...this.blocks.keys()].map((k) => `"${k}"`).join(', ')}): cannot accept the migration`);
+        }
+        if (have.length !== b.length) {
+          throw new MigrationError('length-mismatch', 'setup', `RAM block "${b.idstr}": the stream has 0x${b.length.toString(16)} bytes, the preallocated block 0x${have.length.toString(16)} (Length mismatch)`);
+        }
+      }
+      return;
+    }
     for (const b of blocks) {
       const have = this.blocks.get(b.idstr);
       if (!have || have.length !== b.length) this.allocate(b.idstr, b.length, false);
@@ -39,14 +61,15 @@ export class InMemorySink implements GuestMemorySink {
 
   /**
    * Allocates blocks before the migration, as a destination VM's RAM exists
-   * before its incoming migration starts; blocks of the same name and size in
-   * the stream's block list are then used as they are. `prefault` touches
+   * before its incoming migration starts; the stream's block list must then
+   * name exactly these blocks with these sizes (see setBlocks). `prefault` touches
    * every page now: the kernel's first-touch faults (4 KiB each, several µs
    * apiece on some machines) then cost nothing while the stream arrives —
    * QEMU gets much the same from transparent huge pages on its guest RAM.
    */
   preallocate(blocks: readonly { idstr: string; length: number }[], opts: { prefault?: boolean } = {}): void {
     for (const b of blocks) this.allocate(b.idstr, b.length, opts.prefault ?? false);
+    this.preallocated = true;
   }
 
   private allocate(idstr: string, length: number, prefault: boolean): void {

@@ -1,3 +1,5 @@
+import { usageError } from '../errors.js';
+
 /**
  * When a source switches from precopy to postcopy.
  *
@@ -42,5 +44,5 @@ export function parsePostcopyPolicy(s: string): PostcopyPolicy {
   if (s === 'never' || s === 'manual' || s === 'auto') return s;
   const m = /^after:(\d+)$/.exec(s);
   if (m) return { afterPasses: Number(m[1]) };
-  throw new Error(`postcopy policy must be never, manual, auto or after:N (got "${s}")`);
+  throw usageError('type', 'bad-postcopy-policy', 'postcopy', `postcopy policy must be never, manual, auto or after:N (got "${s}")`);
 }

@@ -40,7 +40,7 @@ export interface DestinationRecoveryOptions {
 
 /** The pause event of either session. */
 export interface PausedEvent {
-  /** What broke the connection. */
+  /** What broke the connection: code `idle-timeout` for a silent partition, `paused` after `pause()`. */
   readonly error: MigrationError;
   /** performance.now() of the pause. */
   readonly at: number;
@@ -58,9 +58,9 @@ export interface ResumedEvent {
  * A malformed record or a protocol violation would only repeat.
  */
 export function isNetworkFailure(e: unknown): boolean {
-  if (e instanceof TransportError) return true;
-  if (!(e instanceof MigrationError)) return false;
-  return e.code === 'transport' || e.code === 'peer-disconnected' || e.code === 'idle-timeout';
+  // By brand, not instanceof: an error of the other build (ESM/CJS) counts too.
+  if (TransportError.is(e)) return true;
+  return MigrationError.is(e) && e.kind === 'network';
 }
 
 /** Delay before attempt `attempt` (2, 3, …): exponential, capped. */

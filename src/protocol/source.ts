@@ -7,13 +7,16 @@ import { ReturnPathDecoder } from '../stream/return-path.js';
 import type { DiscardRange, PreemptRecord, StreamRecord } from '../stream/records.js';
 import type { Channel, ChannelStats } from '../transport/channel.js';
 import { SourceConnection, type TransportOptions } from '../transport/connection.js';
-import { MigrationError, type MigrationPhase } from './errors.js';
+import { usageError } from '../errors.js';
+import { MigrationError, abortError, type MigrationPhase } from './errors.js';
+import { checkEndpoint, checkNumber, checkPostcopyPolicy, checkSignal, checkTransport } from './options.js';
 import { LatencyHistogram, type LatencySummary } from './latency.js';
 import { PageBitmap, type GuestMemorySource, type SourceBlock } from './memory-source.js';
 import { autoWantsPostcopy, type PostcopyPolicy } from './postcopy-policy.js';
 import { Pacer } from './pacer.js';
 import { XbzrleCache } from './xbzrle-cache.js';
 import { applyReceivedBitmap, isNetworkFailure, retryDelayMs, type PausedEvent, type ResumedEvent, type SourceRecoveryOptions } from './recovery.js';
+import { StallWatch } from './stall-watch.js';
 
 /** One device (non-RAM) section to send: opaque bytes, as captured from a source. */
 export interface DeviceStateSection {
@@ -64,6 +67,12 @@ export interface SourceOptions {
    * Once the destination's kernel has acknowledged the whole stream, the wait
    * for SHUT goes on until SHUT or the connection's end (a destination may
    * take long to flush its RAM; TCP keepalive finds a dead host).
+   *
+   * The same window detects a silent partition in postcopy: when our bytes
+   * wait to be delivered and nothing moves for this long (no return-path
+   * message, no byte newly acknowledged by the destination's kernel, no byte
+   * newly written), the link is taken as dead and postcopy pauses and
+   * reconnects, as after a reset (see `recovery`).
    */
   replyTimeoutMs?: number;
   /**
@@ -73,6 +82,11 @@ export interface SourceOptions {
    * whenever postcopy is possible; `false` makes such a failure final.
    */
   recovery?: SourceRecoveryOptions | false;
+  /**
+   * Aborting it cancels the migration, as `cancel()`: `done` rejects with a
+   * MigrationError 'cancelled' whose `cause` is the signal's reason.
+   */
+  signal?: AbortSignal;
 }
 
 export interface SourceStats {
@@ -88,6 +102,13 @@ export interface SourceStats {
   'total-time': number;
   'dirty-sync-count': number;
   'postcopy-requests': number;
+  /**
+   * Requested pages not sent again because they had already gone out since
+   * POSTCOPY_LISTEN — nearly always by the background stream, sitting in the
+   * main channel's queue and socket buffers ahead of the request: they arrive
+   * on main, which is why the preempt channel may carry no page at all.
+   */
+  'requested-pages-already-sent': number;
   'pages-per-second': number;
   normal: number;
   duplicate: number;
@@ -106,6 +127,8 @@ export interface SourceEvents {
   stopped: [{ at: number; hrtime: bigint }];
   'postcopy-active': [];
   'page-request': [{ block: string; offset: number; channel: 'main' | 'preempt'; latencyUs: number }];
+  /** A requested page had already gone out since LISTEN (see SourceStats['requested-pages-already-sent']): not sent again. */
+  'requested-page-already-sent': [{ block: string; offset: number }];
   /** Postcopy: a channel failed; the migration waits for a new connection (state kept). */
   paused: [PausedEvent];
   /** A reconnection attempt starts. */
@@ -191,7 +214,15 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private stoppedAt: number | undefined;
   private downtimeMs: number | undefined;
   private endedAt: number | undefined;
-  private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0, recoveries: 0 };
+  private readonly c = { transferred: 0, normal: 0, duplicate: 0, xbzrle: 0, passes: 0, syncs: 0, requests: 0, recoveries: 0, alreadySent: 0 };
+  /** start() was called: a second call is misuse. */
+  private started = false;
+  /** Settles when run() has ended (close() waits for it). */
+  private ran: Promise<unknown> = Promise.resolve();
+  /** A page request we refused (postcopy): the stream is ended at the next record boundary, then the migration fails with it. */
+  private refusal: MigrationError | undefined;
+  private writeWatch: NodeJS.Timeout | undefined;
+  private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
   /** Connection generation: handlers of a connection replaced by a recovery ignore what they see. */
   private generation = 0;
   /** Set while postcopy is paused by a network failure (cleared by a new connection). */
@@ -202,18 +233,27 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private resumeAcked = false;
   /** Where the next recovery attempt connects (resume(uri) sets it). */
   private recoverTo: string | undefined;
-  /** Wakes a recovery that sleeps between attempts. */
+  /** Wakes a recovery that sleeps between attempts (or holds after a manual pause). */
   private wakeRecovery: (() => void) | undefined;
+  /** pause() was called: no reconnection attempt until resume() (QEMU's source waits for `migrate resume=true`). */
+  private manualHold = false;
+  /** Postcopy: a link whose bytes stop moving is a partition (see replyTimeoutMs). */
+  private readonly stallWatch: StallWatch;
   private readonly pacer = new Pacer();
   private sinceYield = 0;
 
   constructor(private readonly opts: SourceOptions) {
     super();
+    validateSourceOptions(opts);
     this.done = new Promise((resolve, reject) => {
       this.resolveDone = resolve;
       this.rejectDone = reject;
     });
     this.done.catch(() => undefined);
+    this.stallWatch = new StallWatch(() => [this.conn?.main, this.preempt], opts.replyTimeoutMs ?? 30_000, (idleMs) => {
+      const what = `nothing moved on the connection for ${Math.round(idleMs)} ms (no return-path message, none of our bytes acknowledged): the link is taken as dead`;
+      this.channelLost(new MigrationError('idle-timeout', this.phase, what), this.generation);
+    });
     const policy = opts.postcopy ?? 'never';
     if (opts.preempt && policy === 'never') throw new TypeError('preempt needs a postcopy policy other than "never"');
     const used = new Set<number>();
@@ -244,15 +284,29 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     return s.done;
   }
 
-  /** Starts the migration in the background; follow it with events and `done`. */
+  /**
+   * Starts the migration in the background; follow it with events and `done`.
+   * Throws (an Error with code 'already-started') when called again or after
+   * `cancel()`/`close()`, as `server.listen()` twice does.
+   */
   start(): this {
-    this.run().then(
+    if (this.started) throw usageError('state', 'already-started', 'start', 'start() was already called on this SourceSession');
+    if (this.finished) throw usageError('state', 'already-started', 'start', 'this SourceSession was cancelled before it started');
+    this.started = true;
+    const signal = this.opts.signal;
+    if (signal?.aborted) {
+      this.fail(abortError(signal, this.phase));
+      return this;
+    }
+    signal?.addEventListener('abort', this.onAbort, { once: true });
+    this.ran = this.run().then(
       (stats) => {
         this.emit('completed', stats);
         this.resolveDone(stats);
       },
       (e: unknown) => this.fail(MigrationError.from(e, this.phase)),
     );
+    this.ran.finally(() => this.release()).catch(() => undefined);
     return this;
   }
 
@@ -283,6 +337,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       'total-time': Math.round(total),
       'dirty-sync-count': this.c.syncs,
       'postcopy-requests': this.c.requests,
+      'requested-pages-already-sent': this.c.alreadySent,
       'pages-per-second': Math.round(((this.c.normal + this.c.duplicate + this.c.xbzrle) * 1000) / Math.max(1, total)),
       normal: this.c.normal,
       duplicate: this.c.duplicate,
@@ -295,24 +350,74 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   /**
    * Postcopy recovery: connect to `to` from now on (a destination's
-   * `migrate-recover` address) and try at once if paused.
+   * `migrate-recover` address) and try at once if paused — the end of the
+   * hold after `pause()`, or of the backoff wait after a failure. A no-op
+   * when not paused.
    */
   resume(to?: string): void {
     if (to !== undefined) this.recoverTo = to;
+    this.manualHold = false;
     this.wakeRecovery?.();
   }
 
-  /** Aborts the migration (the destination sees the connection drop). */
-  cancel(): void {
+  /**
+   * Forces the paused state now, as QEMU's `migrate-pause`: for an operator
+   * who knows the link is dead (or wants to move the destination). The
+   * connection is dropped, every page and request state kept, and — unlike a
+   * pause the session detected itself — no reconnection is attempted until
+   * `resume(uri?)` (QEMU's `migrate … resume=true`); after that, failed
+   * attempts are retried with backoff as usual. Called while already paused,
+   * it stops the automatic retries until `resume()`.
+   *
+   * @throws MigrationError `invalid-state` (synchronously) outside postcopy,
+   *   with `recovery: false`, or once the migration has ended.
+   */
+  pause(): void {
+    if (this.finished || !this.canRecover()) {
+      const why = this.finished ? 'the migration is over' : this.opts.recovery === false ? 'postcopy recovery is off (recovery: false)' : 'postcopy has not started';
+      throw new MigrationError('invalid-state', this.phase, `pause() needs a running postcopy migration: ${why}`);
+    }
+    this.manualHold = true;
+    if (!this.pausedBy) this.enterPause(new MigrationError('paused', this.phase, 'paused by the operator (pause())'));
+  }
+
+  /**
+   * Aborts the migration (the destination sees the connection drop): `done`
+   * rejects with 'cancelled'. Resolves once the session has let go of every
+   * socket and timer (while connecting, at most `transport.connectTimeoutMs`
+   * later). After completion it only waits for that. The same as `close()`.
+   */
+  async cancel(): Promise<void> {
     this.fail(new MigrationError('cancelled', this.phase, 'the migration was cancelled'));
+    await this.ran.catch(() => undefined);
+    this.release();
+  }
+
+  /** The same as `cancel()` (one name for both sessions: `close()`, as sockets and servers). */
+  close(): Promise<void> {
+    return this.cancel();
+  }
+
+  /** `await using src = new SourceSession(…)`: cancelled (if still running) when the scope ends. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.cancel();
+  }
+
+  /** Drops the signal listener and the write watchdog: nothing of ours outlives the session. */
+  private release(): void {
+    this.opts.signal?.removeEventListener('abort', this.onAbort);
+    clearInterval(this.writeWatch);
+    this.writeWatch = undefined;
   }
 
   private fail(e: MigrationError): void {
     if (this.finished) return;
     this.finished = true;
+    this.release();
     this.failure = e;
     this.status = 'failed';
     this.endedAt = performance.now();
+    this.stallWatch.stop();
     this.conn?.destroy();
     this.wakePeerWaiters();
     this.wakeRecovery?.();
@@ -462,6 +567,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       const waiter = () => {
         idleSince = performance.now();
         if (this.failure) finish(this.failure);
+        else if (this.refusal) finish(this.refusal);
         else if (this.pausedBy) finish(this.pausedBy);
         else if (ready()) finish();
       };
@@ -491,7 +597,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private onRequest(block: string, offset: number, length: number, now: number): void {
     const st = this.blocks.get(block);
     if (!st || offset % TARGET_PAGE_SIZE !== 0 || offset + length > st.info.length || length === 0) {
-      this.fail(new MigrationError('protocol', this.phase, `bad page request ${block}+0x${offset.toString(16)} len ${length}`));
+      const what = st ? `${block}+0x${offset.toString(16)} len ${length} (the block has 0x${st.info.length.toString(16)} bytes)` : `of unknown RAM block "${block}"`;
+      this.refuseRequest(new MigrationError('bad-page-request', this.phase, `the destination asked for a page we do not have: ${what}`));
       return;
     }
     this.c.requests++;
@@ -512,6 +619,37 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     } else {
       this.requests.push(r);
     }
+  }
+
+  /**
+   * A request we cannot answer. QEMU's protocol has no message for "refused",
+   * and a destination running the VM treats a dropped connection as a cut
+   * and pauses — forever, since we will not come back. So in postcopy we end
+   * the stream on purpose: at the next record boundary the RAM section is
+   * closed, EOF written (without RAM's END section, which a complete stream
+   * always has) and both channels closed with a FIN: a destination seeing
+   * that knows the source gave up (ours fails with 'source-refused'). Before LISTEN the destination is not
+   * running anything: fail at once.
+   */
+  private refuseRequest(e: MigrationError): void {
+    if (!this.inPostcopy) {
+      this.fail(e);
+      return;
+    }
+    this.refusal ??= e;
+    this.requests.length = 0;
+    this.preemptRequests.length = 0;
+    this.wakePeerWaiters();
+  }
+
+  /** Ends the stream after a refused request (see refuseRequest), then fails with it. */
+  private async endRefusing(closeSection: () => void): Promise<never> {
+    const e = this.refusal!;
+    closeSection();
+    this.write([{ type: 'eof' }]);
+    await this.flushMain();
+    await this.conn!.close();
+    throw e;
   }
 
   /**
@@ -576,6 +714,10 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     await this.flushMain();
     this.setupMs = performance.now() - this.t0;
 
+    // Every page goes in the first pass: what the guest dirtied before now is in it
+    // already (QEMU's first bitmap sync at setup), so it must not count as dirty again.
+    this.opts.memory.syncDirty(new Map(this.order.map((b) => [b.info.idstr, b.toSend])));
+
     // Precopy passes.
     this.phase = 'precopy';
     let previousDirty = this.order.reduce((s, b) => s + b.pages, 0);
@@ -627,6 +769,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     }
     // From here on the destination may close first: that is the normal end.
     this.finished = true;
+    this.stallWatch.stop();
     this.status = 'completed';
     this.endedAt = performance.now();
     if (this.downtimeMs === undefined && this.stoppedAt !== undefined) this.downtimeMs = Math.round(this.endedAt - this.stoppedAt);
@@ -680,6 +823,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
           batch = 0;
           if (kind === 'part' && sectionBytes >= budget) closeSection();
           await this.flushMain();
+          if (this.refusal) await this.endRefusing(closeSection);
           if (precopy && this.postcopyRequested) {
             closeSection();
             await this.flushMain();
@@ -693,6 +837,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       this.serveQueuedRequests(emitPage);
       await this.flushMain();
     }
+    if (this.refusal) await this.endRefusing(closeSection);
     if (kind === 'end') openSection();
     closeSection();
     await this.flushMain();
@@ -720,6 +865,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       const page = r.page++;
       if (r.page >= r.end) q.shift();
       if (!this.blocks.get(r.block)!.sentAfterListen.has(page)) return r;
+      this.c.alreadySent++;
+      if (this.listenerCount('requested-page-already-sent') > 0) this.emit('requested-page-already-sent', { block: r.block, offset: page * TARGET_PAGE_SIZE });
     }
     return undefined;
   }
@@ -758,7 +905,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     const main = this.conn?.main;
     if (!main) return;
     const deadline = performance.now() + 1000;
-    await Promise.race([main.flush(), new Promise((r) => setTimeout(r, 1000))]);
+    let timer: NodeJS.Timeout | undefined;
+    // The timer is cleared at once: a migration that ends soon after must not keep the process alive.
+    await Promise.race([main.flush(), new Promise((r) => (timer = setTimeout(r, 1000)))]).finally(() => clearTimeout(timer));
     for (;;) {
       const q = main.unackedBytes;
       if (q === undefined || q <= 64 * 1024 || performance.now() >= deadline || this.failure) return;
@@ -824,6 +973,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.write([{ type: 'command', command: { cmd: 'ping', value: 2 } }]);
     // From LISTEN on, pages are exactly-once: requests are honoured from here.
     this.inPostcopy = true;
+    // From here a partition pauses: watch for bytes that stop moving.
+    this.stallWatch.start();
     // A new pacing window: the postcopy cap starts now, not in the precopy window.
     this.pacer.reset();
     this.status = 'postcopy-active';
@@ -908,7 +1059,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     if (this.pausedBy) return;
     const err = MigrationError.from(e, this.phase);
     if (!this.canRecover() || !isNetworkFailure(err)) throw err;
-    this.pause(err);
+    this.enterPause(err);
   }
 
   private canRecover(): boolean {
@@ -929,7 +1080,44 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       if (!this.finished && this.shutValue !== 0) this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the destination closed the main channel'), gen);
     });
     main.read((chunk) => this.onReturnPath(chunk, gen));
+    this.watchWrites(gen);
     return gen;
+  }
+
+  /**
+   * A peer that accepts and never reads fills our queues, and every send()
+   * then waits for room forever: with bytes waiting and none of them taken
+   * by the kernel for `replyTimeoutMs`, the channel counts as dead
+   * ('idle-timeout': a network failure, which pauses in postcopy). A slow
+   * link still takes bytes; only a stopped one trips this.
+   */
+  private watchWrites(gen: number): void {
+    clearInterval(this.writeWatch);
+    const ms = this.opts.replyTimeoutMs ?? 30_000;
+    const progress = new Map<Channel, { mark: string; since: number }>();
+    this.writeWatch = setInterval(
+      () => {
+        if (gen !== this.generation || this.finished) return;
+        const now = performance.now();
+        for (const ch of [this.conn?.main, this.preempt]) {
+          if (!ch || ch.isClosed) continue;
+          const waiting = ch.queuedBytes;
+          const mark = `${ch.stats.bytesSent}/${ch.socket.writableLength}`;
+          const p = progress.get(ch);
+          if (waiting === 0 || !p || p.mark !== mark) {
+            progress.set(ch, { mark, since: now });
+            continue;
+          }
+          if (now - p.since < ms) continue;
+          const e = new MigrationError('idle-timeout', this.phase, `the destination has not read from the ${ch.role} channel for ${ms} ms (${waiting} bytes waiting)`);
+          this.channelLost(e, gen);
+          return;
+        }
+      },
+      Math.max(10, Math.min(1000, ms / 4)),
+    );
+    // The sockets keep the process alive while they are open; this timer never should.
+    this.writeWatch.unref();
   }
 
   private attachPreempt(ch: Channel, gen: number): void {
@@ -955,7 +1143,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    * destination's received-bitmap on recovery, and it asks again for the
    * pages its guest still waits for.
    */
-  private pause(e: MigrationError): void {
+  private enterPause(e: MigrationError): void {
     if (this.pausedBy || this.finished) return;
     this.pausedBy = e;
     const at = performance.now();
@@ -984,6 +1172,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     let last: MigrationError = this.pausedBy!;
     for (let attempt = 1; ; attempt++) {
       this.check();
+      if (this.manualHold) {
+        // Paused by the operator: the first attempt comes with resume().
+        await this.holdUntilResume();
+        this.check();
+        attempt = 1;
+      }
       if (attempt > 1) {
         if (opts.maxAttempts !== undefined && attempt > opts.maxAttempts) {
           const e = new MigrationError(last.code, 'postcopy', `postcopy recovery gave up after ${opts.maxAttempts} attempts; the last: ${last.reason}`, { cause: last });
@@ -992,6 +1186,10 @@ export class SourceSession extends EventEmitter<SourceEvents> {
         }
         await this.sleepUnlessWoken(retryDelayMs(attempt, opts));
         this.check();
+        if (this.manualHold) {
+          attempt = 0; // pause() while waiting: hold from the next turn
+          continue;
+        }
       }
       const to = this.recoverTo ?? opts.to ?? this.opts.to;
       this.emit('recovering', { attempt, to });
@@ -1001,12 +1199,17 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       } catch (e) {
         this.check();
         last = MigrationError.from(e, 'postcopy');
+        // pause() during the attempt: back to the hold (whatever the attempt ended with).
+        if (this.manualHold) {
+          this.enterPause(last);
+          continue;
+        }
         if (!isNetworkFailure(last)) {
           this.fail(last);
           throw last;
         }
         // The new connection failed too: paused again (QEMU: back to postcopy-paused).
-        this.pause(last);
+        this.enterPause(last);
       }
     }
   }
@@ -1018,9 +1221,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    */
   private async reconnect(to: string): Promise<void> {
     const conn = await SourceConnection.connect(to, this.opts.transport ?? {});
-    if (this.failure) {
+    if (this.failure || this.manualHold) {
       conn.destroy();
-      throw this.failure;
+      throw this.failure ?? this.pausedBy!;
     }
     this.recvBitmaps.clear();
     this.resumeAcked = false;
@@ -1051,6 +1254,25 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.c.recoveries++;
     this.pacer.reset();
     this.emit('resumed', { recoveries: this.c.recoveries, pausedMs: performance.now() - this.pausedAt });
+  }
+
+  /** After pause(): waits for resume() (or the migration's end). */
+  private async holdUntilResume(): Promise<void> {
+    // A held migration is not over, but no socket or timer is left to say so: without this
+    // the process would exit under a caller awaiting `done`.
+    const alive = setInterval(() => undefined, 1 << 30);
+    try {
+      while (this.manualHold && !this.failure) {
+        await new Promise<void>((resolve) => {
+          this.wakeRecovery = () => {
+            this.wakeRecovery = undefined;
+            resolve();
+          };
+        });
+      }
+    } finally {
+      clearInterval(alive);
+    }
   }
 
   private sleepUnlessWoken(ms: number): Promise<void> {
@@ -1086,4 +1308,33 @@ function generatedVmdesc(devices: readonly StreamRecord[]): Uint8Array {
     .filter((r): r is Extract<StreamRecord, { type: 'device-state' }> => r.type === 'device-state')
     .map((d) => ({ name: d.idstr, instance_id: d.instanceId, size: d.data.length, fields: [{ name: 'data', type: 'buffer', size: d.data.length }] }));
   return new TextEncoder().encode(JSON.stringify({ page_size: TARGET_PAGE_SIZE, devices: list }));
+}
+
+function validateSourceOptions(o: SourceOptions): void {
+  if (typeof o !== 'object' || o === null) throw usageError('type', 'bad-option', 'options', 'SourceSession needs an options object');
+  checkEndpoint(o.to, 'to');
+  if (typeof o.memory !== 'object' || o.memory === null || typeof o.memory.blocks !== 'function' || typeof o.memory.readPage !== 'function' || typeof o.memory.syncDirty !== 'function') {
+    throw usageError('type', 'bad-option', 'memory', 'memory must be a GuestMemorySource (blocks, readPage, syncDirty)');
+  }
+  if (typeof o.machineType !== 'string' || o.machineType.length === 0) throw usageError('type', 'bad-option', 'machineType', 'machineType must be a non-empty string');
+  if (!Array.isArray(o.devices) && typeof o.devices !== 'function') throw usageError('type', 'bad-option', 'devices', 'devices must be an array of sections or a function returning them');
+  checkPostcopyPolicy(o.postcopy);
+  checkTransport(o.transport);
+  checkSignal(o.signal);
+  checkNumber(o.bandwidthLimit, 'bandwidthLimit', { min: 1, fractional: true });
+  checkNumber(o.postcopyBandwidthLimit, 'postcopyBandwidthLimit', { min: 1, fractional: true });
+  checkNumber(o.downtimeLimitMs, 'downtimeLimitMs', { fractional: true });
+  checkNumber(o.maxPasses, 'maxPasses', { min: 1 });
+  checkNumber(o.xbzrleCacheBytes, 'xbzrleCacheBytes');
+  checkNumber(o.sectionBytes, 'sectionBytes', { min: 1 });
+  checkNumber(o.replyTimeoutMs, 'replyTimeoutMs', { min: 1 });
+  if (o.recovery) {
+    if (o.recovery.to !== undefined) checkEndpoint(o.recovery.to, 'recovery.to');
+    checkNumber(o.recovery.initialDelayMs, 'recovery.initialDelayMs');
+    checkNumber(o.recovery.maxDelayMs, 'recovery.maxDelayMs');
+    checkNumber(o.recovery.maxAttempts, 'recovery.maxAttempts', { min: 1 });
+  }
+  for (const b of o.memory.blocks()) {
+    if (b.length <= 0 || b.length % TARGET_PAGE_SIZE !== 0) throw usageError('range', 'bad-option', 'memory', `RAM block "${b.idstr}" has ${b.length} bytes: a positive multiple of ${TARGET_PAGE_SIZE} is needed`);
+  }
 }

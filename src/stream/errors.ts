@@ -33,6 +33,8 @@ export type StreamErrorCode =
   | 'bad-bitmap'
   | 'unsupported'; // valid QEMU, outside what this library implements (RDMA, mapped-ram)
 
+import { QmtError } from '../errors.js';
+
 /** Names the section a failing record belonged to, when it is known. */
 export interface SectionContext {
   readonly sectionId: number;
@@ -45,22 +47,23 @@ export interface SectionContext {
  * offset (from the start of the channel's byte stream) of the first byte of the
  * record or field that is wrong.
  */
-export class StreamError extends Error {
+export class StreamError extends QmtError {
+  static readonly family = 'stream';
   override readonly name = 'StreamError';
+  readonly family = 'stream';
   readonly code: StreamErrorCode;
-  readonly offset: number;
+  declare readonly offset: number;
   readonly section: SectionContext | undefined;
 
   constructor(code: StreamErrorCode, offset: number, message: string, section?: SectionContext) {
     const where = section ? ` (in section ${section.sectionId}${section.idstr === undefined ? '' : ` "${section.idstr}"`})` : '';
-    super(`${message}${where}`);
+    super(`${message}${where}`, { offset });
     this.code = code;
-    this.offset = offset;
     this.section = section;
   }
 
   /** The one-line form the CLI prints: `<code> at offset <n>: <what>`. */
-  describe(): string {
+  override describe(): string {
     return `${this.code} at offset ${this.offset}: ${this.message}`;
   }
 }

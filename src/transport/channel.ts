@@ -313,6 +313,8 @@ export function classifySocketError(e: unknown, channel?: ChannelRole): Transpor
       return new TransportError('connect-failed', msg, opts);
     case 'ETIMEDOUT':
       return new TransportError('connect-timeout', msg, opts);
+    case 'EADDRINUSE':
+      return new TransportError('address-in-use', msg, opts);
     default:
       return new TransportError('closed', msg, opts);
   }

@@ -1,3 +1,5 @@
+import { QmtError } from '../errors.js';
+
 /**
  * Stable codes of transport failures (sockets, TLS, channel setup). Like
  * StreamError for the wire format: callers switch on `code`, the CLI prints it.
@@ -6,6 +8,7 @@ export type TransportErrorCode =
   | 'bad-endpoint' // an URI that is not tcp:HOST:PORT or unix:PATH
   | 'connect-failed' // ECONNREFUSED, ENOENT, EHOSTUNREACH ...
   | 'connect-timeout'
+  | 'address-in-use' // listen: EADDRINUSE
   | 'closed' // the peer or the caller closed the channel
   | 'reset' // ECONNRESET / EPIPE
   | 'idle-timeout'
@@ -25,20 +28,22 @@ export type TransportErrorCode =
   | 'write-after-close';
 
 /** The one error class of src/transport. `cause` keeps the system or OpenSSL error. */
-export class TransportError extends Error {
+export class TransportError extends QmtError {
+  static readonly family = 'transport';
   override readonly name = 'TransportError';
+  readonly family = 'transport';
   readonly code: TransportErrorCode;
   /** Which channel failed, when it is known. */
   readonly channel: 'main' | 'preempt' | undefined;
 
   constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' } = {}) {
-    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    super(message, { cause: opts.cause });
     this.code = code;
     this.channel = opts.channel;
   }
 
   /** The one-line form the CLI prints: `<code>: <what>`. */
-  describe(): string {
+  override describe(): string {
     return `${this.code}${this.channel ? ` (${this.channel} channel)` : ''}: ${this.message}`;
   }
 }

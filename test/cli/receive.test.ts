@@ -232,11 +232,11 @@ describeWithQemu('qmt receive from a QEMU 10 source', () => {
     await q.stop();
     const { code, stderr } = await run.exit;
     expect(code).toBe(1);
-    expect(errorLine(stderr)).toMatch(/^qmt: (peer-disconnected|transport): \S.*\(phase: precopy\)$/);
-    expect(stderr.match(/^qmt: (peer-disconnected|transport):/gm)).toHaveLength(1);
+    expect(errorLine(stderr)).toMatch(/^qmt: (peer-disconnected|reset): \S.*\(phase: precopy\)$/);
+    expect(stderr.match(/^qmt: (peer-disconnected|reset):/gm)).toHaveLength(1);
     const m = await readSavedVmManifest(out);
     expect(m.complete).toBe(false);
-    expect(['peer-disconnected', 'transport']).toContain(m.error?.code);
+    expect(['peer-disconnected', 'reset']).toContain(m.error?.code);
     expect(m.error?.phase).toBe('precopy');
     expect((m.stats as { normal: number }).normal).toBeGreaterThan(0);
     expect(existsSync(join(out, 'ram', 'pc.ram.bin'))).toBe(true);

@@ -30,7 +30,7 @@ import { performance } from 'node:perf_hooks';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DestinationSession, type DestinationResult } from '../../src/protocol/destination.js';
-import { MigrationError, type MigrationErrorCode, type MigrationPhase } from '../../src/protocol/errors.js';
+import { MigrationError, type MigrationErrorKind, type MigrationPhase, type SessionErrorCode } from '../../src/protocol/errors.js';
 import { InMemorySink } from '../../src/protocol/memory.js';
 import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { SourceSession, type DeviceStateSection, type SourceStats } from '../../src/protocol/source.js';
@@ -56,7 +56,8 @@ const RUN_BOUND_MS = 15_000;
 const SETTLE_MS = 4000;
 const HEAP_LIMIT = 512 * MiB;
 
-const CODES = new Set<MigrationErrorCode>(['stream', 'transport', 'protocol', 'peer-disconnected', 'idle-timeout', 'storage', 'cancelled']);
+const KINDS = new Set<MigrationErrorKind>(['stream', 'network', 'protocol', 'storage', 'cancelled']);
+const SESSION_CODES = new Set<SessionErrorCode>(['protocol', 'peer-disconnected', 'idle-timeout', 'accept-timeout', 'storage', 'length-mismatch', 'bad-page-request', 'source-refused', 'cancelled']);
 const PHASES = new Set<MigrationPhase>(['setup', 'precopy', 'device-state', 'postcopy', 'completion']);
 
 const unhandled: unknown[] = [];
@@ -354,7 +355,10 @@ async function checkScenario(s: Scenario, mustComplete = false): Promise<string>
     if (side.ok) continue;
     expect(side.error, `a typed error\n  ${why}`).toBeInstanceOf(MigrationError);
     const e = side.error as MigrationError;
-    expect(CODES.has(e.code), `known code ${e.code}\n  ${why}`).toBe(true);
+    expect(KINDS.has(e.kind), `known kind ${e.kind}\n  ${why}`).toBe(true);
+    // The specific code: the cause's own (a TransportError's, a StreamError's) or a session's.
+    if (e.cause instanceof TransportError || e.cause instanceof StreamError || e.cause instanceof MigrationError) expect(e.code, `the cause's code\n  ${why}`).toBe(e.cause.code);
+    else expect(SESSION_CODES.has(e.code as SessionErrorCode), `known code ${e.code}\n  ${why}`).toBe(true);
     expect(PHASES.has(e.phase), `known phase ${e.phase}\n  ${why}`).toBe(true);
     // MigrationError.from turns any unexpected exception into a 'protocol' error: the cause tells them apart.
     expect(typedCause(e.cause), `a typed cause (not an internal exception): ${describeCause(e.cause)}\n  ${why}`).toBe(true);
@@ -601,9 +605,10 @@ describe('TLS refused at the session level', () => {
     const e = (r as PromiseRejectedResult).reason as unknown;
     expect(e, `${name}: ${describeError(e)}`).toBeInstanceOf(MigrationError);
     const m = e as MigrationError;
-    expect(m.code, `${name}: ${m.message}`).toBe('transport');
+    expect(m.kind, `${name}: ${m.message}`).toBe('network');
     expect(m.phase, `${name}: ${m.message}`).toBe('setup');
     expect(m.cause, `${name}: cause of ${m.message}`).toBeInstanceOf(TransportError);
+    expect(m.code, `${name}: the cause's own code`).toBe((m.cause as TransportError).code);
     return m.cause as TransportError;
   }
 

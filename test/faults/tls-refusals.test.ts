@@ -8,15 +8,15 @@
  * sessions.test.ts, 'TLS refused at the session level'.)
  *
  * For each: the source's `done` settles within RUN_BOUND_MS with a
- * MigrationError naming the reason where it can know it ('transport' and a
- * TransportError), or the documented code for a hang-up (see CASES). The
- * destination does not fail: a refused connection is a stranger (issue 11
- * §3), dropped and reported by a 'stranger' event whose TransportError names
- * the reason, and it keeps waiting for the real source (still 'setup', no
- * channel, no RAM block) until it is closed. No session starts: a side that
- * learns of the refusal before its connection is established never counts as
- * connected (see `Side.connects`); nothing is left open and nothing is
- * rejected unhandled.
+ * MigrationError naming the reason where it can know it (the TransportError's
+ * own code, the TransportError as its cause), or the documented code for a
+ * hang-up (see CASES). The destination does not fail: a refused connection is
+ * a stranger (issue 11 §3), dropped and reported by a 'stranger' event whose
+ * TransportError names the reason, and it keeps waiting for the real source
+ * (still 'setup', no channel, no RAM block) until it is closed. No session
+ * starts: a side that learns of the refusal before its connection is
+ * established never counts as connected (see `Side.connects`); nothing is
+ * left open and nothing is rejected unhandled.
  */
 import { randomFillSync } from 'node:crypto';
 import { copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
@@ -25,7 +25,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DestinationSession, type DestinationResult } from '../../src/protocol/destination.js';
-import { MigrationError, type MigrationErrorCode } from '../../src/protocol/errors.js';
+import { MigrationError, type SessionErrorCode } from '../../src/protocol/errors.js';
 import { InMemorySink } from '../../src/protocol/memory.js';
 import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
@@ -65,7 +65,7 @@ function describeError(e: unknown): string {
  * How a side may fail: the MigrationError's code, with its cause's code when
  * the cause is a TransportError or a StreamError.
  */
-type Outcome = `transport/${TransportErrorCode}` | `stream/${StreamErrorCode}` | Exclude<MigrationErrorCode, 'transport' | 'stream'>;
+type Outcome = `transport/${TransportErrorCode}` | `stream/${StreamErrorCode}` | SessionErrorCode;
 
 interface Side {
   /** Every outcome this side may end with: one, unless the side can only see a hang-up. */
@@ -272,14 +272,17 @@ function checkFailure(r: PromiseSettledResult<unknown>, side: string, want: Side
   const m = e as MigrationError;
   if (!want.connects) expect(m.phase, what).toBe('setup');
   let outcome: Outcome;
-  if (m.code === 'transport') {
-    expect(m.cause, `${what}: the cause is a TransportError`).toBeInstanceOf(TransportError);
-    outcome = `transport/${(m.cause as TransportError).code}`;
-  } else if (m.code === 'stream') {
-    expect(m.cause, `${what}: the cause is a StreamError`).toBeInstanceOf(StreamError);
-    outcome = `stream/${(m.cause as StreamError).code}`;
+  // The session's error carries its cause's own code, not a generic one.
+  if (m.cause instanceof TransportError) {
+    expect(m.code, `${what}: the cause's code`).toBe(m.cause.code);
+    expect(m.kind, what).toBe('network');
+    outcome = `transport/${m.cause.code}`;
+  } else if (m.cause instanceof StreamError) {
+    expect(m.code, `${what}: the cause's code`).toBe(m.cause.code);
+    expect(m.kind, what).toBe('stream');
+    outcome = `stream/${m.cause.code}`;
   } else {
-    outcome = m.code;
+    outcome = m.code as SessionErrorCode;
   }
   expect(want.fails, `${what}: names the reason`).toContain(outcome);
   return outcome;

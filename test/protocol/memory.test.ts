@@ -2,18 +2,22 @@ import { describe, expect, it } from 'vitest';
 import { InMemorySink } from '../../src/protocol/memory.js';
 
 describe('InMemorySink', () => {
-  it('preallocate: the stream block list of the same name and size uses the blocks as they are; another size replaces them', () => {
+  it('preallocate: the stream block list of the same name and size uses the blocks as they are; another size or name is refused (QEMU: Length mismatch)', () => {
     const sink = new InMemorySink();
     sink.preallocate([{ idstr: 'pc.ram', length: 1 << 20 }, { idstr: 'pc.bios', length: 8192 }], { prefault: true });
     const ram = sink.blocks.get('pc.ram')!;
     expect(ram.length).toBe(1 << 20);
     expect(ram.every((b) => b === 0)).toBe(true);
+    expect(() => sink.setBlocks([{ idstr: 'pc.ram', length: 1 << 20 }, { idstr: 'pc.bios', length: 4096 }])).toThrow(
+      expect.objectContaining({ code: 'length-mismatch', message: expect.stringMatching(/pc\.bios.*0x1000.*0x2000.*Length mismatch/) }),
+    );
+    expect(() => sink.setBlocks([{ idstr: 'pc.rom', length: 4096 }])).toThrow(expect.objectContaining({ code: 'unknown-ram-block' }));
+    expect(sink.blocks.get('pc.bios')!.length, 'not replaced').toBe(8192);
     sink.setBlocks([
       { idstr: 'pc.ram', length: 1 << 20 },
-      { idstr: 'pc.bios', length: 4096 },
+      { idstr: 'pc.bios', length: 8192 },
     ]);
     expect(sink.blocks.get('pc.ram'), 'same block kept').toBe(ram);
-    expect(sink.blocks.get('pc.bios')!.length, 'resized').toBe(4096);
     const page = Buffer.alloc(4096, 0xab);
     sink.writePage('pc.ram', 8192, page);
     expect(ram.subarray(8192, 8192 + 4096).equals(page)).toBe(true);

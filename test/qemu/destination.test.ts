@@ -358,7 +358,7 @@ describeWithQemu('DestinationSession receives a live migration from QEMU 10.0', 
         console.log(`[destination kill] mid-${phase}: done rejected after ${afterMs} ms: ${(err as Error).message}`);
         expect(err).toBeInstanceOf(MigrationError);
         const me = err as MigrationError;
-        expect(['peer-disconnected', 'transport']).toContain(me.code);
+        expect(['peer-disconnected', 'reset']).toContain(me.code);
         expect(me.phase).toBe(phase);
         expect(afterMs).toBeLessThan(5_000);
         expect(paused, 'postcopy pauses before giving up; precopy fails at once').toBe(phase === 'postcopy');

@@ -40,8 +40,8 @@ const BANDWIDTH = 32 * MiB;
 /** The background stream during postcopy: the 32 MiB range would take 8 s, so the cuts come while it runs. */
 const POSTCOPY_BANDWIDTH = 4 * MiB;
 const DIRTY_INTERVAL_MS = 50;
-/** Page requests answered since the switch (or the last resume) before the next cut: the guest runs and faults there. */
-const REQUESTS_BEFORE_CUT = 20;
+/** Page requests answered since the switch (or the last resume) before the next cut: the guest runs and faults there (few: on a busy machine the TCG guest faults slowly while the background stream runs out). */
+const REQUESTS_BEFORE_CUT = 8;
 
 interface Cut {
   /** What the cut resets: every connection of the relay, or the preempt channel alone (the source must notice and pause). */

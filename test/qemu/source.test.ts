@@ -365,7 +365,7 @@ describe('qmt send refuses what it cannot restore', () => {
     // Nothing listens on port 1: a transport error, in one line.
     r = await qmtSend(['--from', ok, '--to', 'tcp:127.0.0.1:1']).exit;
     expect(r.code).toBe(1);
-    expect(lastLine(r.stderr)).toMatch(/^qmt: transport: connect-failed \(main channel\): connect ECONNREFUSED 127\.0\.0\.1:1/);
+    expect(lastLine(r.stderr)).toMatch(/^qmt: connect-failed: \(main channel\) connect ECONNREFUSED 127\.0\.0\.1:1/);
   });
 
   it('--tls-allow: a destination whose valid certificate names none of the peers is refused, typed, in one line; a named one gets the saved VM', async () => {
