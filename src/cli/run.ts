@@ -10,9 +10,9 @@
  *   bar hid).
  * - Extra signals (SIGUSR1, SIGUSR2, ...) a command handles while it runs:
  *   `run(name, body, { signals: { SIGUSR1: (ctx) => … } })`, or
- *   `ctx.onSignal('SIGUSR1', fn)` from inside the body once the handler has
- *   something to act on — e.g. `receiveMigration({ …, onSession: (s) =>
- *   ctx.onSignal('SIGUSR1', () => …) })`.
+ *   `ctx.onSignal('SIGUSR1', fn)` from inside the body, as `qmt receive`
+ *   does: `ctx.onSignal('SIGUSR1', () => pause?.())`, `pause` handed over by
+ *   `receiveMigration`'s `onPauseReady` once the session exists.
  * - A thrown error or `{ ok: false, error }` becomes one stderr line
  *   `qmt: <code>: <what>` (src/cli/errors.ts) and exit code 2 (usage) or 1;
  *   with `--json`, stdout gets the one JSON object (src/cli/json.ts) either way.
