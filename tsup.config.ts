@@ -7,14 +7,16 @@ export default defineConfig([
     dts: true,
     sourcemap: true,
     clean: true,
-    target: 'node20',
+    target: 'node22',
+    // import.meta.url in the CJS build (the sockopt addon and the OpenSSL configuration are found relative to it).
+    shims: true,
   },
   {
     // demo-destination is the worker thread of `qmt demo`: its own file, loaded by URL.
     entry: { 'cli/main': 'src/cli/main.ts', 'cli/demo-destination': 'src/cli/demo-destination.ts' },
     format: ['esm'],
     sourcemap: true,
-    target: 'node20',
+    target: 'node22',
     banner: { js: '#!/usr/bin/env node' },
   },
 ]);

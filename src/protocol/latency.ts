@@ -1,4 +1,16 @@
-import * as hdr from 'hdr-histogram-js';
+import { createRequire } from 'node:module';
+import type * as Hdr from 'hdr-histogram-js';
+
+let hdrModule: typeof Hdr | undefined;
+/**
+ * hdr-histogram-js (with its WebAssembly build and pako) takes ~40 ms to load:
+ * it is loaded with the first histogram (a session's construction), not when
+ * the package is imported.
+ */
+function hdr(): typeof Hdr {
+  hdrModule ??= createRequire(import.meta.url)('hdr-histogram-js') as typeof Hdr;
+  return hdrModule;
+}
 
 /** Percentiles of a latency histogram, in microseconds. */
 export interface LatencySummary {
@@ -13,7 +25,7 @@ export interface LatencySummary {
 
 /** An HDR histogram of latencies in microseconds (1 µs .. 1 h, 3 significant digits). */
 export class LatencyHistogram {
-  private readonly h = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+  private readonly h = hdr().build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
   private sum = 0;
   /** Each percentile walks the whole histogram (milliseconds): computed once per change. */
   private cached: LatencySummary | undefined;

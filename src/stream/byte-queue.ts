@@ -51,16 +51,20 @@ export class ByteQueue {
     const merged = carve(n);
     let filled = 0;
     let piece: Uint8Array = this.head.subarray(this.headPos);
+    let used = 0;
     for (;;) {
       const take = Math.min(piece.length, n - filled);
       merged.set(piece.subarray(0, take), filled);
       filled += take;
       if (filled === n) {
+        // One splice for all the chunks merged: a shift() per chunk is quadratic in
+        // their number (a record that arrived in many small pieces).
         const leftover = piece.subarray(take);
-        if (leftover.length > 0) this.chunks.unshift(leftover);
+        if (leftover.length > 0) this.chunks.splice(0, used, leftover);
+        else this.chunks.splice(0, used);
         break;
       }
-      piece = this.chunks.shift() as Uint8Array;
+      piece = this.chunks[used++] as Uint8Array;
     }
     this.setHead(merged);
     return true;

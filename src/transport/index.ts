@@ -10,6 +10,7 @@ export {
 } from './qualify.js';
 export { parseEndpoint, formatEndpoint, type Endpoint } from './endpoint.js';
 export { TransportError, type TransportErrorCode } from './errors.js';
-export { BULK_PROFILE, URGENT_PROFILE, applyTuning, type TuningProfile, type EffectiveTuning } from './tuning.js';
+export { BULK_PROFILE, URGENT_PROFILE, SOCKOPT_UNAVAILABLE_WARNING, applyTuning, type TuningProfile, type EffectiveTuning } from './tuning.js';
 export { generatePki, initPkiDir, writePkiDir, loadTlsDir, PKI_FILES, type Pki, type TlsMaterial } from './pki.js';
 export { clientTlsOptions, serverTlsOptions, classifyTlsError, checkAllowedPeer, certificateNames, type TlsSettings } from './tls.js';
+export { OPENSSL_NO_TICKETS_CONF } from './openssl-conf.js';

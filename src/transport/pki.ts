@@ -22,10 +22,23 @@ import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import forge from 'node-forge';
+import type forge from 'node-forge';
 import { TransportError } from './errors.js';
 
 const generateKeyPairAsync = promisify(generateKeyPair);
+
+type Forge = typeof forge;
+let forgeLoading: Promise<Forge> | undefined;
+/**
+ * node-forge takes tens of milliseconds to load and only certificate
+ * generation uses it, so it is imported on the first {@link generatePki}, not
+ * with the package.
+ */
+function loadForge(): Promise<Forge> {
+  // A CommonJS module: its exports object is the default export, in the ESM and the CJS build alike.
+  forgeLoading ??= import('node-forge').then((m) => (m as unknown as { default: Forge }).default);
+  return forgeLoading;
+}
 
 /** File names inside a `tls-creds-x509` directory (QEMU's `QCRYPTO_TLS_CREDS_X509_*`). */
 export const PKI_FILES = {
@@ -158,7 +171,7 @@ interface CertSpec {
   hostnames: readonly string[];
 }
 
-function makeCert(spec: CertSpec): forge.pki.Certificate {
+function makeCert(forge: Forge, spec: CertSpec): forge.pki.Certificate {
   const cert = forge.pki.createCertificate();
   cert.version = 2; // v3
   cert.serialNumber = randomSerialHex();
@@ -191,24 +204,23 @@ function makeCert(spec: CertSpec): forge.pki.Certificate {
   }
   extensions.push({ name: 'subjectKeyIdentifier' }, { name: 'authorityKeyIdentifier', keyIdentifier: aki });
   cert.setExtensions(extensions);
-  signSha256(cert, spec.key);
+  signSha256(forge, cert, spec.key);
   return cert;
 }
-
-const getTbsCertificate = (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate;
 
 /**
  * What `cert.sign(key, sha256)` does, with the RSA operation done by Node's
  * native crypto: forge's pure-JS signing costs 100-300 ms per certificate.
  */
-function signSha256(cert: forge.pki.Certificate, key: KeyObject): void {
+function signSha256(forge: Forge, cert: forge.pki.Certificate, key: KeyObject): void {
+  const getTbsCertificate = (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate;
   cert.signatureOid = cert.siginfo.algorithmOid = forge.pki.oids.sha256WithRSAEncryption as string;
   cert.tbsCertificate = getTbsCertificate(cert);
   const tbs = Buffer.from(forge.asn1.toDer(cert.tbsCertificate).getBytes(), 'binary');
   cert.signature = sign('sha256', tbs, key).toString('binary');
 }
 
-function parseCa(given: { cert: string; key: string }): { cert: forge.pki.Certificate; key: KeyObject; keyPem: string } {
+function parseCa(forge: Forge, given: { cert: string; key: string }): { cert: forge.pki.Certificate; key: KeyObject; keyPem: string } {
   let cert: forge.pki.Certificate;
   let key: KeyObject;
   try {
@@ -250,7 +262,8 @@ export async function generatePki(opts: GeneratePkiOptions = {}): Promise<Pki> {
     };
   };
 
-  const given = opts.ca ? parseCa(opts.ca) : undefined;
+  const forge = await loadForge();
+  const given = opts.ca ? parseCa(forge, opts.ca) : undefined;
   const [caPair, serverPair, clientPair] = await Promise.all([
     given ? undefined : rsaKeyPair(keyBits),
     rsaKeyPair(keyBits),
@@ -265,7 +278,7 @@ export async function generatePki(opts: GeneratePkiOptions = {}): Promise<Pki> {
     const pair = caPair as KeyPair;
     caKey = createPrivateKey(pair.privatePem);
     caKeyPem = pair.privatePem;
-    ca = makeCert({
+    ca = makeCert(forge, {
       subjectCn: opts.caName ?? 'qmt migration CA',
       publicPem: pair.publicPem,
       issuer: undefined,
@@ -275,7 +288,7 @@ export async function generatePki(opts: GeneratePkiOptions = {}): Promise<Pki> {
       hostnames,
     });
   }
-  const server = makeCert({
+  const server = makeCert(forge, {
     subjectCn: hostnames[0] ?? 'localhost',
     publicPem: serverPair.publicPem,
     issuer: ca,
@@ -284,7 +297,7 @@ export async function generatePki(opts: GeneratePkiOptions = {}): Promise<Pki> {
     kind: 'server',
     hostnames,
   });
-  const client = makeCert({
+  const client = makeCert(forge, {
     subjectCn: 'qmt migration client',
     publicPem: clientPair.publicPem,
     issuer: ca,

@@ -72,9 +72,17 @@ interface SockoptAddon {
   getsockopt(socket: Socket, level: number, name: number): number;
 }
 
+/** `process.emitWarning` code of the one warning a process without the sockopt addon gets. */
+export const SOCKOPT_UNAVAILABLE_WARNING = 'QMT_SOCKOPT_UNAVAILABLE';
+
 let addon: SockoptAddon | null | undefined;
 let addonError = '';
-/** The native addon, loaded on first use so that a platform without it degrades instead of crashing. */
+/**
+ * The native addon, loaded on first use: sockopt is an optional dependency (its
+ * install compiles or fetches a native module, which may fail), so a platform
+ * without it degrades to untuned sockets with one process warning instead of
+ * failing to import.
+ */
 function loadAddon(): SockoptAddon | null {
   if (addon !== undefined) return addon;
   try {
@@ -83,6 +91,11 @@ function loadAddon(): SockoptAddon | null {
   } catch (e) {
     addon = null;
     addonError = e instanceof Error ? e.message.split('\n')[0]! : String(e);
+    process.emitWarning(
+      `the optional dependency sockopt did not load (${addonError}): sockets keep the kernel's defaults ` +
+        '(no SO_SNDBUF/SO_RCVBUF, TCP_NOTSENT_LOWAT, SO_PRIORITY or IP_TOS tuning; TCP_NODELAY and corking still apply)',
+      { code: SOCKOPT_UNAVAILABLE_WARNING },
+    );
   }
   return addon;
 }
