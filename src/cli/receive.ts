@@ -48,6 +48,12 @@ export interface ReceiveOptions {
   signal?: AbortSignal;
   /** Called with the actual listen URI (the real port when 0 was asked). */
   onListening?: (uri: string) => void;
+  /**
+   * Called once the session exists with a function that pauses postcopy now
+   * (DestinationSession.pause(), QEMU's migrate-pause; what SIGUSR1 does in
+   * the command). Outside postcopy the function only logs why it cannot.
+   */
+  onPauseReady?: (pause: () => void) => void;
 }
 
 /** The `--json` report: one object, also returned by {@link receiveMigration}. */
@@ -254,6 +260,15 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   s.on('completed', () => faults?.stop());
   s.on('failed', () => faults?.stop());
 
+  opts.onPauseReady?.(() => {
+    try {
+      s.pause();
+      progress.log('pausing postcopy (asked)');
+    } catch (e) {
+      progress.log(`cannot pause: ${e instanceof MigrationError ? e.reason : String(e)}`);
+    }
+  });
+
   const cancel = (): void => s.close();
   if (opts.signal?.aborted) cancel();
   opts.signal?.addEventListener('abort', cancel, { once: true });
@@ -362,8 +377,12 @@ export async function runReceiveCommand(o: ReceiveCliOptions): Promise<number> {
     }
     ac.abort();
   };
+  // SIGUSR1: pause postcopy now (the operator knows the link is dead); without a handler it would kill us.
+  let pauseNow: (() => void) | undefined;
+  const onUsr1 = (): void => pauseNow?.();
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
+  process.on('SIGUSR1', onUsr1);
   let r: ReceiveReport;
   try {
     r = await receiveMigration({
@@ -379,10 +398,12 @@ export async function runReceiveCommand(o: ReceiveCliOptions): Promise<number> {
         : { recovery: { ...(o.recoverListen ? { listen: o.recoverListen } : {}), ...(o.recoveryTimeout !== undefined ? { timeoutMs: o.recoveryTimeout } : {}) } }),
       progress: o.progress,
       signal: ac.signal,
+      onPauseReady: (fn) => (pauseNow = fn),
     });
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+    process.off('SIGUSR1', onUsr1);
   }
   if (o.progress !== 'none') for (const line of formatReceiveSummary(r)) stderr.write(`qmt: ${line}\n`);
   if (o.json) process.stdout.write(`${JSON.stringify(r, null, 2)}\n`);
@@ -403,13 +424,23 @@ export function registerReceiveCommand(program: Command): Command {
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
-    .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never)', intArg('--idle-timeout', 0, 2_147_483_647))
+    .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never); once postcopy runs, pause instead', intArg('--idle-timeout', 0, 2_147_483_647))
     .option('--recover-listen <uri>', 'postcopy recovery: wait for the source here after a network failure (default: --listen)')
     .option('--recovery-timeout <ms>', 'postcopy recovery: fail when no recovery came this long after the failure (default: wait)', intArg('--recovery-timeout', 1, 2_147_483_647))
     .option('--no-recovery', 'postcopy: fail on a network failure instead of pausing for a recovery')
     .option('--json', 'print a machine-readable report on stdout at the end')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
     .configureOutput({ outputError: (str, write) => write(`qmt: usage: ${str.replace(/^error: /, '')}`) })
+    .addHelpText(
+      'after',
+      [
+        '',
+        'Postcopy recovery: once the VM runs here, a network failure — a reset, or no byte for --idle-timeout',
+        "(a silent partition) — pauses the migration: every page is kept and qmt listens again (at",
+        '--recover-listen, default --listen) for the source\'s `migrate … resume=true`.',
+        'SIGUSR1 (kill -USR1 PID) pauses postcopy now, as QEMU\'s migrate-pause, for a link known to be dead.',
+      ].join('\n'),
+    )
     .action(async (o: ReceiveCliOptions) => {
       try {
         process.exitCode = await runReceiveCommand(o);

@@ -62,6 +62,21 @@ export interface SendOptions {
    * that switches to postcopy now; what it returns is shown as a progress line.
    */
   onSwitchReady?: (switchNow: () => void) => string | void;
+  /**
+   * Called once the session exists with the operator's controls of postcopy
+   * recovery (what SIGUSR1 and SIGUSR2 do in the command): `pause()` forces
+   * the paused state now (SourceSession.pause(), QEMU's migrate-pause) and
+   * makes no reconnection attempt until `resume()`, which tries at once.
+   * `postcopy` tells whether postcopy has started. Refusals are logged.
+   */
+  onPauseReady?: (control: SendPauseControl) => void;
+}
+
+/** See {@link SendOptions.onPauseReady}. */
+export interface SendPauseControl {
+  readonly postcopy: boolean;
+  pause(): void;
+  resume(): void;
 }
 
 /** The `--json` report: one object, also returned by {@link sendSavedVm}. */
@@ -271,7 +286,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
   s.on('page-request', (r) => report.answered[r.channel]++);
   s.on('paused', (p) => {
     phase = 'paused';
-    progress.log(`postcopy paused (${p.error.reason}): reconnecting`);
+    progress.log(p.error.code === 'paused' ? 'postcopy paused (asked): no reconnection until resumed' : `postcopy paused (${p.error.reason}): reconnecting`);
   });
   s.on('recovering', (r) => {
     if (r.attempt === 1 || r.attempt % 10 === 0) progress.log(`recovery attempt ${r.attempt}: connecting to ${r.to}`);
@@ -293,6 +308,28 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     const hint = opts.onSwitchReady?.(switchNow);
     if (hint) progress.log(hint);
   }
+  opts.onPauseReady?.({
+    get postcopy() {
+      return report.postcopy;
+    },
+    pause: () => {
+      const wasPaused = s.stats().status === 'postcopy-paused';
+      try {
+        s.pause();
+        if (wasPaused) progress.log('postcopy stays paused (asked): no reconnection until resumed');
+      } catch (e) {
+        progress.log(`cannot pause: ${e instanceof MigrationError ? e.reason : String(e)}`);
+      }
+    },
+    resume: () => {
+      if (s.stats().status !== 'postcopy-paused') {
+        progress.log('resume: nothing to resume (postcopy is not paused)');
+        return;
+      }
+      progress.log('resuming postcopy (asked): reconnecting now');
+      s.resume();
+    },
+  });
 
   const cancel = (): void => s.cancel();
   let failure: unknown;
@@ -384,13 +421,21 @@ export async function runSendCommand(o: SendCliOptions): Promise<number> {
   };
   // 'manual': Enter on a TTY or SIGUSR1 switches to postcopy.
   let switchNow: (() => void) | undefined;
-  const onUsr1 = (): void => switchNow?.();
+  let control: SendPauseControl | undefined;
+  // SIGUSR1: before postcopy with --postcopy manual, switch; otherwise pause postcopy now. SIGUSR2: resume now.
+  const onUsr1 = (): void => {
+    if (switchNow && !control?.postcopy) switchNow();
+    else control?.pause();
+  };
+  const onUsr2 = (): void => control?.resume();
   const onLine = (): void => switchNow?.();
   const stdin = process.stdin;
   const readEnter = o.postcopy === 'manual' && stdin.isTTY === true;
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  if (o.postcopy === 'manual') process.on('SIGUSR1', onUsr1);
+  // Always handled: by default either signal would kill the process.
+  process.on('SIGUSR1', onUsr1);
+  process.on('SIGUSR2', onUsr2);
   let r: SendReport;
   try {
     r = await sendSavedVm({
@@ -417,11 +462,13 @@ export async function runSendCommand(o: SendCliOptions): Promise<number> {
         }
         return `postcopy is manual: ${readEnter ? 'press Enter or ' : ''}send SIGUSR1 (kill -USR1 ${process.pid}) to switch`;
       },
+      onPauseReady: (c) => (control = c),
     });
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     process.off('SIGUSR1', onUsr1);
+    process.off('SIGUSR2', onUsr2);
     if (readEnter) {
       stdin.off('data', onLine);
       stdin.pause();
@@ -484,6 +531,11 @@ export function registerSendCommand(program: Command): Command {
         "--postcopy manual: press Enter (when stdin is a terminal) or send SIGUSR1 (kill -USR1 PID; the PID is",
         'printed) to switch. A saved VM does not change: after one complete pass nothing is left to send, so',
         'a lazy restore (the VM runs at once, memory follows on demand) is --postcopy after:0.',
+        '',
+        'Postcopy recovery: a network failure in postcopy — a reset, or a destination that stops acknowledging',
+        'for 30 s (a silent partition) — pauses the migration and reconnects (--recover-to, default --to) with',
+        "backoff. Once postcopy runs, SIGUSR1 pauses it now (QEMU's migrate-pause) and no reconnection is tried",
+        "until SIGUSR2 (kill -USR2 PID), which reconnects at once (QEMU's migrate … resume=true).",
         '',
         'Example:',
         '  qmt send --from ./vm --to tcp:127.0.0.1:4444 --postcopy after:0 --preempt',

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import { PreemptDecoder, StreamDecoder } from '../stream/decoder.js';
-import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { RecordType, TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { encodeReturnPathMessage } from '../stream/return-path.js';
 import { applyXbzrle } from '../stream/xbzrle.js';
 import type { ConfigurationRecord, RamBlockInfo, ReturnPathMessage, StreamRecord, PreemptRecord } from '../stream/records.js';
@@ -78,7 +78,13 @@ export interface DestinationOptions {
    * capability on a destination. Default false: such a stream is refused.
    */
   postcopy?: boolean;
-  /** Fail when no byte arrives for this long once connected (default 60 s; 0 = never). */
+  /**
+   * Fail when no byte arrives for this long once connected (default 60 s;
+   * 0 = never). Once the VM runs here (the postcopy package is in) such
+   * silence is a network failure instead — a pulled cable or a frozen
+   * middlebox sends no FIN and no RST — and pauses the migration like a reset
+   * (see `recovery`); with `recovery: false` it fails.
+   */
   idleTimeoutMs?: number;
   /**
    * Postcopy recovery: once the VM runs here (the postcopy package is in), a
@@ -201,7 +207,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private start(): void {
-    this.listener.on('stranger', (ev) => this.emit('stranger', ev));
+    this.listener.on('stranger', (ev) => this.onStranger(ev));
     // Rejects only when the listener is closed, i.e. when the session is over.
     this.listener.accept().then(
       (conn) => this.onConnection(conn),
@@ -214,7 +220,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.conn = conn;
     if (this.status === 'setup') this.status = 'active';
     this.emit('channel', { role: 'main', stats: conn.main.stats });
-    this.armIdle();
+    this.armIdle(gen);
     conn.main.on('error', (e) => this.channelLost(e, gen));
     conn.main.on('close', () => {
       if (!this.finished && gen === this.generation) this.onMainEnded(gen);
@@ -252,10 +258,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         this.fail(MigrationError.from(e, this.phase));
       }
     });
+    let first = true;
     ch.read((chunk) => {
       if (gen !== this.generation) return;
       // Still read while finishing: a requested page may arrive after the main channel's EOF.
       if (this.finished && !this.finishing) return;
+      if (first && chunk.length > 0) {
+        first = false;
+        if (chunk[0] === RecordType.COMMAND && this.canRecover()) {
+          this.recoveryArrivedEarly(ch, gen);
+          return;
+        }
+      }
       this.counts.transferred += chunk.length;
       this.idleTimer?.refresh();
       try {
@@ -269,11 +283,18 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     });
   }
 
-  private armIdle(): void {
+  /**
+   * Silence from the source on connection `gen`. Before the VM runs here it
+   * ends the migration; once it does, silence is a network failure like a
+   * reset (a pulled cable, a frozen middlebox send neither FIN nor RST), so
+   * channelLost pauses instead: QEMU's source may still resume.
+   */
+  private armIdle(gen: number): void {
     const ms = this.opts.idleTimeoutMs ?? 60_000;
     if (ms <= 0) return;
+    clearTimeout(this.idleTimer);
     this.idleTimer = setTimeout(() => {
-      this.fail(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`));
+      this.channelLost(new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`), gen);
     }, ms);
   }
 
@@ -308,6 +329,28 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   // ---- postcopy recovery ----------------------------------------------------
 
+  /**
+   * A "preempt" connection that starts with a command is a recovery main
+   * channel (a page record's first byte is its offset's top byte, 0; over
+   * TLS the preempt channel qualifies by order, so this is where it shows;
+   * over plain TCP the listener drops it as a 'recovery' stranger): the
+   * source took this connection for dead — a partition it saw first (its
+   * stall window is shorter than our idle timeout), or its pause() — and came
+   * back before we noticed. It is the proof we lacked: pause now, so that the
+   * source's next attempt finds us listening; this connection goes (QEMU's
+   * destination would not even accept it before migrate-recover).
+   */
+  private recoveryArrivedEarly(ch: Channel | undefined, gen: number): void {
+    ch?.destroy();
+    this.channelLost(new MigrationError('peer-disconnected', this.phase, 'the source opened a recovery connection: it lost the current one'), gen);
+  }
+
+  /** A dropped connection; a plain-TCP recovery connection in the preempt slot is the same proof as above. */
+  private onStranger(ev: StrangerEvent): void {
+    this.emit('stranger', ev);
+    if (ev.reason === 'recovery' && this.status === 'postcopy-active' && this.canRecover()) this.recoveryArrivedEarly(undefined, this.generation);
+  }
+
   /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
   private canRecover(): boolean {
     return this.opts.recovery !== false && this.listening && this.packageDone && !this.finished;
@@ -320,8 +363,28 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     // POSTCOPY_RESUME sends us back to paused (QEMU: postcopy-recover → postcopy-paused).
     if (this.pausedBy && this.status !== 'postcopy-recover') return;
     const err = MigrationError.from(e, this.phase);
-    if (this.canRecover() && isNetworkFailure(err)) void this.pause(err);
+    if (this.canRecover() && isNetworkFailure(err)) void this.enterPause(err);
     else this.fail(err);
+  }
+
+  /**
+   * Forces the paused state now, as QEMU's `migrate-pause` on a destination:
+   * for an operator who knows the link is dead and will not wait for the idle
+   * timeout. The connection is dropped; every page and waiting request is
+   * kept; the source's recovery connection is awaited as after a network
+   * failure ('paused' follows once listening). A no-op when already paused.
+   *
+   * @throws MigrationError `invalid-state` (synchronously) unless the VM runs
+   *   here — postcopy, package received, recovery not disabled — and the
+   *   migration has not ended.
+   */
+  pause(): void {
+    if (!this.canRecover()) {
+      const why = this.finished ? 'the migration is over' : this.opts.recovery === false ? 'postcopy recovery is off (recovery: false)' : 'the VM does not run here yet (no postcopy package received)';
+      throw new MigrationError('invalid-state', this.phase, `pause() needs a running postcopy migration: ${why}`);
+    }
+    if (this.status === 'postcopy-paused') return;
+    void this.enterPause(new MigrationError('paused', this.phase, 'paused by the operator (pause())'));
   }
 
   /**
@@ -329,7 +392,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * and waiting requests are kept, and a listener waits for the source's new
    * connection — at `recovery.listen`, else where the migration came in.
    */
-  private async pause(e: MigrationError): Promise<void> {
+  private async enterPause(e: MigrationError): Promise<void> {
     // Paused again before a recovery completed: the outage (and its timeout) goes on.
     const again = this.pausedBy !== undefined;
     this.pausedBy = e;
@@ -343,7 +406,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.preemptDecoder = undefined;
     const opts = this.opts.recovery || {};
     if (opts.timeoutMs !== undefined && !again) {
-      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(e.code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
+      // A manual pause that nobody resumes ends as a timeout, not as 'paused'.
+      const code = e.code === 'paused' ? 'idle-timeout' : e.code;
+      this.recoveryTimer = setTimeout(() => this.fail(new MigrationError(code, this.phase, `no postcopy recovery within ${opts.timeoutMs} ms of the pause (${e.reason})`, { cause: e })), opts.timeoutMs);
     }
     const uri = opts.listen ?? this.listener.uri;
     this.listener.close();
@@ -384,7 +449,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     }
     this.listener = listener;
     // Strangers (a wrong certificate, a port scanner) are dropped by the listener, which keeps waiting.
-    listener.on('stranger', (ev) => this.emit('stranger', ev));
+    listener.on('stranger', (ev) => this.onStranger(ev));
     listener.accept().then(
       (conn) => {
         if (this.finished || this.listener !== listener) {

@@ -9,7 +9,9 @@ export type MigrationErrorCode =
   | 'transport' // socket or TLS failure (cause: TransportError)
   | 'protocol' // well-formed records in an order or with values the protocol forbids
   | 'peer-disconnected' // the peer closed before the migration completed
-  | 'idle-timeout' // no bytes for longer than the idle timeout
+  | 'idle-timeout' // no bytes for longer than the idle timeout (in postcopy: a pause, not a failure)
+  | 'paused' // the operator paused postcopy (pause(), QEMU's migrate-pause): the reason of a 'paused' event
+  | 'invalid-state' // a call the session's current state does not allow (pause() outside postcopy)
   | 'storage' // the guest-memory sink failed (disk full, ...)
   | 'cancelled';
 

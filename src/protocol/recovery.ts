@@ -40,7 +40,7 @@ export interface DestinationRecoveryOptions {
 
 /** The pause event of either session. */
 export interface PausedEvent {
-  /** What broke the connection. */
+  /** What broke the connection: code `idle-timeout` for a silent partition, `paused` after `pause()`. */
   readonly error: MigrationError;
   /** performance.now() of the pause. */
   readonly at: number;

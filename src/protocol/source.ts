@@ -14,6 +14,7 @@ import { autoWantsPostcopy, type PostcopyPolicy } from './postcopy-policy.js';
 import { Pacer } from './pacer.js';
 import { XbzrleCache } from './xbzrle-cache.js';
 import { applyReceivedBitmap, isNetworkFailure, retryDelayMs, type PausedEvent, type ResumedEvent, type SourceRecoveryOptions } from './recovery.js';
+import { StallWatch } from './stall-watch.js';
 
 /** One device (non-RAM) section to send: opaque bytes, as captured from a source. */
 export interface DeviceStateSection {
@@ -64,6 +65,12 @@ export interface SourceOptions {
    * Once the destination's kernel has acknowledged the whole stream, the wait
    * for SHUT goes on until SHUT or the connection's end (a destination may
    * take long to flush its RAM; TCP keepalive finds a dead host).
+   *
+   * The same window detects a silent partition in postcopy: when our bytes
+   * wait to be delivered and nothing moves for this long (no return-path
+   * message, no byte newly acknowledged by the destination's kernel, no byte
+   * newly written), the link is taken as dead and postcopy pauses and
+   * reconnects, as after a reset (see `recovery`).
    */
   replyTimeoutMs?: number;
   /**
@@ -202,8 +209,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
   private resumeAcked = false;
   /** Where the next recovery attempt connects (resume(uri) sets it). */
   private recoverTo: string | undefined;
-  /** Wakes a recovery that sleeps between attempts. */
+  /** Wakes a recovery that sleeps between attempts (or holds after a manual pause). */
   private wakeRecovery: (() => void) | undefined;
+  /** pause() was called: no reconnection attempt until resume() (QEMU's source waits for `migrate resume=true`). */
+  private manualHold = false;
+  /** Postcopy: a link whose bytes stop moving is a partition (see replyTimeoutMs). */
+  private readonly stallWatch: StallWatch;
   private readonly pacer = new Pacer();
   private sinceYield = 0;
 
@@ -214,6 +225,10 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       this.rejectDone = reject;
     });
     this.done.catch(() => undefined);
+    this.stallWatch = new StallWatch(() => [this.conn?.main, this.preempt], opts.replyTimeoutMs ?? 30_000, (idleMs) => {
+      const what = `nothing moved on the connection for ${Math.round(idleMs)} ms (no return-path message, none of our bytes acknowledged): the link is taken as dead`;
+      this.channelLost(new MigrationError('idle-timeout', this.phase, what), this.generation);
+    });
     const policy = opts.postcopy ?? 'never';
     if (opts.preempt && policy === 'never') throw new TypeError('preempt needs a postcopy policy other than "never"');
     const used = new Set<number>();
@@ -295,11 +310,35 @@ export class SourceSession extends EventEmitter<SourceEvents> {
 
   /**
    * Postcopy recovery: connect to `to` from now on (a destination's
-   * `migrate-recover` address) and try at once if paused.
+   * `migrate-recover` address) and try at once if paused — the end of the
+   * hold after `pause()`, or of the backoff wait after a failure. A no-op
+   * when not paused.
    */
   resume(to?: string): void {
     if (to !== undefined) this.recoverTo = to;
+    this.manualHold = false;
     this.wakeRecovery?.();
+  }
+
+  /**
+   * Forces the paused state now, as QEMU's `migrate-pause`: for an operator
+   * who knows the link is dead (or wants to move the destination). The
+   * connection is dropped, every page and request state kept, and — unlike a
+   * pause the session detected itself — no reconnection is attempted until
+   * `resume(uri?)` (QEMU's `migrate … resume=true`); after that, failed
+   * attempts are retried with backoff as usual. Called while already paused,
+   * it stops the automatic retries until `resume()`.
+   *
+   * @throws MigrationError `invalid-state` (synchronously) outside postcopy,
+   *   with `recovery: false`, or once the migration has ended.
+   */
+  pause(): void {
+    if (this.finished || !this.canRecover()) {
+      const why = this.finished ? 'the migration is over' : this.opts.recovery === false ? 'postcopy recovery is off (recovery: false)' : 'postcopy has not started';
+      throw new MigrationError('invalid-state', this.phase, `pause() needs a running postcopy migration: ${why}`);
+    }
+    this.manualHold = true;
+    if (!this.pausedBy) this.enterPause(new MigrationError('paused', this.phase, 'paused by the operator (pause())'));
   }
 
   /** Aborts the migration (the destination sees the connection drop). */
@@ -313,6 +352,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.failure = e;
     this.status = 'failed';
     this.endedAt = performance.now();
+    this.stallWatch.stop();
     this.conn?.destroy();
     this.wakePeerWaiters();
     this.wakeRecovery?.();
@@ -627,6 +667,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     }
     // From here on the destination may close first: that is the normal end.
     this.finished = true;
+    this.stallWatch.stop();
     this.status = 'completed';
     this.endedAt = performance.now();
     if (this.downtimeMs === undefined && this.stoppedAt !== undefined) this.downtimeMs = Math.round(this.endedAt - this.stoppedAt);
@@ -824,6 +865,8 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.write([{ type: 'command', command: { cmd: 'ping', value: 2 } }]);
     // From LISTEN on, pages are exactly-once: requests are honoured from here.
     this.inPostcopy = true;
+    // From here a partition pauses: watch for bytes that stop moving.
+    this.stallWatch.start();
     // A new pacing window: the postcopy cap starts now, not in the precopy window.
     this.pacer.reset();
     this.status = 'postcopy-active';
@@ -908,7 +951,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     if (this.pausedBy) return;
     const err = MigrationError.from(e, this.phase);
     if (!this.canRecover() || !isNetworkFailure(err)) throw err;
-    this.pause(err);
+    this.enterPause(err);
   }
 
   private canRecover(): boolean {
@@ -955,7 +998,7 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    * destination's received-bitmap on recovery, and it asks again for the
    * pages its guest still waits for.
    */
-  private pause(e: MigrationError): void {
+  private enterPause(e: MigrationError): void {
     if (this.pausedBy || this.finished) return;
     this.pausedBy = e;
     const at = performance.now();
@@ -984,6 +1027,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     let last: MigrationError = this.pausedBy!;
     for (let attempt = 1; ; attempt++) {
       this.check();
+      if (this.manualHold) {
+        // Paused by the operator: the first attempt comes with resume().
+        await this.holdUntilResume();
+        this.check();
+        attempt = 1;
+      }
       if (attempt > 1) {
         if (opts.maxAttempts !== undefined && attempt > opts.maxAttempts) {
           const e = new MigrationError(last.code, 'postcopy', `postcopy recovery gave up after ${opts.maxAttempts} attempts; the last: ${last.reason}`, { cause: last });
@@ -992,6 +1041,10 @@ export class SourceSession extends EventEmitter<SourceEvents> {
         }
         await this.sleepUnlessWoken(retryDelayMs(attempt, opts));
         this.check();
+        if (this.manualHold) {
+          attempt = 0; // pause() while waiting: hold from the next turn
+          continue;
+        }
       }
       const to = this.recoverTo ?? opts.to ?? this.opts.to;
       this.emit('recovering', { attempt, to });
@@ -1001,12 +1054,17 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       } catch (e) {
         this.check();
         last = MigrationError.from(e, 'postcopy');
+        // pause() during the attempt: back to the hold (whatever the attempt ended with).
+        if (this.manualHold) {
+          this.enterPause(last);
+          continue;
+        }
         if (!isNetworkFailure(last)) {
           this.fail(last);
           throw last;
         }
         // The new connection failed too: paused again (QEMU: back to postcopy-paused).
-        this.pause(last);
+        this.enterPause(last);
       }
     }
   }
@@ -1018,9 +1076,9 @@ export class SourceSession extends EventEmitter<SourceEvents> {
    */
   private async reconnect(to: string): Promise<void> {
     const conn = await SourceConnection.connect(to, this.opts.transport ?? {});
-    if (this.failure) {
+    if (this.failure || this.manualHold) {
       conn.destroy();
-      throw this.failure;
+      throw this.failure ?? this.pausedBy!;
     }
     this.recvBitmaps.clear();
     this.resumeAcked = false;
@@ -1051,6 +1109,25 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     this.c.recoveries++;
     this.pacer.reset();
     this.emit('resumed', { recoveries: this.c.recoveries, pausedMs: performance.now() - this.pausedAt });
+  }
+
+  /** After pause(): waits for resume() (or the migration's end). */
+  private async holdUntilResume(): Promise<void> {
+    // A held migration is not over, but no socket or timer is left to say so: without this
+    // the process would exit under a caller awaiting `done`.
+    const alive = setInterval(() => undefined, 1 << 30);
+    try {
+      while (this.manualHold && !this.failure) {
+        await new Promise<void>((resolve) => {
+          this.wakeRecovery = () => {
+            this.wakeRecovery = undefined;
+            resolve();
+          };
+        });
+      }
+    } finally {
+      clearInterval(alive);
+    }
   }
 
   private sleepUnlessWoken(ms: number): Promise<void> {

@@ -505,6 +505,10 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
         this.qualified(c, s, kind);
         return;
       }
+      if (c.forPreempt && judgeMainStart('resume', seen) === 'yes') {
+        this.drop(c, c.raw, 'recovery', new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }));
+        return;
+      }
       const what = c.forPreempt ? 'a RAM page record (the preempt channel)' : start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
       this.drop(c, c.raw, 'not-migration', new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`, c.forPreempt ? { channel: 'preempt' } : {}));
     };

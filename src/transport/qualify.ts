@@ -86,7 +86,13 @@ export type StrangerReason =
   /** `maxPendingConnections` connections were already waiting to qualify. */
   | 'too-many'
   /** Its role went to another connection, or every role is taken. */
-  | 'extra';
+  | 'extra'
+  /**
+   * A postcopy-recovery main channel (RECV_BITMAP first) while this
+   * migration's connection still stands: the source has given that one up
+   * (a partition it saw first, or its pause()) before the destination noticed.
+   */
+  | 'recovery';
 
 /** A connection dropped before it became a migration channel; the listener keeps waiting. */
 export interface StrangerEvent {

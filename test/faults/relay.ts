@@ -24,6 +24,17 @@
  *   first; gives up holding after `holdMs` (default 2 s), because a source
  *   that waits for an answer on its first connection never opens a second.
  *
+ * and at any moment:
+ *
+ * - `freeze()`: a silent partition (a pulled cable, a hung middlebox): every
+ *   open connection stops forwarding both ways and closes nothing — the relay
+ *   stops reading, so the senders' kernels see their windows close, and ends,
+ *   resets and closes of either side are not passed on; connections that
+ *   arrive meanwhile are refused at once (the retries of a reconnecting
+ *   source fail fast). `heal()` ends the partition: the frozen connections
+ *   are destroyed (both peers gave up on them, or will see a reset; or, with
+ *   `keepFrozen`, stay black holes) and new ones are forwarded again.
+ *
  * Bounded: at most `maxConnections` connections (later ones are refused),
  * at most `highWaterBytes` buffered per direction (the reading socket is
  * paused beyond it), every stall and throttle delay is a timer the relay
@@ -236,6 +247,7 @@ class RelayConnection {
   readonly up: Pipe | undefined;
   private downPipe: Pipe | undefined;
   private closing = false;
+  private frozen = false;
   private readonly timers = new Set<NodeJS.Timeout>();
   upstream: net.Socket | undefined;
 
@@ -252,7 +264,16 @@ class RelayConnection {
   }
 
   get isClosing(): boolean {
-    return this.closing;
+    return this.closing || this.frozen;
+  }
+
+  /** Forwards nothing more either way and passes on no end, reset or close (see the file comment). */
+  freeze(): void {
+    if (this.closing || this.frozen) return;
+    this.frozen = true;
+    this.clearTimers();
+    this.client.pause();
+    this.upstream?.pause();
   }
 
   /** Opens the onward connection and starts forwarding. */
@@ -317,7 +338,7 @@ class RelayConnection {
    * what it holds (a stall or a throttle still delays it).
    */
   private onSocketGone(s: net.Socket, hadError: boolean): void {
-    if (this.closing) return;
+    if (this.closing || this.frozen) return;
     const other = s === this.client ? this.upstream : this.client;
     if (hadError || !other || !this.up) {
       this.reset();
@@ -347,6 +368,10 @@ class RelayConnection {
     this.client.destroy();
     this.upstream?.destroy();
   }
+
+  destroyIfFrozen(): void {
+    if (this.frozen) this.destroy();
+  }
 }
 
 export class FaultRelay {
@@ -357,6 +382,7 @@ export class FaultRelay {
   private held: RelayConnection | undefined;
   private holdTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  private frozenAt: number | undefined;
 
   private constructor(
     private readonly server: net.Server,
@@ -398,6 +424,40 @@ export class FaultRelay {
     return n;
   }
 
+  /**
+   * A silent partition from now on (see the file comment). Returns
+   * performance.now() of the freeze and how many open connections it froze.
+   */
+  freeze(): { at: number; frozen: number } {
+    let frozen = 0;
+    for (const c of this.conns) {
+      if (c.isClosing) continue;
+      c.freeze();
+      frozen++;
+    }
+    this.frozenAt = performance.now();
+    this.fired.push(`freeze: ${frozen} connection(s) frozen by the test`);
+    return { at: this.frozenAt, frozen };
+  }
+
+  /**
+   * Ends the partition: new connections are forwarded again, and the frozen
+   * ones are destroyed — unless `keepFrozen`, then they stay black holes (a
+   * new route for new connections; nothing of the old ones ever arrives)
+   * until close().
+   */
+  heal(opts: { keepFrozen?: boolean } = {}): void {
+    if (this.frozenAt === undefined) return;
+    this.frozenAt = undefined;
+    if (!opts.keepFrozen) for (const c of this.conns) c.destroyIfFrozen();
+    this.fired.push(`healed by the test${opts.keepFrozen ? ' (the frozen connections stay frozen)' : ''}`);
+  }
+
+  /** Whether a partition is on (between freeze() and heal()). */
+  get isFrozen(): boolean {
+    return this.frozenAt !== undefined;
+  }
+
   /** Per-connection counters. */
   get connections(): RelayConnectionInfo[] {
     return this.conns.map((c) => c.info());
@@ -412,6 +472,11 @@ export class FaultRelay {
   private onConnection(s: net.Socket): void {
     const index = this.accepted++;
     if (this.closed || index >= (this.opts.maxConnections ?? 4)) {
+      s.destroy();
+      return;
+    }
+    if (this.frozenAt !== undefined) {
+      this.fired.push(`conn ${index}: refused (frozen)`);
       s.destroy();
       return;
     }
