@@ -116,6 +116,8 @@ describe('DestinationSession with a scripted source', () => {
     const src = await scriptedSource(dst.uri);
     const records = syntheticRecords(5);
     src.write(records.slice(0, 20));
+    // Read the PONG first: a socket closed with unread data sends a reset, not a FIN.
+    await src.waitFor((m) => m.some((x) => x.type === 'pong'));
     await new Promise((r) => setTimeout(r, 50));
     src.sock.destroy();
     await expect(dst.done).rejects.toMatchObject({ code: 'peer-disconnected', phase: 'precopy' });

@@ -175,7 +175,8 @@ describe('plain TCP strangers are dropped, the listener keeps waiting', () => {
       expect(w.strangers.every((e) => e.reason === 'too-many' && e.error.code === 'too-many-connections')).toBe(true);
       // The silent ones still hold every slot; the real source's main channel makes room and qualifies.
       await realSourceGetsIn(w);
-      console.log(`[strangers] flood of ${flood} silent connections, bound ${max}: peak ${peak} waiting, ${w.strangers.length} dropped as too-many`);
+      const by = (r: string) => w.strangers.filter((e) => e.reason === r).length;
+      console.log(`[strangers] flood of ${flood} silent connections, bound ${max}: peak ${peak} waiting; dropped: too-many ${by('too-many')}, extra ${by('extra')} (once the real main channel qualified)`);
     } finally {
       w.close();
     }
