@@ -48,7 +48,8 @@ function portOf(uri: string): number {
 
 /**
  * Runs one library-to-library migration in a fresh node process (no test
- * runner's own timers around) and reports, right after both `done`, the
+ * runner's own timers around) on the built package, as users import it (a
+ * TypeScript loader would add its own pending cache writes), and reports, right after both `done`, the
  * active resources and how long the process then took to exit by itself.
  */
 interface ChildOutcome {
@@ -63,12 +64,12 @@ interface ChildOutcome {
 
 async function migrateInChild(opts: string): Promise<ChildOutcome> {
   const dir = await mkdtemp(join(tmpdir(), 'qmt-lifecycle-'));
-  const script = join(dir, 'run.mts');
+  const script = join(dir, 'run.mjs');
   await writeFile(
     script,
     `import { randomFillSync } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import { DestinationSession, InMemorySink, InMemorySource, SourceSession, initPkiDir } from ${JSON.stringify(join(root, 'src', 'index.ts'))};
+import { DestinationSession, InMemorySink, InMemorySource, SourceSession, initPkiDir } from ${JSON.stringify(join(root, 'dist', 'index.js'))};
 const buf = Buffer.alloc(8 << 20);
 for (let off = 0; off < buf.length; off += 8192) randomFillSync(buf, off, 4096);
 const memory = new InMemorySource(new Map([['pc.ram', buf]]));
@@ -92,12 +93,12 @@ const immediates = all.length - resources.length;
 const doneAt = performance.now();
 await new Promise((r) => setImmediate(r));
 const afterTurn = active();
-const equal = sink.blocks.get('pc.ram')!.equals(buf);
+const equal = sink.blocks.get('pc.ram').equals(buf);
 process.on('exit', () => process.stdout.write(JSON.stringify({ resources, immediates, afterTurn, exitMs: performance.now() - doneAt, equal }) + '\\n'));
 `,
   );
   try {
-    const { stdout } = await execFileP(process.execPath, ['--import', 'tsx', script], { cwd: root, timeout: 50_000 });
+    const { stdout } = await execFileP(process.execPath, [script], { cwd: root, timeout: 50_000 });
     return JSON.parse(stdout.trim().split('\n').at(-1)!) as ChildOutcome;
   } finally {
     await rm(dir, { recursive: true, force: true });
