@@ -15,7 +15,7 @@
  * keeps running there, its invariant holds, and every page outside the
  * guest's range equals the saved VM's bit for bit.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,14 +25,12 @@ import type { JsonEnvelope } from '../../src/cli/json.js';
 import type { SendJson } from '../../src/cli/send.js';
 import { readSavedVmManifest, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { initPkiDir } from '../../src/transport/pki.js';
+import { startQmt, type QmtRun } from '../cli/qmt.js';
 import { startQemu, stopAll } from './harness.js';
 import { describeWithQemu } from './require-qemu.js';
 import { checkDestination, migrationStatuses, savedRam, startDestination, type GuestSpec } from './source-helpers.js';
 
 const SPEC: GuestSpec = { memoryMiB: 64, guest: { startMiB: 1, endMiB: 33, direction: 'down' } };
-const ROOT = join(import.meta.dirname, '..', '..');
-/** The command as users run it (the package's `qmt` bin is the build of this file). */
-const QMT = join(ROOT, 'src', 'cli', 'main.ts');
 
 type Policy = 'after:1' | 'after:2' | 'auto' | 'manual';
 const POLICIES: Policy[] = ['after:1', 'after:2', 'auto', 'manual'];
@@ -44,43 +42,12 @@ let pkiDir: string;
 let manifest: SavedVmManifest;
 const children = new Set<ChildProcess>();
 
-interface Run {
-  child: ChildProcess;
-  /** Resolves with the first match of `re` in stderr. */
-  line(re: RegExp): Promise<string>;
-  exit: Promise<{ code: number | null; stdout: string; stderr: string }>;
-}
-
-function qmt(args: string[]): Run {
-  const child = spawn(process.execPath, ['--import', 'tsx', QMT, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(child);
-  let stdout = '';
-  let stderr = '';
-  const watchers: { re: RegExp; resolve: (l: string) => void }[] = [];
-  child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-  child.stderr!.setEncoding('utf8').on('data', (d: string) => {
-    stderr += d;
-    for (const w of [...watchers]) {
-      const m = w.re.exec(stderr);
-      if (m) {
-        watchers.splice(watchers.indexOf(w), 1);
-        w.resolve(m[0]);
-      }
-    }
-  });
-  const exit = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
-    child.on('close', (code) => {
-      children.delete(child);
-      resolve({ code, stdout, stderr });
-    });
-  });
-  const line = (re: RegExp): Promise<string> => {
-    const m = re.exec(stderr);
-    if (m) return Promise.resolve(m[0]);
-    const p = new Promise<string>((resolve) => watchers.push({ re, resolve }));
-    return Promise.race([p, exit.then((e) => Promise.reject(new Error(`qmt exited (${e.code}) before ${re}: ${e.stderr}`)))]);
-  };
-  return { child, line, exit };
+/** The real `qmt` command (src/cli/main.ts, as users run it), killed at the end if still running. */
+function qmt(args: string[]): QmtRun {
+  const run = startQmt(args);
+  children.add(run.child);
+  void run.exit.then(() => children.delete(run.child));
+  return run;
 }
 
 afterAll(async () => {
@@ -97,7 +64,7 @@ describeWithQemu('a saved VM captured by qmt receive, restored unchanged by qmt 
     await initPkiDir(pkiDir);
     const t0 = performance.now();
     const receive = qmt(['receive', '--listen', 'tcp:127.0.0.1:0', '--out', vmDir, '--idle-timeout', '30000']);
-    const uri = (await receive.line(/^qmt: listening on (\S+)/m)).split(' ').pop()!;
+    const uri = (await receive.stderrMatches(/^qmt: listening on (\S+)/m))[1]!;
     const src = await startQemu({ name: 'saved-src', machine: 'q35', memoryMiB: SPEC.memoryMiB, guest: SPEC.guest });
     try {
       await src.waitSerialPasses(3, 15_000);
@@ -127,7 +94,7 @@ describeWithQemu('a saved VM captured by qmt receive, restored unchanged by qmt 
       const t0 = performance.now();
       const run = qmt(args);
       if (c.policy === 'manual') {
-        await run.line(/^qmt: connected to /m);
+        await run.stderrMatches(/^qmt: connected to /m);
         await new Promise((r) => setTimeout(r, 800));
         run.child.kill('SIGUSR1');
       }
