@@ -121,6 +121,9 @@ async function faultTopDown(dst: DestinationSession): Promise<void> {
   await Promise.all(inFlight);
 }
 
+/** No run takes this long unless it hangs (a few seconds each, on a busy machine). */
+const RUN_LIMIT_MS = 45_000;
+
 async function run(s: Scenario): Promise<Outcome> {
   const before = resourceSnapshot();
   const transport: TransportOptions = s.tls ? { tls: { dir: pki } } : {};
@@ -192,7 +195,15 @@ async function run(s: Scenario): Promise<Outcome> {
   });
   src.start();
   const t0 = performance.now();
+  // A run that has not settled by then is a hang: say where both sides are and end it (typed).
+  let stuck = '';
+  const watchdog = setTimeout(() => {
+    stuck = `stuck after ${RUN_LIMIT_MS} ms: source ${src.stats().status}, destination ${dst.stats().status}, ${relay.connections.length} relay connections; `;
+    void src.cancel();
+    void dst.close();
+  }, RUN_LIMIT_MS);
   const settled = await Promise.allSettled([src.done, dst.done]);
+  clearTimeout(watchdog);
   await faulting;
   await strangersPlayed;
   for (const sock of silent) sock.destroy();
@@ -210,7 +221,7 @@ async function run(s: Scenario): Promise<Outcome> {
   const dstats = dst.stats();
   return {
     ok,
-    why: `${JSON.stringify(s)} → source ${describe(a)}, destination ${describe(b)}; fired: ${relay.fired.join('; ')}; ${Math.round(performance.now() - t0)} ms; left ${left.join(', ') || 'nothing'}`,
+    why: `${stuck}${JSON.stringify(s)} → source ${describe(a)}, destination ${describe(b)}; fired: ${relay.fired.join('; ')}; ${Math.round(performance.now() - t0)} ms; left ${left.join(', ') || 'nothing'}`,
     cuts,
     sourceRecoveries: src.stats().recoveries,
     destinationRecoveries: dstats.recoveries,
