@@ -3,7 +3,6 @@
  * health probe, an HTTP client, a TLS client of another CA or an idle client
  * does. Each is real network traffic to the listening port.
  */
-import { once } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 import { join } from 'node:path';
@@ -25,23 +24,30 @@ export async function playStranger(kind: StrangerKind, port: number, foreignTlsD
     const t = tls.connect({ host: '127.0.0.1', port, cert, key, rejectUnauthorized: false, servername: '' });
     t.on('error', () => undefined);
     // TLS 1.3: our side of the handshake completes before the server judges our certificate.
-    await Promise.race([once(t, 'close'), new Promise((r) => setTimeout(r, 3000))]);
+    await Promise.race([closed(t), new Promise((r) => setTimeout(r, 3000))]);
     t.destroy();
     return undefined;
   }
   const s = net.connect(port, '127.0.0.1');
   s.on('error', () => undefined);
-  await once(s, 'connect');
+  // A listener that drops us may reset the connection at any moment: a reset is an outcome here, not an error.
+  await Promise.race([new Promise((r) => s.once('connect', r)), closed(s)]);
+  if (s.destroyed) return undefined;
   if (kind === 'connect-close') {
     s.end();
-    await once(s, 'close');
+    await closed(s);
     return undefined;
   }
   if (kind === 'http') {
     s.write(`GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\nConnection: close\r\n\r\n`);
-    await Promise.race([once(s, 'close'), new Promise((r) => setTimeout(r, 3000))]);
+    await Promise.race([closed(s), new Promise((r) => setTimeout(r, 3000))]);
     s.destroy();
     return undefined;
   }
   return s;
+}
+
+/** Resolves when the socket has closed, however (events.once would reject on a reset's 'error'). */
+function closed(s: net.Socket): Promise<void> {
+  return s.closed ? Promise.resolve() : new Promise((r) => s.once('close', () => r()));
 }
