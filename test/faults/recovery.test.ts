@@ -143,7 +143,8 @@ async function run(s: Scenario): Promise<Outcome> {
     stopVm: guest.stop,
     // Slow enough that the background stream is still running when the cuts come.
     postcopyBandwidthLimit: 8 * MiB,
-    recovery: s.strangersAtPause ? { initialDelayMs: 500, maxDelayMs: 500 } : { initialDelayMs: 20, maxDelayMs: 200 },
+    // With strangers: the source waits for them (resume() below), so that they come first however slow the machine.
+    recovery: s.strangersAtPause ? { initialDelayMs: 60_000, maxDelayMs: 60_000 } : { initialDelayMs: 20, maxDelayMs: 200 },
   });
   const strangers: string[] = [];
   dst.on('stranger', (ev) => strangers.push(`${ev.reason}/${ev.error.code}`));
@@ -160,6 +161,9 @@ async function run(s: Scenario): Promise<Outcome> {
         const idle = await playStranger('silent', port);
         if (fresh) silent.push(fresh);
         if (idle) silent.push(idle);
+        // Give the listener a moment to judge the header, then let the source reconnect.
+        await new Promise((r) => setTimeout(r, 200));
+        src.resume();
       })();
     });
   }
