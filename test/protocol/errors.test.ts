@@ -13,20 +13,12 @@ import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { DestinationSession, InMemorySink, InMemorySource, MigrationError, QmtError, SourceSession, StreamDecoder, StreamError, TransportError, isNetworkFailure } from '../../src/index.js';
+import { rejection } from '../support/rejection.js';
 
 const PAGE = 4096;
 
 function source(to: string, extra: Partial<ConstructorParameters<typeof SourceSession>[0]> = {}) {
   return new SourceSession({ to, memory: new InMemorySource([{ idstr: 'pc.ram', length: 16 * PAGE }]), machineType: 'pc-q35-10.0', devices: [], ...extra });
-}
-
-async function rejection(p: Promise<unknown>): Promise<MigrationError> {
-  const e = await p.then(
-    () => new Error('resolved'),
-    (err: unknown) => err,
-  );
-  expect(e).toBeInstanceOf(MigrationError);
-  return e as MigrationError;
 }
 
 /** What a decoder refuses 'not a stream' with (thrown, or kept in `error`). */

@@ -14,7 +14,8 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { describe, expect, it } from 'vitest';
-import { DestinationSession, InMemorySink, InMemorySource, MigrationError, SourceSession } from '../../src/index.js';
+import { DestinationSession, InMemorySink, InMemorySource, SourceSession } from '../../src/index.js';
+import { rejection } from '../support/rejection.js';
 import { leakedSince, leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const execFileP = promisify(execFile);
@@ -31,15 +32,6 @@ function guest(bytes: number): InMemorySource {
 function sameMemory(src: InMemorySource, sink: InMemorySink): boolean {
   for (const [name, buf] of src.memory) if (!sink.blocks.get(name)?.equals(buf)) return false;
   return true;
-}
-
-async function rejection(p: Promise<unknown>): Promise<MigrationError> {
-  const e = await p.then(
-    () => new Error('resolved'),
-    (err: unknown) => err,
-  );
-  expect(e).toBeInstanceOf(MigrationError);
-  return e as MigrationError;
 }
 
 function portOf(uri: string): number {
