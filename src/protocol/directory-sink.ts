@@ -1,5 +1,6 @@
 import { closeSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { PageBitmap } from '../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import type { GuestMemorySink } from './memory.js';
@@ -17,7 +18,7 @@ const ZERO = Buffer.alloc(TARGET_PAGE_SIZE);
  * on pages never written cost nothing: the file is sparse.
  */
 export class DirectorySink implements GuestMemorySink {
-  private readonly fds = new Map<string, { fd: number; written: Uint8Array }>();
+  private readonly fds = new Map<string, { fd: number; written: PageBitmap }>();
 
   constructor(readonly dir: string) {
     mkdirSync(dir, { recursive: true });
@@ -28,11 +29,11 @@ export class DirectorySink implements GuestMemorySink {
       if (this.fds.has(b.idstr)) continue;
       const fd = openSync(join(this.dir, blockFileName(b.idstr)), 'w+');
       ftruncateSync(fd, b.length);
-      this.fds.set(b.idstr, { fd, written: new Uint8Array(Math.ceil(b.length / TARGET_PAGE_SIZE)) });
+      this.fds.set(b.idstr, { fd, written: PageBitmap.forBlockLength(b.length) });
     }
   }
 
-  private file(block: string): { fd: number; written: Uint8Array } {
+  private file(block: string): { fd: number; written: PageBitmap } {
     const f = this.fds.get(block);
     if (!f) throw new Error(`unknown RAM block "${block}"`);
     return f;
@@ -41,12 +42,12 @@ export class DirectorySink implements GuestMemorySink {
   writePage(block: string, offset: number, data: Uint8Array): void {
     const f = this.file(block);
     writeSync(f.fd, data, 0, TARGET_PAGE_SIZE, offset);
-    f.written[offset / TARGET_PAGE_SIZE] = 1;
+    f.written.set(offset / TARGET_PAGE_SIZE);
   }
 
   zeroPage(block: string, offset: number): void {
     const f = this.file(block);
-    if (f.written[offset / TARGET_PAGE_SIZE] === 1) writeSync(f.fd, ZERO, 0, TARGET_PAGE_SIZE, offset);
+    if (f.written.has(offset / TARGET_PAGE_SIZE)) writeSync(f.fd, ZERO, 0, TARGET_PAGE_SIZE, offset);
   }
 
   readPage(block: string, offset: number): Uint8Array {

@@ -2,6 +2,7 @@ import { closeSync, openSync, readSync } from 'node:fs';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { isZeroPage } from '../stream/ram.js';
+import { PageBitmap } from '../stream/bitmap.js';
 import { readSavedVmManifest, type SavedVmManifest } from './saved-vm.js';
 
 /** A RAM block as a source offers it. */
@@ -11,61 +12,7 @@ export interface SourceBlock {
   readonly length: number;
 }
 
-/**
- * A bitmap of pages, one bit per TARGET_PAGE_SIZE page (LSB first), used for
- * dirty pages and for sent pages.
- */
-export class PageBitmap {
-  readonly words: Uint32Array;
-  constructor(readonly pages: number) {
-    this.words = new Uint32Array(Math.ceil(pages / 32));
-  }
-  set(i: number): void {
-    this.words[i >>> 5]! |= 1 << (i & 31);
-  }
-  clear(i: number): void {
-    this.words[i >>> 5]! &= ~(1 << (i & 31));
-  }
-  has(i: number): boolean {
-    return ((this.words[i >>> 5] as number) & (1 << (i & 31))) !== 0;
-  }
-  setAll(): void {
-    this.words.fill(0xffffffff);
-    const extra = this.words.length * 32 - this.pages;
-    if (extra > 0) this.words[this.words.length - 1] = 0xffffffff >>> extra;
-  }
-  count(): number {
-    let n = 0;
-    for (let w of this.words) {
-      w -= (w >>> 1) & 0x55555555;
-      w = (w & 0x33333333) + ((w >>> 2) & 0x33333333);
-      n += (((w + (w >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-    }
-    return n;
-  }
-  /** The next set bit at or after `from`, or -1. */
-  next(from: number): number {
-    for (let i = from; i < this.pages; ) {
-      const w = this.words[i >>> 5] as number;
-      const masked = w & (~0 << (i & 31));
-      if (masked === 0) {
-        i = ((i >>> 5) + 1) << 5;
-        continue;
-      }
-      const bit = 31 - Math.clz32(masked & -masked);
-      const idx = ((i >>> 5) << 5) + bit;
-      return idx < this.pages ? idx : -1;
-    }
-    return -1;
-  }
-  /** Moves every bit of `this` into `into` (OR) and clears this. */
-  drainInto(into: PageBitmap): void {
-    for (let i = 0; i < this.words.length; i++) {
-      into.words[i]! |= this.words[i] as number;
-      this.words[i] = 0;
-    }
-  }
-}
+export { PageBitmap };
 
 /**
  * What a SourceSession migrates: RAM blocks, page reads, and the pages the

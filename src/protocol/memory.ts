@@ -1,3 +1,4 @@
+import { PageBitmap } from '../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import { MigrationError } from './errors.js';
@@ -26,7 +27,7 @@ export interface GuestMemorySink {
 export class InMemorySink implements GuestMemorySink {
   readonly blocks = new Map<string, Buffer>();
   /** Pages ever written: a ZERO record on a page still zero-filled costs nothing. */
-  private readonly written = new Map<string, Uint8Array>();
+  private readonly written = new Map<string, PageBitmap>();
 
   /** `shared`: back each block with a SharedArrayBuffer, so that another thread can read the RAM. */
   constructor(private readonly opts: { shared?: boolean } = {}) {}
@@ -76,7 +77,7 @@ export class InMemorySink implements GuestMemorySink {
     const buf = this.opts.shared ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.alloc(length);
     if (prefault) for (let o = 0; o < length; o += TARGET_PAGE_SIZE) buf[o] = 0;
     this.blocks.set(idstr, buf);
-    this.written.set(idstr, new Uint8Array(Math.ceil(length / TARGET_PAGE_SIZE)));
+    this.written.set(idstr, PageBitmap.forBlockLength(length));
   }
 
   private block(name: string): Buffer {
@@ -87,12 +88,12 @@ export class InMemorySink implements GuestMemorySink {
 
   writePage(block: string, offset: number, data: Uint8Array): void {
     this.block(block).set(data, offset);
-    this.written.get(block)![offset / TARGET_PAGE_SIZE] = 1;
+    this.written.get(block)!.set(offset / TARGET_PAGE_SIZE);
   }
 
   zeroPage(block: string, offset: number): void {
     const buf = this.block(block);
-    if (this.written.get(block)![offset / TARGET_PAGE_SIZE] === 1) buf.fill(0, offset, offset + TARGET_PAGE_SIZE);
+    if (this.written.get(block)!.has(offset / TARGET_PAGE_SIZE)) buf.fill(0, offset, offset + TARGET_PAGE_SIZE);
   }
 
   readPage(block: string, offset: number): Uint8Array {

@@ -1,5 +1,5 @@
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
-import { ReceivedBitmap } from '../stream/return-path.js';
+import { PageBitmap } from '../stream/bitmap.js';
 import type { RamBlockInfo, ReturnPathMessage } from '../stream/records.js';
 import { LatencyHistogram } from './latency.js';
 
@@ -29,7 +29,7 @@ interface Pending {
  * on either channel resolves them, whether it was requested or not.
  */
 export class PageTracker {
-  private readonly bitmaps = new Map<string, ReceivedBitmap>();
+  private readonly bitmaps = new Map<string, PageBitmap>();
   private readonly pending = new Map<string, Pending>();
   private lastRequestedBlock: string | undefined;
   readonly latency = new LatencyHistogram();
@@ -43,10 +43,10 @@ export class PageTracker {
   ) {}
 
   setBlocks(blocks: readonly RamBlockInfo[]): void {
-    for (const b of blocks) if (!this.bitmaps.has(b.idstr)) this.bitmaps.set(b.idstr, ReceivedBitmap.forBlockLength(b.length));
+    for (const b of blocks) if (!this.bitmaps.has(b.idstr)) this.bitmaps.set(b.idstr, PageBitmap.forBlockLength(b.length));
   }
 
-  bitmap(block: string): ReceivedBitmap | undefined {
+  bitmap(block: string): PageBitmap | undefined {
     return this.bitmaps.get(block);
   }
 
@@ -73,7 +73,7 @@ export class PageTracker {
   discard(block: string, start: number, length: number): void {
     const bm = this.bitmaps.get(block);
     if (!bm) return;
-    for (let o = start; o < start + length; o += TARGET_PAGE_SIZE) bm.bytes[(o / TARGET_PAGE_SIZE) >>> 3]! &= ~(1 << ((o / TARGET_PAGE_SIZE) & 7));
+    bm.clearRange(start / TARGET_PAGE_SIZE, Math.ceil(length / TARGET_PAGE_SIZE));
   }
 
   /** From now on the source answers requests (postcopy listening): send those that waited. */

@@ -1,7 +1,6 @@
-import { ReceivedBitmap } from '../stream/return-path.js';
+import { PageBitmap } from '../stream/bitmap.js';
 import { TransportError } from '../transport/errors.js';
 import { MigrationError } from './errors.js';
-import type { PageBitmap } from './memory-source.js';
 
 /**
  * Postcopy recovery (QEMU's postcopy-paused → postcopy-recover): what both
@@ -76,21 +75,12 @@ export function retryDelayMs(attempt: number, opts: SourceRecoveryOptions): numb
  * had left before the cut. Returns the pages still to send.
  */
 export function applyReceivedBitmap(block: string, pages: number, bitmap: Uint8Array, toSend: PageBitmap, sent: PageBitmap): number {
-  const size = ReceivedBitmap.byteSize(pages);
-  if (bitmap.length !== size) {
+  const size = PageBitmap.byteSize(pages);
+  if (bitmap.length !== size || sent.pages !== pages || toSend.pages !== pages) {
     throw new MigrationError('protocol', 'postcopy', `received bitmap of block "${block}" has ${bitmap.length} bytes; ${pages} pages need ${size}`);
   }
-  const view = new DataView(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength);
-  for (let w = 0; w < sent.words.length; w++) {
-    // 32 pages per word on both sides: the wire bitmap is little-endian, LSB first.
-    const received = view.getUint32(w * 4, true);
-    sent.words[w] = received;
-    toSend.words[w] = ~received;
-  }
-  const extra = toSend.words.length * 32 - pages;
-  if (extra > 0) {
-    toSend.words[toSend.words.length - 1]! &= 0xffffffff >>> extra;
-    sent.words[sent.words.length - 1]! &= 0xffffffff >>> extra;
-  }
+  // One layout on both sides (bitmap.ts): the wire bitmap is the bitmap's bytes.
+  sent.assignBytes(bitmap);
+  toSend.assignComplement(sent);
   return toSend.count();
 }

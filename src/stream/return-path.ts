@@ -1,3 +1,4 @@
+import { PageBitmap } from './bitmap.js';
 import { RECV_BITMAP_ENDING, RESUME_ACK_VALUE, RP_MAX_LENGTH, RP_MESSAGE_MAX, RpMessage, TARGET_PAGE_SIZE } from './constants.js';
 import { StreamError } from './errors.js';
 import { ByteQueue, decodeName } from './byte-queue.js';
@@ -171,32 +172,11 @@ export const RESUME_ACK: ReturnPathMessage = { type: 'resume-ack', value: RESUME
  * bit i = target page i received, LSB first, little-endian 64-bit words,
  * size rounded up to a multiple of 8 bytes.
  */
-export class ReceivedBitmap {
-  readonly bytes: Uint8Array;
-  constructor(
-    readonly pages: number,
-    bytes?: Uint8Array,
-  ) {
-    const size = ReceivedBitmap.byteSize(pages);
-    if (bytes && bytes.length !== size) throw new RangeError(`bitmap of ${bytes.length} bytes for ${pages} pages (expected ${size})`);
-    this.bytes = bytes ?? new Uint8Array(size);
-  }
-  static byteSize(pages: number): number {
-    return Math.ceil(pages / 64) * 8;
-  }
-  static forBlockLength(length: number): ReceivedBitmap {
-    return new ReceivedBitmap(Math.ceil(length / TARGET_PAGE_SIZE));
-  }
-  set(page: number): void {
-    this.bytes[page >>> 3]! |= 1 << (page & 7);
-  }
-  has(page: number): boolean {
-    return ((this.bytes[page >>> 3] as number) & (1 << (page & 7))) !== 0;
-  }
-  /** Pages marked received. */
-  count(): number {
-    let n = 0;
-    for (let i = 0; i < this.pages; i++) if (this.has(i)) n++;
-    return n;
-  }
-}
+/**
+ * The destination's received pages (QEMU's receivedmap), as RECV_BITMAP carries
+ * them: the library's one bitmap, whose bytes are the wire layout.
+ * @deprecated use PageBitmap (the same class).
+ */
+export const ReceivedBitmap = PageBitmap;
+/** @deprecated use PageBitmap. */
+export type ReceivedBitmap = PageBitmap;

@@ -9,6 +9,7 @@
  * that holds its last byte, so that time is when its last byte reached the
  * tap.
  */
+import { PageBitmap } from '../../stream/bitmap.js';
 import { performance } from 'node:perf_hooks';
 import { LatencyHistogram, type LatencySummary } from '../latency.js';
 import { RAM_IDSTR, RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
@@ -296,7 +297,7 @@ export class MigrationAnalysis {
   /** block → target page index → requests waiting for it. */
   private readonly pending = new Map<string, Map<number, Pending[]>>();
   /** block → bitmap of target pages that went through the tap since POSTCOPY_LISTEN. */
-  private readonly seen = new Map<string, Uint8Array>();
+  private readonly seen = new Map<string, PageBitmap>();
   private readonly latency = { all: new LatencyHistogram(), main: new LatencyHistogram(), preempt: new LatencyHistogram() };
 
   private readonly pauses = { pauses: 0, pausedMs: 0 };
@@ -569,16 +570,16 @@ export class MigrationAnalysis {
     this.inPostcopy = true;
     // From LISTEN on every host page arrives exactly once: remember which did.
     for (const [idstr, b] of this.main().ramBlocks) {
-      if (!this.seen.has(idstr)) this.seen.set(idstr, new Uint8Array(Math.ceil(b.length / TARGET_PAGE_SIZE / 8)));
+      if (!this.seen.has(idstr)) this.seen.set(idstr, PageBitmap.forBlockLength(b.length));
     }
   }
 
-  private seenMap(block: string): Uint8Array | undefined {
+  private seenMap(block: string): PageBitmap | undefined {
     let m = this.seen.get(block);
     if (!m) {
       const b = this.mainDecoder?.ramBlocks.get(block);
       if (!b) return undefined;
-      m = new Uint8Array(Math.ceil(b.length / TARGET_PAGE_SIZE / 8));
+      m = PageBitmap.forBlockLength(b.length);
       this.seen.set(block, m);
     }
     return m;
@@ -595,7 +596,7 @@ export class MigrationAnalysis {
     const n = Math.max(1, Math.ceil(length / TARGET_PAGE_SIZE));
     let waiting = this.pending.get(block);
     for (let i = first; i < first + n; i++) {
-      if (seen && (seen[i >>> 3]! & (1 << (i & 7))) !== 0) continue;
+      if (seen?.has(i)) continue;
       if (!waiting) {
         waiting = new Map();
         this.pending.set(block, waiting);
@@ -613,7 +614,7 @@ export class MigrationAnalysis {
   private pageArrived(channel: PageChannel, block: string, offset: number, t: number): boolean {
     const idx = Math.floor(offset / TARGET_PAGE_SIZE);
     const seen = this.seenMap(block);
-    if (seen) seen[idx >>> 3]! |= 1 << (idx & 7);
+    seen?.set(idx);
     const waiting = this.pending.get(block);
     const list = waiting?.get(idx);
     if (!list) return false;
