@@ -19,7 +19,10 @@ describe('PageBitmap', () => {
         for (const o of ops) {
           const from = o.i % pages;
           const n = 'n' in o ? o.n : 1;
-          for (let p = from; p < Math.min(pages, from + n); p++) (o.k.startsWith('set') ? ref.add(p) : ref.delete(p));
+          for (let p = from; p < Math.min(pages, from + n); p++) {
+            if (o.k.startsWith('set')) ref.add(p);
+            else ref.delete(p);
+          }
           if (o.k === 'set') bm.set(from);
           else if (o.k === 'clear') bm.clear(from);
           else if (o.k === 'setRange') bm.setRange(from, n);
@@ -30,7 +33,12 @@ describe('PageBitmap', () => {
         const sorted = [...ref].sort((a, b) => a - b);
         expect(bm.next(start)).toBe(sorted.find((p) => p >= start) ?? -1);
         let clear = -1;
-        for (let p = start; p < pages; p++) if (!ref.has(p)) { clear = p; break; }
+        for (let p = start; p < pages; p++) {
+          if (!ref.has(p)) {
+            clear = p;
+            break;
+          }
+        }
         expect(bm.nextClear(start)).toBe(clear);
         let run = 0;
         while (start + run < pages && ref.has(start + run)) run++;
