@@ -1,5 +1,5 @@
 import { PageBitmap } from './bitmap.js';
-import { RECV_BITMAP_ENDING, RESUME_ACK_VALUE, RP_MAX_LENGTH, RP_MESSAGE_MAX, RpMessage, TARGET_PAGE_SIZE } from './constants.js';
+import { RECV_BITMAP_ENDING, RESUME_ACK_VALUE, RP_MAX_LENGTH, RP_MESSAGE_MAX, RpMessage } from './constants.js';
 import { StreamError } from './errors.js';
 import { ByteQueue, decodeName } from './byte-queue.js';
 import { ByteWriter } from './byte-writer.js';
