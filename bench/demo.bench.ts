@@ -56,7 +56,7 @@ interface DemoReportJson {
 function markdown(d: DemoData): string {
   const lines: string[] = [];
   lines.push(
-    `\`qmt demo --json --size ${d.mib}\` (built CLI; library ↔ library in one process, TLS 1.3, video workload, postcopy after one pass) with and without \`--no-preempt\`, ${d.runs} run${d.runs === 1 ? '' : 's'} each, interleaved. Fault latency = the destination's request sent → page placed, p50 and p99 per run as the demo reports them; median (min–max) over the runs. CPU: the demo process's core-seconds (both ends, all threads) per GB carried by its channels.`,
+    `\`qmt demo --json --size ${d.mib}\` (built CLI; library ↔ library in one process, TLS 1.3, video workload, postcopy after one pass) with and without \`--no-preempt\`, ${d.runs} run${d.runs === 1 ? '' : 's'} each, interleaved. Fault latency = the destination's request sent → page placed, p50 and p99 per run as the demo reports them; median (min–max) over the runs. CPU: the demo process's core-seconds (both ends, all threads) per GB carried by its channels — start-up, filling the synthetic guest, the workload and the final comparison of both memories included, so it is far above a bulk transfer's.`,
     '',
     '| demo | faults per run | fault p50 (ms) | fault p99 (ms) | p50 better by | p99 better by | migration (ms) | CPU s/GB (both ends) | memory identical |',
     '|---|--:|--:|--:|--:|--:|--:|--:|---|',

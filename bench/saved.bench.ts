@@ -94,6 +94,13 @@ const firstMigrationEventUs = (q: QemuProcess, since: number): number | undefine
   return undefined;
 };
 
+/** The destination's MIGRATION statuses since `since`, in ms after `t0Us` (wall clock): what the timing starts from. */
+const statusesSince = (q: QemuProcess, since: number, t0Us: number): string[] =>
+  q.qmp.events
+    .slice(since)
+    .filter((e) => e.event === 'MIGRATION')
+    .map((e) => `${String((e.data as { status?: unknown } | undefined)?.status)}@${Math.round((e.timestamp.seconds * 1e6 + e.timestamp.microseconds - t0Us) / 1000)}ms`);
+
 const eventUsSince = (q: QemuProcess, since: number, status: string): number | undefined => {
   for (let i = since; i < q.qmp.events.length; i++) {
     const e = q.qmp.events[i]!;
@@ -215,7 +222,7 @@ async function sendToQemu(env: Env, tls: boolean, from: string): Promise<SavedRu
     const done = eventUsSince(dst, dsince, 'completed');
     if (first === undefined || done === undefined) throw new Error('no MIGRATION events on the destination');
     const seconds = (done - first) / 1e6;
-    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpuSource: cliCpu(r), cpuDest: diff(c0, c1), extra: { fromSpawnS: (done - send.spawnUs) / 1e6, startupS: (first - send.spawnUs) / 1e6 } };
+    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpuSource: cliCpu(r), cpuDest: diff(c0, c1), extra: { fromSpawnS: (done - send.spawnUs) / 1e6, startupS: (first - send.spawnUs) / 1e6, events: statusesSince(dst, dsince, send.spawnUs), ok: (JSON.parse(r.stdout) as { ok?: boolean }).ok } };
   } finally {
     await dst.stop();
   }
@@ -236,7 +243,7 @@ async function fileRestore(env: Env, file: string): Promise<SavedRun> {
     const done = eventUsSince(dst, dsince, 'completed');
     if (first === undefined || done === undefined) throw new Error('no MIGRATION events on the destination');
     const seconds = (done - first) / 1e6;
-    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpuSource: undefined, cpuDest: diff(c0, c1), extra: { fromCommandS: (done - commandUs) / 1e6 } };
+    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpuSource: undefined, cpuDest: diff(c0, c1), extra: { fromCommandS: (done - commandUs) / 1e6, events: statusesSince(dst, dsince, commandUs) } };
   } finally {
     await dst.stop();
   }
