@@ -1,5 +1,5 @@
 /**
- * What the time goes to: `npm run bench:profile [-- --mib N] [-- --kinds plain,tls] [-- --no-qemu]`
+ * What the time goes to: `npm run bench:profile [-- --mib N] [-- --kinds plain,tls] [-- --no-qemu] [-- --no-demo]`
  * (needs `npm run build`).
  *
  * One migration of each of our paths with V8's CPU profiler on our processes
@@ -8,7 +8,9 @@
  *   - QEMU → `qmt receive --out DIR` (the built CLI, saved VM on disk);
  *   - `qmt send --from DIR` (that saved VM) → a waiting QEMU;
  *   - library → library (SourceSession → DestinationSession into memory,
- *     each in a child process of its own, bench/lib/session-peer.ts).
+ *     each in a child process of its own, bench/lib/session-peer.ts);
+ *   - `qmt demo` (TLS, postcopy after one pass) with and without preempt:
+ *     its main thread (the source) and its worker (the destination).
  * Prints, per process, the shares of idle / GC / program (native code
  * outside JS) / JS by origin, and the top functions by self time (built code
  * mapped back to src/ through dist's source maps); writes
@@ -36,7 +38,7 @@ const SESSION_PEER = fileURLToPath(new URL('./lib/session-peer.ts', import.meta.
 const OUT = join(REPO_ROOT, 'bench', 'results');
 
 const { values: args } = parseArgs({
-  options: { mib: { type: 'string', default: '1024' }, kinds: { type: 'string', default: 'plain,tls' }, 'no-qemu': { type: 'boolean', default: false }, top: { type: 'string', default: '15' } },
+  options: { mib: { type: 'string', default: '1024' }, kinds: { type: 'string', default: 'plain,tls' }, 'no-qemu': { type: 'boolean', default: false }, 'no-demo': { type: 'boolean', default: false }, top: { type: 'string', default: '15' } },
 });
 const mib = Number(args.mib);
 const kinds = String(args.kinds)
@@ -180,6 +182,23 @@ async function profileLibrary(pkiDir: string, kind: 'plain' | 'tls'): Promise<Pr
   return { path: 'library → library', kind, seconds, gbps: bytes / seconds / 1e9, processes: [...roles(sdir, label('source')), ...roles(ddir, label('destination'))] };
 }
 
+async function profileDemo(preempt: boolean): Promise<Profiled> {
+  const dir = join(work, `demo-${preempt ? 'preempt' : 'no-preempt'}`);
+  await mkdir(dir, { recursive: true });
+  const run = startQmtCli(['demo', '--size', String(mib), '--json', '--progress', 'none', ...(preempt ? [] : ['--no-preempt'])], { cpuProfDir: dir });
+  const r = await run.exit;
+  if (r.code !== 0) throw new Error(`qmt demo exited ${r.code}: ${r.stderr.slice(-1000)}`);
+  const j = JSON.parse(r.stdout) as { migrationMs: number; faults: { count: number; p50Us: number; p99Us: number } };
+  await keepProfiles(dir, `demo-${preempt ? 'preempt' : 'no-preempt'}`);
+  return {
+    path: `\`qmt demo\`${preempt ? '' : ' --no-preempt'} (faults ${j.faults.count}, p50 ${fmt(j.faults.p50Us / 1000, 1)} ms, p99 ${fmt(j.faults.p99Us / 1000, 1)} ms)`,
+    kind: 'tls',
+    seconds: j.migrationMs / 1000,
+    gbps: (mib * MiB) / (j.migrationMs / 1000) / 1e9,
+    processes: roles(dir, (s) => (s.thread ? `qmt demo, worker thread ${s.thread} (the destination)` : 'qmt demo, main thread (the source)')),
+  };
+}
+
 async function main(): Promise<void> {
   const started = new Date();
   const loadStart = loadAverage();
@@ -217,6 +236,7 @@ async function main(): Promise<void> {
     }
   }
   for (const kind of kinds) await attempt(`library → library, ${kind}`, () => profileLibrary(pkiDir, kind));
+  if (!args['no-demo']) for (const preempt of [true, false]) await attempt(`qmt demo${preempt ? '' : ' --no-preempt'}`, () => profileDemo(preempt));
 
   const m = machineInfo(REPO_ROOT);
   const lines: string[] = [
