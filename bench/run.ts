@@ -10,11 +10,11 @@
  *
  * Parts: codec (bench/codec.bench.ts), bulk (bulk.bench.ts), saved
  * (saved.bench.ts: QEMU ↔ the built `qmt receive`/`qmt send`), demo
- * (demo.bench.ts: the built `qmt demo`, preempt or not), sink (sink.bench.ts,
- * when present), latency (latency.bench.ts, then urgent.bench.ts with real
+ * (demo.bench.ts: the built `qmt demo`, preempt or not), sink (sink.bench.ts:
+ * DirectorySink and SavedVmSource against raw file I/O), latency (latency.bench.ts, then urgent.bench.ts with real
  * QEMU destinations, one table), seed (seed.bench.ts), switchover
  * (switchover.bench.ts), memory (memory.bench.ts). `--mib`/`--runs` go to
- * bulk, saved and demo (the issue-12 rows; default 1024 MiB, 3 rounds).
+ * bulk, saved, demo and sink (the issue-12 rows; default 1024 MiB, 3 rounds).
  * saved and demo run dist/cli/main.js: it is built first when missing or
  * older than src/. Before each part: `sync` (no writeback of an earlier
  * part's files during the next). The CPU profiles (`npm run bench:profile`,
@@ -51,11 +51,9 @@ const BENCH = join(REPO_ROOT, 'bench');
 const OUT = join(BENCH, 'results');
 const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
 for (const p of [...list(args.only), ...list(args.skip)]) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`unknown part "${p}" (parts: ${PARTS.join(', ')})`);
-// sink.bench.ts comes with the DirectorySink work; until it is there the part is left out.
-const hasPart = (p: string): boolean => p !== 'sink' || existsSync(join(BENCH, 'sink.bench.ts'));
-const selected = PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p) && hasPart(p));
+const selected = PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p));
 const quick = args.quick ? ['--quick'] : [];
-/** The size and rounds of the issue-12 rows (bulk, saved, demo). */
+/** The size and rounds of the issue-12 rows (bulk, saved, demo, sink). */
 const sizing = [...(args.mib ? ['--mib', args.mib] : []), ...(args.runs ? ['--runs', args.runs] : [])];
 
 /** The part running now, and the signal that stopped the run (no further part starts). */
@@ -187,7 +185,7 @@ async function main(): Promise<void> {
     spawnSync('sync', [], { stdio: 'ignore', timeout: 300_000 });
     let code: number | null;
     if (part === 'codec') code = await codecPart();
-    else if (part === 'bulk' || part === 'saved' || part === 'demo') code = (await runScript(`${part}.bench.ts`, [...extra, ...sizing])).code;
+    else if (part === 'bulk' || part === 'saved' || part === 'demo' || part === 'sink') code = (await runScript(`${part}.bench.ts`, [...extra, ...sizing])).code;
     else if (part === 'latency') {
       // Three rounds per cell: the medians below are of ≥ 3 runs.
       const a = await runScript('latency.bench.ts', [...extra, ...(args.quick ? [] : ['--rounds', '3']), ...(args['no-veth'] ? ['--no-veth'] : [])]);
@@ -256,7 +254,7 @@ async function main(): Promise<void> {
   section(n++, 'bulk');
   section(n++, 'saved');
   section(n++, 'demo');
-  if (parts.has('sink')) section(n++, 'sink');
+  section(n++, 'sink');
   section(
     n++,
     'urgent',

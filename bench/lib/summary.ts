@@ -6,9 +6,10 @@ import type { BulkData } from '../bulk.bench.js';
 import type { DemoData } from '../demo.bench.js';
 import type { Kind, SavedData, SavedRow, SavedVariant } from '../saved.bench.js';
 import { BULK_AIM_VS_RAW, bulkCpuPerGb, DEMO_AIMS, demoAims, SAVED_AIMS, SAVED_LABEL } from './aims.js';
-import { ratio } from './stats.js';
+import { median, ratio } from './stats.js';
 import type { MemoryData } from '../memory.bench.js';
 import type { SeedData } from '../seed.bench.js';
+import type { SinkBenchData } from '../sink.bench.js';
 import type { SwitchoverData } from '../switchover.bench.js';
 import type { UrgentData } from '../urgent.bench.js';
 import type { PartResult } from './part.js';
@@ -87,6 +88,17 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
         aim: 'no polling (the seed saw ~25 ms)',
       });
     }
+  }
+  const sink = parts.get('sink')?.data as SinkBenchData | undefined;
+  if (sink) {
+    const gb = (ts: { seconds: number }[] | undefined): number | undefined => median((ts ?? []).map((t) => sink.bytes / t.seconds / 1e9));
+    const g = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
+    const w = gb(sink.write?.sink);
+    const wn = gb(sink.write?.node);
+    out.push({ part: 'sink', what: `DirectorySink to durable (writePages + flush), ${fmt(sink.bytes / 2 ** 20)} MiB`, figure: g(w), baseline: `Node fs.write 1 MiB + fsync ${g(wn)}`, ratio: x(w, wn), aim: '' });
+    const r = gb(sink.read?.uncached?.source);
+    const rn = gb(sink.read?.uncached?.node);
+    out.push({ part: 'sink', what: 'SavedVmSource scan, not cached', figure: g(r), baseline: `Node fs.read 1 MiB ${g(rn)}`, ratio: x(r, rn), aim: '' });
   }
   const mem = parts.get('memory')?.data as MemoryData | undefined;
   if (mem?.source) {
