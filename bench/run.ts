@@ -30,7 +30,7 @@ import { cpuSnapshot, cpuUse, loadAverage } from './lib/cpu.js';
 import { partHeader, type PartResult } from './lib/part.js';
 import { fmt, machineInfo } from './lib/report.js';
 import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
-import { builtCliProblem } from './lib/qmt-cli.js';
+import { ensureBuiltCli } from './lib/qmt-cli.js';
 import { issueLines, issueTable, summaryLines, summaryTable, type CodecData } from './lib/summary.js';
 
 const PARTS = ['codec', 'bulk', 'saved', 'demo', 'sink', 'latency', 'seed', 'switchover', 'memory'] as const;
@@ -172,10 +172,9 @@ async function main(): Promise<void> {
   const cpu0 = cpuSnapshot([]);
   const ran = new Map<string, { seconds: number; code: number | null }>();
   const extra = [...quick];
-  if ((selected.includes('saved') || selected.includes('demo')) && builtCliProblem()) {
-    process.stderr.write(`${builtCliProblem()}: building it (npm run build) …\n`);
-    const b = spawnSync('npm', ['run', 'build'], { cwd: REPO_ROOT, stdio: ['ignore', 'inherit', 'inherit'] });
-    if (b.status !== 0) process.stderr.write('the build failed: the saved and demo parts will say so\n');
+  if (selected.includes('saved') || selected.includes('demo')) {
+    const still = ensureBuiltCli((l) => process.stderr.write(`${l}\n`));
+    if (still) process.stderr.write(`${still}: the saved and demo parts will say so\n`);
   }
   for (const part of selected) {
     if (stoppedBy) break;
