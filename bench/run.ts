@@ -30,6 +30,7 @@ import { cpuSnapshot, cpuUse, loadAverage } from './lib/cpu.js';
 import { partHeader, type PartResult } from './lib/part.js';
 import { fmt, machineInfo } from './lib/report.js';
 import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
+import type { ProfiledPath } from './lib/cpuprofile.js';
 import { ensureBuiltCli } from './lib/qmt-cli.js';
 import { issueLines, issueTable, summaryLines, summaryTable, type CodecData } from './lib/summary.js';
 
@@ -128,11 +129,18 @@ async function codecPart(): Promise<number | null> {
   return code;
 }
 
-/** The last `npm run bench:profile` (bench/results/profile.md), with its date. */
-async function readProfile(): Promise<{ date: string; markdown: string } | undefined> {
+/** The last `npm run bench:profile` (bench/results/profile.md and .json), with its date. */
+async function readProfile(): Promise<{ date: string; markdown: string; paths: Map<string, ProfiledPath> } | undefined> {
   const f = join(OUT, 'profile.md');
   if (!existsSync(f)) return undefined;
-  return { date: statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim() };
+  const paths = new Map<string, ProfiledPath>();
+  try {
+    const j = JSON.parse(await readFile(join(OUT, 'profile.json'), 'utf8')) as { startedAt?: string; results?: ProfiledPath[] };
+    for (const r of j.results ?? []) if (r.id) paths.set(r.id, r);
+    return { date: j.startedAt ?? statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim(), paths };
+  } catch {
+    return { date: statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim(), paths };
+  }
 }
 
 async function readPart(name: string): Promise<PartResult<unknown> | undefined> {
@@ -231,7 +239,7 @@ async function main(): Promise<void> {
     '',
     'Every row measured next to its baseline in the same run (ratios of medians); aims from the issue, reported, not asserted. CPU: core-seconds (user + system) per GB of guest RAM at the source / destination end, ours and, in brackets, the baseline\'s.',
     '',
-    issueTable(issueLines(parts)),
+    issueTable(issueLines(parts, profile?.paths)),
     '',
     profile ? `What the time goes to, for every missed aim: CPU profiles of each of our processes in [§ What the time goes to](#what-the-time-goes-to-cpu-profiles) (\`npm run bench:profile\`, run ${profile.date}).` : 'CPU profiles: not run yet (`npm run bench:profile`).',
     '',
