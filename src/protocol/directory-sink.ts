@@ -266,12 +266,15 @@ export class DirectorySink implements GuestMemorySink {
     return this.pressure.promise;
   }
 
-  /** Every write done, then every file fsync'ed. Rejects with the sink's failure. */
+  /**
+   * Every write done, then every file fsync'ed. Rejects with the sink's
+   * failure — after the fsyncs all the same, so that what did reach the
+   * files is durable (a failed `qmt receive` keeps what arrived).
+   */
   async flush(): Promise<void> {
-    this.check();
+    if (this.closed) throw new Error('DirectorySink: used after close()');
     this.seal();
     await this.whenDrained();
-    this.check();
     await Promise.all(this.list.map((f) => this.fsyncFile(f)));
     this.check();
   }
