@@ -249,8 +249,8 @@ export class DirectorySink implements GuestMemorySink {
   backpressure(): Promise<void> | undefined {
     if (this.failure) return this.rejected(this.failure);
     if (this.counters.bufferedBytes <= this.maxInFlightBytes) return undefined;
-    // The staged run too must go, or what is left might never fall below the mark.
-    this.seal();
+    // The staged run stays open to grow to a whole write: writes are in flight (above the
+    // bound they must be), and settle() seals it should they all end first.
     if (!this.pressure) {
       let resolve!: () => void;
       let reject!: (e: unknown) => void;
