@@ -4,10 +4,12 @@ import { PageBitmap } from '../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import { StorageError } from './errors.js';
-import { asBuffer, checkPageRun, checkPageViews, forEachSetRun, type GuestMemorySink } from './memory.js';
+import { asBuffer, checkPageRun, checkPageViews, type GuestMemorySink } from './memory.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 const MiB = 1 << 20;
+/** The largest hole of never-written pages filled with zeros to keep a write whole (64 KiB). */
+const MAX_GAP_PAGES = 16;
 
 /** A block's idstr as a file name ("/rom@etc/acpi/tables" → "%2From%40etc%2Facpi%2Ftables"). */
 export function blockFileName(idstr: string): string {
@@ -139,6 +141,8 @@ export class DirectorySink implements GuestMemorySink {
   private readonly pool: Slab[] = [];
   private failure: StorageError | undefined;
   private closed = false;
+  /** Pages never written right after the open run that ZERO records skipped (see skipZeros). */
+  private gap = 0;
   /** The last block looked up: a destination writes runs of one block after another. */
   private last: BlockFile | undefined;
 
@@ -213,7 +217,19 @@ export class DirectorySink implements GuestMemorySink {
   zeroPages(block: string, offset: number, count: number): void {
     const f = this.file(block);
     checkPageRun(block, f.length, offset, count);
-    forEachSetRun(f.written, offset / PAGE, count, (p, n) => this.append(f, p * PAGE, n, undefined, 0, PAGE));
+    const end = offset / PAGE + count;
+    for (let p = offset / PAGE; p < end; ) {
+      if (f.written.has(p)) {
+        const n = f.written.runLength(p, end - p);
+        this.append(f, p * PAGE, n, undefined, 0, PAGE); // zeros over what was written, in the same pipeline
+        p += n;
+      } else {
+        const next = f.written.next(p);
+        const n = (next < 0 || next >= end ? end : next) - p;
+        this.skipZeros(f, p * PAGE, n);
+        p += n;
+      }
+    }
   }
 
   /**
@@ -317,7 +333,30 @@ export class DirectorySink implements GuestMemorySink {
   }
 
   /** Appends `count` pages at file position `pos` (from `src`, or zeros) to the open run, sealing runs as slabs fill. */
+  /**
+   * ZERO records of pages never written: nothing to write (the file is
+   * sparse) — but a small hole right after the staged run is remembered, so
+   * that data after it fills the hole with zeros and the write stays whole
+   * (a guest whose zero and data pages alternate would otherwise cost one
+   * write per page). Larger holes stay holes.
+   */
+  private skipZeros(f: BlockFile, pos: number, n: number): void {
+    const run = this.open;
+    if (run && run.file === f && pos === run.pos + run.len + this.gap * PAGE && this.gap + n <= MAX_GAP_PAGES) this.gap += n;
+    else this.gap = 0;
+  }
+
   private append(f: BlockFile, pos: number, count: number, src: Buffer | undefined, start: number, stride: number): void {
+    if (this.gap > 0) {
+      const g = this.gap;
+      this.gap = 0;
+      const run = this.open;
+      if (run && run.file === f && pos === run.pos + run.len + g * PAGE) {
+        const hole = run.pos + run.len;
+        f.written.setRange(hole / PAGE, g);
+        this.append(f, hole, g, undefined, 0, PAGE);
+      }
+    }
     let i = 0;
     while (i < count) {
       let run = this.open;
@@ -377,6 +416,7 @@ export class DirectorySink implements GuestMemorySink {
     const run = this.open;
     if (!run) return;
     this.open = undefined;
+    this.gap = 0;
     run.file.queue.push(run);
     this.pump();
   }
@@ -454,6 +494,7 @@ export class DirectorySink implements GuestMemorySink {
     this.last = undefined;
     const open = this.open;
     this.open = undefined;
+    this.gap = 0;
     const dropped: Run[] = open ? [open] : [];
     for (const f of this.list) dropped.push(...f.queue.splice(0));
     for (const r of dropped) {
