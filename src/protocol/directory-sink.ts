@@ -270,8 +270,8 @@ export class DirectorySink implements GuestMemorySink {
   backpressure(): Promise<void> | undefined {
     if (this.failure) return this.rejected(this.failure);
     if (this.counters.bufferedBytes <= this.maxInFlightBytes) return undefined;
-    // The staged run stays open to grow to a whole write: writes are in flight (above the
-    // bound they must be), and settle() seals it should they all end first.
+    // The staged run stays open to grow into a whole write: above the bound, sealed writes
+    // are queued or in flight, and their end wakes the promise (settle()).
     if (!this.pressure) {
       let resolve!: () => void;
       let reject!: (e: unknown) => void;
@@ -451,6 +451,7 @@ export class DirectorySink implements GuestMemorySink {
       if (err || n <= 0) {
         this.fail(new StorageError('write', f.path, run.pos + run.done, err ?? new Error(`short write (${n} of ${run.len - run.done} bytes)`)));
         this.retire(run);
+        this.settle();
         return;
       }
       run.done += n;
@@ -460,7 +461,9 @@ export class DirectorySink implements GuestMemorySink {
         return;
       }
       this.retire(run);
+      // The next write first: settle() must not take a moment between two writes for idleness.
       this.pump();
+      this.settle();
     });
   }
 
@@ -473,19 +476,23 @@ export class DirectorySink implements GuestMemorySink {
     c.inFlightBytes -= run.len;
     c.bufferedBytes -= run.len;
     if (--run.slab.refs === 0) this.release(run.slab);
-    this.settle();
   }
 
-  /** Wakes backpressure() below the low mark (half the bound: one promise per pause, not per write) and flush() when nothing is left. */
+  /**
+   * Wakes backpressure() once the bytes sealed for writing (queued and in
+   * flight; the staged run does not count, it is still growing into a whole
+   * write) are down to half the bound — one promise per pause, not per write —
+   * and flush()/close() once nothing is left.
+   */
   private settle(): void {
     const c = this.counters;
-    // Someone waits for the writes to drain: the staged run must go too, or it never would.
-    if (c.inFlightBytes === 0 && this.open && (this.pressure || this.drained.length > 0)) this.seal();
-    if (this.pressure && c.bufferedBytes <= this.maxInFlightBytes / 2) {
+    if (this.pressure && c.bufferedBytes - (this.open?.len ?? 0) <= this.maxInFlightBytes / 2) {
       const p = this.pressure;
       this.pressure = undefined;
       p.resolve();
     }
+    // Nothing in flight (so nothing queued) and flush() or close() waits: the staged run must go too.
+    if (c.inFlightBytes === 0 && this.open && this.drained.length > 0) this.seal();
     if (c.inFlightBytes === 0 && (c.bufferedBytes === 0 || this.failure)) {
       const waiting = this.drained.splice(0);
       for (const w of waiting) w();

@@ -214,6 +214,23 @@ describe('DirectorySink', () => {
     await sink.close();
   });
 
+  it('under backpressure the writes stay whole: a 16 MiB stream against a 2 MiB bound is 16 writes of 1 MiB', async () => {
+    const sink = new DirectorySink(freshDir(), { maxInFlightBytes: 2 << 20 });
+    sink.setBlocks([{ idstr: 'pc.ram', length: 16 << 20 }]);
+    const chunk = Buffer.alloc(64 * PAGE, 9);
+    for (let off = 0; off < 16 << 20; off += chunk.length) {
+      sink.writePages('pc.ram', off, 64, chunk, 0, PAGE);
+      const bp = sink.backpressure();
+      if (bp) await bp;
+    }
+    await sink.flush();
+    const st = sink.stats();
+    expect(st.pauses).toBeGreaterThan(0);
+    expect(st.writes).toBe(16);
+    expect(st.peakInFlightBytes).toBeLessThanOrEqual(2 << 20);
+    await sink.close();
+  });
+
   it('zero and data pages alternating: small holes are filled so that writes stay whole; a long run of zero pages stays a hole', async () => {
     const dir = freshDir();
     const sink = new DirectorySink(dir);
