@@ -46,13 +46,20 @@ function allocatedBytes(): number | undefined {
 }
 /** Bytes allocated per page by each path, summed over the runs. */
 const allocated: Record<string, number> = {};
+/** CPU seconds (user + system) of each run of each path: on a busy machine steadier than the wall clock. */
+const cpuSeconds: Record<string, number[]> = {};
 function time(fn: () => void, name?: string): number {
   const a0 = allocatedBytes();
+  const c0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
   fn();
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  const c = process.cpuUsage(c0);
   const a1 = allocatedBytes();
-  if (name !== undefined && a0 !== undefined && a1 !== undefined) allocated[name] = (allocated[name] ?? 0) + (a1 - a0) / pages;
+  if (name !== undefined) {
+    (cpuSeconds[name] ??= []).push((c.user + c.system) / 1e6);
+    if (a0 !== undefined && a1 !== undefined) allocated[name] = (allocated[name] ?? 0) + (a1 - a0) / pages;
+  }
   return s;
 }
 const gbps = (bytes: number, s: number) => bytes / s / 1e9;
@@ -143,6 +150,14 @@ function decodeRunsIntoGuest(): void {
   land(d.end());
 }
 
+/** The decoder alone (records made and dropped): its own cost per page, without the landing copy. */
+function parseOnly(pageRuns: boolean): number {
+  const d = pageRuns ? new StreamDecoder({ pageRuns: true }) : new StreamDecoder();
+  let n = 0;
+  for (const c of chunks) n += d.push(c).length;
+  return n + d.end().length;
+}
+
 function copyPages(): void {
   for (let p = 0; p < pages; p++) {
     const o = p * TARGET_PAGE_SIZE;
@@ -160,7 +175,16 @@ decodeRunsIntoGuest();
 encodeGuest();
 encodeGuestPages();
 
-const results = { copy: [] as number[], bulk: [] as number[], decode: [] as number[], decodeRuns: [] as number[], encode: [] as number[], encodePages: [] as number[] };
+const results = {
+  copy: [] as number[],
+  bulk: [] as number[],
+  decode: [] as number[],
+  decodeRuns: [] as number[],
+  parse: [] as number[],
+  parseRuns: [] as number[],
+  encode: [] as number[],
+  encodePages: [] as number[],
+};
 for (let i = 0; i < runs; i++) {
   results.copy.push(time(copyPages, 'copy'));
   results.bulk.push(time(() => guest.copy(dest), 'bulk'));
@@ -170,6 +194,8 @@ for (let i = 0; i < runs; i++) {
   dest.fill(0xee);
   results.decodeRuns.push(time(decodeRunsIntoGuest, 'decodeRuns'));
   if (!dest.equals(guest)) throw new Error('decoded guest memory (runs) differs from the source');
+  results.parse.push(time(() => void parseOnly(false), 'parse'));
+  results.parseRuns.push(time(() => void parseOnly(true), 'parseRuns'));
   results.encode.push(time(() => void encodeGuest(), 'encode'));
   results.encodePages.push(time(() => void encodeGuestPages(), 'encodePages'));
 }
@@ -182,11 +208,16 @@ const rows: [string, number, string][] = [
   ['Buffer.copy, one bulk copy (reference)', gbps(size, median(results.bulk)), 'bulk'],
   ['decode into guest memory', gbps(size, median(results.decode)), 'decode'],
   ['decode with runs into guest memory', gbps(size, median(results.decodeRuns)), 'decodeRuns'],
+  ['decode only, one record per page (no landing)', gbps(size, median(results.parse)), 'parse'],
+  ['decode only, with runs (no landing)', gbps(size, median(results.parseRuns)), 'parseRuns'],
   ['encode with zero-page detection', gbps(size, median(results.encode)), 'encode'],
   [`encode with writePages (${batch}-page batches)`, gbps(size, median(results.encodePages)), 'encodePages'],
 ];
 console.log(`codec throughput: ${values.mib} MiB guest (half zero, half random pages, in stretches of ${stretch}), stream ${(wire.length / MiB).toFixed(0)} MiB in ${chunkSize}-byte chunks, median of ${runs} runs, node ${process.version}`);
-console.log('| what | GB/s of guest RAM | ratio to page copy | JS heap bytes allocated per page |');
-console.log('|---|---:|---:|---:|');
-for (const [name, v, key] of rows) console.log(`| ${name} | ${v.toFixed(2)} | ${(v / copy).toFixed(2)}× | ${perPage[key] ?? 'n/a (node < 26)'} |`);
-console.log(JSON.stringify({ bench: 'codec', mib: Number(values.mib), runs, stretch, chunk: chunkSize, batch, results, allocatedPerPage: perPage }));
+const cpuNs = (key: string) => (median(cpuSeconds[key] ?? [NaN]) * 1e9) / pages;
+console.log('| what | GB/s of guest RAM | ratio to page copy | CPU ns per page | ratio (CPU) | JS heap bytes allocated per page |');
+console.log('|---|---:|---:|---:|---:|---:|');
+for (const [name, v, key] of rows) {
+  console.log(`| ${name} | ${v.toFixed(2)} | ${(v / copy).toFixed(2)}× | ${cpuNs(key).toFixed(0)} | ${(cpuNs('copy') / cpuNs(key)).toFixed(2)}× | ${perPage[key] ?? 'n/a (node < 26)'} |`);
+}
+console.log(JSON.stringify({ bench: 'codec', mib: Number(values.mib), runs, stretch, chunk: chunkSize, batch, results, cpuSeconds, allocatedPerPage: perPage }));
