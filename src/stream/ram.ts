@@ -1,6 +1,6 @@
 import { RamFlag, TARGET_PAGE_MASK, TARGET_PAGE_SIZE, XBZRLE_ENCODING } from './constants.js';
 import { StreamError, type SectionContext } from './errors.js';
-import { decodeName, type ByteQueue } from './byte-queue.js';
+import { be32At, decodeName, type ByteQueue } from './byte-queue.js';
 import type { ByteWriter } from './byte-writer.js';
 import { usageError } from '../errors.js';
 import type { RamBlockInfo, RamPageRunRecord, RamRecord, RamRunRecord, RamZeroRunRecord } from './records.js';
@@ -168,7 +168,6 @@ export class RamRecordParser {
    */
   private run(q: ByteQueue, kind: number, known: KnownBlock, offset: number, continued: boolean, head: number, total: number, limit: number): RamRunRecord {
     const buf = q.buf;
-    const view = q.view;
     const base = q.pos;
     const isPage = kind === RamFlag.PAGE;
     const recLen = isPage ? PAGE_RECORD_STRIDE : CONTINUED_HEAD + 1;
@@ -180,9 +179,9 @@ export class RamRecordParser {
     let count = 1;
     let next = offset + TARGET_PAGE_SIZE;
     while (count < maxCount && p + recLen <= stop) {
-      const lo = view.getUint32(p + 4);
+      const lo = be32At(buf, p + 4);
       if ((lo & TARGET_PAGE_MASK) !== want) break;
-      if (view.getUint32(p) * 0x1_0000_0000 + (lo - want) !== next) break;
+      if (be32At(buf, p) * 0x1_0000_0000 + (lo - want) !== next) break;
       if (!isPage && buf[p + CONTINUED_HEAD] !== 0) break;
       p += recLen;
       next += TARGET_PAGE_SIZE;
