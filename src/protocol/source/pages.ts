@@ -125,6 +125,47 @@ export class RamPages {
   /** Page-data bytes of the last `writeRun`. */
   runBytes = 0;
 
+  /**
+   * The batch path: `count` pages of `st` from `page` on as one view, when
+   * the memory has `readPages` and the pages need no per-page look (no
+   * XBZRLE). A promise when the memory must read first; undefined: use
+   * `writeRun`.
+   */
+  readRun(st: BlockState, page: number, count: number, xbzrleAllowed: boolean): Uint8Array | Promise<Uint8Array> | undefined {
+    if (!this.memory.readPages || (xbzrleAllowed && this.xbzrle)) return undefined;
+    return this.memory.readPages(st.info.idstr, page * TARGET_PAGE_SIZE, count);
+  }
+
+  /**
+   * Writes the pages of [page, page + count) still marked in `toSend` from
+   * `data` (page i of the run at `i * 4096`) with `writePages`: one call per
+   * contiguous stretch, zero pages found in place, no record per page. (A
+   * request may have taken pages out of the set while an asynchronous read
+   * ran: those are skipped.) Marks them sent; returns the pages written and
+   * sets `runBytes`.
+   */
+  writeRunData(enc: StreamEncoder, st: BlockState, page: number, count: number, data: Uint8Array, listened: boolean): number {
+    const block = st.info.idstr;
+    const end = page + count;
+    let written = 0;
+    let bytes = 0;
+    let p = st.toSend.has(page) ? page : st.toSend.next(page);
+    while (p >= 0 && p < end) {
+      const n = st.toSend.runLength(p, end - p);
+      const r = enc.writePages(block, p * TARGET_PAGE_SIZE, n, data, (p - page) * TARGET_PAGE_SIZE);
+      this.c.normal += r.normal;
+      this.c.duplicate += r.zero;
+      bytes += r.normal * TARGET_PAGE_SIZE + r.zero * 16;
+      written += n;
+      st.toSend.clearRange(p, n);
+      st.sentOnce.setRange(p, n);
+      if (listened) st.sentAfterListen.setRange(p, n);
+      p = st.toSend.next(p + n);
+    }
+    this.runBytes = bytes;
+    return written;
+  }
+
   /** One requested page on the preempt channel (never XBZRLE: the destination has no cache there). */
   writePreemptPage(enc: PreemptEncoder, st: BlockState, page: number): void {
     const block = st.info.idstr;

@@ -1,4 +1,5 @@
 import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
+import { MigrationError } from '../errors.js';
 import type { Link } from './link.js';
 import type { BlockState } from './pages.js';
 import type { SourceRun } from './run.js';
@@ -83,7 +84,20 @@ export async function sendPass(run: SourceRun, o: PassOptions): Promise<number> 
       while (left > 0 && page >= 0) {
         const n = st.toSend.runLength(page, left);
         openSection();
-        sent += run.ram.writeRun(enc, st, page, n, o.precopy, run.postcopy);
+        const view = run.ram.readRun(st, page, n, o.precopy);
+        if (view === undefined) {
+          sent += run.ram.writeRun(enc, st, page, n, o.precopy, run.postcopy);
+        } else if (view instanceof Uint8Array) {
+          sent += run.ram.writeRunData(enc, st, page, n, view, run.postcopy);
+        } else {
+          // The memory reads first: what is encoded goes now (nothing encoded may wait in
+          // user space while the event loop runs, see Requests), the run after the read.
+          handOver();
+          const data = await view;
+          run.check();
+          if (link.dropped) throw run.pausedBy ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
+          sent += run.ram.writeRunData(enc, st, page, n, data, run.postcopy);
+        }
         sectionBytes += run.ram.runBytes;
         left -= n;
         page = st.toSend.next(page + n);
@@ -110,7 +124,7 @@ export async function sendPass(run: SourceRun, o: PassOptions): Promise<number> 
 /** Waits until the main channel has room for a batch (or a request to answer); rethrows what ended the link. */
 async function turn(run: SourceRun, link: Link): Promise<void> {
   if (link.main.bulkRoom <= 0) await link.main.whenBulkRoom();
-  if (link.dropped) throw run.failure ?? run.pausedBy ?? new Error('link dropped');
+  if (link.dropped) throw run.failure ?? run.pausedBy ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
   run.check();
 }
 

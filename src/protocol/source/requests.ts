@@ -108,14 +108,7 @@ export class Requests {
     const r: QueuedRequest = { st, page: first, end, arrived };
     if (preempt) {
       this.onPreempt.push(r);
-      if (this.serving !== link) {
-        this.serving = link;
-        this.served = this.servePreempt(link)
-          .catch((e: unknown) => run.linkLost(link, e))
-          .finally(() => {
-            if (this.serving === link) this.serving = undefined;
-          });
-      }
+      this.kick(link);
     } else {
       this.onMain.push(r);
     }
@@ -127,10 +120,17 @@ export class Requests {
    * the bulk set for a request still queued for the preempt channel.
    */
   async drained(link: Link): Promise<void> {
-    while (!link.dropped && (this.serving === link || this.onPreempt.length > 0)) {
-      if (this.serving !== link) return; // queued but no server: the link changed under us
+    while (!link.dropped && !this.run.over && (this.serving === link || this.onPreempt.length > 0)) {
+      this.kick(link);
       await this.served;
     }
+  }
+
+  /** Starts the preempt server of `link` unless it runs. */
+  private kick(link: Link): void {
+    if (this.serving === link) return;
+    this.serving = link;
+    this.served = this.servePreempt(link).catch((e: unknown) => this.run.linkLost(link, e));
   }
 
   private answered(st: BlockState, page: number, channel: 'main' | 'preempt', reason: AnswerReason, latencyUs: number): void {
@@ -168,17 +168,22 @@ export class Requests {
    */
   private async servePreempt(link: Link): Promise<void> {
     const run = this.run;
-    for (;;) {
-      if (link.dropped || run.over) return;
-      const r = this.next(this.onPreempt);
-      if (!r) return;
-      const page = r.page - 1;
-      const { st, arrived } = r;
-      run.ram.writePreemptPage(run.preemptEnc, st, page);
-      const pieces = run.preemptEnc.take();
-      for (const p of pieces) run.c.transferred += p.length;
-      run.c.answered.preempt++;
-      await link.preempt!.send(pieces, 'urgent', () => this.answered(st, page, 'preempt', 'preempt', (performance.now() - arrived) * 1000));
+    try {
+      for (;;) {
+        if (link.dropped || run.over) return;
+        const r = this.next(this.onPreempt);
+        if (!r) return;
+        const page = r.page - 1;
+        const { st, arrived } = r;
+        run.ram.writePreemptPage(run.preemptEnc, st, page);
+        const pieces = run.preemptEnc.take();
+        for (const p of pieces) run.c.transferred += p.length;
+        run.c.answered.preempt++;
+        await link.preempt!.send(pieces, 'urgent', () => this.answered(st, page, 'preempt', 'preempt', (performance.now() - arrived) * 1000));
+      }
+    } finally {
+      // Synchronously on the way out (not in a later microtask): a request queued right after must start a new server.
+      if (this.serving === link) this.serving = undefined;
     }
   }
 
