@@ -93,7 +93,6 @@ export class Requests {
       run.c.alreadySent++;
       if (run.listens('requested-page-already-sent')) run.emit('requested-page-already-sent', { block, offset: p * TARGET_PAGE_SIZE });
       if (st.sentOnPreempt.has(p)) continue;
-      run.c.answered[inFlightReason]++;
       (inFlight ??= []).push(p);
     }
     if (inFlight) {
@@ -133,7 +132,9 @@ export class Requests {
     this.served = this.servePreempt(link).catch((e: unknown) => this.run.linkLost(link, e));
   }
 
+  /** One answered page, once its bytes (or the bulk stream ahead of its request) reached the kernel: counted, timed, reported. */
   private answered(st: BlockState, page: number, channel: 'main' | 'preempt', reason: AnswerReason, latencyUs: number): void {
+    this.run.c.answered[reason]++;
     this.run.latency.record(latencyUs);
     this.run.emit('page-request', { block: st.info.idstr, offset: page * TARGET_PAGE_SIZE, channel, reason, latencyUs });
   }
@@ -178,7 +179,6 @@ export class Requests {
         run.ram.writePreemptPage(run.preemptEnc, st, page);
         const pieces = run.preemptEnc.take();
         for (const p of pieces) run.c.transferred += p.length;
-        run.c.answered.preempt++;
         await link.preempt!.send(pieces, 'urgent', () => this.answered(st, page, 'preempt', 'preempt', (performance.now() - arrived) * 1000));
       }
     } finally {
@@ -215,7 +215,6 @@ export class Requests {
       if (!r) return;
       const page = r.page - 1;
       write(r.st, page);
-      this.run.c.answered['main-no-preempt']++;
       this.written.push({ st: r.st, page, arrived: r.arrived });
     }
   }
