@@ -249,8 +249,8 @@ export class DirectorySink implements GuestMemorySink {
   backpressure(): Promise<void> | undefined {
     if (this.failure) return this.rejected(this.failure);
     if (this.counters.bufferedBytes <= this.maxInFlightBytes) return undefined;
-    // The staged run too must go, or what is left might never fall below the mark.
-    this.seal();
+    // The staged run stays open to grow to a whole write: writes are in flight (above the
+    // bound they must be), and settle() seals it should they all end first.
     if (!this.pressure) {
       let resolve!: () => void;
       let reject!: (e: unknown) => void;
@@ -266,12 +266,15 @@ export class DirectorySink implements GuestMemorySink {
     return this.pressure.promise;
   }
 
-  /** Every write done, then every file fsync'ed. Rejects with the sink's failure. */
+  /**
+   * Every write done, then every file fsync'ed. Rejects with the sink's
+   * failure — after the fsyncs all the same, so that what did reach the
+   * files is durable (a failed `qmt receive` keeps what arrived).
+   */
   async flush(): Promise<void> {
-    this.check();
+    if (this.closed) throw new Error('DirectorySink: used after close()');
     this.seal();
     await this.whenDrained();
-    this.check();
     await Promise.all(this.list.map((f) => this.fsyncFile(f)));
     this.check();
   }

@@ -289,6 +289,7 @@ describe('DirectorySink', () => {
     expect(() => sink.readPage('pc.ram', 0)).toThrow(StorageError);
     await expect(sink.backpressure()).rejects.toBe(e);
     await expect(sink.flush()).rejects.toBe(e);
+    expect(sink.stats().fsyncs, 'flush still syncs what reached the files').toBe(BLOCKS.length);
     const me = MigrationError.from(e, 'postcopy');
     expect(me).toMatchObject({ code: 'storage', kind: 'storage', phase: 'postcopy', cause: e });
     await sink.close(); // does not reject for a failure flush() reported
