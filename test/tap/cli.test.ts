@@ -48,13 +48,17 @@ async function replayPostcopy(tap: Tap, dstServer: net.Server): Promise<void> {
   const accepted = once(dstServer, 'connection') as Promise<[net.Socket]>;
   const m = /^tcp:(.*):(\d+)$/.exec(tap.uri)!;
   const src = net.connect({ host: m[1]!, port: Number(m[2]) });
-  const [dst] = await accepted;
-  const atDst = collect(dst);
   const atSrc = collect(src);
   const steps = [
     ...conn.srcToDstChunks.map(([t, off, len]) => ({ t, up: true, off, len })),
     ...conn.dstToSrcChunks.map(([t, off, len]) => ({ t, up: false, off, len })),
   ].sort((a, b) => a.t - b.t);
+  // The tap connects to the destination once the source's first bytes (the magic) have qualified it.
+  const first = steps.shift()!;
+  src.write(main.subarray(first.off, first.off + first.len));
+  const [dst] = await accepted;
+  const atDst = collect(dst);
+  await until(() => atDst.bytes() >= first.off + first.len, 'first chunk');
   for (const s of steps) {
     if (s.up) src.write(main.subarray(s.off, s.off + s.len));
     else dst.write(rp.subarray(s.off, s.off + s.len));
