@@ -31,6 +31,8 @@ export interface DialOptions {
   readonly allowHalfOpen?: boolean;
   /** Named in errors. */
   readonly role?: ChannelRole;
+  /** Connect this socket (made earlier, its listeners in place) instead of a new one; `allowHalfOpen` is then its own. */
+  readonly socket?: net.Socket;
 }
 
 /** A connect under way: the socket at once (to destroy it while it connects), and the outcome. */
@@ -49,7 +51,8 @@ export function dial(ep: Endpoint, opts: DialOptions = {}): Dialing {
   const allowHalfOpen = opts.allowHalfOpen ?? false;
   const timeoutMs = opts.timeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
   const role = opts.role;
-  const s = ep.kind === 'tcp' ? net.connect({ host: ep.host, port: ep.port, allowHalfOpen }) : net.connect({ path: ep.path, allowHalfOpen });
+  const target = ep.kind === 'tcp' ? { host: ep.host, port: ep.port } : { path: ep.path };
+  const s = opts.socket ? opts.socket.connect(target) : net.connect({ ...target, allowHalfOpen });
   const connected = new Promise<net.Socket>((resolve, reject) => {
     const done = (): void => {
       clearTimeout(timer);
