@@ -23,7 +23,8 @@ import { startTap, type Tap, type TapReport } from '../../src/protocol/tap/index
 import type { Channel } from '../../src/transport/channel.js';
 import { MigrationListener, SourceConnection, type DestinationConnection } from '../../src/transport/connection.js';
 import { initPkiDir, loadTlsDir } from '../../src/transport/pki.js';
-import { secureAccept, serverTlsOptions } from '../../src/transport/tls.js';
+import type { StrangerEvent } from '../../src/transport/qualify.js';
+import { clientTlsOptions, secureAccept, secureConnect, serverTlsOptions } from '../../src/transport/tls.js';
 
 const FIXTURES = join(import.meta.dirname, '..', 'fixtures');
 const MiB = 1024 * 1024;
@@ -396,6 +397,39 @@ describe('tap: TLS in and out', () => {
     expectCleanRequests(r, ram['postcopy-requests']);
     expect(r.complete).toBe(true);
     expect(r.parseErrors).toEqual([]);
+  });
+
+  it('a preempt connection whose handshake completes after the main connection closed is dropped and reported as extra', async () => {
+    const dst = await plainDestination();
+    cleanups.push(() => dst.close());
+    const tap = await tapTo(dst.uri, { tlsIn: dir });
+    const strangers: StrangerEvent[] = [];
+    tap.on('stranger', (ev) => strangers.push(ev));
+    const port = Number(/:(\d+)$/.exec(tap.uri)![1]);
+    const opts = clientTlsOptions(await loadTlsDir(dir, 'client'), { dir, endpoint: 'client', hostname: 'localhost' }, '127.0.0.1');
+    const main = await secureConnect({ ...opts, host: '127.0.0.1', port }, { channel: 'main' });
+    main.on('error', () => undefined);
+    main.write('QEVM');
+    const d = await dst.next(0);
+    await d.waitFor(4);
+    // The second connection arrives while the main one is open (a preempt candidate), but has not begun its handshake.
+    const raw = net.connect(port, '127.0.0.1');
+    raw.on('error', () => undefined);
+    await once(raw, 'connect');
+    const deadline = Date.now() + 5000;
+    while (tap.pendingConnections === 0 && Date.now() < deadline) await sleep(5);
+    expect(tap.pendingConnections).toBe(1);
+    const ended = tap.sessionEnd(1);
+    main.destroy();
+    dst.conns[0]!.destroy();
+    await ended;
+    // Now it qualifies (a valid certificate), for a role that is gone.
+    const late = await secureConnect({ ...opts, socket: raw }, { channel: 'preempt' });
+    late.on('error', () => undefined);
+    while (strangers.length === 0 && Date.now() < deadline + 5000) await sleep(5);
+    expect(strangers).toMatchObject([{ reason: 'extra', error: { code: 'channel-order', channel: 'preempt' } }]);
+    expect(dst.conns).toHaveLength(1);
+    late.destroy();
   });
 
   it('the preempt connection to the destination is opened only once the main one is established (TLS handshake included)', async () => {

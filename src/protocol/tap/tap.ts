@@ -355,6 +355,11 @@ export class Tap extends EventEmitter<TapEvents> {
     return formatEndpoint(this.listening.endpoint);
   }
 
+  /** Connections waiting to qualify right now (TLS handshake or first bytes not yet in). */
+  get pendingConnections(): number {
+    return this.admission.size;
+  }
+
   /** The destination URI. */
   get to(): string {
     return formatEndpoint(this.target);
