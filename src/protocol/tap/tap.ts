@@ -22,6 +22,7 @@
  * main connection and gets its own report (kind 'resume').
  */
 import { EventEmitter } from 'node:events';
+import type net from 'node:net';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
 import type { LatencySummary } from '../latency.js';
@@ -324,7 +325,7 @@ export class Tap extends EventEmitter<TapEvents> {
         },
         // The preempt channel by order (see the file comment); the main channel by its first bytes.
         judge: (role) => (role === 'main' ? judgeTapMain : undefined),
-        take: (role, s) => (role === 'main' ? this.takeMain(s) : this.takePreempt(s)),
+        take: (role, s, raw) => (role === 'main' ? this.takeMain(s, raw) : this.takePreempt(s, raw)),
       },
       { maxPending, qualifyMs: timeoutMs, stranger: (ev) => this.stranger(ev) },
     );
@@ -422,7 +423,7 @@ export class Tap extends EventEmitter<TapEvents> {
   }
 
   /** A connection qualified as a main channel: a new session. False when the tap is closing. */
-  private takeMain(src: AnySocket): boolean {
+  private takeMain(src: AnySocket, raw: net.Socket): boolean {
     if (this.closing) return false;
     const cur = this.current();
     if (cur && this.mainOpen(cur)) return false;
@@ -431,25 +432,25 @@ export class Tap extends EventEmitter<TapEvents> {
     this.emit('session', { session: session.id });
     // Connections that came before this one spoke are not its preempt channel (QEMU opens that one later).
     this.admission.dropAll('another connection became the main channel');
-    this.relay(session, session.main, src);
+    this.relay(session, session.main, src, raw);
     return true;
   }
 
   /** A connection qualified as the preempt channel of the open session. */
-  private takePreempt(src: AnySocket): boolean {
+  private takePreempt(src: AnySocket, raw: net.Socket): boolean {
     const session = this.current();
     if (this.closing || !session || !this.mainOpen(session) || session.preempt) return false;
     const link = new Link('preempt', performance.now());
     session.preempt = link;
     session.analysis.preemptConnected();
     this.admission.dropAll('another connection became the preempt channel');
-    this.relay(session, link, src);
+    this.relay(session, link, src, raw);
     return true;
   }
 
   /** The source side is ready (qualified); the destination side is opened strictly in order, preempt after main. */
-  private relay(session: Session, link: Link, src: AnySocket): void {
-    src.setNoDelay(true);
+  private relay(session: Session, link: Link, src: AnySocket, raw: net.Socket): void {
+    raw.setNoDelay(true);
     this.attach(session, link, 'source', src);
     const role = link.role;
     const task = async (): Promise<void> => {
