@@ -57,6 +57,8 @@ interface Candidate {
   timer?: NodeJS.Timeout;
   /** A silent preempt candidate past its limit, kept while it is the newest (see the file comment). */
   expired?: boolean;
+  /** Its role went to another connection: dropped at the next turn unless its bytes say more first (see dropAll). */
+  doomed?: boolean;
   /** Removes the listeners the first-bytes wait installed. */
   unwatch?: () => void;
   /** Our listeners on the raw socket, removed when it qualifies (Node's own must stay). */
@@ -99,10 +101,10 @@ export class Admission {
     return this.pending.size;
   }
 
-  /** Candidates for `role` waiting right now. */
+  /** Candidates for `role` waiting right now (not those about to be dropped). */
   count(role: ChannelRole): number {
     let n = 0;
-    for (const c of this.pending) if (c.role === role) n++;
+    for (const c of this.pending) if (c.role === role && !c.doomed) n++;
     return n;
   }
 
@@ -131,9 +133,20 @@ export class Admission {
     server.on('error', (e) => this.report({ reason: 'closed', error: classifySocketError(e) }));
   }
 
-  /** Drops every waiting candidate as 'extra' (a role went to another connection). */
-  dropAll(why: string, role?: ChannelRole): void {
-    for (const c of [...this.pending]) if (role === undefined || c.role === role) this.drop(c, 'extra', new TransportError('channel-order', why, c.role === 'preempt' ? { channel: 'preempt' } : {}));
+  /**
+   * Drops every waiting candidate as 'extra' (a role went to another
+   * connection) — after one turn of the event loop: bytes that arrived with
+   * the winner's (an HTTP request in the same instant) are judged first, so
+   * the report names them ('not-migration') rather than 'extra'. Meanwhile
+   * they can no longer take a role (see qualified()).
+   */
+  dropAll(why: string): void {
+    const doomed = [...this.pending];
+    if (doomed.length === 0) return;
+    for (const c of doomed) c.doomed = true;
+    setImmediate(() => {
+      for (const c of doomed) this.drop(c, 'extra', new TransportError('channel-order', why));
+    });
   }
 
   /** Drops every candidate without reporting them; later connections are destroyed at once. */
@@ -261,7 +274,7 @@ export class Admission {
       s.destroy();
       return;
     }
-    if (!this.policy.take(c.role, s, c.raw)) {
+    if (c.doomed || !this.policy.take(c.role, s, c.raw)) {
       // Its role went to another connection meanwhile: a stranger like any other, reported.
       s.on('error', ignoreError);
       s.destroy();
