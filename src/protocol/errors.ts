@@ -78,6 +78,7 @@ export class MigrationError extends QmtError {
   /** Wraps any failure of a session's parts into a MigrationError with the part's own code. */
   static from(e: unknown, phase: MigrationPhase): MigrationError {
     if (e instanceof MigrationError) return e;
+    if (e instanceof StorageError) return new MigrationError('storage', phase, e.message, { cause: e });
     // The code is the part's own; the message must not repeat it (the CLI prints `code: message`).
     if (e instanceof StreamError) return new MigrationError(e.code, phase, `${e.message} at offset ${e.offset}`, { cause: e, offset: e.offset });
     if (e instanceof TransportError) return new MigrationError(e.code, phase, `${e.channel ? `(${e.channel} channel) ` : ''}${e.message}`, { cause: e });
@@ -86,6 +87,39 @@ export class MigrationError extends QmtError {
       return new MigrationError('storage', phase, (e as Error).message, { cause: e });
     }
     return new MigrationError('protocol', phase, e instanceof Error ? e.message : String(e), { cause: e });
+  }
+}
+
+/** What a guest-memory sink or source was doing with its file when it failed. */
+export type StorageOperation = 'open' | 'truncate' | 'write' | 'read' | 'fsync' | 'close';
+
+/**
+ * An I/O failure of a guest-memory sink or source (disk full, EIO, a file
+ * that cannot be opened): which file, which byte of it, which operation, the
+ * system error as `cause`. The sinks raise it outside any session, so it has
+ * no phase; a session wraps it as MigrationError `storage` of its own phase
+ * (MigrationError.from), whose `cause` it then is.
+ */
+export class StorageError extends QmtError {
+  static readonly family = 'migration';
+  override readonly name = 'StorageError';
+  readonly family = 'migration';
+  readonly code = 'storage';
+  readonly kind = 'storage';
+  /** The system error's code (`ENOSPC`, `EIO`, …), when it has one. */
+  readonly errno: string | undefined;
+  constructor(
+    readonly operation: StorageOperation,
+    /** The file's path. */
+    readonly file: string,
+    /** Byte position in the file of the failed operation (0 for open, fsync, close). */
+    readonly position: number,
+    cause: unknown,
+  ) {
+    const errno = (cause as NodeJS.ErrnoException | undefined)?.code;
+    const what = cause instanceof Error ? cause.message : String(cause);
+    super(`${operation} of ${file}${operation === 'write' || operation === 'read' ? ` at byte 0x${position.toString(16)}` : ''} failed: ${what}`, { cause });
+    this.errno = typeof errno === 'string' ? errno : undefined;
   }
 }
 

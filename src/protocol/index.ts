@@ -1,5 +1,5 @@
 export { DestinationSession, type DestinationOptions, type DestinationEvents, type DestinationResult, type DestinationStats, type ReceivedDeviceSection } from './destination.js';
-export { MigrationError, type MigrationErrorCode, type MigrationErrorKind, type SessionErrorCode } from './errors.js';
+export { MigrationError, StorageError, type StorageOperation, type MigrationErrorCode, type MigrationErrorKind, type SessionErrorCode } from './errors.js';
 export { InMemorySink, type GuestMemorySink } from './memory.js';
 export { DirectorySink, blockFileName } from './directory-sink.js';
 export { LatencyHistogram, type LatencySummary } from './latency.js';

@@ -5,7 +5,7 @@ import { COMMAND_HEADER_LENGTH, checkCommandHeader, decodeCommand } from './comm
 import { findFooter, plausibleNextRecord } from './device-boundary.js';
 import { PushDecoder } from './push-decoder.js';
 import { RamRecordParser, type KnownBlock, type RamFormat } from './ram.js';
-import type { ConfigurationRecord, PreemptRecord, SectionKind, StreamRecord } from './records.js';
+import type { ConfigurationRecord, PreemptRecord, PreemptRecordWithRuns, RamRunRecord, SectionKind, StreamRecord, StreamRecordWithRuns } from './records.js';
 import { parseVmDescription, vmdescSectionSizes } from './vmdesc.js';
 
 /** Exact device-section sizes (from a VM description read ahead of time), in wire order. */
@@ -16,14 +16,21 @@ export interface DeviceSectionSize {
 }
 
 /** Options of StreamDecoder; every limit bounds the memory one record may hold. */
-export interface StreamDecoderOptions {
+export interface StreamDecoderOptions<Runs extends boolean = false> {
+  /**
+   * Yield PAGE and ZERO records as runs (`ram-pages`, `ram-zeros`: one record
+   * for consecutive pages of a block that lie whole in one input chunk)
+   * instead of one record per page: the destination's hot path. Default
+   * false (tap, inspect and re-encoding keep per-page records).
+   */
+  readonly pageRuns?: Runs;
   /**
    * 'main' (default): a stream from its header. 'resume': the new main channel
    * of a postcopy recovery, which has no header (pass `resumeFrom`).
    */
   readonly channel?: 'main' | 'resume';
   /** The decoder of the failed channel, whose sections and RAM blocks a 'resume' channel continues. */
-  readonly resumeFrom?: StreamDecoder;
+  readonly resumeFrom?: StreamDecoder<boolean>;
   /** Largest device section payload accepted (default 16 MiB). */
   readonly maxDeviceSectionBytes?: number;
   /** Largest VM description accepted (default 16 MiB). */
@@ -37,6 +44,17 @@ export interface StreamDecoderOptions {
    * it arrives (default true); a mismatch is a 'device-size-mismatch' error.
    */
   readonly verifyWithVmdesc?: boolean;
+}
+
+/** The records a StreamDecoder yields: per page, or with `pageRuns: true` in runs. */
+export type DecodedRecord<Runs extends boolean> = Runs extends true ? StreamRecordWithRuns : StreamRecord;
+/** The records a PreemptDecoder yields. */
+export type DecodedPreemptRecord<Runs extends boolean> = Runs extends true ? PreemptRecordWithRuns : PreemptRecord;
+
+/** Options of PreemptDecoder. */
+export interface PreemptDecoderOptions<Runs extends boolean = false> {
+  /** As StreamDecoderOptions.pageRuns. */
+  readonly pageRuns?: Runs;
 }
 
 type State = 'header' | 'configuration' | 'config-subsections' | 'record' | 'ram' | 'device' | 'footer' | 'after-eof' | 'done';
@@ -65,7 +83,7 @@ interface EmittedDevice {
  * one StreamError (code, byte offset, section) and stays failed; records parsed
  * before the error are still returned (see PushDecoder).
  */
-export class StreamDecoder extends PushDecoder<StreamRecord> {
+export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<StreamRecord | RamRunRecord> {
   private q = new ByteQueue();
   private state: State;
   private sections = new Map<number, Section>();
@@ -83,6 +101,8 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
   private dev: Uint8Array = new Uint8Array(0);
   private devLen = 0;
   private devScan = 0;
+  /** The input chunks copied into `dev`, in order: what follows the footer is given back as views of them, not of the copy. */
+  private devChunks: Uint8Array[] = [];
   private devStart = 0;
   private exactSizes: DeviceSectionSize[];
   private emittedDevices: EmittedDevice[] = [];
@@ -91,7 +111,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
   private readonly maxPackage: number;
   private readonly verify: boolean;
 
-  constructor(opts: StreamDecoderOptions = {}) {
+  constructor(opts: StreamDecoderOptions<Runs> = {}) {
     super();
     this.maxDevice = opts.maxDeviceSectionBytes ?? 16 * 1024 * 1024;
     this.maxVmdesc = opts.maxVmdescBytes ?? 16 * 1024 * 1024;
@@ -102,6 +122,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     this.ramBlocks = from ? from.ramBlocks : new Map();
     this.ramFormat = from ? from.ramFormat : { ignoreShared: false, postcopyAdvised: false };
     this.ram = new RamRecordParser(this.ramBlocks, this.ramFormat);
+    this.ram.pageRuns = opts.pageRuns === true;
     if (opts.channel === 'resume') {
       if (!from) throw new TypeError("a 'resume' channel needs resumeFrom");
       for (const [id, s] of from.sections) this.sections.set(id, s);
@@ -139,8 +160,8 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
    * without disturbing the live decoder; the tests use it to end a stream at
    * every prefix in linear time.
    */
-  fork(): StreamDecoder {
-    const f = Object.create(StreamDecoder.prototype) as StreamDecoder;
+  fork(): StreamDecoder<Runs> {
+    const f = Object.create(StreamDecoder.prototype) as StreamDecoder<Runs>;
     Object.assign(f, this);
     f.q = this.q.clone();
     f.sections = new Map(this.sections);
@@ -150,26 +171,27 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     f.ram = this.ram.clone(f.ramBlocks, f.ramFormat);
     f.configPartial = this.configPartial && { ...this.configPartial };
     f.dev = this.dev.slice(0, this.devLen);
+    f.devChunks = [...this.devChunks];
     f.exactSizes = [...this.exactSizes];
     f.emittedDevices = [...this.emittedDevices];
     return f;
   }
 
-  push(chunk: Uint8Array): StreamRecord[] {
+  push(chunk: Uint8Array): DecodedRecord<Runs>[] {
     this.throwIfFailed();
     if (this.ended) throw new TypeError('push() after end()');
     this.q.push(chunk);
-    return this.parseAvailable();
+    return this.parseAvailable() as DecodedRecord<Runs>[];
   }
 
   /**
    * Declares the end of input. Returns the records that only the end could
    * complete; throws 'truncated' unless the stream is complete (EOF read).
    */
-  end(): StreamRecord[] {
+  end(): DecodedRecord<Runs>[] {
     this.throwIfFailed();
     this.ended = true;
-    const out = this.parseAvailable();
+    const out = this.parseAvailable() as DecodedRecord<Runs>[];
     // Records completed before an error: returned now, the error is thrown next time.
     if (this.failed) return out;
     if (this.state !== 'after-eof' && this.state !== 'done') {
@@ -205,7 +227,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     }
   }
 
-  protected step(out: StreamRecord[]): boolean {
+  protected step(out: (StreamRecord | RamRunRecord)[]): boolean {
     const q = this.q;
     switch (this.state) {
       case 'header': {
@@ -243,7 +265,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
       case 'record':
         return this.stepRecord(out);
       case 'ram': {
-        const rec = this.ram.next(q, this.sectionContext());
+        const rec = this.ram.next(q, this.sectionContext(), this.packageEnd);
         if (!rec) return false;
         this.checkPackageBound(q.offset);
         out.push(rec);
@@ -290,7 +312,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     }
   }
 
-  private stepConfigSubsection(out: StreamRecord[]): boolean {
+  private stepConfigSubsection(out: (StreamRecord | RamRunRecord)[]): boolean {
     const q = this.q;
     const cfg = this.configPartial!;
     if (!q.ensure(1)) return false;
@@ -351,7 +373,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     }
   }
 
-  private stepRecord(out: StreamRecord[]): boolean {
+  private stepRecord(out: (StreamRecord | RamRunRecord)[]): boolean {
     const q = this.q;
     if (this.packageEnd !== undefined && q.offset === this.packageEnd) {
       throw new StreamError('package-without-run', q.offset, 'PACKAGED blob ended without POSTCOPY_RUN');
@@ -446,7 +468,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     }
   }
 
-  private enterSection(s: Section & { kind: SectionKind }, out: StreamRecord[]): void {
+  private enterSection(s: Section & { kind: SectionKind }, out: (StreamRecord | RamRunRecord)[]): void {
     this.current = s;
     out.push({ type: 'section', kind: s.kind, sectionId: s.sectionId, idstr: s.idstr, instanceId: s.instanceId, versionId: s.versionId });
     if (s.idstr === RAM_IDSTR && s.instanceId === 0) {
@@ -456,10 +478,11 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
       this.devStart = this.q.offset;
       this.devLen = 0;
       this.devScan = 0;
+      this.devChunks = [];
     }
   }
 
-  private stepDevice(out: StreamRecord[]): boolean {
+  private stepDevice(out: (StreamRecord | RamRunRecord)[]): boolean {
     const q = this.q;
     const cur = this.current!;
     // 1. Exact size known from a VM description read ahead.
@@ -479,7 +502,10 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
       }
     }
     // 2. The footer rule, over the bytes gathered so far.
-    for (const chunk of q.drain()) this.appendDev(chunk);
+    for (const chunk of q.drain()) {
+      this.appendDev(chunk);
+      this.devChunks.push(chunk);
+    }
     const pkgEnd = this.packageEnd;
     // Largest payload whose footer still fits: the limit, and inside a package its end.
     const inPackage = pkgEnd === undefined ? Infinity : pkgEnd - this.devStart - 5;
@@ -515,13 +541,16 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
         this.devScan = i + 1;
         continue;
       }
-      // Found: the payload is dev[0, i); give the footer and what follows back to the queue.
+      // Found: the payload is dev[0, i); give the footer and what follows back to the
+      // queue as views of the chunks they came in, so that pages after it stay views
+      // into the input (not into this copy).
       const data = this.dev.subarray(0, i);
-      const rest = this.dev.subarray(i, this.devLen);
+      const rest = tailOf(this.devChunks, i);
       this.dev = new Uint8Array(0);
       this.devLen = 0;
       this.devScan = 0;
-      q.unshift(rest);
+      this.devChunks = [];
+      for (let k = rest.length - 1; k >= 0; k--) q.unshift(rest[k]!);
       this.emitDevice(cur, data, out);
       return true;
     }
@@ -546,7 +575,7 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
     this.devLen += chunk.length;
   }
 
-  private emitDevice(cur: Section & { kind: SectionKind }, data: Uint8Array, out: StreamRecord[]): void {
+  private emitDevice(cur: Section & { kind: SectionKind }, data: Uint8Array, out: (StreamRecord | RamRunRecord)[]): void {
     out.push({ type: 'device-state', sectionId: cur.sectionId, idstr: cur.idstr, instanceId: cur.instanceId, versionId: cur.versionId, kind: cur.kind, data });
     if (cur.kind === 'full') this.emittedDevices.push({ idstr: cur.idstr, instanceId: cur.instanceId, size: data.length, offset: this.devStart });
     this.state = 'footer';
@@ -568,34 +597,50 @@ export class StreamDecoder extends PushDecoder<StreamRecord> {
   }
 }
 
+/** The bytes of `chunks` (concatenated) from `from` on, as views of the chunks. */
+function tailOf(chunks: readonly Uint8Array[], from: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let skip = from;
+  for (const c of chunks) {
+    if (skip >= c.length) {
+      skip -= c.length;
+      continue;
+    }
+    out.push(skip === 0 ? c : c.subarray(skip));
+    skip = 0;
+  }
+  return out;
+}
+
 /**
  * Push parser of the preempt channel: bare RAM page records with their own
  * CONTINUE memory. `blocks` is the main channel's block map (the preempt
  * channel opens only after the block list was sent). Same error contract as
  * StreamDecoder (PushDecoder).
  */
-export class PreemptDecoder extends PushDecoder<PreemptRecord> {
+export class PreemptDecoder<Runs extends boolean = false> extends PushDecoder<PreemptRecord | RamRunRecord> {
   private readonly q = new ByteQueue();
   private readonly ram: RamRecordParser;
   private finished = false;
 
-  constructor(blocks: Map<string, KnownBlock>) {
+  constructor(blocks: Map<string, KnownBlock>, opts: PreemptDecoderOptions<Runs> = {}) {
     super();
     this.ram = new RamRecordParser(blocks, { ignoreShared: false, postcopyAdvised: true });
     this.ram.postcopy = true;
+    this.ram.pageRuns = opts.pageRuns === true;
   }
 
   get offset(): number {
     return this.q.offset;
   }
 
-  push(chunk: Uint8Array): PreemptRecord[] {
+  push(chunk: Uint8Array): DecodedPreemptRecord<Runs>[] {
     this.throwIfFailed();
     this.q.push(chunk);
-    return this.parseAvailable();
+    return this.parseAvailable() as DecodedPreemptRecord<Runs>[];
   }
 
-  protected step(out: PreemptRecord[]): boolean {
+  protected step(out: (PreemptRecord | RamRunRecord)[]): boolean {
     if (this.finished) {
       if (this.q.available > 0) throw new StreamError('trailing-data', this.q.offset, 'bytes after EOS on the preempt channel');
       return false;
@@ -603,7 +648,7 @@ export class PreemptDecoder extends PushDecoder<PreemptRecord> {
     const at = this.q.offset;
     const r = this.ram.next(this.q);
     if (!r) return false;
-    if (r.type !== 'ram-page' && r.type !== 'ram-zero' && r.type !== 'ram-eos') {
+    if (r.type !== 'ram-page' && r.type !== 'ram-zero' && r.type !== 'ram-pages' && r.type !== 'ram-zeros' && r.type !== 'ram-eos') {
       throw new StreamError('bad-ram-flags', at, `${r.type} record on the preempt channel`);
     }
     if (r.type === 'ram-eos') this.finished = true;

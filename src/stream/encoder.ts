@@ -1,8 +1,8 @@
 import { FILE_MAGIC, RecordType, ConfigSubsection } from './constants.js';
 import { ByteWriter } from './byte-writer.js';
 import { writeCommand } from './commands.js';
-import { RamRecordWriter, type RamFormat } from './ram.js';
-import type { ConfigurationRecord, PreemptRecord, SectionHeaderRecord, StreamRecord } from './records.js';
+import { RamRecordWriter, type KnownBlock, type RamFormat } from './ram.js';
+import type { ConfigurationRecord, PreemptRecord, RamBlockInfo, SectionHeaderRecord, StreamRecord } from './records.js';
 
 export interface StreamEncoderOptions {
   /**
@@ -13,6 +13,33 @@ export interface StreamEncoderOptions {
   readonly continueMode?: 'auto' | 'never' | 'as-recorded';
   /** Size of the slab that holds small fields (default 64 KiB). */
   readonly slabSize?: number;
+  /**
+   * The channel's RAM blocks, against which writePages checks its arguments,
+   * for a channel that does not write the block list itself: the preempt
+   * channel (pass the main encoder's `blocks`, a live view) or the main
+   * channel of a postcopy recovery. A block list written later replaces it.
+   */
+  readonly blocks?: ReadonlyMap<string, KnownBlock> | readonly Pick<RamBlockInfo, 'idstr' | 'length'>[];
+}
+
+/** The block map of `opts.blocks`: a map is shared as it is (it may still be filled), a list indexed. */
+function blocksOf(opts: StreamEncoderOptions): ReadonlyMap<string, KnownBlock> {
+  const b = opts.blocks;
+  if (b === undefined) return new Map();
+  if (b instanceof Map) return b as ReadonlyMap<string, KnownBlock>;
+  return indexBlocks(b as readonly Pick<RamBlockInfo, 'idstr' | 'length'>[]);
+}
+
+function indexBlocks(list: readonly Pick<RamBlockInfo, 'idstr' | 'length'>[]): Map<string, KnownBlock> {
+  const m = new Map<string, KnownBlock>();
+  list.forEach((b, index) => m.set(b.idstr, { idstr: b.idstr, length: b.length, index }));
+  return m;
+}
+
+/** The result of writePages: how many pages went as PAGE (`normal`) and as ZERO. */
+export interface WritePagesResult {
+  readonly normal: number;
+  readonly zero: number;
 }
 
 /**
@@ -31,11 +58,34 @@ export class StreamEncoder {
   readonly format: RamFormat = { ignoreShared: false, postcopyAdvised: false };
   private outer: ByteWriter | undefined;
   private readonly slabSize: number;
+  private known: Map<string, KnownBlock>;
 
   constructor(opts: StreamEncoderOptions = {}) {
     this.slabSize = opts.slabSize ?? 64 * 1024;
     this.w = new ByteWriter(this.slabSize);
     this.ram = new RamRecordWriter(opts.continueMode ?? 'auto');
+    // Our own map (filled in place when the block list is written), so that a
+    // PreemptEncoder given `blocks` sees the list written later.
+    this.known = new Map(blocksOf(opts));
+  }
+
+  /** The RAM blocks of the block list written on this channel (or given as `blocks`): a live view. */
+  get blocks(): ReadonlyMap<string, KnownBlock> {
+    return this.known;
+  }
+
+  /**
+   * Writes `count` consecutive pages of `block` read from `data` at `start`
+   * (page i at `start + i*4096`): each as PAGE or, when all zero (checked in
+   * place), ZERO, CONTINUE as QEMU. Headers go into the slab, payloads by
+   * reference (`data` must stay unchanged until the pieces are written). The
+   * block and bounds are checked once per call against the block list this
+   * encoder wrote (or `blocks`); misuse throws a RangeError with a `code`
+   * (unknown-ram-block, page-out-of-range, unaligned-offset, bad-option)
+   * before anything is written. Same bytes as write() of the per-page records.
+   */
+  writePages(block: string, offset: number, count: number, data: Uint8Array, start = 0): WritePagesResult {
+    return this.ram.writePages(this.w, this.known, block, offset, count, data, start);
   }
 
   /** Bytes written and not yet taken. */
@@ -98,6 +148,11 @@ export class StreamEncoder {
         this.outer = undefined;
         return;
       }
+      case 'ram-blocks':
+        this.ram.write(w, r, this.format);
+        this.known.clear();
+        r.blocks.forEach((b, index) => this.known.set(b.idstr, { idstr: b.idstr, length: b.length, index }));
+        return;
       default:
         this.ram.write(w, r, this.format);
         return;
@@ -119,12 +174,26 @@ export class StreamEncoder {
 export class PreemptEncoder {
   private readonly w: ByteWriter;
   private readonly ram: RamRecordWriter;
+  private known: ReadonlyMap<string, KnownBlock>;
   constructor(opts: StreamEncoderOptions = {}) {
     this.w = new ByteWriter(opts.slabSize ?? 16 * 1024);
     this.ram = new RamRecordWriter(opts.continueMode ?? 'auto');
+    this.known = blocksOf(opts);
+  }
+  /** The blocks writePages checks against (`blocks` of the options, or setBlocks). */
+  get blocks(): ReadonlyMap<string, KnownBlock> {
+    return this.known;
+  }
+  /** Sets the block list writePages checks against (the one the main channel sent). */
+  setBlocks(blocks: ReadonlyMap<string, KnownBlock> | readonly Pick<RamBlockInfo, 'idstr' | 'length'>[]): void {
+    this.known = blocksOf({ blocks });
   }
   write(r: PreemptRecord): void {
     this.ram.write(this.w, r);
+  }
+  /** As StreamEncoder.writePages, with this channel's own CONTINUE memory. */
+  writePages(block: string, offset: number, count: number, data: Uint8Array, start = 0): WritePagesResult {
+    return this.ram.writePages(this.w, this.known, block, offset, count, data, start);
   }
   resetContinue(): void {
     this.ram.resetContinue();

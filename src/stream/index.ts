@@ -1,8 +1,8 @@
 export * from './constants.js';
 export * from './errors.js';
 export type * from './records.js';
-export { StreamDecoder, PreemptDecoder, type StreamDecoderOptions, type DeviceSectionSize } from './decoder.js';
-export { StreamEncoder, PreemptEncoder, type StreamEncoderOptions } from './encoder.js';
+export { StreamDecoder, PreemptDecoder, type StreamDecoderOptions, type PreemptDecoderOptions, type DecodedRecord, type DecodedPreemptRecord, type DeviceSectionSize } from './decoder.js';
+export { StreamEncoder, PreemptEncoder, type StreamEncoderOptions, type WritePagesResult } from './encoder.js';
 export { PageBitmap } from './bitmap.js';
 export { ReturnPathDecoder, encodeReturnPathMessage, writeReturnPathMessage, ReceivedBitmap, type ReturnPathDecoderOptions } from './return-path.js';
 export { applyXbzrle, encodeXbzrle } from './xbzrle.js';

@@ -2,7 +2,8 @@ import { RamFlag, TARGET_PAGE_MASK, TARGET_PAGE_SIZE, XBZRLE_ENCODING } from './
 import { StreamError, type SectionContext } from './errors.js';
 import { decodeName, type ByteQueue } from './byte-queue.js';
 import type { ByteWriter } from './byte-writer.js';
-import type { RamBlockInfo, RamRecord } from './records.js';
+import { usageError } from '../errors.js';
+import type { RamBlockInfo, RamPageRunRecord, RamRecord, RamRunRecord, RamZeroRunRecord } from './records.js';
 
 /** The flags that name a record's kind; CONTINUE is a modifier on top of one of them. */
 const KIND_MASK = TARGET_PAGE_MASK & ~RamFlag.CONTINUE;
@@ -22,7 +23,17 @@ export interface RamFormat {
 export interface KnownBlock {
   readonly idstr: string;
   readonly length: number;
+  /**
+   * Its position in the block list (0-based), so that a consumer keeps its
+   * per-block state in arrays indexed by it instead of Maps keyed by name.
+   */
+  readonly index: number;
 }
+
+/** Header bytes of a page record sent with CONTINUE (the be64 alone). */
+const CONTINUED_HEAD = 8;
+/** Stride of the payloads of consecutive CONTINUE PAGE records in one chunk. */
+const PAGE_RECORD_STRIDE = CONTINUED_HEAD + TARGET_PAGE_SIZE;
 
 /**
  * Parses RAM records (RAM section payloads and the preempt channel) one
@@ -34,6 +45,11 @@ export class RamRecordParser {
   lastBlock: string | undefined;
   /** After POSTCOPY_LISTEN only ZERO/PAGE/EOS may appear (QEMU's postcopy loader). */
   postcopy = false;
+  /**
+   * Yield PAGE and ZERO records as runs (`ram-pages`/`ram-zeros`): a record
+   * per run of consecutive CONTINUE records in the head chunk, not per page.
+   */
+  pageRuns = false;
   private pendingList: { total: number; sum: number; blocks: RamBlockInfo[]; start: number } | undefined;
 
   constructor(
@@ -45,9 +61,11 @@ export class RamRecordParser {
 
   /**
    * Returns the next record, or undefined when more bytes are needed (nothing
-   * consumed in that case, except completed block-list entries).
+   * consumed in that case, except completed block-list entries). With
+   * `pageRuns`, PAGE and ZERO records come as runs, none of which extends past
+   * the absolute stream offset `limit` (the end of a PACKAGED blob).
    */
-  next(q: ByteQueue, section?: SectionContext): RamRecord | undefined {
+  next(q: ByteQueue, section?: SectionContext, limit = Infinity): RamRecord | RamRunRecord | undefined {
     if (this.pendingList) return this.continueBlockList(q, section);
     if (!q.ensure(8)) return undefined;
     const start = q.offset;
@@ -99,6 +117,12 @@ export class RamRecordParser {
           throw new StreamError('page-out-of-range', start, `page at 0x${offset.toString(16)} beyond block "${block}" of 0x${known.length.toString(16)} bytes`, section);
         }
         this.lastBlock = block;
+        if (this.pageRuns && kind !== RamFlag.XBZRLE) {
+          if (kind === RamFlag.ZERO && q.u8(head) !== 0) {
+            throw new StreamError('bad-zero-fill', start, `zero page with fill byte 0x${q.u8(head).toString(16)}`, section);
+          }
+          return this.run(q, kind, known, offset, continued, head, total, limit);
+        }
         let rec: RamRecord;
         if (kind === RamFlag.PAGE) {
           rec = { type: 'ram-page', block, offset, continued, data: q.bytes(head, TARGET_PAGE_SIZE) };
@@ -131,6 +155,56 @@ export class RamRecordParser {
       default:
         throw new StreamError('bad-ram-flags', start, `unknown combination of RAM flags 0x${flags.toString(16)}`, section);
     }
+  }
+
+  /**
+   * The run that starts with the (validated, not yet consumed) record at the
+   * head of `q`: it takes every following record that is whole in the head
+   * chunk, of the same kind, with CONTINUE, at the next offset, inside the
+   * block and before `limit`. A record that fails any of these ends the run
+   * and is parsed on its own by the next call, so errors (code, offset) are
+   * exactly those of the per-page mode. Per page: two be32 reads and
+   * compares, no allocation, no Map lookup.
+   */
+  private run(q: ByteQueue, kind: number, known: KnownBlock, offset: number, continued: boolean, head: number, total: number, limit: number): RamRunRecord {
+    const buf = q.buf;
+    const view = q.view;
+    const base = q.pos;
+    const isPage = kind === RamFlag.PAGE;
+    const recLen = isPage ? PAGE_RECORD_STRIDE : CONTINUED_HEAD + 1;
+    const want = kind | RamFlag.CONTINUE;
+    // The head chunk's end, or the limit if it comes first (both relative to buf).
+    const stop = Math.min(buf.length, limit - q.offset + base);
+    const maxCount = (known.length - offset) / TARGET_PAGE_SIZE;
+    let p = base + total;
+    let count = 1;
+    let next = offset + TARGET_PAGE_SIZE;
+    while (count < maxCount && p + recLen <= stop) {
+      const lo = view.getUint32(p + 4);
+      if ((lo & TARGET_PAGE_MASK) !== want) break;
+      if (view.getUint32(p) * 0x1_0000_0000 + (lo - want) !== next) break;
+      if (!isPage && buf[p + CONTINUED_HEAD] !== 0) break;
+      p += recLen;
+      next += TARGET_PAGE_SIZE;
+      count++;
+    }
+    q.advance(p - base);
+    if (isPage) {
+      const rec: RamPageRunRecord = {
+        type: 'ram-pages',
+        block: known.idstr,
+        handle: known,
+        offset,
+        count,
+        data: buf,
+        start: base + head,
+        stride: count === 1 ? TARGET_PAGE_SIZE : PAGE_RECORD_STRIDE,
+        continued,
+      };
+      return rec;
+    }
+    const rec: RamZeroRunRecord = { type: 'ram-zeros', block: known.idstr, handle: known, offset, count, continued };
+    return rec;
   }
 
   private continueBlockList(q: ByteQueue, section: SectionContext | undefined): RamRecord | undefined {
@@ -172,9 +246,9 @@ export class RamRecordParser {
       }
       q.advance(need);
       const info: RamBlockInfo = { idstr, length, ...(pageSize === undefined ? {} : { pageSize }), ...(gpa === undefined ? {} : { gpa }) };
+      this.blocks.set(idstr, { idstr, length, index: list.blocks.length });
       list.blocks.push(info);
       list.sum += length;
-      this.blocks.set(idstr, { idstr, length });
     }
     this.pendingList = undefined;
     // QEMU forgets the last block when the block list is (re)sent.
@@ -187,6 +261,7 @@ export class RamRecordParser {
     const c = new RamRecordParser(blocks, format, this.maxXbzrle);
     c.lastBlock = this.lastBlock;
     c.postcopy = this.postcopy;
+    c.pageRuns = this.pageRuns;
     if (this.pendingList) c.pendingList = { ...this.pendingList, blocks: [...this.pendingList.blocks] };
     return c;
   }
@@ -210,6 +285,35 @@ export class RamRecordWriter {
   /** Forget the last block: the next page names its block (QEMU does this before discards and on recovery). */
   resetContinue(): void {
     this.lastBlock = undefined;
+  }
+
+  /**
+   * Writes `count` consecutive pages of `block` from `data` (page i at
+   * `start + i*4096`), each as PAGE or, when all zero, ZERO, with CONTINUE by
+   * the channel's rule ('as-recorded' counts as 'auto': pages carry no flag of
+   * their own). The arguments are checked once, against `blocks` (the block
+   * list of the channel); per page there is a zero test in place, an 8-byte
+   * header in the slab and, for PAGE, the payload appended by reference.
+   */
+  writePages(w: ByteWriter, blocks: ReadonlyMap<string, KnownBlock>, block: string, offset: number, count: number, data: Uint8Array, start: number): { normal: number; zero: number } {
+    checkPages(blocks, block, offset, count, data, start);
+    let cont = this.continueMode !== 'never' && this.lastBlock === block;
+    let normal = 0;
+    let p = start;
+    const end = offset + count * TARGET_PAGE_SIZE;
+    for (let o = offset; o < end; o += TARGET_PAGE_SIZE, p += TARGET_PAGE_SIZE) {
+      const zero = isZeroAt(data, p);
+      w.be64(o + (zero ? RamFlag.ZERO : RamFlag.PAGE) + (cont ? RamFlag.CONTINUE : 0));
+      if (!cont) w.str8(block);
+      if (zero) w.u8(0);
+      else {
+        w.view(data.subarray(p, p + TARGET_PAGE_SIZE));
+        normal++;
+      }
+      cont = this.continueMode !== 'never';
+    }
+    this.lastBlock = block;
+    return { normal, zero: count - normal };
   }
 
   write(w: ByteWriter, r: RamRecord, format?: RamFormat): void {
@@ -278,7 +382,43 @@ export function ramPageRecordLength(r: RamRecord, continued: boolean): number {
   }
 }
 
+/**
+ * The checks of a page batch, made once per call: `block` is in the channel's
+ * block list, `offset` page aligned, the `count` pages inside the block and
+ * inside `data` from `start`. Typed errors (UsageError: RangeError/TypeError
+ * with a `code`) naming the block and offset.
+ */
+export function checkPages(blocks: ReadonlyMap<string, KnownBlock>, block: string, offset: number, count: number, data: Uint8Array, start: number): KnownBlock {
+  const known = blocks.get(block);
+  if (!known) {
+    const list = blocks.size === 0 ? 'no block list was written on this channel' : `known: ${[...blocks.keys()].map((k) => `"${k}"`).join(', ')}`;
+    throw usageError('range', 'unknown-ram-block', 'block', `writePages: no RAM block "${block}" (${list})`);
+  }
+  if (!Number.isSafeInteger(offset) || offset < 0) {
+    throw usageError('range', 'page-out-of-range', 'offset', `writePages: offset ${String(offset)} of block "${block}" is not a non-negative integer`);
+  }
+  if (offset % TARGET_PAGE_SIZE !== 0) {
+    throw usageError('range', 'unaligned-offset', 'offset', `writePages: offset 0x${offset.toString(16)} of block "${block}" is not page aligned`);
+  }
+  if (!Number.isSafeInteger(count) || count < 1) {
+    throw usageError('range', 'bad-option', 'count', `writePages: count ${String(count)} at 0x${offset.toString(16)} of block "${block}" is not a positive integer`);
+  }
+  if (offset + count * TARGET_PAGE_SIZE > known.length) {
+    throw usageError('range', 'page-out-of-range', 'offset', `writePages: ${count} pages at 0x${offset.toString(16)} run past block "${block}" of 0x${known.length.toString(16)} bytes`);
+  }
+  if (!Number.isSafeInteger(start) || start < 0 || start + count * TARGET_PAGE_SIZE > data.length) {
+    throw usageError('range', 'bad-option', 'data', `writePages: ${count} pages at 0x${offset.toString(16)} of block "${block}" need ${count * TARGET_PAGE_SIZE} bytes of data from ${String(start)}, it has ${data.length}`);
+  }
+  return known;
+}
+
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
+
+/** isZeroPage for the page at `data[p, p + 4096)`, compared in place (no view made). */
+export function isZeroAt(data: Uint8Array, p: number): boolean {
+  if (data[p] !== 0 || data[p + TARGET_PAGE_SIZE - 1] !== 0) return false;
+  return ZERO_PAGE.compare(data, p, p + TARGET_PAGE_SIZE) === 0;
+}
 /**
  * True when a page is all zero bytes (sent as a 9-byte ZERO record instead of
  * 4 KiB). The two byte probes reject most non-zero pages without a call; the

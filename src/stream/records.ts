@@ -2,6 +2,7 @@
  * Wire records as discriminated unions on `type`. The decoder yields them, the
  * encoder takes them; decode(encode(x)) = x for every record here.
  */
+import type { KnownBlock } from './ram.js';
 
 // ---- main channel: framing ---------------------------------------------------
 
@@ -169,6 +170,47 @@ export type RamRecord =
   | RamEosRecord
   | RamMultifdFlushRecord;
 
+/**
+ * Consecutive PAGE records of one block at consecutive offsets, whole in one
+ * input chunk, as the decoders yield them with `pageRuns`: the first page as
+ * sent (CONTINUE or not), every later one sent with CONTINUE. Expanded, page
+ * i is the `ram-page` record { block, offset: offset + i*4096, continued:
+ * i === 0 ? continued : true, data: data[start + i*stride, +4096) }.
+ */
+export interface RamPageRunRecord {
+  readonly type: 'ram-pages';
+  readonly block: string;
+  /** The block as the parser found it (its `index` is the block's position in the block list). */
+  readonly handle: KnownBlock;
+  /** Offset of the first page in the block. */
+  readonly offset: number;
+  /** Pages in the run, ≥ 1. */
+  readonly count: number;
+  /**
+   * Page i is data[start + i*stride, start + i*stride + 4096): views into the
+   * input chunk (often the whole chunk), no copy; valid as long as the caller
+   * does not reuse that chunk's memory. A page that spanned chunks (copied) is
+   * a run of 1 with stride 4096.
+   */
+  readonly data: Uint8Array;
+  readonly start: number;
+  readonly stride: number;
+  /** Whether the first page was sent with CONTINUE. */
+  readonly continued: boolean;
+}
+
+/** Consecutive ZERO records of one block at consecutive offsets, whole in one input chunk (see RamPageRunRecord). */
+export interface RamZeroRunRecord {
+  readonly type: 'ram-zeros';
+  readonly block: string;
+  readonly handle: KnownBlock;
+  readonly offset: number;
+  readonly count: number;
+  readonly continued: boolean;
+}
+
+export type RamRunRecord = RamPageRunRecord | RamZeroRunRecord;
+
 /** Records the main-channel decoder yields. */
 export type StreamRecord =
   | HeaderRecord
@@ -184,6 +226,12 @@ export type StreamRecord =
 
 /** Records of the preempt channel: bare page records (EOS only in the ≤ 7.2 compat mode). */
 export type PreemptRecord = RamPageRecord | RamZeroRecord | RamEosRecord;
+
+/** What StreamDecoder yields with `pageRuns: true`: every PAGE and ZERO record is in a run. */
+export type StreamRecordWithRuns = Exclude<StreamRecord, RamPageRecord | RamZeroRecord> | RamRunRecord;
+
+/** What PreemptDecoder yields with `pageRuns: true`. */
+export type PreemptRecordWithRuns = RamRunRecord | RamEosRecord;
 
 // ---- return path -----------------------------------------------------------
 

@@ -134,7 +134,7 @@ describe('records parsed before an error in the same push are returned by every 
   });
 
   it('PreemptDecoder', () => {
-    const blocks = new Map([['pc.ram', { idstr: 'pc.ram', length: 16 * 4096 }]]);
+    const blocks = new Map([['pc.ram', { idstr: 'pc.ram', length: 16 * 4096, index: 0 }]]);
     const recs: PreemptRecord[] = [
       { type: 'ram-page', block: 'pc.ram', offset: 0x3000, continued: false, data: new Uint8Array(4096).fill(0xab) },
       { type: 'ram-zero', block: 'pc.ram', offset: 0x5000, continued: true },

@@ -1,4 +1,4 @@
-import { StreamDecoder, StreamEncoder, concatPieces, type StreamRecord, type RamBlockInfo } from '../../src/stream/index.js';
+import { StreamDecoder, StreamEncoder, concatPieces, type StreamDecoderOptions, type StreamRecord, type RamBlockInfo } from '../../src/stream/index.js';
 
 /** A deterministic pseudo-random generator (xorshift32), so failures reproduce. */
 export function rng(seed: number): () => number {
@@ -115,7 +115,7 @@ export function encode(records: StreamRecord[], continueMode: 'auto' | 'never' |
 }
 
 /** Decodes `bytes` pushed in the given pieces; returns records with views copied (comparable). */
-export function decodeSplit(bytes: Uint8Array, cuts: number[] = [], opts: ConstructorParameters<typeof StreamDecoder>[0] = {}): StreamRecord[] {
+export function decodeSplit(bytes: Uint8Array, cuts: number[] = [], opts: StreamDecoderOptions = {}): StreamRecord[] {
   const d = new StreamDecoder(opts);
   const out: StreamRecord[] = [];
   let prev = 0;
