@@ -33,16 +33,16 @@ export class Link {
   private dropped = false;
   private idle: NodeJS.Timeout | undefined;
   /** The preempt channel's decoder, once it has qualified. */
-  preemptDecoder: PreemptDecoder | undefined;
+  preemptDecoder: PreemptDecoder<true> | undefined;
   /** The source ended the preempt channel: no late page can come on it any more. */
   preemptEnded = false;
 
   constructor(
     readonly conn: DestinationConnection,
     /** The main channel's decoder: a new stream, or the old stream continued after a recovery. */
-    readonly decoder: StreamDecoder,
+    readonly decoder: StreamDecoder<true>,
     private readonly events: LinkEvents,
-    private readonly opts: { idleTimeoutMs: number; idleError: () => MigrationError; pageRuns: boolean },
+    private readonly opts: { idleTimeoutMs: number; idleError: () => MigrationError },
   ) {}
 
   get alive(): boolean {
@@ -75,7 +75,8 @@ export class Link {
       ch.destroy();
       return;
     }
-    this.preemptDecoder = new PreemptDecoder(this.decoder.ramBlocks);
+    // Runs on preempt too: a requested page often comes with its neighbours (QEMU sends a host page whole).
+    this.preemptDecoder = new PreemptDecoder(this.decoder.ramBlocks, { pageRuns: true });
     ch.on('error', (e) => {
       if (!this.dropped) this.events.lost(this, e);
     });

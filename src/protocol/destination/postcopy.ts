@@ -1,5 +1,5 @@
 import { TARGET_PAGE_SIZE } from '../../stream/constants.js';
-import type { StreamRecord } from '../../stream/records.js';
+import type { StreamRecordWithRuns as StreamRecord } from '../../stream/records.js';
 import { usageError } from '../../errors.js';
 import { MigrationError, type MigrationPhase } from '../errors.js';
 import type { PageTracker } from '../page-tracker.js';

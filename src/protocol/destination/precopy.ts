@@ -1,4 +1,4 @@
-import type { StreamRecord } from '../../stream/records.js';
+import type { StreamRecordWithRuns as StreamRecord } from '../../stream/records.js';
 import type { MigrationPhase } from '../errors.js';
 import type { DestinationCounters } from './stats.js';
 import type { ReceivedDeviceSection } from './types.js';

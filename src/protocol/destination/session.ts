@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import { StreamDecoder } from '../../stream/decoder.js';
 import { RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
-import type { PreemptRecord, ReturnPathMessage, StreamRecord } from '../../stream/records.js';
+import type { PreemptRecordWithRuns, ReturnPathMessage, StreamRecordWithRuns } from '../../stream/records.js';
 import type { Channel } from '../../transport/channel.js';
 import { MigrationListener, type DestinationConnection } from '../../transport/connection.js';
 import type { StrangerEvent } from '../../transport/qualify.js';
@@ -21,7 +21,7 @@ import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState }
 import { DestinationCounters } from './stats.js';
 import type { DestinationEvents, DestinationOptions, DestinationResult, DestinationStats } from './types.js';
 
-type Command = Extract<StreamRecord, { type: 'command' }>['command'];
+type Command = Extract<StreamRecordWithRuns, { type: 'command' }>['command'];
 
 /**
  * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
@@ -43,9 +43,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private rejectDone!: (e: MigrationError) => void;
   private state: DestinationState = { kind: 'setup' };
   /** The decoder that read the stream's header (and configuration); later links continue its stream. */
-  private header: StreamDecoder | undefined;
+  private header: StreamDecoder<true> | undefined;
   /** The main stream's decoder as of the last link: a recovery link continues from it. */
-  private stream: StreamDecoder | undefined;
+  private stream: StreamDecoder<true> | undefined;
   private readonly pages: PageTracker;
   private readonly counts = new DestinationCounters();
   private readonly landing: PageLanding;
@@ -141,7 +141,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.listener.accept().then(
       (conn) => {
         clearTimeout(this.acceptTimer);
-        const decoder = new StreamDecoder();
+        const decoder = new StreamDecoder({ pageRuns: true });
         this.header = decoder;
         const link = this.newLink(conn, decoder);
         this.state = { kind: 'precopy', link, phase: 'setup', advised: false, inPackage: false };
@@ -151,13 +151,12 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     );
   }
 
-  private newLink(conn: DestinationConnection, decoder: StreamDecoder): Link {
+  private newLink(conn: DestinationConnection, decoder: StreamDecoder<true>): Link {
     const ms = this.opts.idleTimeoutMs ?? 60_000;
     this.stream = decoder;
     return new Link(conn, decoder, this.linkEvents, {
       idleTimeoutMs: ms,
       idleError: () => new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`),
-      pageRuns: false,
     });
   }
 
@@ -196,8 +195,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     if (!bp) return undefined;
     this.counts.sinkWaits++;
     return bp.then(undefined, (e: unknown) => {
-      const err = MigrationError.is(e) ? e : new MigrationError('storage', this.phase, `the memory sink failed: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
-      this.fail(err);
+      const err = MigrationError.from(e, this.phase);
+      // By contract the rejection is the storage error; whatever it is, it is the sink's.
+      this.fail(err.kind === 'storage' ? err : new MigrationError('storage', this.phase, `the memory sink failed: ${err.reason}`, { cause: e }));
     });
   }
 
@@ -216,7 +216,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
   }
 
-  private onRecord(r: StreamRecord, now: number): void {
+  private onRecord(r: StreamRecordWithRuns, now: number): void {
     const s = this.state;
     if (s.kind === 'completing' && s.step !== 'vmdesc') return;
     switch (r.type) {
@@ -227,8 +227,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         acceptBlockList(r.blocks, this.opts.sink, this.pages, this.phase);
         this.emit('ram-blocks', this.pages.blocks);
         return;
-      case 'ram-page':
-      case 'ram-zero':
+      case 'ram-pages':
+      case 'ram-zeros':
       case 'ram-xbzrle':
         this.landing.land(r, 'main', isListening(s), now);
         return;
@@ -367,7 +367,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     return this.sinkBackpressure();
   }
 
-  private onPreemptRecord(r: PreemptRecord, now: number): void {
+  private onPreemptRecord(r: PreemptRecordWithRuns, now: number): void {
     if (!isListening(this.state)) throw new MigrationError('protocol', this.phase, 'a page on the preempt channel before POSTCOPY_LISTEN');
     this.landing.land(r, 'preempt', true, now);
   }
@@ -499,7 +499,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         // A recovery connection that recover() moved away from: the new one replaces it.
         if (s.kind === 'recovering') s.link.drop();
         // The new main channel has no header: it continues the old stream's sections and blocks.
-        const link = this.newLink(conn, new StreamDecoder({ channel: 'resume', resumeFrom: this.stream }));
+        const link = this.newLink(conn, new StreamDecoder({ channel: 'resume', resumeFrom: this.stream, pageRuns: true }));
         this.state = { kind: 'recovering', link, outage: s.outage, phase: s.phase };
         this.startLink(link);
       },

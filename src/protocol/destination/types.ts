@@ -46,9 +46,10 @@ export interface DestinationStats {
   /** Latency of demand requests (request sent → page arrived), µs. */
   'postcopy-latency': LatencySummary;
   /**
-   * Runs of consecutive pages handed to the sink in one call (writePages /
-   * zeroPages, or one per page for a sink without them) and the pages in them:
-   * pages / runs is the batch the page path works in.
+   * Runs of consecutive pages landed as one (one writePages / zeroPages call
+   * each; a sink without them gets a call per page) and the pages in them:
+   * pages / count is the batch the page path works in. XBZRLE pages are runs
+   * of one.
    */
   runs: { count: number; pages: number };
   /** Times reading paused for the sink's backpressure (its disk slower than the network). */
