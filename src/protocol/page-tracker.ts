@@ -77,12 +77,6 @@ export class PageTracker {
     return this.byName.get(name)?.info;
   }
 
-  /** Position of block `name` in the list, or -1. */
-  indexOf(name: string): number {
-    const b = this.byName.get(name);
-    return b ? this.byIndex.indexOf(b) : -1;
-  }
-
   bitmap(block: string): PageBitmap | undefined {
     return this.byName.get(block)?.received;
   }
