@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --quick] [-- --only codec,bulk,latency,seed,switchover,memory] [-- --skip ...] [-- --no-veth] [-- --trace]`
+ * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,seed,switchover,memory] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace]`
  *
  * Runs every part of the benchmark, each in a process of its own, one after
  * the other, and writes bench/REPORT.md: the machine, how loaded it was, a
@@ -8,12 +8,20 @@
  * bench/results/. A part not run this time keeps its earlier results, marked
  * with their date. Prints figures; asserts nothing.
  *
- * Parts: codec (bench/codec.bench.ts), bulk (bulk.bench.ts), latency
- * (latency.bench.ts, then urgent.bench.ts with real QEMU destinations, one
- * table), seed (seed.bench.ts), switchover (switchover.bench.ts), memory
- * (memory.bench.ts).
+ * Parts: codec (bench/codec.bench.ts), bulk (bulk.bench.ts), saved
+ * (saved.bench.ts: QEMU ↔ the built `qmt receive`/`qmt send`), demo
+ * (demo.bench.ts: the built `qmt demo`, preempt or not), sink (sink.bench.ts:
+ * DirectorySink and SavedVmSource against raw file I/O), latency (latency.bench.ts, then urgent.bench.ts with real
+ * QEMU destinations, one table), seed (seed.bench.ts), switchover
+ * (switchover.bench.ts), memory (memory.bench.ts). `--mib`/`--runs` go to
+ * bulk, saved, demo and sink (the issue-12 rows; default 1024 MiB, 3 rounds).
+ * saved and demo run dist/cli/main.js: it is built first when missing or
+ * older than src/. Before each part: `sync` (no writeback of an earlier
+ * part's files during the next). The CPU profiles (`npm run bench:profile`,
+ * bench/profile.ts) are a separate run; their last results are a section here.
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, statSync } from 'node:fs';
 import { readFile, writeFile, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -22,9 +30,10 @@ import { cpuSnapshot, cpuUse, loadAverage } from './lib/cpu.js';
 import { partHeader, type PartResult } from './lib/part.js';
 import { fmt, machineInfo } from './lib/report.js';
 import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
-import { summaryLines, summaryTable, type CodecData } from './lib/summary.js';
+import { builtCliProblem } from './lib/qmt-cli.js';
+import { issueLines, issueTable, summaryLines, summaryTable, type CodecData } from './lib/summary.js';
 
-const PARTS = ['codec', 'bulk', 'latency', 'seed', 'switchover', 'memory'] as const;
+const PARTS = ['codec', 'bulk', 'saved', 'demo', 'sink', 'latency', 'seed', 'switchover', 'memory'] as const;
 
 const { values: args } = parseArgs({
   options: {
@@ -33,6 +42,8 @@ const { values: args } = parseArgs({
     skip: { type: 'string' },
     'no-veth': { type: 'boolean', default: false },
     trace: { type: 'boolean', default: false },
+    mib: { type: 'string' },
+    runs: { type: 'string' },
   },
 });
 
@@ -42,6 +53,8 @@ const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x
 for (const p of [...list(args.only), ...list(args.skip)]) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`unknown part "${p}" (parts: ${PARTS.join(', ')})`);
 const selected = PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p));
 const quick = args.quick ? ['--quick'] : [];
+/** The size and rounds of the issue-12 rows (bulk, saved, demo, sink). */
+const sizing = [...(args.mib ? ['--mib', args.mib] : []), ...(args.runs ? ['--runs', args.runs] : [])];
 
 /** The part running now, and the signal that stopped the run (no further part starts). */
 let current: ChildProcess | undefined;
@@ -115,6 +128,13 @@ async function codecPart(): Promise<number | null> {
   return code;
 }
 
+/** The last `npm run bench:profile` (bench/results/profile.md), with its date. */
+async function readProfile(): Promise<{ date: string; markdown: string } | undefined> {
+  const f = join(OUT, 'profile.md');
+  if (!existsSync(f)) return undefined;
+  return { date: statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim() };
+}
+
 async function readPart(name: string): Promise<PartResult<unknown> | undefined> {
   try {
     return JSON.parse(await readFile(join(OUT, `${name}.json`), 'utf8')) as PartResult<unknown>;
@@ -152,12 +172,20 @@ async function main(): Promise<void> {
   const cpu0 = cpuSnapshot([]);
   const ran = new Map<string, { seconds: number; code: number | null }>();
   const extra = [...quick];
+  if ((selected.includes('saved') || selected.includes('demo')) && builtCliProblem()) {
+    process.stderr.write(`${builtCliProblem()}: building it (npm run build) …\n`);
+    const b = spawnSync('npm', ['run', 'build'], { cwd: REPO_ROOT, stdio: ['ignore', 'inherit', 'inherit'] });
+    if (b.status !== 0) process.stderr.write('the build failed: the saved and demo parts will say so\n');
+  }
   for (const part of selected) {
     if (stoppedBy) break;
     const t0 = Date.now();
     process.stderr.write(`\n=== ${part} ===\n`);
+    // Page-cache writeback of an earlier part's files must not slow this one.
+    spawnSync('sync', [], { stdio: 'ignore', timeout: 300_000 });
     let code: number | null;
     if (part === 'codec') code = await codecPart();
+    else if (part === 'bulk' || part === 'saved' || part === 'demo' || part === 'sink') code = (await runScript(`${part}.bench.ts`, [...extra, ...sizing])).code;
     else if (part === 'latency') {
       // Three rounds per cell: the medians below are of ≥ 3 runs.
       const a = await runScript('latency.bench.ts', [...extra, ...(args.quick ? [] : ['--rounds', '3']), ...(args['no-veth'] ? ['--no-veth'] : [])]);
@@ -176,7 +204,7 @@ async function main(): Promise<void> {
   const totalS = (Date.now() - started) / 1000;
 
   const parts = new Map<string, PartResult<unknown>>();
-  for (const name of ['codec', 'bulk', 'urgent', 'seed', 'switchover', 'memory']) {
+  for (const name of ['codec', 'bulk', 'saved', 'demo', 'sink', 'urgent', 'seed', 'switchover', 'memory']) {
     const p = await readPart(name);
     if (p) parts.set(name, p);
   }
@@ -198,7 +226,21 @@ async function main(): Promise<void> {
   if (stale.length > 0 || (latency && latency.date < runStart)) {
     lines.push(`> Not run this time, results from an earlier run: ${[...stale, ...(latency && latency.date < runStart ? [`latency (${latency.date})`] : [])].join(', ')}.`, '');
   }
-  lines.push('## Summary', '', summaryTable(summaryLines(parts)), '');
+  const profile = await readProfile();
+  lines.push(
+    '## Summary: issue 12, the page path at memory speed',
+    '',
+    'Every row measured next to its baseline in the same run (ratios of medians); aims from the issue, reported, not asserted. CPU: core-seconds (user + system) per GB of guest RAM at the source / destination end, ours and, in brackets, the baseline\'s.',
+    '',
+    issueTable(issueLines(parts)),
+    '',
+    profile ? `What the time goes to, for every missed aim: CPU profiles of each of our processes in [§ What the time goes to](#what-the-time-goes-to-cpu-profiles) (\`npm run bench:profile\`, run ${profile.date}).` : 'CPU profiles: not run yet (`npm run bench:profile`).',
+    '',
+    '## Summary: every part',
+    '',
+    summaryTable(summaryLines(parts)),
+    '',
+  );
   const section = (n: number, name: string, extraLinks = ''): void => {
     const p = parts.get(name);
     if (!p) {
@@ -207,18 +249,23 @@ async function main(): Promise<void> {
     }
     lines.push(`## ${n}. ${p.title}`, '', partHeader(p), '', p.markdown.replace(/\]\(([\w.-]+\.(?:svg|md|json))\)/g, '](results/$1)'), '', `Details: [results/${name}.md](results/${name}.md), raw: [results/${name}.json](results/${name}.json).${extraLinks}`, '');
   };
-  section(1, 'codec');
-  section(2, 'bulk');
+  let n = 1;
+  section(n++, 'codec');
+  section(n++, 'bulk');
+  section(n++, 'saved');
+  section(n++, 'demo');
+  section(n++, 'sink');
   section(
-    3,
+    n++,
     'urgent',
     latency
       ? ` bench:latency's own report (${latency.date}${latency.quick ? ', --quick' : ''}; load ${latency.load}), with event-loop delays, socket options and the priority-queue variants: [results/latency.md](results/latency.md), CDFs [loopback](results/latency-cdf-loopback.svg) and [veth](results/latency-cdf-veth.svg).`
       : '',
   );
-  section(4, 'seed');
-  section(5, 'switchover');
-  section(6, 'memory');
+  section(n++, 'seed');
+  section(n++, 'switchover');
+  section(n++, 'memory');
+  if (profile) lines.push(profile.markdown.replace(/\(bench\/results\//g, '(results/'), '', `Details: [results/profile.md](results/profile.md), raw: [results/profile.json](results/profile.json); rerun: \`npm run bench:profile\`.`, '');
   lines.push(
     '## Charts',
     '',
@@ -230,7 +277,7 @@ async function main(): Promise<void> {
       ['latency-cdf-veth.svg', 'bench:latency, veth'],
     ].map(([f, t]) => `- [${t}](results/${f})`),
     '',
-    `Reproduce: \`npm run bench\` as root on an idle machine with QEMU 10.0 (\`-- --quick\` for a short run, \`-- --only bulk,seed\` for some parts, \`-- --no-veth\` without the shaped link).`,
+    `Reproduce: \`npm run bench\` as root on an idle machine with QEMU 10.0 (\`-- --quick\` for a short run, \`-- --only bulk,saved,demo\` for the issue-12 rows, \`-- --mib 2048 --runs 5\` for their size and rounds, \`-- --no-veth\` without the shaped link); the CPU profiles: \`npm run bench:profile\`.`,
     '',
   );
   await writeFile(join(BENCH, 'REPORT.md'), lines.join('\n'));

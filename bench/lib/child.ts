@@ -54,13 +54,16 @@ export class BenchChild<C extends { cmd: string } = { cmd: string }> {
     createInterface({ input: child.stderr! }).on('line', (line) => process.stderr.write(`  ${line}\n`));
   }
 
-  /** Starts `node --import tsx SCRIPT ...args`, inside a namespace when `prefix` is `['ip','netns','exec',NS]`. */
-  static start<C extends { cmd: string }>(name: string, script: string, args: readonly string[] = [], prefix: readonly string[] = []): BenchChild<C> {
-    return new BenchChild<C>(name, BenchChild.spawnChild(script, args, prefix));
+  /**
+   * Starts `node [...nodeArgs] --import tsx SCRIPT ...args`, inside a namespace when `prefix` is
+   * `['ip','netns','exec',NS]`; `nodeArgs` e.g. `--cpu-prof --cpu-prof-dir DIR` (bench/profile.ts).
+   */
+  static start<C extends { cmd: string }>(name: string, script: string, args: readonly string[] = [], prefix: readonly string[] = [], nodeArgs: readonly string[] = []): BenchChild<C> {
+    return new BenchChild<C>(name, BenchChild.spawnChild(script, args, prefix, nodeArgs));
   }
 
-  protected static spawnChild(script: string, args: readonly string[], prefix: readonly string[]): ChildProcess {
-    const argv = [...prefix, process.execPath, '--import', 'tsx', script, ...args];
+  protected static spawnChild(script: string, args: readonly string[], prefix: readonly string[], nodeArgs: readonly string[] = []): ChildProcess {
+    const argv = [...prefix, process.execPath, ...nodeArgs, '--import', 'tsx', script, ...args];
     return spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
   }
 

@@ -40,6 +40,28 @@ function processTimes(pid: number): number {
   }
 }
 
+/** Clock ticks per second of /proc/<pid>/stat (sysconf(_SC_CLK_TCK); 100 on Linux everywhere in practice). */
+const CLK_TCK = 100;
+
+/** utime + stime of a running process, core-seconds (undefined once it is gone). */
+export function processCpuSeconds(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  return processTimes(pid) / CLK_TCK;
+}
+
+/** Core-seconds of each process between two readings of {@link processCpuSeconds}. */
+export function cpuDelta(before: readonly (number | undefined)[], after: readonly (number | undefined)[]): (number | undefined)[] {
+  return before.map((b, i) => {
+    const a = after[i];
+    return a === undefined || b === undefined ? undefined : a - b;
+  });
+}
+
 export function cpuSnapshot(pids: readonly (number | undefined)[]): CpuSnapshot {
   const h = hostTimes();
   let ours = 0;

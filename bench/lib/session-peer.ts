@@ -5,7 +5,8 @@
  * directory. Driven by bench/lib/child.ts; every time it reports is
  * CLOCK_MONOTONIC in µs (monoUs), comparable across processes.
  */
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { Session } from 'node:inspector';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { DestinationSession, type DestinationStats } from '../../src/protocol/destination.js';
@@ -37,7 +38,10 @@ export type SessionCommand =
     }
   | { cmd: 'dest-listen'; host: string; tlsDir?: string; postcopy: boolean; sink: { kind: 'memory'; prefault?: { idstr: string; length: number }[] } | { kind: 'directory'; dir: string }; workload?: 'video'; idleTimeoutMs?: number }
   | { cmd: 'dest-wait'; timeoutMs: number; hash?: boolean }
-  | { cmd: 'rss' };
+  | { cmd: 'rss' }
+  /** V8's CPU profiler around the migration only (bench/profile.ts): start, then stop writes DIR/CPU.session.0.<pid>.0.1.cpuprofile. */
+  | { cmd: 'profile-start' }
+  | { cmd: 'profile-stop'; dir: string };
 
 export interface SourceRun {
   startUs: number;
@@ -213,6 +217,37 @@ async function destWait(c: Extract<SessionCommand, { cmd: 'dest-wait' }>): Promi
   }
 }
 
+// ---------------------------------------------------------------------------
+// CPU profile of the migration alone (not the start-up, not tsx's loader)
+// ---------------------------------------------------------------------------
+
+let profiler: Session | undefined;
+
+function post<T>(s: Session, method: string, params: Record<string, unknown> = {}): Promise<T> {
+  return new Promise((resolve, reject) => s.post(method, params, (err, res) => (err ? reject(err) : resolve(res as T))));
+}
+
+async function profileStart(): Promise<void> {
+  if (profiler) throw new Error('already profiling');
+  const s = new Session();
+  s.connect();
+  profiler = s;
+  await post(s, 'Profiler.enable');
+  await post(s, 'Profiler.setSamplingInterval', { interval: 1000 });
+  await post(s, 'Profiler.start');
+}
+
+async function profileStop(dir: string): Promise<{ file: string }> {
+  const s = profiler;
+  if (!s) throw new Error('not profiling');
+  const { profile } = await post<{ profile: unknown }>(s, 'Profiler.stop');
+  s.disconnect();
+  profiler = undefined;
+  const file = join(dir, `CPU.session.0.${process.pid}.0.1.cpuprofile`);
+  writeFileSync(file, JSON.stringify(profile));
+  return { file };
+}
+
 serve(
   'session-peer',
   {
@@ -221,6 +256,8 @@ serve(
     'dest-listen': (c) => destListen(c as Extract<SessionCommand, { cmd: 'dest-listen' }>),
     'dest-wait': (c) => destWait(c as Extract<SessionCommand, { cmd: 'dest-wait' }>),
     rss: () => residentSet(),
+    'profile-start': () => profileStart(),
+    'profile-stop': (c) => profileStop((c as Extract<SessionCommand, { cmd: 'profile-stop' }>).dir),
   },
   () => {
     session?.cancel();

@@ -3,8 +3,13 @@
  * each part next to its same-run baseline, from the parts' result files.
  */
 import type { BulkData } from '../bulk.bench.js';
+import type { DemoData } from '../demo.bench.js';
+import type { Kind, SavedData, SavedRow, SavedVariant } from '../saved.bench.js';
+import { BULK_AIM_VS_RAW, bulkCpuPerGb, DEMO_AIMS, demoAims, SAVED_AIMS, SAVED_LABEL } from './aims.js';
+import { median, ratio } from './stats.js';
 import type { MemoryData } from '../memory.bench.js';
 import type { SeedData } from '../seed.bench.js';
+import type { SinkBenchData } from '../sink.bench.js';
 import type { SwitchoverData } from '../switchover.bench.js';
 import type { UrgentData } from '../urgent.bench.js';
 import type { PartResult } from './part.js';
@@ -84,6 +89,17 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
       });
     }
   }
+  const sink = parts.get('sink')?.data as SinkBenchData | undefined;
+  if (sink) {
+    const gb = (ts: { seconds: number }[] | undefined): number | undefined => median((ts ?? []).map((t) => sink.bytes / t.seconds / 1e9));
+    const g = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
+    const w = gb(sink.write?.sink);
+    const wn = gb(sink.write?.node);
+    out.push({ part: 'sink', what: `DirectorySink to durable (writePages + flush), ${fmt(sink.bytes / 2 ** 20)} MiB`, figure: g(w), baseline: `Node fs.write 1 MiB + fsync ${g(wn)}`, ratio: x(w, wn), aim: '' });
+    const r = gb(sink.read?.uncached?.source);
+    const rn = gb(sink.read?.uncached?.node);
+    out.push({ part: 'sink', what: 'SavedVmSource scan, not cached', figure: g(r), baseline: `Node fs.read 1 MiB ${g(rn)}`, ratio: x(r, rn), aim: '' });
+  }
   const mem = parts.get('memory')?.data as MemoryData | undefined;
   if (mem?.source) {
     const MiB = 2 ** 20;
@@ -102,5 +118,91 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
 export function summaryTable(lines: readonly SummaryLine[]): string {
   const rows = ['| part | what | figure | baseline (same run) | ratio | aim |', '|---|---|---|---|---|---|'];
   for (const l of lines) rows.push(`| ${l.part} | ${l.what} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} |`);
+  return rows.join('\n');
+}
+
+/** One row of the issue-12 table: a figure, its same-run baseline, their ratio and the aim. */
+export interface IssueLine {
+  row: string;
+  figure: string;
+  baseline: string;
+  ratio: string;
+  aim: string;
+  /** CPU core-seconds per GB at each end (source / destination), ours and the baseline's. */
+  cpu: string;
+}
+
+const gbs = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
+const cpuPair = (c: { source?: number; dest?: number } | undefined): string => (c && (c.source !== undefined || c.dest !== undefined) ? `${fmt(c.source, 2)} / ${fmt(c.dest, 2)}` : '–');
+const aimText = (aim: number, r: number | undefined, unit = '×'): string => `≥ ${aim}${unit}${verdict(r === undefined ? undefined : r >= aim)}`;
+
+/** Every measured row of issue 12 ("Measure"), in its order, from the parts' result files. */
+export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[] {
+  const out: IssueLine[] = [];
+  const saved = parts.get('saved')?.data as SavedData | undefined;
+  if (saved && saved.variants.some((v) => v.runs.length > 0)) {
+    const v = (row: SavedRow, kind: Kind): SavedVariant | undefined => saved.variants.find((x) => x.row === row && x.kind === kind);
+    for (const a of SAVED_AIMS) {
+      const [row, kind, base, bkind, aim] = a;
+      const f = v(row, kind);
+      const b = v(base, bkind);
+      const r = ratio(f?.stats?.median, b?.stats?.median);
+      const k = (x: Kind): string => (x === 'tls' ? 'TLS' : 'plain');
+      out.push({
+        row: `${SAVED_LABEL[row]}, ${k(kind)}, ${fmt(saved.guestBytes / 2 ** 20)} MiB guest`,
+        figure: gbs(f?.stats?.median),
+        baseline: `${SAVED_LABEL[base]}${base === 'qemu-qemu' ? ` ${k(bkind)}` : ''} ${gbs(b?.stats?.median)}`,
+        ratio: r === undefined ? '–' : `${fmt(r, 2)}×`,
+        aim: aimText(aim, r),
+        cpu: `${cpuPair(f?.cpuPerGb)} (baseline ${cpuPair(b?.cpuPerGb)})`,
+      });
+    }
+  }
+  const bulk = parts.get('bulk')?.data as BulkData | undefined;
+  if (bulk) {
+    for (const kind of ['plain', 'tls'] as const) {
+      const lib = bulk.variants.find((x) => x.impl === 'library' && x.kind === kind);
+      const raw = bulk.variants.find((x) => x.impl === 'raw' && x.kind === kind);
+      if (!lib && !raw) continue;
+      const r = ratio(lib?.stats?.median, raw?.stats?.median);
+      out.push({
+        row: `library → library, ${kind === 'tls' ? 'TLS' : 'plain'}, ${fmt(bulk.guestBytes / 2 ** 20)} MiB guest`,
+        figure: gbs(lib?.stats?.median),
+        baseline: `raw ${kind === 'tls' ? 'TLS ' : ''}socket pair ${gbs(raw?.stats?.median)}`,
+        ratio: r === undefined ? '–' : `${fmt(r, 2)}×`,
+        aim: aimText(BULK_AIM_VS_RAW, r),
+        cpu: `${cpuPair(lib ? bulkCpuPerGb(lib, bulk.guestBytes) : undefined)} (raw pair ${cpuPair(raw ? bulkCpuPerGb(raw, bulk.guestBytes) : undefined)})`,
+      });
+    }
+  }
+  if (bulk) {
+    for (const kind of ['plain', 'tls'] as const) {
+      const raw = bulk.variants.find((x) => x.impl === 'raw' && x.kind === kind);
+      if (!raw?.stats) continue;
+      out.push({ row: `raw ${kind === 'tls' ? 'TLS ' : ''}socket pair (the CPU reference)`, figure: gbs(raw.stats.median), baseline: '–', ratio: '–', aim: '', cpu: `${cpuPair(bulkCpuPerGb(raw, bulk.guestBytes))} (sender / receiver)` });
+    }
+  }
+  const demo = parts.get('demo')?.data as DemoData | undefined;
+  if (demo && demo.variants.some((v) => v.runs.length > 0)) {
+    const on = demo.variants.find((v) => v.preempt);
+    const off = demo.variants.find((v) => !v.preempt);
+    const a = demoAims(demo);
+    for (const p of ['p50', 'p99'] as const) {
+      out.push({
+        row: `demo fault latency ${p}, preempt (TLS, after one pass, ${fmt(demo.mib)} MiB)`,
+        figure: `${fmt((on?.[p]?.median ?? NaN) / 1000, 2)} ms`,
+        baseline: `\`--no-preempt\` ${fmt((off?.[p]?.median ?? NaN) / 1000, 2)} ms`,
+        ratio: a[p] === undefined ? '–' : `${fmt(a[p], 1)}× better`,
+        aim: aimText(DEMO_AIMS[p], a[p], '× better'),
+        cpu: `${fmt(on?.cpuPerGb, 2)} both ends (no preempt ${fmt(off?.cpuPerGb, 2)})`,
+      });
+    }
+  }
+  return out;
+}
+
+export function issueTable(lines: readonly IssueLine[]): string {
+  const rows = ['| row | figure | baseline (same run) | ratio | aim | CPU s/GB, source / destination (baseline) |', '|---|---|---|---|---|---|'];
+  for (const l of lines) rows.push(`| ${l.row} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} | ${l.cpu} |`);
   return rows.join('\n');
 }

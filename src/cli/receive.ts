@@ -293,7 +293,8 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
 
   try {
     // The session flushes RAM only when it completes; what a failure leaves must be durable too.
-    if (failure) await sink.flush();
+    // A sink that failed itself (disk full) rejects flush() after syncing what it could: the manifest still says what happened.
+    if (failure) await sink.flush().catch(() => undefined);
     const manifest = await writeSavedVm(out, result);
     report.manifest = manifestSummary(manifest);
   } catch (e) {

@@ -4,10 +4,12 @@ import { PageBitmap } from '../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import { StorageError } from './errors.js';
-import { asBuffer, checkPageRun, checkPageViews, forEachSetRun, type GuestMemorySink } from './memory.js';
+import { asBuffer, checkPageRun, checkPageViews, type GuestMemorySink } from './memory.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 const MiB = 1 << 20;
+/** The largest hole of never-written pages filled with zeros to keep a write whole (64 KiB). */
+const MAX_GAP_PAGES = 16;
 
 /** A block's idstr as a file name ("/rom@etc/acpi/tables" → "%2From%40etc%2Facpi%2Ftables"). */
 export function blockFileName(idstr: string): string {
@@ -51,7 +53,12 @@ export interface DirectorySinkOptions {
   maxInFlightBytes?: number;
   /** Size of a staging buffer, the largest single write. Default 1 MiB (a multiple of the page size, ≤ maxInFlightBytes). */
   writeBytes?: number;
-  /** Writes in flight per file at once (non-overlapping; libuv's thread pool has 4 threads). Default 4. */
+  /**
+   * Writes in flight per file at once (never overlapping). Default 1: writes
+   * to one file serialize on its inode lock anyway, and more of them only
+   * contend for it (bench/sink.bench.ts, same run: 4 per file took twice the
+   * CPU of 1 and was slower). Files are written concurrently.
+   */
   writesPerFile?: number;
   /** File operations (tests). Default node:fs. */
   fs?: DirectorySinkFs;
@@ -139,6 +146,8 @@ export class DirectorySink implements GuestMemorySink {
   private readonly pool: Slab[] = [];
   private failure: StorageError | undefined;
   private closed = false;
+  /** Pages never written right after the open run that ZERO records skipped (see skipZeros). */
+  private gap = 0;
   /** The last block looked up: a destination writes runs of one block after another. */
   private last: BlockFile | undefined;
 
@@ -155,7 +164,7 @@ export class DirectorySink implements GuestMemorySink {
     this.fs = opts.fs ?? NODE_FS;
     this.maxInFlightBytes = opts.maxInFlightBytes ?? 16 * MiB;
     this.writeBytes = opts.writeBytes ?? Math.min(MiB, this.maxInFlightBytes);
-    this.writesPerFile = opts.writesPerFile ?? 4;
+    this.writesPerFile = opts.writesPerFile ?? 1;
     if (!Number.isInteger(this.writeBytes) || this.writeBytes < PAGE || this.writeBytes % PAGE !== 0) {
       throw new RangeError(`DirectorySink: writeBytes ${this.writeBytes} is not a positive multiple of ${PAGE}`);
     }
@@ -213,7 +222,19 @@ export class DirectorySink implements GuestMemorySink {
   zeroPages(block: string, offset: number, count: number): void {
     const f = this.file(block);
     checkPageRun(block, f.length, offset, count);
-    forEachSetRun(f.written, offset / PAGE, count, (p, n) => this.append(f, p * PAGE, n, undefined, 0, PAGE));
+    const end = offset / PAGE + count;
+    for (let p = offset / PAGE; p < end; ) {
+      if (f.written.has(p)) {
+        const n = f.written.runLength(p, end - p);
+        this.append(f, p * PAGE, n, undefined, 0, PAGE); // zeros over what was written, in the same pipeline
+        p += n;
+      } else {
+        const next = f.written.next(p);
+        const n = (next < 0 || next >= end ? end : next) - p;
+        this.skipZeros(f, p * PAGE, n);
+        p += n;
+      }
+    }
   }
 
   /**
@@ -249,8 +270,8 @@ export class DirectorySink implements GuestMemorySink {
   backpressure(): Promise<void> | undefined {
     if (this.failure) return this.rejected(this.failure);
     if (this.counters.bufferedBytes <= this.maxInFlightBytes) return undefined;
-    // The staged run too must go, or what is left might never fall below the mark.
-    this.seal();
+    // The staged run stays open to grow into a whole write: above the bound, sealed writes
+    // are queued or in flight, and their end wakes the promise (settle()).
     if (!this.pressure) {
       let resolve!: () => void;
       let reject!: (e: unknown) => void;
@@ -266,12 +287,15 @@ export class DirectorySink implements GuestMemorySink {
     return this.pressure.promise;
   }
 
-  /** Every write done, then every file fsync'ed. Rejects with the sink's failure. */
+  /**
+   * Every write done, then every file fsync'ed. Rejects with the sink's
+   * failure — after the fsyncs all the same, so that what did reach the
+   * files is durable (a failed `qmt receive` keeps what arrived).
+   */
   async flush(): Promise<void> {
-    this.check();
+    if (this.closed) throw new Error('DirectorySink: used after close()');
     this.seal();
     await this.whenDrained();
-    this.check();
     await Promise.all(this.list.map((f) => this.fsyncFile(f)));
     this.check();
   }
@@ -314,7 +338,30 @@ export class DirectorySink implements GuestMemorySink {
   }
 
   /** Appends `count` pages at file position `pos` (from `src`, or zeros) to the open run, sealing runs as slabs fill. */
+  /**
+   * ZERO records of pages never written: nothing to write (the file is
+   * sparse) — but a small hole right after the staged run is remembered, so
+   * that data after it fills the hole with zeros and the write stays whole
+   * (a guest whose zero and data pages alternate would otherwise cost one
+   * write per page). Larger holes stay holes.
+   */
+  private skipZeros(f: BlockFile, pos: number, n: number): void {
+    const run = this.open;
+    if (run && run.file === f && pos === run.pos + run.len + this.gap * PAGE && this.gap + n <= MAX_GAP_PAGES) this.gap += n;
+    else this.gap = 0;
+  }
+
   private append(f: BlockFile, pos: number, count: number, src: Buffer | undefined, start: number, stride: number): void {
+    if (this.gap > 0) {
+      const g = this.gap;
+      this.gap = 0;
+      const run = this.open;
+      if (run && run.file === f && pos === run.pos + run.len + g * PAGE) {
+        const hole = run.pos + run.len;
+        f.written.setRange(hole / PAGE, g);
+        this.append(f, hole, g, undefined, 0, PAGE);
+      }
+    }
     let i = 0;
     while (i < count) {
       let run = this.open;
@@ -374,6 +421,7 @@ export class DirectorySink implements GuestMemorySink {
     const run = this.open;
     if (!run) return;
     this.open = undefined;
+    this.gap = 0;
     run.file.queue.push(run);
     this.pump();
   }
@@ -403,6 +451,7 @@ export class DirectorySink implements GuestMemorySink {
       if (err || n <= 0) {
         this.fail(new StorageError('write', f.path, run.pos + run.done, err ?? new Error(`short write (${n} of ${run.len - run.done} bytes)`)));
         this.retire(run);
+        this.settle();
         return;
       }
       run.done += n;
@@ -412,7 +461,9 @@ export class DirectorySink implements GuestMemorySink {
         return;
       }
       this.retire(run);
+      // The next write first: settle() must not take a moment between two writes for idleness.
       this.pump();
+      this.settle();
     });
   }
 
@@ -425,19 +476,23 @@ export class DirectorySink implements GuestMemorySink {
     c.inFlightBytes -= run.len;
     c.bufferedBytes -= run.len;
     if (--run.slab.refs === 0) this.release(run.slab);
-    this.settle();
   }
 
-  /** Wakes backpressure() below the low mark (half the bound: one promise per pause, not per write) and flush() when nothing is left. */
+  /**
+   * Wakes backpressure() once the bytes sealed for writing (queued and in
+   * flight; the staged run does not count, it is still growing into a whole
+   * write) are down to half the bound — one promise per pause, not per write —
+   * and flush()/close() once nothing is left.
+   */
   private settle(): void {
     const c = this.counters;
-    // Someone waits for the writes to drain: the staged run must go too, or it never would.
-    if (c.inFlightBytes === 0 && this.open && (this.pressure || this.drained.length > 0)) this.seal();
-    if (this.pressure && c.bufferedBytes <= this.maxInFlightBytes / 2) {
+    if (this.pressure && c.bufferedBytes - (this.open?.len ?? 0) <= this.maxInFlightBytes / 2) {
       const p = this.pressure;
       this.pressure = undefined;
       p.resolve();
     }
+    // Nothing in flight (so nothing queued) and flush() or close() waits: the staged run must go too.
+    if (c.inFlightBytes === 0 && this.open && this.drained.length > 0) this.seal();
     if (c.inFlightBytes === 0 && (c.bufferedBytes === 0 || this.failure)) {
       const waiting = this.drained.splice(0);
       for (const w of waiting) w();
@@ -451,6 +506,7 @@ export class DirectorySink implements GuestMemorySink {
     this.last = undefined;
     const open = this.open;
     this.open = undefined;
+    this.gap = 0;
     const dropped: Run[] = open ? [open] : [];
     for (const f of this.list) dropped.push(...f.queue.splice(0));
     for (const r of dropped) {

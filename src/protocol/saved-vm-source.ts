@@ -127,6 +127,8 @@ export class SavedVmSource implements GuestMemorySource {
   private cursor: { block: Block; k: number } | undefined;
   /** readPage's own batch (a caller without readPages): the rest of a run read synchronously. */
   private syncBatch: { block: Block; pos: number; buf: Buffer } | undefined;
+  /** The run readPage served last. */
+  private lastRun: RunEntry | undefined;
   private last: Block | undefined;
   private closed = false;
   private whenClosedResolve: (() => void) | undefined;
@@ -238,10 +240,14 @@ export class SavedVmSource implements GuestMemorySource {
     checkPageRun(block, b.length, offset, 1);
     const sb = this.syncBatch;
     if (sb && sb.block === b && offset >= sb.pos && offset + PAGE <= sb.pos + sb.buf.length) return this.counted(sb.buf.subarray(offset - sb.pos, offset - sb.pos + PAGE));
+    // The run of the previous page, still in its buffer: no lookup, no read-ahead step per page.
+    const le = this.lastRun;
+    if (le && le.block === b && le.state === 'ready' && offset >= le.pos && offset + PAGE <= le.pos + le.len && (!le.slot || le.slot.entry === le)) return this.handOut(le, offset, PAGE);
     const k = Math.floor(offset / this.runBytes);
     const e = b.runs.get(k);
     if (e && e.state === 'ready') {
       this.cursor = { block: b, k };
+      this.lastRun = e;
       const v = this.handOut(e, offset, PAGE);
       this.prefetch();
       return v;
@@ -462,6 +468,7 @@ export class SavedVmSource implements GuestMemorySource {
     this.last = undefined;
     this.slots.length = 0;
     this.syncBatch = undefined;
+    this.lastRun = undefined;
     let left = files.length;
     for (const f of files) {
       this.fs.close(f.fd, () => {

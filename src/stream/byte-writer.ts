@@ -8,6 +8,8 @@
  */
 export class ByteWriter {
   private slab: Buffer;
+  /** Over `slab`, for the page headers of writePages. */
+  private slabView: DataView;
   private slabStart = 0; // start of the part of the slab not yet cut into a piece
   private pos = 0;
   private pieces: Uint8Array[] = [];
@@ -15,6 +17,7 @@ export class ByteWriter {
 
   constructor(private readonly slabSize = 64 * 1024) {
     this.slab = Buffer.allocUnsafe(slabSize);
+    this.slabView = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.length);
   }
 
   /** Bytes written since the last `take()`. */
@@ -26,6 +29,7 @@ export class ByteWriter {
     if (this.pos + n <= this.slab.length) return;
     this.cut();
     this.slab = Buffer.allocUnsafe(Math.max(this.slabSize, n));
+    this.slabView = new DataView(this.slab.buffer, this.slab.byteOffset, this.slab.length);
     this.slabStart = 0;
     this.pos = 0;
   }
@@ -66,6 +70,20 @@ export class ByteWriter {
     }
     this.pos += 8;
     return this;
+  }
+  /**
+   * The header of a page record sent with CONTINUE: `v` (offset | flags, below
+   * 2^53) as a be64, and for a ZERO record its fill byte. The per-page step of
+   * writePages, in one bounds check.
+   */
+  pageHead(v: number, zero: boolean): void {
+    const n = zero ? 9 : 8;
+    if (this.pos + n > this.slab.length) this.reserve(n);
+    const at = this.pos;
+    this.slabView.setUint32(at, Math.floor(v / 0x1_0000_0000));
+    this.slabView.setUint32(at + 4, v >>> 0);
+    if (zero) this.slab[at + 8] = 0;
+    this.pos = at + n;
   }
   /** Copies small byte strings (names, short payloads) into the slab. */
   raw(bytes: Uint8Array): this {

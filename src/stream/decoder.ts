@@ -89,6 +89,7 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
   private sections = new Map<number, Section>();
   private startedIds = new Set<number>();
   private current: (Section & { kind: SectionKind }) | undefined;
+  private currentContext: { of: Section; context: SectionContext } | undefined;
   /** RAM blocks announced by the block list; shared with the preempt channel's parser. */
   ramBlocks: Map<string, KnownBlock>;
   ramFormat: RamFormat;
@@ -204,9 +205,12 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
     return out;
   }
 
+  /** Made once per section, not per record: the RAM parser takes it for every record it parses. */
   private sectionContext(): SectionContext | undefined {
     const c = this.current;
-    return c && { sectionId: c.sectionId, idstr: c.idstr, instanceId: c.instanceId };
+    if (!c) return undefined;
+    if (this.currentContext?.of !== c) this.currentContext = { of: c, context: { sectionId: c.sectionId, idstr: c.idstr, instanceId: c.instanceId } };
+    return this.currentContext.context;
   }
 
   private describeState(): string {

@@ -297,20 +297,46 @@ export class RamRecordWriter {
    */
   writePages(w: ByteWriter, blocks: ReadonlyMap<string, KnownBlock>, block: string, offset: number, count: number, data: Uint8Array, start: number): { normal: number; zero: number } {
     checkPages(blocks, block, offset, count, data, start);
-    let cont = this.continueMode !== 'never' && this.lastBlock === block;
+    const never = this.continueMode === 'never';
+    let cont = !never && this.lastBlock === block;
     let normal = 0;
-    let p = start;
-    const end = offset + count * TARGET_PAGE_SIZE;
-    for (let o = offset; o < end; o += TARGET_PAGE_SIZE, p += TARGET_PAGE_SIZE) {
-      const zero = isZeroAt(data, p);
-      w.be64(o + (zero ? RamFlag.ZERO : RamFlag.PAGE) + (cont ? RamFlag.CONTINUE : 0));
-      if (!cont) w.str8(block);
-      if (zero) w.u8(0);
+    const dataEnd = start + count * TARGET_PAGE_SIZE;
+    // Pages before `zeroEnd` are known zero (one compare over a span of them);
+    // no span is tried before `noSpanEnd` (a span that failed: page by page there).
+    let zeroEnd = -1;
+    let noSpanEnd = -1;
+    let o = offset;
+    for (let p = start; p < dataEnd; p += TARGET_PAGE_SIZE, o += TARGET_PAGE_SIZE) {
+      let zero: boolean;
+      if (p < zeroEnd) zero = true;
+      else if (data[p] !== 0 || data[p + TARGET_PAGE_SIZE - 1] !== 0) zero = false;
       else {
+        // Zero pages come in stretches: probe the next pages' end bytes and
+        // compare all that pass at once (one native call for up to 64 KiB).
+        let k = 1;
+        if (p >= noSpanEnd) {
+          const most = Math.min(ZERO_SPAN_PAGES, (dataEnd - p) / TARGET_PAGE_SIZE);
+          while (k < most && data[p + k * TARGET_PAGE_SIZE] === 0 && data[p + (k + 1) * TARGET_PAGE_SIZE - 1] === 0) k++;
+        }
+        if (k > 1 && ZERO_SPAN.compare(data, p, p + k * TARGET_PAGE_SIZE, 0, k * TARGET_PAGE_SIZE) === 0) {
+          zeroEnd = p + k * TARGET_PAGE_SIZE;
+          zero = true;
+        } else {
+          if (k > 1) noSpanEnd = p + k * TARGET_PAGE_SIZE;
+          zero = ZERO_SPAN.compare(data, p, p + TARGET_PAGE_SIZE, 0, TARGET_PAGE_SIZE) === 0;
+        }
+      }
+      if (cont) {
+        w.pageHead(o + (zero ? RamFlag.ZERO | RamFlag.CONTINUE : RamFlag.PAGE | RamFlag.CONTINUE), zero);
+      } else {
+        w.be64(o + (zero ? RamFlag.ZERO : RamFlag.PAGE)).str8(block);
+        if (zero) w.u8(0);
+        cont = !never;
+      }
+      if (!zero) {
         w.view(data.subarray(p, p + TARGET_PAGE_SIZE));
         normal++;
       }
-      cont = this.continueMode !== 'never';
     }
     this.lastBlock = block;
     return { normal, zero: count - normal };
@@ -413,12 +439,9 @@ export function checkPages(blocks: ReadonlyMap<string, KnownBlock>, block: strin
 }
 
 const ZERO_PAGE = Buffer.alloc(TARGET_PAGE_SIZE);
-
-/** isZeroPage for the page at `data[p, p + 4096)`, compared in place (no view made). */
-export function isZeroAt(data: Uint8Array, p: number): boolean {
-  if (data[p] !== 0 || data[p + TARGET_PAGE_SIZE - 1] !== 0) return false;
-  return ZERO_PAGE.compare(data, p, p + TARGET_PAGE_SIZE) === 0;
-}
+/** Zero pages compared at once by writePages, at most. */
+const ZERO_SPAN_PAGES = 16;
+const ZERO_SPAN = Buffer.alloc(ZERO_SPAN_PAGES * TARGET_PAGE_SIZE);
 /**
  * True when a page is all zero bytes (sent as a 9-byte ZERO record instead of
  * 4 KiB). The two byte probes reject most non-zero pages without a call; the

@@ -13,6 +13,10 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { DirectorySink, blockFileName, type DirectorySinkFs } from '../../src/protocol/directory-sink.js';
 import { MigrationError, StorageError } from '../../src/protocol/errors.js';
 import { InMemorySink } from '../../src/protocol/memory.js';
+import { DestinationSession } from '../../src/protocol/destination.js';
+import { InMemorySource } from '../../src/protocol/memory-source.js';
+import { SourceSession } from '../../src/protocol/source.js';
+import { rejection } from '../support/rejection.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const PAGE = 4096;
@@ -78,15 +82,15 @@ function heldFs(rand: () => number) {
 }
 
 type Op =
-  | { op: 'write'; b: number; page: number; count: number; stride: number; start: number; tag: number }
-  | { op: 'zero'; b: number; page: number; count: number }
+  | { op: 'write'; b: number; page: number; count: number; stride: number; start: number; tag: number; seq: boolean }
+  | { op: 'zero'; b: number; page: number; count: number; seq: boolean }
   | { op: 'read'; b: number; page: number }
   | { op: 'step' }
   | { op: 'pressure' };
 
 const opArb: fc.Arbitrary<Op> = fc.oneof(
-  { weight: 5, arbitrary: fc.record({ op: fc.constant('write' as const), b: fc.nat(2), page: fc.nat(47), count: fc.integer({ min: 1, max: 12 }), stride: fc.constantFrom(PAGE, PAGE + 28, 2 * PAGE), start: fc.nat(40), tag: fc.nat(1000) }) },
-  { weight: 2, arbitrary: fc.record({ op: fc.constant('zero' as const), b: fc.nat(2), page: fc.nat(47), count: fc.integer({ min: 1, max: 10 }) }) },
+  { weight: 5, arbitrary: fc.record({ op: fc.constant('write' as const), b: fc.nat(2), page: fc.nat(47), count: fc.integer({ min: 1, max: 12 }), stride: fc.constantFrom(PAGE, PAGE + 28, 2 * PAGE), start: fc.nat(40), tag: fc.nat(1000), seq: fc.boolean() }) },
+  { weight: 3, arbitrary: fc.record({ op: fc.constant('zero' as const), b: fc.nat(2), page: fc.nat(47), count: fc.integer({ min: 1, max: 10 }), seq: fc.boolean() }) },
   { weight: 2, arbitrary: fc.record({ op: fc.constant('read' as const), b: fc.nat(2), page: fc.nat(47) }) },
   { weight: 2, arbitrary: fc.constant({ op: 'step' as const }) },
   { weight: 1, arbitrary: fc.constant({ op: 'pressure' as const }) },
@@ -118,9 +122,16 @@ describe('DirectorySink', () => {
         const model = new InMemorySink();
         sink.setBlocks(BLOCKS);
         model.setBlocks(BLOCKS);
+        // `seq`: the op goes on where the previous write or zero of its block ended, as a stream does.
+        const after = [0, 0, 0];
+        const place = (o: { b: number; page: number; count: number; seq: boolean }): { offset: number; count: number } => {
+          const r = clip(o.b, o.seq ? after[o.b]! : o.page, o.count);
+          after[o.b] = (r.offset / PAGE + r.count) % (BLOCKS[o.b]!.length / PAGE);
+          return r;
+        };
         for (const o of ops) {
           if (o.op === 'write') {
-            const { offset, count } = clip(o.b, o.page, o.count);
+            const { offset, count } = place(o);
             const data = Buffer.alloc(o.start + count * o.stride, 0xee);
             for (let i = 0; i < count; i++) pageOf(o.tag + i).copy(data, o.start + i * o.stride);
             const block = BLOCKS[o.b]!.idstr;
@@ -134,7 +145,7 @@ describe('DirectorySink', () => {
             }
             data.fill(0x55); // the views are valid only during the call
           } else if (o.op === 'zero') {
-            const { offset, count } = clip(o.b, o.page, o.count);
+            const { offset, count } = place(o);
             const block = BLOCKS[o.b]!.idstr;
             if (count === 1) {
               sink.zeroPage(block, offset);
@@ -174,7 +185,7 @@ describe('DirectorySink', () => {
         expect(st.fsyncs).toBe(BLOCKS.length);
         await sink.close();
       }),
-      { numRuns: 150 },
+      { numRuns: 200 },
     );
   });
 
@@ -200,6 +211,76 @@ describe('DirectorySink', () => {
     for (let p = 0; p < pages; p++) expect(data.readUInt32LE(p * PAGE)).toBe(p);
     expect(data.subarray(pages * PAGE).every((b) => b === 0)).toBe(true);
     expect(fs.statSync(file).blocks * 512, 'sparse: the zero half takes no space').toBeLessThanOrEqual(pages * PAGE + (1 << 20));
+    await sink.close();
+  });
+
+  it('under backpressure the writes stay whole: a 16 MiB stream against a 2 MiB bound is 16 writes of 1 MiB', async () => {
+    const sink = new DirectorySink(freshDir(), { maxInFlightBytes: 2 << 20 });
+    sink.setBlocks([{ idstr: 'pc.ram', length: 16 << 20 }]);
+    const chunk = Buffer.alloc(64 * PAGE, 9);
+    for (let off = 0; off < 16 << 20; off += chunk.length) {
+      sink.writePages('pc.ram', off, 64, chunk, 0, PAGE);
+      const bp = sink.backpressure();
+      if (bp) await bp;
+    }
+    await sink.flush();
+    const st = sink.stats();
+    expect(st.pauses).toBeGreaterThan(0);
+    expect(st.writes).toBe(16);
+    expect(st.peakInFlightBytes).toBeLessThanOrEqual(2 << 20);
+    await sink.close();
+  });
+
+  it('zero and data pages alternating: small holes are filled so that writes stay whole; a long run of zero pages stays a hole', async () => {
+    const dir = freshDir();
+    const sink = new DirectorySink(dir);
+    const pages = 2048;
+    sink.setBlocks([{ idstr: 'pc.ram', length: 2 * pages * PAGE }]);
+    const model = new InMemorySink();
+    model.setBlocks([{ idstr: 'pc.ram', length: 2 * pages * PAGE }]);
+    for (let p = 0; p < pages; p++) {
+      // Data, then 1, 2 or 3 zero pages: as a guest with sparse data in the first half.
+      if (p % 4 === 0) {
+        sink.writePage('pc.ram', p * PAGE, pageOf(p));
+        model.writePage('pc.ram', p * PAGE, pageOf(p));
+      } else if (p % 4 === 1) {
+        sink.zeroPage('pc.ram', p * PAGE);
+        model.zeroPage('pc.ram', p * PAGE);
+      } else if (p % 4 === 2) {
+        sink.zeroPages('pc.ram', p * PAGE, 2);
+        model.zeroPages('pc.ram', p * PAGE, 2);
+        p++;
+      }
+    }
+    sink.zeroPages('pc.ram', pages * PAGE, pages); // the second half: one long run of zero pages
+    model.zeroPages('pc.ram', pages * PAGE, pages);
+    await sink.flush();
+    const st = sink.stats();
+    expect(st.writes, `${st.writes} writes for ${pages / 4} data pages`).toBeLessThanOrEqual(Math.ceil((pages * PAGE) / sink.writeBytes) + 1);
+    const file = join(dir, blockFileName('pc.ram'));
+    expect(readFileSync(file).equals(model.blocks.get('pc.ram')!)).toBe(true);
+    expect(fs.statSync(file).blocks * 512, 'the zero half stays a hole').toBeLessThanOrEqual(pages * PAGE + (1 << 20));
+    await sink.close();
+  });
+
+  it('a hole is filled only with pages never written right after the staged run: a written page there keeps its bytes', async () => {
+    const dir = freshDir();
+    const sink = new DirectorySink(dir);
+    sink.setBlocks([{ idstr: 'pc.ram', length: 64 * PAGE }]);
+    // Page 4 is written, then the staged run is page 3 (ending where page 4 begins); a ZERO
+    // elsewhere is no hole after it, so page 5 must not fill page 4 with zeros.
+    for (const [p, tag] of [[4, 1], [10, 2], [3, 3]] as const) sink.writePage('pc.ram', p * PAGE, pageOf(tag));
+    sink.zeroPage('pc.ram', 30 * PAGE);
+    sink.writePage('pc.ram', 5 * PAGE, pageOf(4));
+    // And a real hole: pages 6 and 7 never written, ZERO, then data at 8: one write of 5..8.
+    sink.zeroPages('pc.ram', 6 * PAGE, 2);
+    sink.writePage('pc.ram', 8 * PAGE, pageOf(5));
+    await sink.flush();
+    const f = readFileSync(join(dir, blockFileName('pc.ram')));
+    const expected = Buffer.alloc(64 * PAGE);
+    for (const [p, tag] of [[4, 1], [10, 2], [3, 3], [5, 4], [8, 5]] as const) pageOf(tag).copy(expected, p * PAGE);
+    expect(f.equals(expected)).toBe(true);
+    expect(sink.stats().writes, 'pages 4, 10, 3, then 5..8 as one').toBe(4);
     await sink.close();
   });
 
@@ -289,6 +370,7 @@ describe('DirectorySink', () => {
     expect(() => sink.readPage('pc.ram', 0)).toThrow(StorageError);
     await expect(sink.backpressure()).rejects.toBe(e);
     await expect(sink.flush()).rejects.toBe(e);
+    expect(sink.stats().fsyncs, 'flush still syncs what reached the files').toBe(BLOCKS.length);
     const me = MigrationError.from(e, 'postcopy');
     expect(me).toMatchObject({ code: 'storage', kind: 'storage', phase: 'postcopy', cause: e });
     await sink.close(); // does not reject for a failure flush() reported
@@ -344,6 +426,57 @@ describe('DirectorySink', () => {
     expect(readdirSync('/proc/self/fd').length).toBe(fds);
     expect(await leftAfter(before, 500)).toEqual([]);
     expect(() => sink.writePage('pc.ram', 0, pageOf(0))).toThrow(/after close/);
+  });
+});
+
+describe('DirectorySink under a DestinationSession', () => {
+  const MiB = 1 << 20;
+  function guest(bytes: number): InMemorySource {
+    const buf = Buffer.alloc(bytes);
+    // Data in every other page; the rest zero (ZERO records, sparse in the file).
+    for (let off = 0; off < bytes; off += 2 * PAGE) pageOf(off / PAGE).copy(buf, off);
+    return new InMemorySource(new Map([['pc.ram', buf]]));
+  }
+
+  it('a library migration into a DirectorySink: once done, the file equals the source memory byte for byte, nothing left open', async () => {
+    const before = resourceSnapshot();
+    const dir = freshDir();
+    const sink = new DirectorySink(dir);
+    const memory = guest(8 * MiB);
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink });
+    const src = new SourceSession({ to: dst.uri, memory, machineType: 'pc-q35-10.0', devices: [] });
+    src.start();
+    await Promise.all([src.done, dst.done]);
+    await sink.close();
+    expect(readFileSync(join(dir, blockFileName('pc.ram'))).equals(memory.memory.get('pc.ram')!)).toBe(true);
+    expect(sink.stats().writes, 'coalesced: far fewer writes than pages').toBeLessThan(8 * MiB / PAGE / 8);
+    expect(await leftAfter(before, 4000)).toEqual([]);
+  });
+
+  it('disk full under a DestinationSession: done rejects with MigrationError storage whose cause names the file; no hang, nothing left open', async () => {
+    const before = resourceSnapshot();
+    let written = 0;
+    const io: DirectorySinkFs = {
+      ...nodeFsOps(),
+      write: (fd, b, o, l, p, cb) => {
+        if (written + l > 2 * MiB) return setImmediate(() => cb(Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' }), 0));
+        written += l;
+        fs.write(fd, b, o, l, p, cb);
+      },
+    };
+    const sink = new DirectorySink(freshDir(), { fs: io });
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink });
+    const src = new SourceSession({ to: dst.uri, memory: guest(16 * MiB), machineType: 'pc-q35-10.0', devices: [] });
+    src.start();
+    const e = await rejection(dst.done);
+    expect(e).toBeInstanceOf(MigrationError);
+    expect(e).toMatchObject({ code: 'storage', kind: 'storage' });
+    expect(e.cause).toBeInstanceOf(StorageError);
+    expect((e.cause as StorageError).file).toMatch(/pc\.ram\.bin$/);
+    expect(e.message).toMatch(/write of .*pc\.ram\.bin at byte 0x[0-9a-f]+ failed: ENOSPC/);
+    await src.done.catch(() => undefined);
+    await sink.close();
+    expect(await leftAfter(before, 4000)).toEqual([]);
   });
 });
 

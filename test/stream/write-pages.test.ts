@@ -77,7 +77,7 @@ function play(blocks: readonly RamBlockInfo[], ops: readonly Op[], batch: Writer
         const b = blocks[o.block % blocks.length]!;
         const pages = b.length / PAGE;
         const first = o.first % pages;
-        const count = 1 + ((o.count - 1) % (pages - first));
+        const count = Math.min(o.count, pages - first);
         const data = new Uint8Array(o.pad + count * PAGE + 5).fill(0xcc);
         for (let i = 0; i < count; i++) fillPage(data, o.pad + i * PAGE, o.kinds[i]!, o.seed + i);
         const got = batch.writePages(b.idstr, first * PAGE, count, data, o.pad);
@@ -183,6 +183,24 @@ describe('writePages', () => {
         const got = d.push(out.batch);
         d.end();
         expect(got.filter((r) => r.type === 'ram-zero').length).toBeGreaterThanOrEqual(out.zero);
+      }),
+      { numRuns: 200 },
+    );
+  });
+
+  it('long batches: zero stretches longer than one compare, broken by pages zero only at their ends', () => {
+    fc.assert(
+      fc.property(fc.array(fc.tuple(fc.constantFrom<PageKind>(0, 1, 2, 3), fc.integer({ min: 1, max: 40 })), { minLength: 1, maxLength: 8 }), fc.nat(255), (stretches, seed) => {
+        const kinds = stretches.flatMap(([k, n]) => Array.from({ length: n }, () => k));
+        const blocks = [{ idstr: 'pc.ram', length: kinds.length * PAGE }];
+        const ops: Op[] = [{ op: 'pages', block: 0, first: 0, count: kinds.length, kinds, pad: 3, seed }];
+        const a = new StreamEncoder();
+        const b = new StreamEncoder();
+        a.writeAll(mainPrelude(blocks));
+        b.writeAll(mainPrelude(blocks));
+        const out = play(blocks, ops, a as unknown as Writer, b as unknown as Writer, true);
+        expect(out.batch.equals(out.single)).toBe(true);
+        expect(out.zero).toBe(kinds.filter((k) => k === 0).length);
       }),
       { numRuns: 200 },
     );

@@ -1,0 +1,60 @@
+/**
+ * The aims of issue 12 ("the page path at memory speed") and the per-GB CPU
+ * figures, computed from the parts' data: shared by the parts (their own
+ * sections) and bench/lib/summary.ts (the report's summary), which must not
+ * import a part's script (each runs itself when loaded).
+ */
+import type { Variant as BulkVariant } from '../bulk.bench.js';
+import type { DemoData } from '../demo.bench.js';
+import type { Kind, SavedData, SavedRow } from '../saved.bench.js';
+import { median, ratio } from './stats.js';
+
+export const SAVED_LABEL: Record<SavedRow, string> = {
+  'qemu-qemu': 'QEMU → QEMU',
+  'qemu-receive': 'QEMU → `qmt receive` (saved VM, durable)',
+  'file-save': "QEMU's own `migrate file:` + fsync",
+  'send-qemu': '`qmt send` (saved VM) → QEMU',
+  'file-restore': "QEMU's own `migrate-incoming file:`",
+};
+
+/** The aims of issue 12, as ratios of medians: [row, kind, baseline row, baseline kind, at least]. */
+export const SAVED_AIMS: readonly [SavedRow, Kind, SavedRow, Kind, number][] = [
+  ['qemu-receive', 'plain', 'qemu-qemu', 'plain', 2],
+  ['qemu-receive', 'tls', 'qemu-qemu', 'tls', 1],
+  ['qemu-receive', 'plain', 'file-save', 'plain', 0.7],
+  ['send-qemu', 'plain', 'qemu-qemu', 'plain', 1],
+  ['send-qemu', 'tls', 'qemu-qemu', 'tls', 1],
+  ['send-qemu', 'plain', 'file-restore', 'plain', 0.7],
+];
+
+export function savedAims(d: SavedData): { what: string; figure: number | undefined; baseline: number | undefined; ratio: number | undefined; aim: number; met: boolean | undefined }[] {
+  const m = (row: SavedRow, kind: Kind): number | undefined => d.variants.find((v) => v.row === row && v.kind === kind)?.stats?.median;
+  return SAVED_AIMS.map(([row, kind, base, bkind, aim]) => {
+    const a = m(row, kind);
+    const b = m(base, bkind);
+    const r = ratio(a, b);
+    return { what: `${SAVED_LABEL[row]}, ${kind === 'tls' ? 'TLS' : 'plain'} vs ${SAVED_LABEL[base]}${base === 'qemu-qemu' ? `, ${bkind === 'tls' ? 'TLS' : 'plain'}` : ''}`, figure: a, baseline: b, ratio: r, aim, met: r === undefined ? undefined : r >= aim };
+  });
+}
+
+/** Core-seconds per GB of guest RAM at each end, median over the runs. */
+export function bulkCpuPerGb(v: BulkVariant, guestBytes: number): { source?: number; dest?: number } {
+  const gb = guestBytes / 1e9;
+  const med = (xs: (number | undefined)[]): number | undefined => median(xs.filter((x): x is number => x !== undefined).map((x) => x / gb));
+  const source = med(v.runs.map((r) => r.cpuSeconds?.source));
+  const dest = med(v.runs.map((r) => r.cpuSeconds?.dest));
+  return { ...(source !== undefined ? { source } : {}), ...(dest !== undefined ? { dest } : {}) };
+}
+
+/** Aim of issue 12: library → library at least this fraction of the raw socket pair of the same kind. */
+export const BULK_AIM_VS_RAW = 0.8;
+
+/** Aims of issue 12: preempt this many times better than without, at p50 and p99. */
+export const DEMO_AIMS = { p50: 20, p99: 10 } as const;
+
+export function demoAims(d: DemoData): { p50: number | undefined; p99: number | undefined } {
+  const on = d.variants.find((v) => v.preempt);
+  const off = d.variants.find((v) => !v.preempt);
+  return { p50: ratio(off?.p50?.median, on?.p50?.median), p99: ratio(off?.p99?.median, on?.p99?.median) };
+}
+
