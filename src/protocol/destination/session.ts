@@ -140,6 +140,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     // Rejects only when the listener is closed, i.e. when the session is over.
     this.listener.accept().then(
       (conn) => {
+        if (this.state.kind !== 'setup') {
+          conn.destroy(); // ended meanwhile (accept timeout, signal, close)
+          return;
+        }
         clearTimeout(this.acceptTimer);
         const decoder = new StreamDecoder({ pageRuns: true });
         this.header = decoder;
