@@ -196,7 +196,9 @@ function checkRam(o: Observed): void {
   const st = o.result.stats;
   expect(st.runs.pages, 'pages landed in runs').toBe(st.normal + st.duplicate + st.xbzrle);
   console.log(`[destination runs] ${o.mode}${o.tls ? ' over TLS' : ''}: ${st.runs.pages} pages in ${st.runs.count} runs (${(st.runs.pages / st.runs.count).toFixed(1)} per run)`);
-  expect(st.runs.pages / st.runs.count, 'pages per run').toBeGreaterThan(2);
+  // Over TLS QEMU sends every iovec as a TLS record of its own (a page header, then the page), so
+  // a data page never lies whole in one chunk with its neighbours: only zero pages make runs there.
+  expect(st.runs.pages / st.runs.count, 'pages per run').toBeGreaterThan(o.tls ? 1 : 2);
 
   // Every block, byte for byte (including pc.ram under the VGA window and the ROM blocks).
   for (const sb of o.sourceBlocks) {
