@@ -234,6 +234,11 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
   }
 }
 
+/** `preempt 12, main (in flight) 3, main (no preempt) 0`: the per-reason counts of SourceStats['requests-answered']. */
+export function formatAnswered(a: SourceStats['requests-answered']): string {
+  return `preempt ${a.preempt}, main (already in flight) ${a['main-in-flight']}, main (no preempt channel) ${a['main-no-preempt']}`;
+}
+
 export function formatDemoReport(r: DemoReport): string {
   const ms = (us: number) => `${(us / 1000).toFixed(2)} ms`;
   return [
@@ -244,10 +249,8 @@ export function formatDemoReport(r: DemoReport): string {
     `downtime        ${r.downtimeMs ?? '-'} ms (source stop → destination running)`,
     `faults          ${r.faults.count}${r.faults.count ? `: p50 ${ms(r.faults.p50)}, p99 ${ms(r.faults.p99)}, max ${ms(r.faults.max)}` : ''}`,
     `bytes           main ${r.bytes.main}, preempt ${r.bytes.preempt}, return path ${r.bytes.returnPath}`,
-    // Why preempt may carry nothing: the requested pages had already left on main, queued ahead of the request.
-    ...(r.preempt && r.postcopy && r.source['requested-pages-already-sent'] > 0
-      ? [`requests        ${r.source['postcopy-requests']} sent; ${r.source['requested-pages-already-sent']} requested page(s) had already been queued on main, so they came that way`]
-      : []),
+    // Which channel answered each requested page, and why (a page already handed to main before its request is not sent again).
+    ...(r.postcopy && r.source['postcopy-requests'] > 0 ? [`requests        ${r.source['postcopy-requests']} sent; answered: ${formatAnswered(r.source['requests-answered'])}`] : []),
     `memory          ${r.memoryIdentical ? 'identical at both ends (bit for bit)' : 'DIFFERS'}`,
   ].join('\n');
 }

@@ -52,6 +52,10 @@ export interface ChannelJson {
   queuedBytes: number;
   peakQueuedBytes: number;
   maxQueuedBytes: number;
+  /** The pull-based bulk window (main). */
+  bulkWindowBytes: number;
+  /** Times the bulk producer waited for room below the window. */
+  bulkWaits: number;
   /** Times a send had to wait for room. */
   writeWaits: number;
   /** Times reading paused for a busy consumer. */
@@ -80,6 +84,8 @@ export function channelJson(c: ChannelStats): ChannelJson {
     queuedBytes: c.queuedBytes,
     peakQueuedBytes: c.peakQueuedBytes,
     maxQueuedBytes: c.maxQueuedBytes,
+    bulkWindowBytes: c.bulkWindowBytes,
+    bulkWaits: c.bulkWaits,
     writeWaits: c.writeWaits,
     readPauses: c.readPauses,
     tuning: {
@@ -160,6 +166,8 @@ export interface SourceStatsJson {
   passes: number;
   dirtySyncCount: number;
   postcopyRequests: number;
+  /** Requested pages by the channel that answered and why (SourceStats['requests-answered']). */
+  requestsAnswered: { preempt: number; mainInFlight: number; mainNoPreempt: number };
   /** Request arrival → last byte of the page handed to the kernel. */
   postcopyLatency: LatencyJson;
   recoveries: number;
@@ -179,6 +187,7 @@ export function sourceStatsJson(s: SourceStats): SourceStatsJson {
     passes: s.passes,
     dirtySyncCount: s['dirty-sync-count'],
     postcopyRequests: s['postcopy-requests'],
+    requestsAnswered: { preempt: s['requests-answered'].preempt, mainInFlight: s['requests-answered']['main-in-flight'], mainNoPreempt: s['requests-answered']['main-no-preempt'] },
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
     channels: channelsJson(s.channels),

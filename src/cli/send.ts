@@ -361,7 +361,8 @@ export function formatSendSummary(r: SendReport): string[] {
   if (r.postcopy) {
     const l = st['postcopy-latency'];
     lines.push(
-      `postcopy: ${st['postcopy-requests']} page requests, ${r.answered.preempt} answered on the preempt channel, ${r.answered.main} on the main channel` +
+      `postcopy: ${st['postcopy-requests']} page requests, ${r.answered.preempt} answered on the preempt channel, ${r.answered.main} on the main channel ` +
+        `(${st['requests-answered']['main-in-flight']} already in flight there, ${st['requests-answered']['main-no-preempt']} with no preempt channel)` +
         (l.count ? `; latency p50 ${formatMicros(l.p50)}, p90 ${formatMicros(l.p90)}, p99 ${formatMicros(l.p99)}, max ${formatMicros(l.max)}` : ''),
     );
   }

@@ -31,6 +31,8 @@ export interface TapCommandReport {
   to: string;
   /** One per main connection: the migration, then any postcopy recovery. */
   sessions: TapReport[];
+  /** Connections dropped before they became a channel (a probe, an HTTP request, a client of another CA …): how many, and the latest 100. */
+  strangers: { count: number; latest: Array<{ reason: string; code: string; message: string; remote?: string }> };
   error?: { code: string; message: string };
 }
 
@@ -65,7 +67,7 @@ export async function runTapCommand(o: TapCommandOptions, io: TapCommandIo): Pro
       ...(o.tlsHostname ? { tlsHostname: o.tlsHostname } : {}),
     });
   } catch (e) {
-    return { ok: false, listen: null, to: o.to, sessions: [], error: describe(e) };
+    return { ok: false, listen: null, to: o.to, sessions: [], strangers: { count: 0, latest: [] }, error: describe(e) };
   }
   log(`tap listening on ${tap.uri}, relaying to ${tap.to}${o.tlsIn ? ' (TLS from the source)' : ''}${o.tlsOut ? ' (TLS to the destination)' : ''}`);
   tap.on('session', ({ session }) => log(`session ${session}: main connection`));
@@ -75,6 +77,7 @@ export async function runTapCommand(o: TapCommandOptions, io: TapCommandIo): Pro
   });
   tap.on('parse-error', (e) => log(`session ${e.session}: cannot parse the ${e.direction} direction any further (${e.error.code} at byte ${e.error.offset}: ${e.error.message}); still forwarding`));
   tap.on('error', (e) => log(`${e.code}${e.channel ? ` (${e.channel} channel)` : ''}: ${e.message}`));
+  tap.on('stranger', (ev) => log(`stranger${ev.remote ? ` from ${ev.remote}` : ''} dropped (${ev.reason}): ${ev.error.describe()}`));
   io.onListening?.(tap);
 
   const done = new Promise<void>((resolve) => {
@@ -88,7 +91,12 @@ export async function runTapCommand(o: TapCommandOptions, io: TapCommandIo): Pro
   await done;
   const sessions = await tap.close();
   const last = sessions[sessions.length - 1];
-  const report: TapCommandReport = { ok: last?.complete ?? false, listen: tap.uri, to: tap.to, sessions };
+  const dropped = tap.strangers();
+  const strangers = {
+    count: dropped.count,
+    latest: dropped.latest.map((ev) => ({ reason: ev.reason, code: ev.error.code, message: ev.error.message, ...(ev.remote ? { remote: ev.remote } : {}) })),
+  };
+  const report: TapCommandReport = { ok: last?.complete ?? false, listen: tap.uri, to: tap.to, sessions, strangers };
   if (o.json) io.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
   return report;
 }
@@ -171,7 +179,7 @@ export function registerTapCommand(program: Command): Command {
 
 /** The fields of `qmt tap --json` after the envelope (README "JSON output"); TapReport names its units. */
 export function tapJson(r: TapCommandReport): Omit<TapCommandReport, 'ok' | 'error'> {
-  return { listen: r.listen, to: r.to, sessions: r.sessions };
+  return { listen: r.listen, to: r.to, sessions: r.sessions, strangers: r.strangers };
 }
 
 const devNull: NodeJS.WritableStream = new Writable({ write: (_c, _e, cb) => cb() });

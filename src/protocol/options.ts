@@ -63,6 +63,8 @@ export function checkTransport(t: TransportOptions | undefined, option = 'transp
     if (c === undefined) continue;
     checkNumber(c.maxQueuedBytes, `${option}.${role}.maxQueuedBytes`, { min: 1 });
     checkNumber(c.socketBufferBytes, `${option}.${role}.socketBufferBytes`);
+    checkNumber(c.bulkWindowBytes, `${option}.${role}.bulkWindowBytes`, { min: 1 });
+    checkNumber(c.postcopyNotSentLowat, `${option}.${role}.postcopyNotSentLowat`);
   }
   if (t.tls !== undefined && (typeof t.tls !== 'object' || t.tls === null || typeof t.tls.dir !== 'string')) {
     throw usageError('type', 'bad-option', `${option}.tls.dir`, `${option}.tls.dir must be the path of a credentials directory`);

@@ -7,9 +7,12 @@
  */
 export class ByteQueue {
   private chunks: Uint8Array[] = [];
-  /** The first chunk and a DataView over it, cached because nearly every read hits it. */
+  /**
+   * The first chunk, which nearly every read hits. Multi-byte fields are read
+   * byte by byte rather than through a DataView: a DataView per chunk (and
+   * per merged record) was an allocation per socket read.
+   */
   private head: Uint8Array = EMPTY;
-  private headView: DataView = new DataView(EMPTY.buffer);
   private headPos = 0;
   private buffered = 0;
   /** Absolute stream offset of the next unconsumed byte. */
@@ -59,8 +62,12 @@ export class ByteQueue {
       if (filled === n) {
         // One splice for all the chunks merged: a shift() per chunk is quadratic in
         // their number (a record that arrived in many small pieces).
+        // (The usual case, one next chunk, without splice's array of the removed.)
         const leftover = piece.subarray(take);
-        if (leftover.length > 0) this.chunks.splice(0, used, leftover);
+        if (leftover.length > 0) {
+          if (used === 1) this.chunks[0] = leftover;
+          else this.chunks.splice(0, used, leftover);
+        } else if (used === 1) this.chunks.shift();
         else this.chunks.splice(0, used);
         break;
       }
@@ -77,26 +84,26 @@ export class ByteQueue {
   get pos(): number {
     return this.headPos;
   }
-  get view(): DataView {
-    return this.headView;
-  }
 
   u8(at: number): number {
     return this.head[this.headPos + at] as number;
   }
   be16(at: number): number {
-    return this.headView.getUint16(this.headPos + at);
+    const h = this.head;
+    const p = this.headPos + at;
+    return ((h[p] as number) << 8) | (h[p + 1] as number);
   }
   be32(at: number): number {
-    return this.headView.getUint32(this.headPos + at);
+    return be32At(this.head, this.headPos + at);
   }
   /** A be64 as a number; exact below 2^53, which covers every offset and length we accept. */
   be64(at: number): number {
     const p = this.headPos + at;
-    return this.headView.getUint32(p) * 0x1_0000_0000 + this.headView.getUint32(p + 4);
+    return be32At(this.head, p) * 0x1_0000_0000 + be32At(this.head, p + 4);
   }
   be64big(at: number): bigint {
-    return this.headView.getBigUint64(this.headPos + at);
+    const p = this.headPos + at;
+    return (BigInt(be32At(this.head, p)) << 32n) | BigInt(be32At(this.head, p + 4));
   }
   /** A view of `len` bytes at `at` in the head chunk. */
   bytes(at: number, len: number): Uint8Array {
@@ -140,8 +147,12 @@ export class ByteQueue {
   private setHead(chunk: Uint8Array): void {
     this.head = chunk;
     this.headPos = 0;
-    this.headView = new DataView(chunk.buffer, chunk.byteOffset, chunk.byteLength);
   }
+}
+
+/** The be32 at `p` of `b` (p + 4 ≤ b.length). */
+export function be32At(b: Uint8Array, p: number): number {
+  return (((b[p] as number) << 24) | ((b[p + 1] as number) << 16) | ((b[p + 2] as number) << 8) | (b[p + 3] as number)) >>> 0;
 }
 
 const EMPTY = new Uint8Array(0);

@@ -1,6 +1,6 @@
 import { RamFlag, TARGET_PAGE_MASK, TARGET_PAGE_SIZE, XBZRLE_ENCODING } from './constants.js';
 import { StreamError, type SectionContext } from './errors.js';
-import { decodeName, type ByteQueue } from './byte-queue.js';
+import { be32At, decodeName, type ByteQueue } from './byte-queue.js';
 import type { ByteWriter } from './byte-writer.js';
 import { usageError } from '../errors.js';
 import type { RamBlockInfo, RamPageRunRecord, RamRecord, RamRunRecord, RamZeroRunRecord } from './records.js';
@@ -29,6 +29,17 @@ export interface KnownBlock {
    */
   readonly index: number;
 }
+
+/**
+ * Module-local copies of the constants the per-page loops use: an imported
+ * binding can compile to a getter call per access (CommonJS interop, as tsx
+ * runs the tests and benchmarks on Node 20), a local const never does.
+ */
+const PAGE = TARGET_PAGE_SIZE;
+const PAGE_MASK = TARGET_PAGE_MASK;
+const F_ZERO = RamFlag.ZERO;
+const F_PAGE = RamFlag.PAGE;
+const F_CONTINUE = RamFlag.CONTINUE;
 
 /** Header bytes of a page record sent with CONTINUE (the be64 alone). */
 const CONTINUED_HEAD = 8;
@@ -168,24 +179,23 @@ export class RamRecordParser {
    */
   private run(q: ByteQueue, kind: number, known: KnownBlock, offset: number, continued: boolean, head: number, total: number, limit: number): RamRunRecord {
     const buf = q.buf;
-    const view = q.view;
     const base = q.pos;
-    const isPage = kind === RamFlag.PAGE;
+    const isPage = kind === F_PAGE;
     const recLen = isPage ? PAGE_RECORD_STRIDE : CONTINUED_HEAD + 1;
-    const want = kind | RamFlag.CONTINUE;
+    const want = kind | F_CONTINUE;
     // The head chunk's end, or the limit if it comes first (both relative to buf).
     const stop = Math.min(buf.length, limit - q.offset + base);
-    const maxCount = (known.length - offset) / TARGET_PAGE_SIZE;
+    const maxCount = (known.length - offset) / PAGE;
     let p = base + total;
     let count = 1;
-    let next = offset + TARGET_PAGE_SIZE;
+    let next = offset + PAGE;
     while (count < maxCount && p + recLen <= stop) {
-      const lo = view.getUint32(p + 4);
-      if ((lo & TARGET_PAGE_MASK) !== want) break;
-      if (view.getUint32(p) * 0x1_0000_0000 + (lo - want) !== next) break;
+      const lo = be32At(buf, p + 4);
+      if ((lo & PAGE_MASK) !== want) break;
+      if (be32At(buf, p) * 0x1_0000_0000 + (lo - want) !== next) break;
       if (!isPage && buf[p + CONTINUED_HEAD] !== 0) break;
       p += recLen;
-      next += TARGET_PAGE_SIZE;
+      next += PAGE;
       count++;
     }
     q.advance(p - base);
@@ -198,7 +208,7 @@ export class RamRecordParser {
         count,
         data: buf,
         start: base + head,
-        stride: count === 1 ? TARGET_PAGE_SIZE : PAGE_RECORD_STRIDE,
+        stride: count === 1 ? PAGE : PAGE_RECORD_STRIDE,
         continued,
       };
       return rec;
@@ -300,41 +310,41 @@ export class RamRecordWriter {
     const never = this.continueMode === 'never';
     let cont = !never && this.lastBlock === block;
     let normal = 0;
-    const dataEnd = start + count * TARGET_PAGE_SIZE;
+    const dataEnd = start + count * PAGE;
     // Pages before `zeroEnd` are known zero (one compare over a span of them);
     // no span is tried before `noSpanEnd` (a span that failed: page by page there).
     let zeroEnd = -1;
     let noSpanEnd = -1;
     let o = offset;
-    for (let p = start; p < dataEnd; p += TARGET_PAGE_SIZE, o += TARGET_PAGE_SIZE) {
+    for (let p = start; p < dataEnd; p += PAGE, o += PAGE) {
       let zero: boolean;
       if (p < zeroEnd) zero = true;
-      else if (data[p] !== 0 || data[p + TARGET_PAGE_SIZE - 1] !== 0) zero = false;
+      else if (data[p] !== 0 || data[p + PAGE - 1] !== 0) zero = false;
       else {
         // Zero pages come in stretches: probe the next pages' end bytes and
         // compare all that pass at once (one native call for up to 64 KiB).
         let k = 1;
         if (p >= noSpanEnd) {
-          const most = Math.min(ZERO_SPAN_PAGES, (dataEnd - p) / TARGET_PAGE_SIZE);
-          while (k < most && data[p + k * TARGET_PAGE_SIZE] === 0 && data[p + (k + 1) * TARGET_PAGE_SIZE - 1] === 0) k++;
+          const most = Math.min(ZERO_SPAN_PAGES, (dataEnd - p) / PAGE);
+          while (k < most && data[p + k * PAGE] === 0 && data[p + (k + 1) * PAGE - 1] === 0) k++;
         }
-        if (k > 1 && ZERO_SPAN.compare(data, p, p + k * TARGET_PAGE_SIZE, 0, k * TARGET_PAGE_SIZE) === 0) {
-          zeroEnd = p + k * TARGET_PAGE_SIZE;
+        if (k > 1 && ZERO_SPAN.compare(data, p, p + k * PAGE, 0, k * PAGE) === 0) {
+          zeroEnd = p + k * PAGE;
           zero = true;
         } else {
-          if (k > 1) noSpanEnd = p + k * TARGET_PAGE_SIZE;
-          zero = ZERO_SPAN.compare(data, p, p + TARGET_PAGE_SIZE, 0, TARGET_PAGE_SIZE) === 0;
+          if (k > 1) noSpanEnd = p + k * PAGE;
+          zero = ZERO_SPAN.compare(data, p, p + PAGE, 0, PAGE) === 0;
         }
       }
       if (cont) {
-        w.pageHead(o + (zero ? RamFlag.ZERO | RamFlag.CONTINUE : RamFlag.PAGE | RamFlag.CONTINUE), zero);
+        w.pageHead(o + (zero ? F_ZERO | F_CONTINUE : F_PAGE | F_CONTINUE), zero);
       } else {
-        w.be64(o + (zero ? RamFlag.ZERO : RamFlag.PAGE)).str8(block);
+        w.be64(o + (zero ? F_ZERO : F_PAGE)).str8(block);
         if (zero) w.u8(0);
         cont = !never;
       }
       if (!zero) {
-        w.view(data.subarray(p, p + TARGET_PAGE_SIZE));
+        w.view(data.subarray(p, p + PAGE));
         normal++;
       }
     }

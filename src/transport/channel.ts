@@ -5,7 +5,7 @@ import { TransportError } from './errors.js';
 import { unackedBytes } from './kernel-queue.js';
 import { SendQueue } from './send-queue.js';
 import { classifyTlsError } from './tls.js';
-import type { EffectiveTuning } from './tuning.js';
+import { setNotSentLowat, type EffectiveTuning } from './tuning.js';
 
 export type ChannelRole = 'main' | 'preempt';
 
@@ -24,6 +24,23 @@ export interface ChannelLimits {
    * 1 MiB, preempt 0 (hand over at once).
    */
   readonly socketBufferBytes?: number;
+  /**
+   * Pull-based bulk (main): the bulk producer hands over pages only while the
+   * channel's user-space bytes (our queue + the socket's write buffer) are
+   * under this window (`bulkRoom`, `whenBulkRoom()`); it never holds more than
+   * the window plus one batch. Small, so that an urgent page does not wait
+   * behind megabytes we buffered ourselves: the kernel's send buffer keeps the
+   * link busy. Default 256 KiB. `send()` and `maxQueuedBytes` are unchanged.
+   */
+  readonly bulkWindowBytes?: number;
+  /**
+   * TCP_NOTSENT_LOWAT the source sets on its main channel at the postcopy
+   * switch (`Channel.setNotSentLowat`): the kernel then holds at most this
+   * many unsent bulk bytes, so a page request answered on main (no preempt
+   * channel) waits behind little. Default 128 KiB; 0 leaves the kernel's
+   * setting. Needs the sockopt addon (no-op without it).
+   */
+  readonly postcopyNotSentLowat?: number;
 }
 
 export interface ChannelStats {
@@ -34,8 +51,12 @@ export interface ChannelStats {
   queuedBytes: number;
   peakQueuedBytes: number;
   maxQueuedBytes: number;
+  /** The pull-based bulk window (see ChannelLimits.bulkWindowBytes). */
+  bulkWindowBytes: number;
   /** Times a `send()` had to wait for room. */
   writeWaits: number;
+  /** Times the bulk producer waited for room below the window (`whenBulkRoom()` that did not resolve at once). */
+  bulkWaits: number;
   /** Times reading was paused because the consumer was busy. */
   readPauses: number;
   tuning: EffectiveTuning;
@@ -46,6 +67,8 @@ type Consumer = (chunk: Buffer) => void | Promise<void>;
 
 /** How many bytes `send()` may accept in a row before it lets the event loop run I/O. */
 const YIELD_EVERY_BYTES = 1 << 20;
+
+const EMPTY = new Uint8Array(0);
 
 interface ChannelEvents {
   error: [TransportError];
@@ -71,6 +94,11 @@ export class Channel extends EventEmitter<ChannelEvents> {
   private consumer: Consumer | undefined;
   private readonly s: ChannelStats;
   private sinceYield = 0;
+  private readonly bulkWindow: number;
+  /** Bulk bytes handed over since the producer last let the event loop run (see bulkRoom). */
+  private bulkSinceYield = 0;
+  private bulkYieldBytes = YIELD_EVERY_BYTES;
+  private roomWaiters: (() => void)[] = [];
 
   constructor(
     readonly socket: Socket | TLSSocket,
@@ -81,6 +109,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     super();
     this.maxQueued = limits.maxQueuedBytes ?? (role === 'main' ? 8 << 20 : 256 << 10);
     this.socketBudget = limits.socketBufferBytes ?? (role === 'main' ? 1 << 20 : 0);
+    this.bulkWindow = limits.bulkWindowBytes ?? 256 << 10;
     const tlsSock = socket as TLSSocket;
     this.s = {
       role,
@@ -89,7 +118,9 @@ export class Channel extends EventEmitter<ChannelEvents> {
       queuedBytes: 0,
       peakQueuedBytes: 0,
       maxQueuedBytes: this.maxQueued,
+      bulkWindowBytes: this.bulkWindow,
       writeWaits: 0,
+      bulkWaits: 0,
       readPauses: 0,
       tuning,
       ...(typeof tlsSock.getProtocol === 'function'
@@ -115,7 +146,64 @@ export class Channel extends EventEmitter<ChannelEvents> {
   }
 
   get stats(): ChannelStats {
-    return { ...this.s, queuedBytes: this.queuedBytes };
+    return { ...this.s, queuedBytes: this.queuedBytes, tuning: { ...this.s.tuning } };
+  }
+
+  /**
+   * Bytes the bulk producer may hand over now (pull-based bulk): the window
+   * less what sits in user space; 0 also when it has handed over
+   * `bulkYieldBytes` in a row, since then it must let the event loop read
+   * (a page request on the return path) before going on. The producer hands
+   * over at most one batch beyond it.
+   */
+  get bulkRoom(): number {
+    if (this.bulkSinceYield >= this.bulkYieldBytes) return 0;
+    return Math.max(0, this.bulkWindow - this.queuedBytes);
+  }
+
+  /**
+   * Resolves when `bulkRoom` is positive again: after the socket has taken
+   * bytes (its write callbacks, 'drain'), or — when only the yield quantum was
+   * used up — after one turn of the event loop's I/O. The producer's only
+   * wait: there is no other yield, and no promise while there is room.
+   * Rejects once the channel has failed or closed.
+   */
+  whenBulkRoom(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', { channel: this.role }));
+    if (this.bulkSinceYield >= this.bulkYieldBytes && this.queuedBytes < this.bulkWindow) {
+      return new Promise((resolve) =>
+        setImmediate(() => {
+          this.bulkSinceYield = 0;
+          resolve();
+        }),
+      );
+    }
+    this.bulkSinceYield = 0;
+    if (this.queuedBytes < this.bulkWindow) return Promise.resolve();
+    this.s.bulkWaits++;
+    return new Promise((resolve, reject) => {
+      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
+    });
+  }
+
+  /**
+   * How many bulk bytes the producer may hand over before `bulkRoom` makes
+   * it yield to the event loop (default 1 MiB). Smaller in postcopy, where a
+   * page request read late is a late page.
+   */
+  setBulkYield(bytes: number): void {
+    this.bulkYieldBytes = Math.max(1, bytes);
+  }
+
+  /**
+   * Sets TCP_NOTSENT_LOWAT now (undefined: back to the kernel's default) and
+   * reads it back into `stats.tuning.notSentLowat`. A no-op (a warning in the
+   * stats) without the sockopt addon or on a unix socket.
+   */
+  setNotSentLowat(bytes: number | undefined): void {
+    if (this.isClosed) return;
+    setNotSentLowat(this.socket, bytes, this.s.tuning);
   }
 
   /**
@@ -139,13 +227,8 @@ export class Channel extends EventEmitter<ChannelEvents> {
   send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
     if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.role }));
-    let bytes = 0;
-    for (const p of pieces) bytes += p.length;
-    this.queue.push(written ? { pieces, bytes, written } : { pieces, bytes }, priority);
-    this.pump();
-    const q = this.queuedBytes;
-    if (q > this.s.peakQueuedBytes) this.s.peakQueuedBytes = q;
-    if (q <= this.maxQueued) {
+    const bytes = this.enqueue(pieces, priority, written);
+    if (this.queuedBytes <= this.maxQueued) {
       // Resolving as a microtask every time would let a producer that only
       // awaits send() starve the event loop: nothing would be read meanwhile
       // (a page request on the return path, say). Every MiB, resolve after I/O.
@@ -158,6 +241,44 @@ export class Channel extends EventEmitter<ChannelEvents> {
     return new Promise((resolve, reject) => {
       this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
     });
+  }
+
+  /**
+   * Hands `pieces` over as one group without a promise: the pull-based bulk
+   * producer's write (it asks `bulkRoom` first) and the urgent answers it
+   * interleaves. Throws the channel's TransportError once it has failed or
+   * closed. Returns the bytes queued.
+   */
+  push(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): number {
+    if (this.failure) throw this.failure;
+    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', { channel: this.role });
+    const bytes = this.enqueue(pieces, priority, written);
+    if (priority === 'bulk') this.bulkSinceYield += bytes;
+    return bytes;
+  }
+
+  /**
+   * `written` once every bulk byte handed over so far has reached the kernel
+   * (at once, on the next tick, when none is left in user space): how a page
+   * request for a page already on its way on main is timed.
+   */
+  afterBulkWritten(written: () => void): void {
+    if (this.isClosed) return;
+    if (this.queue.empty && this.socket.writableLength === 0) {
+      process.nextTick(written);
+      return;
+    }
+    this.enqueue([EMPTY], 'bulk', written);
+  }
+
+  private enqueue(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk', written: (() => void) | undefined): number {
+    let bytes = 0;
+    for (const p of pieces) bytes += p.length;
+    this.queue.push(written ? { pieces, bytes, written } : { pieces, bytes }, priority);
+    this.pump();
+    const q = this.queuedBytes;
+    if (q > this.s.peakQueuedBytes) this.s.peakQueuedBytes = q;
+    return bytes;
   }
 
   /** Runs when the socket took bytes off its own buffer: hand over more, wake writers. */
@@ -195,6 +316,13 @@ export class Channel extends EventEmitter<ChannelEvents> {
     }
     if (coalesce) sock.uncork();
     if (this.waiters.length > 0 && this.queuedBytes <= this.maxQueued) this.releaseWaiters();
+    if (this.roomWaiters.length > 0 && this.queuedBytes < this.bulkWindow) this.releaseRoomWaiters();
+  }
+
+  private releaseRoomWaiters(): void {
+    const w = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const f of w) f();
   }
 
   private releaseWaiters(): void {
@@ -205,6 +333,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
 
   private releaseAll(): void {
     this.releaseWaiters();
+    this.releaseRoomWaiters();
     const f = this.flushWaiters;
     this.flushWaiters = [];
     for (const x of f) x();

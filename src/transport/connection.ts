@@ -1,8 +1,8 @@
 import { EventEmitter } from 'node:events';
-import { lstat, unlink } from 'node:fs/promises';
-import net from 'node:net';
-import tls from 'node:tls';
-import { Channel, classifySocketError, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
+import type net from 'node:net';
+import type tls from 'node:tls';
+import { Admission, describeBytes, type FirstBytesJudgement } from './admission.js';
+import { Channel, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from './endpoint.js';
 import { TransportError } from './errors.js';
 import { loadTlsDir, type TlsMaterial } from './pki.js';
@@ -14,10 +14,12 @@ import {
   type ChannelStart,
   type QualifyOptions,
   type StrangerEvent,
-  type StrangerReason,
 } from './qualify.js';
-import { checkAllowedPeer, classifyTlsError, clientTlsOptions, serverTlsOptions, type TlsSettings } from './tls.js';
-import { BULK_PROFILE, URGENT_PROFILE, applyTuning, mergeProfile, type TuningProfile } from './tuning.js';
+import { connect, listen, tuneChannel, DEFAULT_CONNECT_TIMEOUT_MS, TlsSessionCache, type Listening } from './sockets.js';
+import type { TlsSettings } from './tls.js';
+import type { EffectiveTuning, TuningProfile } from './tuning.js';
+
+export { connectSocket } from './sockets.js';
 
 /** Options of one channel: its tuning (over the role's default profile) and buffering limits. */
 export interface ChannelOptions extends ChannelLimits {
@@ -46,91 +48,24 @@ function qualifyTimeout(opts: TransportOptions): number {
   return opts.qualifyTimeoutMs ?? opts.connectTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS;
 }
 
-function profileFor(role: ChannelRole, opts: TransportOptions): TuningProfile {
-  return role === 'main' ? mergeProfile(BULK_PROFILE, opts.main?.tuning) : mergeProfile(URGENT_PROFILE, opts.preempt?.tuning);
-}
-
 function limitsFor(role: ChannelRole, opts: TransportOptions): ChannelLimits {
   return (role === 'main' ? opts.main : opts.preempt) ?? {};
 }
 
 /**
- * Connects one TCP/unix socket to `ep` within `timeoutMs`; failures are
- * TransportErrors of channel `role` (`connect-timeout`, or as the socket
- * error says). `allowHalfOpen`: keep the socket writable after the peer's
- * FIN (a relay forwards the half-close).
+ * Opens one channel of the source: TCP/unix, tuned before the handshake (so
+ * that even the handshake runs with the channel's options), then TLS when
+ * configured, resuming from `sessions`.
  */
-export function connectSocket(ep: Endpoint, role: ChannelRole, timeoutMs: number, opts: { allowHalfOpen?: boolean } = {}): Promise<net.Socket> {
-  return new Promise<net.Socket>((resolve, reject) => {
-    const allowHalfOpen = opts.allowHalfOpen ?? false;
-    const s = ep.kind === 'tcp' ? net.connect({ host: ep.host, port: ep.port, allowHalfOpen }) : net.connect({ path: ep.path, allowHalfOpen });
-    const timer = setTimeout(() => {
-      s.destroy();
-      reject(new TransportError('connect-timeout', `no connection to ${formatEndpoint(ep)} within ${timeoutMs} ms`, { channel: role }));
-    }, timeoutMs);
-    s.once('connect', () => {
-      clearTimeout(timer);
-      s.removeAllListeners('error');
-      resolve(s);
-    });
-    s.once('error', (e) => {
-      clearTimeout(timer);
-      s.destroy();
-      reject(classifySocketError(e, role));
-    });
+async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: TransportOptions, material: TlsMaterial | undefined, sessions: TlsSessionCache): Promise<Channel> {
+  let tuning: EffectiveTuning | undefined;
+  const { socket } = await connect(ep, {
+    timeoutMs: opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS,
+    role,
+    beforeHandshake: (raw) => (tuning = tuneChannel(raw, role, 'source', ep.kind, opts)),
+    ...(material && opts.tls ? { tls: { material, settings: { ...opts.tls, endpoint: 'client' }, sessions } } : {}),
   });
-}
-
-/** Connects one TCP/unix socket, then (optionally) runs the TLS client handshake on it. */
-async function openClientChannel(
-  ep: Endpoint,
-  role: ChannelRole,
-  opts: TransportOptions,
-  material: TlsMaterial | undefined,
-  session: Buffer | undefined,
-  onSession: (s: Buffer) => void,
-): Promise<Channel> {
-  const timeoutMs = opts.connectTimeoutMs ?? 10_000;
-  const raw = await connectSocket(ep, role, timeoutMs);
-  // Tune before the handshake so that even the handshake runs with the channel's options.
-  const tuning = applyTuning(raw, profileFor(role, opts), ep.kind);
-  if (!material || !opts.tls) return new Channel(raw, role, tuning, limitsFor(role, opts));
-
-  const settings: TlsSettings = { ...opts.tls, endpoint: 'client' };
-  const uriHost = ep.kind === 'tcp' ? ep.host : undefined;
-  let tlsOpts: tls.ConnectionOptions;
-  try {
-    tlsOpts = clientTlsOptions(material, settings, uriHost, session);
-  } catch (e) {
-    raw.destroy();
-    throw e instanceof TransportError ? e : classifyTlsError(e, role);
-  }
-  const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
-    const t = tls.connect({ ...tlsOpts, socket: raw });
-    const timer = setTimeout(() => {
-      t.destroy();
-      reject(new TransportError('connect-timeout', `TLS handshake with ${formatEndpoint(ep)} took longer than ${timeoutMs} ms`, { channel: role }));
-    }, timeoutMs);
-    t.on('session', onSession);
-    t.once('secureConnect', () => {
-      clearTimeout(timer);
-      const notAllowed = checkAllowedPeer(t, settings.allowedPeers, role);
-      if (notAllowed) {
-        t.destroy();
-        reject(notAllowed);
-        return;
-      }
-      t.removeAllListeners('error');
-      resolve(t);
-    });
-    t.once('error', (e) => {
-      clearTimeout(timer);
-      t.destroy();
-      raw.destroy();
-      reject(classifyTlsError(e, role));
-    });
-  });
-  return new Channel(secure, role, tuning, limitsFor(role, opts));
+  return new Channel(socket, role, tuning!, limitsFor(role, opts));
 }
 
 /**
@@ -143,26 +78,23 @@ async function openClientChannel(
  */
 export class SourceConnection {
   preempt: Channel | undefined;
-  private session: Buffer | undefined;
 
   private constructor(
     readonly endpoint: Endpoint,
     readonly main: Channel,
     private readonly opts: TransportOptions,
     private readonly material: TlsMaterial | undefined,
+    /** TLS 1.3 tickets arrive after the handshake: the latest, for the preempt channel. */
+    private readonly sessions: TlsSessionCache,
   ) {}
 
   /** Connects the main channel (TCP/unix, then TLS when configured). */
   static async connect(uri: string, opts: TransportOptions = {}): Promise<SourceConnection> {
     const ep = parseEndpoint(uri);
     const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'client') : undefined;
-    let session: Buffer | undefined;
-    const main = await openClientChannel(ep, 'main', opts, material, undefined, (s) => (session = s));
-    const c = new SourceConnection(ep, main, opts, material);
-    // TLS 1.3 tickets arrive after the handshake; keep the latest for the preempt channel.
-    main.socket.on('session', (s: Buffer) => (c.session = s));
-    if (session) c.session = session;
-    return c;
+    const sessions = new TlsSessionCache();
+    const main = await openClientChannel(ep, 'main', opts, material, sessions);
+    return new SourceConnection(ep, main, opts, material, sessions);
   }
 
   /**
@@ -172,7 +104,7 @@ export class SourceConnection {
   async connectPreempt(): Promise<Channel> {
     if (this.preempt) return this.preempt;
     if (this.main.isClosed) throw new TransportError('channel-order', 'the preempt channel needs an established main channel', { channel: 'preempt' });
-    const ch = await openClientChannel(this.endpoint, 'preempt', this.opts, this.material, this.session, (s) => (this.session = s));
+    const ch = await openClientChannel(this.endpoint, 'preempt', this.opts, this.material, this.sessions);
     this.preempt = ch;
     return ch;
   }
@@ -196,10 +128,16 @@ export class SourceConnection {
 export class DestinationConnection {
   private preemptChannel: Channel | undefined;
   private preemptWaiters: { resolve: (c: Channel) => void; reject: (e: TransportError) => void }[] = [];
-  /** @internal plain-TCP connections that may still turn out to be the (silent) preempt channel. */
-  preemptCandidates = 0;
+  constructor(
+    readonly main: Channel,
+    /** @internal how many connections may still turn out to be the (silent) preempt channel. */
+    private readonly candidates: () => number = () => 0,
+  ) {}
 
-  constructor(readonly main: Channel) {}
+  /** @internal plain-TCP connections that may still turn out to be the (silent) preempt channel. */
+  get preemptCandidates(): number {
+    return this.candidates();
+  }
 
   /** The preempt channel, if it has arrived. */
   get preempt(): Channel | undefined {
@@ -263,64 +201,44 @@ interface ListenerEvents {
   preempt: [Channel];
 }
 
-/** A connection waiting to qualify as a channel. */
-interface Candidate {
-  readonly raw: net.Socket;
-  /** The TLS socket over `raw`, once its handshake succeeded. */
-  secure?: tls.TLSSocket;
-  /** Accepted after the main channel qualified: it may become the preempt channel, never the main one. */
-  readonly forPreempt: boolean;
-  readonly remote: string | undefined;
-  timer?: NodeJS.Timeout;
-  /** Removes the listeners the first-bytes wait installed. */
-  unwatch?: () => void;
-  /** Our listeners on the sockets, removed when it qualifies (Node's own must stay). */
-  readonly onRawClose: () => void;
-  onSecureError?: () => void;
-}
-
-const ignoreError = (): void => undefined;
-
-function remoteOf(s: net.Socket): string | undefined {
-  return s.remoteAddress ? `${s.remoteAddress.includes(':') ? `[${s.remoteAddress}]` : s.remoteAddress}:${s.remotePort}` : undefined;
-}
-
-/** The first bytes of a connection, for a log line: hex, and the text when it is printable. */
-function describeBytes(b: Buffer): string {
-  const head = b.subarray(0, 8);
-  const text = head.toString('latin1');
-  const printable = /^[\x20-\x7e]*$/.test(text) ? ` ("${text}")` : '';
-  const hint = head[0] === 0x16 ? ' (a TLS ClientHello: the peer uses TLS, this listener does not)' : '';
-  return `${head.toString('hex').replace(/(..)(?!$)/g, '$1 ')}${printable}${hint}`;
-}
-
 /**
  * Listens for one migration. Channel roles go only to connections that
- * qualify (see qualify.ts): the main channel is the first whose first bytes
- * are the stream magic (with TLS: after a handshake with a valid client
- * certificate), then the preempt channel by order, as QEMU 10.0. Anything
- * else on the port — a probe that connects and closes, an HTTP request, a TLS
- * client of another CA, a client that says nothing — is dropped and reported
- * as a 'stranger' event; the listener keeps waiting. `accept()` rejects only
- * when the listener is closed.
+ * qualify (see qualify.ts, admission.ts): the main channel is the first whose
+ * first bytes are the stream magic (with TLS: after a handshake with a valid
+ * client certificate), then the preempt channel by order (TLS) or by its first
+ * RAM page record (plain TCP). Anything else on the port — a probe that
+ * connects and closes, an HTTP request, a TLS client of another CA, a client
+ * that says nothing — is dropped and reported as a 'stranger' event; the
+ * listener keeps waiting. `accept()` rejects only when the listener is closed.
  */
 export class MigrationListener extends EventEmitter<ListenerEvents> {
   private conn: DestinationConnection | undefined;
   private acceptWaiters: { resolve: (c: DestinationConnection) => void; reject: (e: TransportError) => void }[] = [];
-  private readonly pending = new Set<Candidate>();
   private closing = false;
-  private readonly maxPending: number;
-  private readonly qualifyMs: number;
+  private readonly admission: Admission;
 
   private constructor(
-    private readonly server: net.Server,
-    readonly endpoint: Endpoint,
+    private readonly listening: Listening,
     private readonly opts: TransportOptions,
     private readonly listenOpts: ListenOptions,
   ) {
     super();
-    this.maxPending = opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS;
-    this.qualifyMs = qualifyTimeout(opts);
+    this.admission = new Admission(
+      {
+        offer: () => (this.conn?.preempt ? undefined : this.conn ? 'preempt' : 'main'),
+        judge: (role, secure) => this.judge(role, secure),
+        take: (role, s) => this.take(role, s),
+      },
+      {
+        maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS,
+        qualifyMs: qualifyTimeout(opts),
+        ...(opts.tls?.allowedPeers ? { allowedPeers: opts.tls.allowedPeers } : {}),
+        stranger: (ev) => {
+          if (!this.closing) this.emit('stranger', ev);
+        },
+      },
+    );
+    this.admission.wire(listening.server, listening.secure);
   }
 
   static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}): Promise<MigrationListener> {
@@ -332,28 +250,15 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
       if (v !== undefined && !(Number.isInteger(v) && v >= min && v <= 2_147_483_647)) throw new RangeError(`${name} must be an integer from ${min} to 2147483647, got ${String(v)}`);
     }
     const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'server') : undefined;
-    if (ep.kind === 'unix') await removeStaleSocket(ep.path);
-    let server: net.Server;
-    if (material && opts.tls) {
-      const settings: TlsSettings = { ...opts.tls, endpoint: 'server' };
-      // A handshake that never completes must not hold a socket forever.
-      server = tls.createServer({ ...serverTlsOptions(material, settings), handshakeTimeout: qualifyTimeout(opts) });
-    } else {
-      server = net.createServer();
-    }
-    const actual = await new Promise<Endpoint>((resolve, reject) => {
-      server.once('error', (e) => reject(classifySocketError(e)));
-      const onListening = () => {
-        server.removeAllListeners('error');
-        const a = server.address();
-        resolve(ep.kind === 'tcp' && a && typeof a === 'object' ? { kind: 'tcp', host: ep.host, port: a.port } : ep);
-      };
-      if (ep.kind === 'tcp') server.listen({ host: ep.host, port: ep.port }, onListening);
-      else server.listen(ep.path, onListening);
-    });
-    const l = new MigrationListener(server, actual, opts, listenOpts);
-    l.wire(server, ep.kind, material !== undefined);
-    return l;
+    // A handshake that never completes must not hold a socket forever.
+    const tlsSpec = material && opts.tls ? { material, settings: { ...opts.tls, endpoint: 'server' as const } satisfies TlsSettings, handshakeTimeoutMs: qualifyTimeout(opts) } : undefined;
+    const listening = await listen(ep, tlsSpec ? { tls: tlsSpec } : {});
+    return new MigrationListener(listening, opts, listenOpts);
+  }
+
+  /** Where it listens, with the port actually bound (port 0). */
+  get endpoint(): Endpoint {
+    return this.listening.endpoint;
   }
 
   /** `tcp:HOST:PORT` with the port actually bound (useful with port 0), or `unix:PATH`. */
@@ -363,221 +268,55 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
 
   /** Connections waiting to qualify right now. */
   get pendingConnections(): number {
-    return this.pending.size;
+    return this.admission.size;
   }
 
-  private wire(server: net.Server, kind: 'tcp' | 'unix', secure: boolean): void {
-    // tls.Server emits 'connection' with the raw socket before it starts the handshake.
-    server.on('connection', (raw: net.Socket) => this.admit(raw, kind, secure));
-    if (secure) {
-      server.on('secureConnection', (s: tls.TLSSocket) => this.secured(s, kind));
-      server.on('tlsClientError', (e: Error, s: tls.TLSSocket) => {
-        // The verification result is on the socket: the error alone is often just "socket hang up".
-        // A TLSSocket counts decrypted bytes only; the raw socket under it (Node's
-        // long-standing `_parent`) tells a client that sent its hello and hung up
-        // (it refused our certificate) from one that never spoke.
-        const raw = (s as tls.TLSSocket & { _parent?: net.Socket })._parent;
-        const c = this.candidateOf(raw);
-        s.destroy();
-        if (!c) return; // already dropped (timed out, or the listener is closing)
-        const channel = c.forPreempt ? 'preempt' : 'main';
-        if ((e as { code?: string }).code === 'ERR_TLS_HANDSHAKE_TIMEOUT') {
-          this.drop(c, raw, 'timeout', new TransportError('qualify-timeout', `no TLS handshake within ${this.qualifyMs} ms`, { channel, cause: e }));
-          return;
-        }
-        this.drop(c, raw, 'tls', classifyTlsError(e, channel, { side: 'server', socket: s, rawBytesRead: raw?.bytesRead ?? 0 }));
-      });
-    }
-    // Accept errors (EMFILE …) cost one connection, not the migration.
-    server.on('error', (e) => this.report({ reason: 'closed', error: classifySocketError(e) }));
-  }
-
-  private candidateOf(raw: net.Socket | undefined): Candidate | undefined {
-    for (const c of this.pending) if (c.raw === raw) return c;
-    return undefined;
-  }
-
-  private rolesTaken(): boolean {
-    return this.conn?.preempt !== undefined;
-  }
-
-  /** A TCP/unix connection arrived: it waits to qualify, within the bounds. */
-  private admit(raw: net.Socket, kind: 'tcp' | 'unix', secure: boolean): void {
-    const remote = remoteOf(raw);
-    if (this.closing) {
-      raw.destroy();
-      return;
-    }
-    if (this.rolesTaken()) {
-      raw.destroy();
-      this.report({ reason: 'extra', error: new TransportError('channel-order', 'a connection after every channel of this migration had arrived'), ...(remote ? { remote } : {}) });
-      return;
-    }
-    if (this.pending.size >= this.maxPending) {
-      const tooMany = new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`);
-      // Make room by dropping the oldest main-channel candidate: a real source's main channel
-      // speaks within milliseconds, so a flood must outpace it to matter, and silent
-      // connections cannot hold the port. Plain preempt candidates are kept (the oldest is
-      // most likely the real, silent, preempt channel): then the newcomer is refused.
-      const oldest = [...this.pending].find((p) => !p.forPreempt || secure);
-      if (!oldest) {
-        raw.destroy();
-        this.report({ reason: 'too-many', error: tooMany, ...(remote ? { remote } : {}) });
-        return;
-      }
-      this.drop(oldest, oldest.raw, 'too-many', tooMany);
-    }
-    const forPreempt = this.conn !== undefined;
-    const c: Candidate = {
-      raw,
-      forPreempt,
-      remote,
-      onRawClose: () => {
-        const closed = (): void => {
-          if (this.pending.has(c)) this.drop(c, raw, 'closed', new TransportError('closed', 'the connection closed before it was a migration channel', forPreempt ? { channel: 'preempt' } : {}));
-        };
-        // With TLS, 'tlsClientError' may follow the close and knows better why: let it come first.
-        if (secure) setImmediate(closed);
-        else closed();
-      },
-    };
-    this.pending.add(c);
-    this.countCandidates();
-    raw.on('error', ignoreError); // reported as its close
-    raw.once('close', c.onRawClose);
-    if (secure) return; // the handshake comes first: see secured()
-    // A silent plain-TCP preempt candidate may be the real preempt channel: no time limit (see qualify.ts).
-    if (!c.forPreempt) this.startTimer(c);
-    this.awaitFirstBytes(c, raw, kind);
-  }
-
-  /** A TLS handshake succeeded with a valid client certificate. */
-  private secured(s: tls.TLSSocket, kind: 'tcp' | 'unix'): void {
-    const raw = (s as tls.TLSSocket & { _parent?: net.Socket })._parent;
-    const c = this.candidateOf(raw);
-    if (!c || this.closing) {
-      s.destroy();
-      return;
-    }
-    c.secure = s;
-    const channel = c.forPreempt ? 'preempt' : 'main';
-    s.on('error', ignoreError); // reported as the raw socket's close
-    const notAllowed = checkAllowedPeer(s, this.opts.tls?.allowedPeers, channel);
-    if (notAllowed) {
-      this.drop(c, raw, 'tls', notAllowed);
-      return;
-    }
-    if (c.forPreempt) {
-      // An authenticated peer: the preempt channel by order, as QEMU.
-      this.qualified(c, s, kind);
-      return;
-    }
-    if (this.conn) {
-      this.drop(c, raw, 'extra', new TransportError('channel-order', 'another connection became the main channel first', { channel }));
-      return;
-    }
-    this.startTimer(c);
-    this.awaitFirstBytes(c, s, kind);
-  }
-
-  private startTimer(c: Candidate): void {
-    c.timer = setTimeout(() => {
-      this.drop(c, c.raw, 'timeout', new TransportError('qualify-timeout', `no migration stream within ${this.qualifyMs} ms of connecting`, c.forPreempt ? { channel: 'preempt' } : {}));
-    }, this.qualifyMs);
-  }
-
-  /** Peeks at the first bytes (they stay in the socket for the decoder) and judges them. */
-  private awaitFirstBytes(c: Candidate, s: net.Socket, kind: 'tcp' | 'unix'): void {
+  /** What qualifies a candidate for `role` (see qualify.ts). */
+  private judge(role: ChannelRole, secure: boolean): ((seen: Buffer) => FirstBytesJudgement) | undefined {
     const start = this.listenOpts.start ?? 'stream';
-    if (start === 'any') {
-      this.qualified(c, s, kind);
-      return;
+    if (start === 'any') return undefined;
+    // With TLS the preempt channel is taken by order: only a peer holding a certificate of our CA gets there.
+    if (role === 'preempt' && secure) return undefined;
+    if (role === 'main') {
+      return (seen) => {
+        const verdict = judgeMainStart(start, seen);
+        if (verdict !== 'no') return { verdict };
+        const what = start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
+        return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`) };
+      };
     }
-    let seen: Buffer = Buffer.alloc(0);
-    const onReadable = (): void => {
-      for (let chunk: Buffer | null; (chunk = s.read() as Buffer | null) !== null; ) seen = seen.length === 0 ? chunk : Buffer.concat([seen, chunk]);
-      const verdict = c.forPreempt ? judgePreemptStart(seen) : judgeMainStart(start, seen);
-      if (verdict === 'more') return;
-      c.unwatch?.();
-      // Handing the bytes back: the channel's reader sees the stream from its first byte.
-      if (seen.length > 0) s.unshift(seen);
-      if (verdict === 'yes') {
-        this.qualified(c, s, kind);
-        return;
+    return (seen) => {
+      const verdict = judgePreemptStart(seen);
+      if (verdict !== 'no') return { verdict };
+      if (judgeMainStart('resume', seen) === 'yes') {
+        return {
+          verdict,
+          reason: 'recovery',
+          error: new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }),
+        };
       }
-      if (c.forPreempt && judgeMainStart('resume', seen) === 'yes') {
-        this.drop(c, c.raw, 'recovery', new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }));
-        return;
-      }
-      const what = c.forPreempt ? 'a RAM page record (the preempt channel)' : start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
-      this.drop(c, c.raw, 'not-migration', new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`, c.forPreempt ? { channel: 'preempt' } : {}));
+      return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not a RAM page record (the preempt channel)`, { channel: 'preempt' }) };
     };
-    s.on('readable', onReadable);
-    c.unwatch = () => s.off('readable', onReadable);
   }
 
-  private qualified(c: Candidate, s: net.Socket | tls.TLSSocket, kind: 'tcp' | 'unix'): void {
-    this.forget(c);
-    s.off('error', ignoreError);
-    c.raw.off('error', ignoreError);
-    c.raw.off('close', c.onRawClose);
-    if (this.closing || this.rolesTaken()) {
-      s.destroy();
-      return;
-    }
-    const role: ChannelRole = this.conn ? 'preempt' : 'main';
-    // The destination writes only return-path messages on the main channel:
-    // small and urgent (a page request), so no Nagle and no corking there.
-    const profile = role === 'main' ? mergeProfile(mergeProfile(BULK_PROFILE, { noDelay: true, cork: false }), this.opts.main?.tuning) : profileFor(role, this.opts);
-    const tuning = applyTuning(s, profile, kind);
+  /** A connection qualified for `role`: it becomes that channel, unless the role was taken meanwhile. */
+  private take(role: ChannelRole, s: net.Socket | tls.TLSSocket): boolean {
+    if (role === 'main' ? this.conn !== undefined : this.conn === undefined || this.conn.preempt !== undefined) return false;
+    const tuning = tuneChannel(s, role, 'destination', this.endpoint.kind, this.opts);
     const ch = new Channel(s, role, tuning, limitsFor(role, this.opts));
     if (role === 'main') {
-      this.conn = new DestinationConnection(ch);
+      this.conn = new DestinationConnection(ch, () => this.admission.count('preempt'));
       // Connections that came before the main channel spoke are not the preempt channel: QEMU's
       // source opens that one only after its main channel has been answered (PONG 1).
-      this.dropAllPending('another connection became the main channel');
+      this.admission.dropAll('another connection became the main channel');
       for (const w of this.acceptWaiters.splice(0)) w.resolve(this.conn);
       this.emit('main', ch);
     } else {
-      this.dropAllPending('another connection became the preempt channel');
+      this.admission.dropAll('another connection became the preempt channel');
       this.conn!.attachPreempt(ch);
       this.emit('preempt', ch);
     }
-  }
-
-  private dropAllPending(why: string): void {
-    for (const other of [...this.pending]) this.drop(other, other.raw, 'extra', new TransportError('channel-order', why));
-  }
-
-  /** Stops waiting for `c` without touching its sockets. */
-  private forget(c: Candidate): void {
-    this.pending.delete(c);
-    clearTimeout(c.timer);
-    c.unwatch?.();
-    this.countCandidates();
-  }
-
-  private countCandidates(): void {
-    if (!this.conn) return;
-    let n = 0;
-    for (const c of this.pending) if (c.forPreempt) n++;
-    this.conn.preemptCandidates = n;
-  }
-
-  /** Drops a connection that did not qualify, and reports it. */
-  private drop(c: Candidate, raw: net.Socket | undefined, reason: StrangerReason, error: TransportError): void {
-    if (!this.pending.has(c)) return;
-    this.forget(c);
-    // Through the TLS socket when there is one: destroying the raw socket under a live TLS
-    // socket first crashes Node 20 (see secureAccept).
-    if (c.secure) c.secure.destroy();
-    else (raw ?? c.raw).destroy();
-    this.report({ reason, error, ...(c.remote ? { remote: c.remote } : {}) });
-  }
-
-  private report(ev: StrangerEvent): void {
-    if (this.closing) return;
-    this.emit('stranger', ev);
+    return true;
   }
 
   /** Resolves with the connection once its main channel has qualified; rejects when the listener is closed first. */
@@ -595,23 +334,10 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     if (this.closing) return;
     this.closing = true;
     const e = new TransportError('closed', 'listener closed');
-    for (const c of [...this.pending]) {
-      this.forget(c);
-      if (c.secure) c.secure.destroy();
-      else c.raw.destroy();
-    }
+    this.admission.close();
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);
     // net.Server.close() calls back only once every accepted socket has ended: do not wait for it.
-    this.server.close();
-  }
-}
-
-async function removeStaleSocket(path: string): Promise<void> {
-  try {
-    const st = await lstat(path);
-    if (st.isSocket()) await unlink(path);
-  } catch {
-    // nothing there
+    this.listening.server.close();
   }
 }

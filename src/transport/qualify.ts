@@ -38,15 +38,16 @@
  *   after its main channel has spoken.
  *
  * Bounds: at most `maxPendingConnections` connections wait to qualify (at
- * the bound the oldest main-channel candidate makes room: a real main channel
- * speaks within milliseconds, so silent connections cannot hold the port); a
- * main-channel candidate has `qualifyTimeoutMs` (with TLS: for the handshake,
- * then again for the first bytes). A silent plain-TCP preempt candidate has no time
- * limit while the migration runs (the real preempt channel may be silent for
- * the whole precopy phase), only the count bound. Plain TCP authenticates
- * nothing: a stranger that opens enough silent connections between the main
- * and the preempt channel can still fill the bound; use TLS where the
- * network is not trusted.
+ * the bound the oldest makes room: a real main channel speaks within
+ * milliseconds, so silent connections cannot hold the port); each has
+ * `qualifyTimeoutMs` (with TLS: for the handshake, then again for the first
+ * bytes). A silent plain-TCP preempt candidate past its limit is dropped only
+ * once a newer candidate waits: the real preempt channel is opened right
+ * before the switchover and may stay silent until its first urgent page, so
+ * the newest silent one keeps waiting. Plain TCP authenticates nothing: a
+ * stranger that keeps opening silent connections after the real preempt
+ * channel can still push it out; use TLS where the network is not trusted.
+ * The mechanics (candidates, timers, peeking) are admission.ts.
  */
 import { Command, FILE_MAGIC, RamFlag, RecordType } from '../stream/constants.js';
 import { TransportError } from './errors.js';
@@ -60,15 +61,15 @@ export const DEFAULT_QUALIFY_TIMEOUT_MS = 10_000;
 export interface QualifyOptions {
   /**
    * Most connections waiting to qualify at once (TLS handshake or first bytes
-   * not yet in). One more makes room by dropping the oldest waiting
-   * main-channel candidate (reason 'too-many'); when only plain-TCP preempt
-   * candidates wait, the newcomer is dropped instead. Default 16.
+   * not yet in). One more makes room by dropping the oldest waiting candidate
+   * (reason 'too-many'). Default 16.
    */
   readonly maxPendingConnections?: number;
   /**
-   * Time a connection has to qualify as the main channel, from its TCP accept
-   * (with TLS: for the handshake, then again for the first bytes); then it is
-   * dropped with reason 'timeout'. Default: `connectTimeoutMs` when set, else 10 s.
+   * Time a connection has to qualify, from its TCP accept (with TLS: for the
+   * handshake, then again for the first bytes); then it is dropped with reason
+   * 'timeout' — a silent plain-TCP preempt candidate only once a newer one
+   * waits (see above). Default: `connectTimeoutMs` when set, else 10 s.
    */
   readonly qualifyTimeoutMs?: number;
 }

@@ -587,6 +587,11 @@ export function secureAccept(raw: Socket, options: tls.TlsOptions, opts: AcceptO
 
 const sessions = new WeakMap<tls.TLSSocket, Buffer>();
 
+/** The latest session ticket a socket from {@link secureConnect} has received so far (it records them from the start). */
+export function latestSession(sock: tls.TLSSocket): Buffer | undefined {
+  return sessions.get(sock);
+}
+
 /**
  * Resolves with a session ticket for resuming `sock`'s session: the latest one
  * already received on a socket from {@link secureConnect} (which records them

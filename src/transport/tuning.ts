@@ -154,3 +154,29 @@ export function applyTuning(socket: Socket, profile: TuningProfile, kind: 'tcp' 
 export function mergeProfile(base: TuningProfile, override: Partial<TuningProfile> | undefined): TuningProfile {
   return override ? { ...base, ...override } : base;
 }
+
+/**
+ * Sets TCP_NOTSENT_LOWAT on a connected TCP socket at run time (the source
+ * bounds its main channel's unsent kernel bytes at the postcopy switch) and
+ * reads it back into `eff.notSentLowat`. `undefined` restores the kernel's
+ * default (0 = net.ipv4.tcp_notsent_lowat). Without the sockopt addon, or on
+ * a unix socket, nothing is set and a warning says so.
+ */
+export function setNotSentLowat(socket: Socket, bytes: number | undefined, eff: EffectiveTuning): void {
+  const so = loadAddon();
+  const what = `TCP_NOTSENT_LOWAT=${bytes ?? 'default'}`;
+  if (!so) {
+    eff.warnings.push(`${what}: the sockopt addon did not load (${addonError})`);
+    return;
+  }
+  if (socket.remotePort === undefined) {
+    eff.warnings.push(`${what}: not applicable to a unix socket`);
+    return;
+  }
+  try {
+    so.setsockopt(socket, IPPROTO_TCP, TCP_NOTSENT_LOWAT, bytes ?? 0);
+    eff.notSentLowat = so.getsockopt(socket, IPPROTO_TCP, TCP_NOTSENT_LOWAT);
+  } catch (e) {
+    eff.warnings.push(`${what}: ${e instanceof Error ? e.message : String(e)}`);
+  }
+}

@@ -43,7 +43,9 @@
  * server; `fired` lists what happened, for failure messages.
  */
 import { createRequire } from 'node:module';
-import net from 'node:net';
+import type net from 'node:net';
+import type { Endpoint } from '../../src/transport/endpoint.js';
+import { dial, listen, type Listening } from '../../src/transport/sockets.js';
 
 export interface DirectionFaults {
   /** Reset both sockets (RST) once this many bytes have been forwarded in this direction (at most these reach the receiver). */
@@ -93,11 +95,11 @@ export interface RelayConnectionInfo {
 
 const DEFAULT_HOLD_MS = 2000;
 
-function parseTarget(t: FaultRelayOptions['target']): { host: string; port: number } {
-  if (typeof t !== 'string') return t;
+function parseTarget(t: FaultRelayOptions['target']): Endpoint {
+  if (typeof t !== 'string') return { kind: 'tcp', host: t.host, port: t.port };
   const m = /^tcp:(\[[^\]]+\]|[^:]+):(\d+)$/.exec(t);
   if (!m) throw new Error(`fault relay: target must be tcp:HOST:PORT, got ${t}`);
-  return { host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
+  return { kind: 'tcp', host: m[1]!.replace(/^\[|\]$/g, ''), port: Number(m[2]) };
 }
 
 /** One direction of one connection: reads `from`, applies the faults, writes `to`. */
@@ -277,24 +279,24 @@ class RelayConnection {
   }
 
   /** Opens the onward connection and starts forwarding. */
-  connect(target: { host: string; port: number }, highWater: number): Promise<void> {
-    return new Promise((resolve) => {
-      if (this.closing) return resolve();
-      const up = net.connect(target);
-      this.upstream = up;
-      up.setNoDelay(true);
-      this.client.setNoDelay(true);
-      up.on('error', () => this.onSocketGone(up, true));
-      up.on('close', (hadError) => this.onSocketGone(up, hadError));
-      up.once('connect', () => {
-        if (this.closing) return resolve();
+  connect(target: Endpoint, highWater: number): Promise<void> {
+    if (this.closing) return Promise.resolve();
+    // The socket factory's connect; no time limit of ours beyond the destination's own (30 s).
+    const { socket: up, connected } = dial(target, { timeoutMs: 30_000 });
+    this.upstream = up;
+    up.setNoDelay(true);
+    this.client.setNoDelay(true);
+    up.on('error', () => this.onSocketGone(up, true));
+    up.on('close', (hadError) => this.onSocketGone(up, hadError));
+    return connected.then(
+      () => {
+        if (this.closing) return;
         (this as { up: Pipe | undefined }).up = new Pipe(this, 'up', this.client, up, this.faults.up ?? {}, linkBuffer(this.client, this.faults.up, highWater));
         this.downPipe = new Pipe(this, 'down', up, this.client, this.faults.down ?? {}, linkBuffer(up, this.faults.down, highWater));
         this.client.resume();
-        resolve();
-      });
-      up.once('error', () => resolve());
-    });
+      },
+      () => undefined,
+    );
   }
 
   info(): RelayConnectionInfo {
@@ -385,25 +387,19 @@ export class FaultRelay {
   private frozenAt: number | undefined;
 
   private constructor(
-    private readonly server: net.Server,
-    private readonly target: { host: string; port: number },
+    private readonly listening: Listening,
+    private readonly target: Endpoint,
     private readonly opts: FaultRelayOptions,
   ) {
-    this.uri = `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`;
-    server.on('connection', (s) => this.onConnection(s));
+    this.uri = `tcp:127.0.0.1:${(listening.endpoint as { port: number }).port}`;
+    listening.server.on('connection', (s: net.Socket) => this.onConnection(s));
   }
 
-  /** Listens on 127.0.0.1 (ephemeral port). */
+  /** Listens on 127.0.0.1 (ephemeral port), through the socket factory. */
   static async start(opts: FaultRelayOptions): Promise<FaultRelay> {
-    const server = net.createServer({ pauseOnConnect: true });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ host: '127.0.0.1', port: 0 }, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    return new FaultRelay(server, parseTarget(opts.target), opts);
+    const target = parseTarget(opts.target);
+    const listening = await listen({ kind: 'tcp', host: '127.0.0.1', port: 0 }, { pauseOnConnect: true });
+    return new FaultRelay(listening, target, opts);
   }
 
   /** `tcp:127.0.0.1:PORT`: give it to the source as its destination (still readable after `close()`). */
@@ -516,7 +512,7 @@ export class FaultRelay {
     this.closed = true;
     clearTimeout(this.holdTimer);
     for (const c of this.conns) c.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await new Promise<void>((resolve) => this.listening.server.close(() => resolve()));
   }
 }
 

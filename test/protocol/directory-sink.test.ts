@@ -453,6 +453,27 @@ describe('DirectorySink under a DestinationSession', () => {
     expect(await leftAfter(before, 4000)).toEqual([]);
   });
 
+  it('XBZRLE into a DirectorySink: deltas apply to the pages as the sink holds them (staged, in flight or on disk); the file equals the source memory', async () => {
+    const dir = freshDir();
+    // Slow writes (each done 40 ms late): the deltas of the next pass find their pages still in flight.
+    const io: DirectorySinkFs = { ...nodeFsOps(), write: (fd, b, o, l, p, cb) => void setTimeout(() => fs.write(fd, b, o, l, p, cb), 40) };
+    const sink = new DirectorySink(dir, { fs: io, writeBytes: 64 * 1024 });
+    const memory = guest(4 * MiB);
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink });
+    const src = new SourceSession({ to: dst.uri, memory, machineType: 'pc-q35-10.0', devices: [], xbzrleCacheBytes: 8 * MiB, maxPasses: 3, downtimeLimitMs: 1, stopVm: () => undefined });
+    // After each pass the guest changes a few bytes of many data pages: the next pass sends them as XBZRLE.
+    let round = 0;
+    src.on('pass', () => {
+      round++;
+      for (let off = 0; off < 4 * MiB; off += 8 * PAGE) memory.write('pc.ram', off + 100 + round, Buffer.from([round, 0xaa ^ round]));
+    });
+    src.start();
+    const [stats] = await Promise.all([src.done, dst.done]);
+    await sink.close();
+    expect(stats.xbzrle, 'XBZRLE pages sent').toBeGreaterThan(0);
+    expect(readFileSync(join(dir, blockFileName('pc.ram'))).equals(memory.memory.get('pc.ram')!)).toBe(true);
+  });
+
   it('disk full under a DestinationSession: done rejects with MigrationError storage whose cause names the file; no hang, nothing left open', async () => {
     const before = resourceSnapshot();
     let written = 0;

@@ -12,9 +12,11 @@
  */
 import { createWriteStream, type WriteStream } from 'node:fs';
 import { mkdir, rm } from 'node:fs/promises';
-import { createServer, Socket, type Server } from 'node:net';
+import { Socket, type Server } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { Endpoint as TransportEndpoint } from '../../src/transport/endpoint.js';
+import { dial, listen } from '../../src/transport/sockets.js';
 
 export type Endpoint = { host: string; port: number } | { path: string };
 
@@ -24,6 +26,12 @@ export function parseEndpoint(uri: string): Endpoint {
   const m = /^tcp:(\[[^\]]+\]|[^:]+):(\d+)(?:,.*)?$/.exec(uri);
   if (m && m[1] && m[2]) return { host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]) };
   throw new Error(`relay: unsupported URI ${uri} (use tcp:HOST:PORT or unix:PATH)`);
+}
+
+/** The socket factory's form of an endpoint. */
+function factoryEndpoint(ep: Endpoint | { host?: string; port?: number }): TransportEndpoint {
+  if ('path' in ep) return { kind: 'unix', path: ep.path };
+  return { kind: 'tcp', host: ep.host ?? '127.0.0.1', port: ep.port ?? 0 };
 }
 
 /** Formats an endpoint as a QEMU migration URI. */
@@ -182,7 +190,7 @@ export class MigrationRelay {
   uri = '';
   readonly target: Endpoint;
   private readonly t0 = performance.now();
-  private readonly server: Server;
+  private server: Server | undefined;
   private readonly states: ConnState[] = [];
   private generation = 0;
   private perGeneration = 0;
@@ -195,7 +203,6 @@ export class MigrationRelay {
   private constructor(private readonly opts: RelayOptions) {
     this.target = typeof opts.target === 'string' ? parseEndpoint(opts.target) : opts.target;
     this.rateLimit = opts.rateLimit;
-    this.server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (sock) => this.onAccept(sock));
   }
 
   /** Creates the relay and starts listening. */
@@ -203,17 +210,13 @@ export class MigrationRelay {
     const r = new MigrationRelay(opts);
     if (opts.recordDir) await mkdir(opts.recordDir, { recursive: true });
     r.setRateLimit(opts.rateLimit);
-    const listen = opts.listen ?? {};
-    await new Promise<void>((resolve, reject) => {
-      r.server.once('error', reject);
-      if ('path' in listen) {
-        r.listenPath = listen.path;
-        r.server.listen(listen.path, () => resolve());
-      } else {
-        r.server.listen(listen.port ?? 0, listen.host ?? '127.0.0.1', () => resolve());
-      }
-    });
-    const addr = r.server.address();
+    const at = opts.listen ?? {};
+    if ('path' in at) r.listenPath = at.path;
+    // The socket factory's listen (a stale unix socket file is removed first).
+    const l = await listen(factoryEndpoint(at), { allowHalfOpen: true, pauseOnConnect: true });
+    r.server = l.server;
+    l.server.on('connection', (sock: Socket) => r.onAccept(sock));
+    const addr = l.server.address();
     if (typeof addr === 'string') r.uri = `unix:${addr}`;
     else if (addr) r.uri = endpointUri({ host: addr.address, port: addr.port });
     return r;
@@ -343,8 +346,8 @@ export class MigrationRelay {
           upstream.once('connect', onConnect);
           upstream.once('error', done);
           upstream.once('close', done);
-          if ('path' in this.target) upstream.connect(this.target.path);
-          else upstream.connect(this.target.port, this.target.host);
+          // The socket factory's connect, on the socket whose listeners are already in place.
+          dial(factoryEndpoint(this.target), { socket: upstream, timeoutMs: 30_000 }).connected.catch(() => undefined);
         }),
     );
   }
@@ -475,7 +478,7 @@ export class MigrationRelay {
     if (this.closed) return;
     this.closed = true;
     for (const s of this.states) this.destroyConn(s, false);
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
     await Promise.all(this.connections.flatMap((c) => [c.srcToDst.closeFile(), c.dstToSrc.closeFile()]));
     if (this.listenPath) await rm(this.listenPath, { force: true });
   }

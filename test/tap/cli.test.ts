@@ -12,6 +12,7 @@ import { PassThrough } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { formatTapReport, runTapCommand, type TapCommandReport } from '../../src/cli/tap.js';
 import type { Tap } from '../../src/protocol/tap/index.js';
+import { startQmt } from '../cli/qmt.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const FIXTURES = join(ROOT, 'test', 'fixtures');
@@ -41,20 +42,24 @@ async function until(cond: () => boolean, what: string, timeoutMs = 5000): Promi
 }
 
 /** Replays postcopy-main.bin / postcopy-rp.bin through `tap` in recorded order (each chunk awaited at the far end). */
-async function replayPostcopy(tap: Tap, dstServer: net.Server): Promise<void> {
+async function replayPostcopy(tap: Tap | string, dstServer: net.Server): Promise<{ atDst: Buffer }> {
   const [main, rp] = await Promise.all([readFile(join(FIXTURES, 'postcopy-main.bin')), readFile(join(FIXTURES, 'postcopy-rp.bin'))]);
   const sc = JSON.parse(await readFile(join(FIXTURES, 'postcopy.json'), 'utf8')) as Sidecar;
   const conn = sc.relay.connections[0]!;
   const accepted = once(dstServer, 'connection') as Promise<[net.Socket]>;
-  const m = /^tcp:(.*):(\d+)$/.exec(tap.uri)!;
+  const m = /^tcp:(.*):(\d+)$/.exec(typeof tap === 'string' ? tap : tap.uri)!;
   const src = net.connect({ host: m[1]!, port: Number(m[2]) });
-  const [dst] = await accepted;
-  const atDst = collect(dst);
   const atSrc = collect(src);
   const steps = [
     ...conn.srcToDstChunks.map(([t, off, len]) => ({ t, up: true, off, len })),
     ...conn.dstToSrcChunks.map(([t, off, len]) => ({ t, up: false, off, len })),
   ].sort((a, b) => a.t - b.t);
+  // The tap connects to the destination once the source's first bytes (the magic) have qualified it.
+  const first = steps.shift()!;
+  src.write(main.subarray(first.off, first.off + first.len));
+  const [dst] = await accepted;
+  const atDst = collect(dst);
+  await until(() => atDst.bytes() >= first.off + first.len, 'first chunk');
   for (const s of steps) {
     if (s.up) src.write(main.subarray(s.off, s.off + s.len));
     else dst.write(rp.subarray(s.off, s.off + s.len));
@@ -62,6 +67,7 @@ async function replayPostcopy(tap: Tap, dstServer: net.Server): Promise<void> {
   }
   src.end();
   dst.end();
+  return { atDst: atDst.data() };
 }
 
 describe('qmt tap (runTapCommand)', () => {
@@ -74,7 +80,7 @@ describe('qmt tap (runTapCommand)', () => {
     let err = '';
     stdout.on('data', (b: Buffer) => (out += b.toString()));
     stderr.on('data', (b: Buffer) => (err += b.toString()));
-    let replay: Promise<void> | undefined;
+    let replay: Promise<unknown> | undefined;
     const r = await runTapCommand(
       { listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${(dstServer.address() as net.AddressInfo).port}` },
       { stdout, stderr, onListening: (tap) => (replay = replayPostcopy(tap, dstServer)) },
@@ -100,7 +106,7 @@ describe('qmt tap (runTapCommand)', () => {
     const stdout = new PassThrough();
     let out = '';
     stdout.on('data', (b: Buffer) => (out += b.toString()));
-    let replay: Promise<void> | undefined;
+    let replay: Promise<unknown> | undefined;
     await runTapCommand(
       { listen: 'tcp:127.0.0.1:0', to: `tcp:127.0.0.1:${(dstServer.address() as net.AddressInfo).port}`, json: true },
       { stdout, stderr: new PassThrough(), onListening: (tap) => (replay = replayPostcopy(tap, dstServer)) },
@@ -129,6 +135,46 @@ describe('qmt tap (runTapCommand)', () => {
 });
 
 describe('qmt tap (command line)', () => {
+  it('strangers before the real source are dropped and reported; the source gets the main role and the migration completes', async () => {
+    const dstServer = net.createServer();
+    const arrived: net.Socket[] = [];
+    dstServer.on('connection', (s) => arrived.push(s));
+    await new Promise<void>((r) => dstServer.listen(0, '127.0.0.1', r));
+    const run = startQmt(['tap', '--listen', 'tcp:127.0.0.1:0', '--to', `tcp:127.0.0.1:${(dstServer.address() as net.AddressInfo).port}`, '--json']);
+    try {
+      const [, uri] = await run.stderrMatches(/^qmt: tap listening on (tcp:\S+), relaying/m);
+      const port = Number(/:(\d+)$/.exec(uri!)![1]);
+      // An HTTP health probe: dropped at its first bytes.
+      const http = net.connect(port, '127.0.0.1');
+      http.on('error', () => undefined);
+      http.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+      await run.stderrMatches(/^qmt: stranger from 127\.0\.0\.1:\d+ dropped \(not-migration\): not-a-migration-channel: first bytes 47 45 54 20/m);
+      // A client that connects first and says nothing: it must not become the main channel.
+      const silent = net.connect(port, '127.0.0.1');
+      silent.on('error', () => undefined);
+      await once(silent, 'connect');
+      const { atDst } = await replayPostcopy(uri!, dstServer);
+      const r = await run.exit;
+      silent.destroy();
+      http.destroy();
+      expect(r.code).toBe(0);
+      const j = JSON.parse(r.stdout) as TapCommandReport;
+      expect(j.ok).toBe(true);
+      expect(j.sessions).toHaveLength(1);
+      expect(j.sessions[0]!.complete).toBe(true);
+      // Only the real source's connection reached the destination, with the stream unchanged.
+      expect(arrived).toHaveLength(1);
+      expect(atDst.equals(await readFile(join(FIXTURES, 'postcopy-main.bin')))).toBe(true);
+      expect(j.strangers.count).toBe(2);
+      expect(j.strangers.latest.map((e) => `${e.reason}/${e.code}`)).toEqual(['not-migration/not-a-migration-channel', 'extra/channel-order']);
+      expect(r.stderr).toMatch(/^qmt: stranger from 127\.0\.0\.1:\d+ dropped \(extra\): channel-order: another connection became the main channel$/m);
+    } finally {
+      run.child.kill('SIGKILL');
+      for (const s of arrived) s.destroy();
+      dstServer.close();
+    }
+  });
+
   const run = (args: string[]) => spawn(process.execPath, ['--import', 'tsx', join(ROOT, 'src', 'cli', 'main.ts'), ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
 
   it('refuses a missing --to', async () => {

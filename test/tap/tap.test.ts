@@ -23,7 +23,8 @@ import { startTap, type Tap, type TapReport } from '../../src/protocol/tap/index
 import type { Channel } from '../../src/transport/channel.js';
 import { MigrationListener, SourceConnection, type DestinationConnection } from '../../src/transport/connection.js';
 import { initPkiDir, loadTlsDir } from '../../src/transport/pki.js';
-import { secureAccept, serverTlsOptions } from '../../src/transport/tls.js';
+import type { StrangerEvent } from '../../src/transport/qualify.js';
+import { clientTlsOptions, secureAccept, secureConnect, serverTlsOptions } from '../../src/transport/tls.js';
 
 const FIXTURES = join(import.meta.dirname, '..', 'fixtures');
 const MiB = 1024 * 1024;
@@ -103,6 +104,27 @@ function channelEnd(ch: Channel): End {
     received: () => c.data(),
     receivedBytes: () => c.bytes,
     waitFor: (n, t) => c.waitFor(n, t),
+  };
+}
+
+/**
+ * The end of a connection that exists only later: the tap connects to the
+ * destination once the source's first bytes have qualified (the magic), so the
+ * replay writes before that end is there.
+ */
+function later(p: Promise<End>): End {
+  let e: End | undefined;
+  void p.then((x) => (e = x));
+  const now = (): End => {
+    if (!e) throw new Error('that connection has not arrived');
+    return e;
+  };
+  return {
+    write: async (b) => (await p).write(b),
+    end: () => void p.then((x) => x.end()),
+    received: () => now().received(),
+    receivedBytes: () => now().receivedBytes(),
+    waitFor: async (n, t) => (await p).waitFor(n, t),
   };
 }
 
@@ -217,7 +239,7 @@ describe('tap: fixture replay, plain TCP', () => {
     tap.on('milestone', (m) => events.milestones.push(m.name));
     const src = await plainSource(tap.uri);
     const ended = tap.sessionEnd(1);
-    await replay(timeline(sc), { src: [main], dst: [rp] }, { src: src.end, dst: await dst.next(0) }, () => Promise.reject(new Error('no preempt here')));
+    await replay(timeline(sc), { src: [main], dst: [rp] }, { src: src.end, dst: later(dst.next(0)) }, () => Promise.reject(new Error('no preempt here')));
     src.end.end();
     dst.ends[0]!.end();
     const r = await ended;
@@ -275,7 +297,7 @@ describe('tap: fixture replay, plain TCP', () => {
     const src = await plainSource(tap.uri);
     let preSrc: net.Socket | undefined;
     const ended = tap.sessionEnd(1);
-    await replay(timeline(sc), { src: [main, pre], dst: [rp, Buffer.alloc(0)] }, { src: src.end, dst: await dst.next(0) }, async () => {
+    await replay(timeline(sc), { src: [main, pre], dst: [rp, Buffer.alloc(0)] }, { src: src.end, dst: later(dst.next(0)) }, async () => {
       const p = await plainSource(tap.uri);
       preSrc = p.sock;
       return { src: p.end, dst: await dst.next(1) };
@@ -315,7 +337,7 @@ describe('tap: fixture replay, plain TCP', () => {
     tap.on('parse-error', (e) => errors.push(`${e.direction}:${e.error.code}`));
     const src = await plainSource(tap.uri);
     const ended = tap.sessionEnd();
-    await replay(timeline(sc), { src: [main], dst: [rp] }, { src: src.end, dst: await dst.next(0) }, () => Promise.reject(new Error('no preempt')));
+    await replay(timeline(sc), { src: [main], dst: [rp] }, { src: src.end, dst: later(dst.next(0)) }, () => Promise.reject(new Error('no preempt')));
     src.end.end();
     dst.ends[0]!.end();
     const r = await ended;
@@ -349,13 +371,16 @@ describe('tap: TLS in and out', () => {
     const tap = await tapTo(listener.uri, { tlsIn: dir, tlsOut: dir, tlsHostname: 'localhost' });
     const source = await SourceConnection.connect(tap.uri, { tls: { dir, hostname: 'localhost' } });
     cleanups.push(() => source.destroy());
-    const dest: DestinationConnection = await listener.accept();
-    cleanups.push(() => dest.destroy());
+    // The tap connects onward once the source's first bytes (the magic) have qualified it.
+    const accepted = listener.accept();
+    void accepted.then((d) => cleanups.push(() => d.destroy()));
     const ended = tap.sessionEnd(1);
-    await replay(timeline(sc), { src: [main, pre], dst: [rp, Buffer.alloc(0)] }, { src: channelEnd(source.main), dst: channelEnd(dest.main) }, async () => {
+    await replay(timeline(sc), { src: [main, pre], dst: [rp, Buffer.alloc(0)] }, { src: channelEnd(source.main), dst: later(accepted.then((d) => channelEnd(d.main))) }, async () => {
       const ch = await source.connectPreempt();
+      const dest: DestinationConnection = await accepted;
       return { src: channelEnd(ch), dst: channelEnd(await dest.waitPreempt()) };
     });
+    const dest = await accepted;
     await source.close();
     await dest.close();
     const r = await ended;
@@ -372,6 +397,39 @@ describe('tap: TLS in and out', () => {
     expectCleanRequests(r, ram['postcopy-requests']);
     expect(r.complete).toBe(true);
     expect(r.parseErrors).toEqual([]);
+  });
+
+  it('a preempt connection whose handshake completes after the main connection closed is dropped and reported as extra', async () => {
+    const dst = await plainDestination();
+    cleanups.push(() => dst.close());
+    const tap = await tapTo(dst.uri, { tlsIn: dir });
+    const strangers: StrangerEvent[] = [];
+    tap.on('stranger', (ev) => strangers.push(ev));
+    const port = Number(/:(\d+)$/.exec(tap.uri)![1]);
+    const opts = clientTlsOptions(await loadTlsDir(dir, 'client'), { dir, endpoint: 'client', hostname: 'localhost' }, '127.0.0.1');
+    const main = await secureConnect({ ...opts, host: '127.0.0.1', port }, { channel: 'main' });
+    main.on('error', () => undefined);
+    main.write('QEVM');
+    const d = await dst.next(0);
+    await d.waitFor(4);
+    // The second connection arrives while the main one is open (a preempt candidate), but has not begun its handshake.
+    const raw = net.connect(port, '127.0.0.1');
+    raw.on('error', () => undefined);
+    await once(raw, 'connect');
+    const deadline = Date.now() + 5000;
+    while (tap.pendingConnections === 0 && Date.now() < deadline) await sleep(5);
+    expect(tap.pendingConnections).toBe(1);
+    const ended = tap.sessionEnd(1);
+    main.destroy();
+    dst.conns[0]!.destroy();
+    await ended;
+    // Now it qualifies (a valid certificate), for a role that is gone.
+    const late = await secureConnect({ ...opts, socket: raw }, { channel: 'preempt' });
+    late.on('error', () => undefined);
+    while (strangers.length === 0 && Date.now() < deadline + 5000) await sleep(5);
+    expect(strangers).toMatchObject([{ reason: 'extra', error: { code: 'channel-order', channel: 'preempt' } }]);
+    expect(dst.conns).toHaveLength(1);
+    late.destroy();
   });
 
   it('the preempt connection to the destination is opened only once the main one is established (TLS handshake included)', async () => {
@@ -404,19 +462,21 @@ describe('tap: TLS in and out', () => {
     });
     const tap = await tapTo(`tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`, { tlsOut: dir, tlsHostname: 'localhost' });
     tap.on('channel', (c) => log.push(`tap-${c.role}`));
-    // The source opens both connections at once and writes on each.
+    // The source's main connection qualifies by its magic; then the second one comes at once, and both write.
+    const sessionStarted = once(tap, 'session');
     const a = await plainSource(tap.uri);
+    a.sock.write('QEVM');
+    await sessionStarted;
     const b = await plainSource(tap.uri);
-    a.sock.write('M');
     b.sock.write('P');
     const deadline = Date.now() + 5000;
-    while (!(log.includes('data0:M') && log.includes('data1:P')) && Date.now() < deadline) await sleep(10);
+    while (!(log.includes('data0:QEVM') && log.includes('data1:P')) && Date.now() < deadline) await sleep(10);
     // The tap connected the second connection only after its handshake on the first had completed
     // (300 ms late); QEMU's source does the same (and waits for PONG 1 before connecting at all).
     expect(log.indexOf('tap-main')).toBeGreaterThan(log.indexOf('tcp0'));
     expect(log.indexOf('tcp1')).toBeGreaterThan(log.indexOf('tap-main'));
     expect(log.indexOf('tap-preempt')).toBeGreaterThan(log.indexOf('tcp1'));
-    expect(log.filter((l) => l.startsWith('data'))).toEqual(expect.arrayContaining(['data0:M', 'data1:P']));
+    expect(log.filter((l) => l.startsWith('data'))).toEqual(expect.arrayContaining(['data0:QEVM', 'data1:P']));
     a.sock.destroy();
     b.sock.destroy();
   });
@@ -428,13 +488,17 @@ describe('tap: forwarding', () => {
     cleanups.push(() => dst.close());
     const tap = await tapTo(dst.uri);
     const src = await plainSource(tap.uri);
-    const d = await dst.next(0);
-    dst.conns[0]!.pause();
     const payload = randomBytes(48 * MiB);
+    // The magic qualifies the connection (the tap then connects onward); the rest is not a stream.
+    payload.write('QEVM', 0, 'latin1');
+    src.sock.write(payload.subarray(0, 4));
+    const d = await dst.next(0);
+    await d.waitFor(4);
+    dst.conns[0]!.pause();
     let written = 0;
     // Write as fast as the source socket takes it.
     const writer = (async () => {
-      for (let off = 0; off < payload.length; off += 1 * MiB) {
+      for (let off = 4; off < payload.length; off += 1 * MiB) {
         if (!src.sock.write(payload.subarray(off, off + MiB))) await once(src.sock, 'drain');
         written = off + MiB;
       }
@@ -450,8 +514,8 @@ describe('tap: forwarding', () => {
     expect(d.received().equals(payload)).toBe(true);
     const r = tap.report()!;
     expect(r.overhead.peakQueuedBytes).toBeLessThanOrEqual(256 * 1024);
-    // Not a QEMU stream: one parse error, and the bytes went through regardless.
-    expect(r.parseErrors).toMatchObject([{ direction: 'main', code: 'bad-magic' }]);
+    // Not a QEMU stream after its magic: one parse error, and the bytes went through regardless.
+    expect(r.parseErrors).toMatchObject([{ direction: 'main' }]);
   });
 
   it('overhead: forwarding delay and throughput of a 256 MiB RAM stream, parsed on the way (printed)', async () => {
@@ -459,7 +523,7 @@ describe('tap: forwarding', () => {
     cleanups.push(() => dst.close());
     const tap = await tapTo(dst.uri);
     const src = await plainSource(tap.uri);
-    const d = await dst.next(0);
+    const d = later(dst.next(0));
     const pages = 65_536;
     const perSection = 1024;
     const ram = { sectionId: 1, idstr: 'ram', instanceId: 0, versionId: 4 } as const;
@@ -512,8 +576,8 @@ describe('tap: forwarding', () => {
     const errors: string[] = [];
     tap.on('error', (e) => errors.push(e.code));
     const src = await plainSource(tap.uri);
-    const d = await dst.next(0);
     src.sock.write('QEVM');
+    const d = await dst.next(0);
     await d.waitFor(4);
     const closed = new Promise((resolve) => dst.conns[0]!.once('close', resolve));
     const ended = tap.sessionEnd(1);
@@ -525,9 +589,9 @@ describe('tap: forwarding', () => {
     expect(errors).toEqual(['reset']);
     // A new main connection: session 2.
     const again = await plainSource(tap.uri);
+    again.sock.write('QEVM');
     const d2 = await dst.next(1);
-    again.sock.write('x');
-    await d2.waitFor(1);
+    await d2.waitFor(4);
     expect(tap.report()!.session).toBe(2);
     expect(tap.reports().map((r) => r.session)).toEqual([1, 2]);
     again.sock.destroy();
@@ -539,13 +603,17 @@ describe('tap: forwarding', () => {
     const tap = await tapTo(dst.uri);
     const codes: string[] = [];
     tap.on('error', (e) => codes.push(e.code));
+    const strangers: string[] = [];
+    tap.on('stranger', (ev) => strangers.push(ev.reason));
     const a = await plainSource(tap.uri);
+    a.sock.write('QEVM');
     await dst.next(0);
     const b = await plainSource(tap.uri);
     await dst.next(1);
     const c = await plainSource(tap.uri);
     await new Promise((resolve) => c.sock.once('end', resolve));
     expect(codes).toEqual(['channel-order']);
+    expect(strangers).toEqual(['extra']);
     expect(dst.conns.length).toBe(2);
     a.sock.destroy();
     b.sock.destroy();
@@ -555,6 +623,7 @@ describe('tap: forwarding', () => {
     const codes2: string[] = [];
     dead.on('error', (e) => codes2.push(e.code));
     const s = await plainSource(dead.uri);
+    s.sock.write('QEVM');
     await new Promise((resolve) => s.sock.once('close', resolve));
     expect(codes2).toEqual(['connect-failed']);
     const r = await dead.sessionEnd(1);

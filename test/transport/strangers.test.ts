@@ -210,6 +210,64 @@ describe('plain TCP strangers are dropped, the listener keeps waiting', () => {
   });
 });
 
+describe('silent preempt candidates (plain TCP)', () => {
+  const PAGE = Buffer.concat([Buffer.from('0000000000002008', 'hex'), Buffer.from([6]), Buffer.from('pc.ram'), Buffer.alloc(4096, 7)]);
+
+  async function withMain(w: Awaited<ReturnType<typeof watched>>) {
+    const accepted = w.listener.accept();
+    const main = await w.raw();
+    main.write(MAGIC);
+    return accepted;
+  }
+
+  it('one that stays silent past qualifyTimeoutMs is dropped once a newer one waits; the newest keeps waiting and becomes the preempt channel', async () => {
+    const w = await watched({ qualifyTimeoutMs: 300 });
+    try {
+      const conn = await withMain(w);
+      const stranger = await w.raw();
+      const strangerClosed = once(stranger, 'close');
+      const real = await w.raw();
+      await w.until('the silent stranger to time out', () => w.strangers.length === 1);
+      expect(w.strangers[0]).toMatchObject({ reason: 'timeout', error: { code: 'qualify-timeout', channel: 'preempt' } });
+      await strangerClosed; // the older one went
+      // The newest is past its own limit too, but it is the one the real, silent, preempt channel would be.
+      await new Promise((r) => setTimeout(r, 600));
+      expect(w.strangers).toHaveLength(1);
+      expect(w.listener.pendingConnections).toBe(1);
+      expect(conn.preemptExpected).toBe(true);
+      real.write(PAGE);
+      const pre = await conn.waitPreempt();
+      expect(pre.role).toBe('preempt');
+      conn.destroy();
+    } finally {
+      w.close();
+    }
+  });
+
+  it('at maxPendingConnections the oldest silent one makes room: the real preempt channel after a flood of silent ones still gets in', async () => {
+    const max = 4;
+    const w = await watched({ maxPendingConnections: max, qualifyTimeoutMs: 30_000 });
+    try {
+      const conn = await withMain(w);
+      for (let i = 0; i < max; i++) await w.raw();
+      await w.until('the flood to wait', () => w.listener.pendingConnections === max);
+      const real = await w.raw();
+      await w.until('room made for the newcomer', () => w.strangers.length === 1);
+      expect(w.strangers[0]).toMatchObject({ reason: 'too-many', error: { code: 'too-many-connections' } });
+      expect(w.listener.pendingConnections).toBe(max);
+      real.write(PAGE);
+      const pre = await conn.waitPreempt();
+      expect(pre.role).toBe('preempt');
+      // The silent rest is dropped once the role is taken.
+      await w.until('the rest dropped', () => w.strangers.length === max);
+      expect(w.strangers.slice(1).every((e) => e.reason === 'extra')).toBe(true);
+      conn.destroy();
+    } finally {
+      w.close();
+    }
+  });
+});
+
 describe('TLS strangers', () => {
   const good = () => ({ tls: { dir: join(dir, 'good') } });
 

@@ -2,9 +2,15 @@
  * `qmt tap`: a protocol-aware relay between a QEMU source and a QEMU
  * destination.
  *
- * Connections are taken in the order QEMU opens them: the first of a
- * migration is the main channel, the second (while the main one is open) the
- * preempt channel. For each, the tap opens the matching connection to the
+ * Connections qualify as the destination's do (src/transport/admission.ts):
+ * the main channel is the first whose first bytes begin a migration stream
+ * (the magic) or a postcopy recovery (RECV_BITMAP / POSTCOPY_RESUME) — with
+ * TLS in, after a handshake with a valid client certificate — and anything
+ * else (a probe, an HTTP request, a client of another CA, a silent client) is
+ * dropped and reported as a 'stranger'; the preempt channel is the next
+ * connection while the main one is open (after its TLS handshake), by order as
+ * QEMU takes it: a QEMU destination waits for it at POSTCOPY_LISTEN, before
+ * the source has anything urgent to send on it. For each, the tap opens the matching connection to the
  * destination, in the same order: the preempt one only once the main one is
  * established (TCP, and TLS when configured), so the destination, which tells
  * channels apart by arrival alone, sees the right order. Bytes are forwarded
@@ -16,18 +22,19 @@
  * main connection and gets its own report (kind 'resume').
  */
 import { EventEmitter } from 'node:events';
-import { lstat, unlink } from 'node:fs/promises';
-import net from 'node:net';
+import type net from 'node:net';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
 import type { LatencySummary } from '../latency.js';
 import type { StreamError } from '../../stream/errors.js';
+import { Admission, describeBytes, type FirstBytesJudgement } from '../../transport/admission.js';
 import { classifySocketError } from '../../transport/channel.js';
-import { connectSocket } from '../../transport/connection.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../transport/endpoint.js';
 import { TransportError } from '../../transport/errors.js';
-import { loadTlsDir } from '../../transport/pki.js';
-import { classifyTlsError, clientTlsOptions, secureAccept, secureConnect, serverTlsOptions } from '../../transport/tls.js';
+import { loadTlsDir, type TlsMaterial } from '../../transport/pki.js';
+import { DEFAULT_MAX_PENDING_CONNECTIONS, judgeMainStart, type StrangerEvent } from '../../transport/qualify.js';
+import { connect, listen, type Listening, type TlsClientSpec } from '../../transport/sockets.js';
+import { classifyTlsError, clientTlsOptions, type TlsSettings } from '../../transport/tls.js';
 import {
   MigrationAnalysis,
   type AnalysisReport,
@@ -68,8 +75,14 @@ export interface TapOptions {
   tlsOut?: string;
   /** The name the destination's certificate must carry (QEMU's `tls-hostname`); needed with a unix `to` and `tlsOut`. */
   tlsHostname?: string;
-  /** Limit of one connection to the destination, TCP plus TLS, and of the source's TLS handshake (default 10 000 ms). */
+  /**
+   * Limit of one connection to the destination, TCP plus TLS, and of a
+   * source's connection to qualify (TLS handshake, then its first bytes)
+   * (default 10 000 ms).
+   */
   connectTimeoutMs?: number;
+  /** Most connections waiting to qualify at once (default 16; at the bound the oldest is dropped). */
+  maxPendingConnections?: number;
 }
 
 /** One relayed connection. Times are ms after the session started. */
@@ -157,12 +170,15 @@ export interface TapEvents {
   'parse-error': [{ session: number; direction: TapDirection; error: StreamError }];
   /** Every connection of a session has closed: its final report. */
   'session-end': [TapReport];
+  /** A connection was dropped before it became a channel (see the file comment); the tap keeps listening. */
+  stranger: [StrangerEvent];
   /** A connection failed (also in the report's transportErrors). Emitted only when listened to. */
   error: [TransportError];
 }
 
 const noop = (): void => undefined;
 const LINGER_MS = 10_000;
+const MAX_STRANGERS_KEPT = 100;
 
 function tlsInfo(s: AnySocket | undefined): { protocol: string | null; cipher: string } | null {
   const t = s as tls.TLSSocket | undefined;
@@ -284,50 +300,65 @@ export class Tap extends EventEmitter<TapEvents> {
   private closing = false;
   private readonly endWaiters: Array<{ session: number; resolve: (r: TapReport) => void }> = [];
 
+  private readonly admission: Admission;
+  private readonly strangerEvents: StrangerEvent[] = [];
+  private strangerCount = 0;
+
   private constructor(
-    private readonly server: net.Server,
-    private readonly listenEp: Endpoint,
+    private readonly listening: Listening,
     private readonly target: Endpoint,
-    private readonly serverTls: tls.TlsOptions | undefined,
-    private readonly clientTls: tls.ConnectionOptions | undefined,
+    private readonly tlsIn: boolean,
+    private readonly clientTls: TlsClientSpec | undefined,
     private readonly timeoutMs: number,
+    maxPending: number,
   ) {
     super();
+    this.admission = new Admission(
+      {
+        offer: () => {
+          const cur = this.current();
+          if (!cur || !this.mainOpen(cur)) return 'main';
+          if (!cur.preempt) return 'preempt';
+          // Refused (reported as a stranger too): it also counts against the open session, as QEMU would fail on it.
+          this.transportError(cur, cur.preempt, 'source', new TransportError('channel-order', 'a third connection for one migration: refused'));
+          return undefined;
+        },
+        // The preempt channel by order (see the file comment); the main channel by its first bytes.
+        judge: (role) => (role === 'main' ? judgeTapMain : undefined),
+        take: (role, s, raw) => (role === 'main' ? this.takeMain(s, raw) : this.takePreempt(s, raw)),
+      },
+      { maxPending, qualifyMs: timeoutMs, stranger: (ev) => this.stranger(ev) },
+    );
+    this.admission.wire(listening.server, listening.secure);
   }
 
   /** @internal use {@link startTap} */
   static async start(opts: TapOptions): Promise<Tap> {
     const listenEp = parseEndpoint(opts.listen);
     const target = parseEndpoint(opts.to);
-    let serverTls: tls.TlsOptions | undefined;
-    let clientTls: tls.ConnectionOptions | undefined;
-    if (opts.tlsIn) serverTls = serverTlsOptions(await loadTlsDir(opts.tlsIn, 'server'), { dir: opts.tlsIn, endpoint: 'server' });
+    const timeoutMs = opts.connectTimeoutMs ?? 10_000;
+    let serverTls: { material: TlsMaterial; settings: TlsSettings; handshakeTimeoutMs: number } | undefined;
+    let clientTls: TlsClientSpec | undefined;
+    if (opts.tlsIn) serverTls = { material: await loadTlsDir(opts.tlsIn, 'server'), settings: { dir: opts.tlsIn, endpoint: 'server' }, handshakeTimeoutMs: timeoutMs };
     if (opts.tlsOut) {
-      const settings = { dir: opts.tlsOut, endpoint: 'client' as const, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}) };
-      clientTls = clientTlsOptions(await loadTlsDir(opts.tlsOut, 'client'), settings, target.kind === 'tcp' ? target.host : undefined);
+      const settings: TlsSettings = { dir: opts.tlsOut, endpoint: 'client', ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}) };
+      clientTls = { material: await loadTlsDir(opts.tlsOut, 'client'), settings };
+      // Refused now rather than at the first migration: no name to check the destination against (a unix `to`).
+      clientTlsOptions(clientTls.material, settings, target.kind === 'tcp' ? target.host : undefined);
     }
-    if (listenEp.kind === 'unix') await removeStaleSocket(listenEp.path);
-    // A plain source waits unread until its destination connection is up; a TLS one must run its handshake.
-    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: !serverTls });
-    const actual = await new Promise<Endpoint>((resolve, reject) => {
-      server.once('error', (e) => reject(classifySocketError(e)));
-      const done = (): void => {
-        server.removeAllListeners('error');
-        const a = server.address();
-        resolve(listenEp.kind === 'tcp' && a && typeof a === 'object' ? { kind: 'tcp', host: listenEp.host, port: a.port } : listenEp);
-      };
-      if (listenEp.kind === 'tcp') server.listen({ host: listenEp.host, port: listenEp.port }, done);
-      else server.listen(listenEp.path, done);
-    });
-    const tap = new Tap(server, actual, target, serverTls, clientTls, opts.connectTimeoutMs ?? 10_000);
-    server.on('connection', (raw: net.Socket) => tap.accepted(raw));
-    server.on('error', (e) => tap.fail(classifySocketError(e)));
-    return tap;
+    // A plain source waits unread until it has qualified; a TLS one must run its handshake.
+    const listening = await listen(listenEp, { allowHalfOpen: true, pauseOnConnect: !serverTls, ...(serverTls ? { tls: serverTls } : {}) });
+    return new Tap(listening, target, serverTls !== undefined, clientTls, timeoutMs, opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS);
   }
 
   /** Where the source connects (`migrate uri=...`), with the real port when 0 was asked. */
   get uri(): string {
-    return formatEndpoint(this.listenEp);
+    return formatEndpoint(this.listening.endpoint);
+  }
+
+  /** Connections waiting to qualify right now (TLS handshake or first bytes not yet in). */
+  get pendingConnections(): number {
+    return this.admission.size;
   }
 
   /** The destination URI. */
@@ -362,9 +393,9 @@ export class Tap extends EventEmitter<TapEvents> {
   async close(): Promise<TapReport[]> {
     if (!this.closing) {
       this.closing = true;
-      // net.Server.close() calls back only once every accepted socket has gone, including one
-      // still in its TLS handshake (which ends by its timeout): do not wait for it.
-      this.server.close();
+      this.admission.close();
+      // Returns at once: net.Server.close() would wait for every accepted socket.
+      const unlisten = this.listening.close();
       const closing: Promise<unknown>[] = [];
       for (const s of this.sessions) {
         for (const l of [s.main, s.preempt]) {
@@ -374,7 +405,7 @@ export class Tap extends EventEmitter<TapEvents> {
       }
       // Let the reports carry the closing times (sockets close within a loop turn or two).
       await Promise.race([Promise.all(closing), new Promise((resolve) => setTimeout(resolve, 1000).unref())]);
-      if (this.listenEp.kind === 'unix') await unlink(this.listenEp.path).catch(noop);
+      await unlisten;
       // Sessions whose sockets were never wired end here.
       for (const s of this.sessions) this.endSession(s);
     }
@@ -383,48 +414,45 @@ export class Tap extends EventEmitter<TapEvents> {
 
   // ---- connections ---------------------------------------------------------
 
-  private accepted(raw: net.Socket): void {
-    if (this.closing) {
-      raw.destroy();
-      return;
-    }
+  private current(): Session | undefined {
+    return this.sessions[this.sessions.length - 1];
+  }
+
+  private mainOpen(s: Session): boolean {
+    return !s.main.closed && !s.main.srcClosed;
+  }
+
+  /** A connection qualified as a main channel: a new session. False when the tap is closing. */
+  private takeMain(src: AnySocket, raw: net.Socket): boolean {
+    if (this.closing) return false;
+    const cur = this.current();
+    if (cur && this.mainOpen(cur)) return false;
+    const session = new Session(this.sessions.length + 1, cur, this);
+    this.sessions.push(session);
+    this.emit('session', { session: session.id });
+    // Connections that came before this one spoke are not its preempt channel (QEMU opens that one later).
+    this.admission.dropAll('another connection became the main channel');
+    this.relay(session, session.main, src, raw);
+    return true;
+  }
+
+  /** A connection qualified as the preempt channel of the open session. */
+  private takePreempt(src: AnySocket, raw: net.Socket): boolean {
+    const session = this.current();
+    if (this.closing || !session || !this.mainOpen(session) || session.preempt) return false;
+    const link = new Link('preempt', performance.now());
+    session.preempt = link;
+    session.analysis.preemptConnected();
+    this.admission.dropAll('another connection became the preempt channel');
+    this.relay(session, link, src, raw);
+    return true;
+  }
+
+  /** The source side is ready (qualified); the destination side is opened strictly in order, preempt after main. */
+  private relay(session: Session, link: Link, src: AnySocket, raw: net.Socket): void {
     raw.setNoDelay(true);
-    const cur = this.sessions[this.sessions.length - 1];
-    const mainOpen = cur !== undefined && !cur.main.closed && !cur.main.srcClosed;
-    if (mainOpen && cur.preempt) {
-      raw.destroy();
-      this.transportError(cur, cur.preempt, 'source', new TransportError('channel-order', 'a third connection for one migration: refused'));
-      return;
-    }
-    let session: Session;
-    let link: Link;
-    if (mainOpen) {
-      session = cur;
-      link = new Link('preempt', performance.now());
-      session.preempt = link;
-      session.analysis.preemptConnected();
-    } else {
-      session = new Session(this.sessions.length + 1, cur, this);
-      this.sessions.push(session);
-      link = session.main;
-      this.emit('session', { session: session.id });
-    }
+    this.attach(session, link, 'source', src);
     const role = link.role;
-
-    // The source side: at once (TLS handshake), in parallel with the destination side.
-    let srcReady: Promise<AnySocket>;
-    if (this.serverTls) {
-      raw.on('error', noop); // its errors surface on the TLS socket that takes it over
-      srcReady = secureAccept(raw, this.serverTls, { channel: role, timeoutMs: this.timeoutMs });
-    } else {
-      srcReady = Promise.resolve(raw);
-    }
-    srcReady.then(
-      (src) => this.attach(session, link, 'source', src),
-      (e: unknown) => this.setupFailed(session, link, 'source', e),
-    );
-
-    // The destination side: strictly in accept order; preempt only after main is established.
     const task = async (): Promise<void> => {
       if (link.srcClosed) throw new TransportError('closed', 'the source closed before the destination connection was made', { channel: role });
       if (role === 'preempt') await session.mainUp;
@@ -436,13 +464,31 @@ export class Tap extends EventEmitter<TapEvents> {
     run.catch((e: unknown) => this.setupFailed(session, link, 'destination', e));
   }
 
+  /** A connection that did not qualify (or was refused): reported, kept for the command's report. */
+  private stranger(ev: StrangerEvent): void {
+    if (this.closing) return;
+    this.strangerCount++;
+    this.strangerEvents.push(ev);
+    // Bounded: a port scanned for days keeps only the latest.
+    if (this.strangerEvents.length > MAX_STRANGERS_KEPT) this.strangerEvents.shift();
+    this.emit('stranger', ev);
+  }
+
+  /** Connections dropped before they became a channel: how many, and the latest (at most 100), oldest first. */
+  strangers(): { count: number; latest: StrangerEvent[] } {
+    return { count: this.strangerCount, latest: [...this.strangerEvents] };
+  }
+
   private async connectUpstream(role: TapRole): Promise<AnySocket> {
-    const timeoutMs = this.timeoutMs;
     // Half-open: the end of one direction is forwarded as a FIN while the other goes on.
-    const raw = await connectSocket(this.target, role, timeoutMs, { allowHalfOpen: true });
-    raw.setNoDelay(true);
-    if (!this.clientTls) return raw;
-    return secureConnect({ ...this.clientTls, socket: raw }, { channel: role, timeoutMs });
+    const { socket } = await connect(this.target, {
+      timeoutMs: this.timeoutMs,
+      role,
+      allowHalfOpen: true,
+      beforeHandshake: (raw) => raw.setNoDelay(true),
+      ...(this.clientTls ? { tls: this.clientTls } : {}),
+    });
+    return socket;
   }
 
   /** One side of a link is ready: watch it, and start forwarding once both are. */
@@ -586,7 +632,7 @@ export class Tap extends EventEmitter<TapEvents> {
       state: s.ended ? 'ended' : 'running',
       listen: this.uri,
       to: this.to,
-      tls: { in: this.serverTls !== undefined, out: this.clientTls !== undefined },
+      tls: { in: this.tlsIn, out: this.clientTls !== undefined },
       startedAt: s.startedAt.toISOString(),
       durationMs,
       ...a,
@@ -622,12 +668,17 @@ export function startTap(opts: TapOptions): Promise<Tap> {
   return Tap.start(opts);
 }
 
-async function removeStaleSocket(path: string): Promise<void> {
-  try {
-    if ((await lstat(path)).isSocket()) await unlink(path);
-  } catch {
-    // nothing there
-  }
+/** A tap's main channel begins a new migration (the magic) or a postcopy recovery (RECV_BITMAP / POSTCOPY_RESUME). */
+function judgeTapMain(seen: Buffer): FirstBytesJudgement {
+  const stream = judgeMainStart('stream', seen);
+  const resume = judgeMainStart('resume', seen);
+  if (stream === 'yes' || resume === 'yes') return { verdict: 'yes' };
+  if (stream === 'more' || resume === 'more') return { verdict: 'more' };
+  return {
+    verdict: 'no',
+    reason: 'not-migration',
+    error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are neither the migration stream magic QEVM nor a postcopy-recovery command`),
+  };
 }
 
 export type { LatencySummary };

@@ -1,0 +1,245 @@
+import { performance } from 'node:perf_hooks';
+import { ReturnPathDecoder } from '../../stream/return-path.js';
+import type { Channel } from '../../transport/channel.js';
+import type { SourceConnection } from '../../transport/connection.js';
+import { MigrationError, type MigrationPhase } from '../errors.js';
+
+/** What a link reports to its session. */
+export interface LinkHooks {
+  /** A page request (REQ_PAGES / REQ_PAGES_ID), block resolved. */
+  onRequest(link: Link, block: string, offset: number, length: number, arrived: number): void;
+  /** A channel of this link failed or closed: pause (postcopy) or fail. */
+  onLost(link: Link, e: unknown): void;
+  /** Malformed return path, SHUT ≠ 0: the migration fails. */
+  onFatal(e: MigrationError): void;
+  /** Ends every wait of the link: the session failed or refused a request. */
+  abortReason(): MigrationError | undefined;
+  phase(): MigrationPhase;
+  /** From completion's last step on, the destination may close first. */
+  over(): boolean;
+}
+
+/**
+ * One connection of a source migration: its channels, the return-path
+ * decoder and what the destination has said on it (PONGs, SHUT, received
+ * bitmaps, RESUME_ACK), and the handlers bound to them. A link that fails is
+ * dropped whole: `dropped` is set, its sockets destroyed, its waits rejected,
+ * and every handler of it checks `dropped` first — a recovery builds a new
+ * link rather than resetting this one. The encoders are not here: their state
+ * (the block list, postcopy-advised) belongs to the migration's stream, which
+ * a new link continues (only CONTINUE restarts).
+ */
+export class Link {
+  readonly main: Channel;
+  preempt: Channel | undefined;
+  dropped = false;
+  private dropReason: MigrationError | undefined;
+  private readonly rp = new ReturnPathDecoder();
+  readonly pongs = new Set<number>();
+  shut: number | undefined;
+  readonly recvBitmaps = new Map<string, Uint8Array>();
+  resumeAcked = false;
+  private lastReqBlock: string | undefined;
+  private readonly waiters = new Set<() => void>();
+  private writeWatch: NodeJS.Timeout | undefined;
+
+  constructor(
+    readonly conn: SourceConnection,
+    private readonly hooks: LinkHooks,
+    private readonly replyTimeoutMs: number,
+  ) {
+    this.main = conn.main;
+    this.main.on('error', (e) => {
+      if (this.shut !== 0) this.lost(e);
+    });
+    this.main.on('close', () => {
+      // After SHUT 0 the destination has everything and may close before we do.
+      if (!this.hooks.over() && this.shut !== 0) this.lost(new MigrationError('peer-disconnected', this.hooks.phase(), 'the destination closed the main channel'));
+    });
+    this.main.read((chunk) => this.onReturnPath(chunk));
+    this.watchWrites();
+  }
+
+  /** Connects the preempt channel of this link (the caller checks `dropped` after). */
+  async connectPreempt(): Promise<Channel> {
+    const ch = await this.conn.connectPreempt();
+    if (this.dropped) {
+      ch.destroy();
+      throw this.dropReason ?? new MigrationError('peer-disconnected', 'postcopy', 'the connection was lost');
+    }
+    this.preempt = ch;
+    ch.on('error', (e) => {
+      if (this.shut !== 0) this.lost(e);
+    });
+    return ch;
+  }
+
+  /** Drops the link: sockets destroyed, waits rejected with `reason`, handlers silenced. */
+  drop(reason: MigrationError): void {
+    if (this.dropped) return;
+    this.dropped = true;
+    this.dropReason = reason;
+    clearInterval(this.writeWatch);
+    this.conn.destroy();
+    this.wake();
+  }
+
+  /** Stops the write watchdog (the migration is over; the link closes normally). */
+  quiet(): void {
+    clearInterval(this.writeWatch);
+  }
+
+  close(): Promise<void> {
+    clearInterval(this.writeWatch);
+    return this.conn.close();
+  }
+
+  private lost(e: unknown): void {
+    if (this.dropped) return;
+    this.hooks.onLost(this, e);
+  }
+
+  private onReturnPath(chunk: Buffer): void {
+    if (this.dropped) return;
+    let msgs;
+    try {
+      msgs = this.rp.push(chunk);
+    } catch (e) {
+      this.hooks.onFatal(MigrationError.from(e, this.hooks.phase()));
+      return;
+    }
+    const now = performance.now();
+    for (const m of msgs) {
+      if (this.dropped) return;
+      switch (m.type) {
+        case 'pong':
+          this.pongs.add(m.value);
+          break;
+        case 'shut':
+          this.shut = m.value;
+          if (m.value !== 0) {
+            this.hooks.onFatal(new MigrationError('protocol', this.hooks.phase(), `the destination reported a failure (SHUT ${m.value})`));
+            return;
+          }
+          break;
+        case 'req-pages-id':
+          this.lastReqBlock = m.block;
+          this.hooks.onRequest(this, m.block, m.offset, m.length, now);
+          break;
+        case 'req-pages':
+          if (this.lastReqBlock === undefined) {
+            this.hooks.onFatal(new MigrationError('protocol', this.hooks.phase(), 'REQ_PAGES before any REQ_PAGES_ID'));
+            return;
+          }
+          this.hooks.onRequest(this, this.lastReqBlock, m.offset, m.length, now);
+          break;
+        case 'recv-bitmap':
+          this.recvBitmaps.set(m.block, m.bitmap);
+          break;
+        case 'resume-ack':
+          this.resumeAcked = true;
+          break;
+        default:
+          break; // SWITCHOVER_ACK: only with QEMU's switchover-ack capability, which we never ask for
+      }
+    }
+    // Messages before a malformed one were handled above; the error itself ends the migration now.
+    if (this.rp.error) {
+      this.hooks.onFatal(MigrationError.from(this.rp.error, this.hooks.phase()));
+      return;
+    }
+    this.wake();
+  }
+
+  /** Re-runs every wait's check (a return-path message, a refusal, the session's end). */
+  wake(): void {
+    for (const w of [...this.waiters]) w();
+  }
+
+  /**
+   * Waits until `ready()` holds, re-checked on every return-path message. Gives
+   * up only after `replyTimeoutMs` in which nothing moved: no message from the
+   * destination and no byte of ours newly acknowledged by its kernel. The
+   * stream may still be crossing a slow link when we start waiting (megabytes
+   * sit in socket buffers once our last write returned), so a fixed deadline
+   * would fail a healthy migration. Rejects when the link is dropped (with
+   * what dropped it) or the session aborts.
+   */
+  waitFor(what: string, ready: () => boolean, opts: { deliveredIsProgress?: boolean } = {}): Promise<void> {
+    const ms = this.replyTimeoutMs;
+    return new Promise<void>((resolve, reject) => {
+      let idleSince = performance.now();
+      let unacked = this.main.unackedBytes;
+      let done = false;
+      const finish = (e?: MigrationError) => {
+        if (done) return;
+        done = true;
+        clearInterval(poll);
+        this.waiters.delete(waiter);
+        if (e) reject(e);
+        else resolve();
+      };
+      const waiter = () => {
+        idleSince = performance.now();
+        const abort = this.hooks.abortReason();
+        if (abort) finish(abort);
+        else if (this.dropped) finish(this.dropReason);
+        else if (ready()) finish();
+      };
+      const poll = setInterval(
+        () => {
+          const now = performance.now();
+          const q = this.main.unackedBytes;
+          if (q !== undefined && unacked !== undefined && q < unacked) idleSince = now;
+          // Everything we sent is acknowledged: the destination has the whole stream and is
+          // finishing (a large flush may take long); only the connection's end ends this wait.
+          if (opts.deliveredIsProgress && q === 0) idleSince = now;
+          unacked = q;
+          if (now - idleSince < ms) return;
+          // After a long stall of our own event loop this timer may run before the socket's
+          // pending bytes are read: decide after the next poll phase.
+          setImmediate(() => {
+            if (!done && performance.now() - idleSince >= ms) finish(new MigrationError('idle-timeout', this.hooks.phase(), `no ${what} from the destination, and nothing moved, for ${ms} ms`));
+          });
+        },
+        Math.max(10, Math.min(250, ms / 4)),
+      );
+      this.waiters.add(waiter);
+      waiter();
+    });
+  }
+
+  /**
+   * A peer that accepts and never reads fills our queues, and every send()
+   * then waits for room forever: with bytes waiting and none of them taken
+   * by the kernel for `replyTimeoutMs`, the channel counts as dead
+   * ('idle-timeout': a network failure, which pauses in postcopy). A slow
+   * link still takes bytes; only a stopped one trips this.
+   */
+  private watchWrites(): void {
+    const ms = this.replyTimeoutMs;
+    const progress = new Map<Channel, { mark: string; since: number }>();
+    this.writeWatch = setInterval(
+      () => {
+        if (this.dropped || this.hooks.over()) return;
+        const now = performance.now();
+        for (const ch of [this.main, this.preempt]) {
+          if (!ch || ch.isClosed) continue;
+          const waiting = ch.queuedBytes;
+          const mark = `${ch.stats.bytesSent}/${ch.socket.writableLength}`;
+          const p = progress.get(ch);
+          if (waiting === 0 || !p || p.mark !== mark) {
+            progress.set(ch, { mark, since: now });
+            continue;
+          }
+          if (now - p.since < ms) continue;
+          this.lost(new MigrationError('idle-timeout', this.hooks.phase(), `the destination has not read from the ${ch.role} channel for ${ms} ms (${waiting} bytes waiting)`));
+          return;
+        }
+      },
+      Math.max(10, Math.min(1000, ms / 4)),
+    );
+    // The sockets keep the process alive while they are open; this timer never should.
+    this.writeWatch.unref();
+  }
+}

@@ -1,0 +1,33 @@
+import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
+import { waitForShut } from './completion.js';
+import { sendPass } from './pass.js';
+import { recover } from './recovery.js';
+import type { SourceRun } from './run.js';
+
+/**
+ * Postcopy: the rest of RAM in the background (requests overtake it), END,
+ * EOF, and the destination's SHUT. A network failure on the way pauses; the
+ * loop then recovers and sends again whatever the destination says it lacks.
+ */
+export async function runPostcopy(run: SourceRun): Promise<void> {
+  const sectionId = run.ramSection.sectionId;
+  for (;;) {
+    try {
+      if (run.pausedBy) await recover(run);
+      run.state = { kind: 'postcopy' };
+      await sendPass(run, { precopy: false, kind: 'part' });
+      // Requested pages still queued for the preempt channel go before the end of RAM.
+      await run.requests.drained(run.live);
+      run.check();
+      run.write([{ type: 'section', kind: 'end', sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION }, { type: 'ram-eos' }, { type: 'footer', sectionId }, { type: 'eof' }]);
+      await run.flushMain();
+      const link = run.live;
+      await Promise.all([link.main.flush(), link.preempt?.flush()]);
+      run.state = { kind: 'completing', postcopy: true };
+      await waitForShut(run);
+      return;
+    } catch (e) {
+      run.pauseOrThrow(e);
+    }
+  }
+}

@@ -1,0 +1,131 @@
+import { performance } from 'node:perf_hooks';
+import type { StreamRecord } from '../../stream/records.js';
+import { SourceConnection } from '../../transport/connection.js';
+import { MigrationError } from '../errors.js';
+import { applyReceivedBitmap, isNetworkFailure, retryDelayMs } from '../recovery.js';
+import type { SourceRun } from './run.js';
+import { attachLink } from './setup.js';
+import { tunePostcopyLink } from './switchover.js';
+
+/** pause() was called and resume() not yet: no attempt until then (QEMU's source waits for `migrate resume=true`). */
+export function isHeld(run: SourceRun): boolean {
+  return run.state.kind === 'paused' && run.state.hold;
+}
+
+/** Reconnects until a recovery exchange completes (or the migration is cancelled, or attempts run out). */
+export async function recover(run: SourceRun): Promise<void> {
+  const opts = run.opts.recovery || {};
+  let last: MigrationError = run.pausedBy!;
+  for (let attempt = 1; ; attempt++) {
+    run.check();
+    if (isHeld(run)) {
+      // Paused by the operator: the first attempt comes with resume().
+      await holdUntilResume(run);
+      run.check();
+      attempt = 1;
+    }
+    if (attempt > 1) {
+      if (opts.maxAttempts !== undefined && attempt > opts.maxAttempts) {
+        const e = new MigrationError(last.code, 'postcopy', `postcopy recovery gave up after ${opts.maxAttempts} attempts; the last: ${last.reason}`, { cause: last });
+        run.fail(e);
+        throw e;
+      }
+      await sleepUnlessWoken(run, retryDelayMs(attempt, opts));
+      run.check();
+      if (isHeld(run)) {
+        attempt = 0; // pause() while waiting: hold from the next turn
+        continue;
+      }
+    }
+    const to = run.recoverTo ?? opts.to ?? run.opts.to;
+    run.emit('recovering', { attempt, to });
+    try {
+      await reconnect(run, to);
+      return;
+    } catch (e) {
+      run.check();
+      last = MigrationError.from(e, 'postcopy');
+      // pause() during the attempt: back to the hold (whatever the attempt ended with).
+      if (isHeld(run)) continue;
+      if (!isNetworkFailure(last)) {
+        run.fail(last);
+        throw last;
+      }
+      // The new connection failed too: paused again (QEMU: back to postcopy-paused).
+      run.enterPause(last, false);
+    }
+  }
+}
+
+/**
+ * One recovery exchange on a new link (QEMU 10.0's order): RECV_BITMAP for
+ * every block back to back, their bitmaps back, the new preempt channel,
+ * POSTCOPY_RESUME, RESUME_ACK.
+ */
+async function reconnect(run: SourceRun, to: string): Promise<void> {
+  const conn = await SourceConnection.connect(to, run.opts.transport ?? {});
+  const paused = run.state;
+  if (run.over || isHeld(run) || paused.kind !== 'paused') {
+    conn.destroy();
+    throw run.failure ?? run.pausedBy ?? new MigrationError('peer-disconnected', 'postcopy', 'the recovery was abandoned');
+  }
+  const link = attachLink(run, conn);
+  run.state = { kind: 'recovering', since: paused.since };
+  // New channels: the first page on each names its block again.
+  run.enc.resetContinue();
+  run.preemptEnc.resetContinue();
+  const blocks = run.ram.blocks;
+  run.write(blocks.map((st): StreamRecord => ({ type: 'command', command: { cmd: 'recv-bitmap', block: st.info.idstr } })));
+  await run.flushMain();
+  await link.waitFor('received bitmap', () => blocks.every((st) => link.recvBitmaps.has(st.info.idstr)));
+  for (const st of blocks) applyReceivedBitmap(st.info.idstr, st.pages, link.recvBitmaps.get(st.info.idstr)!, st.toSend, st.sentAfterListen);
+  // A page answered on preempt that did not arrive goes again (maybe on main): it is no longer a preempt answer.
+  for (const st of blocks) {
+    const a = st.sentOnPreempt.words;
+    const b = st.sentAfterListen.words;
+    for (let i = 0; i < a.length; i++) a[i]! &= b[i] as number;
+  }
+  if (run.opts.preempt) {
+    await link.connectPreempt();
+    run.check();
+  }
+  run.write([{ type: 'command', command: { cmd: 'postcopy-resume' } }]);
+  await run.flushMain();
+  await link.waitFor('RESUME_ACK', () => link.resumeAcked);
+  tunePostcopyLink(run);
+  run.state = { kind: 'postcopy' };
+  run.c.recoveries++;
+  run.pacer.reset();
+  run.emit('resumed', { recoveries: run.c.recoveries, pausedMs: performance.now() - paused.since });
+}
+
+/** After pause(): waits for resume() (or the migration's end). */
+async function holdUntilResume(run: SourceRun): Promise<void> {
+  // A held migration is not over, but no socket or timer is left to say so: without this
+  // the process would exit under a caller awaiting `done`.
+  const alive = setInterval(() => undefined, 1 << 30);
+  try {
+    while (isHeld(run) && !run.over) {
+      await new Promise<void>((resolve) => {
+        run.wakeRecovery = () => {
+          run.wakeRecovery = undefined;
+          resolve();
+        };
+      });
+    }
+  } finally {
+    clearInterval(alive);
+  }
+}
+
+function sleepUnlessWoken(run: SourceRun, ms: number): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      run.wakeRecovery = undefined;
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    run.wakeRecovery = done;
+  });
+}

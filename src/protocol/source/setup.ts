@@ -1,0 +1,66 @@
+import { performance } from 'node:perf_hooks';
+import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
+import { SourceConnection } from '../../transport/connection.js';
+import { Link } from './link.js';
+import type { SourceRun } from './run.js';
+
+/** A new link on `conn`, wired to the run (requests, losses, fatal return-path errors). */
+export function attachLink(run: SourceRun, conn: SourceConnection): Link {
+  const link = new Link(
+    conn,
+    {
+      onRequest: (l, block, offset, length, arrived) => {
+        if (!l.dropped && l === run.link) run.requests.onRequest(l, block, offset, length, arrived);
+      },
+      onLost: (l, e) => run.linkLost(l, e),
+      onFatal: (e) => run.fail(e),
+      abortReason: () => run.failure ?? run.refusal,
+      phase: () => run.phase,
+      over: () => run.over,
+    },
+    run.replyTimeoutMs,
+  );
+  run.link = link;
+  return link;
+}
+
+/**
+ * Setup: connect, then the header, the configuration, the return path,
+ * PING 1, ADVISE (when postcopy may come) and the RAM block list; then the
+ * first dirty sync.
+ */
+export async function runSetup(run: SourceRun): Promise<void> {
+  const o = run.opts;
+  const conn = await SourceConnection.connect(o.to, o.transport ?? {});
+  if (run.over) {
+    // cancelled while connecting
+    conn.destroy();
+    throw run.failure!;
+  }
+  attachLink(run, conn);
+  run.state = { kind: 'setup', connected: true };
+  run.emit('connected', { uri: o.to });
+
+  run.write([
+    { type: 'header', version: 3 },
+    { type: 'configuration', machineType: o.machineType },
+    { type: 'command', command: { cmd: 'open-return-path' } },
+    { type: 'command', command: { cmd: 'ping', value: 1 } },
+  ]);
+  if ((o.postcopy ?? 'never') !== 'never') run.write([{ type: 'command', command: { cmd: 'postcopy-advise', pageSizeSummary: 0x1000n, targetPageSize: 0x1000n } }]);
+  const ram = { type: 'section', sectionId: run.ramSection.sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION } as const;
+  const blocks = run.ram.blocks;
+  const total = blocks.reduce((s, b) => s + b.info.length, 0);
+  run.write([
+    { ...ram, kind: 'start' },
+    { type: 'ram-blocks', total, blocks: blocks.map((b) => ({ idstr: b.info.idstr, length: b.info.length })) },
+    { type: 'ram-eos' },
+    { type: 'footer', sectionId: run.ramSection.sectionId },
+  ]);
+  await run.flushMain();
+  run.t.setupMs = performance.now() - run.t.t0;
+
+  // Every page goes in the first pass: what the guest dirtied before now is in it
+  // already (QEMU's first bitmap sync at setup), so it must not count as dirty again.
+  run.ram.syncDirty();
+}
