@@ -127,6 +127,10 @@ export interface DestinationStatsJson {
   recoveries: number;
   /** 0 in a correct migration. */
   placedTwice: number;
+  /** Runs of consecutive pages landed as one (the pages in them are `pages`): pages per run is the page path's batch. */
+  runs: { count: number };
+  /** Times reading waited for the sink (its disk slower than the network). */
+  sink: { pauses: number };
   channels: { main?: ChannelJson; preempt?: ChannelJson };
 }
 
@@ -142,6 +146,8 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
     placedTwice: s['placed-twice'],
+    runs: { count: s.runs.count },
+    sink: { pauses: s['sink-waits'] },
     channels: channelsJson(s.channels),
   };
 }

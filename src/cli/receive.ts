@@ -316,7 +316,7 @@ export function formatReceiveSummary(r: ReceiveReport): string[] {
     const pages = pagesOf(st);
     const iter = st['precopy-iterations'];
     lines.push(
-      `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)}, ${pages} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ${iter} precopy iteration${iter === 1 ? '' : 's'}${st['preempt-pages'] ? `, ${st['preempt-pages']} pages on the preempt channel` : ''}`,
+      `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)}, ${pages} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ${iter} precopy iteration${iter === 1 ? '' : 's'}${st['preempt-pages'] ? `, ${st['preempt-pages']} pages on the preempt channel` : ''}${st.runs.count ? `, in ${st.runs.count} runs (${(st.runs.pages / st.runs.count).toFixed(1)} pages per run)` : ''}${st['sink-waits'] ? `, reading paused ${st['sink-waits']} times for the disk` : ''}`,
     );
   }
   const f = r.faults;

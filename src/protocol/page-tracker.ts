@@ -16,21 +16,37 @@ export interface PageRequestResult {
 }
 
 interface Pending {
-  block: string;
-  offset: number;
+  readonly block: BlockPages;
+  /** Page index in the block. */
+  readonly page: number;
   sentAt: number | undefined;
-  waiters: ((r: PageRequestResult) => void)[];
-  failers: ((e: Error) => void)[];
+  readonly waiters: ((r: PageRequestResult) => void)[];
+  readonly failers: ((e: Error) => void)[];
+}
+
+/** One RAM block's pages: which arrived, and the requests waiting in it (created with the first). */
+interface BlockPages {
+  readonly info: RamBlockInfo;
+  readonly received: PageBitmap;
+  /** Page index → waiting request; undefined until a request waits in this block. */
+  pending: Map<number, Pending> | undefined;
 }
 
 /**
  * Which pages have arrived, and the demand requests waiting for the others.
  * Concurrent requests for one page share one REQ_PAGES; a page that arrives
  * on either channel resolves them, whether it was requested or not.
+ *
+ * Blocks are indexed by their position in the block list (the decoder's
+ * `KnownBlock.index`), so that a run of received pages costs one range set
+ * on a bitmap and, unless a request waits in that block, nothing else: the
+ * bulk path builds no key and does no lookup per page.
  */
 export class PageTracker {
-  private readonly bitmaps = new Map<string, PageBitmap>();
-  private readonly pending = new Map<string, Pending>();
+  private readonly byName = new Map<string, BlockPages>();
+  private readonly byIndex: BlockPages[] = [];
+  /** Every waiting request in the order asked (the order they are sent again after a recovery). */
+  private readonly pending = new Set<Pending>();
   private lastRequestedBlock: string | undefined;
   readonly latency = new LatencyHistogram();
   /** REQ_PAGES/REQ_PAGES_ID messages sent (QEMU's `postcopy-requests`, seen from this side). */
@@ -42,36 +58,78 @@ export class PageTracker {
     private canRequest: boolean = false,
   ) {}
 
+  /** The block list (RAM START): block i of the list is index i. */
   setBlocks(blocks: readonly RamBlockInfo[]): void {
-    for (const b of blocks) if (!this.bitmaps.has(b.idstr)) this.bitmaps.set(b.idstr, PageBitmap.forBlockLength(b.length));
+    for (const b of blocks) {
+      if (this.byName.has(b.idstr)) continue;
+      const pages: BlockPages = { info: b, received: PageBitmap.forBlockLength(b.length), pending: undefined };
+      this.byName.set(b.idstr, pages);
+      this.byIndex.push(pages);
+    }
+  }
+
+  /** The blocks as announced. */
+  get blocks(): RamBlockInfo[] {
+    return this.byIndex.map((b) => b.info);
+  }
+
+  block(name: string): RamBlockInfo | undefined {
+    return this.byName.get(name)?.info;
   }
 
   bitmap(block: string): PageBitmap | undefined {
-    return this.bitmaps.get(block);
+    return this.byName.get(block)?.received;
   }
 
   has(block: string, offset: number): boolean {
-    return this.bitmaps.get(block)?.has(offset / TARGET_PAGE_SIZE) ?? false;
+    return this.byName.get(block)?.received.has(offset / TARGET_PAGE_SIZE) ?? false;
+  }
+
+  /** Pages of [first, first + count) of block `index` already received (0 in a correct migration): word by word, not page by page. */
+  alreadyReceived(index: number, first: number, count: number): number {
+    const bm = this.byIndex[index]?.received;
+    return bm ? countSet(bm, first, count) : 0;
   }
 
   /** A page landed (on `channel`). */
   received(block: string, offset: number, channel: 'main' | 'preempt', now: number): void {
-    const bm = this.bitmaps.get(block);
-    if (bm) bm.set(offset / TARGET_PAGE_SIZE);
-    if (this.pending.size === 0) return;
-    const key = `${block}\0${offset}`;
-    const p = this.pending.get(key);
-    if (!p) return;
-    this.pending.delete(key);
+    const b = this.byName.get(block);
+    if (b) this.landed(b, offset / TARGET_PAGE_SIZE, 1, channel, now);
+  }
+
+  /** `count` consecutive pages of block `index` from page `first` landed (on `channel`). */
+  receivedRun(index: number, first: number, count: number, channel: 'main' | 'preempt', now: number): void {
+    const b = this.byIndex[index];
+    if (b) this.landed(b, first, count, channel, now);
+  }
+
+  private landed(b: BlockPages, first: number, count: number, channel: 'main' | 'preempt', now: number): void {
+    if (count === 1) b.received.set(first);
+    else b.received.setRange(first, count);
+    const waiting = b.pending;
+    if (waiting === undefined || waiting.size === 0) return;
+    if (count === 1) {
+      const p = waiting.get(first);
+      if (p) this.resolve(p, channel, now);
+      return;
+    }
+    // Few requests wait at a time: walk them rather than the run's pages.
+    const end = first + count;
+    for (const [page, p] of waiting) if (page >= first && page < end) this.resolve(p, channel, now);
+  }
+
+  private resolve(p: Pending, channel: 'main' | 'preempt', now: number): void {
+    p.block.pending!.delete(p.page);
+    this.pending.delete(p);
     const latencyUs = p.sentAt === undefined ? 0 : (now - p.sentAt) * 1000;
     if (p.sentAt !== undefined) this.latency.record(latencyUs);
-    const r: PageRequestResult = { block, offset, requested: p.sentAt !== undefined, channel, latencyUs };
+    const r: PageRequestResult = { block: p.block.info.idstr, offset: p.page * TARGET_PAGE_SIZE, requested: p.sentAt !== undefined, channel, latencyUs };
     for (const w of p.waiters) w(r);
   }
 
   /** Pages dropped by POSTCOPY_RAM_DISCARD: they will be sent again. */
   discard(block: string, start: number, length: number): void {
-    const bm = this.bitmaps.get(block);
+    const bm = this.byName.get(block)?.received;
     if (!bm) return;
     bm.clearRange(start / TARGET_PAGE_SIZE, Math.ceil(length / TARGET_PAGE_SIZE));
   }
@@ -80,19 +138,22 @@ export class PageTracker {
   enableRequests(now: number): void {
     if (this.canRequest) return;
     this.canRequest = true;
-    for (const p of this.pending.values()) this.sendRequest(p, now);
+    for (const p of this.pending) this.sendRequest(p, now);
   }
 
   /** Resolves when the page is present: at once, by the bulk stream, or by a demand request. */
   request(block: string, offset: number, now: number): Promise<PageRequestResult> {
     const aligned = offset - (offset % TARGET_PAGE_SIZE);
-    if (!this.bitmaps.has(block)) return Promise.reject(new Error(`unknown RAM block "${block}"`));
-    if (this.has(block, aligned)) return Promise.resolve({ block, offset: aligned, requested: false, channel: 'none', latencyUs: 0 });
-    const key = `${block}\0${aligned}`;
-    let p = this.pending.get(key);
+    const b = this.byName.get(block);
+    if (!b) return Promise.reject(new Error(`unknown RAM block "${block}"`));
+    const page = aligned / TARGET_PAGE_SIZE;
+    if (b.received.has(page)) return Promise.resolve({ block, offset: aligned, requested: false, channel: 'none', latencyUs: 0 });
+    b.pending ??= new Map();
+    let p = b.pending.get(page);
     if (!p) {
-      p = { block, offset: aligned, sentAt: undefined, waiters: [], failers: [] };
-      this.pending.set(key, p);
+      p = { block: b, page, sentAt: undefined, waiters: [], failers: [] };
+      b.pending.set(page, p);
+      this.pending.add(p);
       if (this.canRequest) this.sendRequest(p, now);
     }
     const entry = p;
@@ -110,11 +171,13 @@ export class PageTracker {
   }
 
   private sendMessage(p: Pending): void {
-    if (p.block !== this.lastRequestedBlock) {
-      this.lastRequestedBlock = p.block;
-      this.send({ type: 'req-pages-id', block: p.block, offset: p.offset, length: TARGET_PAGE_SIZE });
+    const block = p.block.info.idstr;
+    const offset = p.page * TARGET_PAGE_SIZE;
+    if (block !== this.lastRequestedBlock) {
+      this.lastRequestedBlock = block;
+      this.send({ type: 'req-pages-id', block, offset, length: TARGET_PAGE_SIZE });
     } else {
-      this.send({ type: 'req-pages', offset: p.offset, length: TARGET_PAGE_SIZE });
+      this.send({ type: 'req-pages', offset, length: TARGET_PAGE_SIZE });
     }
   }
 
@@ -132,7 +195,7 @@ export class PageTracker {
   resumeRequests(now: number): void {
     this.canRequest = true;
     this.lastRequestedBlock = undefined;
-    for (const p of this.pending.values()) {
+    for (const p of this.pending) {
       if (p.sentAt === undefined) {
         this.sendRequest(p, now);
         continue;
@@ -149,14 +212,35 @@ export class PageTracker {
 
   /** Fails every waiting request (the session ended). */
   failAll(e: Error): void {
-    for (const p of this.pending.values()) for (const f of p.failers) f(e);
+    const all = [...this.pending];
     this.pending.clear();
+    for (const b of this.byIndex) b.pending = undefined;
+    for (const p of all) for (const f of p.failers) f(e);
   }
 
   /** Pages of every block not received yet. */
   missing(): number {
     let n = 0;
-    for (const bm of this.bitmaps.values()) n += bm.pages - bm.count();
+    for (const b of this.byIndex) n += b.received.pages - b.received.count();
     return n;
   }
+}
+
+/** Set bits of `bm` in [first, first + count), 32 at a time. */
+function countSet(bm: PageBitmap, first: number, count: number): number {
+  const w = bm.words;
+  const end = Math.min(first + count, bm.pages);
+  let n = 0;
+  for (let i = first; i < end; ) {
+    const bit = i & 31;
+    const take = Math.min(32 - bit, end - i);
+    const mask = take === 32 ? 0xffffffff : ((1 << take) - 1) << bit;
+    let x = ((w[i >>> 5] as number) & mask) >>> 0;
+    // popcount
+    x -= (x >>> 1) & 0x55555555;
+    x = (x & 0x33333333) + ((x >>> 2) & 0x33333333);
+    n += (((x + (x >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    i += take;
+  }
+  return n;
 }

@@ -48,7 +48,7 @@ export interface LibraryOutcome {
   devicesEqual: boolean;
   /** Demand requests the destination made and saw answered. */
   demand: number;
-  answered: { main: number; preempt: number };
+  answered: { main: number; preempt: number; mainInFlight: number };
   /** Source: request read → the answer's last byte handed to the kernel; destination: request sent → page placed. µs. */
   latency: { source: LatencySummary; destination: LatencySummary };
   guestTicks: number;
@@ -171,8 +171,11 @@ export async function prepareLibraryMigration(spec: LibraryMigrationSpec, seed: 
   });
   const demand: PageRequestResult[] = [];
   const faulting = postcopy ? faultTopDown(dst, ramBytes, 4, demand) : Promise.resolve();
-  const answered = { main: 0, preempt: 0 };
-  src.on('page-request', (r) => answered[r.channel]++);
+  const answered = { main: 0, preempt: 0, mainInFlight: 0 };
+  src.on('page-request', (r) => {
+    answered[r.channel]++;
+    if (r.reason === 'main-in-flight') answered.mainInFlight++;
+  });
   const state = (): string =>
     `source ${src.currentPhase} ${JSON.stringify(src.stats())}; destination ${dst.currentPhase} ${JSON.stringify(dst.stats())}; demand answered ${demand.length}`;
 

@@ -29,7 +29,7 @@ export interface QemuOutcome {
   endedAt: number;
   source: SourceStats;
   check: DestinationCheck;
-  answered: { main: number; preempt: number };
+  answered: { main: number; preempt: number; mainInFlight: number };
   increments: number;
   latency: { source: LatencySummary };
 }
@@ -69,8 +69,11 @@ function startSource(name: string, q: QemuProcess, uri: string, vmDir: string, m
     preempt: true,
     stopVm: () => guest.stop(),
   });
-  const answered = { main: 0, preempt: 0 };
-  src.on('page-request', (r) => answered[r.channel]++);
+  const answered = { main: 0, preempt: 0, mainInFlight: 0 };
+  src.on('page-request', (r) => {
+    answered[r.channel]++;
+    if (r.reason === 'main-in-flight') answered.mainInFlight++;
+  });
   const startedAt = performance.now();
   guest.start(DIRTY_INTERVAL_MS);
   src.start();

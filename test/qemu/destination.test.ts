@@ -192,6 +192,14 @@ function checkRam(o: Observed): void {
   const theirs = o.sourceBlocks.map((b) => ({ name: b.name, length: b.usedLength })).sort((a, b) => a.name.localeCompare(b.name));
   expect(ours).toEqual(theirs);
 
+  // The pages came in runs (decoder pageRuns → sink.writePages/zeroPages), not one call per page.
+  const st = o.result.stats;
+  expect(st.runs.pages, 'pages landed in runs').toBe(st.normal + st.duplicate + st.xbzrle);
+  console.log(`[destination runs] ${o.mode}${o.tls ? ' over TLS' : ''}: ${st.runs.pages} pages in ${st.runs.count} runs (${(st.runs.pages / st.runs.count).toFixed(1)} per run)`);
+  // Over TLS QEMU sends every iovec as a TLS record of its own (a page header, then the page), so
+  // a data page never lies whole in one chunk with its neighbours: only zero pages make runs there.
+  expect(st.runs.pages / st.runs.count, 'pages per run').toBeGreaterThan(o.tls ? 1 : 2);
+
   // Every block, byte for byte (including pc.ram under the VGA window and the ROM blocks).
   for (const sb of o.sourceBlocks) {
     const got = o.sink.blocks.get(sb.name);

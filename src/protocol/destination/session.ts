@@ -1,0 +1,677 @@
+import { EventEmitter } from 'node:events';
+import { performance } from 'node:perf_hooks';
+import { StreamDecoder } from '../../stream/decoder.js';
+import { RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
+import type { PreemptRecordWithRuns, ReturnPathMessage, StreamRecordWithRuns } from '../../stream/records.js';
+import type { Channel } from '../../transport/channel.js';
+import { MigrationListener, type DestinationConnection } from '../../transport/connection.js';
+import type { StrangerEvent } from '../../transport/qualify.js';
+import { usageError } from '../../errors.js';
+import { MigrationError, abortError, type MigrationPhase } from '../errors.js';
+import { PageTracker, type PageRequestResult } from '../page-tracker.js';
+import { isNetworkFailure } from '../recovery.js';
+import { checkRamComplete, waitLatePages } from './completion.js';
+import { PageLanding } from './landing.js';
+import { Link, type LinkEvents } from './link.js';
+import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
+import { SectionWatch } from './precopy.js';
+import { Outage, listenForRecovery, requireRecovering } from './recovery.js';
+import { acceptBlockList, validateDestinationOptions } from './setup.js';
+import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState } from './state.js';
+import { DestinationCounters } from './stats.js';
+import type { DestinationEvents, DestinationOptions, DestinationResult, DestinationStats } from './types.js';
+
+type Command = Extract<StreamRecordWithRuns, { type: 'command' }>['command'];
+
+/**
+ * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
+ * source or our own SourceSession: listens, takes the first connection that
+ * qualifies as the main channel and the next as the preempt channel (others
+ * on the port are dropped and reported as 'stranger' events), follows the protocol
+ * (PING→PONG, OPEN_RETURN_PATH, ADVISE, DISCARD, LISTEN, PACKAGED, RUN, EOF,
+ * SHUT), writes RAM into a GuestMemorySink, keeps device state, and serves
+ * demand page requests during postcopy.
+ *
+ * The session holds one state (see state.ts); each connection is a Link
+ * (link.ts), dropped whole when it fails; the steps of the protocol are in
+ * setup.ts, precopy.ts, landing.ts, postcopy.ts, recovery.ts, completion.ts.
+ */
+export class DestinationSession extends EventEmitter<DestinationEvents> {
+  /** Resolves with the result when the migration completed; rejects with a MigrationError. */
+  readonly done: Promise<DestinationResult>;
+  private resolveDone!: (r: DestinationResult) => void;
+  private rejectDone!: (e: MigrationError) => void;
+  private state: DestinationState = { kind: 'setup' };
+  /** The decoder that read the stream's header (and configuration); later links continue its stream. */
+  private header: StreamDecoder<true> | undefined;
+  /** The main stream's decoder as of the last link: a recovery link continues from it. */
+  private stream: StreamDecoder<true> | undefined;
+  private readonly pages: PageTracker;
+  private readonly counts = new DestinationCounters();
+  private readonly landing: PageLanding;
+  private readonly sections = new SectionWatch();
+  /** OPEN_RETURN_PATH came: the source reads our messages (it stays open across recoveries). */
+  private rpOpen = false;
+  private vmdesc: Buffer | undefined;
+  private acceptTimer: NodeJS.Timeout | undefined;
+  private started = false;
+  /** Settles once the link has let go of the sockets (close() waits for it). */
+  private shutDown: Promise<void> | undefined;
+  private readonly linkEvents: LinkEvents;
+  private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
+
+  private constructor(
+    private listener: MigrationListener,
+    private readonly opts: DestinationOptions,
+  ) {
+    super();
+    this.done = new Promise((resolve, reject) => {
+      this.resolveDone = resolve;
+      this.rejectDone = reject;
+    });
+    // A caller that only listens to events must not get an unhandled rejection.
+    this.done.catch(() => undefined);
+    this.pages = new PageTracker((m) => this.sendRp(m));
+    this.landing = new PageLanding(opts.sink, this.pages, this.counts);
+    this.linkEvents = {
+      main: (link, chunk) => this.onMainData(link, chunk),
+      mainClosed: (link) => this.onMainClosed(link),
+      preemptArrived: (link, ch) => this.onPreemptArrived(link, ch),
+      preempt: (link, chunk, first) => this.onPreemptData(link, chunk, first),
+      preemptEnded: (link) => this.onPreemptEnded(link),
+      lost: (link, e) => this.linkLost(link, e),
+    };
+  }
+
+  /**
+   * Starts listening; the migration proceeds as the source connects. Bad
+   * options throw at once (TypeError/RangeError with a `code`); a failure to
+   * listen (`address-in-use`, `tls-bad-credentials`, …) rejects.
+   */
+  static listen(opts: DestinationOptions): Promise<DestinationSession> {
+    validateDestinationOptions(opts);
+    return DestinationSession.open(opts);
+  }
+
+  private static async open(opts: DestinationOptions): Promise<DestinationSession> {
+    const signal = opts.signal;
+    if (signal?.aborted) throw abortError(signal, 'setup');
+    const listener = await MigrationListener.listen(opts.listen, opts.transport ?? {});
+    if (signal?.aborted) {
+      listener.close();
+      throw abortError(signal, 'setup');
+    }
+    const s = new DestinationSession(listener, opts);
+    s.start();
+    return s;
+  }
+
+  /** The address listened on (with the real port when 0 was asked). */
+  get uri(): string {
+    return this.listener.uri;
+  }
+
+  /** The current phase. */
+  get currentPhase(): MigrationPhase {
+    return this.phase;
+  }
+
+  private get phase(): MigrationPhase {
+    return phaseOf(this.state);
+  }
+
+  private get link(): Link | undefined {
+    return linkOf(this.state);
+  }
+
+  // ---- setup ------------------------------------------------------------------
+
+  private start(): void {
+    if (this.started) throw usageError('state', 'already-started', 'start', 'this DestinationSession is already listening');
+    this.started = true;
+    this.opts.signal?.addEventListener('abort', this.onAbort, { once: true });
+    const acceptMs = this.opts.acceptTimeoutMs;
+    if (acceptMs !== undefined) {
+      this.acceptTimer = setTimeout(() => {
+        if (this.state.kind === 'setup') this.fail(new MigrationError('accept-timeout', 'setup', `no source connected to ${this.listener.uri} within ${acceptMs} ms`));
+      }, acceptMs);
+    }
+    this.listener.on('stranger', (ev) => this.onStranger(ev));
+    // Rejects only when the listener is closed, i.e. when the session is over.
+    this.listener.accept().then(
+      (conn) => {
+        if (this.state.kind !== 'setup') {
+          conn.destroy(); // ended meanwhile (accept timeout, signal, close)
+          return;
+        }
+        clearTimeout(this.acceptTimer);
+        const decoder = new StreamDecoder({ pageRuns: true });
+        this.header = decoder;
+        const link = this.newLink(conn, decoder);
+        this.state = { kind: 'precopy', link, phase: 'setup', advised: false, inPackage: false };
+        this.startLink(link);
+      },
+      (e: unknown) => this.fail(MigrationError.from(e, 'setup')),
+    );
+  }
+
+  private newLink(conn: DestinationConnection, decoder: StreamDecoder<true>): Link {
+    const ms = this.opts.idleTimeoutMs ?? 60_000;
+    this.stream = decoder;
+    return new Link(conn, decoder, this.linkEvents, {
+      idleTimeoutMs: ms,
+      idleError: () => new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`),
+    });
+  }
+
+  private startLink(link: Link): void {
+    this.emit('channel', { role: 'main', stats: link.conn.main.stats });
+    link.start();
+  }
+
+  // ---- the main channel ---------------------------------------------------------
+
+  private onMainData(link: Link, chunk: Buffer): void | Promise<void> {
+    if (isOver(this.state)) return;
+    this.counts.transferred += chunk.length;
+    try {
+      const recs = link.decoder.push(chunk);
+      const now = performance.now();
+      for (const r of recs) this.onRecord(r, now);
+      if (link.decoder.error) throw link.decoder.error;
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+      return;
+    }
+    return this.sinkBackpressure();
+  }
+
+  /**
+   * After a chunk: when the sink is over its bound of bytes in flight, the
+   * channel waits (pauses reading) until it is back under it. Its rejection is
+   * a storage failure and fails the migration — in postcopy too: the memory
+   * that cannot be stored is lost, and no new connection would bring it back.
+   * The promise handed to the channel never rejects (the failure is ours to
+   * report, typed, not the channel's).
+   */
+  private sinkBackpressure(): Promise<void> | undefined {
+    const bp = this.opts.sink.backpressure?.();
+    if (!bp) return undefined;
+    this.counts.sinkWaits++;
+    return bp.then(undefined, (e: unknown) => {
+      const err = MigrationError.from(e, this.phase);
+      // By contract the rejection is the storage error; whatever it is, it is the sink's.
+      this.fail(err.kind === 'storage' ? err : new MigrationError('storage', this.phase, `the memory sink failed: ${err.reason}`, { cause: e }));
+    });
+  }
+
+  private onMainClosed(link: Link): void {
+    if (isOver(this.state)) return;
+    if (this.state.kind === 'completing') {
+      // A stream that ends after EOF without a VM description is complete.
+      try {
+        for (const r of link.decoder.end()) this.onRecord(r, performance.now());
+        void this.finish();
+      } catch (e) {
+        this.fail(MigrationError.from(e, this.phase));
+      }
+      return;
+    }
+    this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
+  }
+
+  private onRecord(r: StreamRecordWithRuns, now: number): void {
+    const s = this.state;
+    if (s.kind === 'completing' && s.step !== 'vmdesc') return;
+    switch (r.type) {
+      case 'configuration':
+        this.emit('configuration', r);
+        return;
+      case 'ram-blocks':
+        acceptBlockList(r.blocks, this.opts.sink, this.pages, this.phase);
+        this.emit('ram-blocks', this.pages.blocks);
+        return;
+      case 'ram-pages':
+      case 'ram-zeros':
+      case 'ram-xbzrle':
+        this.landing.land(r, 'main', isListening(s), now);
+        return;
+      case 'section': {
+        const phase = this.sections.opened(r, isListening(s));
+        if (phase && s.kind === 'precopy') s.phase = phase;
+        return;
+      }
+      case 'footer': {
+        const pass = this.sections.closed(isListening(s), this.counts);
+        if (pass) this.emit('pass', pass);
+        return;
+      }
+      case 'device-state':
+        this.sections.device(r, (s.kind === 'precopy' || s.kind === 'postcopy') && s.inPackage);
+        return;
+      case 'command':
+        this.onCommand(r.command, now);
+        return;
+      case 'package-end':
+        if (s.kind === 'precopy') s.inPackage = false;
+        if (s.kind === 'postcopy') {
+          s.inPackage = false;
+          s.vmHere = true;
+        }
+        return;
+      case 'eof':
+        this.onEof();
+        return;
+      case 'vmdesc':
+        this.vmdesc = Buffer.from(r.json);
+        void this.finish();
+        return;
+      default:
+        return;
+    }
+  }
+
+  private onCommand(c: Command, now: number): void {
+    const s = this.state;
+    switch (c.cmd) {
+      case 'open-return-path':
+        this.rpOpen = true;
+        return;
+      case 'ping':
+        // Answered at once, in arrival order (QEMU may answer PING 4 before PING 3; both are valid).
+        this.sendRp({ type: 'pong', value: c.value });
+        return;
+      case 'postcopy-advise':
+        checkAdvise(c, this.opts.postcopy === true, this.phase);
+        if (s.kind === 'precopy') s.advised = true;
+        this.emit('postcopy-advise');
+        return;
+      case 'postcopy-advise-bitmap-only':
+        return;
+      case 'postcopy-ram-discard':
+        requireAdvised(this.advised, 'POSTCOPY_RAM_DISCARD', this.phase);
+        discard(c, this.pages);
+        return;
+      case 'packaged':
+        if (s.kind === 'precopy' || s.kind === 'postcopy') {
+          s.inPackage = true;
+          s.phase = 'device-state';
+        }
+        return;
+      case 'postcopy-listen':
+        requireAdvised(this.advised, 'POSTCOPY_LISTEN', this.phase);
+        if (s.kind === 'precopy') {
+          this.state = { kind: 'postcopy', link: s.link, phase: s.phase, inPackage: s.inPackage, vmHere: false };
+          this.pages.enableRequests(now);
+          this.emit('postcopy-listen');
+        }
+        return;
+      case 'postcopy-run':
+        if (s.kind === 'precopy' || s.kind === 'postcopy') s.phase = 'postcopy';
+        this.emit('postcopy-run', { at: now });
+        return;
+      case 'switchover-start':
+      case 'enable-colo':
+        return;
+      case 'recv-bitmap':
+        this.answerRecvBitmap(c.block);
+        return;
+      case 'postcopy-resume':
+        this.resumed(now);
+        return;
+    }
+  }
+
+  /** ADVISE came (it is the first of postcopy: a state after LISTEN has had it). */
+  private get advised(): boolean {
+    const s = this.state;
+    return s.kind === 'precopy' ? s.advised : s.kind !== 'setup';
+  }
+
+  private onEof(): void {
+    const s = this.state;
+    const link = this.link;
+    if (!link) return;
+    const postcopy = isListening(s);
+    this.state = { kind: 'completing', link, postcopy, step: 'vmdesc' };
+    // Postcopy streams end at EOF; precopy streams add the VM description, which QEMU always sends.
+    if (postcopy) void this.finish();
+  }
+
+  // ---- the preempt channel ------------------------------------------------------
+
+  private onPreemptArrived(link: Link, ch: Channel): boolean {
+    // While finishing, a plain-TCP preempt channel may qualify only now, with its first (late) page.
+    const s = this.state;
+    if (s.kind === 'completed' || s.kind === 'failed' || (s.kind === 'completing' && s.step === 'flushing')) return false;
+    this.emit('channel', { role: 'preempt', stats: ch.stats });
+    return link.alive;
+  }
+
+  private onPreemptData(link: Link, chunk: Buffer, first: boolean): void | Promise<void> {
+    const s = this.state;
+    // Still read while finishing: a requested page may arrive after the main channel's EOF.
+    if (s.kind === 'completed' || s.kind === 'failed' || (s.kind === 'completing' && s.step === 'flushing')) return;
+    if (first && chunk[0] === RecordType.COMMAND && this.canRecover()) {
+      this.recoveryArrivedEarly(link, link.conn.preempt);
+      return;
+    }
+    this.counts.transferred += chunk.length;
+    const decoder = link.preemptDecoder;
+    if (!decoder) return;
+    try {
+      const recs = decoder.push(chunk);
+      const now = performance.now();
+      for (const r of recs) this.onPreemptRecord(r, now);
+      if (decoder.error) throw decoder.error;
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+      return;
+    }
+    return this.sinkBackpressure();
+  }
+
+  private onPreemptRecord(r: PreemptRecordWithRuns, now: number): void {
+    if (!isListening(this.state)) throw new MigrationError('protocol', this.phase, 'a page on the preempt channel before POSTCOPY_LISTEN');
+    this.landing.land(r, 'preempt', true, now);
+  }
+
+  private onPreemptEnded(link: Link): void {
+    // While the VM runs here the source never ends this channel first: a cut.
+    if (this.canRecover() && this.state.kind !== 'completing') {
+      this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the preempt channel before the migration completed'));
+      return;
+    }
+    try {
+      link.preemptDecoder?.end();
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+    }
+  }
+
+  // ---- postcopy recovery ----------------------------------------------------
+
+  /**
+   * A "preempt" connection that starts with a command is a recovery main
+   * channel (a page record's first byte is its offset's top byte, 0; over
+   * TLS the preempt channel qualifies by order, so this is where it shows;
+   * over plain TCP the listener drops it as a 'recovery' stranger): the
+   * source took this connection for dead — a partition it saw first (its
+   * stall window is shorter than our idle timeout), or its pause() — and came
+   * back before we noticed. It is the proof we lacked: pause now, so that the
+   * source's next attempt finds us listening; this connection goes (QEMU's
+   * destination would not even accept it before migrate-recover).
+   */
+  private recoveryArrivedEarly(link: Link, ch: Channel | undefined): void {
+    ch?.destroy();
+    this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source opened a recovery connection: it lost the current one'));
+  }
+
+  /** A dropped connection; a plain-TCP recovery connection in the preempt slot is the same proof as above. */
+  private onStranger(ev: StrangerEvent): void {
+    this.emit('stranger', ev);
+    const s = this.state;
+    if (ev.reason === 'recovery' && s.kind === 'postcopy' && this.canRecover()) this.recoveryArrivedEarly(s.link, undefined);
+  }
+
+  /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
+  private canRecover(): boolean {
+    if (this.opts.recovery === false) return false;
+    const s = this.state;
+    return (s.kind === 'postcopy' && s.vmHere) || s.kind === 'paused' || s.kind === 'recovering';
+  }
+
+  /** A channel of `link` failed: pause (VM running here, network) or fail. */
+  private linkLost(link: Link, e: unknown): void {
+    if (link !== this.link || isOver(this.state)) return;
+    const err = MigrationError.from(e, this.phase);
+    if (this.canRecover() && isNetworkFailure(err)) this.enterPause(err);
+    else this.fail(err);
+  }
+
+  /**
+   * Forces the paused state now, as QEMU's `migrate-pause` on a destination:
+   * for an operator who knows the link is dead and will not wait for the idle
+   * timeout. The connection is dropped; every page and waiting request is
+   * kept; the source's recovery connection is awaited as after a network
+   * failure ('paused' follows once listening). A no-op when already paused.
+   *
+   * @throws MigrationError `invalid-state` (synchronously) unless the VM runs
+   *   here — postcopy, package received, recovery not disabled — and the
+   *   migration has not ended.
+   */
+  pause(): void {
+    if (!this.canRecover()) {
+      const why = isOver(this.state) ? 'the migration is over' : this.opts.recovery === false ? 'postcopy recovery is off (recovery: false)' : 'the VM does not run here yet (no postcopy package received)';
+      throw new MigrationError('invalid-state', this.phase, `pause() needs a running postcopy migration: ${why}`);
+    }
+    if (this.state.kind === 'paused') return;
+    this.enterPause(new MigrationError('paused', this.phase, 'paused by the operator (pause())'));
+  }
+
+  /**
+   * Postcopy paused (QEMU's postcopy-paused): the link is dropped, pages
+   * and waiting requests are kept, and a listener waits for the source's new
+   * connection — at `recovery.listen`, else where the migration came in.
+   * Paused again before a recovery completed (a recovery connection that fails
+   * before POSTCOPY_RESUME; QEMU: postcopy-recover → postcopy-paused), the
+   * outage and its timeout go on.
+   */
+  private enterPause(e: MigrationError): void {
+    const s = this.state;
+    if (s.kind !== 'postcopy' && s.kind !== 'recovering') return;
+    const phase = s.phase;
+    const outage = s.kind === 'recovering' ? s.outage : new Outage(e, performance.now(), (this.opts.recovery || {}).timeoutMs, (err) => this.fail(err));
+    s.link.drop();
+    this.state = { kind: 'paused', outage, phase };
+    this.pages.suspendRequests();
+    const uri = (this.opts.recovery || {}).listen ?? this.listener.uri;
+    this.listener.close();
+    this.awaitRecovery(uri).then(
+      () => this.emit('paused', { error: e, at: outage.since, uri: this.listener.uri }),
+      (err: unknown) => this.fail(MigrationError.from(err, this.phase)),
+    );
+  }
+
+  /**
+   * Postcopy recovery: wait for the source's new connection at `uri` instead
+   * (QEMU's `migrate-recover`). Resolves with the address listened on.
+   */
+  async recover(uri: string): Promise<string> {
+    if (this.state.kind !== 'paused' && this.state.kind !== 'recovering') throw new MigrationError('protocol', this.phase, 'recover() needs a paused postcopy migration');
+    this.listener.close();
+    await this.awaitRecovery(uri);
+    return this.listener.uri;
+  }
+
+  private async awaitRecovery(uri: string): Promise<void> {
+    const listener = await listenForRecovery(uri, this.opts.transport ?? {});
+    if (isOver(this.state)) {
+      listener.close();
+      return;
+    }
+    this.listener = listener;
+    // Strangers (a wrong certificate, a port scanner) are dropped by the listener, which keeps waiting.
+    listener.on('stranger', (ev) => this.onStranger(ev));
+    listener.accept().then(
+      (conn) => {
+        const s = this.state;
+        if ((s.kind !== 'paused' && s.kind !== 'recovering') || this.listener !== listener) {
+          conn.destroy();
+          return;
+        }
+        // A recovery connection that recover() moved away from: the new one replaces it.
+        if (s.kind === 'recovering') s.link.drop();
+        // The new main channel has no header: it continues the old stream's sections and blocks.
+        const link = this.newLink(conn, new StreamDecoder({ channel: 'resume', resumeFrom: this.stream, pageRuns: true }));
+        this.state = { kind: 'recovering', link, outage: s.outage, phase: s.phase };
+        this.startLink(link);
+      },
+      () => undefined, // closed: replaced by recover(), or the session is over
+    );
+  }
+
+  /** RECV_BITMAP: which pages of `block` are here, so that the source resends exactly the others. */
+  private answerRecvBitmap(block: string): void {
+    requireRecovering(this.state.kind === 'recovering', 'RECV_BITMAP', this.phase);
+    const bitmap = this.pages.bitmap(block);
+    if (!bitmap) throw new MigrationError('protocol', this.phase, `RECV_BITMAP for unknown RAM block "${block}"`);
+    this.sendRp({ type: 'recv-bitmap', block, bitmap: bitmap.bytes });
+  }
+
+  /** POSTCOPY_RESUME: acknowledge, then ask again for every page the guest still waits for. */
+  private resumed(now: number): void {
+    const s = this.state;
+    requireRecovering(s.kind === 'recovering', 'POSTCOPY_RESUME', this.phase);
+    if (s.kind !== 'recovering') return;
+    this.sendRp({ type: 'resume-ack', value: 1 });
+    this.state = { kind: 'postcopy', link: s.link, phase: s.phase, inPackage: false, vmHere: true };
+    this.pages.resumeRequests(now);
+    s.outage.end();
+    this.counts.recoveries++;
+    this.emit('resumed', { recoveries: this.counts.recoveries, pausedMs: now - s.outage.since });
+  }
+
+  private sendRp(m: ReturnPathMessage): void {
+    if (!this.rpOpen) throw new MigrationError('protocol', this.phase, `${m.type} needs a return path, but the source did not open one`);
+    // Paused: waiting requests are sent again after the resume.
+    this.link?.send(m);
+  }
+
+  // ---- demand paging ------------------------------------------------------------
+
+  /**
+   * Demand paging: resolves at once when the page is already here; otherwise
+   * sends REQ_PAGES(_ID) (during postcopy; before it, waits for LISTEN or for
+   * the bulk stream) and resolves when the page arrives on either channel.
+   * Concurrent requests for one page share one request.
+   */
+  async requestPage(block: string, offset: number): Promise<PageRequestResult> {
+    const over = isOver(this.state) ? new MigrationError('protocol', this.phase, 'the migration is over') : undefined;
+    checkPageRequest(block, offset, this.pages, over);
+    const r = await this.pages.request(block, offset, performance.now());
+    if (r.requested) this.emit('page-request', r);
+    return r;
+  }
+
+  /** True when the page has arrived. */
+  hasPage(block: string, offset: number): boolean {
+    return this.pages.has(block, offset - (offset % TARGET_PAGE_SIZE));
+  }
+
+  // ---- stats ----------------------------------------------------------------------
+
+  stats(): DestinationStats {
+    const conn = this.link?.conn;
+    return this.counts.stats(statusOf(this.state), this.pages, { ...(conn ? { main: conn.main.stats } : {}), ...(conn?.preempt ? { preempt: conn.preempt.stats } : {}) });
+  }
+
+  /** Everything received so far (complete or not). */
+  snapshot(error?: MigrationError): DestinationResult {
+    return {
+      complete: this.state.kind === 'completed',
+      machineType: this.header?.config?.machineType,
+      configuration: this.header?.config,
+      blocks: this.pages.blocks,
+      devices: this.sections.devices,
+      vmdesc: this.vmdesc,
+      postcopy: isListening(this.state),
+      stats: this.stats(),
+      ...(error ? { error } : {}),
+    };
+  }
+
+  // ---- completion -----------------------------------------------------------------
+
+  private async finish(): Promise<void> {
+    const s = this.state;
+    if (s.kind !== 'completing' || s.step !== 'vmdesc') return;
+    const link = s.link;
+    s.step = 'late-pages';
+    link.stopIdle();
+    try {
+      // Pages requested late may still be in flight on the preempt channel.
+      await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded);
+      if (this.state !== s) return;
+      s.step = 'flushing';
+      checkRamComplete(this.pages, s.postcopy, this.sections.ramEnded);
+      await this.opts.sink.flush();
+      if (this.state !== s) return;
+      this.state = { kind: 'completed', link, postcopy: s.postcopy };
+      this.counts.endedAt = performance.now();
+      // SHUT 0: without it a QEMU source reports the migration failed. Everything is here and
+      // flushed by now, so a source that is gone meanwhile does not undo the migration.
+      if (this.rpOpen) await link.shut(0);
+    } catch (e) {
+      if (this.state === s) s.step = 'vmdesc'; // let fail() act: the migration is not over yet
+      this.fail(MigrationError.from(e, 'completion'));
+      return;
+    }
+    this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
+    const result = this.snapshot();
+    this.release();
+    this.shutDown = this.shutdown(link, false);
+    this.emit('completed', result);
+    this.resolveDone(result);
+    await this.shutDown;
+  }
+
+  private fail(e: MigrationError): void {
+    const s = this.state;
+    if (isOver(s)) return;
+    const link = this.link;
+    const phase = this.phase;
+    this.state = { kind: 'failed', link, error: e, phase, postcopy: isListening(s) };
+    if (s.kind === 'paused' || s.kind === 'recovering') s.outage.end();
+    this.release();
+    link?.stopIdle();
+    this.counts.endedAt = performance.now();
+    this.pages.failAll(e);
+    // SHUT 1 tells a QEMU source that our side failed.
+    if (link && this.rpOpen) void link.shut(1);
+    if (this.listenerCount('failed') > 0) this.emit('failed', e);
+    this.rejectDone(e);
+    this.shutDown = this.shutdown(link, true);
+  }
+
+  /** Drops what only a running migration needs: the signal listener, the accept timer. */
+  private release(): void {
+    this.opts.signal?.removeEventListener('abort', this.onAbort);
+    clearTimeout(this.acceptTimer);
+  }
+
+  private async shutdown(link: Link | undefined, abort: boolean): Promise<void> {
+    this.listener.close();
+    await link?.release(abort);
+  }
+
+  /**
+   * Stops listening and tears everything down; a running migration fails as
+   * cancelled. Resolves once the listener and every socket are closed. The
+   * same as `cancel()`.
+   */
+  async close(): Promise<void> {
+    if (!isOver(this.state)) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
+    else this.listener.close();
+    // The teardown's own timers and sockets are unreferenced (they must not hold a process
+    // whose migration is over); one who awaits close() is owed the end of it.
+    const hold = setInterval(() => undefined, 1000);
+    try {
+      await this.shutDown;
+    } finally {
+      clearInterval(hold);
+    }
+    this.link?.conn.destroy();
+    this.release();
+  }
+
+  /** The same as `cancel()`. */
+  cancel(): Promise<void> {
+    return this.close();
+  }
+
+  /** `await using dst = await DestinationSession.listen(…)`: closed when the scope ends. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
