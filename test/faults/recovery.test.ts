@@ -148,9 +148,12 @@ async function run(s: Scenario): Promise<Outcome> {
     stopVm: guest.stop,
     // Slow enough that the background stream is still running when the cuts come.
     postcopyBandwidthLimit: 8 * MiB,
-    // With strangers: the source waits for them (resume() below), so that they come first however slow the machine.
-    recovery: s.strangersAtPause ? { initialDelayMs: 60_000, maxDelayMs: 60_000 } : { initialDelayMs: 20, maxDelayMs: 200 },
+    recovery: { initialDelayMs: 20, maxDelayMs: 200 },
   });
+  // With strangers: the source holds its attempts (pause() as soon as it paused by itself, QEMU's
+  // migrate-pause) until they have played (resume() below), so that they come first however the
+  // machine schedules the source's first attempt.
+  if (s.strangersAtPause) src.once('paused', () => src.pause());
   const strangers: string[] = [];
   dst.on('stranger', (ev) => strangers.push(`${ev.reason}/${ev.error.code}`));
   const silent: net.Socket[] = [];

@@ -10,50 +10,22 @@
  * keep what the sink holds bounded; a sink whose backpressure rejects fails
  * the migration as `storage` — in postcopy too, not a pause.
  */
-import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { describe, expect, it } from 'vitest';
 import {
   DestinationSession,
   InMemorySink,
   MigrationError,
-  ReturnPathDecoder,
-  StreamEncoder,
-  concatPieces,
   type GuestMemorySink,
-  type ReturnPathMessage,
   type StreamRecord,
 } from '../../src/index.js';
 import { syntheticRecords } from '../stream/synthetic.js';
+import { scriptedSource } from '../support/scripted-source.js';
 
 const PAGE = 4096;
 const MiB = 1024 * 1024;
 const RAM = { sectionId: 2, idstr: 'ram', instanceId: 0, versionId: 4 } as const;
 
-async function scriptedSource(uri: string) {
-  const sock = net.connect(Number(uri.split(':').pop()), '127.0.0.1');
-  await new Promise((r) => sock.once('connect', r));
-  const rp = new ReturnPathDecoder();
-  const messages: ReturnPathMessage[] = [];
-  sock.on('data', (c) => messages.push(...rp.push(c)));
-  sock.on('error', () => undefined);
-  const enc = new StreamEncoder({ continueMode: 'as-recorded' });
-  return {
-    sock,
-    messages,
-    write(records: StreamRecord[]) {
-      enc.writeAll(records);
-      sock.write(concatPieces(enc.take()));
-    },
-    async waitFor(pred: (m: ReturnPathMessage[]) => boolean, ms = 5000): Promise<void> {
-      const deadline = Date.now() + ms;
-      while (!pred(messages)) {
-        if (Date.now() > deadline) throw new Error(`timeout; got ${JSON.stringify(messages)}`);
-        await new Promise((r) => setTimeout(r, 10));
-      }
-    },
-  };
-}
 
 /** Page i of the test stream: data in every page but every 16th (ZERO), a counter in its bytes. */
 function pageOf(i: number): Buffer | undefined {
