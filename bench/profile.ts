@@ -1,6 +1,6 @@
 /**
  * What the time goes to: `npm run bench:profile [-- --mib N] [-- --kinds plain,tls] [-- --no-qemu] [-- --no-demo]`
- * (needs `npm run build`).
+ * (builds dist/ first when it is missing or older than src/: the `qmt` rows run the built command).
  *
  * One migration of each of our paths with V8's CPU profiler on our processes
  * (`node --cpu-prof --cpu-prof-dir`), QEMU's test guest (data in every page)
@@ -26,10 +26,10 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { initPkiDir } from '../src/transport/pki.js';
 import { BenchChild, REPO_ROOT } from './lib/child.js';
-import { profileMarkdown, summarizeProfiles, type ProfileSummary } from './lib/cpuprofile.js';
+import { profileHeading, profileMarkdown, summarizeProfiles, type ProfileSummary } from './lib/cpuprofile.js';
 import { loadAverage } from './lib/cpu.js';
 import { machineInfo, fmt } from './lib/report.js';
-import { builtCliProblem, startQmtCli } from './lib/qmt-cli.js';
+import { ensureBuiltCli, startQmtCli } from './lib/qmt-cli.js';
 import type { QemuProcess } from './lib/qemu.js';
 import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
 
@@ -48,8 +48,12 @@ const kinds = String(args.kinds)
 const topN = Number(args.top);
 const log = (line: string): void => void process.stderr.write(`[profile] ${line}\n`);
 
-interface Profiled {
+export interface Profiled {
+  /** receive-plain, send-tls, library-plain, demo-preempt, demo-no-preempt …: what the report's rows link to. */
+  id: string;
   path: string;
+  /** A line under the heading: faults and latency of a demo run. */
+  note?: string;
   kind: 'plain' | 'tls';
   seconds: number;
   gbps: number;
@@ -111,6 +115,7 @@ async function profileReceive(q: typeof import('./lib/qemu.js'), src: QemuProces
   const seconds = (r.exitUs - setup) / 1e6;
   await keepProfiles(dir, `receive-${kind}`);
   return {
+    id: `receive-${kind}`,
     path: 'QEMU → `qmt receive`',
     kind,
     seconds,
@@ -139,7 +144,7 @@ async function profileSend(q: typeof import('./lib/qemu.js'), pkiDir: string, ki
     const us = (e: (typeof ev)[number] | undefined): number => (e ? e.timestamp.seconds * 1e6 + e.timestamp.microseconds : NaN);
     const seconds = (us(ev.find((e) => (e.data as { status?: string }).status === 'completed')) - us(ev[0])) / 1e6;
     await keepProfiles(dir, `send-${kind}`);
-    return { path: '`qmt send` → QEMU', kind, seconds, gbps: (mib * MiB) / seconds / 1e9, processes: roles(dir, (s) => (s.thread ? `qmt send, thread ${s.thread}` : 'qmt send')) };
+    return { id: `send-${kind}`, path: '`qmt send` → QEMU', kind, seconds, gbps: (mib * MiB) / seconds / 1e9, processes: roles(dir, (s) => (s.thread ? `qmt send, thread ${s.thread}` : 'qmt send')) };
   } finally {
     await dst.stop();
   }
@@ -179,7 +184,7 @@ async function profileLibrary(pkiDir: string, kind: 'plain' | 'tls'): Promise<Pr
   await keepProfiles(ddir, `library-${kind}-dest`);
   const label = (end: 'source' | 'destination') => (s: ProfileSummary) =>
     s.thread ? `library ${end}, thread ${s.thread}` : end === 'source' ? 'library source (SourceSession, synthetic guest)' : 'library destination (DestinationSession, InMemorySink)';
-  return { path: 'library → library', kind, seconds, gbps: bytes / seconds / 1e9, processes: [...roles(sdir, label('source')), ...roles(ddir, label('destination'))] };
+  return { id: `library-${kind}`, path: 'library → library', kind, seconds, gbps: bytes / seconds / 1e9, processes: [...roles(sdir, label('source')), ...roles(ddir, label('destination'))] };
 }
 
 async function profileDemo(preempt: boolean): Promise<Profiled> {
@@ -191,7 +196,9 @@ async function profileDemo(preempt: boolean): Promise<Profiled> {
   const j = JSON.parse(r.stdout) as { migrationMs: number; faults: { count: number; p50Us: number; p99Us: number } };
   await keepProfiles(dir, `demo-${preempt ? 'preempt' : 'no-preempt'}`);
   return {
-    path: `\`qmt demo\`${preempt ? '' : ' --no-preempt'} (faults ${j.faults.count}, p50 ${fmt(j.faults.p50Us / 1000, 1)} ms, p99 ${fmt(j.faults.p99Us / 1000, 1)} ms)`,
+    id: `demo-${preempt ? 'preempt' : 'no-preempt'}`,
+    path: `\`qmt demo\`${preempt ? '' : ' --no-preempt'}`,
+    note: `${j.faults.count} faults, p50 ${fmt(j.faults.p50Us / 1000, 1)} ms, p99 ${fmt(j.faults.p99Us / 1000, 1)} ms`,
     kind: 'tls',
     seconds: j.migrationMs / 1000,
     gbps: (mib * MiB) / (j.migrationMs / 1000) / 1e9,
@@ -202,12 +209,14 @@ async function profileDemo(preempt: boolean): Promise<Profiled> {
 async function main(): Promise<void> {
   const started = new Date();
   const loadStart = loadAverage();
-  const problem = builtCliProblem();
-  if (problem) throw new Error(problem);
+  if (!args['no-qemu'] || !args['no-demo']) {
+    const problem = ensureBuiltCli(log);
+    if (problem) throw new Error(problem);
+  }
   const pkiDir = join(work, 'pki');
   await initPkiDir(pkiDir);
   const results: Profiled[] = [];
-  const attempt = async (what: string, f: () => Promise<Profiled>): Promise<void> => {
+  const attempt = async (id: string, what: string, f: () => Promise<Profiled>): Promise<void> => {
     log(`${what} …`);
     try {
       const r = await f();
@@ -215,7 +224,7 @@ async function main(): Promise<void> {
       log(`${what}: ${fmt(r.gbps, 2)} GB/s (${fmt(r.seconds, 2)} s, profiled), ${r.processes.length} profile(s)`);
     } catch (e) {
       log(`${what} failed: ${String(e)}`);
-      results.push({ path: what, kind: 'plain', seconds: NaN, gbps: NaN, processes: [], error: e instanceof Error ? e.message.split('\n')[0]! : String(e) });
+      results.push({ id, path: what, kind: 'plain', seconds: NaN, gbps: NaN, processes: [], error: e instanceof Error ? e.message.split('\n')[0]! : String(e) });
     }
   };
   if (!args['no-qemu']) {
@@ -228,15 +237,15 @@ async function main(): Promise<void> {
       const src = await startSource(q, pkiDir);
       for (const kind of kinds) {
         const saved = join(work, `vm-${kind}`);
-        await attempt(`QEMU → qmt receive, ${kind}`, () => profileReceive(q, src, pkiDir, kind, saved));
-        await attempt(`qmt send → QEMU, ${kind}`, () => profileSend(q, pkiDir, kind, saved));
+        await attempt(`receive-${kind}`, `QEMU → qmt receive, ${kind}`, () => profileReceive(q, src, pkiDir, kind, saved));
+        await attempt(`send-${kind}`, `qmt send → QEMU, ${kind}`, () => profileSend(q, pkiDir, kind, saved));
         await rm(saved, { recursive: true, force: true });
       }
       await src.stop();
     }
   }
-  for (const kind of kinds) await attempt(`library → library, ${kind}`, () => profileLibrary(pkiDir, kind));
-  if (!args['no-demo']) for (const preempt of [true, false]) await attempt(`qmt demo${preempt ? '' : ' --no-preempt'}`, () => profileDemo(preempt));
+  for (const kind of kinds) await attempt(`library-${kind}`, `library → library, ${kind}`, () => profileLibrary(pkiDir, kind));
+  if (!args['no-demo']) for (const preempt of [true, false]) await attempt(`demo-${preempt ? 'preempt' : 'no-preempt'}`, `qmt demo${preempt ? '' : ' --no-preempt'}`, () => profileDemo(preempt));
 
   const m = machineInfo(REPO_ROOT);
   const lines: string[] = [
@@ -248,7 +257,9 @@ async function main(): Promise<void> {
     '',
   ];
   for (const r of results) {
-    lines.push(`### ${r.path}, ${r.kind === 'tls' ? 'TLS 1.3' : 'plain TCP'}${r.error ? '' : ` — ${fmt(r.gbps, 2)} GB/s profiled (${fmt(r.seconds, 2)} s)`}`, '');
+    // Stable headings (no figures): the report's summary links to them.
+    lines.push(`### ${profileHeading(r)}`, '');
+    if (!r.error) lines.push(`${r.note ? `${r.note}; ` : ''}${fmt(r.gbps, 2)} GB/s while profiled (${fmt(r.seconds, 2)} s).`, '');
     if (r.error) lines.push(`Failed: ${r.error}`, '');
     for (const p of r.processes) lines.push(profileMarkdown(p.role, p.summary), '');
   }

@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,seed,switchover,memory] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace]`
+ * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,seed,switchover,memory] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace] [-- --report-only]`
  *
  * Runs every part of the benchmark, each in a process of its own, one after
  * the other, and writes bench/REPORT.md: the machine, how loaded it was, a
@@ -30,7 +30,8 @@ import { cpuSnapshot, cpuUse, loadAverage } from './lib/cpu.js';
 import { partHeader, type PartResult } from './lib/part.js';
 import { fmt, machineInfo } from './lib/report.js';
 import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
-import { builtCliProblem } from './lib/qmt-cli.js';
+import type { ProfiledPath } from './lib/cpuprofile.js';
+import { ensureBuiltCli } from './lib/qmt-cli.js';
 import { issueLines, issueTable, summaryLines, summaryTable, type CodecData } from './lib/summary.js';
 
 const PARTS = ['codec', 'bulk', 'saved', 'demo', 'sink', 'latency', 'seed', 'switchover', 'memory'] as const;
@@ -44,6 +45,7 @@ const { values: args } = parseArgs({
     trace: { type: 'boolean', default: false },
     mib: { type: 'string' },
     runs: { type: 'string' },
+    'report-only': { type: 'boolean', default: false },
   },
 });
 
@@ -51,7 +53,8 @@ const BENCH = join(REPO_ROOT, 'bench');
 const OUT = join(BENCH, 'results');
 const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
 for (const p of [...list(args.only), ...list(args.skip)]) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`unknown part "${p}" (parts: ${PARTS.join(', ')})`);
-const selected = PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p));
+// --report-only: no part runs; bench/REPORT.md is written again from bench/results/ (e.g. after `npm run bench:profile`).
+const selected = args['report-only'] ? [] : PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p));
 const quick = args.quick ? ['--quick'] : [];
 /** The size and rounds of the issue-12 rows (bulk, saved, demo, sink). */
 const sizing = [...(args.mib ? ['--mib', args.mib] : []), ...(args.runs ? ['--runs', args.runs] : [])];
@@ -128,11 +131,37 @@ async function codecPart(): Promise<number | null> {
   return code;
 }
 
-/** The last `npm run bench:profile` (bench/results/profile.md), with its date. */
-async function readProfile(): Promise<{ date: string; markdown: string } | undefined> {
+/** The last `npm run bench:profile` (bench/results/profile.md and .json), with its date. */
+async function readProfile(): Promise<{ date: string; markdown: string; paths: Map<string, ProfiledPath> } | undefined> {
   const f = join(OUT, 'profile.md');
   if (!existsSync(f)) return undefined;
-  return { date: statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim() };
+  const paths = new Map<string, ProfiledPath>();
+  try {
+    const j = JSON.parse(await readFile(join(OUT, 'profile.json'), 'utf8')) as { startedAt?: string; results?: ProfiledPath[] };
+    for (const r of j.results ?? []) if (r.id) paths.set(r.id, r);
+    return { date: j.startedAt ?? statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim(), paths };
+  } catch {
+    return { date: statSync(f).mtime.toISOString(), markdown: (await readFile(f, 'utf8')).trim(), paths };
+  }
+}
+
+/** What the report says of the run itself (bench/results/run.json, kept for --report-only). */
+interface RunInfo {
+  command: string;
+  startedAt: string;
+  totalS: number;
+  ran: { part: string; seconds: number; code: number | null }[];
+  load: string;
+  cpu: string;
+  revision?: string;
+}
+
+async function readRunInfo(): Promise<RunInfo | undefined> {
+  try {
+    return JSON.parse(await readFile(join(OUT, 'run.json'), 'utf8')) as RunInfo;
+  } catch {
+    return undefined;
+  }
 }
 
 async function readPart(name: string): Promise<PartResult<unknown> | undefined> {
@@ -172,10 +201,9 @@ async function main(): Promise<void> {
   const cpu0 = cpuSnapshot([]);
   const ran = new Map<string, { seconds: number; code: number | null }>();
   const extra = [...quick];
-  if ((selected.includes('saved') || selected.includes('demo')) && builtCliProblem()) {
-    process.stderr.write(`${builtCliProblem()}: building it (npm run build) …\n`);
-    const b = spawnSync('npm', ['run', 'build'], { cwd: REPO_ROOT, stdio: ['ignore', 'inherit', 'inherit'] });
-    if (b.status !== 0) process.stderr.write('the build failed: the saved and demo parts will say so\n');
+  if (selected.includes('saved') || selected.includes('demo')) {
+    const still = ensureBuiltCli((l) => process.stderr.write(`${l}\n`));
+    if (still) process.stderr.write(`${still}: the saved and demo parts will say so\n`);
   }
   for (const part of selected) {
     if (stoppedBy) break;
@@ -202,6 +230,18 @@ async function main(): Promise<void> {
   sample();
   const cpu = cpuUse(cpu0, cpuSnapshot([]));
   const totalS = (Date.now() - started) / 1000;
+  const thisRun: RunInfo = {
+    command: `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}`,
+    startedAt: new Date(started).toISOString(),
+    totalS,
+    ran: [...ran].map(([part, r]) => ({ part, ...r })),
+    load: `${loadStart} at the start, ${loadAverage()} at the end; 1-minute load sampled every 5 s: median ${fmt(median(loads), 2)}, peak ${fmt(Math.max(...loads), 2)}`,
+    cpu: cpu ? `${cpu.hostBusyPct} % busy (100 = all cores; steal ${cpu.stealPct} %)` : '?',
+    revision: machineInfo(REPO_ROOT).revision,
+  };
+  // --report-only describes the last run that ran parts, not itself.
+  const run = args['report-only'] ? ((await readRunInfo()) ?? thisRun) : thisRun;
+  if (!args['report-only']) await writeFile(join(OUT, 'run.json'), `${JSON.stringify(run, null, 1)}\n`);
 
   const parts = new Map<string, PartResult<unknown>>();
   for (const name of ['codec', 'bulk', 'saved', 'demo', 'sink', 'urgent', 'seed', 'switchover', 'memory']) {
@@ -210,15 +250,15 @@ async function main(): Promise<void> {
   }
   const latency = await readLatency();
   const m = machineInfo(REPO_ROOT);
-  const runStart = new Date(started).toISOString();
+  const runStart = run.startedAt;
   const fresh = (p: PartResult<unknown> | undefined): boolean => p !== undefined && p.startedAt >= runStart;
   const lines: string[] = [];
   lines.push('# Benchmark report', '');
   lines.push(
     `- Machine: ${m.cpu}, ${m.cores} cores, ${fmt(m.memoryBytes / 2 ** 30, 1)} GiB RAM; ${m.os}; kernel ${m.kernel}; Node ${m.node}; ${qemuVersion()}; TCP congestion control ${m.congestionControl}. A shared VM: other work may run at the same time (see the load).`,
-    `- Code: ${m.revision}.`,
-    `- Run: \`npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(' ')}` : ''}\`, started ${runStart}, ${fmt(totalS / 60, 1)} min (${[...ran].map(([p, r]) => `${p} ${fmt(r.seconds)} s${r.code ? ` (exit ${r.code})` : ''}`).join(', ')}).`,
-    `- Load average during the run: ${loadStart} at the start, ${loadAverage()} at the end; 1-minute load sampled every 5 s: median ${fmt(median(loads), 2)}, peak ${fmt(Math.max(...loads), 2)}. The whole machine's CPU was ${cpu ? `${cpu.hostBusyPct} % busy (100 = all cores; steal ${cpu.stealPct} %)` : '?'} over the run. Each part states its own load below.`,
+    `- Code: ${run.revision ?? m.revision}.`,
+    `- Run: \`${run.command}\`, started ${runStart}, ${fmt(run.totalS / 60, 1)} min (${run.ran.map((r) => `${r.part} ${fmt(r.seconds)} s${r.code ? ` (exit ${r.code})` : ''}`).join(', ')}).${args['report-only'] ? ' Report written again afterwards (`--report-only`).' : ''}`,
+    `- Load average during the run: ${run.load}. The whole machine's CPU was ${run.cpu} over the run. Each part states its own load below.`,
     '- Every figure is measured next to its baseline in the same run; medians of the runs with (min–max); nothing asserts on timing. Raw data: `bench/results/*.json`.',
     '',
   );
@@ -232,7 +272,7 @@ async function main(): Promise<void> {
     '',
     'Every row measured next to its baseline in the same run (ratios of medians); aims from the issue, reported, not asserted. CPU: core-seconds (user + system) per GB of guest RAM at the source / destination end, ours and, in brackets, the baseline\'s.',
     '',
-    issueTable(issueLines(parts)),
+    issueTable(issueLines(parts, profile?.paths)),
     '',
     profile ? `What the time goes to, for every missed aim: CPU profiles of each of our processes in [§ What the time goes to](#what-the-time-goes-to-cpu-profiles) (\`npm run bench:profile\`, run ${profile.date}).` : 'CPU profiles: not run yet (`npm run bench:profile`).',
     '',

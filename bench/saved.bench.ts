@@ -322,7 +322,8 @@ function markdown(d: SavedData): string {
 
 function fsOf(): string {
   try {
-    return execFileSync('findmnt', ['-n', '-o', 'FSTYPE,SOURCE', '-T', process.env.TMPDIR ?? '/tmp'], { encoding: 'utf8', timeout: 5000 }).trim();
+    const [type, source] = execFileSync('findmnt', ['-n', '-o', 'FSTYPE,SOURCE', '-T', process.env.TMPDIR ?? '/tmp'], { encoding: 'utf8', timeout: 5000 }).trim().split(/\s+/);
+    return `${type ?? '?'} on ${source ?? '?'}`;
   } catch {
     return '?';
   }

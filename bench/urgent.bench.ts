@@ -29,7 +29,7 @@
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { DestinationSession } from '../src/protocol/destination.js';
+import { DestinationSession } from '../src/protocol/index.js';
 import { DirectorySink } from '../src/protocol/directory-sink.js';
 import { RAM_DIR, writeSavedVm } from '../src/protocol/saved-vm.js';
 import { BenchChild } from './lib/child.js';

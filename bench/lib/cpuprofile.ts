@@ -187,3 +187,40 @@ export function profileMarkdown(title: string, s: ProfileSummary): string {
   ];
   return lines.join('\n');
 }
+
+/** What bench/profile.ts records per profiled migration (bench/results/profile.json). */
+export interface ProfiledPath {
+  id: string;
+  path: string;
+  kind: 'plain' | 'tls';
+  error?: string;
+  processes: ({ role: string } & Omit<ProfileSummary, 'file'>)[];
+}
+
+/** The heading of a profiled path in profile.md. */
+export function profileHeading(r: { path: string; kind: 'plain' | 'tls' }): string {
+  return `Profile: ${r.path}, ${r.kind === 'tls' ? 'TLS 1.3' : 'plain TCP'}`;
+}
+
+/** GitHub's anchor of a markdown heading. */
+export function headingAnchor(heading: string): string {
+  return heading
+    .toLowerCase()
+    .replace(/[^\p{L}\p{M}\p{N}\p{Pc} -]/gu, '')
+    .replace(/ /g, '-');
+}
+
+/**
+ * One line per path for the report's summary: per process (the waiting
+ * parent of a re-run left out) idle and GC, then the top functions.
+ */
+export function profileDigest(r: ProfiledPath, top = 3): string {
+  if (r.error) return `profile failed: ${r.error}`;
+  return r.processes
+    .filter((p) => !p.role.includes('parent'))
+    .map((p) => `${p.role.replace(/ \(.*\)$/, '')}: idle ${p.shares.idle} %, GC ${p.shares.gc} %; ${p.top
+      .slice(0, top)
+      .map((t) => `${t.name} ${t.pct} %`)
+      .join(', ')}`)
+    .join('; ');
+}

@@ -5,7 +5,7 @@
  * (bench/lib/cpu-at-exit.mjs, preloaded), and optionally a V8 CPU profile of
  * every process it runs (`--cpu-prof`).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
@@ -58,6 +58,15 @@ export function builtCliProblem(): string | undefined {
   };
   const src = newest(join(REPO_ROOT, 'src'));
   return src > built + 1000 ? `dist/ is older than src/ (by ${Math.round((src - built) / 1000)} s): run \`npm run build\` first` : undefined;
+}
+
+/** Builds dist/ (`npm run build`) when it is missing or older than src/; returns what is still wrong, or undefined. */
+export function ensureBuiltCli(log: (line: string) => void): string | undefined {
+  const problem = builtCliProblem();
+  if (!problem) return undefined;
+  log(`${problem}: building it (npm run build) …`);
+  const b = spawnSync('npm', ['run', 'build'], { cwd: REPO_ROOT, stdio: ['ignore', 'inherit', 'inherit'] });
+  return b.status === 0 ? builtCliProblem() : `npm run build failed (exit ${b.status ?? b.signal})`;
 }
 
 /** Starts `node [--cpu-prof --cpu-prof-dir DIR] dist/cli/main.js ...args`. */

@@ -9,13 +9,21 @@ import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Session } from 'node:inspector';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { DestinationSession, type DestinationStats } from '../../src/protocol/destination.js';
-import { DirectorySink } from '../../src/protocol/directory-sink.js';
-import { InMemorySink, type GuestMemorySink } from '../../src/protocol/memory.js';
-import { SavedVmSource, type GuestMemorySource } from '../../src/protocol/memory-source.js';
-import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
-import { readSavedVmManifest } from '../../src/protocol/saved-vm.js';
-import { SourceSession, type DeviceStateSection, type SourceStats } from '../../src/protocol/source.js';
+// The public surface of src/protocol: the sessions' modules may move behind it.
+import {
+  DestinationSession,
+  DirectorySink,
+  InMemorySink,
+  readSavedVmManifest,
+  SavedVmSource,
+  SourceSession,
+  type DestinationStats,
+  type DeviceStateSection,
+  type GuestMemorySink,
+  type GuestMemorySource,
+  type PostcopyPolicy,
+  type SourceStats,
+} from '../../src/protocol/index.js';
 import type { TransportOptions } from '../../src/transport/connection.js';
 import { monoUs, residentSet, serve } from './child-server.js';
 import { createGuest, hashBlocks, MACHINE_TYPE, runVideoAtDestination, syntheticDevices, type BenchGuest, type DestinationWorkloadReport, type GuestSpec } from './synthetic-guest.js';

@@ -5,6 +5,7 @@
 import type { BulkData } from '../bulk.bench.js';
 import type { DemoData } from '../demo.bench.js';
 import type { Kind, SavedData, SavedRow, SavedVariant } from '../saved.bench.js';
+import { headingAnchor, profileDigest, profileHeading, type ProfiledPath } from './cpuprofile.js';
 import { BULK_AIM_VS_RAW, bulkCpuPerGb, DEMO_AIMS, demoAims, SAVED_AIMS, SAVED_LABEL } from './aims.js';
 import { median, ratio } from './stats.js';
 import type { MemoryData } from '../memory.bench.js';
@@ -130,6 +131,16 @@ export interface IssueLine {
   aim: string;
   /** CPU core-seconds per GB at each end (source / destination), ours and the baseline's. */
   cpu: string;
+  /** For a missed aim: where the time goes (the CPU profile's digest, linked). */
+  time: string;
+}
+
+/** The profile of the path behind a row, for a missed aim: a link to its section and its digest. */
+function timeGoesTo(profiles: Map<string, ProfiledPath> | undefined, id: string, met: boolean | undefined): string {
+  if (met !== false) return '';
+  const p = profiles?.get(id);
+  if (!p) return 'not profiled (`npm run bench:profile`)';
+  return `[profile](#${headingAnchor(profileHeading(p))}): ${profileDigest(p)}`;
 }
 
 const gbs = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
@@ -137,7 +148,7 @@ const cpuPair = (c: { source?: number; dest?: number } | undefined): string => (
 const aimText = (aim: number, r: number | undefined, unit = '×'): string => `≥ ${aim}${unit}${verdict(r === undefined ? undefined : r >= aim)}`;
 
 /** Every measured row of issue 12 ("Measure"), in its order, from the parts' result files. */
-export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[] {
+export function issueLines(parts: Map<string, PartResult<unknown>>, profiles?: Map<string, ProfiledPath>): IssueLine[] {
   const out: IssueLine[] = [];
   const saved = parts.get('saved')?.data as SavedData | undefined;
   if (saved && saved.variants.some((v) => v.runs.length > 0)) {
@@ -155,6 +166,7 @@ export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[]
         ratio: r === undefined ? '–' : `${fmt(r, 2)}×`,
         aim: aimText(aim, r),
         cpu: `${cpuPair(f?.cpuPerGb)} (baseline ${cpuPair(b?.cpuPerGb)})`,
+        time: timeGoesTo(profiles, `${row === 'qemu-receive' ? 'receive' : 'send'}-${kind}`, r === undefined ? undefined : r >= aim),
       });
     }
   }
@@ -172,6 +184,7 @@ export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[]
         ratio: r === undefined ? '–' : `${fmt(r, 2)}×`,
         aim: aimText(BULK_AIM_VS_RAW, r),
         cpu: `${cpuPair(lib ? bulkCpuPerGb(lib, bulk.guestBytes) : undefined)} (raw pair ${cpuPair(raw ? bulkCpuPerGb(raw, bulk.guestBytes) : undefined)})`,
+        time: timeGoesTo(profiles, `library-${kind}`, r === undefined ? undefined : r >= BULK_AIM_VS_RAW),
       });
     }
   }
@@ -179,7 +192,7 @@ export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[]
     for (const kind of ['plain', 'tls'] as const) {
       const raw = bulk.variants.find((x) => x.impl === 'raw' && x.kind === kind);
       if (!raw?.stats) continue;
-      out.push({ row: `raw ${kind === 'tls' ? 'TLS ' : ''}socket pair (the CPU reference)`, figure: gbs(raw.stats.median), baseline: '–', ratio: '–', aim: '', cpu: `${cpuPair(bulkCpuPerGb(raw, bulk.guestBytes))} (sender / receiver)` });
+      out.push({ row: `raw ${kind === 'tls' ? 'TLS ' : ''}socket pair (the CPU reference)`, figure: gbs(raw.stats.median), baseline: '–', ratio: '–', aim: '', cpu: `${cpuPair(bulkCpuPerGb(raw, bulk.guestBytes))} (sender / receiver)`, time: '' });
     }
   }
   const demo = parts.get('demo')?.data as DemoData | undefined;
@@ -195,6 +208,7 @@ export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[]
         ratio: a[p] === undefined ? '–' : `${fmt(a[p], 1)}× better`,
         aim: aimText(DEMO_AIMS[p], a[p], '× better'),
         cpu: `${fmt(on?.cpuPerGb, 2)} both ends (no preempt ${fmt(off?.cpuPerGb, 2)})`,
+        time: timeGoesTo(profiles, 'demo-preempt', a[p] === undefined ? undefined : a[p]! >= DEMO_AIMS[p]),
       });
     }
   }
@@ -202,7 +216,7 @@ export function issueLines(parts: Map<string, PartResult<unknown>>): IssueLine[]
 }
 
 export function issueTable(lines: readonly IssueLine[]): string {
-  const rows = ['| row | figure | baseline (same run) | ratio | aim | CPU s/GB, source / destination (baseline) |', '|---|---|---|---|---|---|'];
-  for (const l of lines) rows.push(`| ${l.row} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} | ${l.cpu} |`);
+  const rows = ['| row | figure | baseline (same run) | ratio | aim | CPU s/GB, source / destination (baseline) | missed: what the time goes to (CPU profile: per process idle, GC, top self time) |', '|---|---|---|---|---|---|---|'];
+  for (const l of lines) rows.push(`| ${l.row} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} | ${l.cpu} | ${l.time} |`);
   return rows.join('\n');
 }

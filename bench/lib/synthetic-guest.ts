@@ -5,9 +5,7 @@
  */
 import { createHash, randomFillSync } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import type { DestinationSession } from '../../src/protocol/destination.js';
-import { InMemorySource } from '../../src/protocol/memory-source.js';
-import type { DeviceStateSection } from '../../src/protocol/source.js';
+import { InMemorySource, type DestinationSession, type DeviceStateSection } from '../../src/protocol/index.js';
 import { TARGET_PAGE_SIZE } from '../../src/stream/constants.js';
 
 const MiB = 1024 * 1024;
