@@ -15,6 +15,9 @@ import { StorageError } from '../../src/protocol/errors.js';
 import { RAM_DIR, MANIFEST, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { SavedVmSource, type SavedVmSourceFs } from '../../src/protocol/saved-vm-source.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
+import { DestinationSession } from '../../src/protocol/destination.js';
+import { InMemorySink } from '../../src/protocol/memory.js';
+import { SourceSession } from '../../src/protocol/source.js';
 
 const PAGE = 4096;
 const KiB = 1024;
@@ -165,6 +168,36 @@ describe('SavedVmSource', () => {
     expect(src.stats().syncReads).toBe(Math.ceil(ram.length / small.runBytes) + 2);
     src.close();
     await src.whenClosed();
+  });
+
+  it('a lazy restore (postcopy at once, preempt): requested pages are read alone and asynchronously, never with a synchronous read; memory bit for bit', async () => {
+    const data = pattern(32 * MiB, 7);
+    const dir = savedVm([{ idstr: 'pc.ram', data }]);
+    const saved = await SavedVmSource.open(dir);
+    const sink = new InMemorySink();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true });
+    const src = new SourceSession({ to: dst.uri, memory: saved, machineType: 'pc-q35-10.0', devices: [], postcopy: { afterPasses: 0 }, preempt: true, postcopyBandwidthLimit: 8 * MiB });
+    let requested = 0;
+    // The guest at the destination touches pages from the top down, far from the background scan.
+    dst.on('postcopy-run', () => {
+      void (async () => {
+        for (let off = data.length - PAGE; off >= data.length / 2 && requested < 200; off -= 17 * PAGE) {
+          if (dst.hasPage('pc.ram', off)) continue;
+          requested++;
+          await dst.requestPage('pc.ram', off).catch(() => undefined);
+        }
+      })();
+    });
+    src.start();
+    const stats = await src.done;
+    await dst.done;
+    const st = saved.stats();
+    saved.close();
+    expect(requested, 'the guest faulted').toBeGreaterThan(20);
+    expect(stats['requests-answered'].preempt, JSON.stringify(stats['requests-answered'])).toBeGreaterThan(0);
+    expect(st.pagesReadAlone, JSON.stringify(st)).toBeGreaterThan(0);
+    expect(st.syncReads, `no synchronous read on the urgent path: ${JSON.stringify(st)}`).toBe(0);
+    expect(sink.blocks.get('pc.ram')!.equals(data)).toBe(true);
   });
 
   it('a 1 GiB sparse saved VM scanned in full: resident memory grows by less than 64 MiB, whatever the guest size', async () => {

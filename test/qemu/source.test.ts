@@ -115,6 +115,8 @@ async function restore(c: Case & { tls: boolean }): Promise<Outcome> {
     } catch (e) {
       throw new Error(`${label}: ${(e as Error).message}; destination: ${JSON.stringify(await q.queryMigrate().catch(() => undefined))} ${q.stderrTail(500)}`, { cause: e });
     }
+    // Requested pages of a saved VM are read asynchronously (readPages), never with a synchronous read on the urgent path.
+    if (saved && c.preempt) expect(saved.stats().syncReads, `${label}: synchronous reads of the saved VM ${JSON.stringify(saved.stats())}`).toBe(0);
     const expected = guest ? guest.source.memory.get('pc.ram')! : savedRam(vmDir, manifest).get('pc.ram')!;
     const check = await checkDestination(q, expected);
     return { stats, check, answered, remainingAtSwitch, increments: guest?.increments ?? 0, ms: Math.round(performance.now() - t0) };

@@ -166,13 +166,23 @@ export class RamPages {
     return written;
   }
 
-  /** One requested page on the preempt channel (never XBZRLE: the destination has no cache there). */
-  writePreemptPage(enc: PreemptEncoder, st: BlockState, page: number): void {
+  /**
+   * A requested page's bytes read through `readPages` where the memory has it:
+   * a promise when they must be read first (SavedVmSource reads a page away
+   * from its scan alone, asynchronously — no synchronous read on the urgent
+   * path); undefined otherwise (writePreemptPage reads it).
+   */
+  readRequested(st: BlockState, page: number): Uint8Array | Promise<Uint8Array> | undefined {
+    return this.memory.readPages?.(st.info.idstr, page * TARGET_PAGE_SIZE, 1);
+  }
+
+  /** One requested page on the preempt channel (never XBZRLE: the destination has no cache there); `read`: its bytes, from readRequested. */
+  writePreemptPage(enc: PreemptEncoder, st: BlockState, page: number, read?: Uint8Array): void {
     const block = st.info.idstr;
     const offset = page * TARGET_PAGE_SIZE;
     const mem = this.memory;
-    const zero = mem.pageIsZero ? mem.pageIsZero(block, offset) : undefined;
-    const data = zero ? EMPTY : mem.readPage(block, offset);
+    const zero = read ? undefined : mem.pageIsZero ? mem.pageIsZero(block, offset) : undefined;
+    const data = read ?? (zero ? EMPTY : mem.readPage(block, offset));
     if (zero ?? isZeroPage(data)) {
       this.c.duplicate++;
       this.xbzrle?.forget(block, page);

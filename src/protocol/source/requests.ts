@@ -176,7 +176,11 @@ export class Requests {
         if (!r) return;
         const page = r.page - 1;
         const { st, arrived } = r;
-        run.ram.writePreemptPage(run.preemptEnc, st, page);
+        const read = run.ram.readRequested(st, page);
+        const data = read instanceof Promise ? await read : read;
+        // The link may have gone while the page was read: the next one's server sends it.
+        if (link.dropped || run.over) return;
+        run.ram.writePreemptPage(run.preemptEnc, st, page, data);
         const pieces = run.preemptEnc.take();
         for (const p of pieces) run.c.transferred += p.length;
         await link.preempt!.send(pieces, 'urgent', () => this.answered(st, page, 'preempt', 'preempt', (performance.now() - arrived) * 1000));
