@@ -36,7 +36,7 @@ export function forEachSetRun(bits: PageBitmap, from: number, count: number, eac
   const end = from + count;
   let p = from;
   while (p < end) {
-    p = bits.next(p);
+    p = bits.next(p, end);
     if (p < 0 || p >= end) return;
     const n = bits.runLength(p, end - p);
     each(p, n);

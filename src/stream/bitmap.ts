@@ -121,35 +121,37 @@ export class PageBitmap {
     return n;
   }
 
-  /** The next set bit at or after `from`, or -1. */
-  next(from: number): number {
-    return this.scan(from, 0);
+  /** The next set bit at or after `from` and below `end` (default: the end), or -1. */
+  next(from: number, end = this.pages): number {
+    return this.scan(from, 0, end);
   }
 
-  /** The next clear bit at or after `from` (below `pages`), or -1. */
-  nextClear(from: number): number {
-    return this.scan(from, 0xffffffff);
+  /** The next clear bit at or after `from` and below `end` (default: the end), or -1. */
+  nextClear(from: number, end = this.pages): number {
+    return this.scan(from, 0xffffffff, end);
   }
 
-  private scan(from: number, invert: number): number {
+  /** Bounded by `end`: a caller looking at a short range must not pay for the rest of a large bitmap. */
+  private scan(from: number, invert: number, end: number): number {
     const w = this.words;
-    for (let i = from; i < this.pages; ) {
+    const stop = Math.min(end, this.pages);
+    for (let i = from; i < stop; ) {
       const word = ((w[i >>> 5] as number) ^ invert) & (~0 << (i & 31));
       if (word === 0) {
         i = ((i >>> 5) + 1) << 5;
         continue;
       }
       const idx = ((i >>> 5) << 5) + (31 - Math.clz32(word & -word));
-      return idx < this.pages ? idx : -1;
+      return idx < stop ? idx : -1;
     }
     return -1;
   }
 
   /** Pages set from `from` on, before the first clear one or `limit` (a run's length). */
   runLength(from: number, limit = this.pages - from): number {
-    const end = this.nextClear(from);
-    const stop = end < 0 ? this.pages : end;
-    return Math.min(stop - from, limit);
+    const bound = Math.min(this.pages, from + limit);
+    const end = this.nextClear(from, bound);
+    return (end < 0 ? bound : end) - from;
   }
 
   /** Moves every bit of `this` into `into` (OR) and clears this. */

@@ -43,6 +43,11 @@ describe('PageBitmap', () => {
         let run = 0;
         while (start + run < pages && ref.has(start + run)) run++;
         expect(bm.runLength(start)).toBe(run);
+        // Bounded: nothing at or past `end` is looked at or returned.
+        const end = Math.min(pages, start + 1 + (probe % 70));
+        const nextBelow = sorted.find((p) => p >= start && p < end) ?? -1;
+        expect(bm.next(start, end)).toBe(nextBelow);
+        expect(bm.runLength(start, end - start)).toBe(Math.min(run, end - start));
         for (let p = 0; p < pages; p++) {
           expect(bm.has(p)).toBe(ref.has(p));
           // QEMU's wire layout: bit p of byte p >> 3.
