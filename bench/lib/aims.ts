@@ -52,9 +52,11 @@ export const BULK_AIM_VS_RAW = 0.8;
 /** Aims of issue 12: preempt this many times better than without, at p50 and p99. */
 export const DEMO_AIMS = { p50: 20, p99: 10 } as const;
 
-export function demoAims(d: DemoData): { p50: number | undefined; p99: number | undefined } {
-  const on = d.variants.find((v) => v.preempt);
-  const off = d.variants.find((v) => !v.preempt);
+/** Preempt vs `--no-preempt` for one `--threads` mode (undefined: a build without `--threads`, else 'off' when there is no such variant). */
+export function demoAims(d: DemoData, threads?: 'on' | 'off'): { p50: number | undefined; p99: number | undefined } {
+  const mode = threads ?? (d.variants.some((v) => v.threads === undefined) ? undefined : 'off');
+  const on = d.variants.find((v) => v.preempt && v.threads === mode);
+  const off = d.variants.find((v) => !v.preempt && v.threads === mode);
   return { p50: ratio(off?.p50?.median, on?.p50?.median), p99: ratio(off?.p99?.median, on?.p99?.median) };
 }
 
