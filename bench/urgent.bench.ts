@@ -349,7 +349,7 @@ await runPart<UrgentData>(
   'Urgent page requests under bulk load: one table',
   { runs: { type: 'string' }, 'no-veth': { type: 'boolean', default: false }, trace: { type: 'boolean', default: false }, mib: { type: 'string' }, 'veth-mib': { type: 'string' } },
   async (ctx) => {
-    const runs = Number(ctx.options.runs ?? 3);
+    const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
     const trace = ctx.options.trace === true;
     const guestMiB: Record<Link, number> = { loopback: Number(ctx.options.mib ?? (ctx.quick ? 256 : 1024)), veth: Number(ctx.options['veth-mib'] ?? (ctx.quick ? 128 : 512)) };
     const data: UrgentData = { guestMiB, rows: [], cores: os.cpus().length, ...(threadsNode() ? { threadsNode: threadsNode()!.version } : {}) };

@@ -103,11 +103,18 @@ export function threadsUnavailable(): string | undefined {
   return undefined;
 }
 
-/** Why the library cannot do multifd here (source and destination sessions), or undefined. */
+/** Why the library cannot do multifd here (source and destination sessions), or undefined: their options must name `multifd`. */
 export function multifdUnavailable(side: 'source' | 'destination' | 'both' = 'both'): string | undefined {
   if (!existsSync(src('stream', 'multifd.ts'))) return 'not in this tree yet (no src/stream/multifd.ts)';
-  if (side !== 'destination' && !existsSync(src('protocol', 'source', 'multifd.ts'))) return 'not in this tree yet (no src/protocol/source/multifd.ts)';
-  if (side !== 'source' && !existsSync(src('protocol', 'destination', 'multifd.ts'))) return 'not in this tree yet (no src/protocol/destination/multifd.ts)';
+  const names = (d: string): boolean => {
+    try {
+      return readdirSync(src('protocol', d)).some((f) => f.endsWith('.ts') && mentions(src('protocol', d, f), /\bmultifd\?\s*:\s*\{\s*(readonly\s+)?channels/));
+    } catch {
+      return false;
+    }
+  };
+  if (side !== 'destination' && !names('source')) return 'not in this tree yet (SourceOptions has no `multifd`)';
+  if (side !== 'source' && !names('destination')) return 'not in this tree yet (DestinationOptions has no `multifd`)';
   return undefined;
 }
 
