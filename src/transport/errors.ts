@@ -27,6 +27,13 @@ export type TransportErrorCode =
   | 'channel-order' // a channel used before its turn (preempt before main)
   | 'write-after-close';
 
+/**
+ * A channel as errors and stats name it: the main channel, the preempt
+ * channel, multifd channel N (`multifd-0` … `multifd-254`, QEMU's id), or
+ * `multifd` for one whose id is not known yet (before its init message).
+ */
+export type ChannelName = 'main' | 'preempt' | 'multifd' | `multifd-${number}`;
+
 /** The one error class of src/transport. `cause` keeps the system or OpenSSL error. */
 export class TransportError extends QmtError {
   static readonly family = 'transport';
@@ -34,9 +41,9 @@ export class TransportError extends QmtError {
   readonly family = 'transport';
   readonly code: TransportErrorCode;
   /** Which channel failed, when it is known. */
-  readonly channel: 'main' | 'preempt' | undefined;
+  readonly channel: ChannelName | undefined;
 
-  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' } = {}) {
+  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: ChannelName } = {}) {
     super(message, { cause: opts.cause });
     this.code = code;
     this.channel = opts.channel;
