@@ -7,7 +7,12 @@ import { SendQueue } from './send-queue.js';
 import { classifyTlsError } from './tls.js';
 import { setNotSentLowat, type EffectiveTuning } from './tuning.js';
 
-export type ChannelRole = 'main' | 'preempt';
+/**
+ * What a channel carries: the main stream (and the return path), urgent
+ * postcopy pages, or one multifd channel's packets (its id is the Channel's
+ * `channelId`).
+ */
+export type ChannelRole = 'main' | 'preempt' | 'multifd';
 
 /** Limits of one channel's user-space buffering. */
 export interface ChannelLimits {
@@ -45,6 +50,8 @@ export interface ChannelLimits {
 
 export interface ChannelStats {
   role: ChannelRole;
+  /** A multifd channel's id. */
+  channelId?: number;
   bytesSent: number;
   bytesReceived: number;
   /** Bytes in user space right now (our queue + the socket's write buffer). */
@@ -105,14 +112,18 @@ export class Channel extends EventEmitter<ChannelEvents> {
     readonly role: ChannelRole,
     tuning: EffectiveTuning,
     limits: ChannelLimits = {},
+    /** A multifd channel's id (from its init message), named in its errors and stats. */
+    readonly channelId?: number,
   ) {
     super();
-    this.maxQueued = limits.maxQueuedBytes ?? (role === 'main' ? 8 << 20 : 256 << 10);
-    this.socketBudget = limits.socketBufferBytes ?? (role === 'main' ? 1 << 20 : 0);
+    const bulk = role !== 'preempt';
+    this.maxQueued = limits.maxQueuedBytes ?? (bulk ? 8 << 20 : 256 << 10);
+    this.socketBudget = limits.socketBufferBytes ?? (bulk ? 1 << 20 : 0);
     this.bulkWindow = limits.bulkWindowBytes ?? 256 << 10;
     const tlsSock = socket as TLSSocket;
     this.s = {
       role,
+      ...(channelId !== undefined ? { channelId } : {}),
       bytesSent: 0,
       bytesReceived: 0,
       queuedBytes: 0,
@@ -130,14 +141,19 @@ export class Channel extends EventEmitter<ChannelEvents> {
     // A peer host that vanishes without a FIN or RST is found even when we only wait for it.
     socket.setKeepAlive(true, 10_000);
     socket.on('drain', this.afterWrite);
-    socket.on('error', (e) => this.fail(classifySocketError(e, role)));
+    socket.on('error', (e) => this.fail(classifySocketError(e, role, channelId)));
     socket.on('end', () => this.emit('end'));
     socket.on('close', () => {
       this.closed = true;
-      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', { channel: role }));
+      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', this.errorOpts()));
       this.releaseAll();
       this.emit('close');
     });
+  }
+
+  /** Names this channel in its errors (with its multifd id). */
+  private errorOpts(): { channel: ChannelRole; channelId?: number } {
+    return this.channelId !== undefined ? { channel: this.role, channelId: this.channelId } : { channel: this.role };
   }
 
   /** Bytes in user space now: our queue plus the socket's write buffer. */
@@ -170,7 +186,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   whenBulkRoom(): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', { channel: this.role }));
+    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', this.errorOpts()));
     if (this.bulkSinceYield >= this.bulkYieldBytes && this.queuedBytes < this.bulkWindow) {
       return new Promise((resolve) =>
         setImmediate(() => {
@@ -183,7 +199,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (this.queuedBytes < this.bulkWindow) return Promise.resolve();
     this.s.bulkWaits++;
     return new Promise((resolve, reject) => {
-      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
+      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', this.errorOpts())) : resolve()));
     });
   }
 
@@ -226,7 +242,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.role }));
+    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', this.errorOpts()));
     const bytes = this.enqueue(pieces, priority, written);
     if (this.queuedBytes <= this.maxQueued) {
       // Resolving as a microtask every time would let a producer that only
@@ -239,7 +255,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     }
     this.s.writeWaits++;
     return new Promise((resolve, reject) => {
-      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
+      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', this.errorOpts())) : resolve()));
     });
   }
 
@@ -251,7 +267,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   push(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): number {
     if (this.failure) throw this.failure;
-    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', { channel: this.role });
+    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', this.errorOpts());
     const bytes = this.enqueue(pieces, priority, written);
     if (priority === 'bulk') this.bulkSinceYield += bytes;
     return bytes;
@@ -373,7 +389,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (this.queue.empty && this.socket.writableLength === 0) return;
     await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
     if (this.failure) throw this.failure;
-    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', { channel: this.role });
+    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', this.errorOpts());
   }
 
   /**
@@ -387,7 +403,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
       await Promise.race([
         this.flush(),
         new Promise<void>((_, reject) => {
-          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, { channel: this.role })), timeoutMs);
+          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, this.errorOpts())), timeoutMs);
         }),
       ]).finally(() => clearTimeout(timer));
     } catch {
@@ -406,7 +422,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
   /** Tears the socket down now; `reason` becomes the channel's error (if it is the first). */
   destroy(reason?: unknown): void {
     if (reason !== undefined && !this.failure) {
-      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, channel: this.role }));
+      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, ...this.errorOpts() }));
     }
     this.socket.destroy();
   }
@@ -421,11 +437,11 @@ export class Channel extends EventEmitter<ChannelEvents> {
 }
 
 /** Maps a socket error to a TransportError code. */
-export function classifySocketError(e: unknown, channel?: ChannelRole): TransportError {
+export function classifySocketError(e: unknown, channel?: ChannelRole, channelId?: number): TransportError {
   if (e instanceof TransportError) return e;
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   const msg = e instanceof Error ? e.message : String(e);
-  const opts = { cause: e, ...(channel ? { channel } : {}) };
+  const opts = { cause: e, ...(channel ? { channel } : {}), ...(channelId !== undefined ? { channelId } : {}) };
   // OpenSSL errors on an established TLS channel: with TLS 1.3 the server judges the client
   // certificate after the client's handshake is done, so its refusal (an alert naming the reason)
   // only arrives here.

@@ -24,7 +24,8 @@ export type TransportErrorCode =
   | 'not-a-migration-channel' // a connection whose first bytes are not a migration channel's
   | 'qualify-timeout' // a connection that did not qualify as a channel in time
   | 'too-many-connections' // more connections waiting to qualify than allowed
-  | 'channel-order' // a channel used before its turn (preempt before main)
+  | 'channel-order' // a channel used before its turn (preempt before main), or a role already taken (a multifd id twice)
+  | 'bad-multifd-init' // a multifd channel's init message this listener refuses (version, UUID, channel id ≥ multifd-channels)
   | 'write-after-close';
 
 /** The one error class of src/transport. `cause` keeps the system or OpenSSL error. */
@@ -34,16 +35,31 @@ export class TransportError extends QmtError {
   readonly family = 'transport';
   readonly code: TransportErrorCode;
   /** Which channel failed, when it is known. */
-  readonly channel: 'main' | 'preempt' | undefined;
+  readonly channel: 'main' | 'preempt' | 'multifd' | undefined;
+  /** The multifd channel's id (its init message's), when `channel` is 'multifd' and the id is known. */
+  readonly channelId: number | undefined;
 
-  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' } = {}) {
+  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' | 'multifd'; channelId?: number } = {}) {
     super(message, { cause: opts.cause });
     this.code = code;
     this.channel = opts.channel;
+    this.channelId = opts.channelId;
+  }
+
+  /** "main", "preempt", "multifd 2" (undefined when unknown). */
+  get channelName(): string | undefined {
+    return channelName(this.channel, this.channelId);
   }
 
   /** The one-line form the CLI prints: `<code>: <what>`. */
   override describe(): string {
-    return `${this.code}${this.channel ? ` (${this.channel} channel)` : ''}: ${this.message}`;
+    const name = this.channelName;
+    return `${this.code}${name ? ` (${name} channel)` : ''}: ${this.message}`;
   }
+}
+
+/** A channel as messages name it: "main", "preempt", "multifd 2". */
+export function channelName(role: 'main' | 'preempt' | 'multifd' | undefined, id?: number): string | undefined {
+  if (role === undefined) return undefined;
+  return role === 'multifd' && id !== undefined ? `multifd ${id}` : role;
 }

@@ -16,7 +16,7 @@ import { TransportError, type TransportErrorCode } from './errors.js';
 import type { TlsMaterial } from './pki.js';
 
 export type TlsVersion = 'TLSv1.2' | 'TLSv1.3';
-export type TlsChannel = 'main' | 'preempt';
+export type TlsChannel = 'main' | 'preempt' | 'multifd';
 
 /** One endpoint's TLS configuration, as QEMU's creds object plus the migration parameters. */
 export interface TlsSettings {
