@@ -81,7 +81,7 @@ export class MigrationError extends QmtError {
     if (e instanceof StorageError) return new MigrationError('storage', phase, e.message, { cause: e });
     // The code is the part's own; the message must not repeat it (the CLI prints `code: message`).
     if (e instanceof StreamError) return new MigrationError(e.code, phase, `${e.message} at offset ${e.offset}`, { cause: e, offset: e.offset });
-    if (e instanceof TransportError) return new MigrationError(e.code, phase, `${e.channelName ? `(${e.channelName} channel) ` : ''}${e.message}`, { cause: e });
+    if (e instanceof TransportError) return new MigrationError(e.code, phase, `${e.channel ? `(${e.channel} channel) ` : ''}${e.message}`, { cause: e });
     const code = (e as NodeJS.ErrnoException | undefined)?.code;
     if (code === 'ENOSPC' || code === 'EIO' || code === 'EACCES' || code === 'EROFS') {
       return new MigrationError('storage', phase, (e as Error).message, { cause: e });

@@ -16,8 +16,8 @@
  */
 import type net from 'node:net';
 import type tls from 'node:tls';
-import { classifySocketError, type ChannelRole } from './channel.js';
-import { TransportError, channelName } from './errors.js';
+import { channelName, classifySocketError, type ChannelRole } from './channel.js';
+import { TransportError } from './errors.js';
 import type { StrangerEvent, StrangerReason } from './qualify.js';
 import { checkAllowedPeer, classifyTlsError } from './tls.js';
 
@@ -288,10 +288,10 @@ export class Admission {
       // Its role went to another connection meanwhile: a stranger like any other, reported.
       s.on('error', ignoreError);
       s.destroy();
-      const name = channelName(role, channelId)!;
+      const name = channelName(role, channelId);
       this.report({
         reason: 'extra',
-        error: new TransportError('channel-order', `the ${name} channel was taken by another connection before this one qualified`, { channel: role, ...(channelId !== undefined ? { channelId } : {}) }),
+        error: new TransportError('channel-order', `the ${name} channel was taken by another connection before this one qualified`, { channel: name }),
         ...(c.remote ? { remote: c.remote } : {}),
       });
     }

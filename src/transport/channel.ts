@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import { TransportError } from './errors.js';
+import { TransportError, type ChannelName } from './errors.js';
 import { unackedBytes } from './kernel-queue.js';
 import { SendQueue } from './send-queue.js';
 import { classifyTlsError } from './tls.js';
@@ -9,17 +9,22 @@ import { setNotSentLowat, type EffectiveTuning } from './tuning.js';
 
 /**
  * What a channel carries: the main stream (and the return path), urgent
- * postcopy pages, or one multifd channel's packets (its id is the Channel's
- * `channelId`).
+ * postcopy pages (preempt), or one of QEMU's multifd channels (bulk pages in
+ * packets; several, told apart by their id).
  */
 export type ChannelRole = 'main' | 'preempt' | 'multifd';
+
+/** A channel's name in errors and stats: its role, and a multifd channel's id (`multifd-3`). */
+export function channelName(role: ChannelRole, id?: number): ChannelName {
+  return role === 'multifd' ? `multifd-${id ?? 0}` : role;
+}
 
 /** Limits of one channel's user-space buffering. */
 export interface ChannelLimits {
   /**
    * Most bytes held in user space for this channel (our queue plus the
    * socket's own write buffer); `send()` waits beyond it. Default: main 8 MiB,
-   * preempt 256 KiB.
+   * preempt 256 KiB, multifd as main.
    */
   readonly maxQueuedBytes?: number;
   /**
@@ -50,8 +55,8 @@ export interface ChannelLimits {
 
 export interface ChannelStats {
   role: ChannelRole;
-  /** A multifd channel's id. */
-  channelId?: number;
+  /** A multifd channel's id (QEMU's channel number, 0-based). */
+  id?: number;
   bytesSent: number;
   bytesReceived: number;
   /** Bytes in user space right now (our queue + the socket's write buffer). */
@@ -106,24 +111,28 @@ export class Channel extends EventEmitter<ChannelEvents> {
   private bulkSinceYield = 0;
   private bulkYieldBytes = YIELD_EVERY_BYTES;
   private roomWaiters: (() => void)[] = [];
+  /** How errors name this channel (`main`, `preempt`, `multifd-N`). */
+  readonly name: ChannelName;
 
   constructor(
     readonly socket: Socket | TLSSocket,
     readonly role: ChannelRole,
     tuning: EffectiveTuning,
     limits: ChannelLimits = {},
-    /** A multifd channel's id (from its init message), named in its errors and stats. */
-    readonly channelId?: number,
+    /** A multifd channel's id. */
+    readonly id?: number,
   ) {
     super();
     const bulk = role !== 'preempt';
+    this.name = channelName(role, id);
     this.maxQueued = limits.maxQueuedBytes ?? (bulk ? 8 << 20 : 256 << 10);
     this.socketBudget = limits.socketBufferBytes ?? (bulk ? 1 << 20 : 0);
     this.bulkWindow = limits.bulkWindowBytes ?? 256 << 10;
     const tlsSock = socket as TLSSocket;
+    const name = this.name;
     this.s = {
       role,
-      ...(channelId !== undefined ? { channelId } : {}),
+      ...(id !== undefined ? { id } : {}),
       bytesSent: 0,
       bytesReceived: 0,
       queuedBytes: 0,
@@ -141,19 +150,14 @@ export class Channel extends EventEmitter<ChannelEvents> {
     // A peer host that vanishes without a FIN or RST is found even when we only wait for it.
     socket.setKeepAlive(true, 10_000);
     socket.on('drain', this.afterWrite);
-    socket.on('error', (e) => this.fail(classifySocketError(e, role, channelId)));
+    socket.on('error', (e) => this.fail(classifySocketError(e, name)));
     socket.on('end', () => this.emit('end'));
     socket.on('close', () => {
       this.closed = true;
-      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', this.errorOpts()));
+      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', { channel: name }));
       this.releaseAll();
       this.emit('close');
     });
-  }
-
-  /** Names this channel in its errors (with its multifd id). */
-  private errorOpts(): { channel: ChannelRole; channelId?: number } {
-    return this.channelId !== undefined ? { channel: this.role, channelId: this.channelId } : { channel: this.role };
   }
 
   /** Bytes in user space now: our queue plus the socket's write buffer. */
@@ -186,7 +190,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   whenBulkRoom(): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', this.errorOpts()));
+    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', { channel: this.name }));
     if (this.bulkSinceYield >= this.bulkYieldBytes && this.queuedBytes < this.bulkWindow) {
       return new Promise((resolve) =>
         setImmediate(() => {
@@ -199,7 +203,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (this.queuedBytes < this.bulkWindow) return Promise.resolve();
     this.s.bulkWaits++;
     return new Promise((resolve, reject) => {
-      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', this.errorOpts())) : resolve()));
+      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.name })) : resolve()));
     });
   }
 
@@ -242,7 +246,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', this.errorOpts()));
+    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.name }));
     const bytes = this.enqueue(pieces, priority, written);
     if (this.queuedBytes <= this.maxQueued) {
       // Resolving as a microtask every time would let a producer that only
@@ -255,7 +259,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     }
     this.s.writeWaits++;
     return new Promise((resolve, reject) => {
-      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', this.errorOpts())) : resolve()));
+      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.name })) : resolve()));
     });
   }
 
@@ -267,7 +271,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   push(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): number {
     if (this.failure) throw this.failure;
-    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', this.errorOpts());
+    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', { channel: this.name });
     const bytes = this.enqueue(pieces, priority, written);
     if (priority === 'bulk') this.bulkSinceYield += bytes;
     return bytes;
@@ -389,7 +393,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (this.queue.empty && this.socket.writableLength === 0) return;
     await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
     if (this.failure) throw this.failure;
-    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', this.errorOpts());
+    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', { channel: this.name });
   }
 
   /**
@@ -403,7 +407,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
       await Promise.race([
         this.flush(),
         new Promise<void>((_, reject) => {
-          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, this.errorOpts())), timeoutMs);
+          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, { channel: this.name })), timeoutMs);
         }),
       ]).finally(() => clearTimeout(timer));
     } catch {
@@ -422,7 +426,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
   /** Tears the socket down now; `reason` becomes the channel's error (if it is the first). */
   destroy(reason?: unknown): void {
     if (reason !== undefined && !this.failure) {
-      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, ...this.errorOpts() }));
+      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, channel: this.name }));
     }
     this.socket.destroy();
   }
@@ -437,11 +441,11 @@ export class Channel extends EventEmitter<ChannelEvents> {
 }
 
 /** Maps a socket error to a TransportError code. */
-export function classifySocketError(e: unknown, channel?: ChannelRole, channelId?: number): TransportError {
+export function classifySocketError(e: unknown, channel?: ChannelName): TransportError {
   if (e instanceof TransportError) return e;
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   const msg = e instanceof Error ? e.message : String(e);
-  const opts = { cause: e, ...(channel ? { channel } : {}), ...(channelId !== undefined ? { channelId } : {}) };
+  const opts = { cause: e, ...(channel ? { channel } : {}) };
   // OpenSSL errors on an established TLS channel: with TLS 1.3 the server judges the client
   // certificate after the client's handshake is done, so its refusal (an alert naming the reason)
   // only arrives here.

@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { Admission, describeBytes, type FirstBytesJudgement } from './admission.js';
-import { Channel, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
+import { Channel, channelName, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from './endpoint.js';
 import { MultifdChannels } from './multifd-channels.js';
 import { TransportError } from './errors.js';
@@ -41,6 +41,8 @@ export interface TransportOptions extends QualifyOptions {
   readonly tls?: Omit<TlsSettings, 'endpoint'>;
   readonly main?: ChannelOptions;
   readonly preempt?: ChannelOptions;
+  /** Options of every multifd channel (defaults as main's). */
+  readonly multifd?: ChannelOptions;
   /** TCP connect plus TLS handshake, per channel (default 10 s). */
   readonly connectTimeoutMs?: number;
 }
@@ -51,7 +53,7 @@ function qualifyTimeout(opts: TransportOptions): number {
 }
 
 function limitsFor(role: ChannelRole, opts: TransportOptions): ChannelLimits {
-  return (role === 'preempt' ? opts.preempt : opts.main) ?? {};
+  return (role === 'main' ? opts.main : role === 'multifd' ? opts.multifd : opts.preempt) ?? {};
 }
 
 /**
@@ -59,15 +61,15 @@ function limitsFor(role: ChannelRole, opts: TransportOptions): ChannelLimits {
  * that even the handshake runs with the channel's options), then TLS when
  * configured, resuming from `sessions`.
  */
-async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: TransportOptions, material: TlsMaterial | undefined, sessions: TlsSessionCache): Promise<Channel> {
+async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: TransportOptions, material: TlsMaterial | undefined, sessions: TlsSessionCache, id?: number): Promise<Channel> {
   let tuning: EffectiveTuning | undefined;
   const { socket } = await connect(ep, {
     timeoutMs: opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS,
-    role,
+    role: channelName(role, id),
     beforeHandshake: (raw) => (tuning = tuneChannel(raw, role, 'source', ep.kind, opts)),
     ...(material && opts.tls ? { tls: { material, settings: { ...opts.tls, endpoint: 'client' }, sessions } } : {}),
   });
-  return new Channel(socket, role, tuning!, limitsFor(role, opts));
+  return new Channel(socket, role, tuning!, limitsFor(role, opts), id);
 }
 
 /**
@@ -77,9 +79,18 @@ async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: Transpor
  * channels apart by arrival, so the preempt channel must only be connected once
  * the main channel is established (QEMU waits for the first PONG; the session
  * layer does the same before calling `connectPreempt`).
+ *
+ * QEMU's multifd channels (`connectMultifd`) are dialed once the main
+ * channel is established, before anything is written on it: a QEMU 10
+ * destination with TLS tells channels apart by order only (the first
+ * connection whose handshake completes is main), and starts reading main
+ * only once every multifd channel has connected. The preempt channel, when
+ * there is one, comes after them all (QEMU 10.1's order).
  */
 export class SourceConnection {
   preempt: Channel | undefined;
+  /** The multifd channels, by id (empty without multifd). */
+  multifd: readonly Channel[] = [];
 
   private constructor(
     readonly endpoint: Endpoint,
@@ -111,18 +122,44 @@ export class SourceConnection {
     return ch;
   }
 
-  stats(): { main: ChannelStats; preempt?: ChannelStats } {
-    return { main: this.main.stats, ...(this.preempt ? { preempt: this.preempt.stats } : {}) };
+  /**
+   * Connects `count` multifd channels (ids 0 … count−1) at once, each TLS
+   * when configured (resuming the main channel's session). All or none: when
+   * one fails, the others are closed and its error (naming the channel,
+   * `multifd-N`) is thrown. Refused while the main channel is not
+   * established, or once multifd channels exist.
+   */
+  async connectMultifd(count: number): Promise<readonly Channel[]> {
+    if (this.multifd.length > 0) throw new TransportError('channel-order', 'the multifd channels are already connected', { channel: 'multifd-0' });
+    if (this.main.isClosed) throw new TransportError('channel-order', 'multifd channels need an established main channel', { channel: 'multifd-0' });
+    const dialed = await Promise.allSettled(Array.from({ length: count }, (_, id) => openClientChannel(this.endpoint, 'multifd', this.opts, this.material, this.sessions, id)));
+    const failed = dialed.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    const channels = dialed.filter((r): r is PromiseFulfilledResult<Channel> => r.status === 'fulfilled').map((r) => r.value);
+    if (failed || this.main.isClosed) {
+      for (const ch of channels) ch.destroy();
+      throw failed ? (failed.reason as unknown) : new TransportError('closed', 'the main channel closed while the multifd channels connected', { channel: 'main' });
+    }
+    this.multifd = channels;
+    return channels;
   }
 
-  /** Flushes and closes both channels. */
+  stats(): { main: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] } {
+    return {
+      main: this.main.stats,
+      ...(this.preempt ? { preempt: this.preempt.stats } : {}),
+      ...(this.multifd.length > 0 ? { multifd: this.multifd.map((c) => c.stats) } : {}),
+    };
+  }
+
+  /** Flushes and closes every channel. */
   async close(): Promise<void> {
-    await Promise.allSettled([this.main.close(), this.preempt?.close()]);
+    await Promise.allSettled([this.main.close(), this.preempt?.close(), ...this.multifd.map((c) => c.close())]);
   }
 
   destroy(reason?: unknown): void {
     this.main.destroy(reason);
     this.preempt?.destroy(reason);
+    for (const c of this.multifd) c.destroy(reason);
   }
 }
 
@@ -322,7 +359,7 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
           case 'multifd':
             return { verdict: 'yes', role: 'multifd', channelId: j.id };
           case 'bad-init': {
-            const ch = { channel: 'multifd' as const, ...(j.id !== undefined ? { channelId: j.id } : {}) };
+            const ch = { channel: j.id !== undefined ? channelName('multifd', j.id) : ('multifd' as const) };
             return j.taken
               ? { verdict: 'no', reason: 'extra', error: new TransportError('channel-order', j.why, ch) }
               : { verdict: 'no', reason: 'not-migration', error: new TransportError('bad-multifd-init', j.why, ch) };

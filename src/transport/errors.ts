@@ -28,6 +28,13 @@ export type TransportErrorCode =
   | 'bad-multifd-init' // a multifd channel's init message this listener refuses (version, UUID, channel id ≥ multifd-channels)
   | 'write-after-close';
 
+/**
+ * A channel as errors and stats name it: the main channel, the preempt
+ * channel, multifd channel N (`multifd-0` … `multifd-254`, QEMU's id), or
+ * `multifd` for one whose id is not known yet (before its init message).
+ */
+export type ChannelName = 'main' | 'preempt' | 'multifd' | `multifd-${number}`;
+
 /** The one error class of src/transport. `cause` keeps the system or OpenSSL error. */
 export class TransportError extends QmtError {
   static readonly family = 'transport';
@@ -35,31 +42,16 @@ export class TransportError extends QmtError {
   readonly family = 'transport';
   readonly code: TransportErrorCode;
   /** Which channel failed, when it is known. */
-  readonly channel: 'main' | 'preempt' | 'multifd' | undefined;
-  /** The multifd channel's id (its init message's), when `channel` is 'multifd' and the id is known. */
-  readonly channelId: number | undefined;
+  readonly channel: ChannelName | undefined;
 
-  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' | 'multifd'; channelId?: number } = {}) {
+  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: ChannelName } = {}) {
     super(message, { cause: opts.cause });
     this.code = code;
     this.channel = opts.channel;
-    this.channelId = opts.channelId;
-  }
-
-  /** "main", "preempt", "multifd 2" (undefined when unknown). */
-  get channelName(): string | undefined {
-    return channelName(this.channel, this.channelId);
   }
 
   /** The one-line form the CLI prints: `<code>: <what>`. */
   override describe(): string {
-    const name = this.channelName;
-    return `${this.code}${name ? ` (${name} channel)` : ''}: ${this.message}`;
+    return `${this.code}${this.channel ? ` (${this.channel} channel)` : ''}: ${this.message}`;
   }
-}
-
-/** A channel as messages name it: "main", "preempt", "multifd 2". */
-export function channelName(role: 'main' | 'preempt' | 'multifd' | undefined, id?: number): string | undefined {
-  if (role === undefined) return undefined;
-  return role === 'multifd' && id !== undefined ? `multifd ${id}` : role;
 }

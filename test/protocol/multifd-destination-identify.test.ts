@@ -133,7 +133,7 @@ describe.each([false, true])('a multifd listener (TLS: %s)', (useTls) => {
       expect(listener.multifdChannels!.complete).toBe(false);
       await open(init(1));
       const all = await conn.multifd!.whenComplete();
-      expect(all.map((c) => [c.role, c.channelId])).toEqual([
+      expect(all.map((c) => [c.role, c.id])).toEqual([
         ['multifd', 0],
         ['multifd', 1],
         ['multifd', 2],
@@ -141,7 +141,7 @@ describe.each([false, true])('a multifd listener (TLS: %s)', (useTls) => {
       // Peeked, never consumed: each reader gets its channel from its first byte.
       expect((await firstBytes(conn.main, 16)).toString('latin1')).toBe('QEVMrest-of-main');
       expect((await firstBytes(all[2]!, 76)).equals(Buffer.concat([init(2), Buffer.from('after-init-2')]))).toBe(true);
-      expect(conn.stats().multifd?.map((s) => s.channelId)).toEqual([0, 1, 2]);
+      expect(conn.stats().multifd?.map((s) => s.id)).toEqual([0, 1, 2]);
       // The next connection is the preempt channel (plain: by its first page record; TLS: by order).
       await open(pageRecord);
       const preempt = await conn.waitPreempt();
@@ -179,12 +179,12 @@ describe.each([false, true])('a multifd listener (TLS: %s)', (useTls) => {
       await until('the id out of range', () => strangers.length === 2, strangers);
       await open(init(1));
       await until('the wrong UUID', () => strangers.length === 3, strangers);
-      expect(strangers.map((e) => [e.reason, e.error.code, e.error.channel, e.error.channelId])).toEqual([
-        ['extra', 'channel-order', 'multifd', 0],
-        ['not-migration', 'bad-multifd-init', 'multifd', 2],
-        ['not-migration', 'bad-multifd-init', 'multifd', undefined],
+      expect(strangers.map((e) => [e.reason, e.error.code, e.error.channel])).toEqual([
+        ['extra', 'channel-order', 'multifd-0'],
+        ['not-migration', 'bad-multifd-init', 'multifd-2'],
+        ['not-migration', 'bad-multifd-init', 'multifd'],
       ]);
-      expect(strangers[0]!.error.describe()).toContain('multifd 0 channel');
+      expect(strangers[0]!.error.describe()).toContain('multifd-0 channel');
       expect(strangers[2]!.error.message).toContain('5a5a5a5a');
       // The real ones still get their roles.
       const accepted = listener.accept();
