@@ -102,7 +102,35 @@ describeWithQemu('multifd from our source into QEMU 10.0', () => {
       await q.stop();
     }
   }, 120_000);
+
+  it('qmt send --multifd 4 over TLS: QEMU completes, the guest runs on, memory as saved', async () => {
+    const { q, uri } = await startDestination('mfd-dst-tls', SPEC, { postcopy: false, preempt: false, multifd: 4, tlsDir: pkiDir });
+    try {
+      const r = await qmt(['send', '--from', vmDir, '--to', uri, '--tls', pkiDir, '--tls-hostname', 'localhost', '--multifd', '4', '--json', '--progress', 'plain']).exit;
+      expect(r.code, `${r.stderr}\ndestination: ${JSON.stringify(await q.queryMigrate().catch(() => undefined))} ${q.stderrTail(800)}`).toBe(0);
+      const out = JSON.parse(r.stdout) as JsonEnvelope & SendJson;
+      expect(out.ok).toBe(true);
+      expect(out.tls).toBe(true);
+      expect(out.multifd).toBe(4);
+      expect(r.stderr).toMatch(/with 4 multifd channels/);
+      const ch = out.stats!.channels;
+      expect(ch.main!.tls?.protocol).toBe('TLSv1.3');
+      expect(ch.multifd!.map((c) => c.id)).toEqual([0, 1, 2, 3]);
+      for (const c of ch.multifd!) {
+        expect(c.tls?.protocol, `multifd-${c.id} TLS`).toBe('TLSv1.3');
+        expect(c.bytesSent).toBeGreaterThan(64);
+      }
+      expect(ch.multifd!.reduce((n, c) => n + c.bytesSent, 0)).toBeGreaterThan(8 * MiB);
+      expect(ch.main!.bytesSent).toBeLessThan(2 * MiB);
+      const check = await checkDestination(q, savedRam(vmDir, manifest).get('pc.ram')!);
+      expect(check.info.status).toBe('completed');
+      expect(check.passesAfter).toBeGreaterThanOrEqual(2);
+      expect(check.invariant.ok, check.invariant.detail).toBe(true);
+      expect(check.outside!.count, 'pages outside the guest range differing').toBe(0);
+    } finally {
+      await q.stop();
+    }
+  }, 120_000);
 });
 
-export { MigrationError, TransportError, migrationStatuses, qmt };
-export type { JsonEnvelope, SendJson };
+export { MigrationError, TransportError, migrationStatuses };

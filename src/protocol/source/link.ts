@@ -97,12 +97,19 @@ export class Link {
    * they are idle and their loss is ignored.
    */
   async connectMultifd(count: number, packetNumbers: MultifdPacketCounter, uuid: Uint8Array | undefined): Promise<void> {
-    const channels = await this.conn.connectMultifd(count);
+    const senders: MultifdChannelSender[] = [];
+    const channels = await this.conn.connectMultifd(count, (ch) => {
+      // The init message at once, as each channel connects (see connectMultifd).
+      const sender = new MultifdChannelSender(ch.id!, ch, packetNumbers, uuid ? { uuid } : {});
+      sender.start();
+      senders[ch.id!] = sender;
+    });
     if (this.dropped) {
       for (const ch of channels) ch.destroy();
       throw this.dropReason ?? new MigrationError('peer-disconnected', this.hooks.phase(), 'the connection was lost');
     }
-    this.multifd = channels.map((ch) => {
+    this.multifd = senders;
+    for (const ch of channels) {
       // The producer yields for all channels together (multifd-pass.ts): a quantum per channel would skew the round-robin.
       ch.setBulkYield(Number.POSITIVE_INFINITY);
       const lost = (e: unknown): void => {
@@ -116,10 +123,7 @@ export class Link {
       });
       // A destination sends nothing on a multifd channel; reading finds its FIN.
       ch.read(() => undefined);
-      const sender = new MultifdChannelSender(ch.id!, ch, packetNumbers, uuid ? { uuid } : {});
-      sender.start();
-      return sender;
-    });
+    }
   }
 
   /** Drops the link: sockets destroyed, waits rejected with `reason`, handlers silenced. */
