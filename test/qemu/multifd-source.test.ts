@@ -25,9 +25,11 @@ import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
 import { TransportError } from '../../src/transport/errors.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { startQmt, type QmtRun } from '../cli/qmt.js';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { stopAll } from './harness.js';
+import { startRelay } from './relay.js';
 import { describeWithQemu } from './require-qemu.js';
-import { captureSavedVm, checkDestination, migrationStatuses, savedDevices, savedRam, savedVmdesc, startDestination, type GuestSpec } from './source-helpers.js';
+import { captureSavedVm, checkDestination, savedDevices, savedRam, savedVmdesc, startDestination, type GuestSpec } from './source-helpers.js';
 
 const SPEC: GuestSpec = { memoryMiB: 64, guest: { startMiB: 1, endMiB: 33, direction: 'down' } };
 const MiB = 1 << 20;
@@ -131,6 +133,90 @@ describeWithQemu('multifd from our source into QEMU 10.0', () => {
       await q.stop();
     }
   }, 120_000);
+
+  it('a multifd channel cut in precopy: the source fails typed naming the channel, nothing left open', async () => {
+    const { q, uri } = await startDestination('mfd-dst-cut', SPEC, { postcopy: false, preempt: false, multifd: 4 });
+    const relay = await startRelay({ target: uri, record: true });
+    const saved = await SavedVmSource.open(vmDir);
+    const tcpBefore = tcpSockets();
+    try {
+      const s = new SourceSession({
+        to: relay.uri,
+        memory: saved,
+        machineType: manifest.machineType!,
+        devices: savedDevices(vmDir, manifest),
+        // Slow enough that the cut comes in the middle of the first pass.
+        bandwidthLimit: 4 * MiB,
+        multifd: { channels: 4 },
+      });
+      s.start();
+      await relay.waitConnections(5);
+      // The channel whose init message says id 2 (byte 24), once pages flow on it.
+      const target = await waitFor(() => relay.connections.find((c) => c.index > 0 && c.srcToDst.bytes > 64 * 1024 && c.srcToDst.data()[24] === 2));
+      expect(s.stats().status).toBe('active');
+      relay.cutConnection(target.index);
+      const e = await s.done.then(
+        () => undefined,
+        (x: unknown) => x,
+      );
+      expect(e).toBeInstanceOf(MigrationError);
+      const err = e as MigrationError;
+      expect(err.kind).toBe('network');
+      expect(err.phase).toBe('precopy');
+      expect(err.cause).toBeInstanceOf(TransportError);
+      expect((err.cause as TransportError).channel).toBe('multifd-2');
+      expect(err.message).toMatch(/multifd-2/);
+      expect(s.stats().status).toBe('failed');
+      // Every relayed connection ends (our sockets are gone too), and no TCP socket of ours is left.
+      await relay.waitAllClosed(10_000);
+      await waitFor(() => (tcpSockets() <= tcpBefore ? true : undefined));
+      // The destination fails its incoming migration.
+      const info = await q.waitMigration(['failed'], 15_000);
+      expect(info.status).toBe('failed');
+    } finally {
+      saved.close();
+      await relay.close();
+      await q.stop();
+    }
+  }, 120_000);
+
+  it('a destination without multifd: the source fails typed, nothing left open', async () => {
+    const { q, uri } = await startDestination('mfd-dst-refuses', SPEC, { postcopy: false, preempt: false });
+    const saved = await SavedVmSource.open(vmDir);
+    const tcpBefore = tcpSockets();
+    try {
+      const s = new SourceSession({ to: uri, memory: saved, machineType: manifest.machineType!, devices: savedDevices(vmDir, manifest), multifd: { channels: 2 }, replyTimeoutMs: 5000 });
+      s.start();
+      const e = await s.done.then(
+        () => undefined,
+        (x: unknown) => x,
+      );
+      expect(e, `destination: ${JSON.stringify(await q.queryMigrate().catch(() => undefined))} ${q.stderrTail(500)}`).toBeInstanceOf(MigrationError);
+      const err = e as MigrationError;
+      // QEMU without multifd drops the extra connections: our first write on one fails, named.
+      expect(err.kind).toBe('network');
+      expect(err.message).toMatch(/multifd-\d channel/);
+      expect(s.stats().status).toBe('failed');
+      await waitFor(() => (tcpSockets() <= tcpBefore ? true : undefined));
+    } finally {
+      saved.close();
+      await q.stop();
+    }
+  }, 120_000);
 });
 
-export { MigrationError, TransportError, migrationStatuses };
+/** TCP sockets of this process (the QMP connections are unix sockets). */
+function tcpSockets(): number {
+  return process.getActiveResourcesInfo().filter((r) => r === 'TCPSocketWrap' || r === 'TLSWrap').length;
+}
+
+/** Polls `f` until it returns a value (10 s at most). */
+async function waitFor<T>(f: () => T | undefined, timeoutMs = 10_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = f();
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() > deadline) throw new Error(`not within ${timeoutMs} ms`);
+    await sleep(20);
+  }
+}
