@@ -1,5 +1,6 @@
 export { Channel, channelName, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
 export { SourceConnection, DestinationConnection, MigrationListener, type ChannelOptions, type ListenOptions, type TransportOptions } from './connection.js';
+export { MultifdChannels } from './multifd-channels.js';
 export {
   DEFAULT_MAX_PENDING_CONNECTIONS,
   DEFAULT_QUALIFY_TIMEOUT_MS,
