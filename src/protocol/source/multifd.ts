@@ -6,10 +6,10 @@
  * writes one channel's init message, packets and SYNC packets.
  */
 import { TARGET_PAGE_SIZE } from '../../stream/constants.js';
-import { MultifdFlag, encodeMultifdInit, encodeMultifdPacketHeader } from './multifd-wire.js';
+import { MULTIFD_PACKET_PAGES, MultifdFlag, encodeMultifdInit, encodeMultifdPacketHeader } from '../../stream/multifd.js';
 
 /** Pages per packet: QEMU's MULTIFD_PACKET_SIZE (512 KiB) in 4 KiB pages; a QEMU destination refuses more. */
-export const MULTIFD_PAGES_PER_PACKET = 128;
+export const MULTIFD_PAGES_PER_PACKET = MULTIFD_PACKET_PAGES;
 
 /** Where a sender writes: a Channel (pull-based bulk), or a worker's equivalent. */
 export interface MultifdOutput {
