@@ -119,7 +119,7 @@ function loadLines(p: PartResult<unknown>, out: Issue13Line[]): void {
 
 function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
   const d = p.data as MultifdData;
-  for (const row of ['library', 'qemu-receive', 'qemu-qemu'] as const) {
+  for (const row of ['library', 'qemu-receive', 'send-qemu', 'qemu-qemu'] as const) {
     const s = multifdScaling(d, row);
     const name = `${MULTIFD_LABEL[row]}${row === 'library' ? `, threads ${d.variants.find((v) => v.row === 'library')?.threads ?? '?'}` : ''}: 2 TLS channels vs 1${row === 'qemu-qemu' ? ' (reference)' : ''}`;
     if (s.unavailable) {
