@@ -24,7 +24,8 @@ export type TransportErrorCode =
   | 'not-a-migration-channel' // a connection whose first bytes are not a migration channel's
   | 'qualify-timeout' // a connection that did not qualify as a channel in time
   | 'too-many-connections' // more connections waiting to qualify than allowed
-  | 'channel-order' // a channel used before its turn (preempt before main)
+  | 'channel-order' // a channel used before its turn (preempt before main), or a role already taken (a multifd id twice)
+  | 'bad-multifd-init' // a multifd channel's init message this listener refuses (version, UUID, channel id ≥ multifd-channels)
   | 'write-after-close';
 
 /**
