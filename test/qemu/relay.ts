@@ -450,6 +450,12 @@ export class MigrationRelay {
     this.perGeneration = 0;
   }
 
+  /** Destroys one connection's two sockets (RST on TCP), the others untouched (a multifd channel cut alone). */
+  cutConnection(index: number): void {
+    const s = this.states[index];
+    if (s && (!s.client.destroyed || !s.upstream.destroyed)) this.destroyConn(s, true);
+  }
+
   /** Connections with the given role (across generations unless `generation` is given). */
   byRole(role: RelayRole, generation?: number): RelayConnection[] {
     return this.connections.filter((c) => c.role === role && (generation === undefined || c.generation === generation));

@@ -145,8 +145,12 @@ export class MultifdChannelReceiver {
     return this.run(recs, 0, phase);
   }
 
+  /** The source ended the channel (FIN). */
+  ended = false;
+
   /** The source ended the channel: it must be at a packet boundary (else 'truncated'). */
   end(phase: MigrationPhase): void {
+    this.ended = true;
     try {
       this.decoder.end();
     } catch (e) {
@@ -260,6 +264,11 @@ export class MultifdBarrier {
   /** Channels waiting at their SYNC now. */
   get waiting(): number {
     return this.arrived;
+  }
+
+  /** The main stream waits at a MULTIFD_FLUSH for channels still short of their SYNC. */
+  get flushing(): boolean {
+    return this.flushWaiter !== undefined;
   }
 
   /**

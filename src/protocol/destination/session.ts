@@ -24,6 +24,11 @@ import type { DestinationEvents, DestinationOptions, DestinationResult, Destinat
 
 type Command = Extract<StreamRecordWithRuns, { type: 'command' }>['command'];
 
+/** A multifd channel the source closed while the main stream still needs its SYNC. */
+function closedBeforeBarrier(name: string, phase: MigrationPhase): MigrationError {
+  return new MigrationError('peer-disconnected', phase, `the source closed ${name} before the MULTIFD_FLUSH barrier it is needed at`);
+}
+
 /**
  * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
  * source or our own SourceSession: listens, takes the first connection that
@@ -461,23 +466,23 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   /**
-   * The source ended a multifd channel. Before completion that is a cut —
-   * except once postcopy is advised and the channel is between packets (QEMU
-   * 10.1 may close idle multifd channels at the switch); at completion it must
-   * be between packets.
+   * The source ended a multifd channel (FIN). Inside a packet that is a cut.
+   * Between packets it is what a source does once it is done with its channels
+   * — QEMU closes them at the end, possibly before we have read the rest of
+   * main, and 10.1 may at the postcopy switch — so it is fine until the main
+   * stream needs that channel at a MULTIFD_FLUSH barrier (QEMU's destination
+   * would hang there; we fail, naming it).
    */
   private onMultifdEnded(link: Link, id: number): void {
-    const rx = link.multifd?.receivers[id];
-    if (!rx || isOver(this.state)) return;
-    const completing = this.state.kind === 'completing';
+    const m = link.multifd;
+    const rx = m?.receivers[id];
+    if (!m || !rx || isOver(this.state)) return;
     try {
       rx.end(this.phase);
+      if (m.barrier.flushing && !rx.heldAtSync) throw closedBeforeBarrier(rx.name, this.phase);
     } catch (e) {
-      this.fail(MigrationError.from(e, this.phase));
-      return;
+      this.linkLost(link, e);
     }
-    if (completing || this.advised) return;
-    this.linkLost(link, new MigrationError('peer-disconnected', this.phase, `the source closed multifd-${id} before the migration completed`));
   }
 
   /**
@@ -489,6 +494,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     if (!this.opts.multifd) throw new MigrationError('protocol', this.phase, 'the source uses multifd (MULTIFD_FLUSH on the main channel), but this destination was not given multifd: { channels }');
     const m = link.multifd;
     if (!m) throw new MigrationError('protocol', this.phase, 'MULTIFD_FLUSH before the multifd channels connected');
+    for (const rx of m.receivers) if (rx.ended && !rx.heldAtSync) throw closedBeforeBarrier(rx.name, this.phase);
     const wait = m.barrier.flush();
     if (!wait) return undefined;
     this.counts.multifdWaits++;
