@@ -435,6 +435,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       target: {
         sink: this.opts.sink,
         received: (index, first, count) => {
+          // Pages flow: precopy, whether or not main's PART section header is out of QEMU's buffer yet.
+          const st = this.state;
+          if (st.kind === 'precopy' && st.phase === 'setup') st.phase = 'precopy';
           this.counts.iterationPages += count;
           this.pages.receivedRun(index, first, count, 'main', performance.now());
         },
@@ -481,7 +484,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       rx.end(this.phase);
       if (m.barrier.flushing && !rx.heldAtSync) throw closedBeforeBarrier(rx.name, this.phase);
     } catch (e) {
-      this.linkLost(link, e);
+      // Closed inside a packet: the connection went, as a cut main channel (the truncation is the cause).
+      const cut = e instanceof MigrationError && e.code === 'truncated';
+      this.linkLost(link, cut ? new MigrationError('peer-disconnected', this.phase, `the source closed ${rx.name} inside a packet`, { cause: e }) : e);
     }
   }
 
