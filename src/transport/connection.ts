@@ -128,11 +128,23 @@ export class SourceConnection {
    * one fails, the others are closed and its error (naming the channel,
    * `multifd-N`) is thrown. Refused while the main channel is not
    * established, or once multifd channels exist.
+   *
+   * `opened` is called with each channel as soon as it is established, before
+   * the others are: its first bytes must go at once (QEMU's multifd_send_thread
+   * sends the init message first thing). A QEMU 10 destination over TLS reads
+   * a channel's init message as soon as its handshake completes, and its main
+   * loop waits on that read, handshakes of the other channels included.
    */
-  async connectMultifd(count: number): Promise<readonly Channel[]> {
+  async connectMultifd(count: number, opened?: (ch: Channel) => void): Promise<readonly Channel[]> {
     if (this.multifd.length > 0) throw new TransportError('channel-order', 'the multifd channels are already connected', { channel: 'multifd-0' });
     if (this.main.isClosed) throw new TransportError('channel-order', 'multifd channels need an established main channel', { channel: 'multifd-0' });
-    const dialed = await Promise.allSettled(Array.from({ length: count }, (_, id) => openClientChannel(this.endpoint, 'multifd', this.opts, this.material, this.sessions, id)));
+    const dialed = await Promise.allSettled(
+      Array.from({ length: count }, async (_, id) => {
+        const ch = await openClientChannel(this.endpoint, 'multifd', this.opts, this.material, this.sessions, id);
+        opened?.(ch);
+        return ch;
+      }),
+    );
     const failed = dialed.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     const channels = dialed.filter((r): r is PromiseFulfilledResult<Channel> => r.status === 'fulfilled').map((r) => r.value);
     if (failed || this.main.isClosed) {

@@ -17,6 +17,8 @@ export interface DirtyingGuestOptions {
   hot: { start: number; end: number };
   pagesPerTick: number;
   tickMs: number;
+  /** RAM in a SharedArrayBuffer, marked shared: what the source's channel threads read directly (issue 13; a tree without it ignores the mark). */
+  shared?: boolean;
 }
 
 export class DirtyingGuest {
@@ -30,7 +32,10 @@ export class DirtyingGuest {
     if (opts.ramBytes % PAGE !== 0 || opts.hot.start % PAGE !== 0 || opts.hot.end > opts.ramBytes || opts.hot.start >= opts.hot.end) {
       throw new Error(`bad guest layout: ${JSON.stringify(opts)}`);
     }
-    this.source = new InMemorySource([{ idstr: BLOCK, length: opts.ramBytes }]);
+    if (opts.shared) {
+      const Shared = InMemorySource as unknown as new (b: ReadonlyMap<string, Buffer>, o: { shared: boolean }) => InMemorySource;
+      this.source = new Shared(new Map([[BLOCK, Buffer.from(new SharedArrayBuffer(opts.ramBytes))]]), { shared: true });
+    } else this.source = new InMemorySource([{ idstr: BLOCK, length: opts.ramBytes }]);
     const ram = this.ram;
     for (let p = 0; p < opts.ramBytes; p += 3 * PAGE) randomFillSync(ram, p, PAGE);
   }

@@ -450,9 +450,9 @@ export class MigrationRelay {
     this.perGeneration = 0;
   }
 
-  /** Destroys one connection's two sockets (RST on TCP), the others untouched (a multifd channel cut alone). */
+  /** Resets one connection (RST on TCP, both sides), the others untouched: a single channel's failure. */
   cutConnection(index: number): void {
-    const s = this.states[index];
+    const s = this.states.find((x) => x.info.index === index);
     if (s && (!s.client.destroyed || !s.upstream.destroyed)) this.destroyConn(s, true);
   }
 
