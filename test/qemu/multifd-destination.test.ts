@@ -27,6 +27,9 @@ import { MiB, firstDifferentPage, pollMigration, readAllRamBlocks, startSource, 
 import { checkGuestInvariant, guestRangeOf, stopAll, type QemuProcess } from './harness.js';
 import { startRelay, type MigrationRelay } from './relay.js';
 import { describeWithQemu } from './require-qemu.js';
+import type net from 'node:net';
+import type { StrangerEvent } from '../../src/transport/qualify.js';
+import { playStranger } from '../support/strangers.js';
 
 const MEMORY_MIB = 64;
 const GUEST = { startMiB: 1, endMiB: 24, direction: 'down' as const };
@@ -113,20 +116,31 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
   );
 
   it(
-    'multifd ×4 over plain TCP → DestinationSession: every RAM block bit for bit',
+    'multifd ×4 over plain TCP → DestinationSession, strangers on the port before and during: every RAM block bit for bit',
     async () => {
       const sink = new InMemorySink();
       const session = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 4 }, idleTimeoutMs: 30_000 });
       const roles: string[] = [];
       session.on('channel', ({ role, stats }) => roles.push(role === 'multifd' ? `multifd-${stats.id}` : role));
+      const strangers: StrangerEvent[] = [];
+      session.on('stranger', (ev) => strangers.push(ev));
+      const port = Number(session.uri.split(':').pop());
       let src: QemuProcess | undefined;
+      let silent: net.Socket | undefined;
       try {
         src = await multifdSource('src-mfd-plain', 4);
+        // Before the source: an HTTP probe, and a client that connects and says nothing (still
+        // waiting while QEMU's channels come: it must not hold one of their slots).
+        await playStranger('http', port);
+        silent = await playStranger('silent', port);
         await src.migrate(session.uri);
+        await sleep(50);
+        await playStranger('connect-close', port);
         await converge(src);
         const result = await within(session.done, 30_000, 'DestinationSession.done');
         expect(result.complete).toBe(true);
         expect(roles.sort()).toEqual(['main', 'multifd-0', 'multifd-1', 'multifd-2', 'multifd-3']);
+        expect(strangers.map((e) => e.reason).sort()).toEqual(['closed', 'extra', 'not-migration']);
         const st = result.stats;
         expect(st.multifd?.channels).toBe(4);
         for (const c of st.multifd!.perChannel) expect(c.normal).toBeGreaterThan(0);
@@ -140,6 +154,7 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         const inv = checkGuestInvariant(sink.blocks.get('pc.ram')!, guestRangeOf(src));
         expect(inv.ok, inv.detail).toBe(true);
       } finally {
+        silent?.destroy();
         await session.close();
         await src?.stop();
       }
