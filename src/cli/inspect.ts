@@ -276,7 +276,7 @@ export function registerInspectCommand(program: Command): Command {
   return program
     .command('inspect')
     .description('decode captured migration streams (a main channel, multifd channels) and summarise them')
-    .argument('<files...>', 'a stream written by QEMU (migrate "file:...") or by qmt, or captured channels (qmt tap --capture)')
+    .argument('<file...>', 'a stream written by QEMU (migrate "file:...") or by qmt, or captured channels (qmt tap --capture)')
     .option('--json', 'print a machine-readable report')
     .option('--devices', 'decode device state into named fields (needs the VM description)')
     .option('--multifd', 'decode every file as a multifd channel (default: a file starting with 11 22 33 44 is one)')

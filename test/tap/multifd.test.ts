@@ -229,3 +229,39 @@ describe('tap: multifd classification and faults', () => {
     main.destroy();
   });
 });
+
+describe('tap: a QEMU 10.0.2 multifd capture replayed (test/fixtures/multifd-4)', () => {
+  it('main and 4 channels through the tap: bytes unchanged; the channels count to QEMU\'s normal, duplicate and multifd-bytes', async () => {
+    const FIX = join(import.meta.dirname, '..', 'fixtures');
+    const sc = JSON.parse(await readFile(join(FIX, 'multifd-4.json'), 'utf8')) as {
+      files: { main: { name: string }; multifd: Array<{ name: string; channelId: number }> };
+      source: { queryMigrate: { ram: { normal: number; duplicate: number; 'multifd-bytes': number } } };
+    };
+    const main = await readFile(join(FIX, sc.files.main.name));
+    const chans = await Promise.all(sc.files.multifd.map((f) => readFile(join(FIX, f.name))));
+    const dst = await recordingDestination();
+    cleanups.push(() => dst.close());
+    const tap = await tapTo(dst.uri);
+    // As the source did: the channels connect and send their init message before main speaks.
+    const socks = await Promise.all(chans.map(() => connectSource(tap.uri)));
+    for (const [i, s] of socks.entries()) s.write(chans[i]!.subarray(0, 64));
+    const m = await connectSource(tap.uri);
+    m.write(main);
+    await dst.waitArrivals(1 + chans.length);
+    for (const [i, s] of socks.entries()) s.end(chans[i]!.subarray(64));
+    m.end();
+    await Promise.all(dst.arrivals.map((a) => a.ended));
+    const r = await tap.sessionEnd(1);
+    const got = dst.arrivals.map((a) => Buffer.concat(a.data));
+    expect(got[0]!.equals(main)).toBe(true);
+    expect(got.slice(1).map((b) => chans.findIndex((c) => c.equals(b))).sort()).toEqual([0, 1, 2, 3]);
+    const ram = sc.source.queryMigrate.ram;
+    expect(r.complete).toBe(true);
+    expect(r.parseErrors).toEqual([]);
+    expect(r.multifd!.total).toMatchObject({ channels: 4, pages: { normal: ram.normal, zero: ram.duplicate }, multifdBytes: ram['multifd-bytes'] });
+    expect(r.multifd!.channels.map((c) => c.id).sort()).toEqual(sc.files.multifd.map((f) => f.channelId).sort());
+    // With multifd the main stream carries no page record.
+    expect(r.main.pages).toEqual({ normal: 0, zero: 0, xbzrle: 0 });
+    for (const s of [...socks, m]) s.destroy();
+  });
+});

@@ -403,6 +403,11 @@ export class MigrationAnalysis {
     return n;
   }
 
+  /** The id a multifd connection's init message gave (null before it). */
+  multifdChannelId(channel: number): number | null {
+    return this.multifd[channel]?.counter.id ?? null;
+  }
+
   /** A multifd connection ended (its source side): a channel cut inside a packet is a parse error. */
   multifdEnded(channel: number, t: number): void {
     const ch = this.multifd[channel];

@@ -52,6 +52,11 @@ export class MultifdChannelCounter {
     return this.failure;
   }
 
+  /** The channel id from its init message (null before it). */
+  get id(): number | null {
+    return this.c.id;
+  }
+
   /** Bytes parsed so far (the offset of the next record). */
   get offset(): number {
     return this.decoder.offset;

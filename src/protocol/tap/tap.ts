@@ -48,7 +48,7 @@ import { MULTIFD_MAGIC } from '../../stream/multifd.js';
 import { Admission, describeBytes, type FirstBytesJudgement } from '../../transport/admission.js';
 import { classifySocketError } from '../../transport/channel.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../transport/endpoint.js';
-import { TransportError } from '../../transport/errors.js';
+import { TransportError, type ChannelName } from '../../transport/errors.js';
 import { loadTlsDir, type TlsMaterial } from '../../transport/pki.js';
 import { DEFAULT_MAX_PENDING_CONNECTIONS, judgeMainStart, type StrangerEvent } from '../../transport/qualify.js';
 import { connect, listen, type Listening, type TlsClientSpec } from '../../transport/sockets.js';
@@ -221,12 +221,6 @@ function multifdStart(b: Uint8Array): 'yes' | 'no' | 'more' {
   return n === 4 ? 'yes' : 'more';
 }
 
-/** The bytes a socket holds unread (handed back by the admission), without consuming them. */
-function peekBuffered(s: AnySocket): Buffer {
-  const b = s.read() as Buffer | null;
-  if (b) s.unshift(b);
-  return b ?? Buffer.alloc(0);
-}
 
 function tlsInfo(s: AnySocket | undefined): { protocol: string | null; cipher: string } | null {
   const t = s as tls.TLSSocket | undefined;
@@ -415,7 +409,7 @@ export class Tap extends EventEmitter<TapEvents> {
         },
         // After the main channel: the preempt channel by order, unless its first bytes say multifd (see the file comment).
         judge: (role) => (role === 'main' ? judgeTapMain : undefined),
-        take: (role, s, raw) => (role === 'main' ? this.takeFirst(s, raw) : this.takeSecondary(s, raw)),
+        take: (role, s, raw) => (role === 'main' ? this.takeMain(s, raw) : role === 'multifd' ? this.takeMultifd(s, raw) : this.takeSecondary(s, raw)),
       },
       { maxPending, qualifyMs: timeoutMs, stranger: (ev) => this.stranger(ev) },
     );
@@ -515,11 +509,6 @@ export class Tap extends EventEmitter<TapEvents> {
     return !s.main.closed && !s.main.srcClosed;
   }
 
-  /** A connection judged by its first bytes qualified: a main channel, or a multifd channel (its magic). */
-  private takeFirst(src: AnySocket, raw: net.Socket): boolean {
-    return multifdStart(peekBuffered(src)) === 'yes' ? this.takeMultifd(src, raw) : this.takeMain(src, raw);
-  }
-
   /**
    * A connection qualified as a main channel: a new session. False when the
    * tap is closing or a main channel is open. Connections still waiting to
@@ -616,7 +605,7 @@ export class Tap extends EventEmitter<TapEvents> {
     this.attach(session, link, 'source', src);
     const role = link.role;
     const task = async (): Promise<void> => {
-      if (link.srcClosed) throw new TransportError('closed', 'the source closed before the destination connection was made', ...channelOf(role));
+      if (link.srcClosed) throw new TransportError('closed', 'the source closed before the destination connection was made', { channel: role });
       if (role !== 'main') await session.mainUp;
       const dst = await this.connectUpstream(role);
       this.attach(session, link, 'destination', dst);
@@ -645,7 +634,7 @@ export class Tap extends EventEmitter<TapEvents> {
     // Half-open: the end of one direction is forwarded as a FIN while the other goes on.
     const { socket } = await connect(this.target, {
       timeoutMs: this.timeoutMs,
-      ...(role === 'multifd' ? {} : { role }),
+      role,
       allowHalfOpen: true,
       beforeHandshake: (raw) => raw.setNoDelay(true),
       ...(this.clientTls ? { tls: this.clientTls } : {}),
@@ -731,6 +720,13 @@ export class Tap extends EventEmitter<TapEvents> {
     session.analysis.preemptConnected();
   }
 
+  /** As errors name a channel: `multifd-ID` once its init message was read. */
+  private channelName(session: Session, link: Link): ChannelName {
+    if (link.role !== 'multifd') return link.role;
+    const id = session.analysis.multifdChannelId(link.multifd);
+    return id === null ? 'multifd' : `multifd-${id}`;
+  }
+
   private sourceEnded(session: Session, link: Link): void {
     const t = performance.now();
     // A connection that ended inside what could be the multifd magic was one (a truncated one).
@@ -742,7 +738,7 @@ export class Tap extends EventEmitter<TapEvents> {
   }
 
   private setupFailed(session: Session, link: Link, side: 'source' | 'destination', e: unknown): void {
-    const err = e instanceof TransportError ? e : classifySocketError(e, channelRole(link.role));
+    const err = e instanceof TransportError ? e : classifySocketError(e, this.channelName(session, link));
     if (side === 'source') link.srcClosed = true;
     else link.dstClosed = true;
     this.transportError(session, link, side, err);
@@ -754,7 +750,8 @@ export class Tap extends EventEmitter<TapEvents> {
 
   private socketError(session: Session, link: Link, side: 'source' | 'destination', sock: AnySocket, e: Error): void {
     const established = link.establishedAt !== undefined;
-    const err = typeof (sock as tls.TLSSocket).getProtocol === 'function' ? classifyTlsError(e, channelRole(link.role), { established }) : classifySocketError(e, channelRole(link.role));
+    const name = this.channelName(session, link);
+    const err = typeof (sock as tls.TLSSocket).getProtocol === 'function' ? classifyTlsError(e, name, { established }) : classifySocketError(e, name);
     this.transportError(session, link, side, err);
     // A reset on one side is passed on as a reset, so that QEMU on the other side notices at once.
     link.destroy(true);
@@ -889,15 +886,6 @@ function direction(role: TapRole, fwd: boolean): TapDirection {
   return fwd ? 'multifd' : 'multifd-reverse';
 }
 
-/** The transport layer names main and preempt channels; a multifd connection's errors name none. */
-function channelRole(role: TapRole): 'main' | 'preempt' | undefined {
-  return role === 'multifd' ? undefined : role;
-}
-
-function channelOf(role: TapRole): [] | [{ channel: 'main' | 'preempt' }] {
-  return role === 'multifd' ? [] : [{ channel: role }];
-}
-
 /** Starts a tap listening on `opts.listen` and relaying to `opts.to`. */
 export function startTap(opts: TapOptions): Promise<Tap> {
   return Tap.start(opts);
@@ -906,13 +894,15 @@ export function startTap(opts: TapOptions): Promise<Tap> {
 /**
  * A connection before the main channel begins a new migration (the magic), a
  * postcopy recovery (RECV_BITMAP / POSTCOPY_RESUME) or a multifd channel (its
- * magic 0x11223344; takeFirst tells them apart).
+ * magic 0x11223344: the role its bytes show; its init message is the
+ * decoder's to check, the tap relays what the destination will judge).
  */
 function judgeTapMain(seen: Buffer): FirstBytesJudgement {
   const stream = judgeMainStart('stream', seen);
   const resume = judgeMainStart('resume', seen);
   const multifd = multifdStart(seen);
-  if (stream === 'yes' || resume === 'yes' || multifd === 'yes') return { verdict: 'yes' };
+  if (stream === 'yes' || resume === 'yes') return { verdict: 'yes' };
+  if (multifd === 'yes') return { verdict: 'yes', role: 'multifd' };
   if (stream === 'more' || resume === 'more' || multifd === 'more') return { verdict: 'more' };
   return {
     verdict: 'no',
