@@ -42,7 +42,7 @@ import { fmt } from './lib/report.js';
 import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
 import { fmtStats, median, ratio, runStats, type RunStats } from './lib/stats.js';
 import { RAM_BLOCK } from './lib/synthetic-guest.js';
-import { expectedGbps, ThreadCpuSampler, type ThreadCpuReport } from './lib/thread-cpu.js';
+import { expectedGbps, ThreadCpuSampler, topThreads, type ThreadCpuReport } from './lib/thread-cpu.js';
 
 const MiB = 1024 * 1024;
 const SESSION_PEER = fileURLToPath(new URL('./lib/session-peer.ts', import.meta.url));
@@ -287,7 +287,7 @@ function markdown(d: MultifdData): string {
   for (const v of d.variants) {
     const last = v.runs[v.runs.length - 1];
     const yn = (b: boolean | undefined): string => (b === undefined ? 'no stats' : b ? 'yes' : 'no');
-    const used = v.row === 'library' && last ? ` (in threads: source ${yn(last.threadsUsed?.source)}, destination ${yn(last.threadsUsed?.dest)}; ${last.workers ?? 0} workers)` : '';
+    const used = v.row === 'library' && last?.threadsUsed ? ` (in threads: source ${yn(last.threadsUsed?.source)}, destination ${yn(last.threadsUsed?.dest)}; ${last.workers ?? 0} workers)` : '';
     const label = `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}${used}` : ''}`;
     const kind = v.kind === 'tls' ? 'TLS 1.3' : 'plain TCP';
     if (v.unavailable) {
@@ -305,6 +305,12 @@ function markdown(d: MultifdData): string {
     lines.push(
       `| ${label}${ident}${err} | ${kind} | ${v.channels} | ${fmtStats(v.stats, 2)} | ${r1} | ${rq} | ${fmt(v.cpuPerGb, 2)} | ${fmt(v.busiestPerGb, 2)} | ${fmt(v.coresUsed, 2)} | ${fmt(v.osThreads)} / ${fmt(v.busyThreads)} | ${here === undefined ? '–' : `${fmt(here, 2)} GB/s`} | ${big === undefined ? '–' : `${fmt(big, 2)} GB/s`} |`,
     );
+  }
+  lines.push('', 'Where the CPU went, per thread (the last run of each row; QEMU names its threads, e.g. `multifdsend_N`, `live_migration`; Node its workers after their `name`):', '');
+  for (const v of d.variants) {
+    const last = v.runs[v.runs.length - 1];
+    if (!last) continue;
+    lines.push(`- ${MULTIFD_LABEL[v.row]}, ${v.kind === 'tls' ? 'TLS' : 'plain'}, ${v.channels} channel${v.channels === 1 ? '' : 's'}: ${topThreads(last.cpu, 6)}`);
   }
   lines.push('', `Aim (issue 13), reported, not asserted: on these ${d.cores}-core machines 2 TLS channels ≥ ${MULTIFD_TLS_2_VS_1}× the throughput of one:`, '');
   for (const row of ['library', 'qemu-receive', 'send-qemu', 'qemu-qemu'] as const) {

@@ -287,7 +287,7 @@ async function main(): Promise<void> {
     '',
     issue13Intro(parts, runStart),
     '',
-    issue13Table(issue13Lines(parts)),
+    issue13Table(issue13Lines(parts, profile?.paths)),
     '',
   );
   lines.push(
