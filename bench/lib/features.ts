@@ -16,7 +16,7 @@ import { dirname, join, resolve } from 'node:path';
 import { REPO_ROOT } from './child.js';
 import { QMT_MAIN } from './qmt-cli.js';
 
-export type ThreadMode = 'auto' | 'on' | 'off';
+export type { ThreadMode } from '../../src/transport/worker/index.js';
 
 /** Node ≥ 26.6 transfers a fresh net.Socket to a worker (the threads feature needs it). */
 const MIN_THREADS_NODE: [number, number] = [26, 6];

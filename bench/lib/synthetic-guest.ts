@@ -53,14 +53,9 @@ export interface BenchGuest {
   devices(): DeviceStateSection[];
 }
 
-/**
- * An InMemorySource over SharedArrayBuffer-backed blocks, marked shared for
- * the source's channel threads (issue 13: `InMemorySource` gains a `shared`
- * mode; passed as a second argument, which a tree without it ignores).
- */
+/** An InMemorySource over SharedArrayBuffer-backed blocks, shared (memory and dirty bitmaps) with the source's channel threads. */
 export function sharedSource(blocks: ReadonlyMap<string, Buffer>): InMemorySource {
-  const Ctor = InMemorySource as unknown as new (b: ReadonlyMap<string, Buffer>, o?: { shared?: boolean }) => InMemorySource;
-  return new Ctor(blocks, { shared: true });
+  return new InMemorySource(blocks, { shared: true });
 }
 
 export function createGuest(spec: GuestSpec): BenchGuest {

@@ -17,7 +17,7 @@ export interface DirtyingGuestOptions {
   hot: { start: number; end: number };
   pagesPerTick: number;
   tickMs: number;
-  /** RAM in a SharedArrayBuffer, marked shared: what the source's channel threads read directly (issue 13; a tree without it ignores the mark). */
+  /** RAM and dirty bitmap in SharedArrayBuffers: what the source's channel threads read directly (issue 13). */
   shared?: boolean;
 }
 
@@ -32,10 +32,7 @@ export class DirtyingGuest {
     if (opts.ramBytes % PAGE !== 0 || opts.hot.start % PAGE !== 0 || opts.hot.end > opts.ramBytes || opts.hot.start >= opts.hot.end) {
       throw new Error(`bad guest layout: ${JSON.stringify(opts)}`);
     }
-    if (opts.shared) {
-      const Shared = InMemorySource as unknown as new (b: ReadonlyMap<string, Buffer>, o: { shared: boolean }) => InMemorySource;
-      this.source = new Shared(new Map([[BLOCK, Buffer.from(new SharedArrayBuffer(opts.ramBytes))]]), { shared: true });
-    } else this.source = new InMemorySource([{ idstr: BLOCK, length: opts.ramBytes }]);
+    this.source = new InMemorySource([{ idstr: BLOCK, length: opts.ramBytes }], { shared: opts.shared === true });
     const ram = this.ram;
     for (let p = 0; p < opts.ramBytes; p += 3 * PAGE) randomFillSync(ram, p, PAGE);
   }
