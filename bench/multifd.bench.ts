@@ -287,7 +287,7 @@ function markdown(d: MultifdData): string {
   for (const v of d.variants) {
     const last = v.runs[v.runs.length - 1];
     const yn = (b: boolean | undefined): string => (b === undefined ? 'no stats' : b ? 'yes' : 'no');
-    const used = v.row === 'library' && last ? ` (in threads: source ${yn(last.threadsUsed?.source)}, destination ${yn(last.threadsUsed?.dest)}; ${last.workers ?? 0} workers)` : '';
+    const used = v.row === 'library' && last?.threadsUsed ? ` (in threads: source ${yn(last.threadsUsed?.source)}, destination ${yn(last.threadsUsed?.dest)}; ${last.workers ?? 0} workers)` : '';
     const label = `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}${used}` : ''}`;
     const kind = v.kind === 'tls' ? 'TLS 1.3' : 'plain TCP';
     if (v.unavailable) {
