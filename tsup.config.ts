@@ -21,4 +21,14 @@ export default defineConfig([
     target: 'node22',
     banner: { js: '#!/usr/bin/env node' },
   },
+  {
+    // Worker threads (src/transport/worker/spawn.ts): each its own file at its path under src, loaded by path.
+    entry: {
+      'transport/worker/selftest-worker': 'src/transport/worker/selftest-worker.ts',
+    },
+    format: ['esm'],
+    sourcemap: true,
+    target: 'node22',
+    keepNames: true,
+  },
 ]);

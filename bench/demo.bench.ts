@@ -16,6 +16,20 @@ import { runPart } from './lib/part.js';
 import { builtCliProblem, startQmtCli } from './lib/qmt-cli.js';
 import { fmt } from './lib/report.js';
 import { DEMO_AIMS, demoAims } from './lib/aims.js';
+import os from 'node:os';
+import { cliHasFlag, notAvailable, threadSampler, threadsNode } from './lib/features.js';
+
+/**
+ * The demo's `threads` report, whatever its exact shape: `{ used, why }` and
+ * the channel threads, from the source's and the destination's stats or one
+ * object (the demo runs both ends).
+ */
+function threadsOfReport(t: unknown): { used: boolean; why: string; workers: number } | undefined {
+  if (!t || typeof t !== 'object') return undefined;
+  const parts = ('used' in t ? [t] : Object.values(t as Record<string, unknown>)).filter((x): x is { used: boolean; why?: string; channels?: unknown[] } => !!x && typeof x === 'object' && typeof (x as { used?: unknown }).used === 'boolean');
+  if (parts.length === 0) return undefined;
+  return { used: parts.some((p) => p.used), why: parts.map((p) => p.why ?? '').filter(Boolean).join('; '), workers: parts.reduce((n, p) => n + (Array.isArray(p.channels) ? p.channels.length : 0), 0) };
+}
 import { fmtStats, ratio, runStats, type RunStats } from './lib/stats.js';
 
 export interface DemoRun {
@@ -26,10 +40,18 @@ export interface DemoRun {
   bytes: number;
   cpuS: number | undefined;
   identical: boolean;
+  /** Issue 13: peak OS threads of the demo process, what its report says of threads, and the cores it kept busy (CPU s / wall s). */
+  osThreads?: number;
+  threads?: { used: boolean; why: string; workers: number };
+  coresUsed?: number;
 }
 
 export interface DemoVariant {
   preempt: boolean;
+  /** Issue 13: `--threads on|off`; undefined: a CLI without `--threads` (the library's only mode then). */
+  threads?: 'on' | 'off';
+  /** Why this variant cannot run with this build: printed as "not available". */
+  unavailable?: string;
   runs: DemoRun[];
   errors: string[];
   p50?: RunStats;
@@ -41,6 +63,9 @@ export interface DemoVariant {
 export interface DemoData {
   mib: number;
   runs: number;
+  /** The Node.js the `--threads` variants ran under (≥ 26.6), and this machine's cores. */
+  node?: string;
+  cores?: number;
   variants: DemoVariant[];
   skipped?: string;
 }
@@ -51,6 +76,7 @@ interface DemoReportJson {
   faults: { count: number; p50Us: number; p99Us: number };
   channels: { mainBytes: number; preemptBytes: number; returnPathBytes: number };
   memoryIdentical: boolean;
+  threads?: unknown;
 }
 
 function markdown(d: DemoData): string {
@@ -58,20 +84,34 @@ function markdown(d: DemoData): string {
   lines.push(
     `\`qmt demo --json --size ${d.mib}\` (built CLI; library ↔ library in one process, TLS 1.3, video workload, postcopy after one pass) with and without \`--no-preempt\`, ${d.runs} run${d.runs === 1 ? '' : 's'} each, interleaved. Fault latency = the destination's request sent → page placed, p50 and p99 per run as the demo reports them; median (min–max) over the runs. CPU: the demo process's core-seconds (both ends, all threads) per GB carried by its channels — start-up, filling the synthetic guest, the workload and the final comparison of both memories included, so it is far above a bulk transfer's.`,
     '',
-    '| demo | faults per run | fault p50 (ms) | fault p99 (ms) | p50 better by | p99 better by | migration (ms) | CPU s/GB (both ends) | memory identical |',
-    '|---|--:|--:|--:|--:|--:|--:|--:|---|',
+    '| demo | threads | faults per run | fault p50 (ms) | fault p99 (ms) | p50 better by | p99 better by | migration (ms) | CPU s/GB (both ends) | OS threads (workers), cores used | memory identical |',
+    '|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|',
   );
-  const off = d.variants.find((v) => !v.preempt);
   for (const v of d.variants) {
+    const off = d.variants.find((x) => !x.preempt && x.threads === v.threads);
+    const name = v.preempt ? 'preempt channel (default)' : '`--no-preempt`';
+    const th = v.threads ? `\`--threads ${v.threads}\`` : 'no `--threads` (one thread)';
+    if (v.unavailable) {
+      lines.push(`| ${name} | ${th} | ${notAvailable(v.unavailable)} | | | | | | | | |`);
+      continue;
+    }
     const err = v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : '';
+    const workers = v.runs.map((r) => r.threads?.workers).filter((x): x is number => x !== undefined);
+    const procs = `${fmtStats(runStats(v.runs.map((r) => r.osThreads ?? NaN)))} (${workers.length > 0 ? fmtStats(runStats(workers)) : '–'}), ${fmtStats(runStats(v.runs.map((r) => r.coresUsed ?? NaN)), 2)} of ${d.cores ?? '?'}`;
     const better = (a: RunStats | undefined, b: RunStats | undefined): string => (v.preempt ? (ratio(b?.median, a?.median) === undefined ? '–' : `${fmt(ratio(b?.median, a?.median), 1)}×`) : '1.0× (baseline)');
     lines.push(
-      `| ${v.preempt ? 'preempt channel (default)' : '`--no-preempt`'}${err} | ${fmtStats(v.faults)} | ${fmtStats(v.p50, 2, 1e-3)} | ${fmtStats(v.p99, 2, 1e-3)} | ${better(v.p50, off?.p50)} | ${better(v.p99, off?.p99)} | ${fmtStats(runStats(v.runs.map((r) => r.migrationMs)))} | ${fmt(v.cpuPerGb, 2)} | ${v.runs.length === 0 ? '–' : v.runs.every((r) => r.identical) ? 'yes, every run' : 'NO'} |`,
+      `| ${name}${err} | ${th} | ${fmtStats(v.faults)} | ${fmtStats(v.p50, 2, 1e-3)} | ${fmtStats(v.p99, 2, 1e-3)} | ${better(v.p50, off?.p50)} | ${better(v.p99, off?.p99)} | ${fmtStats(runStats(v.runs.map((r) => r.migrationMs)))} | ${fmt(v.cpuPerGb, 2)} | ${procs} | ${v.runs.length === 0 ? '–' : v.runs.every((r) => r.identical) ? 'yes, every run' : 'NO'} |`,
     );
   }
-  const a = demoAims(d);
   const verdict = (r: number | undefined, aim: number): string => (r === undefined ? 'not measured' : `${fmt(r, 1)}× (${r >= aim ? 'met' : 'missed'})`);
-  lines.push('', `Aims (issue 12), reported, not asserted: preempt ≥ ${DEMO_AIMS.p50}× better at p50 — ${verdict(a.p50, DEMO_AIMS.p50)}; ≥ ${DEMO_AIMS.p99}× at p99 — ${verdict(a.p99, DEMO_AIMS.p99)}.`);
+  lines.push('', `Aims (issues 12 and 13), reported, not asserted: preempt ≥ ${DEMO_AIMS.p50}× better than \`--no-preempt\` at p50, ≥ ${DEMO_AIMS.p99}× at p99, in the same run:`, '');
+  for (const t of [...new Set(d.variants.map((v) => v.threads))]) {
+    const a = demoAims(d, t);
+    const which = t ? `\`--threads ${t}\`` : 'one thread (no `--threads` in this build)';
+    const na = d.variants.find((v) => v.threads === t && v.unavailable)?.unavailable;
+    lines.push(na ? `- ${which}: ${notAvailable(na)}` : `- ${which}: p50 ${verdict(a.p50, DEMO_AIMS.p50)}; p99 ${verdict(a.p99, DEMO_AIMS.p99)}`);
+  }
+  lines.push('', `OS threads: the demo process's peak (/proc/PID/status; Node's own threads included), workers: channel threads its report names; cores used: its CPU core-seconds over its wall time (spawn to exit)${d.node ? `; \`--threads\` variants under Node.js ${d.node}` : ''}.`);
   if (d.skipped) lines.push('', `Skipped: ${d.skipped}.`);
   return lines.join('\n');
 }
@@ -79,19 +119,32 @@ function markdown(d: DemoData): string {
 await runPart<DemoData>('demo', "The demo's fault latency: preempt channel or not", { mib: { type: 'string' }, runs: { type: 'string' } }, async (ctx) => {
   const mib = Number(ctx.options.mib ?? (ctx.quick ? 256 : 1024));
   const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
-  const data: DemoData = { mib, runs, variants: [true, false].map((preempt) => ({ preempt, runs: [], errors: [] })) };
+  const data: DemoData = { mib, runs, variants: [], cores: os.cpus().length };
   const why = builtCliProblem();
   if (why) {
+    data.variants = [true, false].map((preempt) => ({ preempt, runs: [], errors: [] }));
     data.skipped = why;
     return { config: { mib, runs }, data, markdown: markdown(data) };
   }
+  // Issue 13: with `--threads` in the CLI, every variant says which mode, under a Node.js that can transfer sockets (off too: only the threads differ).
+  const hasFlag = cliHasFlag('demo', '--threads');
+  const node = threadsNode();
+  if (hasFlag && node) data.node = node.version;
+  for (const threads of hasFlag ? (['off', 'on'] as const) : [undefined]) {
+    for (const preempt of [true, false]) data.variants.push({ preempt, ...(threads ? { threads } : {}), runs: [], errors: [], ...(threads === 'on' && !node ? { unavailable: 'no Node.js ≥ 26.6 for socket transfer (set QMT_BENCH_NODE)' } : {}) });
+  }
+  if (!hasFlag) for (const preempt of [true, false]) data.variants.push({ preempt, threads: 'on', runs: [], errors: [], unavailable: 'this build of `qmt demo` has no `--threads`' });
   for (let round = 0; round < runs; round++) {
     for (const v of data.variants) {
-      const run = startQmtCli(['demo', '--size', String(mib), '--json', '--progress', 'none', ...(v.preempt ? [] : ['--no-preempt'])]);
+      if (v.unavailable) continue;
+      const run = startQmtCli(['demo', '--size', String(mib), '--json', '--progress', 'none', ...(v.preempt ? [] : ['--no-preempt']), ...(v.threads ? ['--threads', v.threads] : [])], v.threads && node ? { node: node.path } : {});
+      const sampler = threadSampler(() => [run.child.pid]);
       ctx.onCleanup(async () => {
         if (run.child.exitCode === null && run.child.signalCode === null) run.child.kill('SIGKILL');
       });
       const r = await run.exit;
+      const [osThreads] = sampler.stop();
+      const wallS = (r.exitUs - run.spawnUs) / 1e6;
       try {
         const j = JSON.parse(r.stdout) as DemoReportJson;
         if (r.code !== 0 || !j.ok) throw new Error(`qmt demo exited ${r.code ?? r.signal}: ${r.stderr.slice(-800)}`);
@@ -103,9 +156,15 @@ await runPart<DemoData>('demo', "The demo's fault latency: preempt channel or no
           bytes: j.channels.mainBytes + j.channels.preemptBytes + j.channels.returnPathBytes,
           cpuS: r.cpu ? r.cpu.userS + r.cpu.systemS : undefined,
           identical: j.memoryIdentical,
+          ...(osThreads ? { osThreads } : {}),
+          ...(r.cpu && wallS > 0 ? { coresUsed: (r.cpu.userS + r.cpu.systemS) / wallS } : {}),
         };
+        const th = threadsOfReport(j.threads);
+        if (th) dr.threads = th;
+        // `--threads on` accepted but one thread used: not what the variant says.
+        if (v.threads === 'on' && th && !th.used) throw new Error(`--threads on, but the demo says threads were not used: ${th.why}`);
         v.runs.push(dr);
-        ctx.log(`round ${round + 1}/${runs}: ${v.preempt ? 'preempt' : 'no preempt'}: ${dr.faults} faults, p50 ${fmt(dr.p50Us / 1000, 2)} ms, p99 ${fmt(dr.p99Us / 1000, 2)} ms, CPU ${fmt(dr.cpuS, 2)} s`);
+        ctx.log(`round ${round + 1}/${runs}: ${v.preempt ? 'preempt' : 'no preempt'}${v.threads ? `, threads ${v.threads}` : ''}: ${dr.faults} faults, p50 ${fmt(dr.p50Us / 1000, 2)} ms, p99 ${fmt(dr.p99Us / 1000, 2)} ms, CPU ${fmt(dr.cpuS, 2)} s`);
       } catch (e) {
         v.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
         ctx.log(`round ${round + 1}: ${v.preempt ? 'preempt' : 'no preempt'} failed: ${String(e)}`);

@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,seed,switchover,memory] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace] [-- --report-only]`
+ * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,urgent,seed,switchover,memory,load,multifd] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace] [-- --report-only]`
  *
  * Runs every part of the benchmark, each in a process of its own, one after
  * the other, and writes bench/REPORT.md: the machine, how loaded it was, a
@@ -13,8 +13,12 @@
  * (demo.bench.ts: the built `qmt demo`, preempt or not), sink (sink.bench.ts:
  * DirectorySink and SavedVmSource against raw file I/O), latency (latency.bench.ts, then urgent.bench.ts with real
  * QEMU destinations, one table), seed (seed.bench.ts), switchover
- * (switchover.bench.ts), memory (memory.bench.ts). `--mib`/`--runs` go to
- * bulk, saved, demo and sink (the issue-12 rows; default 1024 MiB, 3 rounds).
+ * (switchover.bench.ts), memory (memory.bench.ts); issue 13: urgent
+ * (urgent.bench.ts alone, with the threads rows), load (load.bench.ts: the
+ * eight-migration load), multifd (multifd.bench.ts); load and multifd run
+ * under a Node.js ≥ 26.6 when one is found (bench/lib/features.ts). `--mib`
+ * goes to bulk, saved, demo, sink and multifd (default 1024 MiB); `--runs` to
+ * those and to urgent and load (default 3 rounds).
  * saved and demo run dist/cli/main.js: it is built first when missing or
  * older than src/. Before each part: `sync` (no writeback of an earlier
  * part's files during the next). The CPU profiles (`npm run bench:profile`,
@@ -32,9 +36,11 @@ import { fmt, machineInfo } from './lib/report.js';
 import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
 import type { ProfiledPath } from './lib/cpuprofile.js';
 import { ensureBuiltCli } from './lib/qmt-cli.js';
+import { threadsNode } from './lib/features.js';
 import { issueLines, issueTable, summaryLines, summaryTable, type CodecData } from './lib/summary.js';
+import { issue13Intro, issue13Lines, issue13Table } from './lib/summary13.js';
 
-const PARTS = ['codec', 'bulk', 'saved', 'demo', 'sink', 'latency', 'seed', 'switchover', 'memory'] as const;
+const PARTS = ['codec', 'bulk', 'saved', 'demo', 'sink', 'latency', 'urgent', 'seed', 'switchover', 'memory', 'load', 'multifd'] as const;
 
 const { values: args } = parseArgs({
   options: {
@@ -70,11 +76,11 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 
-/** Runs `node --import tsx bench/SCRIPT ...`, stderr passed through; resolves with stdout and the exit code. */
-function runScript(script: string, extra: string[]): Promise<{ code: number | null; stdout: string }> {
+/** Runs `node --import tsx bench/SCRIPT ...` (`node`: another Node.js binary), stderr passed through; resolves with stdout and the exit code. */
+function runScript(script: string, extra: string[], node = process.execPath): Promise<{ code: number | null; stdout: string }> {
   if (stoppedBy) return Promise.resolve({ code: 130, stdout: '' });
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(BENCH, script), ...extra], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
+    const child = spawn(node, ['--import', 'tsx', join(BENCH, script), ...extra], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
     current = child;
     let stdout = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -201,9 +207,9 @@ async function main(): Promise<void> {
   const cpu0 = cpuSnapshot([]);
   const ran = new Map<string, { seconds: number; code: number | null }>();
   const extra = [...quick];
-  if (selected.includes('saved') || selected.includes('demo')) {
+  if (selected.includes('saved') || selected.includes('demo') || selected.includes('multifd')) {
     const still = ensureBuiltCli((l) => process.stderr.write(`${l}\n`));
-    if (still) process.stderr.write(`${still}: the saved and demo parts will say so\n`);
+    if (still) process.stderr.write(`${still}: the saved, demo and multifd parts will say so\n`);
   }
   for (const part of selected) {
     if (stoppedBy) break;
@@ -217,8 +223,17 @@ async function main(): Promise<void> {
     else if (part === 'latency') {
       // Three rounds per cell: the medians below are of ≥ 3 runs.
       const a = await runScript('latency.bench.ts', [...extra, ...(args.quick ? [] : ['--rounds', '3']), ...(args['no-veth'] ? ['--no-veth'] : [])]);
-      const b = await runScript('urgent.bench.ts', [...extra, ...(args['no-veth'] ? ['--no-veth'] : []), ...(args.trace ? ['--trace'] : [])]);
+      // urgent.bench.ts merges bench:latency's rows; when `urgent` is selected too it runs as its own part next.
+      const b = selected.includes('urgent') ? { code: 0 } : await runScript('urgent.bench.ts', [...extra, ...(args['no-veth'] ? ['--no-veth'] : []), ...(args.trace ? ['--trace'] : [])]);
       code = a.code || b.code;
+    } else if (part === 'urgent') {
+      // Issue 13's urgent rows alone (no bench:latency synthetic peers): --runs as given.
+      code = (await runScript('urgent.bench.ts', [...extra, ...(args.runs ? ['--runs', args.runs] : []), ...(args['no-veth'] ? ['--no-veth'] : []), ...(args.trace ? ['--trace'] : [])])).code;
+    } else if (part === 'load' || part === 'multifd') {
+      // Both run library sessions with their channels in threads: under a Node.js that transfers sockets (≥ 26.6) when there is one.
+      const node = threadsNode();
+      process.stderr.write(`${part}: under Node.js ${node?.version ?? `${process.version} (none ≥ 26.6 found: the threads rows will say not available)`}\n`);
+      code = (await runScript(`${part}.bench.ts`, [...extra, ...(part === 'multifd' ? sizing : args.runs ? ['--runs', args.runs] : [])], node?.path)).code;
     } else code = (await runScript(`${part}.bench.ts`, extra)).code;
     ran.set(part, { seconds: (Date.now() - t0) / 1000, code });
   }
@@ -244,7 +259,7 @@ async function main(): Promise<void> {
   if (!args['report-only']) await writeFile(join(OUT, 'run.json'), `${JSON.stringify(run, null, 1)}\n`);
 
   const parts = new Map<string, PartResult<unknown>>();
-  for (const name of ['codec', 'bulk', 'saved', 'demo', 'sink', 'urgent', 'seed', 'switchover', 'memory']) {
+  for (const name of ['codec', 'bulk', 'saved', 'demo', 'sink', 'urgent', 'seed', 'switchover', 'memory', 'load', 'multifd']) {
     const p = await readPart(name);
     if (p) parts.set(name, p);
   }
@@ -268,6 +283,14 @@ async function main(): Promise<void> {
   }
   const profile = await readProfile();
   lines.push(
+    '## Summary: issue 13, a thread per channel and multifd',
+    '',
+    issue13Intro(parts, runStart),
+    '',
+    issue13Table(issue13Lines(parts)),
+    '',
+  );
+  lines.push(
     '## Summary: issue 12, the page path at memory speed',
     '',
     'Every row measured next to its baseline in the same run (ratios of medians); aims from the issue, reported, not asserted. CPU: core-seconds (user + system) per GB of guest RAM at the source / destination end, ours and, in brackets, the baseline\'s.',
@@ -284,7 +307,7 @@ async function main(): Promise<void> {
   const section = (n: number, name: string, extraLinks = ''): void => {
     const p = parts.get(name);
     if (!p) {
-      lines.push(`## ${n}. ${name}`, '', `Not run yet: \`npm run bench -- --only ${name === 'urgent' ? 'latency' : name}\`.`, '');
+      lines.push(`## ${n}. ${name}`, '', `Not run yet: \`npm run bench -- --only ${name}\`.`, '');
       return;
     }
     lines.push(`## ${n}. ${p.title}`, '', partHeader(p), '', p.markdown.replace(/\]\(([\w.-]+\.(?:svg|md|json))\)/g, '](results/$1)'), '', `Details: [results/${name}.md](results/${name}.md), raw: [results/${name}.json](results/${name}.json).${extraLinks}`, '');
@@ -305,6 +328,8 @@ async function main(): Promise<void> {
   section(n++, 'seed');
   section(n++, 'switchover');
   section(n++, 'memory');
+  section(n++, 'load');
+  section(n++, 'multifd');
   if (profile) lines.push(profile.markdown.replace(/\(bench\/results\//g, '(results/'), '', `Details: [results/profile.md](results/profile.md), raw: [results/profile.json](results/profile.json); rerun: \`npm run bench:profile\`.`, '');
   lines.push(
     '## Charts',

@@ -27,6 +27,7 @@
  * Prints figures; asserts nothing.
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DestinationSession } from '../src/protocol/index.js';
@@ -40,6 +41,13 @@ import type { SessionCommand, SourceRun } from './lib/session-peer.js';
 import { fmtRatio, fmtStats, runStats, type RunStats } from './lib/stats.js';
 import type { TapCommand, TapRun } from './lib/tap-peer.js';
 import { faultToPlaced } from './lib/qemu-trace.js';
+import { processCpuSeconds } from './lib/cpu.js';
+import { notAvailable, threadSampler, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+
+/** A row whose feature this tree lacks: not a failure, "not available". */
+class FeatureMissing extends Error {}
+
+const diffCpu = (a: number | undefined, b: number | undefined): number | undefined => (a === undefined || b === undefined ? undefined : b - a);
 
 const SESSION_PEER = fileURLToPath(new URL('./lib/session-peer.ts', import.meta.url));
 const TAP_PEER = fileURLToPath(new URL('./lib/tap-peer.ts', import.meta.url));
@@ -52,6 +60,13 @@ interface RowSpec {
   link: Link;
   source: Source;
   preempt: boolean;
+  /**
+   * Issue 13 rows: our source over the saved VM's RAM in (shared) memory, its
+   * channels in threads or not, run under a Node.js that can transfer sockets
+   * (both rows, so that only the threads differ). Undefined: SavedVmSource, this
+   * process's Node.js, the library's default.
+   */
+  threads?: 'on' | 'off';
 }
 
 interface UrgentRun {
@@ -67,10 +82,14 @@ interface UrgentRun {
   traceUs?: number[];
   postcopyMs: number | undefined;
   tapForwardP99Us: number;
+  /** Our source process: peak OS threads, its worker threads (stats.threads), CPU core-seconds and wall seconds of the migration. */
+  sourceProcess?: { osThreads: number; workers: number | undefined; threadsUsed: boolean | undefined; why?: string; cpuS: number | undefined; seconds: number };
 }
 
 interface Row extends RowSpec {
   label: string;
+  /** Why this row cannot run in this tree (its feature is missing): printed as "not available". */
+  unavailable?: string;
   runs: UrgentRun[];
   errors: string[];
   summary?: LatencySummary;
@@ -81,6 +100,9 @@ interface Row extends RowSpec {
 
 export interface UrgentData {
   guestMiB: Record<Link, number>;
+  /** Cores of this machine; and the Node.js the threads rows ran under. */
+  cores?: number;
+  threadsNode?: string;
   rows: Row[];
   vethSkipped?: string;
   qemuVersion?: string;
@@ -88,7 +110,11 @@ export interface UrgentData {
 }
 
 const label = (r: RowSpec): string =>
-  r.source === 'qemu' ? `QEMU → QEMU postcopy${r.preempt ? ' + preempt' : ''} (qmt tap)` : `our source → QEMU, lazy restore${r.preempt ? ' + preempt' : ''} (qmt tap)`;
+  r.source === 'qemu'
+    ? `QEMU → QEMU postcopy${r.preempt ? ' + preempt' : ''} (qmt tap)`
+    : r.threads
+      ? `our source (RAM in memory) → QEMU, lazy restore${r.preempt ? ' + preempt' : ''}, threads ${r.threads} (qmt tap)`
+      : `our source → QEMU, lazy restore${r.preempt ? ' + preempt' : ''} (qmt tap)`;
 
 interface LinkEnv {
   link: Link;
@@ -176,22 +202,35 @@ async function qemuRun(ctx: PartContext, q: Qemu, env: LinkEnv, mib: number, pre
   }
 }
 
-async function libraryRun(ctx: PartContext, q: Qemu, env: LinkEnv, mib: number, vmDir: string, preempt: boolean, trace: string | undefined): Promise<UrgentRun> {
+async function libraryRun(ctx: PartContext, q: Qemu, env: LinkEnv, mib: number, vmDir: string, preempt: boolean, trace: string | undefined, threads: 'on' | 'off' | undefined): Promise<UrgentRun> {
   const dst = await q.startQemuIn(env.nsDst, { name: 'urgent-dst', memoryMiB: mib, guest: guestOf(mib), incoming: true, ...(trace ? { extraArgs: traceArgs(trace) } : {}) });
   let tap: BenchChild<TapCommand> | undefined;
-  const src = ctx.track(BenchChild.start<SessionCommand>('source', SESSION_PEER, [], env.srcPrefix));
+  const node = threads ? threadsNode()?.path : undefined;
+  const src = ctx.track(BenchChild.start<SessionCommand>('source', SESSION_PEER, [], env.srcPrefix, [], node));
   try {
     await dst.setCapabilities({ events: true, 'postcopy-ram': true, ...(preempt ? { 'postcopy-preempt': true } : {}) });
     const dstUri = `unix:${join(dst.dir, 'migrate.sock')}`;
     await dst.migrateIncoming(dstUri, { 'exit-on-error': false });
-    await src.call({ cmd: 'source-prepare', memory: { kind: 'saved-vm', dir: vmDir } }, 30_000);
+    await src.call({ cmd: 'source-prepare', memory: { kind: 'saved-vm', dir: vmDir, ...(threads ? { inMemory: true } : {}) } }, 60_000);
     const t = await startTap(ctx, env, dstUri);
     tap = t.tap;
-    const s = await src.call<SourceRun>({ cmd: 'source-migrate', to: t.uri, policy: { afterPasses: 0 }, preempt, timeoutMs: 180_000 }, 190_000);
+    const sampler = threadSampler(() => [src.pid]);
+    const cpu0 = processCpuSeconds(src.pid);
+    const s = await src.call<SourceRun>({ cmd: 'source-migrate', to: t.uri, policy: { afterPasses: 0 }, preempt, timeoutMs: 180_000, ...(threads ? { threads } : {}) }, 190_000);
+    const cpuS = diffCpu(cpu0, processCpuSeconds(src.pid));
+    const [osThreads = 0] = sampler.stop();
     await dst.waitMigration(['completed'], 30_000);
     const tr = await tap.call<TapRun>({ cmd: 'tap-wait', timeoutMs: 20_000 }, 25_000);
     const own = summarize(s.requestLatencyUs);
-    const run: UrgentRun = { ...fromTap(tr), sourceRequests: s.stats['postcopy-requests'], ...(own ? { sourceSideUs: { p50: own.p50Us, p99: own.p99Us } } : {}) };
+    const th = threadsOf(s.stats);
+    const run: UrgentRun = {
+      ...fromTap(tr),
+      sourceRequests: s.stats['postcopy-requests'],
+      ...(own ? { sourceSideUs: { p50: own.p50Us, p99: own.p99Us } } : {}),
+      sourceProcess: { osThreads, workers: th?.channels.length, threadsUsed: th?.used, ...(th ? { why: th.why } : {}), cpuS, seconds: (s.doneUs - s.startUs) / 1e6 },
+    };
+    // A tree whose SourceSession ignores `threads` runs on one thread: that row is not what it says.
+    if (threads === 'on' && !th?.used) throw new FeatureMissing(th ? `threads not used: ${th.why}` : 'the source reported no stats.threads: SourceSession has no threads yet');
     if (trace) run.traceUs = faultToPlaced(await readFile(trace, 'utf8'));
     return run;
   } finally {
@@ -222,6 +261,7 @@ interface MergedRow {
   s: LatencySummary | undefined;
   perRun?: string;
   requests?: string;
+  unavailable?: string;
 }
 
 function mergedTable(rows: readonly MergedRow[], ref: Map<Link, LatencySummary | undefined>): string {
@@ -231,6 +271,10 @@ function mergedTable(rows: readonly MergedRow[], ref: Map<Link, LatencySummary |
   ];
   for (const r of rows) {
     const b = ref.get(r.link);
+    if (r.unavailable) {
+      out.push(`| ${r.link} | ${r.label} | ${r.measured} | ${notAvailable(r.unavailable)} | | | | | | | |`);
+      continue;
+    }
     out.push(
       `| ${r.link} | ${r.label} | ${r.measured} | ${fmt(r.s?.count)} | ${fmt(r.s?.p50Us)} | ${fmt(r.s?.p99Us)} | ${fmt(r.s?.p999Us)} | ${fmt(r.s?.maxUs)} | ${fmtRatio(r.s?.p50Us, b?.p50Us)} / ${fmtRatio(r.s?.p99Us, b?.p99Us)} | ${r.perRun ?? '–'} | ${r.requests ?? '–'} |`,
     );
@@ -254,25 +298,43 @@ function markdown(d: UrgentData, runs: number, latency: PartResult<unknown> | un
   const aims: string[] = [];
   for (const link of ['loopback', 'veth'] as const) {
     const b = ref.get(link);
-    const ours = d.rows.find((r) => r.link === link && r.source === 'library' && r.preempt);
-    if (!b || !ours?.summary) continue;
-    const ok = ours.summary.p50Us <= b.p50Us && ours.summary.p99Us <= b.p99Us;
-    aims.push(`- ${link}: our source + preempt p50 ${fmt(ours.summary.p50Us)} / p99 ${fmt(ours.summary.p99Us)} µs against QEMU + preempt ${fmt(b.p50Us)} / ${fmt(b.p99Us)} µs — ${ok ? 'no worse (met)' : 'worse (missed)'}`);
+    for (const ours of d.rows.filter((r) => r.link === link && r.source === 'library' && r.preempt)) {
+      const what = ours.threads ? `our source (RAM in memory) + preempt, threads ${ours.threads}` : 'our source + preempt (SavedVmSource)';
+      if (ours.unavailable) {
+        aims.push(`- ${link}: ${what}: ${notAvailable(ours.unavailable)}`);
+        continue;
+      }
+      if (!b || !ours.summary) continue;
+      const ok = ours.summary.p50Us <= b.p50Us && ours.summary.p99Us <= b.p99Us;
+      aims.push(`- ${link}: ${what} p50 ${fmt(ours.summary.p50Us)} / p99 ${fmt(ours.summary.p99Us)} µs against QEMU + preempt ${fmt(b.p50Us)} / ${fmt(b.p99Us)} µs (${fmtRatio(ours.summary.p50Us, b.p50Us)} / ${fmtRatio(ours.summary.p99Us, b.p99Us)}) — ${ok ? 'no worse (met)' : 'worse (missed)'}`);
+    }
   }
   if (aims.length > 0) lines.push('Against the aim (reported, not asserted):', '', ...aims, '');
-  lines.push('Per QEMU-destination row:', '', '| link | row | answered on preempt / main | unanswered | postcopy phase (ms, median) | tap forwarding p99 (µs, median) | our source: arrival → written p50 / p99 (µs, median) |' + (trace ? ' QEMU trace: fault → placed p50 / p99 (µs) |' : ''), '|---|---|--:|--:|--:|--:|--:|' + (trace ? '--:|' : ''));
+  lines.push('Per QEMU-destination row:', '', '| link | row | answered on preempt / main | unanswered | postcopy phase (ms, median) | tap forwarding p99 (µs, median) | our source: arrival → written p50 / p99 (µs, median) | our source process: OS threads (workers), cores used |' + (trace ? ' QEMU trace: fault → placed p50 / p99 (µs) |' : ''), '|---|---|--:|--:|--:|--:|--:|--:|' + (trace ? '--:|' : ''));
   for (const r of d.rows) {
+    if (r.unavailable) {
+      lines.push(`| ${r.link} | ${r.label} | ${notAvailable(r.unavailable)} | | | | | |${trace ? ' |' : ''}`);
+      continue;
+    }
     const sum = (f: (x: UrgentRun) => number): number => r.runs.reduce((s, x) => s + f(x), 0);
     const med = (xs: (number | undefined)[]): string => fmtStats(runStats(xs.filter((x): x is number => x !== undefined)), 0);
     const own = r.source === 'library' ? `${med(r.runs.map((x) => x.sourceSideUs?.p50))} / ${med(r.runs.map((x) => x.sourceSideUs?.p99))}` : '–';
     const tr = trace ? ` ${r.trace ? `${fmt(r.trace.p50Us)} / ${fmt(r.trace.p99Us)} (${fmt(r.trace.count)})` : '–'} |` : '';
     const err = r.errors.length > 0 ? ` (errors: ${r.errors.join('; ')})` : '';
-    lines.push(`| ${r.link} | ${r.label}${err} | ${fmt(sum((x) => x.answered.preempt))} / ${fmt(sum((x) => x.answered.main))} | ${fmt(sum((x) => x.unanswered))} | ${med(r.runs.map((x) => x.postcopyMs))} | ${med(r.runs.map((x) => x.tapForwardP99Us))} | ${own} |${tr}`);
+    const procs = r.runs.map((x) => x.sourceProcess).filter((x): x is NonNullable<UrgentRun['sourceProcess']> => x !== undefined);
+    const workers = procs.map((p) => p.workers).filter((x): x is number => x !== undefined);
+    const proc =
+      procs.length === 0
+        ? '–'
+        : `${fmtStats(runStats(procs.map((p) => p.osThreads)))} (${workers.length > 0 ? `${fmtStats(runStats(workers))} workers` : 'no stats.threads'}), ${fmtStats(runStats(procs.filter((p) => p.cpuS !== undefined && p.seconds > 0).map((p) => p.cpuS! / p.seconds)), 2)} of ${d.cores ?? '?'}`;
+    lines.push(`| ${r.link} | ${r.label}${err} | ${fmt(sum((x) => x.answered.preempt))} / ${fmt(sum((x) => x.answered.main))} | ${fmt(sum((x) => x.unanswered))} | ${med(r.runs.map((x) => x.postcopyMs))} | ${med(r.runs.map((x) => x.tapForwardP99Us))} | ${own} | ${proc} |${tr}`);
   }
   lines.push('');
   if (d.vethSkipped) lines.push(`Shaped link skipped: ${d.vethSkipped}.`, '');
   else if (d.vethCommands) lines.push(`Shaped link: ${LINK.rate} tbf (burst ${LINK.burst}, latency ${LINK.latency}) on the source side's veth; the source (QEMU or our source process) in one namespace, the destination QEMU and the tap in the other; the tap forwards to the destination over its unix socket.`, '');
   lines.push(
+    `Threads rows (issue 13): our source over the saved VM's RAM read into SharedArrayBuffers (an InMemorySource: what channel threads share), \`threads: 'off'\` and \`'on'\`, both under Node.js ${d.threadsNode ?? '≥ 26.6 (none found)'}; OS threads = the source process's peak (/proc/PID/status, Node's own included), workers = its channel threads as its stats report them; cores used = its CPU core-seconds over the migration's wall time.`,
+    '',
     'Requests: the tap\'s count of REQ_PAGES next to the source\'s own (`ram.postcopy-requests` of the QEMU source; `postcopy-requests` of our SourceSession) — they must agree. Our source\'s own latency (arrival → the page handed to the kernel) excludes the way back through the network and the tap.',
     '',
     'Chart: [urgent-cdf.svg](urgent-cdf.svg) (one panel per link; solid: migrations through the tap, dashed: bench:latency\'s synthetic peers).',
@@ -287,10 +349,10 @@ await runPart<UrgentData>(
   'Urgent page requests under bulk load: one table',
   { runs: { type: 'string' }, 'no-veth': { type: 'boolean', default: false }, trace: { type: 'boolean', default: false }, mib: { type: 'string' }, 'veth-mib': { type: 'string' } },
   async (ctx) => {
-    const runs = Number(ctx.options.runs ?? 3);
+    const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
     const trace = ctx.options.trace === true;
     const guestMiB: Record<Link, number> = { loopback: Number(ctx.options.mib ?? (ctx.quick ? 256 : 1024)), veth: Number(ctx.options['veth-mib'] ?? (ctx.quick ? 128 : 512)) };
-    const data: UrgentData = { guestMiB, rows: [] };
+    const data: UrgentData = { guestMiB, rows: [], cores: os.cpus().length, ...(threadsNode() ? { threadsNode: threadsNode()!.version } : {}) };
     const q = await import('./lib/qemu.js');
     const why = await q.qemuUnavailable();
     if (why) throw new Error(`QEMU is needed: ${why}`);
@@ -324,18 +386,32 @@ await runPart<UrgentData>(
       vms.set(mib, dir);
     }
 
-    for (const env of envs) for (const source of ['qemu', 'library'] as const) for (const preempt of [false, true]) data.rows.push({ link: env.link, source, preempt, label: label({ link: env.link, source, preempt }), runs: [], errors: [] });
+    const noThreads = threadsUnavailable();
+    for (const env of envs) {
+      for (const source of ['qemu', 'library'] as const) for (const preempt of [false, true]) data.rows.push({ link: env.link, source, preempt, label: label({ link: env.link, source, preempt }), runs: [], errors: [] });
+      // Issue 13: our source + preempt with its channels in threads and without, same memory, same Node.js.
+      for (const threads of ['off', 'on'] as const) {
+        const spec: RowSpec = { link: env.link, source: 'library', preempt: true, threads };
+        data.rows.push({ ...spec, label: label(spec), runs: [], errors: [], ...(noThreads && (threads === 'on' || !threadsNode()) ? { unavailable: noThreads } : {}) });
+      }
+    }
     for (let round = 0; round < runs; round++) {
       for (const r of data.rows) {
+        if (r.unavailable) continue;
         const env = envs.find((e) => e.link === r.link)!;
         const mib = guestMiB[r.link];
         const tracePath = trace ? join(work, `trace-${r.link}-${r.source}-${r.preempt}-${round}.log`) : undefined;
         try {
-          const x = r.source === 'qemu' ? await qemuRun(ctx, q, env, mib, r.preempt, tracePath) : await libraryRun(ctx, q, env, mib, vms.get(mib)!, r.preempt, tracePath);
+          const x = r.source === 'qemu' ? await qemuRun(ctx, q, env, mib, r.preempt, tracePath) : await libraryRun(ctx, q, env, mib, vms.get(mib)!, r.preempt, tracePath, r.threads);
           r.runs.push(x);
           const s = summarize(x.samplesUs);
           ctx.log(`round ${round + 1}/${runs}: ${r.link} ${r.label}: ${fmt(s?.count)} requests, p50 ${fmt(s?.p50Us)} µs, p99 ${fmt(s?.p99Us)} µs`);
         } catch (e) {
+          if (e instanceof FeatureMissing) {
+            r.unavailable = e.message;
+            ctx.log(`${r.link} ${r.label}: not available: ${e.message}`);
+            continue;
+          }
           r.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
           ctx.log(`round ${round + 1}: ${r.link} ${r.label} failed: ${String(e)}`);
         }
@@ -384,6 +460,7 @@ await runPart<UrgentData>(
           s: r.summary,
           perRun: `${fmtStats(r.perRunP50)} / ${fmtStats(r.perRunP99)}`,
           requests: `${fmt(r.runs.reduce((s, x) => s + x.tapRequests, 0))} / ${fmt(r.runs.reduce((s, x) => s + (x.sourceRequests ?? NaN), 0))}`,
+          ...(r.unavailable ? { unavailable: r.unavailable } : {}),
         });
       }
       ref.set(link, data.rows.find((r) => r.link === link && r.source === 'qemu' && r.preempt)?.summary);

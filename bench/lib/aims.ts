@@ -6,6 +6,7 @@
  */
 import type { Variant as BulkVariant } from '../bulk.bench.js';
 import type { DemoData } from '../demo.bench.js';
+import type { MultifdData, MultifdRow, MultifdVariant } from '../multifd.bench.js';
 import type { Kind, SavedData, SavedRow } from '../saved.bench.js';
 import { median, ratio } from './stats.js';
 
@@ -52,9 +53,41 @@ export const BULK_AIM_VS_RAW = 0.8;
 /** Aims of issue 12: preempt this many times better than without, at p50 and p99. */
 export const DEMO_AIMS = { p50: 20, p99: 10 } as const;
 
-export function demoAims(d: DemoData): { p50: number | undefined; p99: number | undefined } {
-  const on = d.variants.find((v) => v.preempt);
-  const off = d.variants.find((v) => !v.preempt);
+/** Preempt vs `--no-preempt` for one `--threads` mode (undefined: a build without `--threads`, else 'off' when there is no such variant). */
+export function demoAims(d: DemoData, threads?: 'on' | 'off'): { p50: number | undefined; p99: number | undefined } {
+  const mode = threads ?? (d.variants.some((v) => v.threads === undefined) ? undefined : 'off');
+  const on = d.variants.find((v) => v.preempt && v.threads === mode);
+  const off = d.variants.find((v) => !v.preempt && v.threads === mode);
   return { p50: ratio(off?.p50?.median, on?.p50?.median), p99: ratio(off?.p99?.median, on?.p99?.median) };
 }
 
+
+// ---------------------------------------------------------------------------
+// Issue 13: a thread per channel, and multifd
+// ---------------------------------------------------------------------------
+
+/** Aim of issue 13: the worst urgent p99 of the eight concurrent migrations at most this many times a single migration's, same run. */
+export const LOAD_AIM = 10;
+
+/** Aim of issue 13 on a 2-core machine: 2 TLS multifd channels at least this many times the throughput of one. */
+export const MULTIFD_TLS_2_VS_1 = 1.6;
+
+/** The host the report extrapolates the per-core cost to. */
+export const REFERENCE_CORES = 16;
+
+export const MULTIFD_LABEL: Record<MultifdRow, string> = {
+  'qemu-qemu': 'QEMU → QEMU multifd',
+  'qemu-receive': 'QEMU multifd → `qmt receive --multifd N` (saved VM, durable)',
+  library: 'library ↔ library multifd',
+};
+
+/** 2 TLS channels against 1 for a row: ratio of median GB/s. */
+export function multifdScaling(d: MultifdData, row: MultifdRow): { one?: number; two?: number; ratio?: number; unavailable?: string } {
+  const v = (n: number): MultifdVariant | undefined => d.variants.find((x) => x.row === row && x.kind === 'tls' && x.channels === n);
+  const na = v(1)?.unavailable ?? v(2)?.unavailable;
+  if (na) return { unavailable: na };
+  const one = v(1)?.stats?.median;
+  const two = v(2)?.stats?.median;
+  const r = ratio(two, one);
+  return { ...(one !== undefined ? { one } : {}), ...(two !== undefined ? { two } : {}), ...(r !== undefined ? { ratio: r } : {}) };
+}

@@ -58,12 +58,13 @@ export class BenchChild<C extends { cmd: string } = { cmd: string }> {
    * Starts `node [...nodeArgs] --import tsx SCRIPT ...args`, inside a namespace when `prefix` is
    * `['ip','netns','exec',NS]`; `nodeArgs` e.g. `--cpu-prof --cpu-prof-dir DIR` (bench/profile.ts).
    */
-  static start<C extends { cmd: string }>(name: string, script: string, args: readonly string[] = [], prefix: readonly string[] = [], nodeArgs: readonly string[] = []): BenchChild<C> {
-    return new BenchChild<C>(name, BenchChild.spawnChild(script, args, prefix, nodeArgs));
+  static start<C extends { cmd: string }>(name: string, script: string, args: readonly string[] = [], prefix: readonly string[] = [], nodeArgs: readonly string[] = [], node = process.execPath): BenchChild<C> {
+    return new BenchChild<C>(name, BenchChild.spawnChild(script, args, prefix, nodeArgs, node));
   }
 
-  protected static spawnChild(script: string, args: readonly string[], prefix: readonly string[], nodeArgs: readonly string[] = []): ChildProcess {
-    const argv = [...prefix, process.execPath, ...nodeArgs, '--import', 'tsx', script, ...args];
+  /** `node`: the Node.js binary (default this process's; the threaded rows need ≥ 26.6, bench/lib/features.ts). */
+  protected static spawnChild(script: string, args: readonly string[], prefix: readonly string[], nodeArgs: readonly string[] = [], node = process.execPath): ChildProcess {
+    const argv = [...prefix, node, ...nodeArgs, '--import', 'tsx', script, ...args];
     return spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
   }
 

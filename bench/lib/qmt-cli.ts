@@ -69,12 +69,12 @@ export function ensureBuiltCli(log: (line: string) => void): string | undefined 
   return b.status === 0 ? builtCliProblem() : `npm run build failed (exit ${b.status ?? b.signal})`;
 }
 
-/** Starts `node [--cpu-prof --cpu-prof-dir DIR] dist/cli/main.js ...args`. */
-export function startQmtCli(args: readonly string[], opts: { cpuProfDir?: string } = {}): QmtCliRun {
+/** Starts `node [--cpu-prof --cpu-prof-dir DIR] dist/cli/main.js ...args` (`opts.node`: another Node.js binary, e.g. ≥ 26.6 for `--threads on`). */
+export function startQmtCli(args: readonly string[], opts: { cpuProfDir?: string; node?: string } = {}): QmtCliRun {
   const cpuDir = mkdtempSync(join(os.tmpdir(), 'qmt-bench-cpu-'));
   const nodeArgs = [...(opts.cpuProfDir ? ['--cpu-prof', '--cpu-prof-dir', opts.cpuProfDir] : []), '--import', CPU_AT_EXIT];
   const spawnUs = wallUs();
-  const child = spawn(process.execPath, [...nodeArgs, QMT_MAIN, ...args], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, QMT_BENCH_CPU_DIR: cpuDir } });
+  const child = spawn(opts.node ?? process.execPath, [...nodeArgs, QMT_MAIN, ...args], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, QMT_BENCH_CPU_DIR: cpuDir } });
   let stdout = '';
   let stderr = '';
   let exitUs = 0;

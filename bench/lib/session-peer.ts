@@ -14,6 +14,7 @@ import {
   DestinationSession,
   DirectorySink,
   InMemorySink,
+  InMemorySource,
   readSavedVmManifest,
   SavedVmSource,
   SourceSession,
@@ -26,9 +27,11 @@ import {
 } from '../../src/protocol/index.js';
 import type { TransportOptions } from '../../src/transport/connection.js';
 import { monoUs, residentSet, serve } from './child-server.js';
-import { createGuest, hashBlocks, MACHINE_TYPE, runVideoAtDestination, syntheticDevices, type BenchGuest, type DestinationWorkloadReport, type GuestSpec } from './synthetic-guest.js';
+import type { ThreadMode } from './features.js';
+import { createGuest, hashBlocks, sharedSource, MACHINE_TYPE, runVideoAtDestination, syntheticDevices, type BenchGuest, type DestinationWorkloadReport, type GuestSpec } from './synthetic-guest.js';
 
-export type SourceMemory = GuestSpec | { kind: 'saved-vm'; dir: string };
+/** `inMemory`: the saved VM's RAM read into an InMemorySource over SharedArrayBuffers (what channel threads can share) instead of SavedVmSource's file reads. */
+export type SourceMemory = GuestSpec | { kind: 'saved-vm'; dir: string; inMemory?: boolean };
 
 export type SessionCommand =
   | { cmd: 'source-prepare'; memory: SourceMemory }
@@ -43,8 +46,22 @@ export type SessionCommand =
       /** Hash guest RAM after the migration (synthetic guests). */
       hash?: boolean;
       timeoutMs: number;
+      /** Issue 13: SourceOptions.threads (a tree without it ignores it; the stats then carry no `threads`). */
+      threads?: ThreadMode;
+      /** Issue 13: SourceOptions.multifd.channels. */
+      multifd?: number;
     }
-  | { cmd: 'dest-listen'; host: string; tlsDir?: string; postcopy: boolean; sink: { kind: 'memory'; prefault?: { idstr: string; length: number }[] } | { kind: 'directory'; dir: string }; workload?: 'video'; idleTimeoutMs?: number }
+  | {
+      cmd: 'dest-listen';
+      host: string;
+      tlsDir?: string;
+      postcopy: boolean;
+      sink: { kind: 'memory'; prefault?: { idstr: string; length: number }[]; shared?: boolean } | { kind: 'directory'; dir: string };
+      workload?: 'video';
+      idleTimeoutMs?: number;
+      threads?: ThreadMode;
+      multifd?: number;
+    }
   | { cmd: 'dest-wait'; timeoutMs: number; hash?: boolean }
   | { cmd: 'rss' }
   /** V8's CPU profiler around the migration only (bench/profile.ts): start, then stop writes DIR/CPU.session.0.<pid>.0.1.cpuprofile. */
@@ -90,12 +107,22 @@ let savedVmdesc: Uint8Array | undefined;
 let machineType = MACHINE_TYPE;
 let session: SourceSession | undefined;
 
+/** The saved VM's RAM blocks read into SharedArrayBuffer-backed buffers. */
+function sharedMemoryOf(dir: string, manifest: Awaited<ReturnType<typeof readSavedVmManifest>>): InMemorySource {
+  const blocks = new Map<string, Buffer>();
+  for (const b of manifest.blocks) {
+    const buf = Buffer.from(new SharedArrayBuffer(b.length));
+    readFileSync(join(dir, b.file)).copy(buf);
+    blocks.set(b.idstr, buf);
+  }
+  return sharedSource(blocks);
+}
+
 async function sourcePrepare(m: SourceMemory): Promise<{ prepareMs: number }> {
   const t0 = performance.now();
   if (m.kind === 'saved-vm') {
-    const saved = await SavedVmSource.open(m.dir);
     const manifest = await readSavedVmManifest(m.dir);
-    memory = saved;
+    memory = m.inMemory ? sharedMemoryOf(m.dir, manifest) : await SavedVmSource.open(m.dir);
     machineType = manifest.machineType ?? MACHINE_TYPE;
     savedDevices = manifest.devices.map((d) => ({ sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, data: readFileSync(join(m.dir, d.file)) }));
     savedVmdesc = manifest.vmdesc ? readFileSync(join(m.dir, manifest.vmdesc)) : undefined;
@@ -121,6 +148,9 @@ async function sourceMigrate(c: Extract<SessionCommand, { cmd: 'source-migrate' 
     preempt: c.preempt,
     ...(c.maxPasses !== undefined ? { maxPasses: c.maxPasses } : {}),
     stopVm: () => g?.stop(),
+    // Issue 13's options, spread so that a tree without them still compiles (and ignores them).
+    ...(c.threads ? { threads: c.threads } : {}),
+    ...(c.multifd ? { multifd: { channels: c.multifd } } : {}),
   });
   session = s;
   let stoppedUs: number | undefined;
@@ -170,7 +200,8 @@ const destLatency: number[] = [];
 async function destListen(c: Extract<SessionCommand, { cmd: 'dest-listen' }>): Promise<{ uri: string }> {
   if (dest) throw new Error('a destination is already listening');
   if (c.sink.kind === 'memory') {
-    const mem = new InMemorySink();
+    // Shared (SharedArrayBuffer-backed) RAM: what the destination's channel threads write into directly.
+    const mem = new InMemorySink(c.sink.shared ? { shared: true } : undefined);
     // RAM that exists (touched) before the migration, as a VM's does before its incoming migration.
     if (c.sink.prefault) mem.preallocate(c.sink.prefault, { prefault: true });
     sink = mem;
@@ -185,6 +216,8 @@ async function destListen(c: Extract<SessionCommand, { cmd: 'dest-listen' }>): P
     idleTimeoutMs: c.idleTimeoutMs ?? 30_000,
     // TCP_NODELAY on the return path, as qmt receive: requests go out at once.
     transport: { ...transport(c.tlsDir), main: { tuning: { noDelay: true } } },
+    ...(c.threads ? { threads: c.threads } : {}),
+    ...(c.multifd ? { multifd: { channels: c.multifd } } : {}),
   });
   dest = d;
   d.on('page-request', (r) => destLatency.push(Math.round(r.latencyUs)));

@@ -16,7 +16,7 @@ export const MACHINE_TYPE = 'pc-q35-10.0';
 /** What a benchmark source migrates. */
 export type GuestSpec =
   /** Every page non-zero (a counter in its first byte), nothing dirtied: the QEMU test guest after one pass, paused. */
-  | { kind: 'pattern'; bytes: number }
+  | { kind: 'pattern'; bytes: number; shared?: boolean }
   /** qmt demo's video-streaming guest (see {@link VideoGuest}). */
   | { kind: 'video'; bytes: number }
   /** Zero RAM but for `rangeBytes` from 1 MiB, whose first bytes all go up by one every `intervalMs` (the test guest's loop, small). */
@@ -53,10 +53,15 @@ export interface BenchGuest {
   devices(): DeviceStateSection[];
 }
 
+/** An InMemorySource over SharedArrayBuffer-backed blocks, shared (memory and dirty bitmaps) with the source's channel threads. */
+export function sharedSource(blocks: ReadonlyMap<string, Buffer>): InMemorySource {
+  return new InMemorySource(blocks, { shared: true });
+}
+
 export function createGuest(spec: GuestSpec): BenchGuest {
   switch (spec.kind) {
     case 'pattern':
-      return new PatternGuest(spec.bytes);
+      return new PatternGuest(spec.bytes, spec.shared === true);
     case 'video':
       return new VideoGuest(spec.bytes);
     case 'range':
@@ -66,10 +71,10 @@ export function createGuest(spec: GuestSpec): BenchGuest {
 
 class PatternGuest implements BenchGuest {
   readonly source: InMemorySource;
-  constructor(bytes: number) {
-    const ram = Buffer.alloc(bytes);
+  constructor(bytes: number, shared: boolean) {
+    const ram = shared ? Buffer.from(new SharedArrayBuffer(bytes)) : Buffer.alloc(bytes);
     for (let off = 0, i = 1; off < bytes; off += PAGE, i++) ram[off] = (i & 0xff) || 1;
-    this.source = new InMemorySource(new Map([[RAM_BLOCK, ram]]));
+    this.source = shared ? sharedSource(new Map([[RAM_BLOCK, ram]])) : new InMemorySource(new Map([[RAM_BLOCK, ram]]));
   }
   start(): void {}
   stop(): void {}

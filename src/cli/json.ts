@@ -102,8 +102,19 @@ export function channelJson(c: ChannelStats): ChannelJson {
   };
 }
 
-function channelsJson(c: { main?: ChannelStats; preempt?: ChannelStats }): { main?: ChannelJson; preempt?: ChannelJson } {
-  return { ...(c.main ? { main: channelJson(c.main) } : {}), ...(c.preempt ? { preempt: channelJson(c.preempt) } : {}) };
+/** The channels of a session: main, preempt, and the multifd channels by id (their `id` in each). */
+export interface ChannelsJson {
+  main?: ChannelJson;
+  preempt?: ChannelJson;
+  multifd?: (ChannelJson & { id: number })[];
+}
+
+function channelsJson(c: { main?: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] }): ChannelsJson {
+  return {
+    ...(c.main ? { main: channelJson(c.main) } : {}),
+    ...(c.preempt ? { preempt: channelJson(c.preempt) } : {}),
+    ...(c.multifd?.length ? { multifd: c.multifd.map((m) => ({ id: m.id ?? 0, ...channelJson(m) })) } : {}),
+  };
 }
 
 /** Page records by kind: PAGE (QEMU's `normal`), ZERO (`duplicate`), XBZRLE. */
@@ -171,7 +182,7 @@ export interface SourceStatsJson {
   /** Request arrival → last byte of the page handed to the kernel. */
   postcopyLatency: LatencyJson;
   recoveries: number;
-  channels: { main?: ChannelJson; preempt?: ChannelJson };
+  channels: ChannelsJson;
 }
 
 export function sourceStatsJson(s: SourceStats): SourceStatsJson {

@@ -12,6 +12,7 @@ import { SavedVmSource } from '../protocol/memory-source.js';
 import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
 import { readSavedVmManifest, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { SourceSession, type DeviceStateSection, type SourceStats } from '../protocol/source.js';
+import { MAX_MULTIFD_CHANNELS, sourceUnsentBytes } from '../protocol/source/options.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { parseEndpoint } from '../transport/endpoint.js';
 import { asArgParser, checkInputDirectory, endpointArg } from './args.js';
@@ -42,6 +43,12 @@ export interface SendOptions {
   postcopy?: PostcopyPolicy;
   /** Answer page requests on a separate preempt channel (needs postcopy; the destination needs `postcopy-preempt`). */
   preempt?: boolean;
+  /**
+   * QEMU's multifd with this many channels (1–255): the precopy pages go in
+   * multifd packets on their own connections (the destination needs the
+   * `multifd` capability and `multifd-channels` set to the same number).
+   */
+  multifd?: number;
   /** Cap in bytes/s of the precopy passes and, unless `postcopyBandwidth` is given, of the postcopy background stream (default none). Pages asked for on the preempt channel are never capped. */
   bandwidth?: number;
   /** Cap in bytes/s of the postcopy background stream (default: `bandwidth`). Without preempt, requested pages share this stream. */
@@ -90,6 +97,8 @@ export interface SendReport {
   /** The policy as given: never | manual | auto | after:N. */
   policy: string;
   preempt: boolean;
+  /** Multifd channels (0: none). */
+  multifd: number;
   machineType: string | null;
   /** Whether the migration went through postcopy. */
   postcopy: boolean;
@@ -201,6 +210,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     tls: opts.tls !== undefined,
     policy: policyName(policy),
     preempt: opts.preempt ?? false,
+    multifd: opts.multifd ?? 0,
     machineType: null,
     postcopy: false,
     answered: { main: 0, preempt: 0 },
@@ -219,7 +229,9 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     if (opts.tlsAllow?.length && opts.tls === undefined) throw new SendError('usage', '--tls-allow needs --tls');
     saved = await checkSavedVm(from, policy);
     report.machineType = saved.manifest.machineType;
-    source = await SavedVmSource.open(from);
+    const multifd = opts.multifd ? { channels: opts.multifd } : undefined;
+    // The saved VM's read buffers must outlast every page the channels may still hold by reference.
+    source = await SavedVmSource.open(from, multifd ? { reuseAfterBytes: Math.max(32 << 20, 2 * sourceUnsentBytes({ multifd })) } : {});
     session = new SourceSession({
       to: opts.to,
       transport: opts.tls
@@ -231,6 +243,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
       ...(saved.vmdesc ? { vmdesc: saved.vmdesc } : {}),
       postcopy: policy,
       preempt: opts.preempt ?? false,
+      ...(multifd ? { multifd } : {}),
       ...(opts.bandwidth ? { bandwidthLimit: opts.bandwidth } : {}),
       ...((opts.postcopyBandwidth ?? opts.bandwidth) ? { postcopyBandwidthLimit: opts.postcopyBandwidth ?? opts.bandwidth } : {}),
       ...(opts.recovery !== undefined ? { recovery: opts.recovery } : {}),
@@ -259,7 +272,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
 
   s.on('connected', ({ uri }) => {
     phase = 'precopy';
-    progress.log(`connected to ${uri}${opts.tls ? ' (TLS)' : ''}; postcopy ${report.policy}${report.preempt ? ' with preempt' : ''}`);
+    progress.log(`connected to ${uri}${opts.tls ? ' (TLS)' : ''}${opts.multifd ? ` with ${opts.multifd} multifd channel${opts.multifd === 1 ? '' : 's'}` : ''}; postcopy ${report.policy}${report.preempt ? ' with preempt' : ''}`);
   });
   s.on('pass', (p) => {
     progress.log(`pass ${p.pass}: ${p.pagesSent} pages, ${formatBytes(p.bytes)} in ${formatDuration(p.durationMs)}${p.dirtyPages ? `, ${p.dirtyPages} pages dirty again` : ''}`);
@@ -367,8 +380,16 @@ export function formatSendSummary(r: SendReport): string[] {
     );
   }
   const ch = st.channels;
-  lines.push(`channels: main ${formatBytes(ch.main?.bytesSent ?? 0)} sent, ${formatBytes(ch.main?.bytesReceived ?? 0)} received${ch.preempt ? `; preempt ${formatBytes(ch.preempt.bytesSent)} sent` : ''}`);
+  const mf = ch.multifd?.length ? `; multifd ${ch.multifd.length} channels, ${formatBytes(ch.multifd.reduce((n, c) => n + c.bytesSent, 0))} sent` : '';
+  lines.push(`channels: main ${formatBytes(ch.main?.bytesSent ?? 0)} sent, ${formatBytes(ch.main?.bytesReceived ?? 0)} received${ch.preempt ? `; preempt ${formatBytes(ch.preempt.bytesSent)} sent` : ''}${mf}`);
   return lines;
+}
+
+/** `--multifd N`: QEMU's multifd-channels range. */
+export function parseMultifdChannels(v: string): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v.trim()) || n < 1 || n > MAX_MULTIFD_CHANNELS) throw new InvalidArgumentError(`must be a number of channels from 1 to ${MAX_MULTIFD_CHANNELS}`);
+  return n;
 }
 
 /** Bytes per second: an integer with an optional K, M or G suffix (powers of 1024; "32M", "1G", "500000"). */
@@ -388,6 +409,7 @@ interface SendCliOptions {
   tlsAllow?: string[];
   postcopy: PostcopyPolicy;
   preempt?: boolean;
+  multifd?: number;
   bandwidth?: number;
   postcopyBandwidth?: number;
   /** commander: false with --no-recovery. */
@@ -405,6 +427,8 @@ export interface SendJson {
   tls: boolean;
   policy: string;
   preempt: boolean;
+  /** Multifd channels (0: none). */
+  multifd: number;
   machineType: string | null;
   postcopy: boolean;
   /** Page requests answered, by the channel the page went out on. */
@@ -419,6 +443,7 @@ export function sendJson(r: SendReport): SendJson {
     tls: r.tls,
     policy: r.policy,
     preempt: r.preempt,
+    multifd: r.multifd,
     machineType: r.machineType,
     postcopy: r.postcopy,
     answered: r.answered,
@@ -452,6 +477,7 @@ export async function runSendCommand(ctx: CommandContext, o: SendCliOptions): Pr
       ...(o.tlsAllow?.length ? { tlsAllow: o.tlsAllow } : {}),
       postcopy: o.postcopy,
       preempt: o.preempt ?? false,
+      ...(o.multifd !== undefined ? { multifd: o.multifd } : {}),
       ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
       ...(o.postcopyBandwidth !== undefined ? { postcopyBandwidth: o.postcopyBandwidth } : {}),
       ...(o.recovery === false
@@ -501,6 +527,7 @@ export function registerSendCommand(program: Command): Command {
         .argParser(asArgParser(parsePostcopyPolicy)),
     )
     .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
+    .option('--multifd <n>', "QEMU's multifd: precopy pages on N more connections, 1-255 (the destination needs capability multifd, multifd-channels N)", parseMultifdChannels)
     .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
     .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
     .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)", endpointArg)
@@ -517,8 +544,9 @@ export function registerSendCommand(program: Command): Command {
       [
         '',
         'The destination must be waiting: QEMU started with -incoming defer, the same machine type, RAM size',
-        'and devices, capabilities postcopy-ram (with --postcopy) and postcopy-preempt (with --preempt) set',
-        'before migrate-incoming.',
+        'and devices, capabilities postcopy-ram (with --postcopy), postcopy-preempt (with --preempt) and multifd',
+        '(with --multifd N, and the parameter multifd-channels N) set before migrate-incoming. QEMU 10.0 refuses',
+        'multifd with postcopy.',
         '',
         "--postcopy manual: press Enter (when stdin is a terminal) or send SIGUSR1 (kill -USR1 PID; the PID is",
         'printed) to switch. A saved VM does not change: after one complete pass nothing is left to send, so',

@@ -7,5 +7,5 @@ export type { PageRequestResult } from './page-tracker.js';
 export { writeSavedVm, readSavedVmManifest, RAM_DIR, DEVICES_DIR, MANIFEST, type SavedVmManifest } from './saved-vm.js';
 export { SourceSession, type SourceOptions, type SourceEvents, type SourceStats, type DeviceStateSection } from './source.js';
 export { isNetworkFailure, type SourceRecoveryOptions, type DestinationRecoveryOptions, type PausedEvent, type ResumedEvent } from './recovery.js';
-export { InMemorySource, SavedVmSource, PageBitmap, type GuestMemorySource, type SourceBlock } from './memory-source.js';
+export { InMemorySource, SavedVmSource, PageBitmap, type GuestMemorySource, type SourceBlock, type SharedSourceBlock } from './memory-source.js';
 export { parsePostcopyPolicy, autoWantsPostcopy, type PostcopyPolicy, type PassOutcome } from './postcopy-policy.js';

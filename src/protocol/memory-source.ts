@@ -49,28 +49,64 @@ export interface GuestMemorySource {
   syncDirty(into: ReadonlyMap<string, PageBitmap>): void;
 }
 
+/** A block of an InMemorySource with `shared`: what another thread needs to read it and mark it dirty. */
+export interface SharedSourceBlock {
+  readonly idstr: string;
+  readonly length: number;
+  /** The block's bytes. */
+  readonly memory: SharedArrayBuffer;
+  /** Its dirty bitmap (PageBitmap.attach(length / 4096, dirty)). */
+  readonly dirty: SharedArrayBuffer;
+}
+
 /**
  * Guest RAM in memory, for synthetic guests: `write()` changes memory and
  * marks the pages dirty. Pages are sent by reference: one written while
  * queued is dirty, and the next pass (or the final stage) sends it again.
+ *
+ * `{ shared: true }` puts every block and its dirty bitmap in a
+ * SharedArrayBuffer (blocks given as Buffers are copied into one, unless a Buffer is a whole SharedArrayBuffer already): a
+ * SourceSession with `threads` then reads the pages from its channels'
+ * worker threads directly, and another thread may write the guest's memory
+ * (marking pages dirty through `sharedBlocks()`' bitmaps, whose writes are
+ * atomic).
  */
 export class InMemorySource implements GuestMemorySource {
   readonly memory = new Map<string, Buffer>();
   private readonly dirty = new Map<string, PageBitmap>();
   private readonly list: SourceBlock[];
+  readonly shared: boolean;
 
-  constructor(blocks: readonly SourceBlock[] | ReadonlyMap<string, Buffer>) {
+  constructor(blocks: readonly SourceBlock[] | ReadonlyMap<string, Buffer>, opts: { shared?: boolean } = {}) {
+    this.shared = opts.shared === true;
+    const alloc = (length: number): Buffer => (this.shared ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.alloc(length));
     if (blocks instanceof Map) {
       this.list = [...blocks].map(([idstr, buf]) => ({ idstr, length: buf.length }));
-      for (const [idstr, buf] of blocks) this.memory.set(idstr, buf);
+      for (const [idstr, buf] of blocks) {
+        if (!this.shared || wholeSharedBuffer(buf)) this.memory.set(idstr, buf);
+        else {
+          const copy = alloc(buf.length);
+          copy.set(buf);
+          this.memory.set(idstr, copy);
+        }
+      }
     } else {
       this.list = [...(blocks as readonly SourceBlock[])];
-      for (const b of this.list) this.memory.set(b.idstr, Buffer.alloc(b.length));
+      for (const b of this.list) this.memory.set(b.idstr, alloc(b.length));
     }
     for (const b of this.list) {
       if (b.length % TARGET_PAGE_SIZE !== 0) throw new RangeError(`block "${b.idstr}" length is not a page multiple`);
-      this.dirty.set(b.idstr, new PageBitmap(b.length / TARGET_PAGE_SIZE));
+      this.dirty.set(b.idstr, new PageBitmap(b.length / TARGET_PAGE_SIZE, { shared: this.shared }));
     }
+  }
+
+  /** With `shared`: every block's memory and dirty bitmap, to hand to another thread; undefined otherwise. */
+  sharedBlocks(): readonly SharedSourceBlock[] | undefined {
+    if (!this.shared) return undefined;
+    return this.list.map((b) => {
+      const mem = this.memory.get(b.idstr)!;
+      return { idstr: b.idstr, length: b.length, memory: mem.buffer as SharedArrayBuffer, dirty: this.dirty.get(b.idstr)!.buffer };
+    });
   }
 
   blocks(): readonly SourceBlock[] {
@@ -112,6 +148,11 @@ export class InMemorySource implements GuestMemorySource {
       if (target) d.drainInto(target);
     }
   }
+}
+
+/** Another thread sees a whole SharedArrayBuffer: a Buffer over part of one (or over a pooled one) is copied. */
+function wholeSharedBuffer(buf: Buffer): boolean {
+  return buf.buffer instanceof SharedArrayBuffer && buf.byteOffset === 0 && buf.byteLength === buf.buffer.byteLength;
 }
 
 export { SavedVmSource, type SavedVmSourceOptions, type SavedVmSourceStats } from './saved-vm-source.js';

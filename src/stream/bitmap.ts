@@ -12,23 +12,45 @@ import { TARGET_PAGE_SIZE } from './constants.js';
  * unsigned longs, converted to little-endian, ramblock_recv_bitmap_send):
  * no conversion when a bitmap is sent or received. `shared` backs it with a
  * SharedArrayBuffer, so that another thread can read and write it.
+ *
+ * Shared, every set/clear (single, range, drain, claim) is an `Atomics`
+ * read-modify-write on its word: a plain `|=` racing another thread's `&=`
+ * on the same word loses one of the two (a lost dirty page, or a page sent
+ * twice). Reads (`has`, `next`, `count`) stay plain: they see some recent
+ * value, which is all a scan needs. `setAll`, `clearAll`, `assign*` are
+ * plain too: they run while no other thread uses the bitmap.
  */
 export class PageBitmap {
   readonly words: Uint32Array;
   /** The same bits as bytes (bit i of byte i >> 3), QEMU's wire layout; length `byteSize(pages)`. */
   readonly bytes: Uint8Array;
+  /** Backed by a SharedArrayBuffer: every write is atomic. */
+  readonly shared: boolean;
 
   constructor(
     readonly pages: number,
-    opts: { shared?: boolean; bytes?: Uint8Array } = {},
+    opts: { shared?: boolean; bytes?: Uint8Array; buffer?: SharedArrayBuffer } = {},
   ) {
     if (!Number.isInteger(pages) || pages < 0) throw new RangeError(`bitmap of ${pages} pages`);
     const size = PageBitmap.byteSize(pages);
     if (opts.bytes && opts.bytes.length !== size) throw new RangeError(`bitmap of ${opts.bytes.length} bytes for ${pages} pages (expected ${size})`);
-    const buffer = opts.shared ? new SharedArrayBuffer(size) : new ArrayBuffer(size);
+    if (opts.buffer && opts.buffer.byteLength !== size) throw new RangeError(`shared bitmap of ${opts.buffer.byteLength} bytes for ${pages} pages (expected ${size})`);
+    const buffer = opts.buffer ?? (opts.shared ? new SharedArrayBuffer(size) : new ArrayBuffer(size));
+    this.shared = buffer instanceof SharedArrayBuffer;
     this.words = new Uint32Array(buffer);
     this.bytes = new Uint8Array(buffer);
     if (opts.bytes) this.assignBytes(opts.bytes);
+  }
+
+  /** The same bits seen from another thread: a bitmap over `sab` (from `buffer` of a shared one). */
+  static attach(pages: number, sab: SharedArrayBuffer): PageBitmap {
+    return new PageBitmap(pages, { buffer: sab });
+  }
+
+  /** The SharedArrayBuffer of a shared bitmap (to post to another thread). */
+  get buffer(): SharedArrayBuffer {
+    if (!(this.words.buffer instanceof SharedArrayBuffer)) throw new TypeError('not a shared bitmap');
+    return this.words.buffer;
   }
 
   /** Takes the bits of a wire bitmap (`byteSize(pages)` bytes, QEMU's layout); bits past `pages` are dropped. */
@@ -58,11 +80,34 @@ export class PageBitmap {
   }
 
   set(i: number): void {
-    this.words[i >>> 5]! |= 1 << (i & 31);
+    if (this.shared) Atomics.or(this.words, i >>> 5, 1 << (i & 31));
+    else this.words[i >>> 5]! |= 1 << (i & 31);
   }
 
   clear(i: number): void {
-    this.words[i >>> 5]! &= ~(1 << (i & 31));
+    if (this.shared) Atomics.and(this.words, i >>> 5, ~(1 << (i & 31)));
+    else this.words[i >>> 5]! &= ~(1 << (i & 31));
+  }
+
+  /**
+   * Clears page `i` and says whether it was set: of two threads claiming the
+   * same page (a bulk producer, a preempt server), exactly one gets true.
+   */
+  claim(i: number): boolean {
+    return this.claimWord(i >>> 5, 1 << (i & 31)) !== 0;
+  }
+
+  /**
+   * Clears the bits of `mask` in word `word` (pages word*32 … word*32+31)
+   * and returns those of them that were set: up to 32 pages taken in one
+   * atomic step (what was taken is the caller's alone).
+   */
+  claimWord(word: number, mask = 0xffffffff): number {
+    const w = this.words;
+    if (this.shared) return (Atomics.and(w, word, ~mask) & mask) >>> 0;
+    const old = w[word] as number;
+    w[word] = old & ~mask;
+    return (old & mask) >>> 0;
   }
 
   has(i: number): boolean {
@@ -87,7 +132,10 @@ export class PageBitmap {
       const bit = i & 31;
       const n = Math.min(32 - bit, end - i);
       const mask = n === 32 ? 0xffffffff : ((1 << n) - 1) << bit;
-      if (on) w[i >>> 5]! |= mask;
+      if (this.shared) {
+        if (on) Atomics.or(w, i >>> 5, mask);
+        else Atomics.and(w, i >>> 5, ~mask);
+      } else if (on) w[i >>> 5]! |= mask;
       else w[i >>> 5]! &= ~mask;
       i += n;
     }
@@ -154,10 +202,20 @@ export class PageBitmap {
     return (end < 0 ? bound : end) - from;
   }
 
-  /** Moves every bit of `this` into `into` (OR) and clears this. */
+  /** Moves every bit of `this` into `into` (OR) and clears this; atomic per word where either is shared (no bit set meanwhile is lost). */
   drainInto(into: PageBitmap): void {
     const a = this.words;
     const b = into.words;
+    if (this.shared || into.shared) {
+      for (let i = 0; i < a.length; i++) {
+        if (a[i] === 0) continue; // most words of a dirty set are clean: no atomic step for them
+        const bits = this.shared ? Atomics.exchange(a, i, 0) : (a[i] as number);
+        if (!this.shared) a[i] = 0;
+        if (into.shared) Atomics.or(b, i, bits);
+        else b[i]! |= bits;
+      }
+      return;
+    }
     for (let i = 0; i < a.length; i++) {
       b[i]! |= a[i] as number;
       a[i] = 0;

@@ -31,6 +31,9 @@ export type StreamErrorCode =
   | 'trailing-data'
   | 'bad-return-path-message'
   | 'bad-bitmap'
+  | 'bad-multifd-init' // a multifd init message with a wrong UUID or channel id
+  | 'bad-multifd-packet' // a multifd packet field that is inconsistent (next_packet_size, flags, block name)
+  | 'unaligned-page' // a page offset that is not a multiple of the page size
   | 'unsupported'; // valid QEMU, outside what this library implements (RDMA, mapped-ram)
 
 import { QmtError } from '../errors.js';

@@ -11,3 +11,23 @@ export { commandName } from './commands.js';
 export { isZeroPage, type KnownBlock, type RamFormat } from './ram.js';
 export * from './vmdesc.js';
 export { StreamSummary, type StreamSummaryReport, type PassCounts, type DeviceSummary } from './summary.js';
+export {
+  MULTIFD_MAGIC,
+  MULTIFD_VERSION,
+  MULTIFD_INIT_BYTES,
+  MULTIFD_PACKET_FIXED_BYTES,
+  MULTIFD_PACKET_PAGES,
+  MULTIFD_BLOCK_NAME_BYTES,
+  MultifdFlag,
+  MultifdCompression,
+  MultifdDecoder,
+  encodeMultifdInit,
+  encodeMultifdPacketHeader,
+  multifdPacketHeaderLength,
+  forEachOffsetRun,
+  type MultifdDecoderOptions,
+  type MultifdInitRecord,
+  type MultifdPacketRecord,
+  type MultifdPacketHeaderFields,
+  type MultifdRecord,
+} from './multifd.js';

@@ -16,13 +16,20 @@
  */
 import type net from 'node:net';
 import type tls from 'node:tls';
-import { classifySocketError, type ChannelRole } from './channel.js';
+import { channelName, classifySocketError, type ChannelRole } from './channel.js';
 import { TransportError } from './errors.js';
 import type { StrangerEvent, StrangerReason } from './qualify.js';
 import { checkAllowedPeer, classifyTlsError } from './tls.js';
 
-/** What the first bytes of a candidate are: a channel, not one (with why), or undecided. */
-export type FirstBytesJudgement = { verdict: 'yes' } | { verdict: 'more' } | { verdict: 'no'; reason: StrangerReason; error: TransportError };
+/**
+ * What the first bytes of a candidate are: a channel, not one (with why), or
+ * undecided. A 'yes' may name the role the bytes show (a multifd channel's
+ * init message, offered as main: the two are told apart by their bytes alone).
+ */
+export type FirstBytesJudgement =
+  | { verdict: 'yes'; role?: ChannelRole; channelId?: number }
+  | { verdict: 'more' }
+  | { verdict: 'no'; reason: StrangerReason; error: TransportError };
 
 /** How the owner of the admission decides roles. */
 export interface AdmissionPolicy {
@@ -31,11 +38,13 @@ export interface AdmissionPolicy {
   /** How a candidate for `role` qualifies once its TLS handshake (if any) is done: at once, or by its first bytes. */
   judge(role: ChannelRole, secure: boolean): ((seen: Buffer) => FirstBytesJudgement) | undefined;
   /**
-   * A candidate qualified. Return false when its role was taken meanwhile: it
-   * is then dropped and reported ('extra'). The socket is the TLS socket when
-   * there is one; `raw` is the TCP/unix socket under it.
+   * A candidate qualified (as `role`: the offered one, or the one its bytes
+   * showed; `channelId`: a multifd channel's id). Return false when its role
+   * was taken meanwhile: it is then dropped and reported ('extra'). The
+   * socket is the TLS socket when there is one; `raw` is the TCP/unix socket
+   * under it.
    */
-  take(role: ChannelRole, socket: net.Socket | tls.TLSSocket, raw: net.Socket): boolean;
+  take(role: ChannelRole, socket: net.Socket | tls.TLSSocket, raw: net.Socket, channelId?: number): boolean;
 }
 
 export interface AdmissionOptions {
@@ -232,7 +241,7 @@ export class Admission {
   private expire(c: Candidate): void {
     if (!this.pending.has(c)) return;
     const error = (): TransportError => new TransportError('qualify-timeout', `no migration stream within ${this.opts.qualifyMs} ms of connecting`, c.role === 'preempt' ? { channel: 'preempt' } : {});
-    if (c.role === 'main' || c.secure) {
+    if (c.role !== 'preempt' || c.secure) {
       this.drop(c, 'timeout', error());
       return;
     }
@@ -258,14 +267,15 @@ export class Admission {
       c.unwatch?.();
       // Handing the bytes back: the channel's reader sees the stream from its first byte.
       if (seen.length > 0) s.unshift(seen);
-      if (j.verdict === 'yes') this.qualified(c, s);
+      if (j.verdict === 'yes') this.qualified(c, s, j.role, j.channelId);
       else this.drop(c, j.reason, j.error);
     };
     s.on('readable', onReadable);
     c.unwatch = () => s.off('readable', onReadable);
   }
 
-  private qualified(c: Candidate, s: net.Socket | tls.TLSSocket): void {
+  private qualified(c: Candidate, s: net.Socket | tls.TLSSocket, judged?: ChannelRole, channelId?: number): void {
+    const role = judged ?? c.role;
     this.forget(c);
     s.off('error', ignoreError);
     c.raw.off('error', ignoreError);
@@ -274,11 +284,16 @@ export class Admission {
       s.destroy();
       return;
     }
-    if (c.doomed || !this.policy.take(c.role, s, c.raw)) {
+    if (c.doomed || !this.policy.take(role, s, c.raw, channelId)) {
       // Its role went to another connection meanwhile: a stranger like any other, reported.
       s.on('error', ignoreError);
       s.destroy();
-      this.report({ reason: 'extra', error: new TransportError('channel-order', `the ${c.role} channel was taken by another connection before this one qualified`, { channel: c.role }), ...(c.remote ? { remote: c.remote } : {}) });
+      const name = channelName(role, channelId);
+      this.report({
+        reason: 'extra',
+        error: new TransportError('channel-order', `the ${name} channel was taken by another connection before this one qualified`, { channel: name }),
+        ...(c.remote ? { remote: c.remote } : {}),
+      });
     }
   }
 

@@ -1,20 +1,30 @@
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import { TransportError } from './errors.js';
+import { TransportError, type ChannelName } from './errors.js';
 import { unackedBytes } from './kernel-queue.js';
 import { SendQueue } from './send-queue.js';
 import { classifyTlsError } from './tls.js';
 import { setNotSentLowat, type EffectiveTuning } from './tuning.js';
 
-export type ChannelRole = 'main' | 'preempt';
+/**
+ * What a channel carries: the main stream (and the return path), urgent
+ * postcopy pages (preempt), or one of QEMU's multifd channels (bulk pages in
+ * packets; several, told apart by their id).
+ */
+export type ChannelRole = 'main' | 'preempt' | 'multifd';
+
+/** A channel's name in errors and stats: its role, and a multifd channel's id (`multifd-3`). */
+export function channelName(role: ChannelRole, id?: number): ChannelName {
+  return role === 'multifd' ? `multifd-${id ?? 0}` : role;
+}
 
 /** Limits of one channel's user-space buffering. */
 export interface ChannelLimits {
   /**
    * Most bytes held in user space for this channel (our queue plus the
    * socket's own write buffer); `send()` waits beyond it. Default: main 8 MiB,
-   * preempt 256 KiB.
+   * preempt 256 KiB, multifd as main.
    */
   readonly maxQueuedBytes?: number;
   /**
@@ -45,6 +55,8 @@ export interface ChannelLimits {
 
 export interface ChannelStats {
   role: ChannelRole;
+  /** A multifd channel's id (QEMU's channel number, 0-based). */
+  id?: number;
   bytesSent: number;
   bytesReceived: number;
   /** Bytes in user space right now (our queue + the socket's write buffer). */
@@ -99,20 +111,28 @@ export class Channel extends EventEmitter<ChannelEvents> {
   private bulkSinceYield = 0;
   private bulkYieldBytes = YIELD_EVERY_BYTES;
   private roomWaiters: (() => void)[] = [];
+  /** How errors name this channel (`main`, `preempt`, `multifd-N`). */
+  readonly name: ChannelName;
 
   constructor(
     readonly socket: Socket | TLSSocket,
     readonly role: ChannelRole,
     tuning: EffectiveTuning,
     limits: ChannelLimits = {},
+    /** A multifd channel's id. */
+    readonly id?: number,
   ) {
     super();
-    this.maxQueued = limits.maxQueuedBytes ?? (role === 'main' ? 8 << 20 : 256 << 10);
-    this.socketBudget = limits.socketBufferBytes ?? (role === 'main' ? 1 << 20 : 0);
+    const bulk = role !== 'preempt';
+    this.name = channelName(role, id);
+    this.maxQueued = limits.maxQueuedBytes ?? (bulk ? 8 << 20 : 256 << 10);
+    this.socketBudget = limits.socketBufferBytes ?? (bulk ? 1 << 20 : 0);
     this.bulkWindow = limits.bulkWindowBytes ?? 256 << 10;
     const tlsSock = socket as TLSSocket;
+    const name = this.name;
     this.s = {
       role,
+      ...(id !== undefined ? { id } : {}),
       bytesSent: 0,
       bytesReceived: 0,
       queuedBytes: 0,
@@ -130,11 +150,11 @@ export class Channel extends EventEmitter<ChannelEvents> {
     // A peer host that vanishes without a FIN or RST is found even when we only wait for it.
     socket.setKeepAlive(true, 10_000);
     socket.on('drain', this.afterWrite);
-    socket.on('error', (e) => this.fail(classifySocketError(e, role)));
+    socket.on('error', (e) => this.fail(classifySocketError(e, name)));
     socket.on('end', () => this.emit('end'));
     socket.on('close', () => {
       this.closed = true;
-      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', { channel: role }));
+      if (!this.failure && !this.queue.empty) this.fail(new TransportError('closed', 'socket closed with data still queued', { channel: name }));
       this.releaseAll();
       this.emit('close');
     });
@@ -170,7 +190,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   whenBulkRoom(): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', { channel: this.role }));
+    if (this.isClosed) return Promise.reject(new TransportError('closed', 'channel closed', { channel: this.name }));
     if (this.bulkSinceYield >= this.bulkYieldBytes && this.queuedBytes < this.bulkWindow) {
       return new Promise((resolve) =>
         setImmediate(() => {
@@ -183,7 +203,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (this.queuedBytes < this.bulkWindow) return Promise.resolve();
     this.s.bulkWaits++;
     return new Promise((resolve, reject) => {
-      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
+      this.roomWaiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.name })) : resolve()));
     });
   }
 
@@ -226,7 +246,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   send(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);
-    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.role }));
+    if (this.isClosed) return Promise.reject(new TransportError('write-after-close', 'channel is closed', { channel: this.name }));
     const bytes = this.enqueue(pieces, priority, written);
     if (this.queuedBytes <= this.maxQueued) {
       // Resolving as a microtask every time would let a producer that only
@@ -239,7 +259,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     }
     this.s.writeWaits++;
     return new Promise((resolve, reject) => {
-      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.role })) : resolve()));
+      this.waiters.push(() => (this.failure ? reject(this.failure) : this.isClosed ? reject(new TransportError('closed', 'channel closed', { channel: this.name })) : resolve()));
     });
   }
 
@@ -251,7 +271,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
    */
   push(pieces: readonly Uint8Array[], priority: 'urgent' | 'bulk' = 'bulk', written?: () => void): number {
     if (this.failure) throw this.failure;
-    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', { channel: this.role });
+    if (this.isClosed) throw new TransportError('write-after-close', 'channel is closed', { channel: this.name });
     const bytes = this.enqueue(pieces, priority, written);
     if (priority === 'bulk') this.bulkSinceYield += bytes;
     return bytes;
@@ -373,7 +393,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
     if (this.queue.empty && this.socket.writableLength === 0) return;
     await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
     if (this.failure) throw this.failure;
-    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', { channel: this.role });
+    if (!this.queue.empty) throw new TransportError('closed', 'channel closed before its data was sent', { channel: this.name });
   }
 
   /**
@@ -387,7 +407,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
       await Promise.race([
         this.flush(),
         new Promise<void>((_, reject) => {
-          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, { channel: this.role })), timeoutMs);
+          timer = setTimeout(() => reject(new TransportError('closed', `data still queued after ${timeoutMs} ms`, { channel: this.name })), timeoutMs);
         }),
       ]).finally(() => clearTimeout(timer));
     } catch {
@@ -406,7 +426,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
   /** Tears the socket down now; `reason` becomes the channel's error (if it is the first). */
   destroy(reason?: unknown): void {
     if (reason !== undefined && !this.failure) {
-      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, channel: this.role }));
+      this.fail(reason instanceof TransportError ? reason : new TransportError('closed', reason instanceof Error ? reason.message : String(reason), { cause: reason, channel: this.name }));
     }
     this.socket.destroy();
   }
@@ -421,7 +441,7 @@ export class Channel extends EventEmitter<ChannelEvents> {
 }
 
 /** Maps a socket error to a TransportError code. */
-export function classifySocketError(e: unknown, channel?: ChannelRole): TransportError {
+export function classifySocketError(e: unknown, channel?: ChannelName): TransportError {
   if (e instanceof TransportError) return e;
   const code = (e as NodeJS.ErrnoException | undefined)?.code;
   const msg = e instanceof Error ? e.message : String(e);

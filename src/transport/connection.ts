@@ -2,13 +2,15 @@ import { EventEmitter } from 'node:events';
 import type net from 'node:net';
 import type tls from 'node:tls';
 import { Admission, describeBytes, type FirstBytesJudgement } from './admission.js';
-import { Channel, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
+import { Channel, channelName, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from './endpoint.js';
+import { MultifdChannels } from './multifd-channels.js';
 import { TransportError } from './errors.js';
 import { loadTlsDir, type TlsMaterial } from './pki.js';
 import {
   DEFAULT_MAX_PENDING_CONNECTIONS,
   DEFAULT_QUALIFY_TIMEOUT_MS,
+  judgeMainOrMultifd,
   judgeMainStart,
   judgePreemptStart,
   type ChannelStart,
@@ -39,6 +41,8 @@ export interface TransportOptions extends QualifyOptions {
   readonly tls?: Omit<TlsSettings, 'endpoint'>;
   readonly main?: ChannelOptions;
   readonly preempt?: ChannelOptions;
+  /** Options of every multifd channel (defaults as main's). */
+  readonly multifd?: ChannelOptions;
   /** TCP connect plus TLS handshake, per channel (default 10 s). */
   readonly connectTimeoutMs?: number;
 }
@@ -49,7 +53,7 @@ function qualifyTimeout(opts: TransportOptions): number {
 }
 
 function limitsFor(role: ChannelRole, opts: TransportOptions): ChannelLimits {
-  return (role === 'main' ? opts.main : opts.preempt) ?? {};
+  return (role === 'main' ? opts.main : role === 'multifd' ? opts.multifd : opts.preempt) ?? {};
 }
 
 /**
@@ -57,15 +61,15 @@ function limitsFor(role: ChannelRole, opts: TransportOptions): ChannelLimits {
  * that even the handshake runs with the channel's options), then TLS when
  * configured, resuming from `sessions`.
  */
-async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: TransportOptions, material: TlsMaterial | undefined, sessions: TlsSessionCache): Promise<Channel> {
+async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: TransportOptions, material: TlsMaterial | undefined, sessions: TlsSessionCache, id?: number): Promise<Channel> {
   let tuning: EffectiveTuning | undefined;
   const { socket } = await connect(ep, {
     timeoutMs: opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS,
-    role,
+    role: channelName(role, id),
     beforeHandshake: (raw) => (tuning = tuneChannel(raw, role, 'source', ep.kind, opts)),
     ...(material && opts.tls ? { tls: { material, settings: { ...opts.tls, endpoint: 'client' }, sessions } } : {}),
   });
-  return new Channel(socket, role, tuning!, limitsFor(role, opts));
+  return new Channel(socket, role, tuning!, limitsFor(role, opts), id);
 }
 
 /**
@@ -75,9 +79,18 @@ async function openClientChannel(ep: Endpoint, role: ChannelRole, opts: Transpor
  * channels apart by arrival, so the preempt channel must only be connected once
  * the main channel is established (QEMU waits for the first PONG; the session
  * layer does the same before calling `connectPreempt`).
+ *
+ * QEMU's multifd channels (`connectMultifd`) are dialed once the main
+ * channel is established, before anything is written on it: a QEMU 10
+ * destination with TLS tells channels apart by order only (the first
+ * connection whose handshake completes is main), and starts reading main
+ * only once every multifd channel has connected. The preempt channel, when
+ * there is one, comes after them all (QEMU 10.1's order).
  */
 export class SourceConnection {
   preempt: Channel | undefined;
+  /** The multifd channels, by id (empty without multifd). */
+  multifd: readonly Channel[] = [];
 
   private constructor(
     readonly endpoint: Endpoint,
@@ -109,18 +122,56 @@ export class SourceConnection {
     return ch;
   }
 
-  stats(): { main: ChannelStats; preempt?: ChannelStats } {
-    return { main: this.main.stats, ...(this.preempt ? { preempt: this.preempt.stats } : {}) };
+  /**
+   * Connects `count` multifd channels (ids 0 … count−1) at once, each TLS
+   * when configured (resuming the main channel's session). All or none: when
+   * one fails, the others are closed and its error (naming the channel,
+   * `multifd-N`) is thrown. Refused while the main channel is not
+   * established, or once multifd channels exist.
+   *
+   * `opened` is called with each channel as soon as it is established, before
+   * the others are: its first bytes must go at once (QEMU's multifd_send_thread
+   * sends the init message first thing). A QEMU 10 destination over TLS reads
+   * a channel's init message as soon as its handshake completes, and its main
+   * loop waits on that read, handshakes of the other channels included.
+   */
+  async connectMultifd(count: number, opened?: (ch: Channel) => void): Promise<readonly Channel[]> {
+    if (this.multifd.length > 0) throw new TransportError('channel-order', 'the multifd channels are already connected', { channel: 'multifd-0' });
+    if (this.main.isClosed) throw new TransportError('channel-order', 'multifd channels need an established main channel', { channel: 'multifd-0' });
+    const dialed = await Promise.allSettled(
+      Array.from({ length: count }, async (_, id) => {
+        const ch = await openClientChannel(this.endpoint, 'multifd', this.opts, this.material, this.sessions, id);
+        opened?.(ch);
+        return ch;
+      }),
+    );
+    const failed = dialed.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    const channels = dialed.filter((r): r is PromiseFulfilledResult<Channel> => r.status === 'fulfilled').map((r) => r.value);
+    if (failed || this.main.isClosed) {
+      for (const ch of channels) ch.destroy();
+      throw failed ? (failed.reason as unknown) : new TransportError('closed', 'the main channel closed while the multifd channels connected', { channel: 'main' });
+    }
+    this.multifd = channels;
+    return channels;
   }
 
-  /** Flushes and closes both channels. */
+  stats(): { main: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] } {
+    return {
+      main: this.main.stats,
+      ...(this.preempt ? { preempt: this.preempt.stats } : {}),
+      ...(this.multifd.length > 0 ? { multifd: this.multifd.map((c) => c.stats) } : {}),
+    };
+  }
+
+  /** Flushes and closes every channel. */
   async close(): Promise<void> {
-    await Promise.allSettled([this.main.close(), this.preempt?.close()]);
+    await Promise.allSettled([this.main.close(), this.preempt?.close(), ...this.multifd.map((c) => c.close())]);
   }
 
   destroy(reason?: unknown): void {
     this.main.destroy(reason);
     this.preempt?.destroy(reason);
+    for (const c of this.multifd) c.destroy(reason);
   }
 }
 
@@ -132,6 +183,8 @@ export class DestinationConnection {
     readonly main: Channel,
     /** @internal how many connections may still turn out to be the (silent) preempt channel. */
     private readonly candidates: () => number = () => 0,
+    /** The multifd channels (a listener for `multifd`): all of them come before processing starts. */
+    readonly multifd?: MultifdChannels,
   ) {}
 
   /** @internal plain-TCP connections that may still turn out to be the (silent) preempt channel. */
@@ -170,17 +223,22 @@ export class DestinationConnection {
     for (const w of this.preemptWaiters.splice(0)) w.reject(e);
   }
 
-  stats(): { main: ChannelStats; preempt?: ChannelStats } {
-    return { main: this.main.stats, ...(this.preemptChannel ? { preempt: this.preemptChannel.stats } : {}) };
+  stats(): { main: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] } {
+    return {
+      main: this.main.stats,
+      ...(this.preemptChannel ? { preempt: this.preemptChannel.stats } : {}),
+      ...(this.multifd ? { multifd: this.multifd.list().map((c) => c.stats) } : {}),
+    };
   }
 
   async close(): Promise<void> {
-    await Promise.allSettled([this.main.close(), this.preemptChannel?.close()]);
+    await Promise.allSettled([this.main.close(), this.preemptChannel?.close(), ...(this.multifd?.list().map((c) => c.close()) ?? [])]);
   }
 
   destroy(reason?: unknown): void {
     this.main.destroy(reason);
     this.preemptChannel?.destroy(reason);
+    this.multifd?.destroy(reason);
   }
 }
 
@@ -192,6 +250,13 @@ export interface ListenOptions {
    * recovery's first command, or 'any' (roles by order, no byte checked).
    */
   readonly start?: ChannelStart;
+  /**
+   * QEMU's multifd (`multifd` capability, `multifd-channels` N): besides the
+   * main channel, N multifd channels, told apart from it by their first bytes
+   * (see qualify.ts), each by the id of its init message; a preempt channel
+   * (QEMU 10.1's order) only after all of them. With `start: 'stream'` only.
+   */
+  readonly multifd?: { readonly channels: number; /** 16 bytes; default zeros (QEMU without -uuid). */ readonly uuid?: Uint8Array };
 }
 
 interface ListenerEvents {
@@ -199,6 +264,7 @@ interface ListenerEvents {
   stranger: [StrangerEvent];
   main: [Channel];
   preempt: [Channel];
+  multifd: [Channel];
 }
 
 /**
@@ -216,6 +282,8 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
   private acceptWaiters: { resolve: (c: DestinationConnection) => void; reject: (e: TransportError) => void }[] = [];
   private closing = false;
   private readonly admission: Admission;
+  /** The multifd channels, which may qualify before the main channel. */
+  private readonly multifd: MultifdChannels | undefined;
 
   private constructor(
     private readonly listening: Listening,
@@ -223,11 +291,14 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     private readonly listenOpts: ListenOptions,
   ) {
     super();
+    const m = listenOpts.multifd;
+    this.multifd = m ? new MultifdChannels(m.channels, m.uuid ?? new Uint8Array(16)) : undefined;
     this.admission = new Admission(
       {
-        offer: () => (this.conn?.preempt ? undefined : this.conn ? 'preempt' : 'main'),
+        // Until main and every multifd channel are in, a connection may be any of them (its bytes tell).
+        offer: () => (this.conn?.preempt ? undefined : this.conn && this.allBulkIn ? 'preempt' : 'main'),
         judge: (role, secure) => this.judge(role, secure),
-        take: (role, s) => this.take(role, s),
+        take: (role, s, _raw, id) => this.take(role, s, id),
       },
       {
         maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS,
@@ -243,6 +314,12 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
 
   static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}): Promise<MigrationListener> {
     const ep = parseEndpoint(uri);
+    const m = listenOpts.multifd;
+    if (m !== undefined) {
+      if (!Number.isInteger(m.channels) || m.channels < 1 || m.channels > 255) throw new RangeError(`multifd.channels must be an integer from 1 to 255, got ${String(m.channels)}`);
+      if (m.uuid !== undefined && m.uuid.length !== 16) throw new RangeError(`multifd.uuid must have 16 bytes, got ${m.uuid.length}`);
+      if ((listenOpts.start ?? 'stream') !== 'stream') throw new RangeError('multifd needs a listener for a new stream (start: "stream")');
+    }
     for (const [name, v, min] of [
       ['maxPendingConnections', opts.maxPendingConnections, 1],
       ['qualifyTimeoutMs', opts.qualifyTimeoutMs, 1],
@@ -271,12 +348,39 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     return this.admission.size;
   }
 
+  /** Main and every multifd channel have qualified (no multifd: main alone). */
+  private get allBulkIn(): boolean {
+    return this.conn !== undefined && (this.multifd?.complete ?? true);
+  }
+
   /** What qualifies a candidate for `role` (see qualify.ts). */
   private judge(role: ChannelRole, secure: boolean): ((seen: Buffer) => FirstBytesJudgement) | undefined {
     const start = this.listenOpts.start ?? 'stream';
     if (start === 'any') return undefined;
     // With TLS the preempt channel is taken by order: only a peer holding a certificate of our CA gets there.
     if (role === 'preempt' && secure) return undefined;
+    const multifd = this.multifd;
+    if (role === 'main' && multifd) {
+      return (seen) => {
+        const j = judgeMainOrMultifd(seen, { channels: multifd.expected, uuid: multifd.uuid, taken: (id) => multifd.has(id) });
+        switch (j.verdict) {
+          case 'more':
+            return j;
+          case 'main':
+            return { verdict: 'yes', role: 'main' };
+          case 'multifd':
+            return { verdict: 'yes', role: 'multifd', channelId: j.id };
+          case 'bad-init': {
+            const ch = { channel: j.id !== undefined ? channelName('multifd', j.id) : ('multifd' as const) };
+            return j.taken
+              ? { verdict: 'no', reason: 'extra', error: new TransportError('channel-order', j.why, ch) }
+              : { verdict: 'no', reason: 'not-migration', error: new TransportError('bad-multifd-init', j.why, ch) };
+          }
+          case 'no':
+            return { verdict: 'no', reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are neither the migration stream magic QEVM nor a multifd channel's 0x11223344`) };
+        }
+      };
+    }
     if (role === 'main') {
       return (seen) => {
         const verdict = judgeMainStart(start, seen);
@@ -300,15 +404,22 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
   }
 
   /** A connection qualified for `role`: it becomes that channel, unless the role was taken meanwhile. */
-  private take(role: ChannelRole, s: net.Socket | tls.TLSSocket): boolean {
-    if (role === 'main' ? this.conn !== undefined : this.conn === undefined || this.conn.preempt !== undefined) return false;
+  private take(role: ChannelRole, s: net.Socket | tls.TLSSocket, channelId?: number): boolean {
+    if (role === 'multifd') {
+      const m = this.multifd;
+      if (!m || channelId === undefined || m.has(channelId)) return false;
+      const ch = new Channel(s, 'multifd', tuneChannel(s, 'multifd', 'destination', this.endpoint.kind, this.opts), limitsFor('multifd', this.opts), channelId);
+      m.add(channelId, ch);
+      this.bulkArrived();
+      this.emit('multifd', ch);
+      return true;
+    }
+    if (role === 'main' ? this.conn !== undefined : !this.allBulkIn || this.conn!.preempt !== undefined) return false;
     const tuning = tuneChannel(s, role, 'destination', this.endpoint.kind, this.opts);
     const ch = new Channel(s, role, tuning, limitsFor(role, this.opts));
     if (role === 'main') {
-      this.conn = new DestinationConnection(ch, () => this.admission.count('preempt'));
-      // Connections that came before the main channel spoke are not the preempt channel: QEMU's
-      // source opens that one only after its main channel has been answered (PONG 1).
-      this.admission.dropAll('another connection became the main channel');
+      this.conn = new DestinationConnection(ch, () => this.admission.count('preempt'), this.multifd);
+      this.bulkArrived();
       for (const w of this.acceptWaiters.splice(0)) w.resolve(this.conn);
       this.emit('main', ch);
     } else {
@@ -327,8 +438,25 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
   }
 
   /**
+   * Main, or a multifd channel, qualified: once they all are in, candidates
+   * still waiting are dropped — connections that came before the last of them
+   * spoke are not the preempt channel: QEMU's source opens that one only after
+   * its main channel has been answered (PONG 1).
+   */
+  private bulkArrived(): void {
+    if (!this.allBulkIn) return;
+    this.admission.dropAll(this.multifd ? 'the main channel and every multifd channel are connected' : 'another connection became the main channel');
+  }
+
+  /** The multifd channels (a listener for `multifd`), including those in before the main channel. */
+  get multifdChannels(): MultifdChannels | undefined {
+    return this.multifd;
+  }
+
+  /**
    * Stops listening and drops every connection still waiting to qualify.
-   * Channels that qualified stay open (close them through the connection).
+   * Channels that qualified stay open (close them through the connection);
+   * multifd channels in while no main channel came are closed here.
    */
   close(): void {
     if (this.closing) return;
@@ -337,6 +465,8 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
     this.admission.close();
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);
+    this.multifd?.abandon(e);
+    if (!this.conn) this.multifd?.destroy();
     // net.Server.close() calls back only once every accepted socket has ended: do not wait for it.
     this.listening.server.close();
   }

@@ -24,8 +24,16 @@ export type TransportErrorCode =
   | 'not-a-migration-channel' // a connection whose first bytes are not a migration channel's
   | 'qualify-timeout' // a connection that did not qualify as a channel in time
   | 'too-many-connections' // more connections waiting to qualify than allowed
-  | 'channel-order' // a channel used before its turn (preempt before main)
+  | 'channel-order' // a channel used before its turn (preempt before main), or a role already taken (a multifd id twice)
+  | 'bad-multifd-init' // a multifd channel's init message this listener refuses (version, UUID, channel id ≥ multifd-channels)
   | 'write-after-close';
+
+/**
+ * A channel as errors and stats name it: the main channel, the preempt
+ * channel, multifd channel N (`multifd-0` … `multifd-254`, QEMU's id), or
+ * `multifd` for one whose id is not known yet (before its init message).
+ */
+export type ChannelName = 'main' | 'preempt' | 'multifd' | `multifd-${number}`;
 
 /** The one error class of src/transport. `cause` keeps the system or OpenSSL error. */
 export class TransportError extends QmtError {
@@ -34,9 +42,9 @@ export class TransportError extends QmtError {
   readonly family = 'transport';
   readonly code: TransportErrorCode;
   /** Which channel failed, when it is known. */
-  readonly channel: 'main' | 'preempt' | undefined;
+  readonly channel: ChannelName | undefined;
 
-  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: 'main' | 'preempt' } = {}) {
+  constructor(code: TransportErrorCode, message: string, opts: { cause?: unknown; channel?: ChannelName } = {}) {
     super(message, { cause: opts.cause });
     this.code = code;
     this.channel = opts.channel;

@@ -37,6 +37,21 @@
  *   never the preempt channel: QEMU's source opens it only after PONG 1, so
  *   after its main channel has spoken.
  *
+ * - multifd channels (a listener for `multifd: { channels: N }`): QEMU 10.0
+ *   peeks 4 bytes when it can (plain TCP/unix): "QEVM" is the main channel,
+ *   anything else a multifd channel, whose 64-byte init message then gives
+ *   its id (multifd.c `multifd_recv_initial_packet`); under TLS it goes by
+ *   order. We judge by content on both: "QEVM" → main, the multifd magic
+ *   0x11223344 → a multifd channel once its whole init message is in and
+ *   agrees (version 1, our UUID, an id below N that no other channel holds);
+ *   under TLS after the handshake, like the main channel. Content agrees
+ *   with QEMU's order for a real source and keeps strangers out of the N
+ *   slots. A wrong version, UUID or id is a stranger ('not-migration',
+ *   `bad-multifd-init`); a second connection with a taken id is one too
+ *   ('extra'). Until main and every multifd channel are in, a connection may
+ *   be any of them; the preempt channel (10.1's order: multifd with postcopy)
+ *   is offered only after all of them.
+ *
  * Bounds: at most `maxPendingConnections` connections wait to qualify (at
  * the bound the oldest makes room: a real main channel speaks within
  * milliseconds, so silent connections cannot hold the port); each has
@@ -144,4 +159,62 @@ export function judgePreemptStart(b: Uint8Array): FirstBytesVerdict {
   if (flags !== RamFlag.PAGE && flags !== RamFlag.ZERO) return 'no';
   if (b.length < 9) return 'more';
   return b[8]! > 0 ? 'yes' : 'no';
+}
+
+/** What a multifd listener expects of a channel's init message. */
+export interface MultifdExpectation {
+  /** multifd-channels: ids 0 … channels − 1. */
+  readonly channels: number;
+  /** The 16-byte UUID the source must send (QEMU's `-uuid`; zeros by default). */
+  readonly uuid: Uint8Array;
+  /** Whether channel `id` is already connected. */
+  taken(id: number): boolean;
+}
+
+/** The verdict on a connection of a multifd listener that may be main or a multifd channel. */
+export type MultifdStartVerdict =
+  | { verdict: 'more' }
+  | { verdict: 'main' }
+  | { verdict: 'multifd'; id: number }
+  /** Neither magic: not a channel of this migration. */
+  | { verdict: 'no' }
+  /** The multifd magic, but an init message this listener refuses (`taken`: a second channel with that id). */
+  | { verdict: 'bad-init'; why: string; id?: number; taken?: boolean };
+
+// multifd.c MULTIFD_MAGIC / MULTIFD_VERSION / sizeof(MultiFDInit_t)
+const MULTIFD_MAGIC = 0x11223344;
+const MULTIFD_VERSION = 1;
+const MULTIFD_INIT_BYTES = 64;
+const MULTIFD_MAGIC_BYTES = [(MULTIFD_MAGIC >>> 24) & 0xff, (MULTIFD_MAGIC >>> 16) & 0xff, (MULTIFD_MAGIC >>> 8) & 0xff, MULTIFD_MAGIC & 0xff];
+
+function hex(b: Uint8Array): string {
+  return Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex');
+}
+
+/**
+ * Main channel ("QEVM") or multifd channel (magic 0x11223344, then the rest
+ * of its 64-byte init message checked against `m`), by the first bytes.
+ */
+export function judgeMainOrMultifd(b: Uint8Array, m: MultifdExpectation): MultifdStartVerdict {
+  const n = Math.min(b.length, 4);
+  let main = true;
+  let multifd = true;
+  for (let i = 0; i < n; i++) {
+    if (b[i] !== MAGIC[i]) main = false;
+    if (b[i] !== MULTIFD_MAGIC_BYTES[i]) multifd = false;
+  }
+  if (!main && !multifd) return { verdict: 'no' };
+  if (b.length < 4) return { verdict: 'more' };
+  if (main) return { verdict: 'main' };
+  if (b.length < MULTIFD_INIT_BYTES) return { verdict: 'more' };
+  const version = ((b[4]! << 24) | (b[5]! << 16) | (b[6]! << 8) | b[7]!) >>> 0;
+  if (version !== MULTIFD_VERSION) return { verdict: 'bad-init', why: `multifd init message version ${version}, expected ${MULTIFD_VERSION}` };
+  const uuid = b.subarray(8, 24);
+  for (let i = 0; i < 16; i++) {
+    if (uuid[i] !== (m.uuid[i] ?? 0)) return { verdict: 'bad-init', why: `multifd init message for UUID ${hex(uuid)}, this migration's is ${hex(m.uuid)}` };
+  }
+  const id = b[24]!;
+  if (id >= m.channels) return { verdict: 'bad-init', id, why: `multifd channel id ${id}, but this migration has ${m.channels} channel(s) (ids 0 to ${m.channels - 1})` };
+  if (m.taken(id)) return { verdict: 'bad-init', id, taken: true, why: `a second connection for multifd channel ${id}` };
+  return { verdict: 'multifd', id };
 }

@@ -12,7 +12,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { classifySocketError, type ChannelRole } from './channel.js';
 import { formatEndpoint, type Endpoint } from './endpoint.js';
-import { TransportError } from './errors.js';
+import { TransportError, type ChannelName } from './errors.js';
 import type { TlsMaterial } from './pki.js';
 import { checkAllowedPeer, classifyTlsError, clientTlsOptions, latestSession, secureConnect, serverTlsOptions, type TlsSettings } from './tls.js';
 import { BULK_PROFILE, URGENT_PROFILE, applyTuning, mergeProfile, type EffectiveTuning, type TuningProfile } from './tuning.js';
@@ -30,7 +30,7 @@ export interface DialOptions {
   /** Keep the socket writable after the peer's FIN (a relay forwards the half-close). */
   readonly allowHalfOpen?: boolean;
   /** Named in errors. */
-  readonly role?: ChannelRole;
+  readonly role?: ChannelName;
   /** Connect this socket (made earlier, its listeners in place) instead of a new one; `allowHalfOpen` is then its own. */
   readonly socket?: net.Socket;
 }
@@ -91,7 +91,7 @@ export function dial(ep: Endpoint, opts: DialOptions = {}): Dialing {
  * error says). `allowHalfOpen`: keep the socket writable after the peer's
  * FIN (a relay forwards the half-close).
  */
-export function connectSocket(ep: Endpoint, role: ChannelRole | undefined, timeoutMs: number, opts: { allowHalfOpen?: boolean } = {}): Promise<net.Socket> {
+export function connectSocket(ep: Endpoint, role: ChannelName | undefined, timeoutMs: number, opts: { allowHalfOpen?: boolean } = {}): Promise<net.Socket> {
   return dial(ep, { timeoutMs, ...(role ? { role } : {}), ...(opts.allowHalfOpen !== undefined ? { allowHalfOpen: opts.allowHalfOpen } : {}) }).connected;
 }
 
@@ -131,7 +131,7 @@ export interface TlsClientSpec {
  * `tls-hostname` or the URI host, resumption from `spec.sessions`, the
  * allow-list. Every failure is a typed TransportError and destroys both sockets.
  */
-export async function connectTls(raw: net.Socket, ep: Endpoint, role: ChannelRole | undefined, spec: TlsClientSpec, timeoutMs: number): Promise<tls.TLSSocket> {
+export async function connectTls(raw: net.Socket, ep: Endpoint, role: ChannelName | undefined, spec: TlsClientSpec, timeoutMs: number): Promise<tls.TLSSocket> {
   let opts: tls.ConnectionOptions;
   try {
     opts = clientTlsOptions(spec.material, spec.settings, ep.kind === 'tcp' ? ep.host : undefined, spec.sessions?.ticket);
@@ -248,6 +248,7 @@ export async function removeStaleSocket(path: string): Promise<void> {
 export interface ChannelTuningOptions {
   readonly main?: { readonly tuning?: Partial<TuningProfile> };
   readonly preempt?: { readonly tuning?: Partial<TuningProfile> };
+  readonly multifd?: { readonly tuning?: Partial<TuningProfile> };
 }
 
 /**
@@ -258,6 +259,8 @@ export interface ChannelTuningOptions {
  */
 export function channelProfile(role: ChannelRole, side: 'source' | 'destination', opts: ChannelTuningOptions = {}): TuningProfile {
   if (role === 'preempt') return mergeProfile(URGENT_PROFILE, opts.preempt?.tuning);
+  // A multifd channel carries bulk pages one way: the bulk profile on both sides.
+  if (role === 'multifd') return mergeProfile(BULK_PROFILE, opts.multifd?.tuning);
   const base = side === 'destination' ? mergeProfile(BULK_PROFILE, { noDelay: true, cork: false }) : BULK_PROFILE;
   return mergeProfile(base, opts.main?.tuning);
 }

@@ -12,11 +12,11 @@
 import type { X509Certificate } from 'node:crypto';
 import { isIP, type Socket } from 'node:net';
 import tls from 'node:tls';
-import { TransportError, type TransportErrorCode } from './errors.js';
+import { TransportError, type ChannelName, type TransportErrorCode } from './errors.js';
 import type { TlsMaterial } from './pki.js';
 
 export type TlsVersion = 'TLSv1.2' | 'TLSv1.3';
-export type TlsChannel = 'main' | 'preempt';
+export type TlsChannel = ChannelName;
 
 /** One endpoint's TLS configuration, as QEMU's creds object plus the migration parameters. */
 export interface TlsSettings {

@@ -17,6 +17,8 @@ export interface DirtyingGuestOptions {
   hot: { start: number; end: number };
   pagesPerTick: number;
   tickMs: number;
+  /** RAM and dirty bitmap in SharedArrayBuffers: what the source's channel threads read directly (issue 13). */
+  shared?: boolean;
 }
 
 export class DirtyingGuest {
@@ -30,7 +32,7 @@ export class DirtyingGuest {
     if (opts.ramBytes % PAGE !== 0 || opts.hot.start % PAGE !== 0 || opts.hot.end > opts.ramBytes || opts.hot.start >= opts.hot.end) {
       throw new Error(`bad guest layout: ${JSON.stringify(opts)}`);
     }
-    this.source = new InMemorySource([{ idstr: BLOCK, length: opts.ramBytes }]);
+    this.source = new InMemorySource([{ idstr: BLOCK, length: opts.ramBytes }], { shared: opts.shared === true });
     const ram = this.ram;
     for (let p = 0; p < opts.ramBytes; p += 3 * PAGE) randomFillSync(ram, p, PAGE);
   }

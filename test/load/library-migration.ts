@@ -30,6 +30,12 @@ export interface LibraryMigrationSpec {
   mode: LibraryMode;
   /** A tls-creds-x509 directory (both ends use it: one CA), or undefined for plain TCP. */
   tlsDir: string | undefined;
+  /**
+   * Issue 13 (bench/load.bench.ts): both sessions' `threads` option, with guest
+   * RAM and the destination's sink in shared memory when not 'off'. Undefined:
+   * the library's default, memory not shared.
+   */
+  threads?: 'auto' | 'on' | 'off';
 }
 
 export interface LibraryOutcome {
@@ -52,6 +58,8 @@ export interface LibraryOutcome {
   /** Source: request read → the answer's last byte handed to the kernel; destination: request sent → page placed. µs. */
   latency: { source: LatencySummary; destination: LatencySummary };
   guestTicks: number;
+  /** What each session's stats say of threads (issue 13), when they say anything. */
+  threads?: { source: unknown; destination: unknown };
 }
 
 export interface PreparedLibraryMigration {
@@ -145,8 +153,11 @@ function firstDifference(a: Buffer, b: Buffer | undefined): number {
 export async function prepareLibraryMigration(spec: LibraryMigrationSpec, seed: number): Promise<PreparedLibraryMigration> {
   const ramBytes = spec.ramMiB * MiB;
   const postcopy = spec.mode !== 'precopy';
-  const guest = new DirtyingGuest({ ramBytes, hot: { start: ramBytes / 2, end: ramBytes / 2 + ramBytes / 4 }, pagesPerTick: 50, tickMs: 10 });
-  const sink = new InMemorySink();
+  const shared = spec.threads !== undefined && spec.threads !== 'off';
+  const guest = new DirtyingGuest({ ramBytes, hot: { start: ramBytes / 2, end: ramBytes / 2 + ramBytes / 4 }, pagesPerTick: 50, tickMs: 10, shared });
+  const sink = new InMemorySink({ shared });
+  // Spread: a tree without the option compiles and ignores it.
+  const threads = spec.threads ? { threads: spec.threads } : {};
   const transport: TransportOptions | undefined = spec.tlsDir ? { tls: { dir: spec.tlsDir } } : undefined;
   // TCP_NODELAY on the return path, as qmt receive: requests go out at once.
   const dst = await DestinationSession.listen({
@@ -155,6 +166,7 @@ export async function prepareLibraryMigration(spec: LibraryMigrationSpec, seed: 
     postcopy,
     idleTimeoutMs: 60_000,
     transport: { ...transport, main: { tuning: { noDelay: true } } },
+    ...threads,
   });
   const devs = devices(seed);
   const src = new SourceSession({
@@ -168,6 +180,7 @@ export async function prepareLibraryMigration(spec: LibraryMigrationSpec, seed: 
     downtimeLimitMs: 1,
     maxPasses: 3,
     stopVm: () => guest.stop(),
+    ...threads,
   });
   const demand: PageRequestResult[] = [];
   const faulting = postcopy ? faultTopDown(dst, ramBytes, 4, demand) : Promise.resolve();
@@ -202,6 +215,7 @@ export async function prepareLibraryMigration(spec: LibraryMigrationSpec, seed: 
         answered,
         latency: { source: source['postcopy-latency'], destination: destination.stats['postcopy-latency'] },
         guestTicks: guest.ticks,
+        threads: { source: (source as { threads?: unknown }).threads, destination: (destination.stats as { threads?: unknown }).threads },
       };
     } finally {
       guest.stop();

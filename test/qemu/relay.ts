@@ -450,6 +450,12 @@ export class MigrationRelay {
     this.perGeneration = 0;
   }
 
+  /** Resets one connection (RST on TCP, both sides), the others untouched: a single channel's failure. */
+  cutConnection(index: number): void {
+    const s = this.states.find((x) => x.info.index === index);
+    if (s && (!s.client.destroyed || !s.upstream.destroyed)) this.destroyConn(s, true);
+  }
+
   /** Connections with the given role (across generations unless `generation` is given). */
   byRole(role: RelayRole, generation?: number): RelayConnection[] {
     return this.connections.filter((c) => c.role === role && (generation === undefined || c.generation === generation));

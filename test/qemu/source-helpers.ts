@@ -146,7 +146,7 @@ export class EmulatedGuest {
 export async function startDestination(
   name: string,
   spec: GuestSpec,
-  opts: { postcopy: boolean; preempt: boolean; tlsDir?: string },
+  opts: { postcopy: boolean; preempt: boolean; tlsDir?: string; multifd?: number },
 ): Promise<{ q: QemuProcess; uri: string }> {
   const q = await startQemu({
     name,
@@ -156,8 +156,14 @@ export async function startDestination(
     incoming: true,
     extraArgs: opts.tlsDir ? tlsServerArgs(opts.tlsDir) : [],
   });
-  await q.setCapabilities({ events: true, ...(opts.postcopy ? { 'postcopy-ram': true } : {}), ...(opts.preempt ? { 'postcopy-preempt': true } : {}) });
+  await q.setCapabilities({
+    events: true,
+    ...(opts.postcopy ? { 'postcopy-ram': true } : {}),
+    ...(opts.preempt ? { 'postcopy-preempt': true } : {}),
+    ...(opts.multifd ? { multifd: true } : {}),
+  });
   if (opts.tlsDir) await q.setParameters({ 'tls-creds': 'tls0' });
+  if (opts.multifd) await q.setParameters({ 'multifd-channels': opts.multifd });
   // Stay alive when the incoming migration fails: its error is part of the report.
   await q.migrateIncoming('tcp:127.0.0.1:0', { 'exit-on-error': false });
   return { q, uri: `tcp:127.0.0.1:${await incomingPort(q)}` };

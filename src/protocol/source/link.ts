@@ -2,7 +2,9 @@ import { performance } from 'node:perf_hooks';
 import { ReturnPathDecoder } from '../../stream/return-path.js';
 import type { Channel } from '../../transport/channel.js';
 import type { SourceConnection } from '../../transport/connection.js';
+import { TransportError } from '../../transport/errors.js';
 import { MigrationError, type MigrationPhase } from '../errors.js';
+import { MultifdChannelSender, MultifdPacketBuilder, type MultifdPacketCounter } from './multifd.js';
 
 /** What a link reports to its session. */
 export interface LinkHooks {
@@ -17,6 +19,12 @@ export interface LinkHooks {
   phase(): MigrationPhase;
   /** From completion's last step on, the destination may close first. */
   over(): boolean;
+  /**
+   * The multifd channels' loss no longer matters: from LISTEN on they are
+   * idle (QEMU 10.1), and once everything is sent the destination closes them
+   * while finishing (QEMU does before its SHUT).
+   */
+  multifdIdle(): boolean;
 }
 
 /**
@@ -42,6 +50,14 @@ export class Link {
   private lastReqBlock: string | undefined;
   private readonly waiters = new Set<() => void>();
   private writeWatch: NodeJS.Timeout | undefined;
+  /** The multifd channels' senders, by id (empty without multifd). */
+  multifd: readonly MultifdChannelSender[] = [];
+  /** The packet being filled (one producer per link). */
+  readonly multifdPacket = new MultifdPacketBuilder();
+  /** Round-robin position: the channel the next packet tries first (QEMU's next_channel). */
+  multifdNext = 0;
+  /** Multifd bytes handed over since the producer last let I/O run. */
+  multifdSinceYield = 0;
 
   constructor(
     readonly conn: SourceConnection,
@@ -72,6 +88,42 @@ export class Link {
       if (this.shut !== 0) this.lost(e);
     });
     return ch;
+  }
+
+  /**
+   * Connects the multifd channels (after main, before anything is written on
+   * it) and writes each one's init message. A channel that fails or closes
+   * before the migration's end fails it, named (`multifd-N`); in postcopy
+   * they are idle and their loss is ignored.
+   */
+  async connectMultifd(count: number, packetNumbers: MultifdPacketCounter, uuid: Uint8Array | undefined): Promise<void> {
+    const senders: MultifdChannelSender[] = [];
+    const channels = await this.conn.connectMultifd(count, (ch) => {
+      // The init message at once, as each channel connects (see connectMultifd).
+      const sender = new MultifdChannelSender(ch.id!, ch, packetNumbers, uuid ? { uuid } : {});
+      sender.start();
+      senders[ch.id!] = sender;
+    });
+    if (this.dropped) {
+      for (const ch of channels) ch.destroy();
+      throw this.dropReason ?? new MigrationError('peer-disconnected', this.hooks.phase(), 'the connection was lost');
+    }
+    this.multifd = senders;
+    for (const ch of channels) {
+      // The producer yields for all channels together (multifd-pass.ts): a quantum per channel would skew the round-robin.
+      ch.setBulkYield(Number.POSITIVE_INFINITY);
+      const lost = (e: unknown): void => {
+        if (this.shut !== 0 && !this.hooks.multifdIdle()) this.lost(e);
+      };
+      ch.on('error', lost);
+      ch.on('close', () => {
+        if (this.hooks.over()) return;
+        const what = `the destination closed the ${ch.name} channel`;
+        lost(new MigrationError('peer-disconnected', this.hooks.phase(), what, { cause: new TransportError('closed', what, { channel: ch.name }) }));
+      });
+      // A destination sends nothing on a multifd channel; reading finds its FIN.
+      ch.read(() => undefined);
+    }
   }
 
   /** Drops the link: sockets destroyed, waits rejected with `reason`, handlers silenced. */
@@ -223,7 +275,7 @@ export class Link {
       () => {
         if (this.dropped || this.hooks.over()) return;
         const now = performance.now();
-        for (const ch of [this.main, this.preempt]) {
+        for (const ch of this.hooks.multifdIdle() ? [this.main, this.preempt] : [this.main, this.preempt, ...this.conn.multifd]) {
           if (!ch || ch.isClosed) continue;
           const waiting = ch.queuedBytes;
           const mark = `${ch.stats.bytesSent}/${ch.socket.writableLength}`;

@@ -45,6 +45,19 @@ export interface SourceOptions {
   switchoverStart?: boolean;
   /** The VM description sent after EOF in precopy; default: one generated from the device sizes. */
   vmdesc?: Uint8Array;
+  /**
+   * QEMU's multifd (capability `multifd`, parameter `multifd-channels` on a
+   * QEMU destination): `channels` connections (1–255) opened right after the
+   * main one carry the precopy pages in packets, zero pages in each packet's
+   * zero list; main carries the block list, a MULTIFD_FLUSH after each pass
+   * and the device state. `uuid`: QEMU's `-uuid` of the destination, which
+   * it checks in each channel's init message (16 bytes; default zeros, as a
+   * QEMU started without `-uuid`). With postcopy (library ↔ library only:
+   * QEMU 10.0 refuses multifd with postcopy; this follows QEMU 10.1) the
+   * channels are idle once postcopy starts and the preempt channel connects
+   * after them. Not with `xbzrleCacheBytes` (multifd sends whole pages).
+   */
+  multifd?: { readonly channels: number; readonly uuid?: Uint8Array };
   /** Bytes of page data per RAM PART section (default 8 MiB). */
   sectionBytes?: number;
   /**
@@ -77,6 +90,40 @@ export interface SourceOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * Bytes of guest pages a source may hold by reference, not yet handed to the
+ * kernel: the main channel's bound plus an encoder batch, and with multifd
+ * per channel its bulk window plus a packet beyond it (the producer is pulled
+ * by the windows) and one in the socket's hands. A memory source that
+ * recycles its buffers must keep pages valid for twice this.
+ */
+export function sourceUnsentBytes(o: Pick<SourceOptions, 'transport' | 'multifd'>): number {
+  const main = o.transport?.main;
+  let n = (main?.maxQueuedBytes ?? 8 << 20) + (main?.socketBufferBytes ?? 1 << 20) + (1 << 20);
+  if (o.multifd) n += o.multifd.channels * ((o.transport?.multifd?.bulkWindowBytes ?? 256 << 10) + 2 * MULTIFD_PACKET_BYTES);
+  return n;
+}
+
+/** A full multifd packet: its 1344-byte header and 128 pages. */
+const MULTIFD_PACKET_BYTES = 1344 + 128 * TARGET_PAGE_SIZE;
+
+/** Most multifd channels: QEMU's `multifd-channels` limit (the id is one byte). */
+export const MAX_MULTIFD_CHANNELS = 255;
+
+function checkMultifd(o: SourceOptions): void {
+  const m = o.multifd;
+  if (m === undefined) return;
+  if (typeof m !== 'object' || m === null) throw usageError('type', 'bad-option', 'multifd', 'multifd must be an object { channels, uuid? }');
+  const n = m.channels;
+  if (typeof n !== 'number' || !Number.isInteger(n) || n < 1 || n > MAX_MULTIFD_CHANNELS) {
+    throw usageError('range', 'bad-option', 'multifd.channels', `multifd.channels must be an integer from 1 to ${MAX_MULTIFD_CHANNELS}, got ${String(n)}`);
+  }
+  if (m.uuid !== undefined && (!(m.uuid instanceof Uint8Array) || m.uuid.length !== 16)) {
+    throw usageError('type', 'bad-option', 'multifd.uuid', 'multifd.uuid must be a Uint8Array of 16 bytes (QEMU\'s -uuid)');
+  }
+  if (o.xbzrleCacheBytes) throw usageError('type', 'bad-option', 'multifd', 'multifd and xbzrleCacheBytes do not go together: multifd packets carry whole pages');
+}
+
 export function validateSourceOptions(o: SourceOptions): void {
   if (typeof o !== 'object' || o === null) throw usageError('type', 'bad-option', 'options', 'SourceSession needs an options object');
   checkEndpoint(o.to, 'to');
@@ -95,6 +142,7 @@ export function validateSourceOptions(o: SourceOptions): void {
   checkNumber(o.xbzrleCacheBytes, 'xbzrleCacheBytes');
   checkNumber(o.sectionBytes, 'sectionBytes', { min: 1 });
   checkNumber(o.replyTimeoutMs, 'replyTimeoutMs', { min: 1 });
+  checkMultifd(o);
   if (o.recovery) {
     if (o.recovery.to !== undefined) checkEndpoint(o.recovery.to, 'recovery.to');
     checkNumber(o.recovery.initialDelayMs, 'recovery.initialDelayMs');

@@ -122,6 +122,12 @@ export class RamPages {
     return written;
   }
 
+  /** Marks `count` pages of `st` from `page` on as sent in precopy (multifd: the packet builder took them). */
+  markSent(st: BlockState, page: number, count: number): void {
+    st.toSend.clearRange(page, count);
+    st.sentOnce.setRange(page, count);
+  }
+
   /** Page-data bytes of the last `writeRun`. */
   runBytes = 0;
 

@@ -1,6 +1,7 @@
 import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
 import { MigrationError } from '../errors.js';
 import type { Link } from './link.js';
+import { sendMultifdPass } from './multifd-pass.js';
 import type { BlockState } from './pages.js';
 import type { SourceRun } from './run.js';
 
@@ -26,6 +27,8 @@ export interface PassOptions {
  */
 export async function sendPass(run: SourceRun, o: PassOptions): Promise<number> {
   const link = run.live;
+  // Precopy with multifd: pages in multifd packets, main carries the barriers only.
+  if (o.precopy && link.multifd.length > 0) return sendMultifdPass(run, o);
   const main = link.main;
   const budget = run.opts.sectionBytes ?? 8 << 20;
   const sectionId = run.ramSection.sectionId;

@@ -9,6 +9,7 @@ import { isNetworkFailure } from '../recovery.js';
 import { StallWatch } from '../stall-watch.js';
 import { XbzrleCache } from '../xbzrle-cache.js';
 import type { Link } from './link.js';
+import { MultifdPacketCounter } from './multifd.js';
 import type { SourceOptions } from './options.js';
 import { RamPages } from './pages.js';
 import { Requests } from './requests.js';
@@ -43,6 +44,8 @@ export class SourceRun {
   /** Postcopy: a link whose bytes stop moving is a partition (see replyTimeoutMs). */
   readonly stallWatch: StallWatch;
   readonly replyTimeoutMs: number;
+  /** QEMU's global multifd packet number (one for the migration, every channel drawing from it). */
+  readonly multifdPackets = new MultifdPacketCounter();
   postcopyRequested = false;
   /** A page request we refused (postcopy): the stream is ended at the next record boundary, then the migration fails with it. */
   refusal: MigrationError | undefined;
@@ -120,7 +123,7 @@ export class SourceRun {
 
   stats(): SourceStats {
     const l = this.link;
-    const channels = l ? { main: l.main.stats, ...(l.preempt ? { preempt: l.preempt.stats } : {}) } : {};
+    const channels = l ? l.conn.stats() : {};
     return buildStats(this.status, this.c, this.t, this.ram.remainingBytes(), this.latency.summary(), channels);
   }
 

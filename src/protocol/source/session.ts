@@ -3,7 +3,7 @@ import { usageError } from '../../errors.js';
 import { MigrationError, abortError, type MigrationPhase } from '../errors.js';
 import { completePrecopy, switchToPostcopy } from './switchover.js';
 import { finish, waitForShut } from './completion.js';
-import { validateSourceOptions, type SourceOptions } from './options.js';
+import { sourceUnsentBytes, validateSourceOptions, type SourceOptions } from './options.js';
 import { runPostcopy } from './postcopy.js';
 import { runPrecopy } from './precopy.js';
 import { SourceRun } from './run.js';
@@ -47,10 +47,10 @@ export class SourceSession extends EventEmitter<SourceEvents> {
     const policy = opts.postcopy ?? 'never';
     if (opts.preempt && policy === 'never') throw new TypeError('preempt needs a postcopy policy other than "never"');
     // Pages go out by reference: a source that recycles its buffers must outlast what we may hold unsent.
-    const main = opts.transport?.main;
-    const unsent = (main?.maxQueuedBytes ?? 8 << 20) + (main?.socketBufferBytes ?? 1 << 20) + (1 << 20); // + an encoder batch, with room
+    const unsent = sourceUnsentBytes(opts);
     if (opts.memory.reuseAfterBytes !== undefined && unsent > opts.memory.reuseAfterBytes / 2) {
-      throw new TypeError(`the guest-memory source recycles its buffers after ${opts.memory.reuseAfterBytes} bytes; the main channel may hold ${unsent} unsent: lower transport.main.maxQueuedBytes`);
+      const what = opts.multifd ? `the main and ${opts.multifd.channels} multifd channels` : 'the main channel';
+      throw new TypeError(`the guest-memory source recycles its buffers after ${opts.memory.reuseAfterBytes} bytes; ${what} may hold ${unsent} unsent: lower transport.main.maxQueuedBytes${opts.multifd ? ' or the multifd channels' : ''}`);
     }
     this.run = new SourceRun(opts, this);
     this.run.onFailed = (e) => {

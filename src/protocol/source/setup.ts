@@ -2,6 +2,7 @@ import { performance } from 'node:perf_hooks';
 import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
 import { SourceConnection } from '../../transport/connection.js';
 import { Link } from './link.js';
+import { writeMultifdBarrier } from './multifd-pass.js';
 import type { SourceRun } from './run.js';
 
 /** A new link on `conn`, wired to the run (requests, losses, fatal return-path errors). */
@@ -17,6 +18,7 @@ export function attachLink(run: SourceRun, conn: SourceConnection): Link {
       abortReason: () => run.failure ?? run.refusal,
       phase: () => run.phase,
       over: () => run.over,
+      multifdIdle: () => run.postcopy || run.state.kind === 'completing',
     },
     run.replyTimeoutMs,
   );
@@ -37,7 +39,10 @@ export async function runSetup(run: SourceRun): Promise<void> {
     conn.destroy();
     throw run.failure!;
   }
-  attachLink(run, conn);
+  const link = attachLink(run, conn);
+  // Multifd channels right after main, before main says anything (QEMU's multifd_send_setup).
+  if (o.multifd) await link.connectMultifd(o.multifd.channels, run.multifdPackets, o.multifd.uuid);
+  run.check();
   run.state = { kind: 'setup', connected: true };
   run.emit('connected', { uri: o.to });
 
@@ -54,6 +59,10 @@ export async function runSetup(run: SourceRun): Promise<void> {
   run.write([
     { ...ram, kind: 'start' },
     { type: 'ram-blocks', total, blocks: blocks.map((b) => ({ idstr: b.info.idstr, length: b.info.length })) },
+  ]);
+  // With multifd, QEMU's setup ends with a barrier: every channel's SYNC, MULTIFD_FLUSH on main.
+  if (o.multifd) writeMultifdBarrier(run, link, 'start');
+  run.write([
     { type: 'ram-eos' },
     { type: 'footer', sectionId: run.ramSection.sectionId },
   ]);

@@ -43,7 +43,8 @@ export interface SourceStats {
   passes: number;
   /** Request arrival → last byte of the page handed to the kernel, µs. */
   'postcopy-latency': LatencySummary;
-  channels: { main?: ChannelStats; preempt?: ChannelStats };
+  /** Per channel; `multifd` by id, with multifd. */
+  channels: { main?: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] };
 }
 
 

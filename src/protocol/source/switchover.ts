@@ -2,6 +2,7 @@ import { performance } from 'node:perf_hooks';
 import { MAX_DISCARDS_PER_COMMAND, TARGET_PAGE_SIZE } from '../../stream/constants.js';
 import type { StreamRecord } from '../../stream/records.js';
 import { bitmapRanges } from './pages.js';
+import { writeMultifdBarrier } from './multifd-pass.js';
 import { sendPass } from './pass.js';
 import type { SourceRun } from './run.js';
 
@@ -27,7 +28,9 @@ export async function completePrecopy(run: SourceRun): Promise<void> {
   // A description after EOF: QEMU reads it, and our destination checks device sizes against it.
   run.write([{ type: 'vmdesc', json: run.opts.vmdesc ?? generatedVmdesc(devices) }]);
   await run.flushMain();
-  await run.live.main.flush();
+  const link = run.live;
+  // Everything in the kernel's hands, multifd channels too: from here their close is the destination finishing.
+  await Promise.all([link.main.flush(), ...link.conn.multifd.map((c) => c.flush())]);
 }
 
 /**
@@ -42,6 +45,13 @@ export async function switchToPostcopy(run: SourceRun): Promise<void> {
     await link.waitFor('PONG 1', () => link.pongs.has(1));
     await link.connectPreempt();
     run.check(); // cancelled meanwhile: fail() already tore the link down
+  }
+  const link = run.live;
+  if (link.multifd.length > 0) {
+    // QEMU 10.1's save_postcopy_prepare, before the stop: the last multifd barrier. Every
+    // page sent in multifd has landed before the discards; from here on multifd is idle.
+    writeMultifdBarrier(run, link, 'part');
+    await run.flushMain();
   }
   await stopVm(run);
   run.state = { kind: 'switchover', listened: false };
@@ -111,7 +121,8 @@ async function drainBeforeStop(run: SourceRun): Promise<void> {
   const deadline = performance.now() + 1000;
   let timer: NodeJS.Timeout | undefined;
   // The timer is cleared at once: a migration that ends soon after must not keep the process alive.
-  await Promise.race([main.flush(), new Promise((r) => (timer = setTimeout(r, 1000)))]).finally(() => clearTimeout(timer));
+  const flushed = Promise.all([main.flush(), ...(run.link?.conn.multifd ?? []).map((c) => c.flush())]);
+  await Promise.race([flushed, new Promise((r) => (timer = setTimeout(r, 1000)))]).finally(() => clearTimeout(timer));
   for (;;) {
     const q = main.unackedBytes;
     if (q === undefined || q <= 64 * 1024 || performance.now() >= deadline || run.over) return;

@@ -1,0 +1,332 @@
+/**
+ * Multifd throughput and CPU per GB (part `multifd` of `npm run bench`;
+ * alone: `node --import tsx bench/multifd.bench.ts [--quick] [--mib N]
+ * [--runs N] [--channels 1,2,4]`; the `qmt receive` rows need `npm run
+ * build`, the threaded library rows Node.js ≥ 26.6, which `npm run bench`
+ * runs this part under when it finds one).
+ *
+ * The test guest (TCG) walks all its RAM once and pauses; the same source
+ * QEMU then migrates again and again (`cont` + `stop` between), with the
+ * `multifd` capability and `multifd-channels` N:
+ *   - QEMU → QEMU, plain and TLS (the baseline);
+ *   - QEMU → `qmt receive --multifd N` (the built CLI; a saved VM on disk,
+ *     fsynced before it exits; `sync` before each timed run), plain and TLS;
+ *   - library ↔ library over TLS, `multifd: { channels: N }`, threads on
+ *     (a synthetic guest of the same size, every page holding data; RAM in
+ *     shared memory at both ends, the destination's touched beforehand).
+ * N = 1, 2, 4; every round runs every row once, interleaved. GB/s = guest
+ * RAM bytes (10⁹) per second (QEMU source `setup` → destination `completed`,
+ * or `qmt receive` exiting; library: first connection → destination done).
+ * CPU: every thread of every process involved (QEMUs, `qmt` and what it
+ * runs, both library peers), from /proc/PID/task/TID/stat sampled during the
+ * run: core-seconds per GB, the cores kept busy, the threads that did work
+ * and the busiest one. The expected figure for a bigger host follows from
+ * those (bench/lib/thread-cpu.ts expectedGbps). Prints figures; asserts nothing.
+ */
+import { execFileSync } from 'node:child_process';
+import { rm } from 'node:fs/promises';
+import os from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { initPkiDir } from '../src/transport/pki.js';
+import { MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdScaling, REFERENCE_CORES } from './lib/aims.js';
+import { BenchChild } from './lib/child.js';
+import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { runPart, type PartContext } from './lib/part.js';
+import type { QemuProcess } from './lib/qemu.js';
+import { builtCliProblem, startQmtCli } from './lib/qmt-cli.js';
+import { fmt } from './lib/report.js';
+import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
+import { fmtStats, median, ratio, runStats, type RunStats } from './lib/stats.js';
+import { RAM_BLOCK } from './lib/synthetic-guest.js';
+import { expectedGbps, ThreadCpuSampler, type ThreadCpuReport } from './lib/thread-cpu.js';
+
+const MiB = 1024 * 1024;
+const SESSION_PEER = fileURLToPath(new URL('./lib/session-peer.ts', import.meta.url));
+
+export type MultifdRow = 'qemu-qemu' | 'qemu-receive' | 'library';
+export type Kind = 'plain' | 'tls';
+
+export interface MultifdRun {
+  seconds: number;
+  gbps: number;
+  cpu: ThreadCpuReport;
+  /** Library: the sessions' own word on threads; the RAM the same at both ends. */
+  threadsUsed?: boolean;
+  workers?: number;
+  identical?: boolean;
+}
+
+export interface MultifdVariant {
+  row: MultifdRow;
+  kind: Kind;
+  channels: number;
+  /** Library rows: the `threads` mode they ran with. */
+  threads?: 'on' | 'off';
+  runs: MultifdRun[];
+  errors: string[];
+  unavailable?: string;
+  stats?: RunStats;
+  /** Medians over the runs: CPU core-seconds per GB (every thread), the busiest thread's, cores busy, threads seen / doing work. */
+  cpuPerGb?: number;
+  busiestPerGb?: number;
+  coresUsed?: number;
+  osThreads?: number;
+  busyThreads?: number;
+}
+
+export interface MultifdData {
+  guestBytes: number;
+  runs: number;
+  cores: number;
+  referenceCores: number;
+  qemuVersion?: string;
+  node?: string;
+  variants: MultifdVariant[];
+  skipped?: string;
+}
+
+/** The feature a row needs is missing: "not available", not a failure. */
+class FeatureMissing extends Error {}
+
+function syncDisks(): void {
+  execFileSync('sync', [], { timeout: 300_000 });
+}
+
+type Q = typeof import('./lib/qemu.js');
+
+interface Env {
+  q: Q;
+  ctx: PartContext;
+  mib: number;
+  pkiDir: string;
+  work: string;
+  src: QemuProcess;
+  guest: { startMiB: number; endMiB: number; direction: 'up' };
+}
+
+const eventUsSince = (q: QemuProcess, since: number, status: string): number | undefined => {
+  for (let i = since; i < q.qmp.events.length; i++) {
+    const e = q.qmp.events[i]!;
+    if (e.event === 'MIGRATION' && (e.data as { status?: unknown } | undefined)?.status === status) return e.timestamp.seconds * 1e6 + e.timestamp.microseconds;
+  }
+  return undefined;
+};
+
+async function resetSource(src: QemuProcess): Promise<void> {
+  await src.resumeVm();
+  await src.pauseVm();
+}
+
+async function sourceMultifd(env: Env, channels: number, tls: boolean): Promise<void> {
+  await env.src.setCapabilities({ multifd: true });
+  await env.src.setParameters({ 'multifd-channels': channels, 'tls-creds': tls ? 'tls0' : '', 'tls-hostname': tls ? 'localhost' : '' });
+}
+
+async function qemuToQemu(env: Env, channels: number, tls: boolean): Promise<MultifdRun> {
+  const { q, src, mib } = env;
+  const dst = await q.startQemuIn(undefined, { name: 'multifd-dst', memoryMiB: mib, guest: env.guest, incoming: true, extraArgs: q.tlsCredsArgs(env.pkiDir, 'server') });
+  try {
+    await dst.setCapabilities({ events: true, multifd: true });
+    await dst.setParameters({ 'multifd-channels': channels, 'tls-creds': tls ? 'tls0' : '' });
+    await sourceMultifd(env, channels, tls);
+    await dst.migrateIncoming('tcp:127.0.0.1:0');
+    const port = await q.incomingPort(dst);
+    const since = src.qmp.events.length;
+    const dsince = dst.qmp.events.length;
+    syncDisks();
+    const sampler = new ThreadCpuSampler(() => [src.pid, dst.pid]);
+    await src.migrate(`tcp:127.0.0.1:${port}`);
+    await q.waitMigrationEvent(dst, 'completed', 300_000, dsince);
+    const cpu = sampler.stop();
+    await q.waitMigrationEvent(src, 'completed', 60_000, since);
+    const setup = eventUsSince(src, since, 'setup');
+    const done = eventUsSince(dst, dsince, 'completed');
+    if (setup === undefined || done === undefined) throw new Error('no MIGRATION setup/completed event');
+    const seconds = (done - setup) / 1e6;
+    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpu };
+  } finally {
+    await dst.stop();
+    await resetSource(src);
+  }
+}
+
+async function qemuToReceive(env: Env, channels: number, tls: boolean, node: string | undefined): Promise<MultifdRun> {
+  const { q, src, mib } = env;
+  const out = join(env.work, `saved-${channels}-${tls ? 'tls' : 'plain'}`);
+  const args = ['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--progress', 'none', '--json', '--multifd', String(channels), ...(tls ? ['--tls', env.pkiDir] : [])];
+  const recv = startQmtCli(args, node ? { node } : {});
+  try {
+    const uri = (await recv.stderrMatches(/^qmt: listening on (\S+)/m))[1]!;
+    await sourceMultifd(env, channels, tls);
+    const since = src.qmp.events.length;
+    syncDisks();
+    const sampler = new ThreadCpuSampler(() => [src.pid, recv.child.pid]);
+    await src.migrate(uri);
+    const r = await Promise.race([recv.exit, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('qmt receive: no exit within 300 s')), 300_000).unref())]);
+    const cpu = sampler.stop();
+    if (r.code !== 0) throw new Error(`qmt receive exited ${r.code ?? r.signal}: ${r.stderr.slice(-1500)}`);
+    await q.waitMigrationEvent(src, 'completed', 30_000, since);
+    const setup = eventUsSince(src, since, 'setup');
+    if (setup === undefined) throw new Error('no MIGRATION setup event on the source');
+    const seconds = (r.exitUs - setup) / 1e6;
+    // The sampler misses the last instants of a process that exits: qmt's own total (process.cpuUsage at exit) is the floor.
+    const own = r.cpu ? r.cpu.userS + r.cpu.systemS : 0;
+    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpu: { ...cpu, totalS: Math.max(cpu.totalS, own) } };
+  } finally {
+    if (recv.child.exitCode === null && recv.child.signalCode === null) recv.child.kill('SIGKILL');
+    await rm(out, { recursive: true, force: true });
+    await resetSource(src);
+  }
+}
+
+async function libraryRun(ctx: PartContext, bytes: number, channels: number, pkiDir: string, threads: 'on' | 'off', node: string | undefined): Promise<MultifdRun> {
+  const src = ctx.track(BenchChild.start<SessionCommand>('source', SESSION_PEER, [], [], [], node));
+  const dst = ctx.track(BenchChild.start<SessionCommand>('dest', SESSION_PEER, [], [], [], node));
+  try {
+    const [{ uri }] = await Promise.all([
+      dst.call<{ uri: string }>({ cmd: 'dest-listen', host: '127.0.0.1', postcopy: false, sink: { kind: 'memory', shared: true, prefault: [{ idstr: RAM_BLOCK, length: bytes }] }, tlsDir: pkiDir, multifd: channels, threads }, 120_000),
+      src.call({ cmd: 'source-prepare', memory: { kind: 'pattern', bytes, shared: true } }, 120_000),
+    ]);
+    const sampler = new ThreadCpuSampler(() => [src.pid, dst.pid]);
+    const [s, d] = await Promise.all([
+      src.call<SourceRun>({ cmd: 'source-migrate', to: uri, policy: 'never', preempt: false, hash: true, timeoutMs: 300_000, tlsDir: pkiDir, multifd: channels, threads }, 310_000),
+      dst.call<DestinationRun>({ cmd: 'dest-wait', timeoutMs: 300_000, hash: true }, 310_000),
+    ]);
+    const cpu = sampler.stop();
+    const seconds = (d.completedUs - s.startUs) / 1e6;
+    const ts = threadsOf(s.stats);
+    const td = threadsOf(d.stats);
+    if (threads === 'on' && !(ts?.used && td?.used)) throw new FeatureMissing(ts && td ? `threads not used: ${ts.why}; ${td.why}` : 'the sessions report no stats.threads');
+    return {
+      seconds,
+      gbps: bytes / seconds / 1e9,
+      cpu,
+      ...(ts || td ? { threadsUsed: (ts?.used ?? false) && (td?.used ?? false), workers: (ts?.channels.length ?? 0) + (td?.channels.length ?? 0) } : {}),
+      identical: s.hash !== undefined && s.hash === d.hash,
+    };
+  } finally {
+    await Promise.all([ctx.release(src), ctx.release(dst)]);
+  }
+}
+
+function summarise(v: MultifdVariant, guestBytes: number): void {
+  const s = runStats(v.runs.map((r) => r.gbps));
+  if (s) v.stats = s;
+  const gb = guestBytes / 1e9;
+  const m = (f: (r: MultifdRun) => number): number | undefined => median(v.runs.map(f));
+  const set = <K extends 'cpuPerGb' | 'busiestPerGb' | 'coresUsed' | 'osThreads' | 'busyThreads'>(k: K, x: number | undefined): void => {
+    if (x !== undefined) v[k] = x;
+  };
+  set('cpuPerGb', m((r) => r.cpu.totalS / gb));
+  set('busiestPerGb', m((r) => (r.cpu.busiest?.cpuS ?? NaN) / gb));
+  set('coresUsed', m((r) => r.cpu.totalS / r.seconds));
+  set('osThreads', m((r) => r.cpu.threads));
+  set('busyThreads', m((r) => r.cpu.busyThreads));
+}
+
+function markdown(d: MultifdData): string {
+  const lines: string[] = [];
+  lines.push(
+    `Guest: ${fmt(d.guestBytes / MiB)} MiB, every page holding data, paused (one precopy pass); loopback, both ends on this ${d.cores}-core machine; ${d.runs} round${d.runs === 1 ? '' : 's'}, each running every row once (interleaved), \`sync\` before each timed run. GB/s = guest RAM bytes (10⁹) per second. Median (min–max) of the runs. CPU = every thread of every process of the row (QEMUs; \`qmt receive\` and the process it runs; both library peers) from /proc/PID/task/TID/stat, sampled every 100 ms during the run: core-seconds per GB; cores used = that CPU over the run's wall time; threads = OS threads seen (Node's and QEMU's own included) / those that kept ≥ 5 % of a core busy; busiest = the one thread's core-seconds per GB (a serial limit).${d.qemuVersion ? ` ${d.qemuVersion}, TCG test guest.` : ''}${d.node ? ` \`qmt receive\` and the library peers under Node.js ${d.node}.` : ''}`,
+    '',
+    `| transfer | kind | channels | GB/s median (min–max) | vs 1 channel | vs QEMU → QEMU, same kind and channels | CPU s/GB (all threads) | busiest thread s/GB | cores used (of ${d.cores}) | threads: seen / busy | CPU ceiling here (${d.cores} cores) | expected on ${d.referenceCores} cores |`,
+    '|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
+  );
+  for (const v of d.variants) {
+    const label = `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}` : ''}`;
+    const kind = v.kind === 'tls' ? 'TLS 1.3' : 'plain TCP';
+    if (v.unavailable) {
+      lines.push(`| ${label} | ${kind} | ${v.channels} | ${notAvailable(v.unavailable)} | | | | | | | | |`);
+      continue;
+    }
+    const err = v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : '';
+    const ident = v.row === 'library' && v.runs.length > 0 ? (v.runs.every((r) => r.identical) ? ' ✓' : ' ✗ RAM differs') : '';
+    const one = d.variants.find((x) => x.row === v.row && x.kind === v.kind && x.channels === 1)?.stats?.median;
+    const qq = d.variants.find((x) => x.row === 'qemu-qemu' && x.kind === v.kind && x.channels === v.channels)?.stats?.median;
+    const r1 = v.channels === 1 ? '1.00× (baseline)' : ratio(v.stats?.median, one) === undefined ? '–' : `${fmt(ratio(v.stats?.median, one), 2)}×`;
+    const rq = v.row === 'qemu-qemu' ? '1.00× (baseline)' : ratio(v.stats?.median, qq) === undefined ? '–' : `${fmt(ratio(v.stats?.median, qq), 2)}×`;
+    const here = expectedGbps(d.cores, v.cpuPerGb, v.busiestPerGb);
+    const big = expectedGbps(d.referenceCores, v.cpuPerGb, v.busiestPerGb);
+    lines.push(
+      `| ${label}${ident}${err} | ${kind} | ${v.channels} | ${fmtStats(v.stats, 2)} | ${r1} | ${rq} | ${fmt(v.cpuPerGb, 2)} | ${fmt(v.busiestPerGb, 2)} | ${fmt(v.coresUsed, 2)} | ${fmt(v.osThreads)} / ${fmt(v.busyThreads)} | ${here === undefined ? '–' : `${fmt(here, 2)} GB/s`} | ${big === undefined ? '–' : `${fmt(big, 2)} GB/s`} |`,
+    );
+  }
+  lines.push('', `Aim (issue 13), reported, not asserted: on these ${d.cores}-core machines 2 TLS channels ≥ ${MULTIFD_TLS_2_VS_1}× the throughput of one:`, '');
+  for (const row of ['library', 'qemu-receive', 'qemu-qemu'] as const) {
+    const s = multifdScaling(d, row);
+    lines.push(
+      `- ${MULTIFD_LABEL[row]}${row === 'qemu-qemu' ? ' (reference)' : ''}: ${s.unavailable ? notAvailable(s.unavailable) : s.ratio === undefined ? 'not measured' : `${fmt(s.two, 2)} / ${fmt(s.one, 2)} GB/s = ${fmt(s.ratio, 2)}× — ${s.ratio >= MULTIFD_TLS_2_VS_1 ? 'met' : 'missed'}`}`,
+    );
+  }
+  lines.push(
+    '',
+    `Expected on ${d.referenceCores} cores: GB/s = min(cores / CPU s per GB, 1 / busiest thread's s per GB) — all the row's CPU spread over the cores, but never faster than its busiest thread can go on one core: the ceiling the CPU cost sets. The same formula with this machine's ${d.cores} cores ("CPU ceiling here") checks it: a row measured well below its ceiling here was not CPU-bound (it waited on something else: the link, the disk, a lock, the other end), and the ${d.referenceCores}-core figure is then an upper bound too. It assumes the per-GB cost measured here holds there (same core speed, no contention, the link not the limit) and both ends on the one host, as here; with each end on its own host of that size it is higher. Rerun unchanged on the bigger host to measure it: \`npm run bench -- --only multifd\`.`,
+  );
+  if (d.skipped) lines.push('', `Skipped: ${d.skipped}.`);
+  return lines.join('\n');
+}
+
+await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by channel count', { mib: { type: 'string' }, runs: { type: 'string' }, channels: { type: 'string' } }, async (ctx) => {
+  const mib = Number(ctx.options.mib ?? (ctx.quick ? 256 : 1024));
+  const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
+  const channelCounts = String(ctx.options.channels ?? '1,2,4')
+    .split(',')
+    .map(Number)
+    .filter((n) => Number.isInteger(n) && n >= 1 && n <= 255);
+  const bytes = mib * MiB;
+  const node = threadsNode();
+  const data: MultifdData = { guestBytes: bytes, runs, cores: os.cpus().length, referenceCores: REFERENCE_CORES, variants: [], ...(node ? { node: node.version } : {}) };
+  const cliWhy = builtCliProblem() ?? (cliHasFlag('receive', '--multifd') ? undefined : 'this build of `qmt receive` has no `--multifd`');
+  const libWhy = multifdUnavailable('both');
+  const libThreads = threadsUnavailable() ? 'off' : 'on';
+  const q = await import('./lib/qemu.js');
+  const qemuWhy = await q.qemuUnavailable();
+  for (const kind of ['plain', 'tls'] as const) {
+    for (const channels of channelCounts) {
+      data.variants.push({ row: 'qemu-qemu', kind, channels, runs: [], errors: [], ...(qemuWhy ? { unavailable: qemuWhy } : {}) });
+      data.variants.push({ row: 'qemu-receive', kind, channels, runs: [], errors: [], ...((qemuWhy ?? cliWhy) ? { unavailable: (qemuWhy ?? cliWhy)! } : {}) });
+      if (kind === 'tls') data.variants.push({ row: 'library', kind, channels, threads: libThreads, runs: [], errors: [], ...(libWhy ? { unavailable: libWhy } : {}) });
+    }
+  }
+  const work = await ctx.tmpDir('multifd');
+  const pkiDir = join(work, 'pki');
+  await initPkiDir(pkiDir);
+  let env: Env | undefined;
+  if (!qemuWhy) {
+    data.qemuVersion = await q.qemuVersion();
+    ctx.onCleanup(() => q.stopAll());
+    const guest = { startMiB: 1, endMiB: mib, direction: 'up' as const };
+    ctx.log(`starting the QEMU source (${mib} MiB, test guest walking all of it once) …`);
+    const src = await q.startQemuIn(undefined, { name: 'multifd-src', memoryMiB: mib, guest, extraArgs: q.tlsCredsArgs(pkiDir, 'client') });
+    await src.waitSerialPasses(1, 120_000);
+    await src.pauseVm();
+    await src.setCapabilities({ events: true });
+    await src.setParameters({ ...q.UNLIMITED });
+    env = { q, ctx, mib, pkiDir, work, src, guest };
+    ctx.log('warm-up migration (not counted) …');
+    await qemuToQemu(env, 1, false);
+  }
+  for (let round = 0; round < runs; round++) {
+    for (const v of data.variants) {
+      if (v.unavailable) continue;
+      const tls = v.kind === 'tls';
+      try {
+        const r =
+          v.row === 'qemu-qemu' ? await qemuToQemu(env!, v.channels, tls) : v.row === 'qemu-receive' ? await qemuToReceive(env!, v.channels, tls, node?.path) : await libraryRun(ctx, bytes, v.channels, pkiDir, v.threads ?? 'off', node?.path);
+        v.runs.push(r);
+        ctx.log(`round ${round + 1}/${runs}: ${v.row} ${v.kind} ×${v.channels}: ${fmt(r.gbps, 2)} GB/s, CPU ${fmt(r.cpu.totalS, 2)} s (${fmt(r.cpu.totalS / r.seconds, 2)} cores, ${r.cpu.busyThreads}/${r.cpu.threads} threads busy)${r.identical === false ? ' — RAM DIFFERS' : ''}`);
+      } catch (e) {
+        if (e instanceof FeatureMissing) {
+          v.unavailable = e.message;
+          ctx.log(`${v.row} ${v.kind} ×${v.channels}: not available: ${e.message}`);
+          continue;
+        }
+        v.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
+        ctx.log(`round ${round + 1}: ${v.row} ${v.kind} ×${v.channels} failed: ${String(e)}`);
+      }
+    }
+  }
+  for (const v of data.variants) summarise(v, bytes);
+  return { config: { mib, runs, channels: channelCounts, host: '127.0.0.1', referenceCores: REFERENCE_CORES }, data, markdown: markdown(data) };
+});

@@ -1,0 +1,3 @@
+export { socketTransferSupported, socketTransferWhy, type ThreadMode } from './support.js';
+export { spawnWorker } from './spawn.js';
+export { AtomicRing } from './ring.js';
