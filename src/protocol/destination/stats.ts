@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import type { ChannelStats } from '../../transport/channel.js';
 import type { PageTracker } from '../page-tracker.js';
-import type { DestinationStats } from './types.js';
+import type { DestinationStats, ThreadStats } from './types.js';
 
 /**
  * The destination's counters. Plain numbers bumped once per record or run
@@ -31,7 +31,7 @@ export class DestinationCounters {
   recoveries = 0;
   placedTwice = 0;
 
-  stats(status: DestinationStats['status'], pages: PageTracker, channels: { main?: ChannelStats; preempt?: ChannelStats }): DestinationStats {
+  stats(status: DestinationStats['status'], pages: PageTracker, channels: { main?: ChannelStats; preempt?: ChannelStats }, threads: ThreadStats): DestinationStats {
     return {
       status,
       recoveries: this.recoveries,
@@ -48,6 +48,7 @@ export class DestinationCounters {
       runs: { count: this.runs, pages: this.runPages },
       'sink-waits': this.sinkWaits,
       channels,
+      threads,
     };
   }
 }

@@ -17,7 +17,7 @@ import type { ReturnPathMessage } from '../../../stream/records.js';
 import { Channel } from '../../../transport/channel.js';
 import { tuneChannel } from '../../../transport/sockets.js';
 import { checkAllowedPeer, secureAccept, serverTlsOptions } from '../../../transport/tls.js';
-import { AtomicRing } from './infra.js';
+import { AtomicRing } from '../../../transport/worker/ring.js';
 import { WorkerLanding } from './worker-landing.js';
 import { Landed, REQUEST_WORDS, errorToData, type ChannelWorkerData, type ControlRecord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
 
@@ -31,10 +31,13 @@ let socket: net.Socket | tls.TLSSocket | undefined;
 let seen: Buffer = Buffer.alloc(0);
 let unwatch: (() => void) | undefined;
 let serving: Main | Preempt | undefined;
+/** The role offered with the socket (a spare worker is started before any connection comes). */
+let role: 'main' | 'preempt' = 'main';
 
 port.on('message', (m: ToWorker) => {
   switch (m.t) {
     case 'socket':
+      role = m.role;
       void begin(m.socket as net.Socket);
       return;
     case 'serve-main':
@@ -54,8 +57,8 @@ async function begin(s: net.Socket): Promise<void> {
   s.on('error', noop);
   if (data.tls) {
     try {
-      const secure = await secureAccept(s, serverTlsOptions(data.tls.material, data.tls.settings), { channel: data.role, timeoutMs: 0 });
-      const notAllowed = checkAllowedPeer(secure, data.tls.allowedPeers, data.role);
+      const secure = await secureAccept(s, serverTlsOptions(data.tls.material, data.tls.settings), { channel: role, timeoutMs: 0 });
+      const notAllowed = checkAllowedPeer(secure, data.tls.allowedPeers, role);
       if (notAllowed) {
         secure.destroy();
         post({ t: 'tls-failed', error: errorToData(notAllowed), bytesRead: s.bytesRead });
@@ -98,13 +101,24 @@ function take(): net.Socket | tls.TLSSocket {
 }
 
 function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt'): Channel {
-  const tuning = tuneChannel(s, role, 'destination', data.kind, { [role]: { tuning: data.tuning } });
-  const ch = new Channel(s, role, tuning, data.limits);
-  const stats = setInterval(() => post({ t: 'stats', stats: ch.stats }), 250);
+  const opts = data[role];
+  const tuning = tuneChannel(s, role, 'destination', data.kind, { [role]: { tuning: opts.tuning } });
+  const ch = new Channel(s, role, tuning, opts.limits);
+  const report = (): void => post({ t: 'stats', stats: ch.stats, cpuSeconds: threadCpuSeconds() });
+  const stats = setInterval(report, 250);
   stats.unref();
-  ch.on('close', () => clearInterval(stats));
-  post({ t: 'stats', stats: ch.stats });
+  ch.on('close', () => {
+    clearInterval(stats);
+    report();
+  });
+  report();
   return ch;
+}
+
+/** CPU time of this thread (Node ≥ 23.9 has process.threadCpuUsage; this path needs Node 26 anyway). */
+function threadCpuSeconds(): number {
+  const u = (process as unknown as { threadCpuUsage?: () => { user: number; system: number } }).threadCpuUsage?.();
+  return u ? (u.user + u.system) / 1e6 : 0;
 }
 
 function blockMap(blocks: readonly SharedBlock[]): Map<string, { idstr: string; length: number; index: number }> {
@@ -167,6 +181,8 @@ class Main {
         this.write(m.m);
         this.messagesWritten++;
         this.drainRequests(Infinity);
+        this.unblock?.();
+        this.unblock = undefined;
         return;
       case 'shut':
         void this.shut(m.value);
@@ -184,10 +200,15 @@ class Main {
     this.ch.send([encodeReturnPathMessage(m)], 'urgent').catch((e: unknown) => post({ t: 'lost', error: errorToData(e) }));
   }
 
+  /** Set while a ring entry waits for a message posted before it (it must be written after it). */
+  private unblock: (() => void) | undefined;
+
   private async serveRequests(): Promise<void> {
     while (!this.ring.closed && !this.failed) {
       this.drainRequests(Infinity);
-      await this.ring.wait();
+      // Blocked on a message still on its way: wait for it, not for the ring (which may hold more).
+      if (this.held) await new Promise<void>((r) => (this.unblock = r));
+      else await this.ring.wait();
     }
   }
 

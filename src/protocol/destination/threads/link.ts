@@ -13,7 +13,7 @@ import type { RamBlockInfo, ReturnPathMessage } from '../../../stream/records.js
 import type { ChannelStats } from '../../../transport/channel.js';
 import type { MigrationError } from '../../errors.js';
 import type { PageTracker } from '../../page-tracker.js';
-import { AtomicRing, whenChanged } from './infra.js';
+import { AtomicRing } from '../../../transport/worker/ring.js';
 import type { ChannelWorker, ThreadConnection } from './listener.js';
 import { COUNT_WORDS, Count, LANDED_WORDS, Landed, REQUEST_WORDS, errorFromData, type ControlRecord, type FromWorker, type SharedBlock } from './wire.js';
 
@@ -44,6 +44,17 @@ export interface ThreadLinkOptions {
   /** The blocks' shared memory, once the block list came (a recovery link has them from the start). */
   readonly blocks: () => SharedBlock[] | undefined;
   readonly pages: PageTracker;
+}
+
+/** Atomics.waitAsync (ES2024, not in this project's lib). */
+const waitAsync = (Atomics as unknown as {
+  waitAsync(a: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> };
+}).waitAsync;
+
+/** Resolves once `a[index]` is no longer `value`. */
+function whenChanged(a: Int32Array, index: number, value: number): Promise<void> {
+  const w = waitAsync(a, index, value);
+  return w.async ? w.value.then(() => undefined) : Promise.resolve();
 }
 
 /** The stats a worker last reported, updated in place (holders of the object see it change). */
@@ -112,6 +123,14 @@ export class ThreadLink {
     return [{ role: 'main', worker: this.threads.main }, ...(this.preemptWorker ? [{ role: 'preempt' as const, worker: this.preemptWorker }] : [])];
   }
 
+  /** CPU seconds of each channel's thread, as last reported. */
+  private readonly cpu = { main: 0, preempt: 0 };
+
+  /** stats.threads.channels. */
+  threadsInfo(): { role: 'main' | 'preempt'; threadId: number; cpuSeconds: number }[] {
+    return this.workers.map(({ role, worker }) => ({ role, threadId: worker.threadId, cpuSeconds: this.cpu[role] }));
+  }
+
   /** Counter `i` of both channels. */
   count(i: number): number {
     return this.mainCounts[i]! + this.preemptCounts[i]!;
@@ -129,7 +148,13 @@ export class ThreadLink {
       main.post({ t: 'serve-main', ...(resume ? { resume } : {}), ...(blocks ? { blocks } : {}), counts: this.mainCounts.buffer as SharedArrayBuffer, landed: this.landed.buffer as SharedArrayBuffer, requests: this.ring.sab });
     };
     if (this.opts.resume) {
-      this.opts.resume.then(serve, (e: unknown) => this.events.lost(this, e));
+      this.opts.resume.then(
+        (state) => {
+          if (state) serve(state);
+          else if (!this.dropped) this.events.malformed(this, new Error('the stream state of the failed connection was lost with its thread: the recovery cannot continue it'));
+        },
+        (e: unknown) => this.events.lost(this, e),
+      );
     } else {
       serve(undefined);
     }
@@ -154,6 +179,7 @@ export class ThreadLink {
     switch (m.t) {
       case 'stats':
         Object.assign(this.mainStats, m.stats);
+        this.cpu.main = m.cpuSeconds;
         return;
       case 'records':
         this.events.records(this, m.recs, m.iterationPages);
@@ -223,6 +249,7 @@ export class ThreadLink {
     switch (m.t) {
       case 'stats':
         Object.assign(this.preemptStats, m.stats);
+        this.cpu.preempt = m.cpuSeconds;
         return;
       case 'first-command':
         this.events.preemptCommand(this);

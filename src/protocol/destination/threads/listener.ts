@@ -12,17 +12,18 @@ import type net from 'node:net';
 import { EventEmitter } from 'node:events';
 import type { Worker } from 'node:worker_threads';
 import { describeBytes, remoteOf, type FirstBytesJudgement } from '../../../transport/admission.js';
-import type { ChannelRole } from '../../../transport/channel.js';
+/** The roles of a threaded connection (multifd channels are not threaded yet). */
+type ChannelRole = 'main' | 'preempt';
 import type { ListenOptions, TransportOptions } from '../../../transport/connection.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../../transport/endpoint.js';
 import { TransportError } from '../../../transport/errors.js';
 import { loadTlsDir, type TlsMaterial } from '../../../transport/pki.js';
 import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, judgeMainStart, judgePreemptStart, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
 import { listen, type Listening } from '../../../transport/sockets.js';
-import { spawnWorker } from './infra.js';
+import { spawnWorker } from '../../../transport/worker/spawn.js';
 import { errorFromData, type ChannelWorkerData, type FromWorker, type ToWorker } from './wire.js';
 
-const WORKER = new URL(import.meta.url.endsWith('.ts') ? './channel-worker.ts' : './channel-worker.js', import.meta.url);
+const WORKER = 'protocol/destination/threads/channel-worker';
 
 /** A worker that holds one connection: a candidate, then (qualified) a channel. */
 export class ChannelWorker {
@@ -141,7 +142,37 @@ export class ThreadedListener extends EventEmitter<Events> {
     const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'server') : undefined;
     // A plain server even with TLS: the handshake runs in the channel's worker.
     const listening = await listen(ep, {});
-    return new ThreadedListener(listening, opts, listenOpts, material);
+    const l = new ThreadedListener(listening, opts, listenOpts, material);
+    l.spare = l.spawn();
+    return l;
+  }
+
+  /**
+   * A worker started ahead of the next connection: one that connects is
+   * served at once, not after a thread has started (tens of ms built, more
+   * from source) — the preempt channel's first urgent page would wait for it.
+   */
+  private spare: Worker | undefined;
+
+  private spawn(): Worker {
+    const tls = this.opts.tls;
+    const data: ChannelWorkerData = {
+      kind: this.endpoint.kind,
+      ...(this.material && tls ? { tls: { material: this.material, settings: { ...tls, endpoint: 'server' }, ...(tls.allowedPeers ? { allowedPeers: tls.allowedPeers } : {}) } } : {}),
+      main: { ...(this.opts.main?.tuning ? { tuning: this.opts.main.tuning } : {}), limits: this.opts.main ?? {} },
+      preempt: { ...(this.opts.preempt?.tuning ? { tuning: this.opts.preempt.tuning } : {}), limits: this.opts.preempt ?? {} },
+    };
+    const w = spawnWorker(WORKER, data);
+    // An idle spare must not keep the process alive.
+    w.unref();
+    return w;
+  }
+
+  private takeSpare(): Worker {
+    const w = this.spare ?? this.spawn();
+    this.spare = undefined;
+    w.ref();
+    return w;
   }
 
   get endpoint(): Endpoint {
@@ -182,17 +213,10 @@ export class ThreadedListener extends EventEmitter<Events> {
       const oldest = this.pending.values().next().value as Candidate;
       this.drop(oldest, 'too-many', new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`, oldest.role === 'preempt' ? { channel: 'preempt' } : {}));
     }
-    const tls = this.opts.tls;
-    const data: ChannelWorkerData = {
-      role,
-      kind: this.endpoint.kind,
-      ...(this.material && tls ? { tls: { material: this.material, settings: { ...tls, endpoint: 'server' }, ...(tls.allowedPeers ? { allowedPeers: tls.allowedPeers } : {}) } } : {}),
-      ...((role === 'main' ? this.opts.main : this.opts.preempt)?.tuning ? { tuning: (role === 'main' ? this.opts.main : this.opts.preempt)!.tuning! } : {}),
-      limits: (role === 'main' ? this.opts.main : this.opts.preempt) ?? {},
-    };
-    const w = new ChannelWorker(spawnWorker(WORKER, data), role);
     // Before anything reads it: a socket that has read cannot move to another thread.
-    w.post({ t: 'socket', socket: raw }, [raw]);
+    const w = new ChannelWorker(this.takeSpare(), role);
+    w.post({ t: 'socket', socket: raw, role }, [raw]);
+    this.spare = this.closing ? undefined : this.spawn();
     const c: Candidate = { w, role, remote, secure: false };
     this.pending.add(c);
     w.onMessage = (m) => this.onCandidate(c, m);
@@ -359,6 +383,8 @@ export class ThreadedListener extends EventEmitter<Events> {
       this.forget(c);
       void c.w.end();
     }
+    void this.spare?.terminate();
+    this.spare = undefined;
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);
     // net.Server.close() calls back only once every accepted socket has ended: do not wait for it.

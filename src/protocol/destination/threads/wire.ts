@@ -6,8 +6,8 @@
  */
 import type { ReturnPathMessage, StreamRecordWithRuns } from '../../../stream/records.js';
 import { StreamError, type StreamErrorCode } from '../../../stream/errors.js';
-import type { ChannelLimits, ChannelRole, ChannelStats } from '../../../transport/channel.js';
-import { TransportError, type TransportErrorCode } from '../../../transport/errors.js';
+import type { ChannelLimits, ChannelStats } from '../../../transport/channel.js';
+import { TransportError, type ChannelName, type TransportErrorCode } from '../../../transport/errors.js';
 import type { TlsMaterial } from '../../../transport/pki.js';
 import type { TlsSettings } from '../../../transport/tls.js';
 import type { TuningProfile } from '../../../transport/tuning.js';
@@ -48,16 +48,15 @@ export const REQUEST_WORDS = 5;
 
 /** What a channel worker is given when it starts (before the socket). */
 export interface ChannelWorkerData {
-  readonly role: ChannelRole;
   readonly kind: 'tcp' | 'unix';
   readonly tls?: { readonly material: TlsMaterial; readonly settings: TlsSettings; readonly allowedPeers?: readonly string[] };
-  readonly tuning?: Partial<TuningProfile>;
-  readonly limits: ChannelLimits;
+  readonly main: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
+  readonly preempt: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
 }
 
 export type ErrorData =
   | { family: 'stream'; code: StreamErrorCode; message: string; offset: number }
-  | { family: 'transport'; code: TransportErrorCode; message: string; channel?: ChannelRole }
+  | { family: 'transport'; code: TransportErrorCode; message: string; channel?: ChannelName }
   | { family: 'migration'; code: MigrationErrorCode; message: string }
   | { family: 'other'; message: string; name: string };
 
@@ -88,8 +87,8 @@ export type ControlRecord = Exclude<StreamRecordWithRuns, { type: 'ram-pages' | 
 
 /** The session → a channel worker. */
 export type ToWorker =
-  /** The accepted socket, transferred before anything read it. */
-  | { t: 'socket'; socket: unknown }
+  /** The accepted socket, transferred before anything read it, and the role it is a candidate for. */
+  | { t: 'socket'; socket: unknown; role: 'main' | 'preempt' }
   /** Its verdict came: serve as the main channel (a new stream, or a recovery's continuing `resume`). */
   | { t: 'serve-main'; resume?: DecoderResumeState; blocks?: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer; requests: SharedArrayBuffer }
   | { t: 'serve-preempt'; blocks: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer }
@@ -109,7 +108,7 @@ export type FromWorker =
   | { t: 'seen'; bytes: Uint8Array }
   | { t: 'closed-early' }
   /** Serving. */
-  | { t: 'stats'; stats: ChannelStats }
+  | { t: 'stats'; stats: ChannelStats; cpuSeconds: number }
   | { t: 'ram-blocks'; rec: ControlRecord }
   | { t: 'records'; recs: ControlRecord[]; iterationPages: number[] }
   | { t: 'first-command' }

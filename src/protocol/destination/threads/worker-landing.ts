@@ -1,6 +1,7 @@
 import { TARGET_PAGE_SIZE } from '../../../stream/constants.js';
 import type { KnownBlock } from '../../../stream/ram.js';
 import type { PreemptRecordWithRuns, StreamRecordWithRuns } from '../../../stream/records.js';
+import { PageBitmap } from '../../../stream/bitmap.js';
 import { applyXbzrle } from '../../../stream/xbzrle.js';
 import { checkPageRun, checkPageViews, asBuffer } from '../../memory.js';
 import { Count, type SharedBlock } from './wire.js';
@@ -11,17 +12,17 @@ const PAGE = TARGET_PAGE_SIZE;
 interface Target {
   readonly idstr: string;
   readonly memory: Buffer;
-  readonly received: Uint32Array;
-  readonly written: Uint32Array;
+  readonly received: PageBitmap;
+  readonly written: PageBitmap;
   readonly pages: number;
 }
 
 /**
  * Where a channel worker lands pages: straight into the shared guest memory,
  * the received set and the written set, by runs (one copy, one atomic range
- * per bitmap word, a few counter additions per run). Every bitmap write is an
- * Atomics operation: another channel's worker sets bits of the same words
- * concurrently, and a plain `|=` racing it would lose one.
+ * per bitmap word, a few counter additions per run). The bitmaps are
+ * PageBitmap's shared mode (every set/clear atomic): another channel's worker
+ * sets bits of the same words concurrently.
  */
 export class WorkerLanding {
   private readonly byIndex: Target[] = [];
@@ -46,8 +47,8 @@ export class WorkerLanding {
       this.byIndex[b.index] = {
         idstr: b.idstr,
         memory: Buffer.from(b.memory, 0, b.length),
-        received: new Uint32Array(b.received),
-        written: new Uint32Array(b.written),
+        received: PageBitmap.attach(Math.ceil(b.length / PAGE), b.received),
+        written: PageBitmap.attach(Math.ceil(b.length / PAGE), b.written),
         pages: Math.ceil(b.length / PAGE),
       };
     }
@@ -68,14 +69,14 @@ export class WorkerLanding {
           const src = asBuffer(r.data);
           if (r.stride === PAGE) src.copy(t.memory, r.offset, r.start, r.start + n * PAGE);
           else for (let i = 0, s = r.start; i < n; i++, s += r.stride) src.copy(t.memory, r.offset + i * PAGE, s, s + PAGE);
-          setRange(t.written, first, n, t.pages);
+          t.written.setRange(first, n);
           c[Count.normal]! += n;
         } else {
           zeroWritten(t, first, n);
           c[Count.duplicate]! += n;
         }
-        if (this.listening) c[Count.placedTwice]! += countSet(t.received, first, n, t.pages);
-        setRange(t.received, first, n, t.pages);
+        if (this.listening) c[Count.placedTwice]! += countSet(t.received.words, first, n, t.pages);
+        t.received.setRange(first, n);
         this.counted(n);
         return true;
       }
@@ -88,9 +89,9 @@ export class WorkerLanding {
         applyXbzrle(page, r.encoded);
         page.copy(t.memory, r.offset);
         const p = r.offset / PAGE;
-        setRange(t.written, p, 1, t.pages);
-        if (this.listening) this.counts[Count.placedTwice]! += countSet(t.received, p, 1, t.pages);
-        setRange(t.received, p, 1, t.pages);
+        t.written.set(p);
+        if (this.listening) this.counts[Count.placedTwice]! += countSet(t.received.words, p, 1, t.pages);
+        t.received.set(p);
         this.counts[Count.xbzrle]!++;
         this.counted(1);
         return true;
@@ -104,7 +105,7 @@ export class WorkerLanding {
   discard(index: number | undefined, start: number, length: number): void {
     const t = index === undefined ? undefined : this.byIndex[index];
     if (!t) return;
-    clearRange(t.received, start / PAGE, Math.ceil(length / PAGE), t.pages);
+    t.received.clearRange(start / PAGE, Math.ceil(length / PAGE));
   }
 
   private target(index: number, block: string): Target {
@@ -134,14 +135,6 @@ function forWords(from: number, count: number, pages: number, each: (word: numbe
   }
 }
 
-function setRange(w: Uint32Array, from: number, count: number, pages: number): void {
-  forWords(from, count, pages, (i, mask) => Atomics.or(w, i, mask));
-}
-
-function clearRange(w: Uint32Array, from: number, count: number, pages: number): void {
-  forWords(from, count, pages, (i, mask) => Atomics.and(w, i, ~mask));
-}
-
 /** Pages set in [from, from + count). */
 function countSet(w: Uint32Array, from: number, count: number, pages: number): number {
   let n = 0;
@@ -157,7 +150,7 @@ function countSet(w: Uint32Array, from: number, count: number, pages: number): n
 /** A ZERO run: only pages ever written need clearing (fresh memory is zero). */
 function zeroWritten(t: Target, from: number, count: number): void {
   forWords(from, count, t.pages, (i, mask) => {
-    const hit = (Atomics.load(t.written, i) & mask) >>> 0;
+    const hit = (Atomics.load(t.written.words, i) & mask) >>> 0;
     if (hit === 0) return;
     for (let b = 0; b < 32; b++) if (hit & (1 << b)) t.memory.fill(0, (i * 32 + b) * PAGE, (i * 32 + b + 1) * PAGE);
   });
