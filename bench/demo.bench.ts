@@ -18,6 +18,7 @@ import { fmt } from './lib/report.js';
 import { DEMO_AIMS, demoAims } from './lib/aims.js';
 import os from 'node:os';
 import { cliHasFlag, notAvailable, threadSampler, threadsNode } from './lib/features.js';
+import { ThreadCpuSampler, topThreads } from './lib/thread-cpu.js';
 
 /**
  * The demo's `threads` report, whatever its exact shape: `{ used, why }` and
@@ -44,6 +45,8 @@ export interface DemoRun {
   osThreads?: number;
   threads?: { used: boolean; why: string; workers: number };
   coresUsed?: number;
+  /** Where the demo's CPU went, per thread (busiest first). */
+  topThreads?: string;
 }
 
 export interface DemoVariant {
@@ -111,6 +114,11 @@ function markdown(d: DemoData): string {
     const na = d.variants.find((v) => v.threads === t && v.unavailable)?.unavailable;
     lines.push(na ? `- ${which}: ${notAvailable(na)}` : `- ${which}: p50 ${verdict(a.p50, DEMO_AIMS.p50)}; p99 ${verdict(a.p99, DEMO_AIMS.p99)}`);
   }
+  lines.push('', 'Where the CPU went, per thread of the demo process (last run of each variant):', '');
+  for (const v of d.variants) {
+    const t = v.runs[v.runs.length - 1]?.topThreads;
+    if (t) lines.push(`- ${v.preempt ? 'preempt' : '`--no-preempt`'}, ${v.threads ? `\`--threads ${v.threads}\`` : 'one thread'}: ${t}`);
+  }
   lines.push('', `OS threads: the demo process's peak (/proc/PID/status; Node's own threads included), workers: channel threads its report names; cores used: its CPU core-seconds over its wall time (spawn to exit)${d.node ? `; \`--threads\` variants under Node.js ${d.node}` : ''}.`);
   if (d.skipped) lines.push('', `Skipped: ${d.skipped}.`);
   return lines.join('\n');
@@ -139,11 +147,13 @@ await runPart<DemoData>('demo', "The demo's fault latency: preempt channel or no
       if (v.unavailable) continue;
       const run = startQmtCli(['demo', '--size', String(mib), '--json', '--progress', 'none', ...(v.preempt ? [] : ['--no-preempt']), ...(v.threads ? ['--threads', v.threads] : [])], v.threads && node ? { node: node.path } : {});
       const sampler = threadSampler(() => [run.child.pid]);
+      const perThread = new ThreadCpuSampler(() => [run.child.pid]);
       ctx.onCleanup(async () => {
         if (run.child.exitCode === null && run.child.signalCode === null) run.child.kill('SIGKILL');
       });
       const r = await run.exit;
       const [osThreads] = sampler.stop();
+      const threadCpu = perThread.stop();
       const wallS = (r.exitUs - run.spawnUs) / 1e6;
       try {
         const j = JSON.parse(r.stdout) as DemoReportJson;
@@ -157,6 +167,7 @@ await runPart<DemoData>('demo', "The demo's fault latency: preempt channel or no
           cpuS: r.cpu ? r.cpu.userS + r.cpu.systemS : undefined,
           identical: j.memoryIdentical,
           ...(osThreads ? { osThreads } : {}),
+          topThreads: topThreads(threadCpu, 6),
           ...(r.cpu && wallS > 0 ? { coresUsed: (r.cpu.userS + r.cpu.systemS) / wallS } : {}),
         };
         const th = threadsOfReport(j.threads);

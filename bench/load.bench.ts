@@ -30,6 +30,7 @@ import { notAvailable, osThreads, threadsOf, threadsUnavailable } from './lib/fe
 import { runPart, type PartContext } from './lib/part.js';
 import { fmt } from './lib/report.js';
 import { fmtStats, ratio, runStats, type RunStats } from './lib/stats.js';
+import { ThreadCpuSampler, topThreads } from './lib/thread-cpu.js';
 
 const MiB = 1024 * 1024;
 /** A hang, not a slow run. */
@@ -77,6 +78,8 @@ export interface LoadRun {
   /** This process (both ends of every library migration): CPU core-seconds, peak OS threads. */
   cpuS: number;
   osThreads: number | undefined;
+  /** Where this process's CPU went, per thread (busiest first). */
+  topThreads?: string;
   failures: string[];
 }
 
@@ -119,6 +122,7 @@ async function oneRun(ctx: PartContext, specs: readonly Spec[], scale: number, p
   }
   let peakThreads = osThreads(process.pid);
   const sampler = setInterval(() => (peakThreads = Math.max(peakThreads ?? 0, osThreads(process.pid) ?? 0)), 100);
+  const perThread = new ThreadCpuSampler(() => [process.pid]);
   const cpu0 = process.cpuUsage();
   const t0 = performance.now();
   const lib = prepared.map((p) => p.start());
@@ -132,12 +136,14 @@ async function oneRun(ctx: PartContext, specs: readonly Spec[], scale: number, p
     qemuRun?.cancel();
     await all;
     clearInterval(sampler);
+    perThread.stop();
     throw new Error(`not every migration settled within ${RUN_BOUND_MS} ms: ${lib.map((m) => `${m.spec.name}: ${m.state()}`).join('; ')}`);
   }
   const results = await all;
   const wallMs = performance.now() - t0;
   const cpu = process.cpuUsage(cpu0);
   clearInterval(sampler);
+  const threadCpu = perThread.stop();
   const failures: string[] = [];
   const migrations: LoadMigration[] = [];
   for (const [i, r] of results.slice(0, lib.length).entries()) {
@@ -174,7 +180,7 @@ async function oneRun(ctx: PartContext, specs: readonly Spec[], scale: number, p
     }
   }
   const worst = migrations.filter((m) => m.p99Dst !== undefined).reduce<LoadMigration | undefined>((w, m) => (w === undefined || m.p99Dst! > w.p99Dst! ? m : w), undefined);
-  return { migrations, worstP99Us: worst?.p99Dst, worstName: worst?.name, ...(q ? { qemu: q } : {}), wallMs, cpuS: (cpu.user + cpu.system) / 1e6, osThreads: peakThreads, failures };
+  return { migrations, worstP99Us: worst?.p99Dst, worstName: worst?.name, ...(q ? { qemu: q } : {}), wallMs, cpuS: (cpu.user + cpu.system) / 1e6, osThreads: peakThreads, topThreads: topThreads(threadCpu, 6), failures };
 }
 
 /** A spec's name with its size as run (--quick halves them). */
@@ -217,6 +223,10 @@ function markdown(d: LoadData): string {
     ...d.variants
       .filter((v) => v.runs.length > 0)
       .map((v) => `- ${v.shape}, threads ${v.threads}: ${v.runs[v.runs.length - 1]!.migrations.map((m) => `${m.name} ${fmt(m.mbps)} MB/s${m.p99Dst !== undefined ? ` p99 ${fmt(m.p99Dst)} / ${fmt(m.p99Src)}` : ''}${m.identical ? '' : ' MEMORY DIFFERS'}`).join('; ')}`),
+    '',
+    'Where the CPU went, per thread of this process (last round):',
+    '',
+    ...d.variants.filter((v) => v.runs.length > 0).map((v) => `- ${v.shape}, threads ${v.threads}: ${v.runs[v.runs.length - 1]!.topThreads ?? '–'}`),
     '',
     `OS threads: this process's peak (/proc/self/status; Node's own threads included), workers: the channel threads the sessions' stats name; cores used: this process's CPU core-seconds (both ends of every library migration) over the run's wall time, of ${d.cores} cores. A failure of one migration is listed, not fatal.`,
   );

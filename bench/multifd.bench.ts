@@ -11,6 +11,9 @@
  *   - QEMU → QEMU, plain and TLS (the baseline);
  *   - QEMU → `qmt receive --multifd N` (the built CLI; a saved VM on disk,
  *     fsynced before it exits; `sync` before each timed run), plain and TLS;
+ *   - `qmt send --multifd N` (a saved VM of the same guest, captured once,
+ *     in the page cache) → a waiting QEMU, plain and TLS (timed from the
+ *     destination's first MIGRATION event to its `completed`);
  *   - library ↔ library over TLS, `multifd: { channels: N }`, threads on
  *     (a synthetic guest of the same size, every page holding data; RAM in
  *     shared memory at both ends, the destination's touched beforehand).
@@ -39,20 +42,20 @@ import { fmt } from './lib/report.js';
 import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
 import { fmtStats, median, ratio, runStats, type RunStats } from './lib/stats.js';
 import { RAM_BLOCK } from './lib/synthetic-guest.js';
-import { expectedGbps, ThreadCpuSampler, type ThreadCpuReport } from './lib/thread-cpu.js';
+import { expectedGbps, ThreadCpuSampler, topThreads, type ThreadCpuReport } from './lib/thread-cpu.js';
 
 const MiB = 1024 * 1024;
 const SESSION_PEER = fileURLToPath(new URL('./lib/session-peer.ts', import.meta.url));
 
-export type MultifdRow = 'qemu-qemu' | 'qemu-receive' | 'library';
+export type MultifdRow = 'qemu-qemu' | 'qemu-receive' | 'send-qemu' | 'library';
 export type Kind = 'plain' | 'tls';
 
 export interface MultifdRun {
   seconds: number;
   gbps: number;
   cpu: ThreadCpuReport;
-  /** Library: the sessions' own word on threads; the RAM the same at both ends. */
-  threadsUsed?: boolean;
+  /** Library: each session's own word on threads (undefined: its stats say nothing of threads); the RAM the same at both ends. */
+  threadsUsed?: { source?: boolean; dest?: boolean };
   workers?: number;
   identical?: boolean;
 }
@@ -180,6 +183,53 @@ async function qemuToReceive(env: Env, channels: number, tls: boolean, node: str
   }
 }
 
+/** The paused source QEMU's RAM and devices as a saved VM (our DestinationSession into a DirectorySink, no multifd): what `qmt send` restores. */
+async function captureSavedVm(env: Env, dir: string): Promise<void> {
+  const { DestinationSession, DirectorySink, RAM_DIR, writeSavedVm } = await import('../src/protocol/index.js');
+  const sink = new DirectorySink(join(dir, RAM_DIR));
+  const session = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, idleTimeoutMs: 60_000 });
+  try {
+    await env.src.setCapabilities({ multifd: false });
+    await env.src.setParameters({ 'tls-creds': '', 'tls-hostname': '' });
+    await env.src.migrate(session.uri);
+    await env.src.waitMigration(['completed'], 300_000);
+    const manifest = await writeSavedVm(dir, await session.done);
+    if (!manifest.complete) throw new Error(`capture incomplete: ${JSON.stringify(manifest.error)}`);
+  } finally {
+    session.close();
+    await sink.close();
+    await resetSource(env.src);
+  }
+}
+
+/** `qmt send --from DIR --multifd N` → a waiting QEMU (multifd N): timed from the destination's first MIGRATION event to its `completed`. */
+async function sendToQemu(env: Env, channels: number, tls: boolean, vmDir: string, node: string | undefined): Promise<MultifdRun> {
+  const { q, mib } = env;
+  const dst = await q.startQemuIn(undefined, { name: 'multifd-dst', memoryMiB: mib, guest: env.guest, incoming: true, extraArgs: q.tlsCredsArgs(env.pkiDir, 'server') });
+  try {
+    await dst.setCapabilities({ events: true, multifd: true });
+    await dst.setParameters({ 'multifd-channels': channels, 'tls-creds': tls ? 'tls0' : '' });
+    await dst.migrateIncoming('tcp:127.0.0.1:0');
+    const uri = `tcp:127.0.0.1:${await q.incomingPort(dst)}`;
+    const dsince = dst.qmp.events.length;
+    syncDisks();
+    const run = startQmtCli(['send', '--from', vmDir, '--to', uri, '--progress', 'none', '--multifd', String(channels), ...(tls ? ['--tls', env.pkiDir, '--tls-hostname', 'localhost'] : [])], node ? { node } : {});
+    const sampler = new ThreadCpuSampler(() => [dst.pid, run.child.pid]);
+    const r = await Promise.race([run.exit, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('qmt send: no exit within 300 s')), 300_000).unref())]);
+    if (r.code !== 0) throw new Error(`qmt send exited ${r.code ?? r.signal}: ${r.stderr.slice(-1500)}`);
+    await q.waitMigrationEvent(dst, 'completed', 60_000, dsince);
+    const cpu = sampler.stop();
+    const first = dst.qmp.events.slice(dsince).find((e) => e.event === 'MIGRATION');
+    const done = eventUsSince(dst, dsince, 'completed');
+    if (!first || done === undefined) throw new Error('no MIGRATION events on the destination');
+    const seconds = (done - (first.timestamp.seconds * 1e6 + first.timestamp.microseconds)) / 1e6;
+    const own = r.cpu ? r.cpu.userS + r.cpu.systemS : 0;
+    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpu: { ...cpu, totalS: Math.max(cpu.totalS, own) } };
+  } finally {
+    await dst.stop();
+  }
+}
+
 async function libraryRun(ctx: PartContext, bytes: number, channels: number, pkiDir: string, threads: 'on' | 'off', node: string | undefined): Promise<MultifdRun> {
   const src = ctx.track(BenchChild.start<SessionCommand>('source', SESSION_PEER, [], [], [], node));
   const dst = ctx.track(BenchChild.start<SessionCommand>('dest', SESSION_PEER, [], [], [], node));
@@ -197,12 +247,13 @@ async function libraryRun(ctx: PartContext, bytes: number, channels: number, pki
     const seconds = (d.completedUs - s.startUs) / 1e6;
     const ts = threadsOf(s.stats);
     const td = threadsOf(d.stats);
-    if (threads === 'on' && !(ts?.used && td?.used)) throw new FeatureMissing(ts && td ? `threads not used: ${ts.why}; ${td.why}` : 'the sessions report no stats.threads');
+    // Neither end in threads although asked: not the row it says (one end without them is reported in the row).
+    if (threads === 'on' && !ts?.used && !td?.used) throw new FeatureMissing(ts || td ? `threads not used: ${[ts?.why, td?.why].filter(Boolean).join('; ')}` : 'the sessions report no stats.threads');
     return {
       seconds,
       gbps: bytes / seconds / 1e9,
       cpu,
-      ...(ts || td ? { threadsUsed: (ts?.used ?? false) && (td?.used ?? false), workers: (ts?.channels.length ?? 0) + (td?.channels.length ?? 0) } : {}),
+      ...(ts || td ? { threadsUsed: { ...(ts ? { source: ts.used } : {}), ...(td ? { dest: td.used } : {}) }, workers: (ts?.channels.length ?? 0) + (td?.channels.length ?? 0) } : {}),
       identical: s.hash !== undefined && s.hash === d.hash,
     };
   } finally {
@@ -234,7 +285,10 @@ function markdown(d: MultifdData): string {
     '|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
   );
   for (const v of d.variants) {
-    const label = `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}` : ''}`;
+    const last = v.runs[v.runs.length - 1];
+    const yn = (b: boolean | undefined): string => (b === undefined ? 'no stats' : b ? 'yes' : 'no');
+    const used = v.row === 'library' && last?.threadsUsed ? ` (in threads: source ${yn(last.threadsUsed?.source)}, destination ${yn(last.threadsUsed?.dest)}; ${last.workers ?? 0} workers)` : '';
+    const label = `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}${used}` : ''}`;
     const kind = v.kind === 'tls' ? 'TLS 1.3' : 'plain TCP';
     if (v.unavailable) {
       lines.push(`| ${label} | ${kind} | ${v.channels} | ${notAvailable(v.unavailable)} | | | | | | | | |`);
@@ -252,8 +306,14 @@ function markdown(d: MultifdData): string {
       `| ${label}${ident}${err} | ${kind} | ${v.channels} | ${fmtStats(v.stats, 2)} | ${r1} | ${rq} | ${fmt(v.cpuPerGb, 2)} | ${fmt(v.busiestPerGb, 2)} | ${fmt(v.coresUsed, 2)} | ${fmt(v.osThreads)} / ${fmt(v.busyThreads)} | ${here === undefined ? '–' : `${fmt(here, 2)} GB/s`} | ${big === undefined ? '–' : `${fmt(big, 2)} GB/s`} |`,
     );
   }
+  lines.push('', 'Where the CPU went, per thread (the last run of each row; QEMU names its threads, e.g. `multifdsend_N`, `live_migration`; Node its workers after their `name`):', '');
+  for (const v of d.variants) {
+    const last = v.runs[v.runs.length - 1];
+    if (!last) continue;
+    lines.push(`- ${MULTIFD_LABEL[v.row]}, ${v.kind === 'tls' ? 'TLS' : 'plain'}, ${v.channels} channel${v.channels === 1 ? '' : 's'}: ${topThreads(last.cpu, 6)}`);
+  }
   lines.push('', `Aim (issue 13), reported, not asserted: on these ${d.cores}-core machines 2 TLS channels ≥ ${MULTIFD_TLS_2_VS_1}× the throughput of one:`, '');
-  for (const row of ['library', 'qemu-receive', 'qemu-qemu'] as const) {
+  for (const row of ['library', 'qemu-receive', 'send-qemu', 'qemu-qemu'] as const) {
     const s = multifdScaling(d, row);
     lines.push(
       `- ${MULTIFD_LABEL[row]}${row === 'qemu-qemu' ? ' (reference)' : ''}: ${s.unavailable ? notAvailable(s.unavailable) : s.ratio === undefined ? 'not measured' : `${fmt(s.two, 2)} / ${fmt(s.one, 2)} GB/s = ${fmt(s.ratio, 2)}× — ${s.ratio >= MULTIFD_TLS_2_VS_1 ? 'met' : 'missed'}`}`,
@@ -278,6 +338,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   const node = threadsNode();
   const data: MultifdData = { guestBytes: bytes, runs, cores: os.cpus().length, referenceCores: REFERENCE_CORES, variants: [], ...(node ? { node: node.version } : {}) };
   const cliWhy = builtCliProblem() ?? (cliHasFlag('receive', '--multifd') ? undefined : 'this build of `qmt receive` has no `--multifd`');
+  const sendWhy = builtCliProblem() ?? (cliHasFlag('send', '--multifd') ? undefined : 'this build of `qmt send` has no `--multifd`');
   const libWhy = multifdUnavailable('both');
   const libThreads = threadsUnavailable() ? 'off' : 'on';
   const q = await import('./lib/qemu.js');
@@ -286,6 +347,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
     for (const channels of channelCounts) {
       data.variants.push({ row: 'qemu-qemu', kind, channels, runs: [], errors: [], ...(qemuWhy ? { unavailable: qemuWhy } : {}) });
       data.variants.push({ row: 'qemu-receive', kind, channels, runs: [], errors: [], ...((qemuWhy ?? cliWhy) ? { unavailable: (qemuWhy ?? cliWhy)! } : {}) });
+      data.variants.push({ row: 'send-qemu', kind, channels, runs: [], errors: [], ...((qemuWhy ?? sendWhy) ? { unavailable: (qemuWhy ?? sendWhy)! } : {}) });
       if (kind === 'tls') data.variants.push({ row: 'library', kind, channels, threads: libThreads, runs: [], errors: [], ...(libWhy ? { unavailable: libWhy } : {}) });
     }
   }
@@ -293,6 +355,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   const pkiDir = join(work, 'pki');
   await initPkiDir(pkiDir);
   let env: Env | undefined;
+  let vmDir: string | undefined;
   if (!qemuWhy) {
     data.qemuVersion = await q.qemuVersion();
     ctx.onCleanup(() => q.stopAll());
@@ -306,6 +369,11 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
     env = { q, ctx, mib, pkiDir, work, src, guest };
     ctx.log('warm-up migration (not counted) …');
     await qemuToQemu(env, 1, false);
+    if (data.variants.some((v) => v.row === 'send-qemu' && !v.unavailable)) {
+      ctx.log('capturing the guest into a saved VM for `qmt send` …');
+      vmDir = join(work, 'saved-vm');
+      await captureSavedVm(env, vmDir);
+    }
   }
   for (let round = 0; round < runs; round++) {
     for (const v of data.variants) {
@@ -313,7 +381,13 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
       const tls = v.kind === 'tls';
       try {
         const r =
-          v.row === 'qemu-qemu' ? await qemuToQemu(env!, v.channels, tls) : v.row === 'qemu-receive' ? await qemuToReceive(env!, v.channels, tls, node?.path) : await libraryRun(ctx, bytes, v.channels, pkiDir, v.threads ?? 'off', node?.path);
+          v.row === 'qemu-qemu'
+            ? await qemuToQemu(env!, v.channels, tls)
+            : v.row === 'qemu-receive'
+              ? await qemuToReceive(env!, v.channels, tls, node?.path)
+              : v.row === 'send-qemu'
+                ? await sendToQemu(env!, v.channels, tls, vmDir!, node?.path)
+                : await libraryRun(ctx, bytes, v.channels, pkiDir, v.threads ?? 'off', node?.path);
         v.runs.push(r);
         ctx.log(`round ${round + 1}/${runs}: ${v.row} ${v.kind} ×${v.channels}: ${fmt(r.gbps, 2)} GB/s, CPU ${fmt(r.cpu.totalS, 2)} s (${fmt(r.cpu.totalS / r.seconds, 2)} cores, ${r.cpu.busyThreads}/${r.cpu.threads} threads busy)${r.identical === false ? ' — RAM DIFFERS' : ''}`);
       } catch (e) {

@@ -287,7 +287,7 @@ async function main(): Promise<void> {
     '',
     issue13Intro(parts, runStart),
     '',
-    issue13Table(issue13Lines(parts)),
+    issue13Table(issue13Lines(parts, profile?.paths)),
     '',
   );
   lines.push(
@@ -336,13 +336,13 @@ async function main(): Promise<void> {
     '',
     ...[
       ['bulk-throughput.svg', 'bulk throughput'],
-      ['urgent-cdf.svg', 'urgent page requests, CDF (one chart, both links)'],
+      ['urgent-cdf.svg', 'urgent page requests, CDF (one chart, both links; the threads rows included)'],
       ['seed-downtime.svg', "the seed's experiment: downtime"],
       ['latency-cdf-loopback.svg', 'bench:latency, loopback'],
       ['latency-cdf-veth.svg', 'bench:latency, veth'],
     ].map(([f, t]) => `- [${t}](results/${f})`),
     '',
-    `Reproduce: \`npm run bench\` as root on an idle machine with QEMU 10.0 (\`-- --quick\` for a short run, \`-- --only bulk,saved,demo\` for the issue-12 rows, \`-- --mib 2048 --runs 5\` for their size and rounds, \`-- --no-veth\` without the shaped link); the CPU profiles: \`npm run bench:profile\`.`,
+    `Reproduce: \`npm run bench\` as root on an idle machine with QEMU 10.0 (\`-- --quick\` for a short run, \`-- --only urgent,demo,load,multifd --runs 3\` for the issue-13 rows (the threaded ones under a Node.js ≥ 26.6: QMT_BENCH_NODE, this Node.js, or .cache/node/), \`-- --only bulk,saved,demo\` for the issue-12 rows, \`-- --mib 2048 --runs 5\` for their size and rounds, \`-- --no-veth\` without the shaped link); the CPU profiles: \`npm run bench:profile\`.`,
     '',
   );
   await writeFile(join(BENCH, 'REPORT.md'), lines.join('\n'));

@@ -42,7 +42,8 @@ import { fmtRatio, fmtStats, runStats, type RunStats } from './lib/stats.js';
 import type { TapCommand, TapRun } from './lib/tap-peer.js';
 import { faultToPlaced } from './lib/qemu-trace.js';
 import { processCpuSeconds } from './lib/cpu.js';
-import { notAvailable, threadSampler, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { notAvailable, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { ThreadCpuSampler, topThreads } from './lib/thread-cpu.js';
 
 /** A row whose feature this tree lacks: not a failure, "not available". */
 class FeatureMissing extends Error {}
@@ -83,7 +84,7 @@ interface UrgentRun {
   postcopyMs: number | undefined;
   tapForwardP99Us: number;
   /** Our source process: peak OS threads, its worker threads (stats.threads), CPU core-seconds and wall seconds of the migration. */
-  sourceProcess?: { osThreads: number; workers: number | undefined; threadsUsed: boolean | undefined; why?: string; cpuS: number | undefined; seconds: number };
+  sourceProcess?: { osThreads: number; workers: number | undefined; threadsUsed: boolean | undefined; why?: string; cpuS: number | undefined; seconds: number; top?: string };
 }
 
 interface Row extends RowSpec {
@@ -214,11 +215,12 @@ async function libraryRun(ctx: PartContext, q: Qemu, env: LinkEnv, mib: number, 
     await src.call({ cmd: 'source-prepare', memory: { kind: 'saved-vm', dir: vmDir, ...(threads ? { inMemory: true } : {}) } }, 60_000);
     const t = await startTap(ctx, env, dstUri);
     tap = t.tap;
-    const sampler = threadSampler(() => [src.pid]);
+    const sampler = new ThreadCpuSampler(() => [src.pid]);
     const cpu0 = processCpuSeconds(src.pid);
     const s = await src.call<SourceRun>({ cmd: 'source-migrate', to: t.uri, policy: { afterPasses: 0 }, preempt, timeoutMs: 180_000, ...(threads ? { threads } : {}) }, 190_000);
     const cpuS = diffCpu(cpu0, processCpuSeconds(src.pid));
-    const [osThreads = 0] = sampler.stop();
+    const perThread = sampler.stop();
+    const osThreads = perThread.threads;
     await dst.waitMigration(['completed'], 30_000);
     const tr = await tap.call<TapRun>({ cmd: 'tap-wait', timeoutMs: 20_000 }, 25_000);
     const own = summarize(s.requestLatencyUs);
@@ -227,7 +229,7 @@ async function libraryRun(ctx: PartContext, q: Qemu, env: LinkEnv, mib: number, 
       ...fromTap(tr),
       sourceRequests: s.stats['postcopy-requests'],
       ...(own ? { sourceSideUs: { p50: own.p50Us, p99: own.p99Us } } : {}),
-      sourceProcess: { osThreads, workers: th?.channels.length, threadsUsed: th?.used, ...(th ? { why: th.why } : {}), cpuS, seconds: (s.doneUs - s.startUs) / 1e6 },
+      sourceProcess: { osThreads, workers: th?.channels.length, threadsUsed: th?.used, ...(th ? { why: th.why } : {}), cpuS, seconds: (s.doneUs - s.startUs) / 1e6, top: topThreads(perThread) },
     };
     // A tree whose SourceSession ignores `threads` runs on one thread: that row is not what it says.
     if (threads === 'on' && !th?.used) throw new FeatureMissing(th ? `threads not used: ${th.why}` : 'the source reported no stats.threads: SourceSession has no threads yet');
@@ -328,6 +330,11 @@ function markdown(d: UrgentData, runs: number, latency: PartResult<unknown> | un
         ? '–'
         : `${fmtStats(runStats(procs.map((p) => p.osThreads)))} (${workers.length > 0 ? `${fmtStats(runStats(workers))} workers` : 'no stats.threads'}), ${fmtStats(runStats(procs.filter((p) => p.cpuS !== undefined && p.seconds > 0).map((p) => p.cpuS! / p.seconds)), 2)} of ${d.cores ?? '?'}`;
     lines.push(`| ${r.link} | ${r.label}${err} | ${fmt(sum((x) => x.answered.preempt))} / ${fmt(sum((x) => x.answered.main))} | ${fmt(sum((x) => x.unanswered))} | ${med(r.runs.map((x) => x.postcopyMs))} | ${med(r.runs.map((x) => x.tapForwardP99Us))} | ${own} | ${proc} |${tr}`);
+  }
+  lines.push('', 'Our source process, where its CPU went per thread (last run of each row; threads seen over the run, Node names a worker\'s thread after the Worker\'s `name`):', '');
+  for (const r of d.rows) {
+    const top = r.runs[r.runs.length - 1]?.sourceProcess?.top;
+    if (top) lines.push(`- ${r.link}, ${r.label}: ${top}`);
   }
   lines.push('');
   if (d.vethSkipped) lines.push(`Shaped link skipped: ${d.vethSkipped}.`, '');

@@ -78,6 +78,7 @@ export const REFERENCE_CORES = 16;
 export const MULTIFD_LABEL: Record<MultifdRow, string> = {
   'qemu-qemu': 'QEMU → QEMU multifd',
   'qemu-receive': 'QEMU multifd → `qmt receive --multifd N` (saved VM, durable)',
+  'send-qemu': '`qmt send --multifd N` (saved VM) → QEMU multifd',
   library: 'library ↔ library multifd',
 };
 

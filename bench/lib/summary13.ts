@@ -14,6 +14,7 @@ import type { PartResult } from './part.js';
 import { fmt } from './report.js';
 import { ratio } from './stats.js';
 import { expectedGbps } from './thread-cpu.js';
+import { headingAnchor, profileDigest, profileHeading, type ProfiledPath } from './cpuprofile.js';
 
 export interface Issue13Line {
   row: string;
@@ -25,6 +26,18 @@ export interface Issue13Line {
   machine: string;
   /** When the figure was taken, and whether it was a quick run. */
   run: string;
+  /** For a missed aim: where the CPU went, per thread (and the function-level profile when bench:profile --threads ran). */
+  time?: string;
+}
+
+let profiles: Map<string, ProfiledPath> | undefined;
+
+/** A missed aim's "where the time goes": the busiest threads of its last run, and its CPU profile per thread when there is one. */
+function timeGoesTo(met: boolean | undefined, threads: string | undefined, profileId?: string): string | undefined {
+  if (met !== false) return undefined;
+  const p = profileId ? profiles?.get(profileId) : undefined;
+  const prof = p ? ` — [profile per thread](#${headingAnchor(profileHeading(p))}): ${profileDigest(p)}` : profileId ? ' — per-thread profile: `npm run bench:profile -- --only-threads`' : '';
+  return `${threads && threads !== '–' ? `threads: ${threads}` : 'per-thread CPU not sampled'}${prof}`;
 }
 
 const verdict = (ok: boolean | undefined): string => (ok === undefined ? '' : ok ? ' — met' : ' — missed');
@@ -47,12 +60,15 @@ function urgentLines(p: PartResult<unknown>, out: Issue13Line[]): void {
       const b = q?.summary;
       const procs = ours.runs.map((r) => r.sourceProcess).filter((x) => x !== undefined);
       const last = procs[procs.length - 1];
+      const met = s && b ? s.p50Us <= b.p50Us && s.p99Us <= b.p99Us : undefined;
+      const time = timeGoesTo(met, last?.top);
       out.push({
+        ...(time ? { time } : {}),
         row,
         figure: s ? `p50 ${ms(s.p50Us)} / p99 ${ms(s.p99Us)} ms (${fmt(s.count)} requests)` : '–',
         baseline: b ? `QEMU → QEMU + preempt p50 ${ms(b.p50Us)} / p99 ${ms(b.p99Us)} ms` : '–',
         ratio: s && b ? `p50 ${fmt(s.p50Us / b.p50Us, 2)}×, p99 ${fmt(s.p99Us / b.p99Us, 2)}×` : '–',
-        aim: `p50 and p99 no worse than QEMU + preempt${verdict(s && b ? s.p50Us <= b.p50Us && s.p99Us <= b.p99Us : undefined)}`,
+        aim: `p50 and p99 no worse than QEMU + preempt${verdict(met)}`,
         machine: last ? `source: ${last.osThreads} OS threads${last.workers !== undefined ? `, ${last.workers} workers` : ''}, ${last.cpuS !== undefined && last.seconds > 0 ? fmt(last.cpuS / last.seconds, 2) : '–'} of ${d.cores ?? '?'} cores` : '',
         run: when(p),
       });
@@ -78,12 +94,15 @@ function demoLines(p: PartResult<unknown>, out: Issue13Line[]): void {
         out.push({ row, figure: notAvailable(na), baseline: '', ratio: '', aim: `≥ ${DEMO_AIMS[pct]}× better than \`--no-preempt\``, machine: '', run: when(p) });
         continue;
       }
+      const met = a[pct] === undefined ? undefined : a[pct]! >= DEMO_AIMS[pct];
+      const time = timeGoesTo(met, on?.runs[on.runs.length - 1]?.topThreads, threads === 'on' ? 'demo-preempt-threads' : 'demo-preempt');
       out.push({
+        ...(time ? { time } : {}),
         row,
         figure: `${ms(on?.[pct]?.median)} ms`,
         baseline: `\`--no-preempt\` ${ms(off?.[pct]?.median)} ms`,
         ratio: a[pct] === undefined ? '–' : `${fmt(a[pct], 1)}× better`,
-        aim: `≥ ${DEMO_AIMS[pct]}× better${verdict(a[pct] === undefined ? undefined : a[pct]! >= DEMO_AIMS[pct])}`,
+        aim: `≥ ${DEMO_AIMS[pct]}× better${verdict(met)}`,
         machine: mach(on),
         run: when(p),
       });
@@ -105,7 +124,9 @@ function loadLines(p: PartResult<unknown>, out: Issue13Line[]): void {
     const r = ratio(eight.worstP99?.median, single.worstP99?.median);
     const last = eight.runs[eight.runs.length - 1];
     const workers = last?.migrations.reduce((s, m) => s + (m.workers ?? 0), 0);
+    const time = timeGoesTo(r === undefined ? undefined : r <= LOAD_AIM, last?.topThreads);
     out.push({
+      ...(time ? { time } : {}),
       row,
       figure: `${ms(eight.worstP99?.median)} ms`,
       baseline: `\`${d.single}\` alone ${ms(single.worstP99?.median)} ms`,
@@ -119,7 +140,7 @@ function loadLines(p: PartResult<unknown>, out: Issue13Line[]): void {
 
 function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
   const d = p.data as MultifdData;
-  for (const row of ['library', 'qemu-receive', 'qemu-qemu'] as const) {
+  for (const row of ['library', 'qemu-receive', 'send-qemu', 'qemu-qemu'] as const) {
     const s = multifdScaling(d, row);
     const name = `${MULTIFD_LABEL[row]}${row === 'library' ? `, threads ${d.variants.find((v) => v.row === 'library')?.threads ?? '?'}` : ''}: 2 TLS channels vs 1${row === 'qemu-qemu' ? ' (reference)' : ''}`;
     if (s.unavailable) {
@@ -127,7 +148,9 @@ function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
       continue;
     }
     const two = d.variants.find((v) => v.row === row && v.kind === 'tls' && v.channels === 2);
+    const time = timeGoesTo(s.ratio === undefined ? undefined : s.ratio >= MULTIFD_TLS_2_VS_1, two ? topThreadsOf(two) : undefined, row === 'library' ? 'library-multifd2-tls-threads' : undefined);
     out.push({
+      ...(time ? { time } : {}),
       row: name,
       figure: s.two === undefined ? '–' : `${fmt(s.two, 2)} GB/s`,
       baseline: s.one === undefined ? '–' : `1 channel ${fmt(s.one, 2)} GB/s`,
@@ -153,7 +176,13 @@ function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
   }
 }
 
-export function issue13Lines(parts: Map<string, PartResult<unknown>>): Issue13Line[] {
+const topThreadsOf = (v: { runs: { cpu: import('./thread-cpu.js').ThreadCpuReport }[] }): string | undefined => {
+  const last = v.runs[v.runs.length - 1];
+  return last?.cpu.top ? last.cpu.top.slice(0, 5).map((t) => `${t.comm} ${fmt(t.cpuS, 2)} s`).join(', ') : undefined;
+};
+
+export function issue13Lines(parts: Map<string, PartResult<unknown>>, profilePaths?: Map<string, ProfiledPath>): Issue13Line[] {
+  profiles = profilePaths;
   const out: Issue13Line[] = [];
   const add = (name: string, f: (p: PartResult<unknown>, o: Issue13Line[]) => void, what: string): void => {
     const p = parts.get(name);
@@ -171,8 +200,8 @@ export function issue13Lines(parts: Map<string, PartResult<unknown>>): Issue13Li
 }
 
 export function issue13Table(lines: readonly Issue13Line[]): string {
-  const rows = ['| row | figure | baseline (same run) | ratio | aim | threads, cores used | run |', '|---|---|---|---|---|---|---|'];
-  for (const l of lines) rows.push(`| ${l.row} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} | ${l.machine} | ${l.run} |`);
+  const rows = ['| row | figure | baseline (same run) | ratio | aim | threads, cores used | run | missed: where the CPU went, per thread |', '|---|---|---|---|---|---|---|---|'];
+  for (const l of lines) rows.push(`| ${l.row} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} | ${l.machine} | ${l.run} | ${l.time ?? ''} |`);
   return rows.join('\n');
 }
 

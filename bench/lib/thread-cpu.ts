@@ -67,7 +67,18 @@ export interface ThreadCpuReport {
   busyThreads: number;
   /** The busiest thread: its name (comm) and core-seconds. */
   busiest: { comm: string; cpuS: number } | undefined;
+  /** The busiest threads, most first (at most 8): where the CPU went, per thread (Node names a worker's thread after the Worker's `name`, 15 characters). */
+  top: { comm: string; cpuS: number }[];
   wallS: number;
+}
+
+/** `comm 1.23 s (45 %)` for the busiest threads, or '–'. */
+export function topThreads(r: ThreadCpuReport | undefined, n = 5): string {
+  if (!r?.top || r.top.length === 0) return '–';
+  return r.top
+    .slice(0, n)
+    .map((t) => `${t.comm} ${t.cpuS.toFixed(2)} s (${r.wallS > 0 ? Math.round((t.cpuS / r.wallS) * 100) : 0} % of a core)`)
+    .join(', ');
 }
 
 export class ThreadCpuSampler {
@@ -125,7 +136,8 @@ export class ThreadCpuSampler {
       per.reduce((s, t) => s + t.cpuS, 0),
     );
     const busiest = per.reduce<{ comm: string; cpuS: number } | undefined>((b, t) => (b === undefined || t.cpuS > b.cpuS ? t : b), undefined);
-    return { totalS, threads: per.length, busyThreads: per.filter((t) => wallS > 0 && t.cpuS / wallS >= 0.05).length, busiest, wallS };
+    const top = per.filter((t) => t.cpuS > 0).sort((a, b) => b.cpuS - a.cpuS).slice(0, 8);
+    return { totalS, threads: per.length, busyThreads: per.filter((t) => wallS > 0 && t.cpuS / wallS >= 0.05).length, busiest, top, wallS };
   }
 }
 

@@ -143,6 +143,8 @@ export interface DestinationStatsJson {
   /** Times reading waited for the sink (its disk slower than the network). */
   sink: { pauses: number };
   channels: { main?: ChannelJson; preempt?: ChannelJson };
+  /** With multifd: channels, MULTIFD_FLUSH barriers passed, packets, and per channel (by id) its bytes and pages. */
+  multifd?: { channels: number; syncs: number; packets: number; flushWaits: number; perChannel: { id: number; bytes: number; packets: number; pages: PagesJson }[] };
 }
 
 export function destinationStatsJson(s: DestinationStats): DestinationStatsJson {
@@ -160,6 +162,17 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     runs: { count: s.runs.count },
     sink: { pauses: s['sink-waits'] },
     channels: channelsJson(s.channels),
+    ...(s.multifd
+      ? {
+          multifd: {
+            channels: s.multifd.channels,
+            syncs: s.multifd.syncs,
+            packets: s.multifd.packets,
+            flushWaits: s.multifd['flush-waits'],
+            perChannel: s.multifd.perChannel.map((c, id) => ({ id, bytes: c.bytes, packets: c.packets, pages: { normal: c.normal, zero: c.zero, xbzrle: 0 } })),
+          },
+        }
+      : {}),
   };
 }
 

@@ -30,6 +30,8 @@ export interface ReceiveOptions {
   tlsAllow?: readonly string[];
   /** Accept postcopy (QEMU's `postcopy-ram` capability on the destination). */
   postcopy?: boolean;
+  /** QEMU's multifd with this many channels (1–255; the source's `multifd-channels`). */
+  multifd?: number;
   /** Make demand page requests once postcopy runs (needs `postcopy`). */
   fault?: FaultPattern;
   /** Demand requests per second with `fault`, 1 .. 100 000 (default 100). */
@@ -161,6 +163,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
         main: { tuning: { noDelay: true } },
       },
       postcopy: opts.postcopy ?? false,
+      ...(opts.multifd !== undefined ? { multifd: { channels: opts.multifd } } : {}),
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
       ...(opts.recovery !== undefined ? { recovery: opts.recovery } : {}),
     });
@@ -173,7 +176,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
 
   const s = session;
   report.listen = s.uri;
-  const listening = `listening on ${s.uri}${opts.tls ? ' (TLS)' : ''}${opts.postcopy ? ', postcopy enabled' : ''}`;
+  const listening = `listening on ${s.uri}${opts.tls ? ' (TLS)' : ''}${opts.multifd ? `, multifd ${opts.multifd} channels` : ''}${opts.postcopy ? ', postcopy enabled' : ''}`;
   // Printed even without progress: with port 0 it is the only way to learn the port.
   if (progress.mode === 'none') (opts.stderr ?? process.stderr).write(`qmt: ${listening}\n`);
   else progress.log(listening);
@@ -220,7 +223,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
 
   s.on('channel', (c) => {
     const tls = c.stats.tls ? ` (${c.stats.tls.protocol ?? 'TLS'}${c.stats.tls.resumed ? ', resumed' : ''})` : '';
-    progress.log(`${c.role} channel connected${tls}`);
+    progress.log(`${c.role === 'multifd' ? `multifd-${c.stats.id ?? 0}` : c.role} channel connected${tls}`);
   });
   s.on('configuration', (c) => progress.log(`machine ${c.machineType}`));
   s.on('ram-blocks', (list) => {
@@ -319,6 +322,8 @@ export function formatReceiveSummary(r: ReceiveReport): string[] {
       `${r.ok ? 'completed' : 'stopped'} after ${formatDuration(st['total-time'])}: ${formatBytes(st.transferred)}, ${pages} pages (${st.normal} normal, ${st.duplicate} zero${st.xbzrle ? `, ${st.xbzrle} xbzrle` : ''}), ${iter} precopy iteration${iter === 1 ? '' : 's'}${st['preempt-pages'] ? `, ${st['preempt-pages']} pages on the preempt channel` : ''}${st.runs.count ? `, in ${st.runs.count} runs (${(st.runs.pages / st.runs.count).toFixed(1)} pages per run)` : ''}${st['sink-waits'] ? `, reading paused ${st['sink-waits']} times for the disk` : ''}`,
     );
   }
+  const m = st?.multifd;
+  if (m) lines.push(`multifd: ${m.channels} channels, ${m.packets} packets, ${m.syncs} barriers (${m.perChannel.map((c) => formatBytes(c.bytes)).join(' / ')})`);
   const f = r.faults;
   if (f) {
     const l = f.latency;
@@ -340,6 +345,7 @@ interface ReceiveCliOptions {
   tls?: string;
   tlsAllow?: string[];
   postcopy?: boolean;
+  multifd?: number;
   fault?: FaultPattern;
   faultRate?: number;
   idleTimeout?: number;
@@ -389,6 +395,7 @@ export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOption
     ...(o.tls ? { tls: o.tls } : {}),
     ...(o.tlsAllow?.length ? { tlsAllow: o.tlsAllow } : {}),
     postcopy: o.postcopy ?? false,
+    ...(o.multifd !== undefined ? { multifd: o.multifd } : {}),
     ...(o.fault ? { fault: o.fault, faultRate: o.faultRate ?? 100 } : {}),
     ...(o.idleTimeout !== undefined ? { idleTimeoutMs: o.idleTimeout } : {}),
     ...(o.recovery === false
@@ -412,6 +419,7 @@ export function registerReceiveCommand(program: Command): Command {
     .option('--tls <dir>', 'QEMU tls-creds-x509 directory (server side): TLS on every channel')
     .option('--tls-allow <name>', "with --tls: accept only a source whose certificate names NAME (subject DN, CN or subjectAltName; repeatable; QEMU's tls-authz)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
+    .option('--multifd <n>', "QEMU's multifd: the source opens N more channels for the pages (its multifd-channels, 1..255)", intArg('--multifd', 1, 255))
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
     .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never); once postcopy runs, pause instead', intArg('--idle-timeout', 0, 2_147_483_647))

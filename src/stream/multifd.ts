@@ -409,7 +409,7 @@ export class MultifdDecoder extends PushDecoder<MultifdRecord> {
     this.checkMagic(q.be32(0), 'init message');
     const version = q.be32(4);
     if (version !== MULTIFD_VERSION) throw new StreamError('unsupported-version', at + 4, `multifd init message version ${version} (expected ${MULTIFD_VERSION})`);
-    const uuid = q.bytes(8, 16).slice();
+    const uuid = new Uint8Array(q.bytes(8, 16)); // a copy: the pushed chunk may be reused
     const id = q.u8(24);
     if (this.uuid && !sameBytes(uuid, this.uuid)) {
       throw new StreamError('bad-multifd-init', at + 8, `multifd channel ${id} announces UUID ${hex(uuid)}, expected ${hex(this.uuid)}`);

@@ -65,6 +65,7 @@
  * The mechanics (candidates, timers, peeking) are admission.ts.
  */
 import { Command, FILE_MAGIC, RamFlag, RecordType } from '../stream/constants.js';
+import { MULTIFD_INIT_BYTES, MULTIFD_MAGIC, MULTIFD_VERSION } from '../stream/multifd.js';
 import { TransportError } from './errors.js';
 
 /** Default of {@link QualifyOptions.maxPendingConnections}. */
@@ -181,10 +182,6 @@ export type MultifdStartVerdict =
   /** The multifd magic, but an init message this listener refuses (`taken`: a second channel with that id). */
   | { verdict: 'bad-init'; why: string; id?: number; taken?: boolean };
 
-// multifd.c MULTIFD_MAGIC / MULTIFD_VERSION / sizeof(MultiFDInit_t)
-const MULTIFD_MAGIC = 0x11223344;
-const MULTIFD_VERSION = 1;
-const MULTIFD_INIT_BYTES = 64;
 const MULTIFD_MAGIC_BYTES = [(MULTIFD_MAGIC >>> 24) & 0xff, (MULTIFD_MAGIC >>> 16) & 0xff, (MULTIFD_MAGIC >>> 8) & 0xff, MULTIFD_MAGIC & 0xff];
 
 function hex(b: Uint8Array): string {

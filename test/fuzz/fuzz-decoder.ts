@@ -12,7 +12,10 @@
  * VM description) plus the raw first 64 KiB; the tail of some skeletons as a
  * postcopy-recovery ('resume') channel; the preempt channel whole, cut down,
  * and as RAM records taken from a main stream; the return paths whole plus one
- * synthetic message of every type. Each base is decoded once and mapped
+ * synthetic message of every type; multifd channels of the multifd captures
+ * cut to their init message and a few packets (decoded with and without the
+ * block list, a smaller packet capacity, split packets, one channel). Each
+ * base is decoded once and mapped
  * (record spans, length/id/flag fields) so that mutations can aim at fields.
  *
  * Input i of seed s is a pure function of (s, i): mutations (bit flips,
@@ -36,6 +39,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import {
+  MultifdDecoder,
   PreemptDecoder,
   ReturnPathDecoder,
   StreamDecoder,
@@ -45,13 +49,15 @@ import {
   vmdescSectionSizes,
   type DeviceSectionSize,
   type KnownBlock,
+  type MultifdDecoderOptions,
   type PreemptRecord,
   type ReturnPathMessage,
   type StreamDecoderOptions,
   type StreamErrorCode,
   type StreamRecord,
 } from '../../src/stream/index.js';
-import { Rng, chunksAt, decodeMain, mapMainRecords, mapPreemptRecords, mapReturnPath, mutate, randomCuts, randomMutations, type Mutation, type RecordMap, type RecordSpan } from './mutate.js';
+import { MULTIFD_SCENARIOS, decodeChannel, loadCapture } from '../stream/multifd-capture.js';
+import { Rng, chunksAt, decodeMain, mapMainRecords, mapMultifdRecords, mapPreemptRecords, mapReturnPath, mutate, randomCuts, randomMutations, type Mutation, type RecordMap, type RecordSpan } from './mutate.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const FIX = join(ROOT, 'test', 'fixtures');
@@ -135,7 +141,7 @@ function parseArgs(argv: readonly string[]): Options {
 
 // ---- the corpus ---------------------------------------------------------------------
 
-type Target = 'main' | 'resume' | 'preempt' | 'rp';
+type Target = 'main' | 'resume' | 'preempt' | 'rp' | 'multifd';
 
 interface Base {
   readonly name: string;
@@ -154,6 +160,8 @@ interface Corpus {
   readonly byTarget: Record<Target, Base[]>;
   /** The main channel's block map of the preempt capture: the preempt decoder's blocks. */
   readonly preemptBlocks: ReadonlyMap<string, KnownBlock>;
+  /** The RAM blocks of the multifd captures (from their main channel): the multifd decoder's block list. */
+  readonly multifdBlocks: readonly KnownBlock[];
 }
 
 const MAIN_FIXTURES = ['paused-guest.bin', 'running-guest.bin', 'pc-running.bin', 'multiblock.bin', 'xbzrle.bin', 'returnpath-main.bin', 'postcopy-main.bin', 'preempt-main.bin'];
@@ -289,7 +297,7 @@ function decodeAllRp(buf: Buffer): ReturnPathMessage[] {
 }
 
 function buildCorpus(): Corpus {
-  const byTarget: Record<Target, Base[]> = { main: [], resume: [], preempt: [], rp: [] };
+  const byTarget: Record<Target, Base[]> = { main: [], resume: [], preempt: [], rp: [], multifd: [] };
   let preemptBlocks: ReadonlyMap<string, KnownBlock> = new Map();
   let postListenPages: Buffer | undefined;
   for (const file of MAIN_FIXTURES) {
@@ -374,7 +382,27 @@ function buildCorpus(): Corpus {
     ['synthetic-rp', Buffer.concat(synthetic.map((m) => encodeReturnPathMessage(m)))],
   ];
   for (const [name, bytes] of rpBases) byTarget.rp.push({ name, target: 'rp', bytes, map: mapReturnPath(decodeAllRp(bytes)), weight: 1 });
-  return { byTarget, preemptBlocks };
+
+  // Multifd channels: the init message and a few records each (small packets, and one full page packet per capture).
+  const multifdBlocks = loadCapture(MULTIFD_SCENARIOS[0]).blocks;
+  for (const name of MULTIFD_SCENARIOS) {
+    loadCapture(name).channels.forEach((ch, k) => {
+      const [init, ...rest] = ch.spans;
+      const small = rest.filter((s) => s.end - s.start <= 16 * 4096 + 1344);
+      const big = rest.find((s) => s.end - s.start > 64 * 4096);
+      const cuts: [string, typeof rest][] = [
+        ['first-small', small.slice(0, 6)],
+        ['later-small', small.slice(6, 12)],
+        ['big', big && k === 0 ? [rest[0]!, big] : []],
+      ];
+      for (const [label, spans] of cuts) {
+        if (spans.length === 0) continue;
+        const bytes = Buffer.concat([init!, ...spans].map((x) => ch.bytes.subarray(x.start, x.end)));
+        byTarget.multifd.push({ name: `${ch.file.replace(/\.bin$/, '')}/${label}`, target: 'multifd', bytes, map: mapMultifdRecords(decodeChannel(bytes)), weight: label === 'big' ? 1 : 2 });
+      }
+    });
+  }
+  return { byTarget, preemptBlocks, multifdBlocks };
 }
 
 // ---- one input ------------------------------------------------------------------------
@@ -389,14 +417,16 @@ interface Input {
   variant: string;
   options: StreamDecoderOptions;
   rpMaxBitmap: number | undefined;
+  multifd: MultifdDecoderOptions;
   consistency: boolean;
 }
 
 const TARGET_WEIGHTS: [Target, number][] = [
-  ['main', 62],
-  ['resume', 8],
-  ['preempt', 14],
-  ['rp', 16],
+  ['main', 56],
+  ['resume', 7],
+  ['preempt', 12],
+  ['rp', 13],
+  ['multifd', 12],
 ];
 
 function makeInput(corpus: Corpus, seed: number, index: number, consistencyEvery: number): Input {
@@ -420,6 +450,7 @@ function makeInput(corpus: Corpus, seed: number, index: number, consistencyEvery
   let variant = 'default';
   let options: StreamDecoderOptions = {};
   let rpMaxBitmap: number | undefined;
+  let multifd: MultifdDecoderOptions = {};
   const v = rng.int(100);
   if (target === 'main') {
     if (v < 10) {
@@ -435,9 +466,25 @@ function makeInput(corpus: Corpus, seed: number, index: number, consistencyEvery
   } else if (target === 'rp' && v < 15) {
     variant = 'small-bitmap';
     rpMaxBitmap = 64;
+  } else if (target === 'multifd') {
+    multifd = { blocks: corpus.multifdBlocks };
+    if (v < 15) {
+      variant = 'no-blocks';
+      multifd = {};
+    } else if (v < 25) {
+      variant = 'capacity-64';
+      multifd = { ...multifd, maxPagesAlloc: 64 };
+    } else if (v < 40) {
+      variant = 'split-packets';
+      multifd = { ...multifd, splitPackets: true };
+    } else if (v < 45) {
+      variant = 'one-channel';
+      multifd = { ...multifd, channels: 1 };
+    }
   }
-  const consistency = consistencyEvery > 0 && index % consistencyEvery === 0;
-  return { index, base, mutations, bytes, cuts, callEnd, variant, options, rpMaxBitmap, consistency };
+  // Pieces of split packets depend on the chunking by design: no whole-vs-chunked comparison there.
+  const consistency = consistencyEvery > 0 && index % consistencyEvery === 0 && variant !== 'split-packets';
+  return { index, base, mutations, bytes, cuts, callEnd, variant, options, rpMaxBitmap, multifd, consistency };
 }
 
 type Pushable = { push(c: Uint8Array): readonly unknown[]; end(): unknown; readonly error?: StreamError | undefined };
@@ -452,6 +499,8 @@ function makeDecoder(corpus: Corpus, input: Input, blocks: Map<string, KnownBloc
       return new PreemptDecoder(blocks);
     case 'rp':
       return new ReturnPathDecoder(input.rpMaxBitmap === undefined ? {} : { maxBitmapBytes: input.rpMaxBitmap });
+    case 'multifd':
+      return new MultifdDecoder(input.multifd);
   }
 }
 
@@ -466,6 +515,10 @@ const mix = (h: number, x: number): number => Math.imul(h ^ (x | 0), 16777619) ^
 
 /** FNV-style hash of what identifies a record: its type, command, offset, section and payload length. */
 function hashRecord(h: number, r: unknown): number {
+  const m = r as { type: string; packetNum?: bigint; normal?: Float64Array; zero?: Float64Array; id?: number };
+  // A multifd packet's `data` is the chunk it arrived in (its length depends on the chunking): hash its lists instead.
+  if (m.type === 'multifd-packet') return (mix(mix(mix(h, 0x6d66), Number(BigInt.asUintN(32, m.packetNum ?? 0n))), (m.normal?.length ?? 0) * 65536 + (m.zero?.length ?? 0)) >>> 0);
+  if (m.type === 'multifd-init') return mix(mix(h, 0x6d69), m.id ?? -1) >>> 0;
   const o = r as { type: string; offset?: number; sectionId?: number; data?: Uint8Array; json?: Uint8Array; command?: { cmd: string } };
   h = mix(h, o.type.length * 256 + o.type.charCodeAt(0) + o.type.charCodeAt(o.type.length - 1) * 65536);
   if (o.command) h = mix(h, o.command.cmd.length * 256 + o.command.cmd.charCodeAt(o.command.cmd.length - 1));
@@ -500,7 +553,7 @@ const CODES = new Set<StreamErrorCode>([
   'truncated', 'bad-magic', 'unsupported-version', 'unknown-record-type', 'unexpected-record', 'bad-configuration', 'unknown-subsection', 'unknown-section', 'bad-footer',
   'unknown-command', 'bad-command-length', 'bad-command', 'bad-ram-flags', 'bad-block-list', 'unknown-ram-block', 'continue-without-block', 'page-out-of-range', 'bad-zero-fill',
   'bad-xbzrle', 'length-too-large', 'device-boundary-not-found', 'device-size-mismatch', 'package-overrun', 'package-without-run', 'bad-vmdesc', 'trailing-data',
-  'bad-return-path-message', 'bad-bitmap', 'unsupported',
+  'bad-return-path-message', 'bad-bitmap', 'unsupported', 'bad-multifd-init', 'bad-multifd-packet', 'unaligned-page',
 ]);
 
 interface Failure {
@@ -577,6 +630,7 @@ function describeInput(input: Input, seed: number): Record<string, unknown> {
     variant: input.variant,
     options: input.options.deviceSizes ? { ...input.options, deviceSizes: `${input.options.deviceSizes.length} sizes from the base's VM description` } : input.options,
     rpMaxBitmap: input.rpMaxBitmap,
+    multifd: input.base.target === 'multifd' ? { ...input.multifd, blocks: input.multifd.blocks ? `${input.multifd.blocks.length} blocks of the capture` : undefined } : undefined,
     mutations: input.mutations,
     bytes: input.bytes.length,
     chunkSizes: chunksAt(input.bytes, input.cuts).map((c) => c.length),
@@ -709,7 +763,7 @@ async function main(): Promise<void> {
     const avg = (xs: number[]) => Math.round(xs.reduce((s, x) => s + x, 0) / Math.max(1, xs.length));
     console.log(
       `fuzz: seed ${opts.seed}, ${opts.inputs} inputs, ${workers} workers; bases: ` +
-        (['main', 'resume', 'preempt', 'rp'] as const).map((t) => `${t} ${c.byTarget[t].length} (avg ${avg(sizes(t))} B)`).join(', '),
+        (['main', 'resume', 'preempt', 'rp', 'multifd'] as const).map((t) => `${t} ${c.byTarget[t].length} (avg ${avg(sizes(t))} B)`).join(', '),
     );
   }
   const shared = new SharedArrayBuffer(8 * workers);

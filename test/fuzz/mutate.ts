@@ -1,6 +1,6 @@
 /**
  * Mutation helpers shared by the fuzz script (test/fuzz/fuzz-decoder.ts) and
- * the fast-check fuzz test (test/stream/fuzz.test.ts).
+ * the fast-check fuzz tests (test/stream/fuzz.test.ts, multifd-fuzz.test.ts).
  *
  * A mutation is a plain tuple `[kind, pos, value]` (easy to generate with
  * fast-check, to print, and to replay). Positions and values are reduced
@@ -15,6 +15,9 @@ import {
   StreamEncoder,
   StreamError,
   encodeReturnPathMessage,
+  MULTIFD_INIT_BYTES,
+  multifdPacketHeaderLength,
+  type MultifdRecord,
   type PreemptRecord,
   type ReturnPathMessage,
   type StreamRecord,
@@ -439,6 +442,36 @@ export function mapReturnPath(messages: readonly ReturnPathMessage[]): RecordMap
       default:
         break;
     }
+  }
+  return { spans, fields };
+}
+
+/**
+ * The same for a multifd channel decoded whole: the init message (magic,
+ * version, channel id) and every packet (magic, version, flags, pages_alloc,
+ * normal_pages, next_packet_size, packet_num, zero_pages, the name's first
+ * and last bytes, the first and last used offset entries). `pagesAlloc` is the
+ * decoder's packet capacity (the header length follows from it).
+ */
+export function mapMultifdRecords(records: readonly MultifdRecord[], pagesAlloc = 128): RecordMap {
+  const header = multifdPacketHeaderLength(pagesAlloc);
+  const spans: RecordSpan[] = [];
+  const fields: Field[] = [];
+  let off = 0;
+  for (const r of records) {
+    const s = off;
+    if (r.type === 'multifd-init') {
+      off += MULTIFD_INIT_BYTES;
+      fields.push({ at: s, width: 4 }, { at: s + 4, width: 4 }, { at: s + 24, width: 1 });
+    } else {
+      off += header + r.normal.length * 4096;
+      for (const at of [0, 4, 8, 12, 16, 20]) fields.push({ at: s + at, width: 4 });
+      fields.push({ at: s + 24, width: 8 }, { at: s + 32, width: 4 }, { at: s + 64, width: 1 }, { at: s + 64 + r.block.length, width: 1 });
+      const used = r.normal.length + r.zero.length;
+      if (used > 0) fields.push({ at: s + 320, width: 8 }, { at: s + 320 + 8 * (used - 1), width: 8 });
+      if (r.normal.length > 0 && r.zero.length > 0) fields.push({ at: s + 320 + 8 * r.normal.length, width: 8 });
+    }
+    spans.push({ start: s, end: off, type: r.type });
   }
   return { spans, fields };
 }

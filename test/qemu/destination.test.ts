@@ -72,7 +72,7 @@ interface Observed {
   sourceStatuses: string[];
   sawListen: boolean;
   sawRun: boolean;
-  channelEvents: Array<{ role: 'main' | 'preempt'; tls: ChannelStats['tls'] }>;
+  channelEvents: Array<{ role: 'main' | 'preempt' | 'multifd'; tls: ChannelStats['tls'] }>;
   pageRequestEvents: number;
   demand: DemandResult | undefined;
   /** Every RAM block of the stopped source. */

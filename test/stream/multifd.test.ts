@@ -129,6 +129,11 @@ describe('multifd init message', () => {
     expect(rec).toEqual({ type: 'multifd-init', id: 3, uuid });
     expect(d.init?.id).toBe(3);
     expect(d.offset).toBe(64);
+    // the UUID is a copy: reusing the pushed memory does not change it
+    b.fill(0);
+    expect([...(rec as { uuid: Uint8Array }).uuid]).toEqual([...uuid]);
+    const fromBuffer = new MultifdDecoder().push(Buffer.from(encodeMultifdInit(1, uuid)))[0] as { uuid: Uint8Array };
+    expect(Buffer.isBuffer(fromBuffer.uuid)).toBe(false);
   });
 
   it('refuses a wrong magic as soon as 4 bytes are in, a wrong version, UUID or id', () => {

@@ -4,6 +4,7 @@ import type { ReturnPathMessage } from '../../stream/records.js';
 import type { Channel } from '../../transport/channel.js';
 import type { DestinationConnection } from '../../transport/connection.js';
 import type { MigrationError } from '../errors.js';
+import type { MultifdReception } from './multifd.js';
 
 /** What a Link reports to its session. Never called once the link is dropped. */
 export interface LinkEvents {
@@ -17,6 +18,15 @@ export interface LinkEvents {
   preempt(link: Link, chunk: Buffer, first: boolean): void | Promise<void>;
   /** The source ended the preempt channel (FIN). */
   preemptEnded(link: Link): void;
+  /**
+   * Every multifd channel is in (by id): make their receivers. Until then the
+   * main channel is not read (QEMU starts only once all channels are connected).
+   */
+  multifdReady(link: Link, channels: readonly Channel[]): MultifdReception;
+  /** Bytes of multifd channel `id`; a promise pauses reading until it settles (it must not reject). */
+  multifd(link: Link, id: number, chunk: Buffer): void | Promise<void>;
+  /** The source ended multifd channel `id` (FIN). */
+  multifdEnded(link: Link, id: number): void;
   /** A channel failed, a return-path write failed, or the source went silent. */
   lost(link: Link, e: unknown): void;
 }
@@ -36,6 +46,10 @@ export class Link {
   preemptDecoder: PreemptDecoder<true> | undefined;
   /** The source ended the preempt channel: no late page can come on it any more. */
   preemptEnded = false;
+  /** The multifd channels' receivers (by id) and their barrier, once every channel is in. */
+  multifd: MultifdReception | undefined;
+  /** Resolves once every multifd channel is in (undefined without multifd, or once they are). */
+  private bulkReady: Promise<void> | undefined;
 
   constructor(
     readonly conn: DestinationConnection,
@@ -59,15 +73,44 @@ export class Link {
     main.on('close', () => {
       if (!this.dropped) this.events.mainClosed(this);
     });
+    const mfd = this.conn.multifd;
+    if (mfd) {
+      this.bulkReady = mfd.whenComplete().then(
+        (chs) => {
+          this.bulkReady = undefined;
+          if (!this.dropped) this.startMultifd(chs);
+        },
+        () => undefined, // the listener closed: the session is over
+      );
+    }
     main.read((chunk) => {
       if (this.dropped) return;
       this.idle?.refresh();
+      const ready = this.bulkReady;
+      if (ready) return ready.then(() => (this.dropped ? undefined : this.events.main(this, chunk)));
       return this.events.main(this, chunk);
     });
     this.conn.waitPreempt().then(
       (ch) => this.onPreempt(ch),
       () => undefined,
     );
+  }
+
+  private startMultifd(chs: readonly Channel[]): void {
+    this.multifd = this.events.multifdReady(this, chs);
+    chs.forEach((ch, id) => {
+      ch.on('error', (e) => {
+        if (!this.dropped) this.events.lost(this, e);
+      });
+      ch.on('end', () => {
+        if (!this.dropped) this.events.multifdEnded(this, id);
+      });
+      ch.read((chunk) => {
+        if (this.dropped) return;
+        this.idle?.refresh();
+        return this.events.multifd(this, id, chunk);
+      });
+    });
   }
 
   private onPreempt(ch: Channel): void {
@@ -149,6 +192,7 @@ export class Link {
     const { main, preempt } = this.conn;
     main.socket.unref();
     preempt?.socket.unref();
+    for (const c of this.conn.multifd?.list() ?? []) c.socket.unref();
     if (abort) {
       await new Promise<void>((r) => setTimeout(r, 50).unref());
     } else {

@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import { StreamDecoder } from '../../stream/decoder.js';
 import { RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
 import type { PreemptRecordWithRuns, ReturnPathMessage, StreamRecordWithRuns } from '../../stream/records.js';
-import type { ChannelStats } from '../../transport/channel.js';
+import type { Channel, ChannelStats } from '../../transport/channel.js';
 import { MigrationListener, type DestinationConnection } from '../../transport/connection.js';
 import type { StrangerEvent } from '../../transport/qualify.js';
 import { usageError } from '../../errors.js';
@@ -16,6 +16,7 @@ import { Link as ChannelLink, type LinkEvents } from './link.js';
 import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
 import { SectionWatch } from './precopy.js';
 import { Outage, listenForRecovery, requireRecovering } from './recovery.js';
+import { checkMultifdDrained, createMultifdReception, setMultifdBlocks, summarizeMultifd, type MultifdReception } from './multifd.js';
 import { acceptBlockList, validateDestinationOptions } from './setup.js';
 import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState, type Link } from './state.js';
 import { DestinationCounters } from './stats.js';
@@ -36,6 +37,11 @@ interface SessionListener {
 }
 
 type Command = Extract<StreamRecordWithRuns, { type: 'command' }>['command'];
+
+/** A multifd channel the source closed while the main stream still needs its SYNC. */
+function closedBeforeBarrier(name: string, phase: MigrationPhase): MigrationError {
+  return new MigrationError('peer-disconnected', phase, `the source closed ${name} before the MULTIFD_FLUSH barrier it is needed at`);
+}
 
 /**
  * The receiving half of a migration (QEMU's destination), fed by a QEMU 10.0
@@ -64,6 +70,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private readonly counts = new DestinationCounters();
   private readonly landing: PageLanding;
   private readonly sections = new SectionWatch();
+  /** The multifd channels' receivers and barrier, once they are all in. */
+  private multifd: MultifdReception | undefined;
   /** OPEN_RETURN_PATH came: the source reads our messages (it stays open across recoveries). */
   private rpOpen = false;
   private vmdesc: Buffer | undefined;
@@ -101,6 +109,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       preemptArrived: (link, ch) => this.onPreemptArrived(link, ch.stats),
       preempt: (link, chunk, first) => this.onPreemptData(link, chunk, first),
       preemptEnded: (link) => this.onPreemptEnded(link),
+      multifdReady: (link, chs) => this.onMultifdReady(link, chs),
+      multifd: (link, id, chunk) => this.onMultifdData(link, id, chunk),
+      multifdEnded: (link, id) => this.onMultifdEnded(link, id),
       lost: (link, e) => this.linkLost(link, e),
     };
     this.threadEvents = {
@@ -126,14 +137,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    */
   static listen(opts: DestinationOptions): Promise<DestinationSession> {
     validateDestinationOptions(opts);
-    const threads = decideThreads(opts.threads, opts.sink);
+    const threads = decideThreads(opts.threads, opts.sink, opts.multifd !== undefined);
     return DestinationSession.open(opts, threads);
   }
 
   private static async open(opts: DestinationOptions, threads: ThreadDecision): Promise<DestinationSession> {
     const signal = opts.signal;
     if (signal?.aborted) throw abortError(signal, 'setup');
-    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, opts.transport ?? {}) : await MigrationListener.listen(opts.listen, opts.transport ?? {});
+    const transport = opts.transport ?? {};
+    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, transport) : await MigrationListener.listen(opts.listen, transport, opts.multifd ? { multifd: opts.multifd } : {});
     if (signal?.aborted) {
       listener.close();
       throw abortError(signal, 'setup');
@@ -202,7 +214,12 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.stream = decoder;
     return new ChannelLink(conn, decoder, this.linkEvents, {
       idleTimeoutMs: ms,
-      idleError: () => new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`),
+      idleError: () => {
+        // The main channel is not read before every multifd channel is in: say which are missing.
+        const m = conn.multifd;
+        if (m && !m.complete) return new MigrationError('idle-timeout', this.phase, `only ${m.count} of ${m.expected} multifd channels connected within ${ms} ms of the main channel`);
+        return new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`);
+      },
     });
   }
 
@@ -230,10 +247,33 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private onMainData(link: ChannelLink, chunk: Buffer): void | Promise<void> {
     if (isOver(this.state)) return;
     this.counts.transferred += chunk.length;
+    let recs: StreamRecordWithRuns[];
     try {
-      const recs = link.decoder.push(chunk);
+      recs = link.decoder.push(chunk);
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+      return;
+    }
+    return this.onMainRecords(link, recs, 0);
+  }
+
+  /**
+   * Acts on `recs[from…]`. At a MULTIFD_FLUSH the main stream waits until
+   * every multifd channel has read its SYNC packet (QEMU's
+   * `multifd_recv_sync_main`): the records after it, and the channel, wait.
+   */
+  private onMainRecords(link: ChannelLink, recs: StreamRecordWithRuns[], from: number): void | Promise<void> {
+    try {
       const now = performance.now();
-      for (const r of recs) this.onRecord(r, now);
+      for (let i = from; i < recs.length; i++) {
+        const r = recs[i]!;
+        if (r.type === 'ram-multifd-flush') {
+          const wait = this.multifdFlush(link);
+          if (wait) return wait.then(() => (link.alive && !isOver(this.state) ? this.onMainRecords(link, recs, i + 1) : undefined));
+          continue;
+        }
+        this.onRecord(r, now);
+      }
       if (link.decoder.error) throw link.decoder.error;
     } catch (e) {
       this.fail(MigrationError.from(e, this.phase));
@@ -354,6 +394,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         return;
       case 'ram-blocks':
         acceptBlockList(r.blocks, this.opts.sink, this.pages, this.phase);
+        {
+          const l = this.link;
+          if (l instanceof ChannelLink && l.multifd) setMultifdBlocks(l.multifd, l.decoder.ramBlocks);
+        }
         this.emit('ram-blocks', this.pages.blocks);
         return;
       case 'ram-pages':
@@ -514,6 +558,88 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     } catch (e) {
       this.fail(MigrationError.from(e, this.phase));
     }
+  }
+
+  // ---- multifd -------------------------------------------------------------------
+
+  /** Every multifd channel is in: a receiver for each, landing into the sink and the received bitmap. */
+  private onMultifdReady(link: ChannelLink, chs: readonly Channel[]): MultifdReception {
+    const m = this.opts.multifd!;
+    const reception = createMultifdReception(chs.length, {
+      channels: m.channels,
+      ...(m.uuid ? { uuid: m.uuid } : {}),
+      target: {
+        sink: this.opts.sink,
+        received: (index, first, count) => {
+          // Pages flow: precopy, whether or not main's PART section header is out of QEMU's buffer yet.
+          const st = this.state;
+          if (st.kind === 'precopy' && st.phase === 'setup') st.phase = 'precopy';
+          this.counts.iterationPages += count;
+          this.pages.receivedRun(index, first, count, 'main', performance.now());
+        },
+      },
+      beforePages: () => {
+        // QEMU 10.1: multifd carries pages in precopy only; its channels are idle once postcopy listens.
+        if (isListening(this.state)) throw new MigrationError('protocol', this.phase, 'a multifd packet with pages after POSTCOPY_LISTEN (multifd is idle in postcopy)');
+      },
+      backpressure: () => this.sinkBackpressure(),
+    });
+    if (link.decoder.ramBlocks.size > 0) setMultifdBlocks(reception, link.decoder.ramBlocks);
+    // Kept past the link: its counters are the migration's (a recovery link has no multifd).
+    this.multifd = reception;
+    for (const ch of chs) this.emit('channel', { role: 'multifd', stats: ch.stats });
+    return reception;
+  }
+
+  private onMultifdData(link: ChannelLink, id: number, chunk: Buffer): void | Promise<void> {
+    const rx = link.multifd?.receivers[id];
+    if (!rx || isOver(this.state)) return;
+    this.counts.transferred += chunk.length;
+    try {
+      const held = rx.push(chunk, () => this.phase);
+      // The promise handed to the channel never rejects: the failure is the session's to report.
+      return held?.then(undefined, (e: unknown) => this.fail(MigrationError.from(e, this.phase)));
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+    }
+  }
+
+  /**
+   * The source ended a multifd channel (FIN). Inside a packet that is a cut.
+   * Between packets it is what a source does once it is done with its channels
+   * — QEMU closes them at the end, possibly before we have read the rest of
+   * main, and 10.1 may at the postcopy switch — so it is fine until the main
+   * stream needs that channel at a MULTIFD_FLUSH barrier (QEMU's destination
+   * would hang there; we fail, naming it).
+   */
+  private onMultifdEnded(link: ChannelLink, id: number): void {
+    const m = link.multifd;
+    const rx = m?.receivers[id];
+    if (!m || !rx || isOver(this.state)) return;
+    try {
+      rx.end(this.phase);
+      if (m.barrier.flushing && !rx.heldAtSync) throw closedBeforeBarrier(rx.name, this.phase);
+    } catch (e) {
+      // Closed inside a packet: the connection went, as a cut main channel (the truncation is the cause).
+      const cut = e instanceof MigrationError && e.code === 'truncated';
+      this.linkLost(link, cut ? new MigrationError('peer-disconnected', this.phase, `the source closed ${rx.name} inside a packet`, { cause: e }) : e);
+    }
+  }
+
+  /**
+   * MULTIFD_FLUSH on main: undefined when every channel already waits at its
+   * SYNC (released now), else the wait. A stream with MULTIFD_FLUSH comes from
+   * a multifd source: without multifd here its pages would never land.
+   */
+  private multifdFlush(link: ChannelLink): Promise<void> | undefined {
+    if (!this.opts.multifd) throw new MigrationError('protocol', this.phase, 'the source uses multifd (MULTIFD_FLUSH on the main channel), but this destination was not given multifd: { channels }');
+    const m = link.multifd;
+    if (!m) throw new MigrationError('protocol', this.phase, 'MULTIFD_FLUSH before the multifd channels connected');
+    for (const rx of m.receivers) if (rx.ended && !rx.heldAtSync) throw closedBeforeBarrier(rx.name, this.phase);
+    const wait = m.barrier.flush();
+    if (!wait) return undefined;
+    this.counts.multifdWaits++;
+    return wait.catch(() => undefined); // rejected only when the session failed meanwhile
   }
 
   // ---- postcopy recovery ----------------------------------------------------
@@ -700,8 +826,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   stats(): DestinationStats {
     const conn = this.link?.conn;
+    const channels = conn?.stats() ?? {};
+    const m = this.opts.multifd ? summarizeMultifd(this.opts.multifd.channels, this.multifd) : undefined;
     const counts = this.threads.used ? this.totals() : this.counts;
-    return counts.stats(statusOf(this.state), this.pages, { ...(conn ? { main: conn.main.stats } : {}), ...(conn?.preempt ? { preempt: conn.preempt.stats } : {}) }, this.threadStats());
+    return counts.stats(statusOf(this.state), this.pages, channels, this.threadStats(), m);
   }
 
   private threadStats(): ThreadStats {
@@ -738,6 +866,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded);
       if (this.state !== s) return;
       s.step = 'flushing';
+      checkMultifdDrained(link instanceof ChannelLink ? link.multifd : undefined);
       checkRamComplete(this.pages, s.postcopy, this.sections.ramEnded);
       await this.opts.sink.flush();
       if (this.state !== s) return;
@@ -771,6 +900,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     link?.stopIdle();
     this.counts.endedAt = performance.now();
     this.pages.failAll(e);
+    this.multifd?.barrier.fail(e);
     // SHUT 1 tells a QEMU source that our side failed.
     if (link && this.rpOpen) void link.shut(1);
     if (this.listenerCount('failed') > 0) this.emit('failed', e);

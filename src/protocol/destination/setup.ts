@@ -32,6 +32,7 @@ export function validateDestinationOptions(o: DestinationOptions): void {
   }
   if (o.postcopy !== undefined && typeof o.postcopy !== 'boolean') throw usageError('type', 'bad-option', 'postcopy', `postcopy must be a boolean, got ${typeof o.postcopy}`);
   checkTransport(o.transport);
+  checkMultifd(o.multifd);
   checkSignal(o.signal);
   checkNumber(o.idleTimeoutMs, 'idleTimeoutMs');
   checkNumber(o.acceptTimeoutMs, 'acceptTimeoutMs', { min: 1 });
@@ -39,4 +40,13 @@ export function validateDestinationOptions(o: DestinationOptions): void {
     if (o.recovery.listen !== undefined) checkEndpoint(o.recovery.listen, 'recovery.listen');
     checkNumber(o.recovery.timeoutMs, 'recovery.timeoutMs', { min: 1 });
   }
+}
+
+/** `multifd`: 1–255 channels (QEMU's multifd-channels), a 16-byte UUID. */
+function checkMultifd(m: DestinationOptions['multifd']): void {
+  if (m === undefined) return;
+  if (typeof m !== 'object' || m === null) throw usageError('type', 'bad-option', 'multifd', 'multifd must be an object { channels, uuid? }');
+  if (typeof m.channels !== 'number') throw usageError('type', 'bad-option', 'multifd.channels', `multifd.channels must be a number, got ${typeof m.channels}`);
+  if (!Number.isInteger(m.channels) || m.channels < 1 || m.channels > 255) throw usageError('range', 'bad-option', 'multifd.channels', `multifd.channels must be an integer from 1 to 255, got ${m.channels}`);
+  if (m.uuid !== undefined && !(m.uuid instanceof Uint8Array && m.uuid.length === 16)) throw usageError('type', 'bad-option', 'multifd.uuid', 'multifd.uuid must be a Uint8Array of 16 bytes');
 }

@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks';
-import type { ChannelStats } from '../../transport/channel.js';
 import type { PageTracker } from '../page-tracker.js';
+import type { MultifdStats } from './multifd.js';
 import type { DestinationStats, ThreadStats } from './types.js';
 
 /**
@@ -30,25 +30,29 @@ export class DestinationCounters {
   sinkWaits = 0;
   recoveries = 0;
   placedTwice = 0;
+  /** MULTIFD_FLUSH records at which the main stream waited for a multifd channel. */
+  multifdWaits = 0;
 
-  stats(status: DestinationStats['status'], pages: PageTracker, channels: { main?: ChannelStats; preempt?: ChannelStats }, threads: ThreadStats): DestinationStats {
+  /** `multifd`: the multifd channels' counters; their pages count in normal, duplicate and runs too. */
+  stats(status: DestinationStats['status'], pages: PageTracker, channels: DestinationStats['channels'], threads: ThreadStats, multifd?: MultifdStats): DestinationStats {
     return {
       status,
       recoveries: this.recoveries,
       'placed-twice': this.placedTwice,
       transferred: this.transferred,
-      normal: this.normal,
-      duplicate: this.duplicate,
+      normal: this.normal + (multifd?.normal ?? 0),
+      duplicate: this.duplicate + (multifd?.zero ?? 0),
       xbzrle: this.xbzrle,
       'preempt-pages': this.preempt,
       'postcopy-requests': pages.requestsSent,
       'precopy-iterations': this.iterations,
       'total-time': Math.round((this.endedAt ?? performance.now()) - this.startedAt),
       'postcopy-latency': pages.latency.summary(),
-      runs: { count: this.runs, pages: this.runPages },
+      runs: { count: this.runs + (multifd?.runs.count ?? 0), pages: this.runPages + (multifd?.runs.pages ?? 0) },
       'sink-waits': this.sinkWaits,
       channels,
       threads,
+      ...(multifd ? { multifd: { ...multifd, 'flush-waits': this.multifdWaits } } : {}),
     };
   }
 }

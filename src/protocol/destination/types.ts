@@ -8,6 +8,7 @@ import type { LatencySummary } from '../latency.js';
 import type { GuestMemorySink } from '../memory.js';
 import type { PageRequestResult } from '../page-tracker.js';
 import type { DestinationRecoveryOptions, PausedEvent, ResumedEvent } from '../recovery.js';
+import type { MultifdStats } from './multifd.js';
 
 /** The public shapes of a DestinationSession: options, events, stats and result. */
 
@@ -55,7 +56,13 @@ export interface DestinationStats {
   runs: { count: number; pages: number };
   /** Times reading paused for the sink's backpressure (its disk slower than the network). */
   'sink-waits': number;
-  channels: { main?: ChannelStats; preempt?: ChannelStats };
+  channels: { main?: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] };
+  /**
+   * With `multifd`: barriers passed, packets, pages (also counted in
+   * normal, duplicate and runs above) per channel; `flush-waits`: MULTIFD_FLUSH
+   * records at which the main stream waited for a channel's SYNC.
+   */
+  multifd?: MultifdStats & { 'flush-waits': number };
   /** Whether the channels ran in worker threads (`threads` option), why, and each channel's thread. */
   threads: ThreadStats;
 }
@@ -110,6 +117,18 @@ export interface DestinationOptions {
    */
   recovery?: DestinationRecoveryOptions | false;
   /**
+   * QEMU's multifd (capability `multifd`, parameter `multifd-channels`): the
+   * source opens `channels` more connections (1–255) that carry the pages in
+   * packets; the main channel carries only the block list, MULTIFD_FLUSH
+   * barriers and device state. Processing starts once main and every channel
+   * are in (as QEMU). `uuid`: the 16 bytes the channels' init messages must
+   * carry (QEMU's `-uuid` of the source; default zeros). Precopy only on a
+   * QEMU 10.0 peer; with our SourceSession also postcopy after a multifd
+   * precopy (QEMU 10.1's order: the preempt channel after every multifd
+   * channel, which are idle in postcopy). Refused at the call otherwise.
+   */
+  multifd?: { channels: number; uuid?: Uint8Array };
+  /**
    * Fail with 'accept-timeout' when no source has connected (no main
    * channel) this long after listening (default: wait forever, as QEMU's
    * `migrate-incoming`).
@@ -138,7 +157,7 @@ export interface DestinationEvents {
    * MigrationListener): the main channel when its first bytes came, a
    * plain-TCP preempt channel only with its first page.
    */
-  channel: [{ role: 'main' | 'preempt'; stats: ChannelStats }];
+  channel: [{ role: 'main' | 'preempt' | 'multifd'; stats: ChannelStats }];
   /**
    * A connection was dropped before it became a channel (it closed, sent
    * something else than a migration stream, failed TLS, was too slow or one

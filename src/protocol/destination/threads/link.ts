@@ -92,6 +92,7 @@ export class ThreadLink {
     readonly main: { readonly stats: ChannelStats };
     readonly preempt: { readonly stats: ChannelStats; destroy(): void } | undefined;
     readonly preemptExpected: boolean;
+    stats(): { main: ChannelStats; preempt?: ChannelStats };
     destroy(): void;
   };
 
@@ -110,6 +111,7 @@ export class ThreadLink {
       get preemptExpected() {
         return self.threads.preemptExpected;
       },
+      stats: () => ({ main: this.mainStats, ...(this.preemptServed ? { preempt: this.preemptStats } : {}) }),
       destroy: () => this.threads.destroy(),
     };
   }
