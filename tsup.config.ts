@@ -26,6 +26,8 @@ export default defineConfig([
     entry: {
       'transport/worker/selftest-worker': 'src/transport/worker/selftest-worker.ts',
       'protocol/destination/threads/channel-worker': 'src/protocol/destination/threads/channel-worker.ts',
+      'protocol/source/threads/main-worker': 'src/protocol/source/threads/main-worker.ts',
+      'protocol/source/threads/preempt-worker': 'src/protocol/source/threads/preempt-worker.ts',
     },
     format: ['esm'],
     sourcemap: true,
