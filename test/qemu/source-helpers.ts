@@ -108,8 +108,10 @@ export class EmulatedGuest {
     ram: Map<string, Buffer>,
     private readonly block: string,
     private readonly range: { start: number; end: number },
+    /** Memory in SharedArrayBuffers (a source with `threads` reads it from its channels' workers). */
+    opts: { shared?: boolean } = {},
   ) {
-    this.source = new InMemorySource(ram);
+    this.source = new InMemorySource(ram, opts);
   }
 
   /** One increment of every counter. */

@@ -171,7 +171,12 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.stream = decoder;
     return new Link(conn, decoder, this.linkEvents, {
       idleTimeoutMs: ms,
-      idleError: () => new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`),
+      idleError: () => {
+        // The main channel is not read before every multifd channel is in: say which are missing.
+        const m = conn.multifd;
+        if (m && !m.complete) return new MigrationError('idle-timeout', this.phase, `only ${m.count} of ${m.expected} multifd channels connected within ${ms} ms of the main channel`);
+        return new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`);
+      },
     });
   }
 

@@ -4,6 +4,8 @@ import type { Channel } from '../../transport/channel.js';
 import type { SourceConnection } from '../../transport/connection.js';
 import { TransportError } from '../../transport/errors.js';
 import { MigrationError, type MigrationPhase } from '../errors.js';
+import type { ReturnPathMessage } from '../../stream/records.js';
+import { isThreaded, type ThreadedSourceConnection } from './threads/connection.js';
 import { MultifdChannelSender, MultifdPacketBuilder, type MultifdPacketCounter } from './multifd.js';
 
 /** What a link reports to its session. */
@@ -60,11 +62,13 @@ export class Link {
   multifdSinceYield = 0;
 
   constructor(
-    readonly conn: SourceConnection,
+    readonly conn: SourceConnection | ThreadedSourceConnection,
     private readonly hooks: LinkHooks,
     private readonly replyTimeoutMs: number,
   ) {
-    this.main = conn.main;
+    // A threaded link's main is a RemoteChannel: the members the session uses on such a link
+    // (send, flush, close, stats, events); the byte-level ones (push, bulkRoom, read) run in its worker.
+    this.main = conn.main as unknown as Channel;
     this.main.on('error', (e) => {
       if (this.shut !== 0) this.lost(e);
     });
@@ -72,13 +76,14 @@ export class Link {
       // After SHUT 0 the destination has everything and may close before we do.
       if (!this.hooks.over() && this.shut !== 0) this.lost(new MigrationError('peer-disconnected', this.hooks.phase(), 'the destination closed the main channel'));
     });
-    this.main.read((chunk) => this.onReturnPath(chunk));
+    // A threaded link's main worker decodes the return path and keeps page requests to itself (ThreadedLinkHooks).
+    if (!isThreaded(conn)) this.main.read((chunk) => this.onReturnPath(chunk));
     this.watchWrites();
   }
 
   /** Connects the preempt channel of this link (the caller checks `dropped` after). */
   async connectPreempt(): Promise<Channel> {
-    const ch = await this.conn.connectPreempt();
+    const ch = (await this.conn.connectPreempt()) as unknown as Channel;
     if (this.dropped) {
       ch.destroy();
       throw this.dropReason ?? new MigrationError('peer-disconnected', 'postcopy', 'the connection was lost');
@@ -160,9 +165,26 @@ export class Link {
       this.hooks.onFatal(MigrationError.from(e, this.hooks.phase()));
       return;
     }
+    if (!this.handle(msgs)) return;
+    // Messages before a malformed one were handled above; the error itself ends the migration now.
+    if (this.rp.error) {
+      this.hooks.onFatal(MigrationError.from(this.rp.error, this.hooks.phase()));
+      return;
+    }
+    this.wake();
+  }
+
+  /** Return-path messages decoded by a threaded link's main worker (page requests stay there). */
+  returnPath(msgs: readonly ReturnPathMessage[]): void {
+    if (this.dropped) return;
+    if (this.handle(msgs)) this.wake();
+  }
+
+  /** Handles decoded messages; false once the link failed on one. */
+  private handle(msgs: readonly ReturnPathMessage[]): boolean {
     const now = performance.now();
     for (const m of msgs) {
-      if (this.dropped) return;
+      if (this.dropped) return false;
       switch (m.type) {
         case 'pong':
           this.pongs.add(m.value);
@@ -171,7 +193,7 @@ export class Link {
           this.shut = m.value;
           if (m.value !== 0) {
             this.hooks.onFatal(new MigrationError('protocol', this.hooks.phase(), `the destination reported a failure (SHUT ${m.value})`));
-            return;
+            return false;
           }
           break;
         case 'req-pages-id':
@@ -181,7 +203,7 @@ export class Link {
         case 'req-pages':
           if (this.lastReqBlock === undefined) {
             this.hooks.onFatal(new MigrationError('protocol', this.hooks.phase(), 'REQ_PAGES before any REQ_PAGES_ID'));
-            return;
+            return false;
           }
           this.hooks.onRequest(this, this.lastReqBlock, m.offset, m.length, now);
           break;
@@ -195,12 +217,7 @@ export class Link {
           break; // SWITCHOVER_ACK: only with QEMU's switchover-ack capability, which we never ask for
       }
     }
-    // Messages before a malformed one were handled above; the error itself ends the migration now.
-    if (this.rp.error) {
-      this.hooks.onFatal(MigrationError.from(this.rp.error, this.hooks.phase()));
-      return;
-    }
-    this.wake();
+    return true;
   }
 
   /** Re-runs every wait's check (a return-path message, a refusal, the session's end). */

@@ -5,6 +5,8 @@ import type { GuestMemorySource } from '../memory-source.js';
 import { checkEndpoint, checkNumber, checkPostcopyPolicy, checkSignal, checkTransport } from '../options.js';
 import type { PostcopyPolicy } from '../postcopy-policy.js';
 import type { SourceRecoveryOptions } from '../recovery.js';
+import type { ThreadMode } from '../../transport/worker/support.js';
+import { checkThreadMode } from './threads/plan.js';
 
 /** One device (non-RAM) section to send: opaque bytes, as captured from a source. */
 export interface DeviceStateSection {
@@ -58,6 +60,19 @@ export interface SourceOptions {
    * after them. Not with `xbzrleCacheBytes` (multifd sends whole pages).
    */
   multifd?: { readonly channels: number; readonly uuid?: Uint8Array };
+  /**
+   * Each channel in its own worker thread (default 'auto'): the main channel
+   * (its socket, TLS, the bulk pages and the return path) and the preempt
+   * channel (requested pages, claimed against the bulk producer through the
+   * shared page bitmaps; a request goes from the main thread's worker to the
+   * preempt one through a shared ring, not through this thread). Needs Node
+   * 26.6+ (sockets transferred to workers) and shared memory (an
+   * InMemorySource with `{ shared: true }`); not with multifd or XBZRLE.
+   * 'auto' falls back to one thread otherwise (`stats.threads.why` says
+   * why); 'on' then throws a RangeError 'threads-unavailable' at the call.
+   * Events, state and the API are the same either way.
+   */
+  threads?: ThreadMode;
   /** Bytes of page data per RAM PART section (default 8 MiB). */
   sectionBytes?: number;
   /**
@@ -143,6 +158,7 @@ export function validateSourceOptions(o: SourceOptions): void {
   checkNumber(o.sectionBytes, 'sectionBytes', { min: 1 });
   checkNumber(o.replyTimeoutMs, 'replyTimeoutMs', { min: 1 });
   checkMultifd(o);
+  checkThreadMode(o.threads);
   if (o.recovery) {
     if (o.recovery.to !== undefined) checkEndpoint(o.recovery.to, 'recovery.to');
     checkNumber(o.recovery.initialDelayMs, 'recovery.initialDelayMs');

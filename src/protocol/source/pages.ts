@@ -36,18 +36,21 @@ export class RamPages {
     private readonly memory: GuestMemorySource,
     private readonly c: SourceCounters,
     private readonly xbzrle: XbzrleCache | undefined,
+    /** The page sets in SharedArrayBuffers (atomic writes): channel worker threads claim and mark pages in them. */
+    shared = false,
   ) {
     const blocks: BlockState[] = [];
+    const o = { shared };
     for (const b of memory.blocks()) {
       const pages = b.length / TARGET_PAGE_SIZE;
       const st: BlockState = {
         info: b,
         index: blocks.length,
         pages,
-        toSend: new PageBitmap(pages),
-        sentOnce: new PageBitmap(pages),
-        sentAfterListen: new PageBitmap(pages),
-        sentOnPreempt: new PageBitmap(pages),
+        toSend: new PageBitmap(pages, o),
+        sentOnce: new PageBitmap(pages, o),
+        sentAfterListen: new PageBitmap(pages, o),
+        sentOnPreempt: new PageBitmap(pages, o),
       };
       st.toSend.setAll(); // the first pass sends every page
       blocks.push(st);

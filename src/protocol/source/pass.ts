@@ -4,6 +4,7 @@ import type { Link } from './link.js';
 import { sendMultifdPass } from './multifd-pass.js';
 import type { BlockState } from './pages.js';
 import type { SourceRun } from './run.js';
+import { isThreaded } from './threads/connection.js';
 
 /** Pages per batch: precopy favours throughput; postcopy hands over less at a time (a request waits behind at most one batch more). */
 const BATCH_PAGES_PRECOPY = 64;
@@ -27,6 +28,8 @@ export interface PassOptions {
  */
 export async function sendPass(run: SourceRun, o: PassOptions): Promise<number> {
   const link = run.live;
+  // Threads: the main channel's worker runs the pass over the shared page sets.
+  if (isThreaded(link.conn)) return sendThreadedPass(run, link, o);
   // Precopy with multifd: pages in multifd packets, main carries the barriers only.
   if (o.precopy && link.multifd.length > 0) return sendMultifdPass(run, o);
   const main = link.main;
@@ -139,4 +142,29 @@ export async function endRefusing(run: SourceRun, link: Link, closeSection: () =
   await run.flushMain();
   await link.close();
   throw e;
+}
+
+/**
+ * A pass run by the main channel's worker: what this thread encoded goes
+ * first (records before the pass), then the worker sends every page of
+ * `toSend` (claimed atomically against the preempt worker) in RAM sections
+ * and answers requests inside the stream when there is no preempt channel.
+ * Its counters arrive before its end. A refused request ends the stream.
+ */
+async function sendThreadedPass(run: SourceRun, link: Link, o: PassOptions): Promise<number> {
+  await run.flushMain();
+  const conn = link.conn as import('./threads/connection.js').ThreadedSourceConnection;
+  const bandwidthLimit = run.postcopy ? run.opts.postcopyBandwidthLimit : run.t.stoppedAt !== undefined ? undefined : run.opts.bandwidthLimit;
+  let r: { sent: number; refused: boolean };
+  try {
+    r = await conn.pass({ precopy: o.precopy, kind: o.kind, postcopy: run.postcopy, bandwidthLimit });
+  } catch (e) {
+    run.check();
+    if (link.dropped) throw run.pausedBy ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
+    throw e;
+  }
+  run.check();
+  if (link.dropped) throw run.pausedBy ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
+  if (run.refusal) await endRefusing(run, link, () => undefined);
+  return r.sent;
 }

@@ -1,10 +1,9 @@
 import { performance } from 'node:perf_hooks';
 import type { StreamRecord } from '../../stream/records.js';
-import { SourceConnection } from '../../transport/connection.js';
 import { MigrationError } from '../errors.js';
 import { applyReceivedBitmap, isNetworkFailure, retryDelayMs } from '../recovery.js';
 import type { SourceRun } from './run.js';
-import { attachLink } from './setup.js';
+import { attachLink, connectSource } from './setup.js';
 import { tunePostcopyLink } from './switchover.js';
 
 /** pause() was called and resume() not yet: no attempt until then (QEMU's source waits for `migrate resume=true`). */
@@ -63,7 +62,7 @@ export async function recover(run: SourceRun): Promise<void> {
  * POSTCOPY_RESUME, RESUME_ACK.
  */
 async function reconnect(run: SourceRun, to: string): Promise<void> {
-  const conn = await SourceConnection.connect(to, run.opts.transport ?? {});
+  const conn = await connectSource(run, to);
   const paused = run.state;
   if (run.over || isHeld(run) || paused.kind !== 'paused') {
     conn.destroy();

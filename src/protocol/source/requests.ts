@@ -5,6 +5,7 @@ import type { Link } from './link.js';
 import type { BlockState } from './pages.js';
 import type { SourceRun } from './run.js';
 import type { AnswerReason } from './stats.js';
+import { isThreaded } from './threads/connection.js';
 
 /** Pages [page, end) of one page request, still to be answered. */
 interface QueuedRequest {
@@ -119,6 +120,8 @@ export class Requests {
    * the bulk set for a request still queued for the preempt channel.
    */
   async drained(link: Link): Promise<void> {
+    // Threads: the preempt worker holds the queue (its ring); it says when it has handed everything over.
+    if (isThreaded(link.conn)) return link.conn.drained();
     while (!link.dropped && !this.run.over && (this.serving === link || this.onPreempt.length > 0)) {
       this.kick(link);
       await this.served;
@@ -133,7 +136,7 @@ export class Requests {
   }
 
   /** One answered page, once its bytes (or the bulk stream ahead of its request) reached the kernel: counted, timed, reported. */
-  private answered(st: BlockState, page: number, channel: 'main' | 'preempt', reason: AnswerReason, latencyUs: number): void {
+  answered(st: BlockState, page: number, channel: 'main' | 'preempt', reason: AnswerReason, latencyUs: number): void {
     this.run.c.answered[reason]++;
     this.run.latency.record(latencyUs);
     this.run.emit('page-request', { block: st.info.idstr, offset: page * TARGET_PAGE_SIZE, channel, reason, latencyUs });
@@ -149,7 +152,7 @@ export class Requests {
    * that knows the source gave up (ours fails with 'source-refused'). Before
    * LISTEN the destination is not running anything: fail at once.
    */
-  private refuse(e: MigrationError): void {
+  refuse(e: MigrationError): void {
     const run = this.run;
     if (!run.postcopy) {
       run.fail(e);

@@ -11,6 +11,9 @@ import { XbzrleCache } from '../xbzrle-cache.js';
 import type { Link } from './link.js';
 import { MultifdPacketCounter } from './multifd.js';
 import type { SourceOptions } from './options.js';
+import { isThreaded, type ThreadShared } from './threads/connection.js';
+import { planSourceThreads, type ThreadPlan } from './threads/plan.js';
+import type { InMemorySource } from '../memory-source.js';
 import { RamPages } from './pages.js';
 import { Requests } from './requests.js';
 import { isOver, isPostcopy, phaseOf, statusOf, type SourceState } from './state.js';
@@ -46,7 +49,22 @@ export class SourceRun {
   readonly replyTimeoutMs: number;
   /** QEMU's global multifd packet number (one for the migration, every channel drawing from it). */
   readonly multifdPackets = new MultifdPacketCounter();
-  postcopyRequested = false;
+  private wantsPostcopy = false;
+  /** Whether the channels run in worker threads, and why (decided once, at construction: 'on' where impossible throws there). */
+  readonly threads: ThreadPlan;
+  /** Thread stats of links that have ended (their threads are gone; SourceStats.threads keeps them). */
+  readonly endedThreads: { role: string; threadId: number; cpuSeconds: number }[] = [];
+
+  /** startPostcopy() was called: a precopy pass ends at its next batch (in a channel's worker too). */
+  get postcopyRequested(): boolean {
+    return this.wantsPostcopy;
+  }
+
+  set postcopyRequested(v: boolean) {
+    this.wantsPostcopy = v;
+    const conn = this.link?.conn;
+    if (v && conn && isThreaded(conn)) conn.requestPostcopy();
+  }
   /** A page request we refused (postcopy): the stream is ended at the next record boundary, then the migration fails with it. */
   refusal: MigrationError | undefined;
   /** Where the next recovery attempt connects (resume(uri) sets it). */
@@ -62,7 +80,8 @@ export class SourceRun {
   ) {
     this.replyTimeoutMs = opts.replyTimeoutMs ?? 30_000;
     if (opts.xbzrleCacheBytes) this.xbzrle = new XbzrleCache(opts.xbzrleCacheBytes);
-    this.ram = new RamPages(opts.memory, this.c, this.xbzrle);
+    this.threads = planSourceThreads(opts);
+    this.ram = new RamPages(opts.memory, this.c, this.xbzrle, this.threads.used);
     const used = new Set<number>();
     if (typeof opts.devices !== 'function') for (const d of opts.devices) if (d.sectionId !== undefined) used.add(d.sectionId);
     let id = 1;
@@ -124,7 +143,27 @@ export class SourceRun {
   stats(): SourceStats {
     const l = this.link;
     const channels = l ? l.conn.stats() : {};
-    return buildStats(this.status, this.c, this.t, this.ram.remainingBytes(), this.latency.summary(), channels);
+    const s = buildStats(this.status, this.c, this.t, this.ram.remainingBytes(), this.latency.summary(), channels);
+    const live = l && isThreaded(l.conn) ? l.conn.threadStats() : [];
+    return { ...s, threads: { used: this.threads.used, why: this.threads.why, channels: [...this.endedThreads, ...live] } };
+  }
+
+  /** What the channel workers share for this migration (memory, page sets, the RAM section). */
+  threadShared(): ThreadShared {
+    const mem = (this.opts.memory as InMemorySource).sharedBlocks()!;
+    return {
+      blocks: this.ram.blocks.map((st, i) => ({
+        idstr: st.info.idstr,
+        length: st.info.length,
+        memory: mem[i]!.memory,
+        toSend: st.toSend.buffer,
+        sentOnce: st.sentOnce.buffer,
+        sentAfterListen: st.sentAfterListen.buffer,
+        sentOnPreempt: st.sentOnPreempt.buffer,
+      })),
+      sectionId: this.ramSection.sectionId,
+      sectionBytes: this.opts.sectionBytes ?? 8 << 20,
+    };
   }
 
   // ---- writing ----------------------------------------------------------

@@ -2,11 +2,20 @@ import { performance } from 'node:perf_hooks';
 import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
 import { SourceConnection } from '../../transport/connection.js';
 import { Link } from './link.js';
+import { ThreadedSourceConnection, isThreaded } from './threads/connection.js';
+import { onThreadNotice } from './threads/notices.js';
+import { MigrationError } from '../errors.js';
 import { writeMultifdBarrier } from './multifd-pass.js';
 import type { SourceRun } from './run.js';
 
 /** A new link on `conn`, wired to the run (requests, losses, fatal return-path errors). */
-export function attachLink(run: SourceRun, conn: SourceConnection): Link {
+/** Connects a new link's main channel: in its own worker thread when the run uses threads. */
+export function connectSource(run: SourceRun, to: string): Promise<SourceConnection | ThreadedSourceConnection> {
+  const transport = run.opts.transport ?? {};
+  return run.threads.used ? ThreadedSourceConnection.connect(to, transport, run.threadShared()) : SourceConnection.connect(to, transport);
+}
+
+export function attachLink(run: SourceRun, conn: SourceConnection | ThreadedSourceConnection): Link {
   const link = new Link(
     conn,
     {
@@ -23,6 +32,20 @@ export function attachLink(run: SourceRun, conn: SourceConnection): Link {
     run.replyTimeoutMs,
   );
   run.link = link;
+  if (isThreaded(conn)) {
+    const current = () => !link.dropped && link === run.link;
+    conn.attach({
+      onReturnPath: (msgs) => link.returnPath(msgs),
+      onReturnPathError: (reason) => current() && run.fail(new MigrationError('protocol', run.phase, reason)),
+      onBadRequest: (reason) => current() && run.requests.refuse(new MigrationError('bad-page-request', run.phase, reason)),
+      onNotice: (e) => current() && onThreadNotice(run, e),
+      onCounts: (c) => {
+        run.c.normal += c.normal;
+        run.c.duplicate += c.duplicate;
+        run.c.transferred += c.transferred;
+      },
+    });
+  }
   return link;
 }
 
@@ -33,7 +56,7 @@ export function attachLink(run: SourceRun, conn: SourceConnection): Link {
  */
 export async function runSetup(run: SourceRun): Promise<void> {
   const o = run.opts;
-  const conn = await SourceConnection.connect(o.to, o.transport ?? {});
+  const conn = await connectSource(run, o.to);
   if (run.over) {
     // cancelled while connecting
     conn.destroy();

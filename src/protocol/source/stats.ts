@@ -44,6 +44,8 @@ export interface SourceStats {
   /** Request arrival → last byte of the page handed to the kernel, µs. */
   'postcopy-latency': LatencySummary;
   /** Per channel; `multifd` by id, with multifd. */
+  /** Whether the channels ran in worker threads and why; each thread's CPU time (SourceOptions.threads). */
+  threads?: { used: boolean; why: string; channels: { role: string; threadId: number; cpuSeconds: number }[] };
   channels: { main?: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] };
 }
 

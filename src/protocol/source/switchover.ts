@@ -4,6 +4,7 @@ import type { StreamRecord } from '../../stream/records.js';
 import { bitmapRanges } from './pages.js';
 import { writeMultifdBarrier } from './multifd-pass.js';
 import { sendPass } from './pass.js';
+import { isThreaded } from './threads/connection.js';
 import type { SourceRun } from './run.js';
 
 /** Bytes a postcopy main channel's kernel may hold unsent (TCP_NOTSENT_LOWAT), unless configured. */
@@ -98,6 +99,11 @@ export function tunePostcopyLink(run: SourceRun): void {
   const link = run.link;
   if (!link || link.dropped) return;
   const lowat = run.opts.transport?.main?.postcopyNotSentLowat ?? DEFAULT_POSTCOPY_NOTSENT_LOWAT;
+  if (isThreaded(link.conn)) {
+    // The main worker owns the socket: it tunes it, and from now on the workers answer requests.
+    link.conn.enterPostcopy(lowat, POSTCOPY_BULK_YIELD_BYTES);
+    return;
+  }
   if (lowat > 0) link.main.setNotSentLowat(lowat);
   link.main.setBulkYield(POSTCOPY_BULK_YIELD_BYTES);
 }

@@ -1,0 +1,39 @@
+import { usageError } from '../../../errors.js';
+import { socketTransferSupported, socketTransferWhy, type ThreadMode } from '../../../transport/worker/support.js';
+import { InMemorySource } from '../../memory-source.js';
+import type { SourceOptions } from '../options.js';
+
+/** Whether a source session runs its channels in worker threads, and why (SourceStats.threads). */
+export interface ThreadPlan {
+  readonly used: boolean;
+  readonly why: string;
+}
+
+/** What keeps a session with these options on one thread, or undefined when threads are possible. */
+function blocker(o: SourceOptions): string | undefined {
+  if (!socketTransferSupported()) return socketTransferWhy();
+  if (!(o.memory instanceof InMemorySource) || !o.memory.shared) {
+    return 'the guest memory is not shared between threads (an InMemorySource created with { shared: true } is; file-backed sources are not yet)';
+  }
+  if (o.multifd) return 'multifd channels do not run in worker threads yet';
+  if (o.xbzrleCacheBytes) return 'XBZRLE encodes against a cache on the caller\'s thread';
+  return undefined;
+}
+
+/**
+ * `threads` of SourceOptions: 'auto' (default) uses threads when every
+ * condition holds and says which failed otherwise; 'on' where one fails is
+ * a RangeError (code 'threads-unavailable', option 'threads') at the call.
+ */
+export function planSourceThreads(o: SourceOptions): ThreadPlan {
+  const mode: ThreadMode = o.threads ?? 'auto';
+  if (mode === 'off') return { used: false, why: "threads: 'off'" };
+  const why = blocker(o);
+  if (why === undefined) return { used: true, why: mode === 'on' ? "threads: 'on'" : 'auto: sockets can be transferred to worker threads and the guest memory is shared' };
+  if (mode === 'on') throw usageError('range', 'threads-unavailable', 'threads', `threads: 'on' is not possible: ${why}`);
+  return { used: false, why: `auto: ${why}` };
+}
+
+export function checkThreadMode(v: unknown): void {
+  if (v !== undefined && v !== 'auto' && v !== 'on' && v !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(v)}`);
+}

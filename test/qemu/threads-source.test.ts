@@ -1,0 +1,130 @@
+/**
+ * SourceSession with `threads: 'on'` (each channel in its own worker thread,
+ * TLS in the worker) into a real QEMU 10.0 destination: a saved VM "still
+ * running" at our source, postcopy after one pass with preempt (plain and
+ * TLS) and precopy over TLS. QEMU completes, the guest runs on there, its
+ * invariant holds and the pages outside its range equal ours. The same
+ * postcopy run with `threads: 'off'` runs alongside, for the latency figures
+ * of both paths in one run (printed; nothing asserts on timing).
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
+import type { SavedVmManifest } from '../../src/protocol/saved-vm.js';
+import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
+import { initPkiDir } from '../../src/transport/pki.js';
+import { socketTransferSupported } from '../../src/transport/worker/support.js';
+import { stopAll } from './harness.js';
+import { describeWithQemu } from './require-qemu.js';
+import { captureSavedVm, checkDestination, EmulatedGuest, MiB, savedDevices, savedRam, savedVmdesc, startDestination, type DestinationCheck, type GuestSpec } from './source-helpers.js';
+
+const SPEC: GuestSpec = { memoryMiB: 64, guest: { startMiB: 1, endMiB: 33, direction: 'down' } };
+const RANGE = { start: SPEC.guest.startMiB * MiB, end: SPEC.guest.endMiB * MiB };
+const BANDWIDTH = 32 * MiB;
+
+let work: string;
+let vmDir: string;
+let pkiDir: string;
+let manifest: SavedVmManifest;
+
+interface Case {
+  name: string;
+  policy: PostcopyPolicy;
+  preempt: boolean;
+  tls: boolean;
+  threads: 'on' | 'off';
+}
+
+async function restore(c: Case): Promise<{ stats: SourceStats; check: DestinationCheck; answered: { main: number; preempt: number } }> {
+  const postcopy = c.policy !== 'never';
+  const { q, uri } = await startDestination(`dst-threads-${c.name}`, SPEC, { postcopy, preempt: c.preempt, ...(c.tls ? { tlsDir: pkiDir } : {}) });
+  const guest = new EmulatedGuest(savedRam(vmDir, manifest), 'pc.ram', RANGE, { shared: true });
+  try {
+    const s = new SourceSession({
+      to: uri,
+      ...(c.tls ? { transport: { tls: { dir: pkiDir, hostname: 'localhost' } } } : {}),
+      memory: guest.source,
+      machineType: manifest.machineType!,
+      devices: savedDevices(vmDir, manifest),
+      vmdesc: savedVmdesc(vmDir, manifest),
+      postcopy: c.policy,
+      preempt: c.preempt,
+      threads: c.threads,
+      bandwidthLimit: BANDWIDTH,
+      postcopyBandwidthLimit: BANDWIDTH,
+      // The guest dirties its whole range faster than a pass: precopy completes with the VM stopped after two.
+      maxPasses: 2,
+      stopVm: () => guest.stop(),
+    });
+    const answered = { main: 0, preempt: 0 };
+    s.on('page-request', (r) => answered[r.channel]++);
+    guest.start(50);
+    s.start();
+    let stats: SourceStats;
+    try {
+      stats = await s.done;
+    } catch (e) {
+      throw new Error(`${c.name}: ${(e as Error).message}; destination: ${JSON.stringify(await q.queryMigrate().catch(() => undefined))} ${q.stderrTail(500)}`, { cause: e });
+    }
+    const check = await checkDestination(q, guest.source.memory.get('pc.ram')!);
+    return { stats, check, answered };
+  } finally {
+    guest.stop();
+    await q.stop();
+  }
+}
+
+afterAll(async () => {
+  await stopAll();
+  if (work) await rm(work, { recursive: true, force: true });
+});
+
+describeWithQemu('SourceSession with threads into QEMU 10.0', () => {
+  beforeAll(async () => {
+    work = await mkdtemp(join(tmpdir(), 'qmt-threads-send-'));
+    vmDir = join(work, 'vm');
+    pkiDir = join(work, 'pki');
+    [manifest] = await Promise.all([captureSavedVm(vmDir, SPEC, 'capture-threads'), initPkiDir(pkiDir)]);
+    expect(manifest.complete).toBe(true);
+  });
+
+  const cases: Case[] = [
+    { name: 'postcopy-preempt', policy: { afterPasses: 1 }, preempt: true, tls: false, threads: 'on' },
+    { name: 'postcopy-preempt-off', policy: { afterPasses: 1 }, preempt: true, tls: false, threads: 'off' },
+    { name: 'postcopy-preempt-tls', policy: { afterPasses: 1 }, preempt: true, tls: true, threads: 'on' },
+    { name: 'precopy-tls', policy: 'never', preempt: false, tls: true, threads: 'on' },
+  ];
+
+  it.skipIf(!socketTransferSupported()).each(cases)('$name (threads $threads): QEMU completes, the guest runs on, memory consistent', async (c) => {
+    const { stats: st, check, answered } = await restore(c);
+    const l = st['postcopy-latency'];
+    console.log(
+      `[threads-send] ${c.name} threads ${c.threads}: passes ${st.passes}, downtime ${st.downtime} ms, requests ${st['postcopy-requests']} ` +
+        `(main ${answered.main}, preempt ${answered.preempt}) ${JSON.stringify(st['requests-answered'])}, latency p50 ${l.p50} µs p90 ${l.p90} µs p99 ${l.p99} µs max ${l.max} µs, ` +
+        `threads ${JSON.stringify(st.threads)}`,
+    );
+    expect(st.status).toBe('completed');
+    expect(check.info.status).toBe('completed');
+    expect(check.passesAfter).toBeGreaterThanOrEqual(2);
+    expect(check.invariant.ok, check.invariant.detail).toBe(true);
+    expect(check.outside!.count).toBe(0);
+    expect(st.threads?.used).toBe(c.threads === 'on');
+    if (c.threads === 'on') expect(st.threads!.channels.map((x) => x.role).sort()).toEqual(c.preempt ? ['main', 'preempt'] : ['main']);
+    if (c.tls) expect(st.channels.main?.tls?.protocol).toBe('TLSv1.3');
+    if (c.policy === 'never') {
+      expect(check.statuses).not.toContain('postcopy-active');
+      expect(st.passes).toBe(2);
+      return;
+    }
+    expect(check.statuses).toContain('postcopy-active');
+    expect(st['postcopy-requests']).toBeGreaterThan(0);
+    // With preempt, main answers only pages handed to it before their request.
+    expect(st['requests-answered']['main-no-preempt']).toBe(0);
+    expect(answered.main).toBe(st['requests-answered']['main-in-flight']);
+    expect(answered.preempt).toBe(st['requests-answered'].preempt);
+    expect(answered.preempt).toBeGreaterThan(0);
+    if (c.tls) expect(st.channels.preempt?.tls?.protocol).toBe('TLSv1.3');
+  });
+});
