@@ -135,7 +135,9 @@ export function formatTapReport(r: TapReport): string[] {
   if (r.preempt) lines.push(`  preempt    ${formatBytes(r.preempt.bytes)}; pages ${pages(r.preempt.pages)}`);
   if (r.multifd) {
     const t = r.multifd.total;
-    lines.push(`  multifd    ${t.channels} channels, ${formatBytes(t.multifdBytes)} in ${t.packets} packets (${t.syncs} SYNC); pages ${t.pages.normal} normal, ${t.pages.zero} zero`);
+    lines.push(
+      `  multifd    ${t.channels} channels, ${formatBytes(t.multifdBytes)} in ${t.packets} packets (${t.syncs} SYNC, ${r.main.multifdFlushes} MULTIFD_FLUSH on main); pages ${t.pages.normal} normal, ${t.pages.zero} zero`,
+    );
     for (const c of r.multifd.channels) {
       lines.push(
         `    channel ${c.id ?? '?'} (connection ${c.connection}) ${formatBytes(c.bytes)} at ${rate(c.bytesPerSecond)}; ${c.packets} packets (${c.syncs} SYNC); pages ${c.pages.normal} normal, ${c.pages.zero} zero`,

@@ -278,8 +278,9 @@ function checkMultifdReport({ report, result }: { report: TapReport; result: Mig
   for (const conn of report.connections.multifd) expect(conn.establishedMs).toBeGreaterThanOrEqual(report.connections.main.establishedMs!);
   for (const ch of m.channels) {
     expect(ch.parseError).toBeNull();
-    // The setup SYNC, and one at the end of every pass.
+    // The setup SYNC, and one at the end of every pass; the source wrote one MULTIFD_FLUSH on main per round.
     expect(ch.syncs).toBeGreaterThanOrEqual(2);
+    expect(ch.syncs).toBe(report.main.multifdFlushes);
     expect(ch.reverseBytes).toBe(0);
   }
   // With multifd the main channel carries no page: all of QEMU's pages are in the channels' packets.

@@ -17,6 +17,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import tls from 'node:tls';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startTap, type Tap } from '../../src/protocol/tap/index.js';
+import { MultifdChannelCounter } from '../../src/protocol/tap/multifd.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MultifdFlag } from '../../src/stream/multifd.js';
 import { initPkiDir, loadTlsDir } from '../../src/transport/pki.js';
 import type { StrangerEvent } from '../../src/transport/qualify.js';
@@ -260,8 +261,34 @@ describe('tap: a QEMU 10.0.2 multifd capture replayed (test/fixtures/multifd-4)'
     expect(r.parseErrors).toEqual([]);
     expect(r.multifd!.total).toMatchObject({ channels: 4, pages: { normal: ram.normal, zero: ram.duplicate }, multifdBytes: ram['multifd-bytes'] });
     expect(r.multifd!.channels.map((c) => c.id).sort()).toEqual(sc.files.multifd.map((f) => f.channelId).sort());
-    // With multifd the main stream carries no page record.
+    // With multifd the main stream carries no page record; every channel met every barrier (one MULTIFD_FLUSH on main per SYNC round).
     expect(r.main.pages).toEqual({ normal: 0, zero: 0, xbzrle: 0 });
+    expect(r.main.multifdFlushes).toBeGreaterThan(1);
+    for (const c of r.multifd!.channels) expect(c.syncs).toBe(r.main.multifdFlushes);
     for (const s of [...socks, m]) s.destroy();
+  });
+});
+
+describe('MultifdChannelCounter', () => {
+  it('counts a QEMU channel the same for any chunking (whole, random splits, splits inside pages and headers)', async () => {
+    const bytes = await readFile(join(import.meta.dirname, '..', 'fixtures', 'multifd-2-ch1.bin'));
+    const count = (sizes: () => number): ReturnType<MultifdChannelCounter['counts']> => {
+      const c = new MultifdChannelCounter();
+      for (let at = 0; at < bytes.length; ) {
+        const n = Math.max(1, sizes());
+        expect(c.push(bytes.subarray(at, at + n))).toBeUndefined();
+        at += n;
+      }
+      expect(c.end()).toBeUndefined();
+      return c.counts();
+    };
+    const whole = count(() => bytes.length);
+    expect(whole).toMatchObject({ id: 1, multifdBytes: bytes.length });
+    expect(whole.packets).toBeGreaterThan(10);
+    let seed = 7;
+    const rand = (): number => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff);
+    for (const max of [5000, 70_000, 600_000]) expect(count(() => Math.floor(rand() * max))).toEqual(whole);
+    expect(count(() => 4097)).toEqual(whole);
+    expect(count(() => 1343)).toEqual(whole);
   });
 });

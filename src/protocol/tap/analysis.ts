@@ -72,6 +72,12 @@ export interface MainChannelReport extends DirectionReport {
   /** Commands by name, e.g. `{ ping: 4, 'postcopy-ram-discard': 1 }`. */
   commands: Record<string, number>;
   devices: { count: number; bytes: number };
+  /**
+   * MULTIFD_FLUSH records: the source wrote one after every channel sent a
+   * SYNC packet (at setup and after each pass), so in a whole multifd
+   * migration every channel's `syncs` equals this.
+   */
+  multifdFlushes: number;
   eof: boolean;
 }
 
@@ -305,6 +311,7 @@ export class MigrationAnalysis {
   private readonly commands: Record<string, number> = {};
   private readonly devices = { count: 0, bytes: 0 };
   private eof = false;
+  private multifdFlushes = 0;
   private returnPathOpened = false;
   private inPostcopy = false;
 
@@ -572,6 +579,9 @@ export class MigrationAnalysis {
       case 'package-end':
         this.milestone('package-end', t);
         return;
+      case 'ram-multifd-flush':
+        this.multifdFlushes++;
+        return;
       case 'eof':
         this.eof = true;
         this.milestone('eof', t);
@@ -766,6 +776,7 @@ export class MigrationAnalysis {
         ramParts: { ...this.ramParts },
         commands: { ...this.commands },
         devices: { ...this.devices },
+        multifdFlushes: this.multifdFlushes,
         eof: this.eof,
       },
       returnPath: { ...this.dirs['return-path'].report(t0), messages: { ...this.rpMessages }, shut: this.shut },

@@ -44,7 +44,8 @@ export class MultifdChannelCounter {
   private failure: StreamError | undefined;
 
   constructor(opts: { blocks?: readonly KnownBlock[] } = {}) {
-    this.decoder = new MultifdDecoder(opts.blocks ? { blocks: opts.blocks } : {});
+    // In pieces: a packet's pages as they lie in the pushed chunks, never copied to make a 512 KiB packet whole.
+    this.decoder = new MultifdDecoder({ splitPackets: true, ...(opts.blocks ? { blocks: opts.blocks } : {}) });
   }
 
   /** The error that ended the parsing, if any. */
@@ -109,7 +110,8 @@ export class MultifdChannelCounter {
       c.id = r.id;
       return;
     }
-    c.packets++;
+    // A packet may come in pieces: the zero list with the first, SYNC and the count with the last.
+    if (r.last) c.packets++;
     if (r.sync) c.syncs++;
     const n = r.normal.length;
     const z = r.zero.length;
