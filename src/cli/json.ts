@@ -145,6 +145,8 @@ export interface DestinationStatsJson {
   channels: { main?: ChannelJson; preempt?: ChannelJson };
   /** With multifd: channels, MULTIFD_FLUSH barriers passed, packets, and per channel (by id) its bytes and pages. */
   multifd?: { channels: number; syncs: number; packets: number; flushWaits: number; perChannel: { id: number; bytes: number; packets: number; pages: PagesJson }[] };
+  /** Whether the channels ran in worker threads, why, and each channel's thread and CPU seconds. */
+  threads: DestinationStats['threads'];
 }
 
 export function destinationStatsJson(s: DestinationStats): DestinationStatsJson {
@@ -162,6 +164,7 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     runs: { count: s.runs.count },
     sink: { pauses: s['sink-waits'] },
     channels: channelsJson(s.channels),
+    threads: s.threads,
     ...(s.multifd
       ? {
           multifd: {
