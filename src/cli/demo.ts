@@ -18,7 +18,7 @@ import { initPkiDir } from '../transport/pki.js';
 import { asArgParser, intArg } from './args.js';
 import type { DemoDestinationData, DemoTouches } from './demo-destination.js';
 import { usageError } from './errors.js';
-import { latencyJson, sourceStatsJson, type LatencyJson, type SourceStatsJson } from './json.js';
+import { latencyJson, sourceStatsJson, threadsJson, type LatencyJson, type SourceStatsJson, type ThreadsJson } from './json.js';
 import { Progress, PROGRESS_MODES, type ProgressMode } from './progress.js';
 import { run } from './run.js';
 
@@ -290,7 +290,7 @@ export interface DemoJson {
   memoryIdentical: boolean;
   source: SourceStatsJson;
   /** The destination's channels: in worker threads or not, and why. */
-  destinationThreads: DestinationStats['threads'];
+  destinationThreads: ThreadsJson;
 }
 
 export function demoJson(r: DemoReport): DemoJson {
@@ -309,7 +309,7 @@ export function demoJson(r: DemoReport): DemoJson {
     channels: { mainBytes: r.bytes.main, preemptBytes: r.bytes.preempt, returnPathBytes: r.bytes.returnPath },
     memoryIdentical: r.memoryIdentical,
     source: sourceStatsJson(r.source),
-    destinationThreads: r.destinationThreads,
+    destinationThreads: threadsJson(r.destinationThreads),
   };
 }
 

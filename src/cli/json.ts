@@ -145,8 +145,19 @@ export interface DestinationStatsJson {
   channels: { main?: ChannelJson; preempt?: ChannelJson };
   /** With multifd: channels, MULTIFD_FLUSH barriers passed, packets, and per channel (by id) its bytes and pages. */
   multifd?: { channels: number; syncs: number; packets: number; flushWaits: number; perChannel: { id: number; bytes: number; packets: number; pages: PagesJson }[] };
-  /** Whether the channels ran in worker threads, why, and each channel's thread and CPU seconds. */
-  threads: DestinationStats['threads'];
+  /** Whether the channels ran in worker threads, why, and each channel's thread (id) and CPU time. */
+  threads: ThreadsJson;
+}
+
+/** stats.threads in JSON: per channel its thread id and CPU time in ms. */
+export interface ThreadsJson {
+  used: boolean;
+  why: string;
+  channels: { role: string; id: number; cpuMs: number }[];
+}
+
+export function threadsJson(t: DestinationStats['threads']): ThreadsJson {
+  return { used: t.used, why: t.why, channels: t.channels.map((c) => ({ role: c.role, id: c.threadId, cpuMs: Math.round(c.cpuSeconds * 1000) })) };
 }
 
 export function destinationStatsJson(s: DestinationStats): DestinationStatsJson {
@@ -164,7 +175,7 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     runs: { count: s.runs.count },
     sink: { pauses: s['sink-waits'] },
     channels: channelsJson(s.channels),
-    threads: s.threads,
+    threads: threadsJson(s.threads),
     ...(s.multifd
       ? {
           multifd: {
