@@ -26,7 +26,7 @@ import { performance } from 'node:perf_hooks';
 import { initPkiDir } from '../src/transport/pki.js';
 import { prepareLibraryMigration, type LibraryMigrationSpec, type LibraryOutcome, type PreparedLibraryMigration } from '../test/load/library-migration.js';
 import { LOAD_AIM } from './lib/aims.js';
-import { notAvailable, osThreads, threadsOf, threadsUnavailable } from './lib/features.js';
+import { notAvailable, osThreads, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { runPart, type PartContext } from './lib/part.js';
 import { fmt } from './lib/report.js';
 import { fmtStats, ratio, runStats, type RunStats } from './lib/stats.js';
@@ -280,6 +280,12 @@ await runPart<LoadData>('load', 'The eight-migration load: urgent p99 against a 
           v.runs = [];
         }
       } catch (e) {
+        const refused = threadsRefused(e);
+        if (refused) {
+          v.unavailable = refused;
+          ctx.log(`${v.shape}, threads ${v.threads}: not available: ${refused}`);
+          continue;
+        }
         v.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
         ctx.log(`round ${round + 1}: ${v.shape}, threads ${v.threads} failed: ${String(e)}`);
       }

@@ -1,7 +1,7 @@
 /**
  * Multifd throughput and CPU per GB (part `multifd` of `npm run bench`;
  * alone: `node --import tsx bench/multifd.bench.ts [--quick] [--mib N]
- * [--runs N] [--channels 1,2,4]`; the `qmt receive` rows need `npm run
+ * [--runs N] [--channels 1,2,4] [--rows qemu-qemu,qemu-receive,send-qemu,library]`; the `qmt receive` rows need `npm run
  * build`, the threaded library rows Node.js ≥ 26.6, which `npm run bench`
  * runs this part under when it finds one).
  *
@@ -34,7 +34,7 @@ import { fileURLToPath } from 'node:url';
 import { initPkiDir } from '../src/transport/pki.js';
 import { MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdScaling, REFERENCE_CORES } from './lib/aims.js';
 import { BenchChild } from './lib/child.js';
-import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { runPart, type PartContext } from './lib/part.js';
 import type { QemuProcess } from './lib/qemu.js';
 import { builtCliProblem, startQmtCli } from './lib/qmt-cli.js';
@@ -328,7 +328,9 @@ function markdown(d: MultifdData): string {
   return lines.join('\n');
 }
 
-await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by channel count', { mib: { type: 'string' }, runs: { type: 'string' }, channels: { type: 'string' } }, async (ctx) => {
+await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by channel count', { mib: { type: 'string' }, runs: { type: 'string' }, channels: { type: 'string' }, rows: { type: 'string' } }, async (ctx) => {
+  // --rows qemu-qemu,library …: a subset (the report then has only those).
+  const rows = ctx.options.rows ? String(ctx.options.rows).split(',') : undefined;
   const mib = Number(ctx.options.mib ?? (ctx.quick ? 256 : 1024));
   const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
   const channelCounts = String(ctx.options.channels ?? '1,2,4')
@@ -379,7 +381,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   }
   for (let round = 0; round < runs; round++) {
     for (const v of data.variants) {
-      if (v.unavailable) continue;
+      if (v.unavailable || (rows && !rows.includes(v.row))) continue;
       const tls = v.kind === 'tls';
       try {
         const r =
@@ -393,9 +395,10 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
         v.runs.push(r);
         ctx.log(`round ${round + 1}/${runs}: ${v.row}${v.threads ? ` threads ${v.threads}` : ''} ${v.kind} ×${v.channels}: ${fmt(r.gbps, 2)} GB/s, CPU ${fmt(r.cpu.totalS, 2)} s (${fmt(r.cpu.totalS / r.seconds, 2)} cores, ${r.cpu.busyThreads}/${r.cpu.threads} threads busy)${r.identical === false ? ' — RAM DIFFERS' : ''}`);
       } catch (e) {
-        if (e instanceof FeatureMissing) {
-          v.unavailable = e.message;
-          ctx.log(`${v.row} ${v.kind} ×${v.channels}: not available: ${e.message}`);
+        const refused = threadsRefused(e);
+        if (e instanceof FeatureMissing || refused) {
+          v.unavailable = refused ?? (e as Error).message;
+          ctx.log(`${v.row} ${v.kind} ×${v.channels}: not available: ${v.unavailable}`);
           continue;
         }
         v.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
@@ -404,5 +407,6 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
     }
   }
   for (const v of data.variants) summarise(v, bytes);
+  if (rows) data.variants = data.variants.filter((v) => rows.includes(v.row));
   return { config: { mib, runs, channels: channelCounts, host: '127.0.0.1', referenceCores: REFERENCE_CORES }, data, markdown: markdown(data) };
 });

@@ -43,7 +43,7 @@ import { fmtRatio, fmtStats, runStats, type RunStats } from './lib/stats.js';
 import type { TapCommand, TapRun } from './lib/tap-peer.js';
 import { faultToPlaced } from './lib/qemu-trace.js';
 import { processCpuSeconds } from './lib/cpu.js';
-import { notAvailable, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { notAvailable, threadsNode, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { ThreadCpuSampler, topThreads } from './lib/thread-cpu.js';
 
 /** A row whose feature this tree lacks: not a failure, "not available". */
@@ -421,9 +421,10 @@ await runPart<UrgentData>(
           const s = summarize(x.samplesUs);
           ctx.log(`round ${round + 1}/${runs}: ${r.link} ${r.label}: ${fmt(s?.count)} requests, p50 ${fmt(s?.p50Us)} µs, p99 ${fmt(s?.p99Us)} µs`);
         } catch (e) {
-          if (e instanceof FeatureMissing) {
-            r.unavailable = e.message;
-            ctx.log(`${r.link} ${r.label}: not available: ${e.message}`);
+          const refused = threadsRefused(e);
+          if (e instanceof FeatureMissing || refused) {
+            r.unavailable = refused ?? (e as Error).message;
+            ctx.log(`${r.link} ${r.label}: not available: ${r.unavailable}`);
             continue;
           }
           r.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
