@@ -25,6 +25,7 @@ export default defineConfig([
     // Worker threads (src/transport/worker/spawn.ts): each its own file at its path under src, loaded by path.
     entry: {
       'transport/worker/selftest-worker': 'src/transport/worker/selftest-worker.ts',
+      'protocol/destination/threads/channel-worker': 'src/protocol/destination/threads/channel-worker.ts',
       'protocol/source/threads/main-worker': 'src/protocol/source/threads/main-worker.ts',
       'protocol/source/threads/preempt-worker': 'src/protocol/source/threads/preempt-worker.ts',
     },

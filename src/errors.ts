@@ -63,6 +63,7 @@ export type UsageErrorCode =
   | 'bad-endpoint' // a URI that is not tcp:HOST:PORT or unix:PATH
   | 'bad-postcopy-policy'
   | 'bad-option' // any other option of the wrong type or out of range
+  | 'threads-unavailable' // threads: 'on' where channels cannot run in worker threads (the message says why)
   | 'unknown-ram-block' // requestPage: a block the migration does not have
   | 'page-out-of-range' // requestPage: negative or past the block's end
   | 'unaligned-offset' // requestPage: not a multiple of the page size

@@ -1,4 +1,8 @@
+import { open } from 'node:fs/promises';
 import { Option, type Command } from 'commander';
+import { MultifdChannelCounter, multifdTotals, type MultifdChannelCounts, type MultifdTotals } from '../protocol/tap/multifd.js';
+import { MULTIFD_MAGIC } from '../stream/multifd.js';
+import type { KnownBlock } from '../stream/ram.js';
 import { StreamSummary, type StreamSummaryReport } from '../stream/summary.js';
 import type { StreamRecord } from '../stream/records.js';
 import { decodeDeviceState, deviceStateToJson, parseVmDescription, type VmDescription } from '../stream/vmdesc.js';
@@ -6,6 +10,7 @@ import { checkInputFile } from './args.js';
 import { CliError } from './errors.js';
 import { fileProgress, PROGRESS_MODES, type ProgressMode } from './file-progress.js';
 import { decodeFile } from './load-stream.js';
+import { readChunks } from './read-file.js';
 import { run } from './run.js';
 
 export interface InspectOptions {
@@ -20,6 +25,46 @@ export interface InspectReport extends StreamSummaryReport {
   file: string;
   /** Decoded device fields, by "idstr/instance", with --devices. */
   deviceFields?: Record<string, unknown>;
+}
+
+/** What `qmt inspect` reports for a captured multifd channel (one connection's bytes, source → destination). */
+export interface MultifdInspectReport extends MultifdChannelCounts {
+  kind: 'multifd-channel';
+  file: string;
+  /** Bytes decoded: the whole file (a file that ends inside a packet is an error). */
+  bytes: number;
+}
+
+/** Does the file begin with the multifd magic 0x11223344 (a multifd channel rather than a main stream)? */
+export async function isMultifdFile(path: string): Promise<boolean> {
+  const fh = await open(path, 'r');
+  try {
+    const b = Buffer.alloc(4);
+    const { bytesRead } = await fh.read(b, 0, 4, 0);
+    return bytesRead === 4 && b.readUInt32BE(0) === MULTIFD_MAGIC;
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Decodes a captured multifd channel (init message, then packets) and counts
+ * it. `blocks` (the main stream's block list) bound the pages' offsets. A bad
+ * or truncated channel throws the codec's StreamError (code and offset).
+ */
+export async function inspectMultifdFile(path: string, opts: { blocks?: readonly KnownBlock[]; onProgress?: (bytesRead: number) => void; signal?: AbortSignal } = {}): Promise<MultifdInspectReport> {
+  const counter = new MultifdChannelCounter(opts.blocks ? { blocks: opts.blocks } : {});
+  let read = 0;
+  for await (const chunk of readChunks(path)) {
+    opts.signal?.throwIfAborted();
+    const e = counter.push(chunk);
+    if (e) throw e;
+    read += chunk.length;
+    opts.onProgress?.(read);
+  }
+  const e = counter.end();
+  if (e) throw e;
+  return { kind: 'multifd-channel', file: path, bytes: read, ...counter.counts() };
 }
 
 /** Decodes a captured stream and summarises it (what `qmt inspect` prints). */
@@ -50,6 +95,19 @@ export async function inspectFile(path: string, opts: InspectOptions = {}): Prom
 const MiB = 1024 * 1024;
 function size(n: number): string {
   return n >= MiB ? `${(n / MiB).toFixed(n % MiB === 0 ? 0 : 2)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(n % 1024 === 0 ? 0 : 1)} KiB` : `${n} B`;
+}
+
+/** The human-readable form of a multifd channel's report. */
+export function formatMultifdInspectReport(r: MultifdInspectReport): string {
+  const lines = [`${r.file}: multifd channel ${r.id ?? '?'}, ${r.bytes} bytes, ${r.packets} packets (${r.syncs} SYNC)`];
+  lines.push(`pages: ${r.pages.normal} normal, ${r.pages.zero} zero`);
+  for (const [block, p] of Object.entries(r.blocks)) lines.push(`  ${block.padEnd(24)} ${p.normal} normal, ${p.zero} zero`);
+  return lines.join('\n');
+}
+
+/** The sum over the multifd channels of an inspect run, as text. */
+export function formatMultifdTotals(t: MultifdTotals): string {
+  return `multifd total: ${t.channels} channels, ${t.packets} packets (${t.syncs} SYNC), pages ${t.pages.normal} normal, ${t.pages.zero} zero, ${t.multifdBytes} bytes`;
 }
 
 /** The human-readable form of a report. */
@@ -97,8 +155,9 @@ function formatCommand(c: InspectReport['commands'][number]): string {
   }
 }
 
-/** The fields of `qmt inspect --json` after the envelope (README "JSON output"). */
+/** The fields of `qmt inspect --json` after the envelope (README "JSON output"), for a main stream. */
 export interface InspectJson {
+  kind: 'stream';
   file: string;
   /** Bytes decoded (the whole file when it ends with EOF). */
   bytes: number;
@@ -133,6 +192,7 @@ function commandJson(c: InspectReport['commands'][number]): Record<string, unkno
 
 export function inspectJson(r: InspectReport): InspectJson {
   return {
+    kind: 'stream',
     file: r.file,
     bytes: r.bytes,
     streamVersion: r.version ?? null,
@@ -157,29 +217,94 @@ export function inFile(file: string, e: unknown): unknown {
   return new CliError(x.code, `${file} at offset ${x.offset}: ${x.message}`, { cause: e });
 }
 
-/** Adds `qmt inspect FILE [--json] [--devices] [--progress MODE]`. */
+/** `qmt inspect --json` of a multifd channel file. */
+export type MultifdInspectJson = MultifdInspectReport;
+
+/** `qmt inspect --json` with several files: each file's report, and the sum over the multifd channels among them. */
+export interface InspectManyJson {
+  files: (InspectJson | MultifdInspectJson)[];
+  multifd: MultifdTotals | null;
+}
+
+/**
+ * Inspects several captured files (a session's main channel and its multifd
+ * channels, say): main streams first, so that their block list bounds the
+ * channels' pages; the reports in the order given. `multifd`: every file is a
+ * multifd channel (else each is recognised by its first 4 bytes).
+ */
+export async function inspectFiles(
+  files: readonly string[],
+  opts: InspectOptions & { multifd?: boolean } = {},
+): Promise<{ reports: (InspectReport | MultifdInspectReport)[]; multifd: MultifdTotals | null }> {
+  const kinds = await Promise.all(files.map(async (f) => (opts.multifd || (await isMultifdFile(f)) ? 'multifd' : 'stream')));
+  const reports: (InspectReport | MultifdInspectReport | undefined)[] = new Array(files.length);
+  let done = 0;
+  const progress = opts.onProgress ? (n: number) => opts.onProgress!(done + n) : undefined;
+  let blocks: KnownBlock[] | undefined;
+  const withFile = async <T extends { bytes: number }>(file: string, f: () => Promise<T>): Promise<T> => {
+    try {
+      const r = await f();
+      done += r.bytes;
+      return r;
+    } catch (e) {
+      throw inFile(file, e);
+    }
+  };
+  for (const [i, file] of files.entries()) {
+    if (kinds[i] !== 'stream') continue;
+    const r = await withFile(file, () => inspectFile(file, { ...opts, ...(progress ? { onProgress: progress } : {}) }));
+    if (r.ramBlocks.length > 0) blocks = r.ramBlocks.map((b, index) => ({ idstr: b.idstr, length: b.length, index }));
+    reports[i] = r;
+  }
+  for (const [i, file] of files.entries()) {
+    if (kinds[i] !== 'multifd') continue;
+    reports[i] = await withFile(file, () =>
+      inspectMultifdFile(file, { ...(blocks ? { blocks } : {}), ...(progress ? { onProgress: progress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) }),
+    );
+  }
+  const all = reports as (InspectReport | MultifdInspectReport)[];
+  const channels = all.filter((r): r is MultifdInspectReport => 'kind' in r && r.kind === 'multifd-channel');
+  return { reports: all, multifd: channels.length > 0 ? multifdTotals(channels) : null };
+}
+
+function isMultifdReport(r: InspectReport | MultifdInspectReport): r is MultifdInspectReport {
+  return 'kind' in r && r.kind === 'multifd-channel';
+}
+
+/** Adds `qmt inspect FILE... [--json] [--devices] [--multifd] [--progress MODE]`. */
 export function registerInspectCommand(program: Command): Command {
   return program
     .command('inspect')
-    .description('decode a captured migration stream and summarise it')
-    .argument('<file>', 'a stream written by QEMU (migrate "file:...") or by qmt')
+    .description('decode captured migration streams (a main channel, multifd channels) and summarise them')
+    .argument('<file...>', 'a stream written by QEMU (migrate "file:...") or by qmt, or captured channels (qmt tap --capture)')
     .option('--json', 'print a machine-readable report')
     .option('--devices', 'decode device state into named fields (needs the VM description)')
+    .option('--multifd', 'decode every file as a multifd channel (default: a file starting with 11 22 33 44 is one)')
     .addOption(new Option('--progress <mode>', 'progress on stderr (auto: a bar on a TTY for files of 64 MiB or more)').choices([...PROGRESS_MODES]).default('auto'))
     .action(
-      run('inspect', async (ctx, file: string, opts: { json?: boolean; devices?: boolean; progress: ProgressMode }) => {
-        const size = await checkInputFile(file, 'the stream to inspect');
+      run('inspect', async (ctx, files: string[], opts: { json?: boolean; devices?: boolean; multifd?: boolean; progress: ProgressMode }) => {
+        let size = 0;
+        for (const file of files) size += await checkInputFile(file, files.length > 1 ? 'a stream to inspect' : 'the stream to inspect');
         const bar = fileProgress(opts.progress, size, 'inspect');
-        let r: InspectReport;
+        let out: Awaited<ReturnType<typeof inspectFiles>>;
         try {
-          r = await inspectFile(file, { ...(opts.devices ? { devices: true } : {}), onProgress: (n) => bar.update(n), signal: ctx.signal });
+          out = await inspectFiles(files, { ...(opts.devices ? { devices: true } : {}), ...(opts.multifd ? { multifd: true } : {}), onProgress: (n) => bar.update(n), signal: ctx.signal });
         } catch (e) {
-          return { ok: false, error: inFile(file, e) };
+          return { ok: false, error: e };
         } finally {
           bar.stop();
         }
-        if (!ctx.json) ctx.stdout.write(`${formatInspectReport(r)}\n`);
-        return { ok: true, json: inspectJson(r) };
+        const text = (r: InspectReport | MultifdInspectReport): string => (isMultifdReport(r) ? formatMultifdInspectReport(r) : formatInspectReport(r));
+        const json = (r: InspectReport | MultifdInspectReport): InspectJson | MultifdInspectJson => (isMultifdReport(r) ? r : inspectJson(r));
+        if (!ctx.json) {
+          const parts = out.reports.map(text);
+          if (files.length > 1 && out.multifd) parts.push(formatMultifdTotals(out.multifd));
+          ctx.stdout.write(`${parts.join('\n\n')}\n`);
+        }
+        // One file: its report as the JSON body (as before multifd); several: a list and the multifd sum.
+        if (files.length === 1) return { ok: true, json: json(out.reports[0]!) };
+        const many: InspectManyJson = { files: out.reports.map(json), multifd: out.multifd };
+        return { ok: true, json: many };
       }),
     );
 }

@@ -21,6 +21,8 @@ export interface TapCommandOptions {
   json?: boolean;
   /** Keep relaying after a migration completed (one report per main connection). */
   keepListening?: boolean;
+  /** Write every direction of every connection to a file in this directory (see src/protocol/tap/capture.ts). */
+  capture?: string;
 }
 
 /** What `qmt tap --json` prints: one object when the tap stops. */
@@ -65,6 +67,7 @@ export async function runTapCommand(o: TapCommandOptions, io: TapCommandIo): Pro
       ...(o.tlsIn ? { tlsIn: o.tlsIn } : {}),
       ...(o.tlsOut ? { tlsOut: o.tlsOut } : {}),
       ...(o.tlsHostname ? { tlsHostname: o.tlsHostname } : {}),
+      ...(o.capture ? { capture: o.capture } : {}),
     });
   } catch (e) {
     return { ok: false, listen: null, to: o.to, sessions: [], strangers: { count: 0, latest: [] }, error: describe(e) };
@@ -75,7 +78,11 @@ export async function runTapCommand(o: TapCommandOptions, io: TapCommandIo): Pro
   tap.on('milestone', (m) => {
     if (m.name === 'switchover-start' || m.name === 'postcopy-run' || m.name === 'eof') log(`session ${m.session}: ${m.name} at ${formatDuration(m.atMs)}`);
   });
-  tap.on('parse-error', (e) => log(`session ${e.session}: cannot parse the ${e.direction} direction any further (${e.error.code} at byte ${e.error.offset}: ${e.error.message}); still forwarding`));
+  tap.on('parse-error', (e) =>
+    log(
+      `session ${e.session}: cannot parse the ${e.direction}${e.channel === undefined ? '' : ` ${e.channel}`} direction any further (${e.error.code} at byte ${e.error.offset}: ${e.error.message}); still forwarding`,
+    ),
+  );
   tap.on('error', (e) => log(`${e.code}${e.channel ? ` (${e.channel} channel)` : ''}: ${e.message}`));
   tap.on('stranger', (ev) => log(`stranger${ev.remote ? ` from ${ev.remote}` : ''} dropped (${ev.reason}): ${ev.error.describe()}`));
   io.onListening?.(tap);
@@ -126,6 +133,17 @@ export function formatTapReport(r: TapReport): string[] {
   const msgs = Object.entries(r.returnPath.messages).map(([k, v]) => `${k} ${v}`).join(', ');
   lines.push(`  return     ${formatBytes(r.returnPath.bytes)}${msgs ? `; ${msgs}` : ''}${r.returnPath.shut !== null ? ` (SHUT ${r.returnPath.shut})` : ''}`);
   if (r.preempt) lines.push(`  preempt    ${formatBytes(r.preempt.bytes)}; pages ${pages(r.preempt.pages)}`);
+  if (r.multifd) {
+    const t = r.multifd.total;
+    lines.push(
+      `  multifd    ${t.channels} channels, ${formatBytes(t.multifdBytes)} in ${t.packets} packets (${t.syncs} SYNC, ${r.main.multifdFlushes} MULTIFD_FLUSH on main); pages ${t.pages.normal} normal, ${t.pages.zero} zero`,
+    );
+    for (const c of r.multifd.channels) {
+      lines.push(
+        `    channel ${c.id ?? '?'} (connection ${c.connection}) ${formatBytes(c.bytes)} at ${rate(c.bytesPerSecond)}; ${c.packets} packets (${c.syncs} SYNC); pages ${c.pages.normal} normal, ${c.pages.zero} zero`,
+      );
+    }
+  }
   const s = r.switchover;
   lines.push(
     `  switchover SWITCHOVER_START at ${at(s.switchoverStartMs)}, PACKAGED ${at(s.packagedMs)}, RUN ${at(s.postcopyRunMs)}, EOF ${at(s.eofMs)}${s.wireMs !== null ? `; on the wire ${formatMicros(s.wireMs * 1000)}` : ''}`,
@@ -145,7 +163,11 @@ export function formatTapReport(r: TapReport): string[] {
   lines.push(
     `             paused ${o.backpressure.pauses}× (${formatDuration(o.backpressure.pausedMs)}) for a full outgoing socket; peak queued ${formatBytes(o.peakQueuedBytes)}; event loop p99 ${formatMicros(o.eventLoopDelay.p99)}; CPU ${o.processCpu.percentOfOneCore}% of one core`,
   );
-  for (const e of r.parseErrors) lines.push(`  parse error (${e.direction}) at byte ${e.offset}: ${e.code}: ${e.message}`);
+  for (const e of r.parseErrors) lines.push(`  parse error (${e.direction}${e.channel === undefined ? '' : ` ${e.channel}`}) at byte ${e.offset}: ${e.code}: ${e.message}`);
+  if (r.capture) {
+    const failed = r.capture.files.filter((f) => f.error);
+    lines.push(`  capture    ${r.capture.files.length} files in ${r.capture.dir}${failed.length ? `; not written: ${failed.map((f) => `${f.name} (${f.error!.code})`).join(', ')}` : ''}`);
+  }
   for (const e of r.transportErrors) lines.push(`  ${e.side} ${e.channel} connection: ${e.code}: ${e.message}${e.afterComplete ? ' (after completion)' : ''}`);
   return lines;
 }
@@ -162,6 +184,7 @@ export function registerTapCommand(program: Command): Command {
     .option('--tls-hostname <name>', "name the destination's certificate must carry (default: the host of --to)")
     .option('--json', 'print one machine-readable report on stdout when the tap stops')
     .option('--keep-listening', 'relay further migrations after one completed (stop with SIGINT)')
+    .option('--capture <dir>', 'write every channel direction to a file in DIR (session-N-main.bin, -return-path, -preempt, -multifd-K), for qmt inspect')
     .action(
       run('tap', async (ctx, o: TapCommandOptions) => {
         // A QEMU source never reads TLS 1.3 session tickets on a channel without a

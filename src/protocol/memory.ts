@@ -91,6 +91,11 @@ export class InMemorySink implements GuestMemorySink {
   /** `shared`: back each block with a SharedArrayBuffer, so that another thread can read the RAM. */
   constructor(private readonly opts: { shared?: boolean } = {}) {}
 
+  /** Its blocks are SharedArrayBuffers (a destination with threads writes them from its channels' workers). */
+  get shared(): boolean {
+    return this.opts.shared === true;
+  }
+
   /** preallocate() was called: the blocks are the destination VM's, and the stream must match them. */
   private preallocated = false;
 

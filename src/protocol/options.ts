@@ -58,7 +58,7 @@ export function checkTransport(t: TransportOptions | undefined, option = 'transp
   if (t === undefined) return;
   if (typeof t !== 'object' || t === null) throw usageError('type', 'bad-option', option, `${option} must be an object, got ${describe(t)}`);
   checkNumber(t.connectTimeoutMs, `${option}.connectTimeoutMs`, { min: 1 });
-  for (const role of ['main', 'preempt'] as const) {
+  for (const role of ['main', 'preempt', 'multifd'] as const) {
     const c = t[role];
     if (c === undefined) continue;
     checkNumber(c.maxQueuedBytes, `${option}.${role}.maxQueuedBytes`, { min: 1 });

@@ -56,13 +56,15 @@ export class PageTracker {
   constructor(
     private readonly send: (m: ReturnPathMessage) => void,
     private canRequest: boolean = false,
+    /** Received sets in SharedArrayBuffers: channel threads set them (see destination/threads). */
+    private readonly shared: boolean = false,
   ) {}
 
   /** The block list (RAM START): block i of the list is index i. */
   setBlocks(blocks: readonly RamBlockInfo[]): void {
     for (const b of blocks) {
       if (this.byName.has(b.idstr)) continue;
-      const pages: BlockPages = { info: b, received: PageBitmap.forBlockLength(b.length), pending: undefined };
+      const pages: BlockPages = { info: b, received: PageBitmap.forBlockLength(b.length, { shared: this.shared }), pending: undefined };
       this.byName.set(b.idstr, pages);
       this.byIndex.push(pages);
     }
@@ -116,6 +118,14 @@ export class PageTracker {
     // Few requests wait at a time: walk them rather than the run's pages.
     const end = first + count;
     for (const [page, p] of waiting) if (page >= first && page < end) this.resolve(p, channel, now);
+  }
+
+  /**
+   * Resolves every waiting request whose page is here: another thread landed
+   * pages into the (shared) received set and said so once for the chunk.
+   */
+  sweep(channel: 'main' | 'preempt', now: number): void {
+    for (const p of this.pending) if (p.block.received.has(p.page)) this.resolve(p, channel, now);
   }
 
   private resolve(p: Pending, channel: 'main' | 'preempt', now: number): void {

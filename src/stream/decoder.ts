@@ -29,8 +29,12 @@ export interface StreamDecoderOptions<Runs extends boolean = false> {
    * of a postcopy recovery, which has no header (pass `resumeFrom`).
    */
   readonly channel?: 'main' | 'resume';
-  /** The decoder of the failed channel, whose sections and RAM blocks a 'resume' channel continues. */
-  readonly resumeFrom?: StreamDecoder<boolean>;
+  /**
+   * The decoder of the failed channel, whose sections and RAM blocks a
+   * 'resume' channel continues — or its `resumeState()` (a decoder that ran in
+   * another thread).
+   */
+  readonly resumeFrom?: StreamDecoder<boolean> | DecoderResumeState;
   /** Largest device section payload accepted (default 16 MiB). */
   readonly maxDeviceSectionBytes?: number;
   /** Largest VM description accepted (default 16 MiB). */
@@ -55,6 +59,18 @@ export type DecodedPreemptRecord<Runs extends boolean> = Runs extends true ? Pre
 export interface PreemptDecoderOptions<Runs extends boolean = false> {
   /** As StreamDecoderOptions.pageRuns. */
   readonly pageRuns?: Runs;
+}
+
+/**
+ * What a 'resume' channel continues of a failed one, as plain data (it can
+ * cross threads): the sections and RAM blocks announced, the RAM format.
+ */
+export interface DecoderResumeState {
+  readonly sections: readonly { readonly sectionId: number; readonly idstr: string; readonly instanceId: number; readonly versionId: number }[];
+  readonly startedIds: readonly number[];
+  readonly ramBlocks: readonly KnownBlock[];
+  readonly ramFormat: RamFormat;
+  readonly postcopy: boolean;
 }
 
 type State = 'header' | 'configuration' | 'config-subsections' | 'record' | 'ram' | 'device' | 'footer' | 'after-eof' | 'done';
@@ -119,16 +135,18 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
     this.maxPackage = opts.maxPackageBytes ?? 256 * 1024 * 1024;
     this.verify = opts.verifyWithVmdesc ?? true;
     this.exactSizes = [...(opts.deviceSizes ?? [])];
-    const from = opts.resumeFrom;
-    this.ramBlocks = from ? from.ramBlocks : new Map();
-    this.ramFormat = from ? from.ramFormat : { ignoreShared: false, postcopyAdvised: false };
+    const given = opts.resumeFrom;
+    const from = given instanceof StreamDecoder ? given : undefined;
+    const state = given && !(given instanceof StreamDecoder) ? given : undefined;
+    this.ramBlocks = from ? from.ramBlocks : new Map(state?.ramBlocks.map((b) => [b.idstr, b]));
+    this.ramFormat = from ? from.ramFormat : state ? { ...state.ramFormat } : { ignoreShared: false, postcopyAdvised: false };
     this.ram = new RamRecordParser(this.ramBlocks, this.ramFormat);
     this.ram.pageRuns = opts.pageRuns === true;
     if (opts.channel === 'resume') {
-      if (!from) throw new TypeError("a 'resume' channel needs resumeFrom");
-      for (const [id, s] of from.sections) this.sections.set(id, s);
-      for (const id of from.startedIds) this.startedIds.add(id);
-      this.ram.postcopy = from.ram.postcopy;
+      if (!from && !state) throw new TypeError("a 'resume' channel needs resumeFrom");
+      for (const s of from ? from.sections.values() : state!.sections) this.sections.set(s.sectionId, s);
+      for (const id of from ? from.startedIds : state!.startedIds) this.startedIds.add(id);
+      this.ram.postcopy = from ? from.ram.postcopy : state!.postcopy;
       this.state = 'record';
     } else {
       this.state = 'header';
@@ -153,6 +171,17 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
   /** True after POSTCOPY_LISTEN: RAM records follow QEMU's postcopy rules. */
   get postcopy(): boolean {
     return this.ram.postcopy;
+  }
+
+  /** What a 'resume' channel continues (see DecoderResumeState), as plain data. */
+  resumeState(): DecoderResumeState {
+    return {
+      sections: [...this.sections.values()],
+      startedIds: [...this.startedIds],
+      ramBlocks: [...this.ramBlocks.values()],
+      ramFormat: { ...this.ramFormat },
+      postcopy: this.ram.postcopy,
+    };
   }
 
   /**

@@ -27,7 +27,7 @@ const COUNTS = new Set([
   'version', 'streamVersion', 'count', 'normal', 'zero', 'xbzrle', 'pass', 'passes', 'sectionId', 'instanceId', 'versionId',
   'start', 'part', 'end', 'full', 'recoveries', 'postcopyRequests', 'preemptPages', 'precopyIterations', 'placedTwice',
   'dirtySyncCount', 'issued', 'answered', 'satisfied', 'skipped', 'throttled', 'unanswered', 'main', 'preempt', 'validDays',
-  'channels', 'syncs', 'packets', 'flushWaits', 'id', // qmt receive --multifd: counts and channel ids
+  'channels', 'syncs', 'packets', 'flushWaits', 'id', 'multifd', // multifd: channel counts and ids (qmt receive/send)
   'writeWaits', 'bulkWaits', 'mainInFlight', 'mainNoPreempt', 'readPauses', 'priority', 'tos', 'session', 'pauses', 'alreadyForwarded', 'offset', 'shut', 'rate', 'pagesPerSecond', 'value',
 ]);
 const UNIT = /(Bytes|Ms|Us|MiB|MBps|PerSecond|Percent|OfOneCore)$|^bytes(Sent|Received|Read|Written)?$/;

@@ -206,6 +206,19 @@ describe('DestinationSession with multifd (scripted source, plain TCP)', () => {
     expect(await leftAfter(before, 3000)).toEqual([]);
   });
 
+  it('a multifd channel that never connects: idle-timeout naming how many came, nothing left open', async () => {
+    const before = resourceSnapshot();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), multifd: { channels: 3 }, idleTimeoutMs: 300 });
+    const main = await dial(dst.uri);
+    main.write(encode(mainRecords(0)));
+    const c0 = await dial(dst.uri);
+    c0.write(Buffer.concat([encodeMultifdInit(0), sync(0)]));
+    await expect(dst.done).rejects.toMatchObject({ code: 'idle-timeout', phase: 'setup', message: expect.stringContaining('only 1 of 3 multifd channels') });
+    await Promise.all([main, c0].map(closed));
+    await dst.close();
+    expect(await leftAfter(before, 3000)).toEqual([]);
+  });
+
   it('a stream with MULTIFD_FLUSH on a destination without multifd is refused, not taken for an empty RAM', async () => {
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink() });
     const main = await dial(dst.uri);

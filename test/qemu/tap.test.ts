@@ -15,7 +15,8 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { startTap, type TapReport } from '../../src/protocol/tap/index.js';
 import { initPkiDir } from '../../src/transport/pki.js';
-import { checkGuestInvariant, dumpSizeFor, guestRangeOf, migrateBetween, readGuestRam, startQemu, stopAll, type MigrateBetweenResult } from './harness.js';
+import { qmt, startQmt } from '../cli/qmt.js';
+import { checkGuestInvariant, compareGuestRam, dumpSizeFor, guestRangeOf, migrateBetween, readGuestRam, startQemu, stopAll, type MigrateBetweenResult } from './harness.js';
 import { describeWithQemu } from './require-qemu.js';
 
 const MiB = 1024 * 1024;
@@ -166,5 +167,190 @@ describeWithQemu('tap between two QEMU 10.0 (postcopy, guest walking top-down)',
   it('postcopy with preempt over TLS (tls-in from the source, tls-out to the destination)', async () => {
     const c: Case = { name: 'preempt-tls', preempt: true, tlsDir };
     checkReport(await migrateThroughTap(c), c);
+  });
+});
+
+/**
+ * QEMU 10.0 → tap → QEMU 10.0 with multifd (precopy): 2 channels plain and 4
+ * channels over TLS (the tap terminates the source's TLS and originates its
+ * own; a TLS destination takes channels by order, so the tap must connect
+ * main first). The destination is kept paused (-S) so that its RAM can be
+ * compared bit for bit with the stopped source's; then it runs on and the
+ * guest's invariant holds. The tap's per-channel counts must add up to
+ * QEMU's own: ram.normal, ram.duplicate (zero pages travel in the packets'
+ * zero lists) and ram.multifd-bytes. The captures are then read back by the
+ * real `qmt inspect`.
+ */
+interface MultifdCase {
+  name: string;
+  channels: number;
+  tlsDir?: string;
+}
+
+const MULTIFD_GUEST = { startMiB: 1, endMiB: 9, direction: 'up' as const };
+const MULTIFD_MEMORY_MIB = 128;
+
+/**
+ * The tap as a library object (plain), or as the real `qmt tap --json` command
+ * (TLS: a QEMU source without a return path never reads the TLS 1.3 session
+ * tickets of an in-process Node server, and resets its connections at the
+ * end; `qmt tap` starts itself with openssl/no-tls13-tickets.cnf).
+ */
+async function startMultifdTap(c: MultifdCase, to: string, captureDir: string): Promise<{ uri: string; ended: Promise<TapReport>; close(): Promise<void> }> {
+  const tls = c.tlsDir;
+  if (!tls) {
+    const tap = await startTap({ listen: 'tcp:127.0.0.1:0', to, capture: captureDir });
+    const ended = tap.sessionEnd(1);
+    return { uri: tap.uri, ended, close: async () => void (await tap.close()) };
+  }
+  const run = startQmt(['tap', '--listen', 'tcp:127.0.0.1:0', '--to', to, '--tls-in', tls, '--tls-out', tls, '--tls-hostname', 'localhost', '--capture', captureDir, '--json']);
+  const [, uri] = await run.stderrMatches(/^qmt: tap listening on (tcp:\S+), relaying/m);
+  // The command stops by itself after a completed migration, printing its report.
+  const ended = run.exit.then((r) => {
+    if (r.code !== 0) throw new Error(`qmt tap exited ${r.code}: ${r.stderr}`);
+    return (JSON.parse(r.stdout) as { sessions: TapReport[] }).sessions[0]!;
+  });
+  ended.catch(() => undefined);
+  return { uri: uri!, ended, close: async () => void run.child.kill('SIGKILL') };
+}
+
+async function multifdThroughTap(c: MultifdCase, captureDir: string): Promise<{ report: TapReport; result: MigrateBetweenResult }> {
+  const tls = c.tlsDir;
+  const [src, dst] = await Promise.all([
+    startQemu({ name: `tap-${c.name}-src`, memoryMiB: MULTIFD_MEMORY_MIB, guest: MULTIFD_GUEST, ...(tls ? { extraArgs: tlsCreds(tls, 'client') } : {}) }),
+    startQemu({ name: `tap-${c.name}-dst`, memoryMiB: MULTIFD_MEMORY_MIB, guest: MULTIFD_GUEST, incoming: true, paused: true, ...(tls ? { extraArgs: tlsCreds(tls, 'server') } : {}) }),
+  ]);
+  const dstUri = `unix:${join(dst.dir, 'migrate.sock')}`;
+  let tap: Awaited<ReturnType<typeof startMultifdTap>> | undefined;
+  try {
+    tap = await startMultifdTap(c, dstUri, captureDir);
+    await src.waitSerialPasses(3, 15_000);
+    const result = await migrateBetween(src, dst, {
+      uri: dstUri,
+      connectUri: tap.uri,
+      capabilities: { multifd: true },
+      parameters: { 'multifd-channels': c.channels },
+      ...(tls ? { sourceParameters: { 'tls-creds': 'tls0', 'tls-hostname': 'localhost' }, destinationParameters: { 'tls-creds': 'tls0' } } : {}),
+      timeoutMs: 60_000,
+    });
+    const report = await Promise.race([tap.ended, new Promise<never>((_, reject) => setTimeout(() => reject(new Error('tap session still open 10 s after the migration')), 10_000))]);
+    // Bit for bit: the paused destination holds the stopped source's RAM.
+    const size = Math.round(MULTIFD_MEMORY_MIB * MiB);
+    const [a, b] = await Promise.all([readGuestRam(src, size), readGuestRam(dst, size)]);
+    const diff = compareGuestRam(a, b);
+    expect(diff.equal, `destination RAM differs in ${diff.count} pages, first at ${diff.pages.map((p) => `0x${p.toString(16)}`).join(', ')}`).toBe(true);
+    // Then it runs on, and the guest's memory invariant holds.
+    await dst.resumeVm();
+    await dst.waitSerialPasses(dst.serialPasses() + 3, 15_000);
+    await dst.pauseVm();
+    const inv = checkGuestInvariant(await readGuestRam(dst, dumpSizeFor(dst)), guestRangeOf(dst));
+    expect(inv.ok, inv.detail).toBe(true);
+
+    const t = report.multifd?.total;
+    console.log(
+      `[tap ${c.name}] ${t?.channels} multifd channels: ${t?.packets} packets (${t?.syncs} SYNC), ${t?.pages.normal} normal + ${t?.pages.zero} zero pages, ${t?.multifdBytes} bytes ` +
+        `(QEMU normal ${result.source.ram?.normal}, duplicate ${result.source.ram?.duplicate}, multifd-bytes ${result.source.ram?.['multifd-bytes']}); ` +
+        `per channel ${report.multifd?.channels.map((ch) => `#${ch.id}: ${ch.pages.normal}+${ch.pages.zero} pages, ${(ch.bytesPerSecond / MiB).toFixed(1)} MiB/s`).join('; ')}; ` +
+        `main ${report.main.bytes} bytes; migration ${result.durationMs} ms; tap CPU ${report.overhead.processCpu.percentOfOneCore}% of one core`,
+    );
+    return { report, result };
+  } finally {
+    await tap?.close();
+    await Promise.all([src.stop(), dst.stop()]);
+  }
+}
+
+function checkMultifdReport({ report, result }: { report: TapReport; result: MigrateBetweenResult }, c: MultifdCase): void {
+  const ram = result.source.ram!;
+  expect(result.destination?.status).toBe('completed');
+  expect(report.state).toBe('ended');
+  expect(report.complete).toBe(true);
+  expect(report.postcopy).toBe(false);
+  expect(report.parseErrors).toEqual([]);
+  expect(report.transportErrors.filter((e) => !e.afterComplete)).toEqual([]);
+  expect(report.preempt).toBeNull();
+  expect(report.connections.preempt).toBeNull();
+  // Every channel went through, each its own connection to the destination, opened after main's.
+  const m = report.multifd!;
+  expect(m.channels).toHaveLength(c.channels);
+  expect(m.channels.map((ch) => ch.id).sort((x, y) => x! - y!)).toEqual([...Array(c.channels).keys()]);
+  expect(report.connections.multifd).toHaveLength(c.channels);
+  for (const conn of report.connections.multifd) expect(conn.establishedMs).toBeGreaterThanOrEqual(report.connections.main.establishedMs!);
+  for (const ch of m.channels) {
+    expect(ch.parseError).toBeNull();
+    // The setup SYNC, and one at the end of every pass; the source wrote one MULTIFD_FLUSH on main per round.
+    expect(ch.syncs).toBeGreaterThanOrEqual(2);
+    expect(ch.syncs).toBe(report.main.multifdFlushes);
+    expect(ch.reverseBytes).toBe(0);
+  }
+  // With multifd the main channel carries no page: all of QEMU's pages are in the channels' packets.
+  expect(report.main.pages).toEqual({ normal: 0, zero: 0, xbzrle: 0 });
+  expect(m.total.pages.normal).toBe(ram.normal);
+  expect(m.total.pages.zero).toBe(ram.duplicate);
+  expect(m.total.multifdBytes).toBe(ram['multifd-bytes']);
+  for (const ch of m.channels) expect(ch.multifdBytes).toBe(ch.bytes);
+  // Every channel carried pages (QEMU hands packets to whichever channel is free).
+  for (const ch of m.channels) expect(ch.pages.normal + ch.pages.zero).toBeGreaterThan(0);
+  if (c.tlsDir) {
+    expect(report.connections.main.tlsIn?.protocol).toBe('TLSv1.3');
+    for (const conn of report.connections.multifd) {
+      expect(conn.tlsIn?.protocol).toBe('TLSv1.3');
+      expect(conn.tlsOut?.protocol).toBe('TLSv1.3');
+    }
+  }
+}
+
+/** `qmt inspect --json` of every capture file of the session: the multifd totals must be the tap's. */
+async function inspectCaptures(report: TapReport, c: MultifdCase): Promise<void> {
+  const files = report.capture!.files;
+  expect(files.map((f) => f.error)).toEqual(files.map(() => null));
+  // Precopy without a return path: main and one file per multifd channel (nothing flowed back).
+  const names = files.map((f) => f.name).sort();
+  expect(names).toEqual(['main', ...[...Array(c.channels).keys()].map((k) => `multifd-${k}`)].sort());
+  const paths = files.map((f) => f.path);
+  const r = await qmt(['inspect', '--json', ...paths]);
+  expect(r.code, r.stderr).toBe(0);
+  const j = JSON.parse(r.stdout) as {
+    ok: boolean;
+    files: Array<{ kind: string; file: string; bytes: number; id?: number; pages: { normal: number; zero: number } }>;
+    multifd: { channels: number; packets: number; syncs: number; pages: { normal: number; zero: number }; multifdBytes: number };
+  };
+  expect(j.ok).toBe(true);
+  expect(j.files.filter((f) => f.kind === 'multifd-channel')).toHaveLength(c.channels);
+  expect(j.files.filter((f) => f.kind === 'stream')).toHaveLength(1);
+  expect(j.multifd).toEqual(report.multifd!.total);
+  for (const f of files) {
+    const got = j.files.find((x) => x.file === f.path);
+    if (got) expect(got.bytes).toBe(f.bytes);
+  }
+}
+
+describeWithQemu('tap between two QEMU 10.0 with multifd (precopy)', () => {
+  let tmp: string;
+  let tlsDir: string;
+
+  beforeAll(async () => {
+    tmp = await mkdtemp(join(tmpdir(), 'qmt-tap-multifd-'));
+    tlsDir = join(tmp, 'pki');
+    await initPkiDir(tlsDir);
+  });
+
+  afterAll(async () => {
+    await stopAll();
+    await rm(tmp, { recursive: true, force: true });
+  });
+
+  it('2 channels, plain: memory identical, per-channel pages add up to QEMU\'s stats, the captures inspect to the same', async () => {
+    const c: MultifdCase = { name: 'multifd2', channels: 2 };
+    const out = await multifdThroughTap(c, join(tmp, c.name));
+    checkMultifdReport(out, c);
+    await inspectCaptures(out.report, c);
+  });
+
+  it('4 channels over TLS (tls-in and tls-out): the same, and every channel is TLS on both sides', async () => {
+    const c: MultifdCase = { name: 'multifd4-tls', channels: 4, tlsDir };
+    const out = await multifdThroughTap(c, join(tmp, c.name));
+    checkMultifdReport(out, c);
+    await inspectCaptures(out.report, c);
   });
 });

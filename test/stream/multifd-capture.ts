@@ -23,8 +23,9 @@ import {
   type StreamRecord,
 } from '../../src/stream/index.js';
 
-export const FIXTURES = join(import.meta.dirname, '..', 'fixtures');
-export const MULTIFD_SCENARIOS = ['multifd-2', 'multifd-4', 'multifd-tls'] as const;
+/** The committed captures; MULTIFD_FIXTURES=DIR runs the tests on a fresh `capture.ts --out DIR` instead. */
+export const FIXTURES = process.env.MULTIFD_FIXTURES ?? join(import.meta.dirname, '..', 'fixtures');
+export const MULTIFD_SCENARIOS = ['multifd-2', 'multifd-4', 'multifd-legacy-zero', 'multifd-tls'] as const;
 const PAGE = 4096;
 export const HEADER = multifdPacketHeaderLength(MULTIFD_PACKET_PAGES);
 
@@ -42,6 +43,7 @@ export interface MultifdSidecar {
   memoryMiB: number;
   source: { queryMigrate: { ram: { normal: number; duplicate: number; 'multifd-bytes': number } }; ramBlocks: { name: string; usedLength: number }[] };
   relay: { connections: { tlsIn: string | null; tlsOut: string | null }[] };
+  parameters: { sourceMultifd: { 'zero-page-detection': 'multifd' | 'legacy' | 'none'; 'multifd-compression': string } };
 }
 
 /** One record of a channel and the bytes it came from: [start, headerEnd) header, [headerEnd, end) pages. */

@@ -149,7 +149,8 @@ describe('qmt tap (command line)', () => {
       http.on('error', () => undefined);
       http.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
       await run.stderrMatches(/^qmt: stranger from 127\.0\.0\.1:\d+ dropped \(not-migration\): not-a-migration-channel: first bytes 47 45 54 20/m);
-      // A client that connects first and says nothing: it must not become the main channel.
+      // A client that connects first and says nothing: it must not become the main channel (and, as it
+      // could still be one of the migration's multifd channels, it waits to qualify by its own bytes).
       const silent = net.connect(port, '127.0.0.1');
       silent.on('error', () => undefined);
       await once(silent, 'connect');
@@ -165,9 +166,8 @@ describe('qmt tap (command line)', () => {
       // Only the real source's connection reached the destination, with the stream unchanged.
       expect(arrived).toHaveLength(1);
       expect(atDst.equals(await readFile(join(FIXTURES, 'postcopy-main.bin')))).toBe(true);
-      expect(j.strangers.count).toBe(2);
-      expect(j.strangers.latest.map((e) => `${e.reason}/${e.code}`)).toEqual(['not-migration/not-a-migration-channel', 'extra/channel-order']);
-      expect(r.stderr).toMatch(/^qmt: stranger from 127\.0\.0\.1:\d+ dropped \(extra\): channel-order: another connection became the main channel$/m);
+      expect(j.strangers.count).toBe(1);
+      expect(j.strangers.latest.map((e) => `${e.reason}/${e.code}`)).toEqual(['not-migration/not-a-migration-channel']);
     } finally {
       run.child.kill('SIGKILL');
       for (const s of arrived) s.destroy();

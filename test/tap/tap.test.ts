@@ -597,7 +597,7 @@ describe('tap: forwarding', () => {
     again.sock.destroy();
   });
 
-  it('a third connection while main and preempt are open is refused; a destination that refuses makes the source fail', async () => {
+  it('a connection after the preempt channel (it spoke: not multifd) is refused; a destination that refuses makes the source fail', async () => {
     const dst = await plainDestination();
     cleanups.push(() => dst.close());
     const tap = await tapTo(dst.uri);
@@ -609,7 +609,9 @@ describe('tap: forwarding', () => {
     a.sock.write('QEVM');
     await dst.next(0);
     const b = await plainSource(tap.uri);
-    await dst.next(1);
+    // A ZERO page record header: not the multifd magic, so this is the preempt channel.
+    b.sock.write(Buffer.from([0, 0, 0, 0, 0, 0, 0, 0x02]));
+    await (await dst.next(1)).waitFor(8);
     const c = await plainSource(tap.uri);
     await new Promise((resolve) => c.sock.once('end', resolve));
     expect(codes).toEqual(['channel-order']);

@@ -1,7 +1,6 @@
 import { performance } from 'node:perf_hooks';
 import { MigrationError } from '../errors.js';
 import type { PageTracker } from '../page-tracker.js';
-import type { Link } from './link.js';
 
 /**
  * Completion: after EOF (postcopy) or the VM description (precopy), wait
@@ -13,7 +12,14 @@ import type { Link } from './link.js';
 const LATE_PAGES_MS = 5000;
 
 /** Resolves once no page can still come on `link`'s preempt channel, every page is here, or the wait is over. */
-export async function waitLatePages(link: Link, pages: PageTracker, listening: boolean, ramEnded: boolean): Promise<void> {
+/** What waitLatePages reads of a link (Link or ThreadLink). */
+export interface LateLink {
+  readonly conn: { readonly preemptExpected: boolean };
+  readonly preemptEnded: boolean;
+  readonly alive: boolean;
+}
+
+export async function waitLatePages(link: LateLink, pages: PageTracker, listening: boolean, ramEnded: boolean): Promise<void> {
   const deadline = performance.now() + LATE_PAGES_MS;
   while (listening && ramEnded && pages.missing() > 0 && link.conn.preemptExpected && !link.preemptEnded && link.alive && performance.now() < deadline) {
     await new Promise((r) => setTimeout(r, 5));

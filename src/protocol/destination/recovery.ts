@@ -1,4 +1,4 @@
-import { MigrationListener, type TransportOptions } from '../../transport/connection.js';
+import { MigrationListener, type ListenOptions, type TransportOptions } from '../../transport/connection.js';
 import { TransportError } from '../../transport/errors.js';
 import { MigrationError, type MigrationPhase } from '../errors.js';
 
@@ -44,10 +44,14 @@ export class Outage {
  * command, not a stream header). The listener just closed may hold the port
  * a moment: address-in-use is retried briefly.
  */
-export async function listenForRecovery(uri: string, transport: TransportOptions): Promise<MigrationListener> {
+export async function listenForRecovery<L = MigrationListener>(
+  uri: string,
+  transport: TransportOptions,
+  listen: (uri: string, transport: TransportOptions, opts: ListenOptions) => Promise<L> = (u, t, o) => MigrationListener.listen(u, t, o) as Promise<L>,
+): Promise<L> {
   for (let i = 0; ; i++) {
     try {
-      return await MigrationListener.listen(uri, transport, { start: 'resume' });
+      return await listen(uri, transport, { start: 'resume' });
     } catch (e) {
       if (i >= 20 || !(e instanceof TransportError && e.code === 'address-in-use')) throw e;
       await new Promise((r) => setTimeout(r, 50));

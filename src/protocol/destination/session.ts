@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import { StreamDecoder } from '../../stream/decoder.js';
 import { RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
 import type { PreemptRecordWithRuns, ReturnPathMessage, StreamRecordWithRuns } from '../../stream/records.js';
-import type { Channel } from '../../transport/channel.js';
+import type { Channel, ChannelStats } from '../../transport/channel.js';
 import { MigrationListener, type DestinationConnection } from '../../transport/connection.js';
 import type { StrangerEvent } from '../../transport/qualify.js';
 import { usageError } from '../../errors.js';
@@ -12,15 +12,29 @@ import { PageTracker, type PageRequestResult } from '../page-tracker.js';
 import { isNetworkFailure } from '../recovery.js';
 import { checkRamComplete, waitLatePages } from './completion.js';
 import { PageLanding } from './landing.js';
-import { Link, type LinkEvents } from './link.js';
+import { Link as ChannelLink, type LinkEvents } from './link.js';
 import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
 import { SectionWatch } from './precopy.js';
 import { Outage, listenForRecovery, requireRecovering } from './recovery.js';
 import { checkMultifdDrained, createMultifdReception, setMultifdBlocks, summarizeMultifd, type MultifdReception } from './multifd.js';
 import { acceptBlockList, validateDestinationOptions } from './setup.js';
-import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState } from './state.js';
+import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState, type Link } from './state.js';
 import { DestinationCounters } from './stats.js';
-import type { DestinationEvents, DestinationOptions, DestinationResult, DestinationStats } from './types.js';
+import type { ConfigurationRecord } from '../../stream/records.js';
+import type { InMemorySink } from '../memory.js';
+import { ThreadLink, sharedBlocks, type ThreadLinkEvents } from './threads/link.js';
+import { ThreadConnection, ThreadedListener } from './threads/listener.js';
+import { decideThreads, type ThreadDecision } from './threads/support.js';
+import { Count, type ControlRecord, type SharedBlock } from './threads/wire.js';
+import type { DestinationEvents, DestinationOptions, DestinationResult, DestinationStats, ThreadStats } from './types.js';
+
+/** What the session uses of its listener: MigrationListener, or ThreadedListener with threads. */
+interface SessionListener {
+  readonly uri: string;
+  on(event: 'stranger', listener: (ev: StrangerEvent) => void): unknown;
+  accept(): Promise<DestinationConnection | ThreadConnection>;
+  close(): void;
+}
 
 type Command = Extract<StreamRecordWithRuns, { type: 'command' }>['command'];
 
@@ -66,11 +80,19 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   /** Settles once the link has let go of the sockets (close() waits for it). */
   private shutDown: Promise<void> | undefined;
   private readonly linkEvents: LinkEvents;
+  private readonly threadEvents: ThreadLinkEvents;
+  /** With threads: every link so far (their counters add up), the blocks' shared memory, the written sets. */
+  private readonly threadLinks: ThreadLink[] = [];
+  private shared: SharedBlock[] | undefined;
+  private readonly written = new Map<string, SharedArrayBuffer>();
+  /** The configuration record (with threads the header is decoded in the main channel's worker). */
+  private configRecord: ConfigurationRecord | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
 
   private constructor(
-    private listener: MigrationListener,
+    private listener: SessionListener,
     private readonly opts: DestinationOptions,
+    private readonly threads: ThreadDecision,
   ) {
     super();
     this.done = new Promise((resolve, reject) => {
@@ -79,17 +101,31 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     });
     // A caller that only listens to events must not get an unhandled rejection.
     this.done.catch(() => undefined);
-    this.pages = new PageTracker((m) => this.sendRp(m));
+    this.pages = new PageTracker((m) => this.sendRp(m), false, threads.used);
     this.landing = new PageLanding(opts.sink, this.pages, this.counts);
     this.linkEvents = {
       main: (link, chunk) => this.onMainData(link, chunk),
       mainClosed: (link) => this.onMainClosed(link),
-      preemptArrived: (link, ch) => this.onPreemptArrived(link, ch),
+      preemptArrived: (link, ch) => this.onPreemptArrived(link, ch.stats),
       preempt: (link, chunk, first) => this.onPreemptData(link, chunk, first),
       preemptEnded: (link) => this.onPreemptEnded(link),
       multifdReady: (link, chs) => this.onMultifdReady(link, chs),
       multifd: (link, id, chunk) => this.onMultifdData(link, id, chunk),
       multifdEnded: (link, id) => this.onMultifdEnded(link, id),
+      lost: (link, e) => this.linkLost(link, e),
+    };
+    this.threadEvents = {
+      records: (link, recs, pages) => this.onThreadRecords(link, recs, pages),
+      blocks: (_link, rec) => this.onThreadBlocks(rec),
+      mainClosed: (link, recs, error) => this.onThreadMainClosed(link, recs, error),
+      preemptArrived: (link, stats) => this.onPreemptArrived(link, stats),
+      preemptCommand: (link) => {
+        if (this.canRecover()) this.recoveryArrivedEarly(link, link.conn.preempt);
+      },
+      preemptEnded: (link, error) => this.onThreadPreemptEnded(link, error),
+      malformed: (link, e) => {
+        if (link === this.link) this.fail(MigrationError.from(e, this.phase));
+      },
       lost: (link, e) => this.linkLost(link, e),
     };
   }
@@ -101,18 +137,20 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    */
   static listen(opts: DestinationOptions): Promise<DestinationSession> {
     validateDestinationOptions(opts);
-    return DestinationSession.open(opts);
+    const threads = decideThreads(opts.threads, opts.sink, opts.multifd !== undefined);
+    return DestinationSession.open(opts, threads);
   }
 
-  private static async open(opts: DestinationOptions): Promise<DestinationSession> {
+  private static async open(opts: DestinationOptions, threads: ThreadDecision): Promise<DestinationSession> {
     const signal = opts.signal;
     if (signal?.aborted) throw abortError(signal, 'setup');
-    const listener = await MigrationListener.listen(opts.listen, opts.transport ?? {}, opts.multifd ? { multifd: opts.multifd } : {});
+    const transport = opts.transport ?? {};
+    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, transport) : await MigrationListener.listen(opts.listen, transport, opts.multifd ? { multifd: opts.multifd } : {});
     if (signal?.aborted) {
       listener.close();
       throw abortError(signal, 'setup');
     }
-    const s = new DestinationSession(listener, opts);
+    const s = new DestinationSession(listener, opts, threads);
     s.start();
     return s;
   }
@@ -156,9 +194,14 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
           return;
         }
         clearTimeout(this.acceptTimer);
-        const decoder = new StreamDecoder({ pageRuns: true });
-        this.header = decoder;
-        const link = this.newLink(conn, decoder);
+        let link: Link;
+        if (conn instanceof ThreadConnection) {
+          link = this.newThreadLink(conn, undefined);
+        } else {
+          const decoder = new StreamDecoder({ pageRuns: true });
+          this.header = decoder;
+          link = this.newLink(conn, decoder);
+        }
         this.state = { kind: 'precopy', link, phase: 'setup', advised: false, inPackage: false };
         this.startLink(link);
       },
@@ -166,13 +209,32 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     );
   }
 
-  private newLink(conn: DestinationConnection, decoder: StreamDecoder<true>): Link {
+  private newLink(conn: DestinationConnection, decoder: StreamDecoder<true>): ChannelLink {
     const ms = this.opts.idleTimeoutMs ?? 60_000;
     this.stream = decoder;
-    return new Link(conn, decoder, this.linkEvents, {
+    return new ChannelLink(conn, decoder, this.linkEvents, {
+      idleTimeoutMs: ms,
+      idleError: () => {
+        // The main channel is not read before every multifd channel is in: say which are missing.
+        const m = conn.multifd;
+        if (m && !m.complete) return new MigrationError('idle-timeout', this.phase, `only ${m.count} of ${m.expected} multifd channels connected within ${ms} ms of the main channel`);
+        return new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`);
+      },
+    });
+  }
+
+  /** A connection whose channels run in workers; `resume`: a recovery continues the last link's stream. */
+  private newThreadLink(conn: ThreadConnection, resume: ThreadLink | undefined): ThreadLink {
+    const ms = this.opts.idleTimeoutMs ?? 60_000;
+    const link = new ThreadLink(conn, this.threadEvents, {
       idleTimeoutMs: ms,
       idleError: () => new MigrationError('idle-timeout', this.phase, `no data from the source for ${ms} ms`),
+      ...(resume ? { resume: resume.resumeState ?? Promise.resolve(undefined) } : {}),
+      blocks: () => this.shared,
+      pages: this.pages,
     });
+    this.threadLinks.push(link);
+    return link;
   }
 
   private startLink(link: Link): void {
@@ -182,7 +244,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   // ---- the main channel ---------------------------------------------------------
 
-  private onMainData(link: Link, chunk: Buffer): void | Promise<void> {
+  private onMainData(link: ChannelLink, chunk: Buffer): void | Promise<void> {
     if (isOver(this.state)) return;
     this.counts.transferred += chunk.length;
     let recs: StreamRecordWithRuns[];
@@ -200,7 +262,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * every multifd channel has read its SYNC packet (QEMU's
    * `multifd_recv_sync_main`): the records after it, and the channel, wait.
    */
-  private onMainRecords(link: Link, recs: StreamRecordWithRuns[], from: number): void | Promise<void> {
+  private onMainRecords(link: ChannelLink, recs: StreamRecordWithRuns[], from: number): void | Promise<void> {
     try {
       const now = performance.now();
       for (let i = from; i < recs.length; i++) {
@@ -239,7 +301,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     });
   }
 
-  private onMainClosed(link: Link): void {
+  private onMainClosed(link: ChannelLink): void {
     if (isOver(this.state)) return;
     if (this.state.kind === 'completing') {
       // A stream that ends after EOF without a VM description is complete.
@@ -254,16 +316,88 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
   }
 
+  // ---- the main channel in a worker (threads) --------------------------------------
+
+  /** The main worker's non-page records, in order (its pages are landed already). */
+  private onThreadRecords(link: ThreadLink, recs: ControlRecord[], iterationPages: number[]): void {
+    if (link !== this.link || isOver(this.state)) return;
+    let footer = 0;
+    try {
+      const now = performance.now();
+      for (const r of recs) {
+        if (r.type === 'footer') this.counts.iterationPages = iterationPages[footer++] ?? 0;
+        this.onRecord(r, now);
+      }
+    } catch (e) {
+      this.fail(MigrationError.from(e, this.phase));
+    }
+  }
+
+  /** The block list, decoded in the main worker: size the sink and the tracker, hand their memory over. */
+  private onThreadBlocks(rec: ControlRecord): SharedBlock[] {
+    if (rec.type !== 'ram-blocks') throw new MigrationError('protocol', this.phase, `a ${rec.type} record where the block list was expected`);
+    this.onRecord(rec, performance.now());
+    const sink = this.opts.sink as InMemorySink;
+    this.shared = sharedBlocks(this.pages.blocks, (id) => sink.blocks.get(id), (id) => this.pages.bitmap(id)?.buffer, this.written);
+    return this.shared;
+  }
+
+  private onThreadMainClosed(link: ThreadLink, recs: ControlRecord[], error: Error | undefined): void {
+    if (link !== this.link || isOver(this.state)) return;
+    if (this.state.kind === 'completing') {
+      if (error) {
+        this.fail(MigrationError.from(error, this.phase));
+        return;
+      }
+      try {
+        for (const r of recs) this.onRecord(r, performance.now());
+        void this.finish();
+      } catch (e) {
+        this.fail(MigrationError.from(e, this.phase));
+      }
+      return;
+    }
+    this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
+  }
+
+  private onThreadPreemptEnded(link: ThreadLink, error: Error | undefined): void {
+    if (this.canRecover() && this.state.kind !== 'completing') {
+      this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the preempt channel before the migration completed'));
+      return;
+    }
+    if (error && link === this.link) this.fail(MigrationError.from(error, this.phase));
+  }
+
+  /** The counters of this thread plus every channel worker's. */
+  private totals(): DestinationCounters {
+    const t = Object.assign(Object.create(DestinationCounters.prototype) as DestinationCounters, this.counts);
+    for (const l of this.threadLinks) {
+      t.transferred += l.count(Count.transferred);
+      t.normal += l.count(Count.normal);
+      t.duplicate += l.count(Count.duplicate);
+      t.xbzrle += l.count(Count.xbzrle);
+      t.preempt += l.count(Count.preempt);
+      t.runs += l.count(Count.runs);
+      t.runPages += l.count(Count.runPages);
+      t.placedTwice += l.count(Count.placedTwice);
+    }
+    return t;
+  }
+
   private onRecord(r: StreamRecordWithRuns, now: number): void {
     const s = this.state;
     if (s.kind === 'completing' && s.step !== 'vmdesc') return;
     switch (r.type) {
       case 'configuration':
+        this.configRecord = r;
         this.emit('configuration', r);
         return;
       case 'ram-blocks':
         acceptBlockList(r.blocks, this.opts.sink, this.pages, this.phase);
-        if (this.link?.multifd) setMultifdBlocks(this.link.multifd, this.link.decoder.ramBlocks);
+        {
+          const l = this.link;
+          if (l instanceof ChannelLink && l.multifd) setMultifdBlocks(l.multifd, l.decoder.ramBlocks);
+        }
         this.emit('ram-blocks', this.pages.blocks);
         return;
       case 'ram-pages':
@@ -278,6 +412,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       }
       case 'footer': {
         const pass = this.sections.closed(isListening(s), this.counts);
+        if (pass && this.threads.used) pass.transferred = this.totals().transferred;
         if (pass) this.emit('pass', pass);
         return;
       }
@@ -325,7 +460,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         return;
       case 'postcopy-ram-discard':
         requireAdvised(this.advised, 'POSTCOPY_RAM_DISCARD', this.phase);
-        discard(c, this.pages);
+        // With threads the main worker cleared them, in stream order (pages after it may be here already).
+        if (!this.threads.used) discard(c, this.pages);
         return;
       case 'packaged':
         if (s.kind === 'precopy' || s.kind === 'postcopy') {
@@ -375,15 +511,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   // ---- the preempt channel ------------------------------------------------------
 
-  private onPreemptArrived(link: Link, ch: Channel): boolean {
+  private onPreemptArrived(link: Link, stats: ChannelStats): boolean {
     // While finishing, a plain-TCP preempt channel may qualify only now, with its first (late) page.
     const s = this.state;
     if (s.kind === 'completed' || s.kind === 'failed' || (s.kind === 'completing' && s.step === 'flushing')) return false;
-    this.emit('channel', { role: 'preempt', stats: ch.stats });
+    this.emit('channel', { role: 'preempt', stats });
     return link.alive;
   }
 
-  private onPreemptData(link: Link, chunk: Buffer, first: boolean): void | Promise<void> {
+  private onPreemptData(link: ChannelLink, chunk: Buffer, first: boolean): void | Promise<void> {
     const s = this.state;
     // Still read while finishing: a requested page may arrive after the main channel's EOF.
     if (s.kind === 'completed' || s.kind === 'failed' || (s.kind === 'completing' && s.step === 'flushing')) return;
@@ -411,7 +547,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.landing.land(r, 'preempt', true, now);
   }
 
-  private onPreemptEnded(link: Link): void {
+  private onPreemptEnded(link: ChannelLink): void {
     // While the VM runs here the source never ends this channel first: a cut.
     if (this.canRecover() && this.state.kind !== 'completing') {
       this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the preempt channel before the migration completed'));
@@ -427,7 +563,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   // ---- multifd -------------------------------------------------------------------
 
   /** Every multifd channel is in: a receiver for each, landing into the sink and the received bitmap. */
-  private onMultifdReady(link: Link, chs: readonly Channel[]): MultifdReception {
+  private onMultifdReady(link: ChannelLink, chs: readonly Channel[]): MultifdReception {
     const m = this.opts.multifd!;
     const reception = createMultifdReception(chs.length, {
       channels: m.channels,
@@ -455,7 +591,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     return reception;
   }
 
-  private onMultifdData(link: Link, id: number, chunk: Buffer): void | Promise<void> {
+  private onMultifdData(link: ChannelLink, id: number, chunk: Buffer): void | Promise<void> {
     const rx = link.multifd?.receivers[id];
     if (!rx || isOver(this.state)) return;
     this.counts.transferred += chunk.length;
@@ -476,7 +612,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * stream needs that channel at a MULTIFD_FLUSH barrier (QEMU's destination
    * would hang there; we fail, naming it).
    */
-  private onMultifdEnded(link: Link, id: number): void {
+  private onMultifdEnded(link: ChannelLink, id: number): void {
     const m = link.multifd;
     const rx = m?.receivers[id];
     if (!m || !rx || isOver(this.state)) return;
@@ -495,7 +631,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * SYNC (released now), else the wait. A stream with MULTIFD_FLUSH comes from
    * a multifd source: without multifd here its pages would never land.
    */
-  private multifdFlush(link: Link): Promise<void> | undefined {
+  private multifdFlush(link: ChannelLink): Promise<void> | undefined {
     if (!this.opts.multifd) throw new MigrationError('protocol', this.phase, 'the source uses multifd (MULTIFD_FLUSH on the main channel), but this destination was not given multifd: { channels }');
     const m = link.multifd;
     if (!m) throw new MigrationError('protocol', this.phase, 'MULTIFD_FLUSH before the multifd channels connected');
@@ -519,7 +655,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * source's next attempt finds us listening; this connection goes (QEMU's
    * destination would not even accept it before migrate-recover).
    */
-  private recoveryArrivedEarly(link: Link, ch: Channel | undefined): void {
+  private recoveryArrivedEarly(link: Link, ch: { destroy(): void } | undefined): void {
     ch?.destroy();
     this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source opened a recovery connection: it lost the current one'));
   }
@@ -602,7 +738,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private async awaitRecovery(uri: string): Promise<void> {
-    const listener = await listenForRecovery(uri, this.opts.transport ?? {});
+    const transport = this.opts.transport ?? {};
+    const listener: SessionListener = this.threads.used
+      ? await listenForRecovery(uri, transport, (u, t, o) => ThreadedListener.listen(u, t, o))
+      : await listenForRecovery(uri, transport, (u, t, o) => MigrationListener.listen(u, t, o));
     if (isOver(this.state)) {
       listener.close();
       return;
@@ -620,7 +759,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         // A recovery connection that recover() moved away from: the new one replaces it.
         if (s.kind === 'recovering') s.link.drop();
         // The new main channel has no header: it continues the old stream's sections and blocks.
-        const link = this.newLink(conn, new StreamDecoder({ channel: 'resume', resumeFrom: this.stream, pageRuns: true }));
+        const link =
+          conn instanceof ThreadConnection
+            ? this.newThreadLink(conn, this.threadLinks[this.threadLinks.length - 1])
+            : this.newLink(conn, new StreamDecoder({ channel: 'resume', resumeFrom: this.stream, pageRuns: true }));
         this.state = { kind: 'recovering', link, outage: s.outage, phase: s.phase };
         this.startLink(link);
       },
@@ -666,7 +808,11 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   async requestPage(block: string, offset: number): Promise<PageRequestResult> {
     const over = isOver(this.state) ? new MigrationError('protocol', this.phase, 'the migration is over') : undefined;
     checkPageRequest(block, offset, this.pages, over);
-    const r = await this.pages.request(block, offset, performance.now());
+    const request = this.pages.request(block, offset, performance.now());
+    // With threads a worker lands the page: watch for it while requests wait.
+    const link = this.link;
+    if (link instanceof ThreadLink) link.watchPages();
+    const r = await request;
     if (r.requested) this.emit('page-request', r);
     return r;
   }
@@ -682,15 +828,22 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     const conn = this.link?.conn;
     const channels = conn?.stats() ?? {};
     const m = this.opts.multifd ? summarizeMultifd(this.opts.multifd.channels, this.multifd) : undefined;
-    return this.counts.stats(statusOf(this.state), this.pages, channels, m);
+    const counts = this.threads.used ? this.totals() : this.counts;
+    return counts.stats(statusOf(this.state), this.pages, channels, this.threadStats(), m);
+  }
+
+  private threadStats(): ThreadStats {
+    const link = this.link;
+    const channels = link instanceof ThreadLink ? link.threadsInfo() : [];
+    return { used: this.threads.used, why: this.threads.why, channels };
   }
 
   /** Everything received so far (complete or not). */
   snapshot(error?: MigrationError): DestinationResult {
     return {
       complete: this.state.kind === 'completed',
-      machineType: this.header?.config?.machineType,
-      configuration: this.header?.config,
+      machineType: (this.header?.config ?? this.configRecord)?.machineType,
+      configuration: this.header?.config ?? this.configRecord,
       blocks: this.pages.blocks,
       devices: this.sections.devices,
       vmdesc: this.vmdesc,
@@ -713,7 +866,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded);
       if (this.state !== s) return;
       s.step = 'flushing';
-      checkMultifdDrained(link.multifd);
+      checkMultifdDrained(link instanceof ChannelLink ? link.multifd : undefined);
       checkRamComplete(this.pages, s.postcopy, this.sections.ramEnded);
       await this.opts.sink.flush();
       if (this.state !== s) return;

@@ -1,5 +1,9 @@
 import type { MigrationError, MigrationPhase } from '../errors.js';
-import type { Link } from './link.js';
+import type { Link as SingleLink } from './link.js';
+import type { ThreadLink } from './threads/link.js';
+
+/** A connection of the source: its channels on this thread (Link) or in worker threads (ThreadLink). */
+export type Link = SingleLink | ThreadLink;
 import type { Outage } from './recovery.js';
 import type { DestinationStats } from './types.js';
 

@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import type { PageTracker } from '../page-tracker.js';
 import type { MultifdStats } from './multifd.js';
-import type { DestinationStats } from './types.js';
+import type { DestinationStats, ThreadStats } from './types.js';
 
 /**
  * The destination's counters. Plain numbers bumped once per record or run
@@ -34,7 +34,7 @@ export class DestinationCounters {
   multifdWaits = 0;
 
   /** `multifd`: the multifd channels' counters; their pages count in normal, duplicate and runs too. */
-  stats(status: DestinationStats['status'], pages: PageTracker, channels: DestinationStats['channels'], multifd?: MultifdStats): DestinationStats {
+  stats(status: DestinationStats['status'], pages: PageTracker, channels: DestinationStats['channels'], threads: ThreadStats, multifd?: MultifdStats): DestinationStats {
     return {
       status,
       recoveries: this.recoveries,
@@ -51,6 +51,7 @@ export class DestinationCounters {
       runs: { count: this.runs + (multifd?.runs.count ?? 0), pages: this.runPages + (multifd?.runs.pages ?? 0) },
       'sink-waits': this.sinkWaits,
       channels,
+      threads,
       ...(multifd ? { multifd: { ...multifd, 'flush-waits': this.multifdWaits } } : {}),
     };
   }

@@ -1,6 +1,7 @@
 import type { ConfigurationRecord, RamBlockInfo } from '../../stream/records.js';
 import type { ChannelStats } from '../../transport/channel.js';
 import type { TransportOptions } from '../../transport/connection.js';
+import type { ThreadMode } from '../../transport/worker/support.js';
 import type { StrangerEvent } from '../../transport/qualify.js';
 import type { MigrationError } from '../errors.js';
 import type { LatencySummary } from '../latency.js';
@@ -62,6 +63,15 @@ export interface DestinationStats {
    * records at which the main stream waited for a channel's SYNC.
    */
   multifd?: MultifdStats & { 'flush-waits': number };
+  /** Whether the channels ran in worker threads (`threads` option), why, and each channel's thread. */
+  threads: ThreadStats;
+}
+
+/** stats.threads: which path was used and why; per channel thread, its CPU time so far. */
+export interface ThreadStats {
+  used: boolean;
+  why: string;
+  channels: { role: 'main' | 'preempt'; threadId: number; cpuSeconds: number }[];
 }
 
 /** What a completed (or, on failure, partial) migration left behind. */
@@ -124,6 +134,15 @@ export interface DestinationOptions {
    * `migrate-incoming`).
    */
   acceptTimeoutMs?: number;
+  /**
+   * Run each channel (its socket, TLS, decoding and page copies) in a worker
+   * thread of its own: 'on', 'off', or 'auto' (default: threads when this
+   * Node can pass sockets to workers — 26.6 and later — and the sink is
+   * `InMemorySink({ shared: true })`; otherwise the single-thread path).
+   * 'on' where impossible throws at the call (`threads-unavailable`, saying
+   * why); `stats().threads` says which path ran and why.
+   */
+  threads?: ThreadMode;
   /**
    * Aborting it closes the destination, as `close()`: while `listen()` runs it
    * rejects, afterwards `done` rejects with 'cancelled' (`cause`: the

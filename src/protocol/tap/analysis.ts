@@ -17,14 +17,17 @@ import { PreemptDecoder, StreamDecoder } from '../../stream/decoder.js';
 import { StreamError } from '../../stream/errors.js';
 import type { MigrationCommand, PreemptRecord, ReturnPathMessage, StreamRecord } from '../../stream/records.js';
 import { ReturnPathDecoder } from '../../stream/return-path.js';
+import { MultifdChannelCounter, multifdTotals, type MultifdChannelCounts, type MultifdTotals } from './multifd.js';
 
 /**
- * The four directions of a session: `main` (source → destination on the first
+ * The directions of a session: `main` (source → destination on the first
  * connection), `return-path` (destination → source on it), `preempt` (source →
- * destination on the second connection) and `preempt-reverse` (destination →
- * source on the second connection; QEMU never writes there).
+ * destination on the preempt connection), `preempt-reverse` (destination →
+ * source on it; QEMU never writes there), and per multifd connection
+ * `multifd` (source → destination) and `multifd-reverse` (QEMU never writes
+ * there either).
  */
-export type TapDirection = 'main' | 'return-path' | 'preempt' | 'preempt-reverse';
+export type TapDirection = 'main' | 'return-path' | 'preempt' | 'preempt-reverse' | 'multifd' | 'multifd-reverse';
 
 /** The channel a page arrived on. */
 export type PageChannel = 'main' | 'preempt';
@@ -69,6 +72,12 @@ export interface MainChannelReport extends DirectionReport {
   /** Commands by name, e.g. `{ ping: 4, 'postcopy-ram-discard': 1 }`. */
   commands: Record<string, number>;
   devices: { count: number; bytes: number };
+  /**
+   * MULTIFD_FLUSH records: the source wrote one after every channel sent a
+   * SYNC packet (at setup and after each pass), so in a whole multifd
+   * migration every channel's `syncs` equals this.
+   */
+  multifdFlushes: number;
   eof: boolean;
 }
 
@@ -81,6 +90,22 @@ export interface ReturnPathReport extends DirectionReport {
 
 export interface PreemptChannelReport extends DirectionReport {
   pages: PageCounts;
+}
+
+/** One multifd connection: its bytes (source → destination) and what they carried. */
+export interface MultifdChannelReport extends DirectionReport, MultifdChannelCounts {
+  /** 0, 1, … in the order the tap took the connections (the capture file's number); `id` is the channel's own. */
+  connection: number;
+  /** Bytes the destination wrote back (QEMU writes none). */
+  reverseBytes: number;
+  /** The parse error that ended the analysis of this channel (also in `parseErrors`). */
+  parseError: { code: string; offset: number; message: string } | null;
+}
+
+/** The multifd channels of a session and their sum (compare with the source's `ram.normal`, `ram.duplicate`, `ram.multifd-bytes`). */
+export interface MultifdReport {
+  channels: MultifdChannelReport[];
+  total: MultifdTotals;
 }
 
 /** When the moments of a migration went past the tap, in ms after the session started (null: not seen). */
@@ -119,6 +144,8 @@ export interface RequestReport {
 
 export interface ParseErrorReport {
   direction: TapDirection;
+  /** The multifd connection (its `connection` number) for `multifd` errors. */
+  channel?: number;
   code: string;
   /** Byte offset in that direction's stream. */
   offset: number;
@@ -138,11 +165,13 @@ export interface AnalysisReport {
   main: MainChannelReport;
   returnPath: ReturnPathReport;
   preempt: PreemptChannelReport | null;
+  /** Null without multifd connections. */
+  multifd: MultifdReport | null;
   passes: TapPass[];
   switchover: SwitchoverReport;
   requests: RequestReport;
   /** Forwarding delay (chunk arrival → write callback), µs, per direction and overall. */
-  forwardDelay: { all: LatencySummary; main: LatencySummary; returnPath: LatencySummary; preempt: LatencySummary };
+  forwardDelay: { all: LatencySummary; main: LatencySummary; returnPath: LatencySummary; preempt: LatencySummary; multifd: LatencySummary };
   /**
    * The same for the chunks the kernel took at once (nothing left in user
    * space after the write): the tap's own cost, without waiting for the
@@ -175,7 +204,8 @@ export type Milestone = 'switchover-start' | 'packaged' | 'postcopy-listen' | 'p
 
 /** Callbacks of {@link MigrationAnalysis}; none may throw. */
 export interface AnalysisHooks {
-  parseError?(direction: TapDirection, error: StreamError): void;
+  /** `channel`: the multifd connection, for `multifd`. */
+  parseError?(direction: TapDirection, error: StreamError, channel?: number): void;
   milestone?(name: Milestone, atMs: number): void;
   pageRequest?(r: PageRequestEvent): void;
   pageAnswered?(a: PageAnsweredEvent): void;
@@ -231,6 +261,15 @@ function round3(x: number): number {
   return Math.round(x * 1000) / 1000;
 }
 
+/** One multifd connection of a session. */
+class MultifdChannel {
+  readonly counter = new MultifdChannelCounter();
+  readonly dir = new DirectionStats();
+  readonly reverse = new DirectionStats();
+  failed = false;
+  constructor(readonly connection: number) {}
+}
+
 function bump(rec: Record<string, number>, key: string): void {
   rec[key] = (rec[key] ?? 0) + 1;
 }
@@ -253,13 +292,15 @@ export class MigrationAnalysis {
   private readonly failed = new Set<TapDirection>();
   private readonly parseErrors: ParseErrorReport[] = [];
 
-  private readonly dirs: Record<TapDirection, DirectionStats> = {
+  private readonly dirs: Record<Exclude<TapDirection, 'multifd' | 'multifd-reverse'>, DirectionStats> = {
     main: new DirectionStats(),
     'return-path': new DirectionStats(),
     preempt: new DirectionStats(),
     'preempt-reverse': new DirectionStats(),
   };
   private preemptOpened = false;
+  private readonly multifd: MultifdChannel[] = [];
+  private multifdBlocksGiven = false;
 
   // main channel
   private machineType: string | null = null;
@@ -270,6 +311,7 @@ export class MigrationAnalysis {
   private readonly commands: Record<string, number> = {};
   private readonly devices = { count: 0, bytes: 0 };
   private eof = false;
+  private multifdFlushes = 0;
   private returnPathOpened = false;
   private inPostcopy = false;
 
@@ -308,6 +350,7 @@ export class MigrationAnalysis {
     main: new LatencyHistogram(),
     returnPath: new LatencyHistogram(),
     preempt: new LatencyHistogram(),
+    multifd: new LatencyHistogram(),
   };
 
   constructor(opts: MigrationAnalysisOptions) {
@@ -345,15 +388,71 @@ export class MigrationAnalysis {
     this.previous = undefined;
   }
 
-  /** Feeds one chunk of `direction`, which arrived at `t` (performance.now()) and has been forwarded. */
-  push(direction: TapDirection, chunk: Uint8Array, t: number): void {
+  /**
+   * Feeds one chunk of `direction`, which arrived at `t` (performance.now())
+   * and has been forwarded; `channel` names the multifd connection (see
+   * multifdConnected) for `multifd` and `multifd-reverse`.
+   */
+  push(direction: TapDirection, chunk: Uint8Array, t: number, channel = 0): void {
     if (this.released) return;
     const started = performance.now();
-    this.pushChunk(direction, chunk, t);
+    if (direction === 'multifd' || direction === 'multifd-reverse') this.pushMultifd(direction, channel, chunk, t);
+    else this.pushChunk(direction, chunk, t);
     this.analysisTime.record((performance.now() - started) * 1000);
   }
 
-  private pushChunk(direction: TapDirection, chunk: Uint8Array, t: number): void {
+  /** A multifd connection was taken: returns its number for push() (0, 1, … in order). */
+  multifdConnected(): number {
+    const n = this.multifd.length;
+    const ch = new MultifdChannel(n);
+    this.multifd.push(ch);
+    if (this.multifdBlocksGiven) ch.counter.setBlocks([...this.main().ramBlocks.values()]);
+    return n;
+  }
+
+  /** The id a multifd connection's init message gave (null before it). */
+  multifdChannelId(channel: number): number | null {
+    return this.multifd[channel]?.counter.id ?? null;
+  }
+
+  /** A multifd connection ended (its source side): a channel cut inside a packet is a parse error. */
+  multifdEnded(channel: number, t: number): void {
+    const ch = this.multifd[channel];
+    if (this.released || !ch || ch.failed) return;
+    const e = ch.counter.end();
+    if (e) this.failMultifd(ch, e, t);
+  }
+
+  private pushMultifd(direction: 'multifd' | 'multifd-reverse', channel: number, chunk: Uint8Array, t: number): void {
+    const ch = this.multifd[channel];
+    if (!ch) return;
+    if (direction === 'multifd-reverse') {
+      ch.reverse.add(chunk.length, t);
+      return;
+    }
+    ch.dir.add(chunk.length, t);
+    if (ch.failed) return;
+    // Pages are checked against the block list once main has given it (before any page: QEMU sends
+    // the RAM section's block list on main, flushed, before it queues a page on a channel).
+    if (!this.multifdBlocksGiven) this.giveMultifdBlocks();
+    const e = ch.counter.push(chunk);
+    if (e) this.failMultifd(ch, e, t);
+  }
+
+  private giveMultifdBlocks(): void {
+    const blocks = [...(this.mainDecoder?.ramBlocks.values() ?? [])];
+    if (blocks.length === 0) return;
+    this.multifdBlocksGiven = true;
+    for (const c of this.multifd) c.counter.setBlocks(blocks);
+  }
+
+  private failMultifd(ch: MultifdChannel, e: StreamError, t: number): void {
+    ch.failed = true;
+    this.parseErrors.push({ direction: 'multifd', channel: ch.connection, code: e.code, offset: e.offset, message: e.message, atMs: round3(t - this.t0) });
+    this.hooks.parseError?.('multifd', e, ch.connection);
+  }
+
+  private pushChunk(direction: Exclude<TapDirection, 'multifd' | 'multifd-reverse'>, chunk: Uint8Array, t: number): void {
     this.dirs[direction].add(chunk.length, t);
     if (direction === 'preempt' || direction === 'preempt-reverse') this.preemptOpened = true;
     if (this.failed.has(direction) || direction === 'preempt-reverse') return;
@@ -394,6 +493,7 @@ export class MigrationAnalysis {
     this.delay.all.record(micros);
     if (direction === 'main') this.delay.main.record(micros);
     else if (direction === 'return-path') this.delay.returnPath.record(micros);
+    else if (direction === 'multifd' || direction === 'multifd-reverse') this.delay.multifd.record(micros);
     else this.delay.preempt.record(micros);
   }
 
@@ -478,6 +578,9 @@ export class MigrationAnalysis {
         return;
       case 'package-end':
         this.milestone('package-end', t);
+        return;
+      case 'ram-multifd-flush':
+        this.multifdFlushes++;
         return;
       case 'eof':
         this.eof = true;
@@ -640,6 +743,21 @@ export class MigrationAnalysis {
 
   // ---- report --------------------------------------------------------------
 
+  private multifdReport(): MultifdReport | null {
+    if (this.multifd.length === 0) return null;
+    const channels = this.multifd.map((ch): MultifdChannelReport => {
+      const e = ch.counter.error;
+      return {
+        connection: ch.connection,
+        ...ch.dir.report(this.t0),
+        ...ch.counter.counts(),
+        reverseBytes: ch.reverse.bytes,
+        parseError: e ? { code: e.code, offset: e.offset, message: e.message } : null,
+      };
+    });
+    return { channels, total: multifdTotals(channels) };
+  }
+
   report(): AnalysisReport {
     const t0 = this.t0;
     const rel = (t: number | undefined): number | null => (t === undefined ? null : round3(t - t0));
@@ -658,10 +776,12 @@ export class MigrationAnalysis {
         ramParts: { ...this.ramParts },
         commands: { ...this.commands },
         devices: { ...this.devices },
+        multifdFlushes: this.multifdFlushes,
         eof: this.eof,
       },
       returnPath: { ...this.dirs['return-path'].report(t0), messages: { ...this.rpMessages }, shut: this.shut },
       preempt: this.preemptOpened ? { ...this.dirs.preempt.report(t0), pages: { ...this.preemptPages } } : null,
+      multifd: this.multifdReport(),
       passes: this.passes.map((p) => ({ ...p })),
       switchover: {
         switchoverStartMs: rel(a['switchover-start']),
@@ -685,6 +805,7 @@ export class MigrationAnalysis {
         main: this.delay.main.summary(),
         returnPath: this.delay.returnPath.summary(),
         preempt: this.delay.preempt.summary(),
+        multifd: this.delay.multifd.summary(),
       },
       forwardDelayUnqueued: this.delay.unqueued.summary(),
       backpressure: { pauses: this.pauses.pauses, pausedMs: round3(this.pauses.pausedMs) },

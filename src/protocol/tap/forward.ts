@@ -10,9 +10,11 @@ export interface ForwardHooks {
    * The chunk has been written. Called from a microtask queued after the
    * write: after the write's own callback when the kernel took the bytes at
    * once, and always before the next socket event is handled, so chunks of
-   * all directions are seen in the order they arrived.
+   * all directions are seen in the order they arrived. A promise returned
+   * holds the reading of `from` until it settles (a capture file waiting for
+   * the disk).
    */
-  chunk(chunk: Buffer, arrivedAt: number): void;
+  chunk(chunk: Buffer, arrivedAt: number): Promise<void> | void;
   /**
    * The write of a chunk completed `micros` after the chunk arrived.
    * `queuedBehind`: the kernel did not take the chunk at once (its socket
@@ -36,10 +38,19 @@ export interface ForwardHooks {
  */
 export function forward(from: AnySocket, to: AnySocket, hooks: ForwardHooks): void {
   let pausedAt = -1;
+  /** Holds of the chunk hook still pending: reading resumes when none is left and `to` has drained. */
+  let holds = 0;
   const resume = (): void => {
     hooks.paused(performance.now() - pausedAt);
     pausedAt = -1;
-    if (!from.destroyed) from.resume();
+    if (!from.destroyed && holds === 0) from.resume();
+  };
+  const held = (p: Promise<void>): void => {
+    holds++;
+    from.pause();
+    void p.then(() => {
+      if (--holds === 0 && pausedAt < 0 && !from.destroyed) from.resume();
+    });
   };
   from.on('data', (chunk: Buffer) => {
     const t = performance.now();
@@ -57,7 +68,10 @@ export function forward(from: AnySocket, to: AnySocket, hooks: ForwardHooks): vo
       from.pause();
       to.once('drain', resume);
     }
-    queueMicrotask(() => hooks.chunk(chunk, t));
+    queueMicrotask(() => {
+      const hold = hooks.chunk(chunk, t);
+      if (hold) held(hold);
+    });
   });
   from.on('end', () => {
     if (!to.destroyed && !to.writableEnded) to.end();

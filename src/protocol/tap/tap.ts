@@ -18,6 +18,22 @@
  * buffering beyond what backpressure needs, and are then parsed by
  * {@link MigrationAnalysis} into a {@link TapReport}.
  *
+ * Multifd (QEMU's `multifd` capability, precopy): each multifd channel is a
+ * connection whose first bytes are the multifd magic 0x11223344 (plain, or
+ * the first bytes after the TLS handshake). A QEMU 10.0 source opens them
+ * right after its main connection and before the main channel says anything
+ * (its migration thread waits for every channel before it writes the file
+ * header), so they usually qualify before the main channel does: such a
+ * channel waits, unread, for its main channel (within the qualify time limit)
+ * and becomes part of its session. Its connection to the destination is
+ * opened after the main one is established, in the order the tap took them:
+ * a TLS destination (QEMU 10.0 cannot peek under TLS) takes the first
+ * connection as main and the next ones as multifd channels, each naming its
+ * id in its init message. A connection taken after the main channel without
+ * bytes yet is the preempt channel by order unless its first bytes turn out
+ * to be the multifd magic. Every multifd channel is parsed (MultifdDecoder)
+ * into per-channel counts of packets, normal and zero pages, syncs and bytes.
+ *
  * One report per main connection ("session"): a postcopy recovery opens a new
  * main connection and gets its own report (kind 'resume').
  */
@@ -26,11 +42,13 @@ import type net from 'node:net';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import type tls from 'node:tls';
 import type { LatencySummary } from '../latency.js';
+import { mkdir } from 'node:fs/promises';
 import type { StreamError } from '../../stream/errors.js';
+import { MULTIFD_MAGIC } from '../../stream/multifd.js';
 import { Admission, describeBytes, type FirstBytesJudgement } from '../../transport/admission.js';
 import { classifySocketError } from '../../transport/channel.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../transport/endpoint.js';
-import { TransportError } from '../../transport/errors.js';
+import { TransportError, type ChannelName } from '../../transport/errors.js';
 import { loadTlsDir, type TlsMaterial } from '../../transport/pki.js';
 import { DEFAULT_MAX_PENDING_CONNECTIONS, judgeMainStart, type StrangerEvent } from '../../transport/qualify.js';
 import { connect, listen, type Listening, type TlsClientSpec } from '../../transport/sockets.js';
@@ -43,9 +61,10 @@ import {
   type PageRequestEvent,
   type TapDirection,
 } from './analysis.js';
+import { SessionCapture, type CaptureFileReport } from './capture.js';
 import { forward, type AnySocket } from './forward.js';
 
-export type TapRole = 'main' | 'preempt';
+export type TapRole = 'main' | 'preempt' | 'multifd';
 
 /** Options of {@link startTap}. */
 export interface TapOptions {
@@ -83,11 +102,18 @@ export interface TapOptions {
   connectTimeoutMs?: number;
   /** Most connections waiting to qualify at once (default 16; at the bound the oldest is dropped). */
   maxPendingConnections?: number;
+  /**
+   * A directory (created if missing) to write every direction of every
+   * connection to, one file each, as forwarded: see capture.ts for the names.
+   */
+  capture?: string;
 }
 
 /** One relayed connection. Times are ms after the session started. */
 export interface TapConnectionReport {
   role: TapRole;
+  /** Multifd: the number of the connection in the session (0, 1, … as taken; MultifdChannelReport.connection). */
+  multifdConnection?: number;
   acceptedMs: number;
   /** Both sides ready and forwarding started (null: never). */
   establishedMs: number | null;
@@ -119,7 +145,9 @@ export interface TapReport extends Omit<AnalysisReport, 'forwardDelay' | 'forwar
   tls: { in: boolean; out: boolean };
   startedAt: string;
   durationMs: number;
-  connections: { main: TapConnectionReport; preempt: TapConnectionReport | null };
+  connections: { main: TapConnectionReport; preempt: TapConnectionReport | null; multifd: TapConnectionReport[] };
+  /** With `capture`: the files written (names as in capture.ts). */
+  capture: { dir: string; files: CaptureFileReport[] } | null;
   /** What the tap itself costs. */
   overhead: {
     /**
@@ -142,8 +170,8 @@ export interface TapReport extends Omit<AnalysisReport, 'forwardDelay' | 'forwar
     eventLoopDelay: { p50: number; p99: number; max: number };
     /** Most bytes one outgoing socket held in user space (bounded by backpressure). */
     peakQueuedBytes: number;
-    /** Average rate of each direction over its active span. */
-    throughputBytesPerSecond: { main: number; returnPath: number; preempt: number };
+    /** Average rate of each direction over its active span (multifd: the sum of the channels' rates). */
+    throughputBytesPerSecond: { main: number; returnPath: number; preempt: number; multifd: number };
     /** CPU time of this whole process during the session (everything it runs, not only the tap). */
     processCpu: { userMs: number; systemMs: number; percentOfOneCore: number };
   };
@@ -166,8 +194,8 @@ export interface TapEvents {
   milestone: [{ session: number; name: Milestone; atMs: number }];
   'page-request': [PageRequestEvent & { session: number }];
   'page-answered': [PageAnsweredEvent & { session: number }];
-  /** A direction could not be parsed any further (forwarding goes on). */
-  'parse-error': [{ session: number; direction: TapDirection; error: StreamError }];
+  /** A direction could not be parsed any further (forwarding goes on); `channel`: the multifd connection. */
+  'parse-error': [{ session: number; direction: TapDirection; error: StreamError; channel?: number }];
   /** Every connection of a session has closed: its final report. */
   'session-end': [TapReport];
   /** A connection was dropped before it became a channel (see the file comment); the tap keeps listening. */
@@ -179,6 +207,20 @@ export interface TapEvents {
 const noop = (): void => undefined;
 const LINGER_MS = 10_000;
 const MAX_STRANGERS_KEPT = 100;
+/** QEMU allows 1–255 multifd channels; with a preempt channel, one more. */
+const MAX_SECONDARY_LINKS = 256;
+/** Multifd channels waiting for their main channel, at most (the oldest makes room). */
+const MAX_WAITING_MULTIFD = 255;
+
+const MULTIFD_MAGIC_BYTES = Buffer.from([MULTIFD_MAGIC >>> 24, (MULTIFD_MAGIC >>> 16) & 0xff, (MULTIFD_MAGIC >>> 8) & 0xff, MULTIFD_MAGIC & 0xff]);
+
+/** Does `b` (at least its first byte) begin with the multifd magic: 'yes', 'no', or 'more' (a prefix of it). */
+function multifdStart(b: Uint8Array): 'yes' | 'no' | 'more' {
+  const n = Math.min(b.length, 4);
+  for (let i = 0; i < n; i++) if (b[i] !== MULTIFD_MAGIC_BYTES[i]) return 'no';
+  return n === 4 ? 'yes' : 'more';
+}
+
 
 function tlsInfo(s: AnySocket | undefined): { protocol: string | null; cipher: string } | null {
   const t = s as tls.TLSSocket | undefined;
@@ -191,6 +233,12 @@ function round3(x: number): number {
 }
 
 class Link {
+  /** A connection taken after the main channel before it spoke: its role comes with its first bytes (see the file comment). */
+  classified = true;
+  /** Its bytes before it was classified (at most the 4 bytes of a magic, in the chunks they came in). */
+  head: Buffer[] = [];
+  /** Multifd: its number in the session's analysis. */
+  multifd = -1;
   src: AnySocket | undefined;
   dst: AnySocket | undefined;
   srcClosed = false;
@@ -202,9 +250,16 @@ class Link {
   tlsOut: TapConnectionReport['tlsOut'] = null;
   linger: NodeJS.Timeout | undefined;
   constructor(
-    readonly role: TapRole,
+    public role: TapRole,
     readonly acceptedAt: number,
   ) {}
+
+  /** Capture file name of a direction. */
+  captureName(forward: boolean): string {
+    const base = this.role === 'multifd' ? `multifd-${this.multifd}` : this.role;
+    if (this.role === 'main') return forward ? 'main' : 'return-path';
+    return forward ? base : `${base}-reverse`;
+  }
 
   get closed(): boolean {
     return this.closedAt !== undefined;
@@ -245,7 +300,12 @@ class Session {
   readonly loop = monitorEventLoopDelay({ resolution: 1 });
   readonly analysis: MigrationAnalysis;
   readonly main: Link;
+  /** The preempt connection once known (classified). */
   preempt: Link | undefined;
+  /** Every connection after the main one, in the order taken: preempt, multifd and not yet classified. */
+  readonly secondaries: Link[] = [];
+  readonly capture: SessionCapture | undefined;
+  captureClosed: Promise<void> | undefined;
   endedAt: number | undefined;
   cpu: NodeJS.CpuUsage | undefined;
   peakQueued = 0;
@@ -259,8 +319,10 @@ class Session {
     readonly id: number,
     previous: Session | undefined,
     tap: Tap,
+    captureDir: string | undefined,
   ) {
     this.main = new Link('main', this.t0);
+    this.capture = captureDir === undefined ? undefined : new SessionCapture(captureDir, id);
     this.mainUp = new Promise<void>((resolve, reject) => {
       this.resolveMainUp = resolve;
       this.rejectMainUp = reject;
@@ -272,7 +334,7 @@ class Session {
       t0: this.t0,
       ...(previous ? { previous: previous.analysis } : {}),
       hooks: {
-        parseError: (direction, error) => tap.emit('parse-error', { session, direction, error }),
+        parseError: (direction, error, channel) => tap.emit('parse-error', { session, direction, error, ...(channel === undefined ? {} : { channel }) }),
         milestone: (name, atMs) => tap.emit('milestone', { session, name, atMs }),
         pageRequest: (r) => tap.listenerCount('page-request') > 0 && tap.emit('page-request', { ...r, session }),
         pageAnswered: (a) => tap.listenerCount('page-answered') > 0 && tap.emit('page-answered', { ...a, session }),
@@ -287,6 +349,24 @@ class Session {
   rel(t: number): number {
     return round3(t - this.t0);
   }
+
+  /** The preempt connection as reported: the classified one, else the first connection that never spoke (by order, it is). */
+  reportedPreempt(): Link | undefined {
+    return this.preempt ?? this.secondaries.find((l) => !l.classified);
+  }
+
+  multifdLinks(): Link[] {
+    return this.secondaries.filter((l) => l.role === 'multifd');
+  }
+}
+
+/** A multifd channel that qualified before its main channel: held, unread, until the main channel comes. */
+interface WaitingMultifd {
+  readonly src: AnySocket;
+  readonly raw: net.Socket;
+  readonly remote: string | undefined;
+  readonly timer: NodeJS.Timeout;
+  readonly onClose: () => void;
 }
 
 /**
@@ -301,6 +381,7 @@ export class Tap extends EventEmitter<TapEvents> {
   private readonly endWaiters: Array<{ session: number; resolve: (r: TapReport) => void }> = [];
 
   private readonly admission: Admission;
+  private readonly waitingMultifd: WaitingMultifd[] = [];
   private readonly strangerEvents: StrangerEvent[] = [];
   private strangerCount = 0;
 
@@ -311,21 +392,24 @@ export class Tap extends EventEmitter<TapEvents> {
     private readonly clientTls: TlsClientSpec | undefined,
     private readonly timeoutMs: number,
     maxPending: number,
+    private readonly captureDir: string | undefined,
   ) {
     super();
     this.admission = new Admission(
       {
         offer: () => {
           const cur = this.current();
+          // Before the main channel: judged by its first bytes (the main channel, or one of its multifd channels).
           if (!cur || !this.mainOpen(cur)) return 'main';
-          if (!cur.preempt) return 'preempt';
+          if (!cur.preempt && cur.secondaries.length < MAX_SECONDARY_LINKS) return 'preempt';
           // Refused (reported as a stranger too): it also counts against the open session, as QEMU would fail on it.
-          this.transportError(cur, cur.preempt, 'source', new TransportError('channel-order', 'a third connection for one migration: refused'));
+          const why = cur.preempt ? 'a connection after the preempt channel of a migration: refused' : `more than ${MAX_SECONDARY_LINKS} connections for one migration: refused`;
+          this.transportError(cur, cur.preempt ?? cur.main, 'source', new TransportError('channel-order', why));
           return undefined;
         },
-        // The preempt channel by order (see the file comment); the main channel by its first bytes.
+        // After the main channel: the preempt channel by order, unless its first bytes say multifd (see the file comment).
         judge: (role) => (role === 'main' ? judgeTapMain : undefined),
-        take: (role, s, raw) => (role === 'main' ? this.takeMain(s, raw) : this.takePreempt(s, raw)),
+        take: (role, s, raw) => (role === 'main' ? this.takeMain(s, raw) : role === 'multifd' ? this.takeMultifd(s, raw) : this.takeSecondary(s, raw)),
       },
       { maxPending, qualifyMs: timeoutMs, stranger: (ev) => this.stranger(ev) },
     );
@@ -347,8 +431,9 @@ export class Tap extends EventEmitter<TapEvents> {
       clientTlsOptions(clientTls.material, settings, target.kind === 'tcp' ? target.host : undefined);
     }
     // A plain source waits unread until it has qualified; a TLS one must run its handshake.
+    if (opts.capture !== undefined) await mkdir(opts.capture, { recursive: true });
     const listening = await listen(listenEp, { allowHalfOpen: true, pauseOnConnect: !serverTls, ...(serverTls ? { tls: serverTls } : {}) });
-    return new Tap(listening, target, serverTls !== undefined, clientTls, timeoutMs, opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS);
+    return new Tap(listening, target, serverTls !== undefined, clientTls, timeoutMs, opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS, opts.capture);
   }
 
   /** Where the source connects (`migrate uri=...`), with the real port when 0 was asked. */
@@ -394,13 +479,14 @@ export class Tap extends EventEmitter<TapEvents> {
     if (!this.closing) {
       this.closing = true;
       this.admission.close();
+      for (const w of this.waitingMultifd.splice(0)) this.forgetWaiting(w, true);
       // Returns at once: net.Server.close() would wait for every accepted socket.
       const unlisten = this.listening.close();
       const closing: Promise<unknown>[] = [];
       for (const s of this.sessions) {
-        for (const l of [s.main, s.preempt]) {
-          for (const sock of [l?.src, l?.dst]) if (sock && !sock.destroyed) closing.push(new Promise((resolve) => sock.once('close', resolve)));
-          l?.destroy(false);
+        for (const l of [s.main, ...s.secondaries]) {
+          for (const sock of [l.src, l.dst]) if (sock && !sock.destroyed) closing.push(new Promise((resolve) => sock.once('close', resolve)));
+          l.destroy(false);
         }
       }
       // Let the reports carry the closing times (sockets close within a loop turn or two).
@@ -409,6 +495,7 @@ export class Tap extends EventEmitter<TapEvents> {
       // Sessions whose sockets were never wired end here.
       for (const s of this.sessions) this.endSession(s);
     }
+    await Promise.all(this.sessions.map((s) => s.captureClosed));
     return this.reports();
   }
 
@@ -422,28 +509,92 @@ export class Tap extends EventEmitter<TapEvents> {
     return !s.main.closed && !s.main.srcClosed;
   }
 
-  /** A connection qualified as a main channel: a new session. False when the tap is closing. */
+  /**
+   * A connection qualified as a main channel: a new session. False when the
+   * tap is closing or a main channel is open. Connections still waiting to
+   * qualify stay: they may be this migration's multifd channels (their TLS
+   * handshake or first bytes not in yet), each judged by its own bytes.
+   */
   private takeMain(src: AnySocket, raw: net.Socket): boolean {
     if (this.closing) return false;
     const cur = this.current();
     if (cur && this.mainOpen(cur)) return false;
-    const session = new Session(this.sessions.length + 1, cur, this);
+    const session = new Session(this.sessions.length + 1, cur, this, this.captureDir);
     this.sessions.push(session);
     this.emit('session', { session: session.id });
-    // Connections that came before this one spoke are not its preempt channel (QEMU opens that one later).
-    this.admission.dropAll('another connection became the main channel');
     this.relay(session, session.main, src, raw);
+    // Its multifd channels that came first: their destination connections follow the main one's.
+    for (const w of this.waitingMultifd.splice(0)) {
+      this.forgetWaiting(w, false);
+      this.addMultifd(session, w.src, w.raw);
+    }
     return true;
   }
 
-  /** A connection qualified as the preempt channel of the open session. */
-  private takePreempt(src: AnySocket, raw: net.Socket): boolean {
+  /** A connection whose first bytes are the multifd magic: a channel of the open session, or waiting for its main channel. */
+  private takeMultifd(src: AnySocket, raw: net.Socket): boolean {
+    if (this.closing) return false;
+    const cur = this.current();
+    if (cur && this.mainOpen(cur)) {
+      if (cur.preempt || cur.secondaries.length >= MAX_SECONDARY_LINKS) return false;
+      this.addMultifd(cur, src, raw);
+      return true;
+    }
+    if (this.waitingMultifd.length >= MAX_WAITING_MULTIFD) {
+      const oldest = this.waitingMultifd.shift()!;
+      this.forgetWaiting(oldest, true);
+      this.stranger({ reason: 'too-many', error: new TransportError('too-many-connections', `${MAX_WAITING_MULTIFD} multifd channels were already waiting for their main channel`), ...(oldest.remote ? { remote: oldest.remote } : {}) });
+    }
+    const remote = raw.remoteAddress ? `${raw.remoteAddress.includes(':') ? `[${raw.remoteAddress}]` : raw.remoteAddress}:${raw.remotePort}` : undefined;
+    const drop = (reason: 'timeout' | 'closed', error: TransportError): void => {
+      const i = this.waitingMultifd.indexOf(w);
+      if (i < 0) return;
+      this.waitingMultifd.splice(i, 1);
+      this.forgetWaiting(w, true);
+      this.stranger({ reason, error, ...(remote ? { remote } : {}) });
+    };
+    const w: WaitingMultifd = {
+      src,
+      raw,
+      remote,
+      timer: setTimeout(() => drop('timeout', new TransportError('qualify-timeout', `a multifd channel whose main channel did not come within ${this.timeoutMs} ms`)), this.timeoutMs),
+      onClose: () => drop('closed', new TransportError('closed', 'a multifd channel closed before its main channel came')),
+    };
+    src.on('error', noop);
+    src.once('close', w.onClose);
+    this.waitingMultifd.push(w);
+    return true;
+  }
+
+  /** Stops holding a waiting multifd channel; `destroy` for one that is dropped. */
+  private forgetWaiting(w: WaitingMultifd, destroy: boolean): void {
+    clearTimeout(w.timer);
+    w.src.off('close', w.onClose);
+    w.src.off('error', noop);
+    if (destroy) {
+      w.src.on('error', noop);
+      destroySocket(w.src, true);
+    }
+  }
+
+  private addMultifd(session: Session, src: AnySocket, raw: net.Socket): void {
+    const link = new Link('multifd', performance.now());
+    link.multifd = session.analysis.multifdConnected();
+    session.secondaries.push(link);
+    this.relay(session, link, src, raw);
+  }
+
+  /**
+   * A connection taken after the main channel before it said anything: the
+   * preempt channel by order, unless its first bytes are the multifd magic
+   * (then it is a multifd channel): see classify().
+   */
+  private takeSecondary(src: AnySocket, raw: net.Socket): boolean {
     const session = this.current();
-    if (this.closing || !session || !this.mainOpen(session) || session.preempt) return false;
+    if (this.closing || !session || !this.mainOpen(session) || session.preempt || session.secondaries.length >= MAX_SECONDARY_LINKS) return false;
     const link = new Link('preempt', performance.now());
-    session.preempt = link;
-    session.analysis.preemptConnected();
-    this.admission.dropAll('another connection became the preempt channel');
+    link.classified = false;
+    session.secondaries.push(link);
     this.relay(session, link, src, raw);
     return true;
   }
@@ -455,7 +606,7 @@ export class Tap extends EventEmitter<TapEvents> {
     const role = link.role;
     const task = async (): Promise<void> => {
       if (link.srcClosed) throw new TransportError('closed', 'the source closed before the destination connection was made', { channel: role });
-      if (role === 'preempt') await session.mainUp;
+      if (role !== 'main') await session.mainUp;
       const dst = await this.connectUpstream(role);
       this.attach(session, link, 'destination', dst);
     };
@@ -512,11 +663,9 @@ export class Tap extends EventEmitter<TapEvents> {
 
   private wire(session: Session, link: Link, src: AnySocket, dst: AnySocket): void {
     const a = session.analysis;
-    const out: TapDirection = link.role === 'main' ? 'main' : 'preempt';
-    const back: TapDirection = link.role === 'main' ? 'return-path' : 'preempt-reverse';
-    const hooks = (dir: TapDirection) => ({
-      chunk: (c: Buffer, t: number) => a.push(dir, c, t),
-      written: (us: number, behind: boolean) => a.forwarded(dir, us, behind),
+    const hooks = (fwd: boolean) => ({
+      chunk: (c: Buffer, t: number) => this.chunk(session, link, fwd, c, t),
+      written: (us: number, behind: boolean) => a.forwarded(direction(link.role, fwd), us, behind),
       paused: (ms: number) => a.paused(ms),
       queued: (n: number) => {
         if (n > session.peakQueued) session.peakQueued = n;
@@ -525,14 +674,71 @@ export class Tap extends EventEmitter<TapEvents> {
     link.establishedAt = performance.now();
     link.tlsIn = tlsInfo(src);
     link.tlsOut = tlsInfo(dst);
-    forward(src, dst, hooks(out));
-    forward(dst, src, hooks(back));
+    forward(src, dst, hooks(true));
+    forward(dst, src, hooks(false));
+    // The end of a multifd channel is checked (cut inside a packet?) after its last chunk was parsed.
+    src.once('end', () => queueMicrotask(() => this.sourceEnded(session, link)));
     if (link.role === 'main') session.resolveMainUp();
     this.emit('channel', { session: session.id, role: link.role, tlsIn: link.tlsIn, tlsOut: link.tlsOut });
   }
 
+  /** A forwarded chunk: classified (see takeSecondary), parsed, captured. */
+  private chunk(session: Session, link: Link, fwd: boolean, c: Buffer, t: number): Promise<void> | undefined {
+    if (!link.classified && fwd) {
+      link.head.push(c);
+      const verdict = multifdStart(link.head.length === 1 ? c : Buffer.concat(link.head));
+      if (verdict === 'more') return undefined;
+      this.classify(session, link, verdict === 'yes' ? 'multifd' : 'preempt');
+      if (link.closed || link.dstClosed) return undefined;
+      let hold: Promise<void> | undefined;
+      for (const h of link.head.splice(0)) hold = this.deliver(session, link, true, h, t) ?? hold;
+      return hold;
+    }
+    return this.deliver(session, link, fwd, c, t);
+  }
+
+  private deliver(session: Session, link: Link, fwd: boolean, c: Buffer, t: number): Promise<void> | undefined {
+    session.analysis.push(direction(link.role, fwd), c, t, link.multifd);
+    return session.capture?.write(link.captureName(fwd), c);
+  }
+
+  /** A connection taken after main (see takeSecondary) showed what it is. */
+  private classify(session: Session, link: Link, role: 'preempt' | 'multifd'): void {
+    link.classified = true;
+    link.role = role;
+    if (role === 'multifd') {
+      link.multifd = session.analysis.multifdConnected();
+      return;
+    }
+    if (session.preempt) {
+      // A second preempt channel: QEMU would fail on it; so does this connection.
+      this.transportError(session, link, 'source', new TransportError('channel-order', 'a second preempt channel for one migration: refused'));
+      link.destroy(true);
+      return;
+    }
+    session.preempt = link;
+    session.analysis.preemptConnected();
+  }
+
+  /** As errors name a channel: `multifd-ID` once its init message was read. */
+  private channelName(session: Session, link: Link): ChannelName {
+    if (link.role !== 'multifd') return link.role;
+    const id = session.analysis.multifdChannelId(link.multifd);
+    return id === null ? 'multifd' : `multifd-${id}`;
+  }
+
+  private sourceEnded(session: Session, link: Link): void {
+    const t = performance.now();
+    // A connection that ended inside what could be the multifd magic was one (a truncated one).
+    if (!link.classified && link.head.length > 0) {
+      this.classify(session, link, 'multifd');
+      for (const h of link.head.splice(0)) void this.deliver(session, link, true, h, t);
+    }
+    if (link.role === 'multifd') session.analysis.multifdEnded(link.multifd, t);
+  }
+
   private setupFailed(session: Session, link: Link, side: 'source' | 'destination', e: unknown): void {
-    const err = e instanceof TransportError ? e : classifySocketError(e, link.role);
+    const err = e instanceof TransportError ? e : classifySocketError(e, this.channelName(session, link));
     if (side === 'source') link.srcClosed = true;
     else link.dstClosed = true;
     this.transportError(session, link, side, err);
@@ -544,7 +750,8 @@ export class Tap extends EventEmitter<TapEvents> {
 
   private socketError(session: Session, link: Link, side: 'source' | 'destination', sock: AnySocket, e: Error): void {
     const established = link.establishedAt !== undefined;
-    const err = typeof (sock as tls.TLSSocket).getProtocol === 'function' ? classifyTlsError(e, link.role, { established }) : classifySocketError(e, link.role);
+    const name = this.channelName(session, link);
+    const err = typeof (sock as tls.TLSSocket).getProtocol === 'function' ? classifyTlsError(e, name, { established }) : classifySocketError(e, name);
     this.transportError(session, link, side, err);
     // A reset on one side is passed on as a reset, so that QEMU on the other side notices at once.
     link.destroy(true);
@@ -573,7 +780,7 @@ export class Tap extends EventEmitter<TapEvents> {
       if (link.linger) clearTimeout(link.linger);
     }
     const s = session;
-    if (s.main.closed && (!s.preempt || s.preempt.closed)) this.endSession(s);
+    if (s.main.closed && s.secondaries.every((l) => l.closed)) this.endSession(s);
   }
 
   private endSession(s: Session): void {
@@ -581,6 +788,7 @@ export class Tap extends EventEmitter<TapEvents> {
     s.endedAt = performance.now();
     s.cpu = process.cpuUsage(s.cpu0);
     s.loop.disable();
+    s.captureClosed = s.capture?.close();
     // Keep what a postcopy recovery (the next main connection) continues from; drop the rest.
     if (!s.analysis.resumable) s.analysis.release();
     const r = this.build(s);
@@ -620,6 +828,7 @@ export class Tap extends EventEmitter<TapEvents> {
     const durationMs = round3(now - s.t0);
     const link = (l: Link): TapConnectionReport => ({
       role: l.role,
+      ...(l.role === 'multifd' ? { multifdConnection: l.multifd } : {}),
       acceptedMs: s.rel(l.acceptedAt),
       establishedMs: l.establishedAt === undefined ? null : s.rel(l.establishedAt),
       closedMs: l.closedAt === undefined ? null : s.rel(l.closedAt),
@@ -627,6 +836,9 @@ export class Tap extends EventEmitter<TapEvents> {
       tlsOut: l.tlsOut,
     });
     const cpuMs = (cpu.user + cpu.system) / 1000;
+    const preemptLink = s.reportedPreempt();
+    // A preempt connection that never spoke has its (empty) report, as one that did.
+    const preempt = a.preempt ?? (preemptLink ? { bytes: 0, chunks: 0, firstByteMs: null, lastByteMs: null, bytesPerSecond: 0, pages: { normal: 0, zero: 0, xbzrle: 0 } } : null);
     return {
       session: s.id,
       state: s.ended ? 'ended' : 'running',
@@ -636,10 +848,13 @@ export class Tap extends EventEmitter<TapEvents> {
       startedAt: s.startedAt.toISOString(),
       durationMs,
       ...a,
+      preempt,
       connections: {
         main: link(s.main),
-        preempt: s.preempt ? link(s.preempt) : null,
+        preempt: preemptLink ? link(preemptLink) : null,
+        multifd: s.multifdLinks().map(link),
       },
+      capture: s.capture ? s.capture.report() : null,
       overhead: {
         forwardDelay,
         forwardDelayUnqueued,
@@ -651,6 +866,7 @@ export class Tap extends EventEmitter<TapEvents> {
           main: a.main.bytesPerSecond,
           returnPath: a.returnPath.bytesPerSecond,
           preempt: a.preempt?.bytesPerSecond ?? 0,
+          multifd: a.multifd ? a.multifd.channels.reduce((sum, c) => sum + c.bytesPerSecond, 0) : 0,
         },
         processCpu: {
           userMs: Math.round(cpu.user / 1000),
@@ -663,21 +879,38 @@ export class Tap extends EventEmitter<TapEvents> {
   }
 }
 
+/** The direction of a link's bytes: `fwd` source → destination. */
+function direction(role: TapRole, fwd: boolean): TapDirection {
+  if (role === 'main') return fwd ? 'main' : 'return-path';
+  if (role === 'preempt') return fwd ? 'preempt' : 'preempt-reverse';
+  return fwd ? 'multifd' : 'multifd-reverse';
+}
+
 /** Starts a tap listening on `opts.listen` and relaying to `opts.to`. */
 export function startTap(opts: TapOptions): Promise<Tap> {
   return Tap.start(opts);
 }
 
-/** A tap's main channel begins a new migration (the magic) or a postcopy recovery (RECV_BITMAP / POSTCOPY_RESUME). */
+/**
+ * A connection before the main channel begins a new migration (the magic), a
+ * postcopy recovery (RECV_BITMAP / POSTCOPY_RESUME) or a multifd channel (its
+ * magic 0x11223344: the role its bytes show; its init message is the
+ * decoder's to check, the tap relays what the destination will judge).
+ */
 function judgeTapMain(seen: Buffer): FirstBytesJudgement {
   const stream = judgeMainStart('stream', seen);
   const resume = judgeMainStart('resume', seen);
+  const multifd = multifdStart(seen);
   if (stream === 'yes' || resume === 'yes') return { verdict: 'yes' };
-  if (stream === 'more' || resume === 'more') return { verdict: 'more' };
+  if (multifd === 'yes') return { verdict: 'yes', role: 'multifd' };
+  if (stream === 'more' || resume === 'more' || multifd === 'more') return { verdict: 'more' };
   return {
     verdict: 'no',
     reason: 'not-migration',
-    error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are neither the migration stream magic QEVM nor a postcopy-recovery command`),
+    error: new TransportError(
+      'not-a-migration-channel',
+      `first bytes ${describeBytes(seen)} are neither the migration stream magic QEVM, a postcopy-recovery command nor the multifd magic 11 22 33 44`,
+    ),
   };
 }
 

@@ -1,0 +1,411 @@
+/**
+ * The session's side of a connection whose channels run in worker threads
+ * (channel-worker.ts): what Link is for the single-thread path. The workers
+ * decode and land pages themselves; this object gets the other records (in
+ * order, one message per chunk at most), puts page requests in a shared ring
+ * for the main worker, and resolves waiting requests when a worker says it
+ * landed pages (one shared word bumped per chunk, watched only while requests
+ * wait). A dropped ThreadLink ends its workers and calls none of its handlers.
+ */
+import { performance } from 'node:perf_hooks';
+import type { DecoderResumeState } from '../../../stream/decoder.js';
+import type { RamBlockInfo, ReturnPathMessage } from '../../../stream/records.js';
+import type { ChannelStats } from '../../../transport/channel.js';
+import type { MigrationError } from '../../errors.js';
+import type { PageTracker } from '../../page-tracker.js';
+import { AtomicRing } from '../../../transport/worker/ring.js';
+import type { ChannelWorker, ThreadConnection } from './listener.js';
+import { COUNT_WORDS, Count, LANDED_WORDS, Landed, REQUEST_WORDS, errorFromData, type ControlRecord, type FromWorker, type SharedBlock } from './wire.js';
+
+export interface ThreadLinkEvents {
+  /** Non-page records of the main channel, in order; `iterationPages[i]`: pages landed in the RAM section the i-th footer closes. */
+  records(link: ThreadLink, recs: ControlRecord[], iterationPages: number[]): void;
+  /** The block list: size the sink and the tracker, and give their shared memory (a throw fails the migration). */
+  blocks(link: ThreadLink, rec: ControlRecord): SharedBlock[];
+  /** The main channel closed: the records its end completed, or the decoder's error. */
+  mainClosed(link: ThreadLink, recs: ControlRecord[], error: Error | undefined): void;
+  /** The preempt channel qualified: false refuses it. */
+  preemptArrived(link: ThreadLink, stats: ChannelStats): boolean;
+  /** The preempt channel's first byte is a command: a recovery main channel in its slot. */
+  preemptCommand(link: ThreadLink): void;
+  /** The source ended the preempt channel; `error`: a partial record was left. */
+  preemptEnded(link: ThreadLink, error: Error | undefined): void;
+  /** A record could not be decoded or landed. */
+  malformed(link: ThreadLink, e: Error): void;
+  /** A channel failed, or the source went silent. */
+  lost(link: ThreadLink, e: unknown): void;
+}
+
+export interface ThreadLinkOptions {
+  readonly idleTimeoutMs: number;
+  readonly idleError: () => MigrationError;
+  /** A recovery connection: the old stream's decoder state. */
+  readonly resume?: Promise<DecoderResumeState | undefined>;
+  /** The blocks' shared memory, once the block list came (a recovery link has them from the start). */
+  readonly blocks: () => SharedBlock[] | undefined;
+  readonly pages: PageTracker;
+}
+
+/** Atomics.waitAsync (ES2024, not in this project's lib). */
+const waitAsync = (Atomics as unknown as {
+  waitAsync(a: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> };
+}).waitAsync;
+
+/** Resolves once `a[index]` is no longer `value`. */
+function whenChanged(a: Int32Array, index: number, value: number): Promise<void> {
+  const w = waitAsync(a, index, value);
+  return w.async ? w.value.then(() => undefined) : Promise.resolve();
+}
+
+/** The stats a worker last reported, updated in place (holders of the object see it change). */
+function emptyStats(role: 'main' | 'preempt'): ChannelStats {
+  return { role, bytesSent: 0, bytesReceived: 0, queuedBytes: 0, peakQueuedBytes: 0, maxQueuedBytes: 0, bulkWindowBytes: 0, writeWaits: 0, bulkWaits: 0, readPauses: 0, tuning: { warnings: [] } as unknown as ChannelStats['tuning'] };
+}
+
+export class ThreadLink {
+  private dropped = false;
+  private idle: NodeJS.Timeout | undefined;
+  private idleSeen = -1;
+  preemptEnded = false;
+  private mainClosedSeen = false;
+  private readonly mainCounts = new Float64Array(new SharedArrayBuffer(COUNT_WORDS * 8));
+  private readonly preemptCounts = new Float64Array(new SharedArrayBuffer(COUNT_WORDS * 8));
+  /** Word 0: bumped by either worker after a chunk that landed pages; 1, 2: by main, by preempt (who it was). */
+  private readonly landed = new Int32Array(new SharedArrayBuffer(LANDED_WORDS * 4));
+  private readonly ring = AtomicRing.create(1024, REQUEST_WORDS);
+  private readonly entry = new Float64Array(REQUEST_WORDS);
+  private ringPushes = 0;
+  private messagesPosted = 0;
+  private watching = false;
+  private blockIndex = new Map<string, number>();
+  private preemptWorker: ChannelWorker | undefined;
+  private preemptServed = false;
+  private blocksWaiters: (() => void)[] = [];
+  private shutWaiters: (() => void)[] = [];
+  private closedWaiters: (() => void)[] = [];
+  /** The decoder state the main worker gave when dropped: what a recovery connection continues. */
+  resumeState: Promise<DecoderResumeState | undefined> | undefined;
+  readonly mainStats = emptyStats('main');
+  readonly preemptStats = emptyStats('preempt');
+  /** What the session reads of a Link's `conn`. */
+  readonly conn: {
+    readonly main: { readonly stats: ChannelStats };
+    readonly preempt: { readonly stats: ChannelStats; destroy(): void } | undefined;
+    readonly preemptExpected: boolean;
+    stats(): { main: ChannelStats; preempt?: ChannelStats };
+    destroy(): void;
+  };
+
+  constructor(
+    private readonly threads: ThreadConnection,
+    private readonly events: ThreadLinkEvents,
+    private readonly opts: ThreadLinkOptions,
+  ) {
+    // eslint-disable-next-line @typescript-eslint/no-this-alias
+    const self = this;
+    this.conn = {
+      main: { stats: this.mainStats },
+      get preempt() {
+        return self.preemptServed ? { stats: self.preemptStats, destroy: () => void self.preemptWorker?.end() } : undefined;
+      },
+      get preemptExpected() {
+        return self.threads.preemptExpected;
+      },
+      stats: () => ({ main: this.mainStats, ...(this.preemptServed ? { preempt: this.preemptStats } : {}) }),
+      destroy: () => this.threads.destroy(),
+    };
+  }
+
+  get alive(): boolean {
+    return !this.dropped;
+  }
+
+  /** The workers' threads, for stats. */
+  get workers(): { role: 'main' | 'preempt'; worker: ChannelWorker }[] {
+    return [{ role: 'main', worker: this.threads.main }, ...(this.preemptWorker ? [{ role: 'preempt' as const, worker: this.preemptWorker }] : [])];
+  }
+
+  /** CPU seconds of each channel's thread, as last reported. */
+  private readonly cpu = { main: 0, preempt: 0 };
+
+  /** stats.threads.channels. */
+  threadsInfo(): { role: 'main' | 'preempt'; threadId: number; cpuSeconds: number }[] {
+    return this.workers.map(({ role, worker }) => ({ role, threadId: worker.threadId, cpuSeconds: this.cpu[role] }));
+  }
+
+  /** Counter `i` of both channels. */
+  count(i: number): number {
+    return this.mainCounts[i]! + this.preemptCounts[i]!;
+  }
+
+  start(): void {
+    const main = this.threads.main;
+    main.onMessage = (m) => this.onMain(m);
+    void main.exited.then(() => this.onExit());
+    this.armIdle();
+    const serve = (resume: DecoderResumeState | undefined): void => {
+      if (this.dropped) return;
+      const blocks = this.opts.blocks();
+      if (blocks) this.indexBlocks(blocks);
+      main.post({ t: 'serve-main', ...(resume ? { resume } : {}), ...(blocks ? { blocks } : {}), counts: this.mainCounts.buffer as SharedArrayBuffer, landed: this.landed.buffer as SharedArrayBuffer, requests: this.ring.sab });
+    };
+    if (this.opts.resume) {
+      this.opts.resume.then(
+        (state) => {
+          if (state) serve(state);
+          else if (!this.dropped) this.events.malformed(this, new Error('the stream state of the failed connection was lost with its thread: the recovery cannot continue it'));
+        },
+        (e: unknown) => this.events.lost(this, e),
+      );
+    } else {
+      serve(undefined);
+    }
+    this.threads.waitPreempt().then(
+      (w) => this.onPreempt(w),
+      () => undefined,
+    );
+    if (this.opts.pages.outstanding > 0) this.watchPages();
+  }
+
+  private indexBlocks(blocks: SharedBlock[]): void {
+    for (const b of blocks) this.blockIndex.set(b.idstr, b.index);
+    for (const w of this.blocksWaiters.splice(0)) w();
+  }
+
+  private onMain(m: FromWorker): void {
+    if (this.dropped) {
+      if (m.t === 'shut-done') for (const w of this.shutWaiters.splice(0)) w();
+      if (m.t === 'closed') this.markClosed();
+      return;
+    }
+    switch (m.t) {
+      case 'stats':
+        Object.assign(this.mainStats, m.stats);
+        this.cpu.main = m.cpuSeconds;
+        return;
+      case 'records':
+        this.events.records(this, m.recs, m.iterationPages);
+        return;
+      case 'ram-blocks': {
+        let blocks: SharedBlock[];
+        try {
+          blocks = this.events.blocks(this, m.rec);
+        } catch (e) {
+          this.events.malformed(this, e as Error);
+          return;
+        }
+        this.indexBlocks(blocks);
+        this.threads.main.post({ t: 'blocks', blocks });
+        return;
+      }
+      case 'decode-error':
+        this.events.malformed(this, errorFromData(m.error));
+        return;
+      case 'lost':
+        this.events.lost(this, errorFromData(m.error));
+        return;
+      case 'closed':
+        this.markClosed();
+        this.events.mainClosed(this, m.recs, m.error ? errorFromData(m.error) : undefined);
+        return;
+      case 'shut-done':
+        for (const w of this.shutWaiters.splice(0)) w();
+        return;
+      default:
+        return;
+    }
+  }
+
+  private markClosed(): void {
+    this.mainClosedSeen = true;
+    for (const w of this.closedWaiters.splice(0)) w();
+    for (const w of this.shutWaiters.splice(0)) w();
+  }
+
+  /** A worker that exits on its own (it failed): its channel is lost. */
+  private onExit(): void {
+    this.markClosed();
+    if (!this.dropped && !this.released) this.events.lost(this, new Error('the main channel thread exited'));
+  }
+
+  private onPreempt(w: ChannelWorker): void {
+    if (this.dropped || !this.events.preemptArrived(this, this.preemptStats)) {
+      void w.end();
+      return;
+    }
+    this.preemptWorker = w;
+    this.preemptServed = true;
+    w.onMessage = (m) => this.onPreemptMessage(m);
+    const serve = (): void => {
+      const blocks = this.opts.blocks();
+      if (this.dropped || !blocks) return;
+      w.post({ t: 'serve-preempt', blocks, counts: this.preemptCounts.buffer as SharedArrayBuffer, landed: this.landed.buffer as SharedArrayBuffer });
+    };
+    // A TLS preempt channel qualifies by order, possibly before the block list came on main.
+    if (this.opts.blocks()) serve();
+    else this.blocksWaiters.push(serve);
+  }
+
+  private onPreemptMessage(m: FromWorker): void {
+    if (this.dropped) return;
+    switch (m.t) {
+      case 'stats':
+        Object.assign(this.preemptStats, m.stats);
+        this.cpu.preempt = m.cpuSeconds;
+        return;
+      case 'first-command':
+        this.events.preemptCommand(this);
+        return;
+      case 'decode-error':
+        this.events.malformed(this, errorFromData(m.error));
+        return;
+      case 'lost':
+        this.events.lost(this, errorFromData(m.error));
+        return;
+      case 'ended':
+        this.preemptEnded = true;
+        this.events.preemptEnded(this, m.error ? errorFromData(m.error) : undefined);
+        return;
+      default:
+        return;
+    }
+  }
+
+  /**
+   * Silence from the source (see Link.armIdle). Watched through the workers'
+   * byte counters: no message per chunk just to say that bytes came.
+   */
+  private armIdle(): void {
+    const ms = this.opts.idleTimeoutMs;
+    if (ms <= 0) return;
+    this.idleSeen = this.count(Count.transferred);
+    this.idle = setTimeout(() => {
+      if (this.dropped) return;
+      if (this.count(Count.transferred) !== this.idleSeen) {
+        this.armIdle();
+        return;
+      }
+      this.events.lost(this, this.opts.idleError());
+    }, ms);
+  }
+
+  stopIdle(): void {
+    clearTimeout(this.idle);
+    this.idle = undefined;
+  }
+
+  /**
+   * A return-path message. Page requests go through the ring (no message);
+   * the others by message, each numbered with the ring entries before it, so
+   * that the worker writes them all in the order sent here.
+   */
+  send(m: ReturnPathMessage): void {
+    if (this.dropped) return;
+    if (m.type === 'req-pages' || m.type === 'req-pages-id') {
+      const e = this.entry;
+      e[0] = m.type === 'req-pages-id' ? 1 : 0;
+      e[1] = m.type === 'req-pages-id' ? (this.blockIndex.get(m.block) ?? -1) : 0;
+      e[2] = m.offset;
+      e[3] = m.length;
+      e[4] = this.messagesPosted;
+      if (this.ring.push(e)) {
+        this.ringPushes++;
+        this.watchPages();
+        return;
+      }
+    }
+    this.threads.main.post({ t: 'rp', m, seq: this.ringPushes });
+    this.messagesPosted++;
+    if (m.type === 'req-pages' || m.type === 'req-pages-id') this.watchPages();
+  }
+
+  /**
+   * While requests wait: wake when a worker landed pages, resolve those that
+   * are here (few wait at a time: a walk over them, not over the pages).
+   */
+  watchPages(): void {
+    if (this.watching || this.dropped) return;
+    this.watching = true;
+    const pages = this.opts.pages;
+    const loop = async (): Promise<void> => {
+      let lastPreempt = Atomics.load(this.landed, 1 + Landed.preempt);
+      while (!this.dropped && pages.outstanding > 0) {
+        const gen = Atomics.load(this.landed, 0);
+        const preempt = Atomics.load(this.landed, 1 + Landed.preempt);
+        pages.sweep(preempt !== lastPreempt ? 'preempt' : 'main', performance.now());
+        lastPreempt = preempt;
+        if (pages.outstanding === 0) break;
+        await whenChanged(this.landed, 0, gen);
+      }
+      this.watching = false;
+    };
+    void loop();
+  }
+
+  /** SHUT `value`, resolved once written (or the channel is gone). */
+  shut(value: number): Promise<void> {
+    if (this.mainClosedSeen) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.shutWaiters.push(resolve);
+      this.threads.main.post({ t: 'shut', value });
+    });
+  }
+
+  private released = false;
+
+  /** The connection failed: its workers end (the main one gives its decoder's state first) and none of its handlers runs again. */
+  drop(): void {
+    if (this.dropped) return;
+    this.dropped = true;
+    this.stopIdle();
+    this.ring.close();
+    Atomics.notify(this.landed, 0);
+    const main = this.threads.main;
+    this.resumeState = new Promise<DecoderResumeState | undefined>((resolve) => {
+      const timer = setTimeout(() => resolve(undefined), 2000);
+      main.onMessage = (m) => {
+        if (m.t !== 'state') return;
+        clearTimeout(timer);
+        resolve(m.state);
+      };
+      void main.exited.then(() => resolve(undefined));
+      main.post({ t: 'export' });
+    }).finally(() => this.threads.destroy());
+    this.resumeState.catch(() => undefined);
+  }
+
+  /**
+   * The migration ended on this link: let the source close first (it waits
+   * for SHUT), then end the workers. Nothing of ours keeps the process alive meanwhile.
+   */
+  async release(abort: boolean): Promise<void> {
+    this.released = true;
+    this.stopIdle();
+    this.ring.close();
+    for (const { worker } of this.workers) worker.worker.unref();
+    if (!abort && !this.mainClosedSeen) {
+      await Promise.race([new Promise<void>((r) => this.closedWaiters.push(r)), new Promise<void>((r) => setTimeout(r, 3000).unref())]);
+    } else if (abort) {
+      await new Promise<void>((r) => setTimeout(r, 50).unref());
+    }
+    this.dropped = true;
+    Atomics.notify(this.landed, 0);
+    this.threads.destroy();
+    await Promise.all(this.workers.map((w) => w.worker.exited));
+  }
+}
+
+/** The blocks of a block list as the workers see them: the sink's shared memory and the tracker's bitmaps. */
+export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, written: Map<string, SharedArrayBuffer>): SharedBlock[] {
+  return blocks.map((b, index) => {
+    const mem = memory(b.idstr);
+    const rec = received(b.idstr);
+    if (!mem || !(mem.buffer instanceof SharedArrayBuffer) || mem.byteOffset !== 0 || !rec) throw new Error(`RAM block "${b.idstr}" has no shared memory`);
+    let w = written.get(b.idstr);
+    if (!w) {
+      w = new SharedArrayBuffer(rec.byteLength);
+      written.set(b.idstr, w);
+    }
+    return { idstr: b.idstr, length: b.length, index, memory: mem.buffer, received: rec, written: w };
+  });
+}

@@ -1,0 +1,393 @@
+/**
+ * The destination's listener with every channel in a worker thread: each
+ * accepted socket goes to a worker of its own before anything reads it (a
+ * socket that has read cannot be transferred), the worker runs the TLS
+ * handshake and peeks at the first bytes, and the verdicts drive the same
+ * admission as MigrationListener's (qualify.ts, admission.ts): a role offered
+ * by order, judged by the first bytes, at most `maxPendingConnections`
+ * candidates (so at most that many candidate workers), `qualifyTimeoutMs`
+ * each, strangers reported and their workers ended.
+ */
+import type net from 'node:net';
+import { EventEmitter } from 'node:events';
+import type { Worker } from 'node:worker_threads';
+import { describeBytes, remoteOf, type FirstBytesJudgement } from '../../../transport/admission.js';
+/** The roles of a threaded connection (multifd channels are not threaded yet). */
+type ChannelRole = 'main' | 'preempt';
+import type { ListenOptions, TransportOptions } from '../../../transport/connection.js';
+import { formatEndpoint, parseEndpoint, type Endpoint } from '../../../transport/endpoint.js';
+import { TransportError } from '../../../transport/errors.js';
+import { loadTlsDir, type TlsMaterial } from '../../../transport/pki.js';
+import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, judgeMainStart, judgePreemptStart, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
+import { listen, type Listening } from '../../../transport/sockets.js';
+import { spawnWorker } from '../../../transport/worker/spawn.js';
+import { errorFromData, type ChannelWorkerData, type FromWorker, type ToWorker } from './wire.js';
+
+const WORKER = 'protocol/destination/threads/channel-worker';
+
+/** A worker that holds one connection: a candidate, then (qualified) a channel. */
+export class ChannelWorker {
+  /** Messages once the owner (the session's link) takes over from the admission. */
+  onMessage: ((m: FromWorker) => void) | undefined;
+  private ended = false;
+  readonly exited: Promise<void>;
+
+  constructor(
+    readonly worker: Worker,
+    readonly role: ChannelRole,
+  ) {
+    this.exited = new Promise((r) => worker.once('exit', () => r()));
+    worker.on('message', (m: FromWorker) => this.onMessage?.(m));
+    // A worker that fails (an exception) ends its channel: reported through 'lost' by the owner.
+    worker.on('error', (e) => this.onMessage?.({ t: 'lost', error: { family: 'other', message: `the ${role} channel's thread failed: ${e.message}`, name: 'Error' } }));
+  }
+
+  post(m: ToWorker, transfer?: readonly unknown[]): void {
+    if (!this.ended) this.worker.postMessage(m, transfer as never);
+  }
+
+  get threadId(): number {
+    return this.worker.threadId;
+  }
+
+  /** Ends the thread (its socket with it). */
+  end(): Promise<void> {
+    if (!this.ended) {
+      this.ended = true;
+      this.onMessage = undefined;
+      void this.worker.terminate();
+    }
+    return this.exited;
+  }
+}
+
+/** The channels of one migration, as workers, in the order they qualified (as DestinationConnection). */
+export class ThreadConnection {
+  preempt: ChannelWorker | undefined;
+  private waiters: { resolve: (w: ChannelWorker) => void; reject: (e: TransportError) => void }[] = [];
+
+  constructor(
+    readonly main: ChannelWorker,
+    private readonly candidates: () => number,
+  ) {}
+
+  /** True when a preempt channel is here or may be (a silent plain-TCP candidate). */
+  get preemptExpected(): boolean {
+    return this.preempt !== undefined || this.candidates() > 0;
+  }
+
+  waitPreempt(): Promise<ChannelWorker> {
+    if (this.preempt) return Promise.resolve(this.preempt);
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+
+  attachPreempt(w: ChannelWorker): void {
+    this.preempt = w;
+    for (const x of this.waiters.splice(0)) x.resolve(w);
+  }
+
+  abandonPreempt(e: TransportError): void {
+    for (const x of this.waiters.splice(0)) x.reject(e);
+  }
+
+  destroy(): void {
+    void this.main.end();
+    void this.preempt?.end();
+  }
+}
+
+interface Candidate {
+  readonly w: ChannelWorker;
+  readonly role: ChannelRole;
+  readonly remote: string | undefined;
+  timer?: NodeJS.Timeout;
+  secure: boolean;
+  expired?: boolean;
+  doomed?: boolean;
+}
+
+interface Events {
+  stranger: [StrangerEvent];
+}
+
+export class ThreadedListener extends EventEmitter<Events> {
+  private conn: ThreadConnection | undefined;
+  private acceptWaiters: { resolve: (c: ThreadConnection) => void; reject: (e: TransportError) => void }[] = [];
+  private closing = false;
+  private readonly pending = new Set<Candidate>();
+  private readonly maxPending: number;
+  private readonly qualifyMs: number;
+
+  private constructor(
+    private readonly listening: Listening,
+    private readonly opts: TransportOptions,
+    private readonly listenOpts: ListenOptions,
+    private readonly material: TlsMaterial | undefined,
+  ) {
+    super();
+    this.maxPending = opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS;
+    this.qualifyMs = opts.qualifyTimeoutMs ?? opts.connectTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS;
+    listening.server.on('connection', (raw: net.Socket) => this.admit(raw));
+    listening.server.on('error', (e) => this.report({ reason: 'closed', error: new TransportError('closed', e.message) }));
+  }
+
+  static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}): Promise<ThreadedListener> {
+    const ep = parseEndpoint(uri);
+    for (const [name, v, min] of [
+      ['maxPendingConnections', opts.maxPendingConnections, 1],
+      ['qualifyTimeoutMs', opts.qualifyTimeoutMs, 1],
+    ] as const) {
+      if (v !== undefined && !(Number.isInteger(v) && v >= min && v <= 2_147_483_647)) throw new RangeError(`${name} must be an integer from ${min} to 2147483647, got ${String(v)}`);
+    }
+    const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'server') : undefined;
+    // A plain server even with TLS: the handshake runs in the channel's worker.
+    const listening = await listen(ep, {});
+    const l = new ThreadedListener(listening, opts, listenOpts, material);
+    l.spare = l.spawn();
+    return l;
+  }
+
+  /**
+   * A worker started ahead of the next connection: one that connects is
+   * served at once, not after a thread has started (tens of ms built, more
+   * from source) — the preempt channel's first urgent page would wait for it.
+   */
+  private spare: Worker | undefined;
+
+  private spawn(): Worker {
+    const tls = this.opts.tls;
+    const data: ChannelWorkerData = {
+      kind: this.endpoint.kind,
+      ...(this.material && tls ? { tls: { material: this.material, settings: { ...tls, endpoint: 'server' }, ...(tls.allowedPeers ? { allowedPeers: tls.allowedPeers } : {}) } } : {}),
+      main: { ...(this.opts.main?.tuning ? { tuning: this.opts.main.tuning } : {}), limits: this.opts.main ?? {} },
+      preempt: { ...(this.opts.preempt?.tuning ? { tuning: this.opts.preempt.tuning } : {}), limits: this.opts.preempt ?? {} },
+    };
+    const w = spawnWorker(WORKER, data);
+    // An idle spare must not keep the process alive.
+    w.unref();
+    return w;
+  }
+
+  private takeSpare(): Worker {
+    const w = this.spare ?? this.spawn();
+    this.spare = undefined;
+    w.ref();
+    return w;
+  }
+
+  get endpoint(): Endpoint {
+    return this.listening.endpoint;
+  }
+
+  get uri(): string {
+    return formatEndpoint(this.endpoint);
+  }
+
+  get pendingConnections(): number {
+    return this.pending.size;
+  }
+
+  private count(role: ChannelRole): number {
+    let n = 0;
+    for (const c of this.pending) if (c.role === role && !c.doomed) n++;
+    return n;
+  }
+
+  private offer(): ChannelRole | undefined {
+    return this.conn?.preempt ? undefined : this.conn ? 'preempt' : 'main';
+  }
+
+  private admit(raw: net.Socket): void {
+    const remote = remoteOf(raw);
+    if (this.closing) {
+      raw.destroy();
+      return;
+    }
+    const role = this.offer();
+    if (!role) {
+      raw.destroy();
+      this.report({ reason: 'extra', error: new TransportError('channel-order', 'a connection after every channel of this migration had arrived'), ...(remote ? { remote } : {}) });
+      return;
+    }
+    if (this.pending.size >= this.maxPending) {
+      const oldest = this.pending.values().next().value as Candidate;
+      this.drop(oldest, 'too-many', new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`, oldest.role === 'preempt' ? { channel: 'preempt' } : {}));
+    }
+    // Before anything reads it: a socket that has read cannot move to another thread.
+    const w = new ChannelWorker(this.takeSpare(), role);
+    w.post({ t: 'socket', socket: raw, role }, [raw]);
+    this.spare = this.closing ? undefined : this.spawn();
+    const c: Candidate = { w, role, remote, secure: false };
+    this.pending.add(c);
+    w.onMessage = (m) => this.onCandidate(c, m);
+    this.startTimer(c);
+    if (!this.material) this.awaitFirstBytes(c);
+  }
+
+  private onCandidate(c: Candidate, m: FromWorker): void {
+    if (!this.pending.has(c)) return;
+    switch (m.t) {
+      case 'secured':
+        c.secure = true;
+        this.startTimer(c);
+        this.awaitFirstBytes(c);
+        return;
+      case 'tls-failed': {
+        const e = errorFromData(m.error);
+        // A connection that never sent a byte is a probe that closed, not a TLS client.
+        if (m.bytesRead === 0 && !(TransportError.is(e) && e.code === 'tls-peer-not-allowed')) this.drop(c, 'closed', this.closedError(c));
+        else this.drop(c, 'tls', TransportError.is(e) ? e : new TransportError('tls-handshake-failed', e.message, { channel: c.role }));
+        return;
+      }
+      case 'closed-early':
+        this.drop(c, 'closed', this.closedError(c));
+        return;
+      case 'seen': {
+        const judge = this.judge(c.role, c.secure);
+        if (!judge) return;
+        const j = judge(Buffer.from(m.bytes));
+        if (j.verdict === 'more') return;
+        if (j.verdict === 'yes') this.qualified(c);
+        else this.drop(c, j.reason, j.error);
+        return;
+      }
+      case 'lost':
+        this.drop(c, 'closed', this.closedError(c));
+        return;
+      default:
+        return;
+    }
+  }
+
+  private closedError(c: Candidate): TransportError {
+    return new TransportError('closed', 'the connection closed before it was a migration channel', c.role === 'preempt' ? { channel: 'preempt' } : {});
+  }
+
+  /** Qualifies at once when no bytes are to be judged (TLS preempt by order, 'any'); else the worker's 'seen' messages decide. */
+  private awaitFirstBytes(c: Candidate): void {
+    if (!this.judge(c.role, c.secure)) this.qualified(c);
+  }
+
+  private startTimer(c: Candidate): void {
+    clearTimeout(c.timer);
+    c.timer = setTimeout(() => this.expire(c), this.qualifyMs);
+  }
+
+  private expire(c: Candidate): void {
+    if (!this.pending.has(c)) return;
+    const error = (): TransportError =>
+      c.secure || !this.material
+        ? new TransportError('qualify-timeout', `no migration stream within ${this.qualifyMs} ms of connecting`, c.role === 'preempt' ? { channel: 'preempt' } : {})
+        : new TransportError('qualify-timeout', `no TLS handshake within ${this.qualifyMs} ms`, { channel: c.role });
+    if (c.role === 'main' || c.secure || this.material) {
+      this.drop(c, 'timeout', error());
+      return;
+    }
+    // A silent plain-TCP preempt candidate: dropped unless it is the newest (see admission.ts).
+    c.expired = true;
+    let newest: Candidate | undefined;
+    for (const p of this.pending) newest = p;
+    for (const p of [...this.pending]) if (p.expired && p !== newest) this.drop(p, 'timeout', error());
+  }
+
+  /** The same rules as MigrationListener (qualify.ts). */
+  private judge(role: ChannelRole, secure: boolean): ((seen: Buffer) => FirstBytesJudgement) | undefined {
+    const start = this.listenOpts.start ?? 'stream';
+    if (start === 'any') return undefined;
+    if (role === 'preempt' && secure) return undefined;
+    if (role === 'main') {
+      return (seen) => {
+        const verdict = judgeMainStart(start, seen);
+        if (verdict !== 'no') return { verdict };
+        const what = start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
+        return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`) };
+      };
+    }
+    return (seen) => {
+      const verdict = judgePreemptStart(seen);
+      if (verdict !== 'no') return { verdict };
+      if (judgeMainStart('resume', seen) === 'yes') {
+        return {
+          verdict,
+          reason: 'recovery',
+          error: new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }),
+        };
+      }
+      return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not a RAM page record (the preempt channel)`, { channel: 'preempt' }) };
+    };
+  }
+
+  private qualified(c: Candidate): void {
+    this.forget(c);
+    c.w.onMessage = undefined;
+    if (this.closing) {
+      void c.w.end();
+      return;
+    }
+    if (c.doomed || !this.take(c)) {
+      void c.w.end();
+      this.report({ reason: 'extra', error: new TransportError('channel-order', `the ${c.role} channel was taken by another connection before this one qualified`, { channel: c.role }), ...(c.remote ? { remote: c.remote } : {}) });
+    }
+  }
+
+  private take(c: Candidate): boolean {
+    if (c.role === 'main' ? this.conn !== undefined : this.conn === undefined || this.conn.preempt !== undefined) return false;
+    if (c.role === 'main') {
+      this.conn = new ThreadConnection(c.w, () => this.count('preempt'));
+      this.dropAll('another connection became the main channel');
+      for (const w of this.acceptWaiters.splice(0)) w.resolve(this.conn);
+    } else {
+      this.dropAll('another connection became the preempt channel');
+      this.conn!.attachPreempt(c.w);
+    }
+    return true;
+  }
+
+  private dropAll(why: string): void {
+    const doomed = [...this.pending];
+    if (doomed.length === 0) return;
+    for (const c of doomed) c.doomed = true;
+    setImmediate(() => {
+      for (const c of doomed) this.drop(c, 'extra', new TransportError('channel-order', why));
+    });
+  }
+
+  private forget(c: Candidate): void {
+    this.pending.delete(c);
+    clearTimeout(c.timer);
+  }
+
+  private drop(c: Candidate, reason: StrangerReason, error: TransportError): void {
+    if (!this.pending.has(c)) return;
+    this.forget(c);
+    void c.w.end();
+    this.report({ reason, error, ...(c.remote ? { remote: c.remote } : {}) });
+  }
+
+  private report(ev: StrangerEvent): void {
+    if (!this.closing) this.emit('stranger', ev);
+  }
+
+  accept(): Promise<ThreadConnection> {
+    if (this.conn) return Promise.resolve(this.conn);
+    if (this.closing) return Promise.reject(new TransportError('closed', 'listener closed'));
+    return new Promise((resolve, reject) => this.acceptWaiters.push({ resolve, reject }));
+  }
+
+  /** Stops listening and ends every candidate's worker; qualified channels stay (the link ends them). */
+  close(): void {
+    if (this.closing) return;
+    this.closing = true;
+    const e = new TransportError('closed', 'listener closed');
+    for (const c of [...this.pending]) {
+      this.forget(c);
+      void c.w.end();
+    }
+    void this.spare?.terminate();
+    this.spare = undefined;
+    for (const w of this.acceptWaiters.splice(0)) w.reject(e);
+    this.conn?.abandonPreempt(e);
+    // net.Server.close() calls back only once every accepted socket has ended: do not wait for it.
+    this.listening.server.close();
+  }
+}

@@ -1,0 +1,30 @@
+import { usageError } from '../../../errors.js';
+import { socketTransferSupported, socketTransferWhy, type ThreadMode } from '../../../transport/worker/support.js';
+import { InMemorySink, type GuestMemorySink } from '../../memory.js';
+
+/** Whether a destination runs its channels in worker threads, and why (stats.threads). */
+export interface ThreadDecision {
+  readonly used: boolean;
+  readonly why: string;
+}
+
+/** Why `sink` cannot be written from other threads, or undefined when it can. */
+function sinkNotShareable(sink: GuestMemorySink): string | undefined {
+  if (!(sink instanceof InMemorySink)) return `the sink (${sink.constructor?.name ?? typeof sink}) is not memory other threads can write: threads need InMemorySink({ shared: true })`;
+  if (!sink.shared) return 'the InMemorySink is not shared: threads need InMemorySink({ shared: true })';
+  return undefined;
+}
+
+/**
+ * `threads` of DestinationOptions, decided at the call: 'on' where threads
+ * are impossible is a typed error naming why; 'auto' falls back and says why.
+ */
+export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink, multifd: boolean): ThreadDecision {
+  const m = mode ?? 'auto';
+  if (m !== 'auto' && m !== 'on' && m !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(mode)}`);
+  if (m === 'off') return { used: false, why: "threads: 'off'" };
+  const why = !socketTransferSupported() ? socketTransferWhy() : multifd ? 'multifd channels are not run in worker threads yet' : sinkNotShareable(sink);
+  if (why === undefined) return { used: true, why: m === 'on' ? "threads: 'on'" : "threads: 'auto' (sockets can move to worker threads, the sink is shared memory)" };
+  if (m === 'on') throw usageError('state', 'threads-unavailable', 'threads', `threads: 'on' is impossible here: ${why}`);
+  return { used: false, why: `threads: 'auto' fell back to one thread: ${why}` };
+}

@@ -1,0 +1,122 @@
+/**
+ * What crosses between a DestinationSession (the caller's thread) and its
+ * channel workers: the messages both ways, the shared memory of a RAM block,
+ * the counters and wake-up words, and errors (a class does not survive
+ * postMessage: they travel as data and are rebuilt with their class and code).
+ */
+import type { ReturnPathMessage, StreamRecordWithRuns } from '../../../stream/records.js';
+import { StreamError, type StreamErrorCode } from '../../../stream/errors.js';
+import type { ChannelLimits, ChannelStats } from '../../../transport/channel.js';
+import { TransportError, type ChannelName, type TransportErrorCode } from '../../../transport/errors.js';
+import type { TlsMaterial } from '../../../transport/pki.js';
+import type { TlsSettings } from '../../../transport/tls.js';
+import type { TuningProfile } from '../../../transport/tuning.js';
+import { MigrationError, type MigrationErrorCode } from '../../errors.js';
+import type { DecoderResumeState } from '../../../stream/decoder.js';
+
+/** One RAM block as every thread sees it: its memory and its bitmaps, shared. */
+export interface SharedBlock {
+  readonly idstr: string;
+  readonly length: number;
+  readonly index: number;
+  /** Guest memory (the sink's buffer). */
+  readonly memory: SharedArrayBuffer;
+  /** The received set (the PageTracker's bitmap words). */
+  readonly received: SharedArrayBuffer;
+  /** Pages ever written (a ZERO record on a page still zero-filled costs nothing). */
+  readonly written: SharedArrayBuffer;
+}
+
+/** Counters a worker bumps (once per run or record) and the session reads: indexes into a shared Float64Array. */
+export const Count = { transferred: 0, normal: 1, duplicate: 2, xbzrle: 3, preempt: 4, runs: 5, runPages: 6, placedTwice: 7 } as const;
+export const COUNT_WORDS = 8;
+
+/**
+ * Wake-up words (Int32Array): word 0 is bumped (and notified) after any chunk
+ * that landed pages, so that waiting requests are looked at; word 1 + Landed.x
+ * by that channel only (which one brought them).
+ */
+export const Landed = { main: 0, preempt: 1 } as const;
+export const LANDED_WORDS = 3;
+
+/**
+ * A page request in the ring: [0 = REQ_PAGES | 1 = REQ_PAGES_ID, block index,
+ * offset, length, return-path messages posted before it] — the last keeps the
+ * ring's requests and the messages in the order the session sent them.
+ */
+export const REQUEST_WORDS = 5;
+
+/** What a channel worker is given when it starts (before the socket). */
+export interface ChannelWorkerData {
+  readonly kind: 'tcp' | 'unix';
+  readonly tls?: { readonly material: TlsMaterial; readonly settings: TlsSettings; readonly allowedPeers?: readonly string[] };
+  readonly main: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
+  readonly preempt: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
+}
+
+export type ErrorData =
+  | { family: 'stream'; code: StreamErrorCode; message: string; offset: number }
+  | { family: 'transport'; code: TransportErrorCode; message: string; channel?: ChannelName }
+  | { family: 'migration'; code: MigrationErrorCode; message: string }
+  | { family: 'other'; message: string; name: string };
+
+export function errorToData(e: unknown): ErrorData {
+  if (StreamError.is(e)) return { family: 'stream', code: e.code, message: e.message, offset: e.offset };
+  if (TransportError.is(e)) return { family: 'transport', code: e.code, message: e.message, ...(e.channel ? { channel: e.channel } : {}) };
+  if (MigrationError.is(e)) return { family: 'migration', code: e.code, message: e.reason };
+  return { family: 'other', message: e instanceof Error ? e.message : String(e), name: e instanceof Error ? e.name : 'Error' };
+}
+
+export function errorFromData(d: ErrorData): Error {
+  switch (d.family) {
+    case 'stream':
+      return new StreamError(d.code, d.offset, d.message);
+    case 'transport':
+      return new TransportError(d.code, d.message, d.channel ? { channel: d.channel } : {});
+    case 'migration':
+      return new MigrationError(d.code, 'postcopy', d.message);
+    default: {
+      const e = d.name === 'RangeError' ? new RangeError(d.message) : new Error(d.message);
+      return e;
+    }
+  }
+}
+
+/** A record of the main stream that is not a page: to the session, in stream order. */
+export type ControlRecord = Exclude<StreamRecordWithRuns, { type: 'ram-pages' | 'ram-zeros' | 'ram-xbzrle' | 'ram-page' | 'ram-zero' }>;
+
+/** The session → a channel worker. */
+export type ToWorker =
+  /** The accepted socket, transferred before anything read it, and the role it is a candidate for. */
+  | { t: 'socket'; socket: unknown; role: 'main' | 'preempt' }
+  /** Its verdict came: serve as the main channel (a new stream, or a recovery's continuing `resume`). */
+  | { t: 'serve-main'; resume?: DecoderResumeState; blocks?: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer; requests: SharedArrayBuffer }
+  | { t: 'serve-preempt'; blocks: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer }
+  /** Answer to 'ram-blocks': the sink and the tracker are sized, here is their memory. */
+  | { t: 'blocks'; blocks: SharedBlock[] }
+  /** A return-path message (written in order with the ring's requests: `seq` is the ring position it follows). */
+  | { t: 'rp'; m: ReturnPathMessage; seq: number }
+  | { t: 'shut'; value: number }
+  /** The decoder's state for the recovery connection's worker. */
+  | { t: 'export' };
+
+/** A channel worker → the session. */
+export type FromWorker =
+  /** Before it is a channel. */
+  | { t: 'secured' }
+  | { t: 'tls-failed'; error: ErrorData; bytesRead: number }
+  | { t: 'seen'; bytes: Uint8Array }
+  | { t: 'closed-early' }
+  /** Serving. */
+  | { t: 'stats'; stats: ChannelStats; cpuSeconds: number }
+  | { t: 'ram-blocks'; rec: ControlRecord }
+  | { t: 'records'; recs: ControlRecord[]; iterationPages: number[] }
+  | { t: 'first-command' }
+  | { t: 'decode-error'; error: ErrorData }
+  | { t: 'lost'; error: ErrorData }
+  /** The source ended the channel (FIN); `error`: the decoder's verdict on what was left. */
+  | { t: 'ended'; error?: ErrorData }
+  /** The socket closed: the records its end completed, and the decoder's verdict. */
+  | { t: 'closed'; recs: ControlRecord[]; error?: ErrorData }
+  | { t: 'shut-done' }
+  | { t: 'state'; state: DecoderResumeState | undefined };

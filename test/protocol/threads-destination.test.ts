@@ -1,0 +1,141 @@
+/**
+ * A DestinationSession with its channels in worker threads (`threads`),
+ * library ↔ library: precopy and postcopy with preempt, plain and TLS,
+ * memory bit for bit, demand requests answered through the workers; the
+ * choice ('auto', 'on', 'off') and why, in the stats. Socket transfer needs
+ * Node 26.6+: under older Node the thread cases skip and 'auto' is checked
+ * to fall back.
+ */
+import { randomFillSync } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DestinationSession, InMemorySink, InMemorySource, SourceSession } from '../../src/index.js';
+import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
+import { initPkiDir } from '../../src/transport/pki.js';
+import { socketTransferSupported } from '../../src/transport/worker/support.js';
+
+const PAGE = 4096;
+const MiB = 1 << 20;
+const threadsWork = socketTransferSupported();
+
+function guest(bytes: number): InMemorySource {
+  const buf = Buffer.alloc(bytes);
+  // Runs of 8 random pages, then 8 zero pages: PAGE and ZERO runs both.
+  for (let off = 0; off < buf.length; off += 16 * PAGE) randomFillSync(buf, off, 8 * PAGE);
+  return new InMemorySource(new Map([['pc.ram', buf]]));
+}
+
+let pki: string;
+beforeAll(async () => {
+  pki = await mkdtemp(join(tmpdir(), 'qmt-threads-dst-'));
+  await initPkiDir(pki, { hostnames: ['127.0.0.1', 'localhost'] });
+});
+afterAll(async () => {
+  await rm(pki, { recursive: true, force: true });
+});
+
+interface Run {
+  tls: boolean;
+  postcopy: boolean;
+  /** Demand requests made once the VM runs here (postcopy). */
+  requests?: number;
+}
+
+async function migrate(r: Run) {
+  const memory = guest(16 * MiB);
+  const sink = new InMemorySink({ shared: true });
+  const transport = r.tls ? { tls: { dir: pki } } : {};
+  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport, postcopy: r.postcopy, threads: 'on' });
+  const answers: Promise<PageRequestResult>[] = [];
+  dst.on('postcopy-run', () => {
+    // Pages not here yet (dirtied during precopy), from the top down against the bulk stream's order.
+    const length = memory.memory.get('pc.ram')!.length;
+    for (let off = length - PAGE; off >= 0 && answers.length < (r.requests ?? 0); off -= PAGE) if (!dst.hasPage('pc.ram', off)) answers.push(dst.requestPage('pc.ram', off));
+  });
+  // The guest dirties pages while precopy runs: postcopy then has pages left to send and to request.
+  const ram = memory.memory.get('pc.ram')!;
+  const noise = Buffer.alloc(PAGE);
+  const writer = r.postcopy
+    ? setInterval(() => {
+        for (let i = 0; i < 64; i++) {
+          randomFillSync(noise);
+          memory.write('pc.ram', Math.floor(Math.random() * (ram.length / PAGE)) * PAGE, noise);
+        }
+      }, 2)
+    : undefined;
+  const src = new SourceSession({
+    to: dst.uri,
+    memory,
+    machineType: 'pc-q35-10.0',
+    devices: [{ idstr: 'timer', instanceId: 0, versionId: 2, data: Buffer.alloc(24, 3) }],
+    transport,
+    stopVm: () => clearInterval(writer),
+    ...(r.postcopy ? { postcopy: { afterPasses: 1 }, preempt: true, bandwidthLimit: 64 * MiB } : {}),
+  }).start();
+  const [, result] = await Promise.all([src.done, dst.done]);
+  clearInterval(writer);
+  const pages = await Promise.all(answers);
+  return { memory, sink, result, pages };
+}
+
+describe.skipIf(!threadsWork)('DestinationSession with threads: library ↔ library', () => {
+  for (const tls of [false, true]) {
+    const how = tls ? 'TLS' : 'plain TCP';
+    it(`precopy over ${how}: memory bit for bit, the main channel ran in a worker`, async () => {
+      const { memory, sink, result } = await migrate({ tls, postcopy: false });
+      expect(result.complete).toBe(true);
+      expect(sink.blocks.get('pc.ram')!.equals(memory.memory.get('pc.ram')!)).toBe(true);
+      const s = result.stats;
+      expect(s.threads.used, s.threads.why).toBe(true);
+      expect(s.threads.channels.map((c) => c.role)).toEqual(['main']);
+      expect(s.threads.channels[0]!.threadId).toBeGreaterThan(0);
+      expect(s.normal + s.duplicate, 'every page counted by the worker').toBeGreaterThanOrEqual(16 * MiB / PAGE);
+      expect(s.runs.count).toBeLessThan(s.runs.pages);
+      expect(s.transferred).toBeGreaterThan(8 * MiB);
+      expect(result.devices.map((d) => d.idstr)).toContain('timer');
+      if (tls) expect(s.channels.main?.tls?.protocol).toBe('TLSv1.3');
+    }, 60_000);
+
+    it(`postcopy with preempt over ${how}: requests answered (most on preempt), memory bit for bit`, async () => {
+      const { memory, sink, result, pages } = await migrate({ tls, postcopy: true, requests: 64 });
+      expect(result.complete).toBe(true);
+      expect(result.postcopy).toBe(true);
+      expect(sink.blocks.get('pc.ram')!.equals(memory.memory.get('pc.ram')!)).toBe(true);
+      const s = result.stats;
+      expect(s.threads.used).toBe(true);
+      expect(s.threads.channels.map((c) => c.role).sort()).toEqual(['main', 'preempt']);
+      expect(s['placed-twice']).toBe(0);
+      expect(pages.length, 'pages were missing when the VM started here').toBeGreaterThan(0);
+      const requested = pages.filter((p) => p.requested);
+      expect(requested.length, 'some pages were not here yet').toBeGreaterThan(0);
+      expect(s['postcopy-requests']).toBeGreaterThanOrEqual(requested.length);
+      expect(s['preempt-pages']).toBeGreaterThan(0);
+      expect(requested.filter((p) => p.channel === 'preempt').length).toBeGreaterThan(0);
+      for (const p of pages) expect(['main', 'preempt', 'none']).toContain(p.channel);
+    }, 60_000);
+  }
+});
+
+describe('threads: the choice and why', () => {
+  it("'off' and a sink that is not shared run on this thread and say why; 'on' there is a typed error at the call", async () => {
+    const off = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), threads: 'off' });
+    expect(off.stats().threads).toEqual({ used: false, why: "threads: 'off'", channels: [] });
+    await off.close();
+    const plain = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink() });
+    expect(plain.stats().threads.used).toBe(false);
+    expect(plain.stats().threads.why).toMatch(threadsWork ? /not shared/ : /cannot transfer a socket/);
+    await plain.close();
+    expect(() => DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), threads: 'on' })).toThrow(
+      expect.objectContaining({ code: 'threads-unavailable', option: 'threads', message: expect.stringMatching(threadsWork ? /not shared/ : /Node 26\.6/) }),
+    );
+    expect(() => DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), threads: 'yes' as never })).toThrow(expect.objectContaining({ code: 'bad-option', option: 'threads' }));
+  });
+
+  it("'auto' with a shared sink: threads exactly when this Node can transfer sockets", async () => {
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
+    expect(dst.stats().threads.used).toBe(threadsWork);
+    await dst.close();
+  });
+});
