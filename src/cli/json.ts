@@ -209,6 +209,8 @@ export interface SourceStatsJson {
   /** Request arrival → last byte of the page handed to the kernel. */
   postcopyLatency: LatencyJson;
   recoveries: number;
+  /** Whether the channels ran in worker threads, why, and each thread's CPU time (SourceStats.threads). */
+  threads: SourceStats['threads'] | null;
   channels: ChannelsJson;
 }
 
@@ -228,6 +230,7 @@ export function sourceStatsJson(s: SourceStats): SourceStatsJson {
     requestsAnswered: { preempt: s['requests-answered'].preempt, mainInFlight: s['requests-answered']['main-in-flight'], mainNoPreempt: s['requests-answered']['main-no-preempt'] },
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
+    threads: s.threads ?? null,
     channels: channelsJson(s.channels),
   };
 }

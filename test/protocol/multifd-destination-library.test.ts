@@ -11,7 +11,10 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readFile } from 'node:fs/promises';
+import { readSavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { initPkiDir } from '../../src/transport/pki.js';
+import { qmt, startQmt } from '../cli/qmt.js';
 import { DestinationSession } from '../../src/protocol/destination.js';
 import { InMemorySink } from '../../src/protocol/memory.js';
 import { InMemorySource } from '../../src/protocol/memory-source.js';
@@ -82,6 +85,37 @@ describe('multifd library ↔ library (destination side)', () => {
       }
     } finally {
       await dst.close();
+    }
+  }, 60_000);
+});
+
+describe('qmt receive --multifd (the real command, a library source)', () => {
+  it('receives a 2-channel multifd migration into a saved VM, RAM bit for bit, --json with the multifd counters', async () => {
+    const out = join(work, 'vm-cli');
+    const recv = startQmt(['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--multifd', '2', '--json']);
+    const uri = (await recv.stderrMatches(/^qmt: listening on (tcp:[\d.]+:\d+), multifd 2 channels/m))[1]!;
+    const memory = guest();
+    const src = new SourceSession({ to: uri, memory, machineType: 'pc-q35-10.0', devices: DEVICES, multifd: { channels: 2 } });
+    src.start();
+    await src.done;
+    const r = await recv.exit;
+    expect(r.code, r.stderr).toBe(0);
+    const j = JSON.parse(r.stdout) as { ok: boolean; stats: { multifd: { channels: number; syncs: number; perChannel: { id: number; bytes: number; pages: { normal: number } }[] } } };
+    expect(j.ok).toBe(true);
+    expect(j.stats.multifd.channels).toBe(2);
+    expect(j.stats.multifd.perChannel.map((c) => c.id)).toEqual([0, 1]);
+    for (const c of j.stats.multifd.perChannel) expect(c.pages.normal).toBeGreaterThan(0);
+    expect(r.stderr).toMatch(/multifd-0 channel connected/);
+    const manifest = await readSavedVmManifest(out);
+    expect(manifest.complete).toBe(true);
+    for (const b of manifest.blocks) expect((await readFile(join(out, b.file))).equals(memory.memory.get(b.idstr)!), b.idstr).toBe(true);
+  }, 60_000);
+
+  it('--multifd 0, 256 and x are usage errors (exit code 2)', async () => {
+    for (const n of ['0', '256', 'x']) {
+      const r = await qmt(['receive', '--listen', 'tcp:127.0.0.1:0', '--out', join(work, `never-${n}`), '--multifd', n]);
+      expect(r.code, r.stderr).toBe(2);
+      expect(r.stderr).toMatch(/--multifd/);
     }
   }, 60_000);
 });

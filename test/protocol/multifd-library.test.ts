@@ -25,6 +25,7 @@ import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import { SourceSession, type DeviceStateSection, type SourceOptions, type SourceStats } from '../../src/protocol/source.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { qmt } from '../cli/qmt.js';
+import { FaultRelay } from '../faults/relay.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
@@ -222,6 +223,50 @@ describe('multifd library ↔ library', () => {
     expect(o.answered.preempt, 'answers on the preempt channel').toBeGreaterThan(0);
     expect(o.stats['requests-answered']['main-no-preempt']).toBe(0);
     expect(o.stats.channels.preempt!.bytesSent).toBeGreaterThan(0);
+  }, 60_000);
+
+  it('postcopy after a multifd pass, the connection cut in postcopy: both recover on main and preempt alone (multifd idle), RAM bit for bit', async () => {
+    const sink = new InMemorySink();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, multifd: { channels: 2 }, idleTimeoutMs: 20_000 });
+    const relay = await FaultRelay.start({ target: dst.uri, maxConnections: 16 });
+    const guest = new Workload();
+    const src = new SourceSession({
+      to: relay.uri,
+      memory: guest.source,
+      machineType: 'pc-q35-10.0',
+      devices: DEVICES,
+      multifd: { channels: 2 },
+      postcopy: { afterPasses: 1 },
+      preempt: true,
+      stopVm: () => guest.stop(),
+      // Slow enough that postcopy's background stream still runs when the cut comes.
+      postcopyBandwidthLimit: 4 * MiB,
+      recovery: { initialDelayMs: 20, maxDelayMs: 200 },
+    });
+    const demand: PageRequestResult[] = [];
+    const faulting = faultTopDown(dst, demand);
+    let cuts = 0;
+    dst.once('postcopy-run', () => {
+      setTimeout(() => {
+        if (dst.stats().status === 'postcopy-active') cuts = relay.cut() > 0 ? 1 : 0;
+      }, 150);
+    });
+    guest.start();
+    src.start();
+    try {
+      const [stats, result] = await Promise.all([src.done, dst.done]);
+      await faulting;
+      expect(cuts, 'the cut came during postcopy').toBe(1);
+      expectIdentical({ stats, result, guest, sink, demand, answered: { main: 0, preempt: 0 }, order: [] });
+      expect(stats.recoveries).toBe(1);
+      expect(result.stats.recoveries).toBe(1);
+      // The first connection: main, 2 multifd, preempt; the recovery: main and preempt only.
+      expect(relay.connections.length).toBe(6);
+    } finally {
+      guest.stop();
+      dst.close();
+      await relay.close();
+    }
   }, 60_000);
 });
 

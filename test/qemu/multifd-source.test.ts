@@ -29,7 +29,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { stopAll } from './harness.js';
 import { startRelay } from './relay.js';
 import { describeWithQemu } from './require-qemu.js';
-import { captureSavedVm, checkDestination, savedDevices, savedRam, savedVmdesc, startDestination, type GuestSpec } from './source-helpers.js';
+import { captureSavedVm, checkDestination, EmulatedGuest, savedDevices, savedRam, savedVmdesc, startDestination, type GuestSpec } from './source-helpers.js';
 
 const SPEC: GuestSpec = { memoryMiB: 64, guest: { startMiB: 1, endMiB: 33, direction: 'down' } };
 const MiB = 1 << 20;
@@ -105,6 +105,49 @@ describeWithQemu('multifd from our source into QEMU 10.0', () => {
     }
   }, 120_000);
 
+  it('SourceSession, 4 channels, the guest still running at our source: three passes of rewritten pages land in order, invariant holds', async () => {
+    const { q, uri } = await startDestination('mfd-dst-running', SPEC, { postcopy: false, preempt: false, multifd: 4 });
+    const range = { start: SPEC.guest.startMiB * MiB, end: SPEC.guest.endMiB * MiB };
+    const guest = new EmulatedGuest(savedRam(vmDir, manifest), 'pc.ram', range);
+    try {
+      const s = new SourceSession({
+        to: uri,
+        memory: guest.source,
+        machineType: manifest.machineType!,
+        devices: savedDevices(vmDir, manifest),
+        vmdesc: savedVmdesc(vmDir, manifest),
+        multifd: { channels: 4 },
+        // Every counter page is rewritten many times per pass: each pass resends the whole range,
+        // and a page of an earlier pass landing after a later one would break the invariant.
+        bandwidthLimit: 32 * MiB,
+        downtimeLimitMs: 1,
+        maxPasses: 3,
+        stopVm: () => guest.stop(),
+      });
+      guest.start(50);
+      s.start();
+      let stats: SourceStats;
+      try {
+        stats = await s.done;
+      } catch (e) {
+        throw new Error(`${(e as Error).message}; destination: ${JSON.stringify(await q.queryMigrate().catch(() => undefined))} ${q.stderrTail(800)}`, { cause: e });
+      }
+      expect(stats.passes).toBe(3);
+      expect(guest.increments).toBeGreaterThan(3);
+      expectPagesOnMultifd(stats, 4);
+      // The range went again in every pass.
+      expect(stats.normal).toBeGreaterThan((3 * (range.end - range.start)) / 4096);
+      const check = await checkDestination(q, guest.source.memory.get('pc.ram')!);
+      expect(check.info.status).toBe('completed');
+      expect(check.passesAfter).toBeGreaterThanOrEqual(2);
+      expect(check.invariant.ok, check.invariant.detail).toBe(true);
+      expect(check.outside!.count, 'pages outside the guest range differing').toBe(0);
+    } finally {
+      guest.stop();
+      await q.stop();
+    }
+  }, 120_000);
+
   it('qmt send --multifd 4 over TLS: QEMU completes, the guest runs on, memory as saved', async () => {
     const { q, uri } = await startDestination('mfd-dst-tls', SPEC, { postcopy: false, preempt: false, multifd: 4, tlsDir: pkiDir });
     try {
@@ -115,6 +158,7 @@ describeWithQemu('multifd from our source into QEMU 10.0', () => {
       expect(out.tls).toBe(true);
       expect(out.multifd).toBe(4);
       expect(r.stderr).toMatch(/with 4 multifd channels/);
+      expect(r.stderr).toMatch(/channels: main .* sent, .* received; multifd 4 channels, \d+(\.\d+)? MiB sent/);
       const ch = out.stats!.channels;
       expect(ch.main!.tls?.protocol).toBe('TLSv1.3');
       expect(ch.multifd!.map((c) => c.id)).toEqual([0, 1, 2, 3]);

@@ -23,7 +23,8 @@ import {
   type StreamRecord,
 } from '../../src/stream/index.js';
 
-export const FIXTURES = join(import.meta.dirname, '..', 'fixtures');
+/** The committed captures; MULTIFD_FIXTURES=DIR runs the tests on a fresh `capture.ts --out DIR` instead. */
+export const FIXTURES = process.env.MULTIFD_FIXTURES ?? join(import.meta.dirname, '..', 'fixtures');
 export const MULTIFD_SCENARIOS = ['multifd-2', 'multifd-4', 'multifd-legacy-zero', 'multifd-tls'] as const;
 const PAGE = 4096;
 export const HEADER = multifdPacketHeaderLength(MULTIFD_PACKET_PAGES);

@@ -8,6 +8,7 @@
  * dropped in time; a channel cut inside a packet is a parse error naming the
  * channel and the offset; captures are one file per direction.
  */
+import { randomFillSync } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import net from 'node:net';
@@ -16,6 +17,10 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import tls from 'node:tls';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { DestinationSession } from '../../src/protocol/destination.js';
+import { InMemorySink } from '../../src/protocol/memory.js';
+import { InMemorySource } from '../../src/protocol/memory-source.js';
+import { SourceSession } from '../../src/protocol/source.js';
 import { startTap, type Tap } from '../../src/protocol/tap/index.js';
 import { MultifdChannelCounter } from '../../src/protocol/tap/multifd.js';
 import { encodeMultifdInit, encodeMultifdPacketHeader, MultifdFlag } from '../../src/stream/multifd.js';
@@ -290,5 +295,118 @@ describe('MultifdChannelCounter', () => {
     for (const max of [5000, 70_000, 600_000]) expect(count(() => Math.floor(rand() * max))).toEqual(whole);
     expect(count(() => 4097)).toEqual(whole);
     expect(count(() => 1343)).toEqual(whole);
+  });
+});
+
+describe('tap: library source → tap → library destination, multifd then postcopy with preempt (QEMU 10.1 order), TLS both ways', () => {
+  it('the channels are told apart (2 multifd by their magic, the last one preempt by order), RAM arrives bit for bit, the tap counts what the sessions counted', async () => {
+    const RAM = 8 * 1024 * 1024;
+    const pki = join(dir, 'pki');
+    const source = new InMemorySource([{ idstr: 'pc.ram', length: RAM }]);
+    const ram = source.memory.get('pc.ram')!;
+    for (let p = 0; p < RAM; p += 3 * PAGE) randomFillSync(ram, p, PAGE);
+    // The guest keeps rewriting pages during precopy, so that postcopy has pages to send and to fault on.
+    const noise = Buffer.alloc(64);
+    const writer = setInterval(() => {
+      for (let i = 0; i < 100; i++) {
+        randomFillSync(noise);
+        source.write('pc.ram', Math.floor(Math.random() * (RAM / PAGE)) * PAGE, noise);
+      }
+    }, 10);
+    cleanups.push(() => clearInterval(writer));
+    const sink = new InMemorySink();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, multifd: { channels: 2 }, idleTimeoutMs: 20_000, transport: { tls: { dir: pki } } });
+    cleanups.push(() => dst.close());
+    const tap = await tapTo(dst.uri, { tlsIn: pki, tlsOut: pki, tlsHostname: 'localhost' });
+    // Once the destination runs, it faults on pages from the top down, against the background stream.
+    const faulting = new Promise<void>((resolve) => {
+      dst.once('postcopy-run', () => {
+        void (async () => {
+          for (let off = RAM - PAGE; off >= 0 && dst.stats().status !== 'completed'; off -= PAGE) {
+            if (!dst.hasPage('pc.ram', off)) await dst.requestPage('pc.ram', off).catch(() => undefined);
+          }
+        })().then(resolve);
+      });
+      dst.done.then(() => resolve(), () => resolve());
+    });
+    const src = new SourceSession({
+      to: tap.uri,
+      transport: { tls: { dir: pki, hostname: 'localhost' } },
+      memory: source,
+      machineType: 'pc-q35-10.0',
+      devices: [],
+      multifd: { channels: 2 },
+      postcopy: { afterPasses: 1 },
+      preempt: true,
+      bandwidthLimit: 16 * 1024 * 1024,
+      postcopyBandwidthLimit: 4 * 1024 * 1024,
+      stopVm: () => clearInterval(writer),
+    });
+    src.start();
+    const [stats, result] = await Promise.all([src.done, dst.done]);
+    await faulting;
+    const r = await tap.sessionEnd(1);
+    expect(stats.status).toBe('completed');
+    expect(result.postcopy).toBe(true);
+    const got = sink.blocks.get('pc.ram')!;
+    expect(Buffer.compare(got, ram), 'destination RAM').toBe(0);
+
+    expect(r.complete).toBe(true);
+    expect(r.parseErrors).toEqual([]);
+    expect(r.connections.multifd).toHaveLength(2);
+    expect(r.multifd!.channels.map((c) => c.id).sort()).toEqual([0, 1]);
+    // 10.1's order, kept towards the destination: the preempt connection after every multifd one.
+    const pre = r.connections.preempt!;
+    for (const m of r.connections.multifd) expect(pre.establishedMs!).toBeGreaterThanOrEqual(m.establishedMs!);
+    expect([pre.tlsIn?.protocol, pre.tlsOut?.protocol]).toEqual(['TLSv1.3', 'TLSv1.3']);
+    // Every page the source sent is on one channel or another; requests as the source counted them.
+    const pages = r.multifd!.total.pages;
+    expect(pages.normal + r.main.pages.normal + r.preempt!.pages.normal).toBe(stats.normal);
+    expect(pages.zero + r.main.pages.zero + r.preempt!.pages.zero).toBe(stats.duplicate);
+    // Answered where the source says it answered them: on preempt, or by a page already in flight on main.
+    expect(r.requests.answered.preempt).toBe(stats['requests-answered'].preempt);
+    expect(r.requests.answered.preempt).toBeGreaterThan(0);
+    expect(r.preempt!.pages.normal + r.preempt!.pages.zero).toBeGreaterThan(0);
+    expect(r.requests.count).toBe(stats['postcopy-requests']);
+    expect(r.requests.unanswered).toBe(0);
+    // Multifd is idle in postcopy: every SYNC round of the channels has its MULTIFD_FLUSH on main.
+    for (const c of r.multifd!.channels) expect(c.syncs).toBe(r.main.multifdFlushes);
+  });
+});
+
+describe('tap: a multifd channel cut in precopy', () => {
+  it('a source reset on one channel is passed on to the destination at once, typed and named; the session ends with nothing left open', async () => {
+    const dst = await recordingDestination();
+    cleanups.push(() => dst.close());
+    const tap = await tapTo(dst.uri);
+    const errors: Array<{ code: string; channel: string | undefined }> = [];
+    tap.on('error', (e) => errors.push({ code: e.code, channel: e.channel }));
+    const c0 = await connectSource(tap.uri);
+    const c1 = await connectSource(tap.uri);
+    c0.write(CH0.subarray(0, 64));
+    c1.write(CH1.subarray(0, 64));
+    const main = await connectSource(tap.uri);
+    main.write(MAIN);
+    await dst.waitArrivals(3);
+    c1.write(CH1.subarray(64, 2000));
+    const atDst = dst.arrivals.find((a) => a.index > 0 && Buffer.concat(a.data).subarray(0, 64).equals(CH1.subarray(0, 64)))!;
+    const deadline = Date.now() + 5000;
+    while (Buffer.concat(atDst.data).length < 2000 && Date.now() < deadline) await sleep(5);
+    const reset = new Promise<string | undefined>((resolve) => {
+      atDst.sock.once('error', (e: NodeJS.ErrnoException) => resolve(e.code));
+      atDst.sock.once('close', () => resolve(undefined));
+    });
+    (c1 as net.Socket).resetAndDestroy();
+    expect(await reset).toBe('ECONNRESET');
+    expect(errors).toEqual([{ code: 'reset', channel: 'multifd-1' }]);
+    // The rest of the migration goes its way (here: ends); then every connection is closed.
+    c0.end(CH0.subarray(64));
+    main.end();
+    const r = await tap.sessionEnd(1);
+    expect(r.transportErrors).toEqual([expect.objectContaining({ side: 'source', channel: 'multifd', code: 'reset', afterComplete: false })]);
+    expect([r.connections.main, ...r.connections.multifd].every((c) => c.closedMs !== null)).toBe(true);
+    const cut = r.multifd!.channels.find((c) => c.id === 1)!;
+    expect(cut.bytes).toBe(2000);
+    for (const s of [c0, main]) s.destroy();
   });
 });
