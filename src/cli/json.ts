@@ -150,14 +150,19 @@ export interface DestinationStatsJson {
 }
 
 /** stats.threads in JSON: per channel its thread id and CPU time in ms. */
-export interface ThreadsJson {
+export interface ThreadsJson<Extra = object> {
   used: boolean;
   why: string;
-  channels: { role: string; id: number; cpuMs: number }[];
+  channels: ({ role: string; id: number; cpuMs: number } & Extra)[];
 }
 
-export function threadsJson(t: DestinationStats['threads']): ThreadsJson {
-  return { used: t.used, why: t.why, channels: t.channels.map((c) => ({ role: c.role, id: c.threadId, cpuMs: Math.round(c.cpuSeconds * 1000) })) };
+/** Numbers renamed with their unit (id, cpuMs); a channel's other fields kept as they are. */
+export function threadsJson<C extends { role: string; threadId: number; cpuSeconds: number }>(t: { used: boolean; why: string; channels: readonly C[] }): ThreadsJson<Omit<C, 'role' | 'threadId' | 'cpuSeconds'>> {
+  return {
+    used: t.used,
+    why: t.why,
+    channels: t.channels.map(({ role, threadId, cpuSeconds, ...rest }) => ({ ...rest, role, id: threadId, cpuMs: Math.round(cpuSeconds * 1000) })),
+  };
 }
 
 export function destinationStatsJson(s: DestinationStats): DestinationStatsJson {
@@ -210,7 +215,7 @@ export interface SourceStatsJson {
   postcopyLatency: LatencyJson;
   recoveries: number;
   /** Whether the channels ran in worker threads, why, and each thread's CPU time (SourceStats.threads). */
-  threads: SourceStats['threads'] | null;
+  threads: ThreadsJson<Omit<NonNullable<SourceStats['threads']>['channels'][number], 'role' | 'threadId' | 'cpuSeconds'>> | null;
   channels: ChannelsJson;
 }
 
@@ -230,7 +235,7 @@ export function sourceStatsJson(s: SourceStats): SourceStatsJson {
     requestsAnswered: { preempt: s['requests-answered'].preempt, mainInFlight: s['requests-answered']['main-in-flight'], mainNoPreempt: s['requests-answered']['main-no-preempt'] },
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
-    threads: s.threads ?? null,
+    threads: s.threads ? threadsJson(s.threads) : null,
     channels: channelsJson(s.channels),
   };
 }
