@@ -106,7 +106,10 @@ describe.skipIf(!threadsWork)('DestinationSession with threads: library ↔ libr
       expect(sink.blocks.get('pc.ram')!.equals(memory.memory.get('pc.ram')!)).toBe(true);
       const s = result.stats;
       expect(s.threads.used).toBe(true);
-      expect(s.threads.channels.map((c) => c.role).sort()).toEqual(['main', 'preempt']);
+      const roles = s.threads.channels.map((c) => c.role);
+      expect(roles).toContain('main');
+      // Plain TCP: the preempt channel qualifies with its first page (one answered on preempt).
+      if (tls || s['preempt-pages'] > 0) expect(roles.sort()).toEqual(['main', 'preempt']);
       expect(s['placed-twice']).toBe(0);
       expect(pages.length, 'pages were missing when the VM started here').toBeGreaterThan(0);
       const requested = pages.filter((p) => p.requested);
