@@ -26,7 +26,7 @@ import { performance } from 'node:perf_hooks';
 import { initPkiDir } from '../src/transport/pki.js';
 import { prepareLibraryMigration, type LibraryMigrationSpec, type LibraryOutcome, type PreparedLibraryMigration } from '../test/load/library-migration.js';
 import { LOAD_AIM } from './lib/aims.js';
-import { notAvailable, osThreads, threadsOf, threadsUnavailable } from './lib/features.js';
+import { notAvailable, osThreads, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { runPart, type PartContext } from './lib/part.js';
 import { fmt } from './lib/report.js';
 import { fmtStats, ratio, runStats, type RunStats } from './lib/stats.js';
@@ -114,7 +114,10 @@ async function oneRun(ctx: PartContext, specs: readonly Spec[], scale: number, p
   let preparedQemu: import('../test/load/qemu-restore.js').PreparedQemuRestore | undefined;
   try {
     if (qemu) preparedQemu = await qemu.mods.restore.prepareQemuRestore('qemu-preempt', qemu.vmDir, qemu.manifest);
-    for (const [i, { tls, ...s }] of specs.entries()) prepared.push(await prepareLibraryMigration({ ...s, ramMiB: Math.max(16, Math.round(s.ramMiB * scale)), tlsDir: tls ? pkiDir : undefined, threads }, i));
+    for (const [i, spec] of specs.entries()) {
+      const { tls, ...s } = spec;
+      prepared.push(await prepareLibraryMigration({ ...s, name: scaledName(spec, scale), ramMiB: Math.max(16, Math.round(s.ramMiB * scale)), tlsDir: tls ? pkiDir : undefined, threads }, i));
+    }
   } catch (e) {
     for (const p of prepared) p.abandon();
     await preparedQemu?.abandon();
@@ -154,8 +157,8 @@ async function oneRun(ctx: PartContext, specs: readonly Spec[], scale: number, p
     const o = r.value as LibraryOutcome;
     const ms = o.endedAt - o.startedAt;
     const post = o.spec.mode !== 'precopy';
-    const ts = threadsOf(o.threads?.source);
-    const td = threadsOf(o.threads?.destination);
+    const ts = threadsOf({ threads: o.threads?.source });
+    const td = threadsOf({ threads: o.threads?.destination });
     migrations.push({
       name: o.spec.name,
       mode: o.spec.mode,
@@ -211,7 +214,7 @@ function markdown(d: LoadData): string {
     const q = v.runs.some((x) => x.qemu) ? fmtStats(runStats(v.runs.map((x) => (x.qemu?.p99SrcUs ?? NaN) / 1000)), 1) : '–';
     const workers = v.runs.flatMap((x) => (x.migrations.some((m) => m.workers !== undefined) ? [x.migrations.reduce((s, m) => s + (m.workers ?? 0), 0)] : []));
     const used = v.runs.flatMap((x) => x.migrations.map((m) => m.threadsUsed)).filter((x) => x !== undefined);
-    const procs = `${fmtStats(runStats(v.runs.map((x) => x.osThreads ?? NaN)))} (${workers.length > 0 ? fmtStats(runStats(workers)) : '–'}${used.length > 0 && used.some((u) => !u) ? `; not used by ${used.filter((u) => !u).length}` : ''}), ${fmtStats(runStats(v.runs.map((x) => x.cpuS / (x.wallMs / 1000))), 2)} of ${d.cores}`;
+    const procs = `${fmtStats(runStats(v.runs.map((x) => x.osThreads ?? NaN)))} (${workers.length > 0 ? fmtStats(runStats(workers)) : '–'}${v.threads === 'on' && used.length > 0 && used.some((u) => !u) ? `; not used by ${used.filter((u) => !u).length}` : ''}), ${fmtStats(runStats(v.runs.map((x) => x.cpuS / (x.wallMs / 1000))), 2)} of ${d.cores}`;
     lines.push(
       `| ${what}${err} | ${v.threads} | ${fmtStats(v.worstP99, 1, 1e-3)} | ${names} | ${v.shape === 'single' ? '1.00× (baseline)' : r === undefined ? '–' : `${fmt(r, 2)}×`} | ${v.shape === 'eight' ? `≤ ${LOAD_AIM}×${r === undefined ? '' : r <= LOAD_AIM ? ' — met' : ' — missed'}` : ''} | ${ident} | ${completed || '–'} | ${agg} | ${q} | ${procs} |`,
     );
@@ -277,6 +280,12 @@ await runPart<LoadData>('load', 'The eight-migration load: urgent p99 against a 
           v.runs = [];
         }
       } catch (e) {
+        const refused = threadsRefused(e);
+        if (refused) {
+          v.unavailable = refused;
+          ctx.log(`${v.shape}, threads ${v.threads}: not available: ${refused}`);
+          continue;
+        }
         v.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
         ctx.log(`round ${round + 1}: ${v.shape}, threads ${v.threads} failed: ${String(e)}`);
       }

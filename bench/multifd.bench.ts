@@ -1,7 +1,7 @@
 /**
  * Multifd throughput and CPU per GB (part `multifd` of `npm run bench`;
  * alone: `node --import tsx bench/multifd.bench.ts [--quick] [--mib N]
- * [--runs N] [--channels 1,2,4]`; the `qmt receive` rows need `npm run
+ * [--runs N] [--channels 1,2,4] [--rows qemu-qemu,qemu-receive,send-qemu,library]`; the `qmt receive` rows need `npm run
  * build`, the threaded library rows Node.js ≥ 26.6, which `npm run bench`
  * runs this part under when it finds one).
  *
@@ -34,7 +34,7 @@ import { fileURLToPath } from 'node:url';
 import { initPkiDir } from '../src/transport/pki.js';
 import { MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdScaling, REFERENCE_CORES } from './lib/aims.js';
 import { BenchChild } from './lib/child.js';
-import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { runPart, type PartContext } from './lib/part.js';
 import type { QemuProcess } from './lib/qemu.js';
 import { builtCliProblem, startQmtCli } from './lib/qmt-cli.js';
@@ -296,7 +296,7 @@ function markdown(d: MultifdData): string {
     }
     const err = v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : '';
     const ident = v.row === 'library' && v.runs.length > 0 ? (v.runs.every((r) => r.identical) ? ' ✓' : ' ✗ RAM differs') : '';
-    const one = d.variants.find((x) => x.row === v.row && x.kind === v.kind && x.channels === 1)?.stats?.median;
+    const one = d.variants.find((x) => x.row === v.row && x.kind === v.kind && x.threads === v.threads && x.channels === 1)?.stats?.median;
     const qq = d.variants.find((x) => x.row === 'qemu-qemu' && x.kind === v.kind && x.channels === v.channels)?.stats?.median;
     const r1 = v.channels === 1 ? '1.00× (baseline)' : ratio(v.stats?.median, one) === undefined ? '–' : `${fmt(ratio(v.stats?.median, one), 2)}×`;
     const rq = v.row === 'qemu-qemu' ? '1.00× (baseline)' : ratio(v.stats?.median, qq) === undefined ? '–' : `${fmt(ratio(v.stats?.median, qq), 2)}×`;
@@ -310,13 +310,14 @@ function markdown(d: MultifdData): string {
   for (const v of d.variants) {
     const last = v.runs[v.runs.length - 1];
     if (!last) continue;
-    lines.push(`- ${MULTIFD_LABEL[v.row]}, ${v.kind === 'tls' ? 'TLS' : 'plain'}, ${v.channels} channel${v.channels === 1 ? '' : 's'}: ${topThreads(last.cpu, 6)}`);
+    lines.push(`- ${MULTIFD_LABEL[v.row]}${v.threads ? `, threads ${v.threads}` : ''}, ${v.kind === 'tls' ? 'TLS' : 'plain'}, ${v.channels} channel${v.channels === 1 ? '' : 's'}: ${topThreads(last.cpu, 6)}`);
   }
   lines.push('', `Aim (issue 13), reported, not asserted: on these ${d.cores}-core machines 2 TLS channels ≥ ${MULTIFD_TLS_2_VS_1}× the throughput of one:`, '');
-  for (const row of ['library', 'qemu-receive', 'send-qemu', 'qemu-qemu'] as const) {
-    const s = multifdScaling(d, row);
+  for (const [row, threads] of [['library', 'on'], ['library', 'off'], ['qemu-receive'], ['send-qemu'], ['qemu-qemu']] as const) {
+    if (row === 'library' && !d.variants.some((v) => v.row === 'library' && v.threads === threads)) continue;
+    const s = multifdScaling(d, row, threads);
     lines.push(
-      `- ${MULTIFD_LABEL[row]}${row === 'qemu-qemu' ? ' (reference)' : ''}: ${s.unavailable ? notAvailable(s.unavailable) : s.ratio === undefined ? 'not measured' : `${fmt(s.two, 2)} / ${fmt(s.one, 2)} GB/s = ${fmt(s.ratio, 2)}× — ${s.ratio >= MULTIFD_TLS_2_VS_1 ? 'met' : 'missed'}`}`,
+      `- ${MULTIFD_LABEL[row]}${threads ? `, threads ${threads}` : ''}${row === 'qemu-qemu' ? ' (reference)' : ''}: ${s.unavailable ? notAvailable(s.unavailable) : s.ratio === undefined ? 'not measured' : `${fmt(s.two, 2)} / ${fmt(s.one, 2)} GB/s = ${fmt(s.ratio, 2)}× — ${s.ratio >= MULTIFD_TLS_2_VS_1 ? 'met' : 'missed'}`}`,
     );
   }
   lines.push(
@@ -327,7 +328,9 @@ function markdown(d: MultifdData): string {
   return lines.join('\n');
 }
 
-await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by channel count', { mib: { type: 'string' }, runs: { type: 'string' }, channels: { type: 'string' } }, async (ctx) => {
+await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by channel count', { mib: { type: 'string' }, runs: { type: 'string' }, channels: { type: 'string' }, rows: { type: 'string' } }, async (ctx) => {
+  // --rows qemu-qemu,library …: a subset (the report then has only those).
+  const rows = ctx.options.rows ? String(ctx.options.rows).split(',') : undefined;
   const mib = Number(ctx.options.mib ?? (ctx.quick ? 256 : 1024));
   const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
   const channelCounts = String(ctx.options.channels ?? '1,2,4')
@@ -340,7 +343,8 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   const cliWhy = builtCliProblem() ?? (cliHasFlag('receive', '--multifd') ? undefined : 'this build of `qmt receive` has no `--multifd`');
   const sendWhy = builtCliProblem() ?? (cliHasFlag('send', '--multifd') ? undefined : 'this build of `qmt send` has no `--multifd`');
   const libWhy = multifdUnavailable('both');
-  const libThreads = threadsUnavailable() ? 'off' : 'on';
+  // Threads on is the row of the issue; off next to it (same run) shows what the threads bring. Without threads in the tree: off only.
+  const libThreads = threadsUnavailable() ? (['off'] as const) : (['on', 'off'] as const);
   const q = await import('./lib/qemu.js');
   const qemuWhy = await q.qemuUnavailable();
   for (const kind of ['plain', 'tls'] as const) {
@@ -348,7 +352,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
       data.variants.push({ row: 'qemu-qemu', kind, channels, runs: [], errors: [], ...(qemuWhy ? { unavailable: qemuWhy } : {}) });
       data.variants.push({ row: 'qemu-receive', kind, channels, runs: [], errors: [], ...((qemuWhy ?? cliWhy) ? { unavailable: (qemuWhy ?? cliWhy)! } : {}) });
       data.variants.push({ row: 'send-qemu', kind, channels, runs: [], errors: [], ...((qemuWhy ?? sendWhy) ? { unavailable: (qemuWhy ?? sendWhy)! } : {}) });
-      if (kind === 'tls') data.variants.push({ row: 'library', kind, channels, threads: libThreads, runs: [], errors: [], ...(libWhy ? { unavailable: libWhy } : {}) });
+      if (kind === 'tls') for (const threads of libThreads) data.variants.push({ row: 'library', kind, channels, threads, runs: [], errors: [], ...(libWhy ? { unavailable: libWhy } : {}) });
     }
   }
   const work = await ctx.tmpDir('multifd');
@@ -377,7 +381,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   }
   for (let round = 0; round < runs; round++) {
     for (const v of data.variants) {
-      if (v.unavailable) continue;
+      if (v.unavailable || (rows && !rows.includes(v.row))) continue;
       const tls = v.kind === 'tls';
       try {
         const r =
@@ -389,11 +393,12 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
                 ? await sendToQemu(env!, v.channels, tls, vmDir!, node?.path)
                 : await libraryRun(ctx, bytes, v.channels, pkiDir, v.threads ?? 'off', node?.path);
         v.runs.push(r);
-        ctx.log(`round ${round + 1}/${runs}: ${v.row} ${v.kind} ×${v.channels}: ${fmt(r.gbps, 2)} GB/s, CPU ${fmt(r.cpu.totalS, 2)} s (${fmt(r.cpu.totalS / r.seconds, 2)} cores, ${r.cpu.busyThreads}/${r.cpu.threads} threads busy)${r.identical === false ? ' — RAM DIFFERS' : ''}`);
+        ctx.log(`round ${round + 1}/${runs}: ${v.row}${v.threads ? ` threads ${v.threads}` : ''} ${v.kind} ×${v.channels}: ${fmt(r.gbps, 2)} GB/s, CPU ${fmt(r.cpu.totalS, 2)} s (${fmt(r.cpu.totalS / r.seconds, 2)} cores, ${r.cpu.busyThreads}/${r.cpu.threads} threads busy)${r.identical === false ? ' — RAM DIFFERS' : ''}`);
       } catch (e) {
-        if (e instanceof FeatureMissing) {
-          v.unavailable = e.message;
-          ctx.log(`${v.row} ${v.kind} ×${v.channels}: not available: ${e.message}`);
+        const refused = threadsRefused(e);
+        if (e instanceof FeatureMissing || refused) {
+          v.unavailable = refused ?? (e as Error).message;
+          ctx.log(`${v.row} ${v.kind} ×${v.channels}: not available: ${v.unavailable}`);
           continue;
         }
         v.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));
@@ -402,5 +407,6 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
     }
   }
   for (const v of data.variants) summarise(v, bytes);
+  if (rows) data.variants = data.variants.filter((v) => rows.includes(v.row));
   return { config: { mib, runs, channels: channelCounts, host: '127.0.0.1', referenceCores: REFERENCE_CORES }, data, markdown: markdown(data) };
 });

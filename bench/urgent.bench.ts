@@ -1,7 +1,8 @@
 /**
  * Urgent page requests with real QEMU destinations (part 3 of `npm run
  * bench`, after bench/latency.bench.ts; alone: `node --import tsx
- * bench/urgent.bench.ts [--quick] [--runs N] [--no-veth] [--trace]`).
+ * bench/urgent.bench.ts [--quick] [--runs N] [--no-veth] [--trace] [--issue13]`;
+ * --issue13: only QEMU + preempt and our source + preempt with threads off and on).
  *
  * A test guest walking its RAM top-down — against the background stream,
  * which goes bottom-up, so its faults queue behind bulk data — in postcopy
@@ -42,7 +43,7 @@ import { fmtRatio, fmtStats, runStats, type RunStats } from './lib/stats.js';
 import type { TapCommand, TapRun } from './lib/tap-peer.js';
 import { faultToPlaced } from './lib/qemu-trace.js';
 import { processCpuSeconds } from './lib/cpu.js';
-import { notAvailable, threadsNode, threadsOf, threadsUnavailable } from './lib/features.js';
+import { notAvailable, threadsNode, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { ThreadCpuSampler, topThreads } from './lib/thread-cpu.js';
 
 /** A row whose feature this tree lacks: not a failure, "not available". */
@@ -354,7 +355,7 @@ function markdown(d: UrgentData, runs: number, latency: PartResult<unknown> | un
 await runPart<UrgentData>(
   'urgent',
   'Urgent page requests under bulk load: one table',
-  { runs: { type: 'string' }, 'no-veth': { type: 'boolean', default: false }, trace: { type: 'boolean', default: false }, mib: { type: 'string' }, 'veth-mib': { type: 'string' } },
+  { runs: { type: 'string' }, 'no-veth': { type: 'boolean', default: false }, trace: { type: 'boolean', default: false }, mib: { type: 'string' }, 'veth-mib': { type: 'string' }, issue13: { type: 'boolean', default: false } },
   async (ctx) => {
     const runs = Number(ctx.options.runs ?? (ctx.quick ? 1 : 3));
     const trace = ctx.options.trace === true;
@@ -395,7 +396,13 @@ await runPart<UrgentData>(
 
     const noThreads = threadsUnavailable();
     for (const env of envs) {
-      for (const source of ['qemu', 'library'] as const) for (const preempt of [false, true]) data.rows.push({ link: env.link, source, preempt, label: label({ link: env.link, source, preempt }), runs: [], errors: [] });
+      for (const source of ['qemu', 'library'] as const) {
+        for (const preempt of [false, true]) {
+          // --issue13: only the rows issue 13 compares (QEMU + preempt, and ours with threads off and on).
+          if (ctx.options.issue13 && !(source === 'qemu' && preempt)) continue;
+          data.rows.push({ link: env.link, source, preempt, label: label({ link: env.link, source, preempt }), runs: [], errors: [] });
+        }
+      }
       // Issue 13: our source + preempt with its channels in threads and without, same memory, same Node.js.
       for (const threads of ['off', 'on'] as const) {
         const spec: RowSpec = { link: env.link, source: 'library', preempt: true, threads };
@@ -414,9 +421,10 @@ await runPart<UrgentData>(
           const s = summarize(x.samplesUs);
           ctx.log(`round ${round + 1}/${runs}: ${r.link} ${r.label}: ${fmt(s?.count)} requests, p50 ${fmt(s?.p50Us)} µs, p99 ${fmt(s?.p99Us)} µs`);
         } catch (e) {
-          if (e instanceof FeatureMissing) {
-            r.unavailable = e.message;
-            ctx.log(`${r.link} ${r.label}: not available: ${e.message}`);
+          const refused = threadsRefused(e);
+          if (e instanceof FeatureMissing || refused) {
+            r.unavailable = refused ?? (e as Error).message;
+            ctx.log(`${r.link} ${r.label}: not available: ${r.unavailable}`);
             continue;
           }
           r.errors.push(e instanceof Error ? e.message.split('\n')[0]! : String(e));

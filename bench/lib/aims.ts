@@ -83,8 +83,8 @@ export const MULTIFD_LABEL: Record<MultifdRow, string> = {
 };
 
 /** 2 TLS channels against 1 for a row: ratio of median GB/s. */
-export function multifdScaling(d: MultifdData, row: MultifdRow): { one?: number; two?: number; ratio?: number; unavailable?: string } {
-  const v = (n: number): MultifdVariant | undefined => d.variants.find((x) => x.row === row && x.kind === 'tls' && x.channels === n);
+export function multifdScaling(d: MultifdData, row: MultifdRow, threads?: 'on' | 'off'): { one?: number; two?: number; ratio?: number; unavailable?: string } {
+  const v = (n: number): MultifdVariant | undefined => d.variants.find((x) => x.row === row && x.kind === 'tls' && x.channels === n && (threads === undefined || x.threads === threads));
   const na = v(1)?.unavailable ?? v(2)?.unavailable;
   if (na) return { unavailable: na };
   const one = v(1)?.stats?.median;

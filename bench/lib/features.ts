@@ -179,3 +179,18 @@ export function threadSampler(pids: () => readonly (number | undefined)[], every
     },
   };
 }
+
+/**
+ * The library's typed refusal of `threads: 'on'` where it cannot run them
+ * (code `threads-unavailable`: "threads: 'on' is not possible: WHY" at the source, "… is impossible here: WHY" at the destination), as
+ * it reaches the bench (in-process, or through a child's error line): WHY, or
+ * undefined for any other error. A row asking for threads then prints "not
+ * available (WHY)" instead of failing.
+ */
+export function threadsRefused(e: unknown): string | undefined {
+  const code = (e as { code?: unknown } | undefined)?.code;
+  const msg = e instanceof Error ? e.message : String(e);
+  const m = /threads: 'on' is (?:impossible here|not possible): ([^\n]*)/.exec(msg);
+  if (m) return m[1]!.trim();
+  return code === 'threads-unavailable' ? msg : undefined;
+}

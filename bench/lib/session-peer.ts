@@ -170,7 +170,8 @@ async function sourceMigrate(c: Extract<SessionCommand, { cmd: 'source-migrate' 
       s.done,
       new Promise<never>((_, reject) => {
         timer = setTimeout(() => {
-          s.cancel();
+          log(`no completion within ${c.timeoutMs} ms (${s.currentPhase}): cancelling`);
+          void s.cancel();
           reject(new Error(`source: no completion within ${c.timeoutMs} ms (${s.currentPhase})`));
         }, c.timeoutMs);
       }),
@@ -301,7 +302,8 @@ serve(
     'profile-stop': (c) => profileStop((c as Extract<SessionCommand, { cmd: 'profile-stop' }>).dir),
   },
   () => {
-    session?.cancel();
+    if (session) log(`exiting while the source runs (${session.currentPhase}): cancelling it`);
+    void session?.cancel();
     dest?.close();
     if (sinkDir) rmSync(sinkDir, { recursive: true, force: true });
   },

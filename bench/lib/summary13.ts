@@ -140,15 +140,17 @@ function loadLines(p: PartResult<unknown>, out: Issue13Line[]): void {
 
 function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
   const d = p.data as MultifdData;
-  for (const row of ['library', 'qemu-receive', 'send-qemu', 'qemu-qemu'] as const) {
-    const s = multifdScaling(d, row);
-    const name = `${MULTIFD_LABEL[row]}${row === 'library' ? `, threads ${d.variants.find((v) => v.row === 'library')?.threads ?? '?'}` : ''}: 2 TLS channels vs 1${row === 'qemu-qemu' ? ' (reference)' : ''}`;
+  for (const [row, threads] of [['library', 'on'], ['library', 'off'], ['qemu-receive'], ['send-qemu'], ['qemu-qemu']] as const) {
+    // The library's row of the issue is threads on; off (same run) next to it, or alone when the tree has no threads.
+    if (row === 'library' && !d.variants.some((v) => v.row === 'library' && v.threads === threads)) continue;
+    const s = multifdScaling(d, row, threads);
+    const name = `${MULTIFD_LABEL[row]}${threads ? `, threads ${threads}` : ''}: 2 TLS channels vs 1${row === 'qemu-qemu' ? ' (reference)' : ''}`;
     if (s.unavailable) {
       out.push({ row: name, figure: notAvailable(s.unavailable), baseline: '', ratio: '', aim: `≥ ${MULTIFD_TLS_2_VS_1}×`, machine: '', run: when(p) });
       continue;
     }
-    const two = d.variants.find((v) => v.row === row && v.kind === 'tls' && v.channels === 2);
-    const time = timeGoesTo(s.ratio === undefined ? undefined : s.ratio >= MULTIFD_TLS_2_VS_1, two ? topThreadsOf(two) : undefined, row === 'library' ? 'library-multifd2-tls-threads' : undefined);
+    const two = d.variants.find((v) => v.row === row && v.kind === 'tls' && v.channels === 2 && (threads === undefined || v.threads === threads));
+    const time = timeGoesTo(s.ratio === undefined ? undefined : s.ratio >= MULTIFD_TLS_2_VS_1, two ? topThreadsOf(two) : undefined, row === 'library' && threads === 'on' ? 'library-multifd2-tls-threads' : undefined);
     out.push({
       ...(time ? { time } : {}),
       row: name,

@@ -4,7 +4,10 @@
  * qualifies — a TLS handshake with a valid certificate, then, where the role
  * asks for it, first bytes of the right kind (peeked, never consumed) — or is
  * dropped and reported as a stranger. Used by MigrationListener (the
- * destination) and the tap, on a server made by sockets.ts `listen()`.
+ * destination) and the tap, on a server made by sockets.ts `listen()`. The
+ * offered role is where the judging starts; the bytes may name another (a
+ * multifd listener offers 'main' and its judge answers 'multifd' with the
+ * channel's id), and that is the role taken.
  *
  * Bounds: at most `maxPending` candidates (at the bound the oldest makes
  * room: reason 'too-many'); each has `qualifyMs` (with TLS: for the

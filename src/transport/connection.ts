@@ -301,7 +301,8 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
         take: (role, s, _raw, id) => this.take(role, s, id),
       },
       {
-        maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS,
+        // A QEMU source opens every multifd channel at once: they must not push each other out.
+        maxPending: opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS + (m?.channels ?? 0),
         qualifyMs: qualifyTimeout(opts),
         ...(opts.tls?.allowedPeers ? { allowedPeers: opts.tls.allowedPeers } : {}),
         stranger: (ev) => {

@@ -78,7 +78,8 @@ export interface QualifyOptions {
   /**
    * Most connections waiting to qualify at once (TLS handshake or first bytes
    * not yet in). One more makes room by dropping the oldest waiting candidate
-   * (reason 'too-many'). Default 16.
+   * (reason 'too-many'). Default 16, plus the multifd channels of a multifd
+   * listener (a QEMU source opens them all at once).
    */
   readonly maxPendingConnections?: number;
   /**

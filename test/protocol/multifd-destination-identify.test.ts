@@ -223,3 +223,29 @@ describe('multifd listener options', () => {
     await expect(MigrationListener.listen('tcp:127.0.0.1:0', {}, { multifd: { channels: 2, uuid: new Uint8Array(4) } })).rejects.toThrow(/16 bytes/);
   });
 });
+
+describe('many multifd channels at once', () => {
+  it('40 channels connecting before any speaks all qualify (the pending bound grows with the channels)', async () => {
+    const listener = await MigrationListener.listen('tcp:127.0.0.1:0', {}, { multifd: { channels: 40 } });
+    const strangers: StrangerEvent[] = [];
+    listener.on('stranger', (ev) => strangers.push(ev));
+    const port = (listener.endpoint as { port: number }).port;
+    const sockets: net.Socket[] = [];
+    try {
+      for (let i = 0; i < 40; i++) {
+        const s = net.connect(port, '127.0.0.1');
+        s.on('error', () => undefined);
+        sockets.push(s);
+      }
+      await Promise.all(sockets.map((s) => once(s, 'connect')));
+      await until('40 candidates', () => listener.pendingConnections === 40, strangers);
+      sockets.forEach((s, id) => s.write(init(id)));
+      await until('40 multifd channels', () => listener.multifdChannels!.complete, strangers);
+      expect(strangers).toEqual([]);
+    } finally {
+      listener.multifdChannels?.destroy();
+      listener.close();
+      for (const s of sockets) s.destroy();
+    }
+  });
+});

@@ -1,18 +1,20 @@
 /**
  * `qmt tap`: runTapCommand in process (text and JSON reports of a replayed
  * postcopy capture) and the registered command in a child process (usage
- * errors, SIGINT before any migration).
+ * errors, SIGINT before any migration, a replayed multifd capture with
+ * --capture read back by `qmt inspect`).
  */
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { readFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { describe, expect, it } from 'vitest';
 import { formatTapReport, runTapCommand, type TapCommandReport } from '../../src/cli/tap.js';
 import type { Tap } from '../../src/protocol/tap/index.js';
-import { startQmt } from '../cli/qmt.js';
+import { qmt, startQmt } from '../cli/qmt.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const FIXTURES = join(ROOT, 'test', 'fixtures');
@@ -200,5 +202,66 @@ describe('qmt tap (command line)', () => {
     expect(j).toMatchObject({ version: 1, command: 'tap', ok: false, error: { code: 'cancelled', message: 'interrupted by SIGINT' }, to: 'tcp:127.0.0.1:1', sessions: [] });
     expect(err.trimEnd().split('\n').pop()).toBe('qmt: cancelled: interrupted by SIGINT');
     expect(j.listen).toMatch(/^tcp:127\.0\.0\.1:\d+$/);
+  });
+});
+
+describe('qmt tap --capture (a multifd capture replayed)', () => {
+  it('prints the channels, writes one file per channel identical to what went through, and qmt inspect of them counts QEMU\'s pages', async () => {
+    const sc = JSON.parse(await readFile(join(FIXTURES, 'multifd-2.json'), 'utf8')) as {
+      files: { main: { name: string }; multifd: Array<{ name: string; channelId: number }> };
+      source: { queryMigrate: { ram: { normal: number; duplicate: number; 'multifd-bytes': number } } };
+    };
+    const main = await readFile(join(FIXTURES, sc.files.main.name));
+    const chans = await Promise.all(sc.files.multifd.map((f) => readFile(join(FIXTURES, f.name))));
+    const dir = await mkdtemp(join(tmpdir(), 'qmt-tap-capture-'));
+    const dstServer = net.createServer({ allowHalfOpen: true }, (s) => {
+      s.on('error', () => undefined);
+      s.resume();
+      s.on('end', () => s.end());
+    });
+    await new Promise<void>((r) => dstServer.listen(0, '127.0.0.1', r));
+    const run = startQmt(['tap', '--listen', 'tcp:127.0.0.1:0', '--to', `tcp:127.0.0.1:${(dstServer.address() as net.AddressInfo).port}`, '--capture', dir]);
+    try {
+      const [, uri] = await run.stderrMatches(/^qmt: tap listening on (tcp:\S+), relaying/m);
+      const port = Number(/:(\d+)$/.exec(uri!)![1]);
+      const open = async (): Promise<net.Socket> => {
+        const s = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+        s.on('error', () => undefined);
+        s.resume();
+        await once(s, 'connect');
+        return s;
+      };
+      // The channels first, with their init message, as QEMU's source; then main; then the rest.
+      const socks = [];
+      for (const c of chans) {
+        const s = await open();
+        s.write(c.subarray(0, 64));
+        socks.push(s);
+      }
+      const m = await open();
+      m.write(main);
+      await run.stderrMatches(/multifd channel forwarding[\s\S]*multifd channel forwarding/);
+      for (const [i, s] of socks.entries()) s.end(chans[i]!.subarray(64));
+      m.end();
+      const r = await run.exit;
+      expect(r.code, r.stderr).toBe(0);
+      const ram = sc.source.queryMigrate.ram;
+      expect(r.stdout).toContain(`  multifd    2 channels, `);
+      expect(r.stdout).toMatch(new RegExp(`pages ${ram.normal} normal, ${ram.duplicate} zero\\n`));
+      for (const f of sc.files.multifd) expect(r.stdout).toMatch(new RegExp(`^    channel ${f.channelId} \\(connection \\d\\) `, 'm'));
+      expect(r.stdout).toContain(`  capture    3 files in ${dir}`);
+      const files = (await readdir(dir)).sort();
+      expect(files).toEqual(['session-1-main.bin', 'session-1-multifd-0.bin', 'session-1-multifd-1.bin']);
+      expect((await readFile(join(dir, 'session-1-main.bin'))).equals(main)).toBe(true);
+      const captured = await Promise.all(files.slice(1).map((f) => readFile(join(dir, f))));
+      expect(captured.map((b) => chans.findIndex((c) => c.equals(b))).sort()).toEqual([0, 1]);
+      const j = await qmt(['inspect', '--json', ...files.map((f) => join(dir, f))]);
+      expect(j.code, j.stderr).toBe(0);
+      expect(JSON.parse(j.stdout).multifd).toMatchObject({ channels: 2, pages: { normal: ram.normal, zero: ram.duplicate }, multifdBytes: ram['multifd-bytes'] });
+    } finally {
+      run.child.kill('SIGKILL');
+      dstServer.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -373,3 +373,40 @@ describe('tap: library source → tap → library destination, multifd then post
     for (const c of r.multifd!.channels) expect(c.syncs).toBe(r.main.multifdFlushes);
   });
 });
+
+describe('tap: a multifd channel cut in precopy', () => {
+  it('a source reset on one channel is passed on to the destination at once, typed and named; the session ends with nothing left open', async () => {
+    const dst = await recordingDestination();
+    cleanups.push(() => dst.close());
+    const tap = await tapTo(dst.uri);
+    const errors: Array<{ code: string; channel: string | undefined }> = [];
+    tap.on('error', (e) => errors.push({ code: e.code, channel: e.channel }));
+    const c0 = await connectSource(tap.uri);
+    const c1 = await connectSource(tap.uri);
+    c0.write(CH0.subarray(0, 64));
+    c1.write(CH1.subarray(0, 64));
+    const main = await connectSource(tap.uri);
+    main.write(MAIN);
+    await dst.waitArrivals(3);
+    c1.write(CH1.subarray(64, 2000));
+    const atDst = dst.arrivals.find((a) => a.index > 0 && Buffer.concat(a.data).subarray(0, 64).equals(CH1.subarray(0, 64)))!;
+    const deadline = Date.now() + 5000;
+    while (Buffer.concat(atDst.data).length < 2000 && Date.now() < deadline) await sleep(5);
+    const reset = new Promise<string | undefined>((resolve) => {
+      atDst.sock.once('error', (e: NodeJS.ErrnoException) => resolve(e.code));
+      atDst.sock.once('close', () => resolve(undefined));
+    });
+    (c1 as net.Socket).resetAndDestroy();
+    expect(await reset).toBe('ECONNRESET');
+    expect(errors).toEqual([{ code: 'reset', channel: 'multifd-1' }]);
+    // The rest of the migration goes its way (here: ends); then every connection is closed.
+    c0.end(CH0.subarray(64));
+    main.end();
+    const r = await tap.sessionEnd(1);
+    expect(r.transportErrors).toEqual([expect.objectContaining({ side: 'source', channel: 'multifd', code: 'reset', afterComplete: false })]);
+    expect([r.connections.main, ...r.connections.multifd].every((c) => c.closedMs !== null)).toBe(true);
+    const cut = r.multifd!.channels.find((c) => c.id === 1)!;
+    expect(cut.bytes).toBe(2000);
+    for (const s of [c0, main]) s.destroy();
+  });
+});

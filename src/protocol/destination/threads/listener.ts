@@ -375,15 +375,22 @@ export class ThreadedListener extends EventEmitter<Events> {
   }
 
   /** Stops listening and ends every candidate's worker; qualified channels stay (the link ends them). */
+  /** Settles once the threads ended by close() (candidates, the spare) have exited. */
+  get ended(): Promise<void> {
+    return Promise.all(this.ending).then(() => undefined);
+  }
+
+  private readonly ending: Promise<unknown>[] = [];
+
   close(): void {
     if (this.closing) return;
     this.closing = true;
     const e = new TransportError('closed', 'listener closed');
     for (const c of [...this.pending]) {
       this.forget(c);
-      void c.w.end();
+      this.ending.push(c.w.end());
     }
-    void this.spare?.terminate();
+    if (this.spare) this.ending.push(this.spare.terminate());
     this.spare = undefined;
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);
