@@ -19,6 +19,7 @@ import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
 import { MigrationListener } from '../../src/transport/connection.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
+import { FaultRelay } from '../faults/relay.js';
 
 const MiB = 1 << 20;
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -136,5 +137,64 @@ look(50);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  it('postcopy with preempt, every channel cut twice: pauses, recovers on new threads, memory bit for bit, every thread ended by itself', async () => {
+    const before = resourceSnapshot();
+    const sink = new InMemorySink();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, idleTimeoutMs: 20_000 });
+    const relay = await FaultRelay.start({ target: dst.uri, maxConnections: 64 });
+    const memory = guest();
+    const src = new SourceSession({
+      to: relay.uri,
+      memory,
+      machineType: 'pc-q35-10.0',
+      devices: [],
+      threads: 'on',
+      // All of RAM in postcopy, slowly: the cuts come while pages still flow.
+      postcopy: { afterPasses: 0 },
+      preempt: true,
+      postcopyBandwidthLimit: 4 * MiB,
+      recovery: { initialDelayMs: 20, maxDelayMs: 200 },
+    });
+    // A cut once postcopy runs, and again once both sides have resumed from it.
+    let resumed = { src: 0, dst: 0 };
+    let cuts = 0;
+    const cut = () =>
+      setTimeout(() => {
+        if (dst.stats().status === 'postcopy-active' && relay.cut(() => true) > 0) cuts++;
+      }, 50);
+    const maybeCut = () => {
+      if (cuts < 2 && resumed.src === cuts && resumed.dst === cuts) cut();
+    };
+    dst.once('postcopy-run', () => {
+      // The destination's guest faults from the top down, through the pauses.
+      void (async () => {
+        for (let off = 16 * MiB - 4096; off >= 0 && dst.stats().status !== 'completed'; off -= 4096) {
+          if (!dst.hasPage('pc.ram', off)) await dst.requestPage('pc.ram', off).catch(() => undefined);
+        }
+      })();
+      cut();
+    });
+    src.on('resumed', () => {
+      resumed = { ...resumed, src: resumed.src + 1 };
+      maybeCut();
+    });
+    dst.on('resumed', () => {
+      resumed = { ...resumed, dst: resumed.dst + 1 };
+      maybeCut();
+    });
+    src.start();
+    const [stats] = await Promise.all([src.done, dst.done]);
+    await relay.close();
+    await dst.close();
+    expect(sink.blocks.get('pc.ram')!.equals(memory.memory.get('pc.ram')!)).toBe(true);
+    expect(cuts).toBe(2);
+    expect(stats.recoveries).toBe(cuts);
+    // Each link had its own threads; every one of them ended by itself.
+    const t = stats.threads!.channels;
+    expect(t.length).toBe(2 * (cuts + 1));
+    expect(t.every((c) => c.ended === 'by-itself'), JSON.stringify(t)).toBe(true);
+    expect(await leftAfter(before, 3000)).toEqual([]);
   });
 });
