@@ -9,6 +9,7 @@ import { DestinationSession } from '../protocol/destination.js';
 import { LatencyHistogram } from '../protocol/latency.js';
 import { InMemorySink } from '../protocol/memory.js';
 import type { TransportOptions } from '../transport/connection.js';
+import type { ThreadMode } from '../transport/worker/support.js';
 
 export interface DemoTouches {
   hot: { start: number; length: number };
@@ -18,6 +19,7 @@ export interface DemoTouches {
 export interface DemoDestinationData {
   transport: TransportOptions;
   postcopy: boolean;
+  threads: ThreadMode;
 }
 
 const PAGE = 4096;
@@ -31,7 +33,7 @@ port.on('message', (m: { type: 'touches'; touches: DemoTouches }) => {
 });
 
 const sink = new InMemorySink({ shared: true });
-const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport: data.transport, postcopy: data.postcopy });
+const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport: data.transport, postcopy: data.postcopy, threads: data.threads });
 port.postMessage({ type: 'listening', uri: dst.uri });
 const faults = new LatencyHistogram();
 let running: Promise<void> = Promise.resolve();
@@ -67,6 +69,7 @@ try {
     faults: faults.summary(),
     returnPathBytes: result.stats.channels.main?.bytesSent ?? 0,
     blocks: [...sink.blocks].map(([name, buf]) => [name, buf.buffer]),
+    threads: result.stats.threads,
   });
 } catch (e) {
   port.postMessage({ type: 'failed', message: e instanceof Error ? e.message : String(e) });

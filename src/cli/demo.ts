@@ -6,6 +6,8 @@ import { dirname, join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
+import type { ThreadMode } from '../transport/worker/support.js';
+import type { DestinationStats } from '../protocol/destination.js';
 import { Option, type Command } from 'commander';
 import type { LatencySummary } from '../protocol/latency.js';
 import { InMemorySource } from '../protocol/memory-source.js';
@@ -16,7 +18,7 @@ import { initPkiDir } from '../transport/pki.js';
 import { asArgParser, intArg } from './args.js';
 import type { DemoDestinationData, DemoTouches } from './demo-destination.js';
 import { usageError } from './errors.js';
-import { latencyJson, sourceStatsJson, type LatencyJson, type SourceStatsJson } from './json.js';
+import { latencyJson, sourceStatsJson, threadsJson, type LatencyJson, type SourceStatsJson, type ThreadsJson } from './json.js';
 import { Progress, PROGRESS_MODES, type ProgressMode } from './progress.js';
 import { run } from './run.js';
 
@@ -36,6 +38,8 @@ export interface DemoOptions {
   workload: Workload;
   tls: boolean;
   preempt: boolean;
+  /** Each channel in a worker thread, at both ends (`threads` of both sessions; default 'auto'). */
+  threads?: ThreadMode;
   /** Where progress lines go (default stderr, or `progress` when given). */
   log?: (line: string) => void;
   /** A display to keep up to date (bytes sent, pages of the guest). */
@@ -60,6 +64,8 @@ export interface DemoReport {
   bytes: { main: number; preempt: number; returnPath: number };
   memoryIdentical: boolean;
   source: SourceStats;
+  /** The destination's stats.threads: whether its channels ran in worker threads, and why. */
+  destinationThreads: DestinationStats['threads'];
 }
 
 /**
@@ -76,10 +82,14 @@ class SyntheticGuest {
   private readonly noise = Buffer.alloc(256);
 
   constructor(readonly size: number) {
-    this.source = new InMemorySource([
-      { idstr: 'pc.ram', length: size },
-      { idstr: 'pc.bios', length: 256 * 1024 },
-    ]);
+    // Shared memory: with threads the source's channel workers read it directly.
+    this.source = new InMemorySource(
+      [
+        { idstr: 'pc.ram', length: size },
+        { idstr: 'pc.bios', length: 256 * 1024 },
+      ],
+      { shared: true },
+    );
     const ram = this.source.memory.get('pc.ram')!;
     for (let p = 0; p < size; p += 3 * TARGET_PAGE_SIZE) randomFillSync(ram, p, TARGET_PAGE_SIZE);
     randomFillSync(this.source.memory.get('pc.bios')!);
@@ -131,7 +141,7 @@ function startDestinationWorker(data: DemoDestinationData): Worker {
 type WorkerMessage =
   | { type: 'listening'; uri: string }
   | { type: 'log'; line: string }
-  | { type: 'done'; postcopy: boolean; faults: LatencySummary; returnPathBytes: number; blocks: [string, SharedArrayBuffer][] }
+  | { type: 'done'; postcopy: boolean; faults: LatencySummary; returnPathBytes: number; blocks: [string, SharedArrayBuffer][]; threads: DestinationStats['threads'] }
   | { type: 'failed'; message: string };
 
 /** A migration of a synthetic guest over the two (TLS) channels on loopback, the destination in a worker thread. */
@@ -144,7 +154,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
     if (o.tls) await initPkiDir(join(dir, 'pki'));
     const transport = o.tls ? { tls: { dir: join(dir, 'pki') } } : {};
     const guest = new SyntheticGuest(o.sizeMiB * MiB);
-    worker = startDestinationWorker({ transport, postcopy: o.policy !== 'never' });
+    worker = startDestinationWorker({ transport, postcopy: o.policy !== 'never', threads: o.threads ?? 'auto' });
     const w = worker;
     const finished = new Promise<Extract<WorkerMessage, { type: 'done' }>>((resolve, reject) => {
       w.on('error', reject);
@@ -172,6 +182,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       postcopy: o.policy,
       preempt: o.preempt && o.policy !== 'never',
       maxPasses: 10,
+      ...(o.threads ? { threads: o.threads } : {}),
       stopVm: () => {
         guest.stop();
         const touches: DemoTouches = { hot: guest.hot, stream: guest.stream };
@@ -227,6 +238,7 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       bytes: { main: stats.channels.main?.bytesSent ?? 0, preempt: stats.channels.preempt?.bytesSent ?? 0, returnPath: done.returnPathBytes },
       memoryIdentical: identical,
       source: stats,
+      destinationThreads: done.threads,
     };
   } finally {
     await worker?.terminate();
@@ -252,6 +264,7 @@ export function formatDemoReport(r: DemoReport): string {
     // Which channel answered each requested page, and why (a page already handed to main before its request is not sent again).
     ...(r.postcopy && r.source['postcopy-requests'] > 0 ? [`requests        ${r.source['postcopy-requests']} sent; answered: ${formatAnswered(r.source['requests-answered'])}`] : []),
     `memory          ${r.memoryIdentical ? 'identical at both ends (bit for bit)' : 'DIFFERS'}`,
+    `destination     ${r.destinationThreads.used ? `channels in worker threads (${r.destinationThreads.channels.map((c) => `${c.role} ${c.cpuSeconds.toFixed(2)} s CPU`).join(', ')})` : 'one thread'}: ${r.destinationThreads.why}`,
   ].join('\n');
 }
 
@@ -276,6 +289,8 @@ export interface DemoJson {
   channels: { mainBytes: number; preemptBytes: number; returnPathBytes: number };
   memoryIdentical: boolean;
   source: SourceStatsJson;
+  /** The destination's channels: in worker threads or not, and why. */
+  destinationThreads: ThreadsJson;
 }
 
 export function demoJson(r: DemoReport): DemoJson {
@@ -294,6 +309,7 @@ export function demoJson(r: DemoReport): DemoJson {
     channels: { mainBytes: r.bytes.main, preemptBytes: r.bytes.preempt, returnPathBytes: r.bytes.returnPath },
     memoryIdentical: r.memoryIdentical,
     source: sourceStatsJson(r.source),
+    destinationThreads: threadsJson(r.destinationThreads),
   };
 }
 
@@ -303,6 +319,7 @@ interface DemoCliOptions {
   workload: Workload;
   tls: boolean;
   preempt: boolean;
+  threads: ThreadMode;
   json?: boolean;
   progress: ProgressMode;
 }
@@ -316,6 +333,7 @@ export function registerDemoCommand(program: Command): Command {
     .addOption(new Option('--workload <kind>', 'video (hot set + streaming buffer) | idle').choices([...WORKLOADS]).default('video'))
     .option('--no-tls', 'plain TCP instead of TLS')
     .option('--no-preempt', 'answer page requests on the main channel')
+    .addOption(new Option('--threads <mode>', 'each channel in a worker thread, at both ends: on | off | auto (on where this Node can move sockets to threads, 26.6+)').choices(['auto', 'on', 'off']).default('auto'))
     .option('--json', 'print the report as JSON')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
     .action(
@@ -327,7 +345,7 @@ export function registerDemoCommand(program: Command): Command {
         const progress = new Progress({ mode: opts.progress, stream: ctx.stderr, prefix: '' });
         let report: DemoReport;
         try {
-          report = await runDemo({ sizeMiB: opts.size, policy: opts.postcopy, workload: opts.workload, tls: opts.tls, preempt: opts.preempt, progress, signal: ctx.signal });
+          report = await runDemo({ sizeMiB: opts.size, policy: opts.postcopy, workload: opts.workload, tls: opts.tls, preempt: opts.preempt, threads: opts.threads, progress, signal: ctx.signal });
         } finally {
           progress.stop();
         }

@@ -145,6 +145,24 @@ export interface DestinationStatsJson {
   channels: { main?: ChannelJson; preempt?: ChannelJson };
   /** With multifd: channels, MULTIFD_FLUSH barriers passed, packets, and per channel (by id) its bytes and pages. */
   multifd?: { channels: number; syncs: number; packets: number; flushWaits: number; perChannel: { id: number; bytes: number; packets: number; pages: PagesJson }[] };
+  /** Whether the channels ran in worker threads, why, and each channel's thread (id) and CPU time. */
+  threads: ThreadsJson;
+}
+
+/** stats.threads in JSON: per channel its thread id and CPU time in ms. */
+export interface ThreadsJson<Extra = object> {
+  used: boolean;
+  why: string;
+  channels: ({ role: string; id: number; cpuMs: number } & Extra)[];
+}
+
+/** Numbers renamed with their unit (id, cpuMs); a channel's other fields kept as they are. */
+export function threadsJson<C extends { role: string; threadId: number; cpuSeconds: number }>(t: { used: boolean; why: string; channels: readonly C[] }): ThreadsJson<Omit<C, 'role' | 'threadId' | 'cpuSeconds'>> {
+  return {
+    used: t.used,
+    why: t.why,
+    channels: t.channels.map(({ role, threadId, cpuSeconds, ...rest }) => ({ ...rest, role, id: threadId, cpuMs: Math.round(cpuSeconds * 1000) })),
+  };
 }
 
 export function destinationStatsJson(s: DestinationStats): DestinationStatsJson {
@@ -162,6 +180,7 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     runs: { count: s.runs.count },
     sink: { pauses: s['sink-waits'] },
     channels: channelsJson(s.channels),
+    threads: threadsJson(s.threads),
     ...(s.multifd
       ? {
           multifd: {
@@ -195,6 +214,8 @@ export interface SourceStatsJson {
   /** Request arrival → last byte of the page handed to the kernel. */
   postcopyLatency: LatencyJson;
   recoveries: number;
+  /** Whether the channels ran in worker threads, why, and each thread's CPU time (SourceStats.threads). */
+  threads: ThreadsJson<Omit<NonNullable<SourceStats['threads']>['channels'][number], 'role' | 'threadId' | 'cpuSeconds'>> | null;
   channels: ChannelsJson;
 }
 
@@ -214,6 +235,7 @@ export function sourceStatsJson(s: SourceStats): SourceStatsJson {
     requestsAnswered: { preempt: s['requests-answered'].preempt, mainInFlight: s['requests-answered']['main-in-flight'], mainNoPreempt: s['requests-answered']['main-no-preempt'] },
     postcopyLatency: latencyJson(s['postcopy-latency']),
     recoveries: s.recoveries,
+    threads: s.threads ? threadsJson(s.threads) : null,
     channels: channelsJson(s.channels),
   };
 }

@@ -12,6 +12,7 @@ import { RAM_DIR, writeSavedVm, type SavedVmManifest } from '../protocol/saved-v
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import { parseEndpoint } from '../transport/endpoint.js';
+import type { ThreadMode } from '../transport/worker/support.js';
 import { checkOutputDirectory, endpointArg, intArg } from './args.js';
 import { describeError as describeAny, type DescribedError } from './errors.js';
 import { FAULT_PATTERNS, FaultGenerator, MAX_FAULT_RATE, type FaultPattern, type FaultReport } from './fault.js';
@@ -32,6 +33,12 @@ export interface ReceiveOptions {
   postcopy?: boolean;
   /** QEMU's multifd with this many channels (1–255; the source's `multifd-channels`). */
   multifd?: number;
+  /**
+   * Channels in worker threads (DestinationOptions.threads, default 'auto').
+   * The saved-VM directory is file-backed: 'auto' stays on one thread (and
+   * says why in the stats), 'on' is refused.
+   */
+  threads?: ThreadMode;
   /** Make demand page requests once postcopy runs (needs `postcopy`). */
   fault?: FaultPattern;
   /** Demand requests per second with `fault`, 1 .. 100 000 (default 100). */
@@ -166,6 +173,7 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
       ...(opts.multifd !== undefined ? { multifd: { channels: opts.multifd } } : {}),
       ...(opts.idleTimeoutMs !== undefined ? { idleTimeoutMs: opts.idleTimeoutMs } : {}),
       ...(opts.recovery !== undefined ? { recovery: opts.recovery } : {}),
+      ...(opts.threads ? { threads: opts.threads } : {}),
     });
   } catch (e) {
     progress.stop();
@@ -346,6 +354,7 @@ interface ReceiveCliOptions {
   tlsAllow?: string[];
   postcopy?: boolean;
   multifd?: number;
+  threads?: ThreadMode;
   fault?: FaultPattern;
   faultRate?: number;
   idleTimeout?: number;
@@ -396,6 +405,7 @@ export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOption
     ...(o.tlsAllow?.length ? { tlsAllow: o.tlsAllow } : {}),
     postcopy: o.postcopy ?? false,
     ...(o.multifd !== undefined ? { multifd: o.multifd } : {}),
+    ...(o.threads ? { threads: o.threads } : {}),
     ...(o.fault ? { fault: o.fault, faultRate: o.faultRate ?? 100 } : {}),
     ...(o.idleTimeout !== undefined ? { idleTimeoutMs: o.idleTimeout } : {}),
     ...(o.recovery === false
@@ -420,6 +430,7 @@ export function registerReceiveCommand(program: Command): Command {
     .option('--tls-allow <name>', "with --tls: accept only a source whose certificate names NAME (subject DN, CN or subjectAltName; repeatable; QEMU's tls-authz)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
     .option('--multifd <n>', "QEMU's multifd: the source opens N more channels for the pages (its multifd-channels, 1..255)", intArg('--multifd', 1, 255))
+    .addOption(new Option('--threads <mode>', 'each channel in a worker thread: on | off | auto (default; the saved-VM directory is file-backed, so auto stays on one thread and on is refused)').choices(['auto', 'on', 'off']))
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
     .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never); once postcopy runs, pause instead', intArg('--idle-timeout', 0, 2_147_483_647))

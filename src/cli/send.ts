@@ -5,10 +5,12 @@
  * follows on demand (a lazy restore: `--postcopy after:0`).
  */
 import { readFileSync, statSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { MigrationError } from '../protocol/errors.js';
-import { SavedVmSource } from '../protocol/memory-source.js';
+import { InMemorySource, SavedVmSource } from '../protocol/memory-source.js';
+import { socketTransferSupported, type ThreadMode } from '../transport/worker/support.js';
 import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
 import { readSavedVmManifest, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { SourceSession, type DeviceStateSection, type SourceStats } from '../protocol/source.js';
@@ -49,6 +51,13 @@ export interface SendOptions {
    * `multifd` capability and `multifd-channels` set to the same number).
    */
   multifd?: number;
+  /**
+   * Each channel in its own worker thread (SourceOptions.threads, default
+   * 'auto'). 'on' reads the saved VM's RAM into shared memory first (the
+   * file-backed source is not shared between threads yet: as much memory as
+   * the guest's RAM); 'auto' keeps the file-backed source, and so one thread.
+   */
+  threads?: ThreadMode;
   /** Cap in bytes/s of the precopy passes and, unless `postcopyBandwidth` is given, of the postcopy background stream (default none). Pages asked for on the preempt channel are never capped. */
   bandwidth?: number;
   /** Cap in bytes/s of the postcopy background stream (default: `bandwidth`). Without preempt, requested pages share this stream. */
@@ -232,12 +241,15 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     const multifd = opts.multifd ? { channels: opts.multifd } : undefined;
     // The saved VM's read buffers must outlast every page the channels may still hold by reference.
     source = await SavedVmSource.open(from, multifd ? { reuseAfterBytes: Math.max(32 << 20, 2 * sourceUnsentBytes({ multifd })) } : {});
+    // Threads need memory every thread can read: the saved RAM, read whole into SharedArrayBuffers.
+    const memory = opts.threads === 'on' && !multifd && socketTransferSupported() ? await sharedRamOf(from, saved.manifest) : source;
     session = new SourceSession({
+      threads: opts.threads ?? 'auto',
       to: opts.to,
       transport: opts.tls
         ? { tls: { dir: opts.tls, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}), ...(opts.tlsAllow?.length ? { allowedPeers: opts.tlsAllow } : {}) } }
         : {},
-      memory: source,
+      memory,
       machineType: saved.manifest.machineType!,
       devices: saved.devices,
       ...(saved.vmdesc ? { vmdesc: saved.vmdesc } : {}),
@@ -379,10 +391,41 @@ export function formatSendSummary(r: SendReport): string[] {
         (l.count ? `; latency p50 ${formatMicros(l.p50)}, p90 ${formatMicros(l.p90)}, p99 ${formatMicros(l.p99)}, max ${formatMicros(l.max)}` : ''),
     );
   }
+  if (st.threads?.used) lines.push(`threads: ${st.threads.channels.map((t) => `${t.role} (thread ${t.threadId}, ${t.cpuSeconds.toFixed(2)} s CPU)`).join(', ')}`);
   const ch = st.channels;
   const mf = ch.multifd?.length ? `; multifd ${ch.multifd.length} channels, ${formatBytes(ch.multifd.reduce((n, c) => n + c.bytesSent, 0))} sent` : '';
   lines.push(`channels: main ${formatBytes(ch.main?.bytesSent ?? 0)} sent, ${formatBytes(ch.main?.bytesReceived ?? 0)} received${ch.preempt ? `; preempt ${formatBytes(ch.preempt.bytesSent)} sent` : ''}${mf}`);
   return lines;
+}
+
+/** `--threads auto|on|off`. */
+export function parseThreadMode(v: string): ThreadMode {
+  if (v !== 'auto' && v !== 'on' && v !== 'off') throw new InvalidArgumentError('must be auto, on or off');
+  return v;
+}
+
+/**
+ * The saved VM's RAM in SharedArrayBuffers (an InMemorySource with `shared`),
+ * for `--threads on`: every block file read whole (a block file may be
+ * shorter than the block: the rest is zero).
+ */
+async function sharedRamOf(dir: string, m: SavedVmManifest): Promise<InMemorySource> {
+  const blocks = new Map<string, Buffer>();
+  for (const b of m.blocks) {
+    const buf = Buffer.from(new SharedArrayBuffer(b.length));
+    const fh = await open(join(dir, b.file), 'r');
+    try {
+      for (let at = 0; at < b.length; ) {
+        const { bytesRead } = await fh.read(buf, at, Math.min(16 << 20, b.length - at), at);
+        if (bytesRead === 0) break;
+        at += bytesRead;
+      }
+    } finally {
+      await fh.close();
+    }
+    blocks.set(b.idstr, buf);
+  }
+  return new InMemorySource(blocks, { shared: true });
 }
 
 /** `--multifd N`: QEMU's multifd-channels range. */
@@ -410,6 +453,7 @@ interface SendCliOptions {
   postcopy: PostcopyPolicy;
   preempt?: boolean;
   multifd?: number;
+  threads?: ThreadMode;
   bandwidth?: number;
   postcopyBandwidth?: number;
   /** commander: false with --no-recovery. */
@@ -478,6 +522,7 @@ export async function runSendCommand(ctx: CommandContext, o: SendCliOptions): Pr
       postcopy: o.postcopy,
       preempt: o.preempt ?? false,
       ...(o.multifd !== undefined ? { multifd: o.multifd } : {}),
+      ...(o.threads !== undefined ? { threads: o.threads } : {}),
       ...(o.bandwidth !== undefined ? { bandwidth: o.bandwidth } : {}),
       ...(o.postcopyBandwidth !== undefined ? { postcopyBandwidth: o.postcopyBandwidth } : {}),
       ...(o.recovery === false
@@ -528,6 +573,7 @@ export function registerSendCommand(program: Command): Command {
     )
     .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
     .option('--multifd <n>', "QEMU's multifd: precopy pages on N more connections, 1-255 (the destination needs capability multifd, multifd-channels N)", parseMultifdChannels)
+    .option('--threads <mode>', "each channel in its own worker thread: auto (when possible: Node 26.6+, memory shared), on (reads the saved RAM into memory first), off (default auto)", parseThreadMode)
     .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
     .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
     .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)", endpointArg)

@@ -7,10 +7,13 @@
  * postcopy run with `threads: 'off'` runs alongside, for the latency figures
  * of both paths in one run (printed; nothing asserts on timing).
  */
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import type { JsonEnvelope } from '../../src/cli/json.js';
+import type { SendJson } from '../../src/cli/send.js';
 import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import type { SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
@@ -23,6 +26,8 @@ import { captureSavedVm, checkDestination, EmulatedGuest, MiB, savedDevices, sav
 const SPEC: GuestSpec = { memoryMiB: 64, guest: { startMiB: 1, endMiB: 33, direction: 'down' } };
 const RANGE = { start: SPEC.guest.startMiB * MiB, end: SPEC.guest.endMiB * MiB };
 const BANDWIDTH = 32 * MiB;
+const ROOT = join(import.meta.dirname, '..', '..');
+const RUNNER = join(ROOT, 'test', 'cli', 'run-send.ts');
 
 let work: string;
 let vmDir: string;
@@ -126,5 +131,37 @@ describeWithQemu('SourceSession with threads into QEMU 10.0', () => {
     expect(answered.preempt).toBe(st['requests-answered'].preempt);
     expect(answered.preempt).toBeGreaterThan(0);
     if (c.tls) expect(st.channels.preempt?.tls?.protocol).toBe('TLSv1.3');
+  });
+
+  it.skipIf(!socketTransferSupported())('qmt send --threads on --postcopy after:0 --preempt --tls: QEMU completes, the guest runs, the JSON names both threads', async () => {
+    const { q, uri } = await startDestination('dst-threads-cli', SPEC, { postcopy: true, preempt: true, tlsDir: pkiDir });
+    try {
+      const child = spawn(process.execPath, ['--import', 'tsx', RUNNER, 'send', '--from', vmDir, '--to', uri, '--tls', pkiDir, '--tls-hostname', 'localhost', '--postcopy', 'after:0', '--preempt', '--threads', 'on', '--json'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+      const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
+      expect(code, stderr).toBe(0);
+      expect(stderr).not.toMatch(/^\s+at /m);
+      expect(stderr).toMatch(/^qmt: threads: main \(thread \d+, [\d.]+ s CPU\), preempt \(thread \d+/m);
+      const r = JSON.parse(stdout) as JsonEnvelope & SendJson;
+      expect(r).toMatchObject({ command: 'send', ok: true, postcopy: true, preempt: true, tls: true });
+      const st = r.stats!;
+      expect(st.threads).toMatchObject({ used: true, why: "threads: 'on'" });
+      expect(st.threads!.channels.map((c) => [c.role, c.ended]), JSON.stringify(st.threads)).toEqual([
+        ['main', 'by-itself'],
+        ['preempt', 'by-itself'],
+      ]);
+      expect(st.channels.preempt?.tls?.protocol).toBe('TLSv1.3');
+      expect(st.requestsAnswered.mainNoPreempt).toBe(0);
+      const check = await checkDestination(q, savedRam(vmDir, manifest).get('pc.ram')!);
+      console.log(`[threads-send] qmt send --threads on after:0 --preempt --tls: ${st.totalTimeMs} ms, downtime ${st.downtimeMs} ms, requests ${st.postcopyRequests}, latency p50 ${st.postcopyLatency.p50Us} µs p99 ${st.postcopyLatency.p99Us} µs`);
+      expect(check.info.status).toBe('completed');
+      expect(check.invariant.ok, check.invariant.detail).toBe(true);
+      expect(check.outside!.count).toBe(0);
+    } finally {
+      await q.stop();
+    }
   });
 });

@@ -34,6 +34,8 @@ interface SessionListener {
   on(event: 'stranger', listener: (ev: StrangerEvent) => void): unknown;
   accept(): Promise<DestinationConnection | ThreadConnection>;
   close(): void;
+  /** ThreadedListener: settles once the threads it started and still held have ended (after close()). */
+  readonly ended?: Promise<void>;
 }
 
 type Command = Extract<StreamRecordWithRuns, { type: 'command' }>['command'];
@@ -884,6 +886,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     const result = this.snapshot();
     this.release();
     this.shutDown = this.shutdown(link, false);
+    // With threads, done settles once every channel's thread has ended: nothing of the session is alive then.
+    if (this.threads.used) await this.shutDown;
     this.emit('completed', result);
     this.resolveDone(result);
     await this.shutDown;
@@ -904,8 +908,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     // SHUT 1 tells a QEMU source that our side failed.
     if (link && this.rpOpen) void link.shut(1);
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
-    this.rejectDone(e);
     this.shutDown = this.shutdown(link, true);
+    if (this.threads.used) void this.shutDown.then(() => this.rejectDone(e));
+    else this.rejectDone(e);
   }
 
   /** Drops what only a running migration needs: the signal listener, the accept timer. */
@@ -917,6 +922,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private async shutdown(link: Link | undefined, abort: boolean): Promise<void> {
     this.listener.close();
     await link?.release(abort);
+    if (this.threads.used) await Promise.all([this.listener.ended, ...this.threadLinks.map((l) => l.ended())]);
   }
 
   /**

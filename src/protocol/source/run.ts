@@ -11,7 +11,7 @@ import { XbzrleCache } from '../xbzrle-cache.js';
 import type { Link } from './link.js';
 import { MultifdPacketCounter } from './multifd.js';
 import type { SourceOptions } from './options.js';
-import { isThreaded, type ThreadShared } from './threads/connection.js';
+import { isThreaded, type ThreadShared, type ThreadStat } from './threads/connection.js';
 import { planSourceThreads, type ThreadPlan } from './threads/plan.js';
 import type { InMemorySource } from '../memory-source.js';
 import { RamPages } from './pages.js';
@@ -53,7 +53,7 @@ export class SourceRun {
   /** Whether the channels run in worker threads, and why (decided once, at construction: 'on' where impossible throws there). */
   readonly threads: ThreadPlan;
   /** Thread stats of links that have ended (their threads are gone; SourceStats.threads keeps them). */
-  readonly endedThreads: { role: string; threadId: number; cpuSeconds: number }[] = [];
+  readonly endedThreads: ThreadStat[] = [];
 
   /** startPostcopy() was called: a precopy pass ends at its next batch (in a channel's worker too). */
   get postcopyRequested(): boolean {

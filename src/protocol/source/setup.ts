@@ -16,6 +16,8 @@ export function connectSource(run: SourceRun, to: string): Promise<SourceConnect
 }
 
 export function attachLink(run: SourceRun, conn: SourceConnection | ThreadedSourceConnection): Link {
+  // A recovery's new link: the old one's threads stay in the stats.
+  if (run.link && isThreaded(run.link.conn)) run.endedThreads.push(...run.link.conn.threadStats());
   const link = new Link(
     conn,
     {

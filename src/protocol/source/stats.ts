@@ -1,6 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import type { ChannelStats } from '../../transport/channel.js';
 import type { LatencySummary } from '../latency.js';
+import type { ThreadStat } from './threads/connection.js';
 
 /** Why a requested page went on the channel it went on (see SourceStats['requests-answered']). */
 export type AnswerReason = 'preempt' | 'main-in-flight' | 'main-no-preempt';
@@ -45,7 +46,7 @@ export interface SourceStats {
   'postcopy-latency': LatencySummary;
   /** Per channel; `multifd` by id, with multifd. */
   /** Whether the channels ran in worker threads and why; each thread's CPU time (SourceOptions.threads). */
-  threads?: { used: boolean; why: string; channels: { role: string; threadId: number; cpuSeconds: number }[] };
+  threads?: { used: boolean; why: string; channels: ThreadStat[] };
   channels: { main?: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] };
 }
 

@@ -6,6 +6,8 @@ export {
   type DirectionReport,
   type MainChannelReport,
   type Milestone,
+  type MultifdChannelReport,
+  type MultifdReport,
   type PageAnsweredEvent,
   type PageChannel,
   type PageCounts,
@@ -18,3 +20,5 @@ export {
   type TapDirection,
   type TapPass,
 } from './analysis.js';
+export { type CaptureFileReport } from './capture.js';
+export { type MultifdChannelCounts, type MultifdTotals } from './multifd.js';

@@ -100,7 +100,7 @@ function take(): net.Socket | tls.TLSSocket {
   return s;
 }
 
-function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt'): Channel {
+function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt'): [Channel, () => void] {
   const opts = data[role];
   const tuning = tuneChannel(s, role, 'destination', data.kind, { [role]: { tuning: opts.tuning } });
   const ch = new Channel(s, role, tuning, opts.limits);
@@ -112,7 +112,7 @@ function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt'): Cha
     report();
   });
   report();
-  return ch;
+  return [ch, report];
 }
 
 /** CPU time of this thread (Node ≥ 23.9 has process.threadCpuUsage; this path needs Node 26 anyway). */
@@ -151,8 +151,11 @@ class Main {
   private readonly entry = new Float64Array(REQUEST_WORDS);
   private readonly names: string[] = [];
 
+  /** Reports the channel's stats now (they also go every 250 ms). */
+  private readonly report: () => void;
+
   constructor(s: net.Socket | tls.TLSSocket, m: Extract<ToWorker, { t: 'serve-main' }>) {
-    this.ch = channelOf(s, 'main');
+    [this.ch, this.report] = channelOf(s, 'main');
     this.decoder = m.resume ? new StreamDecoder({ channel: 'resume', resumeFrom: m.resume, pageRuns: true }) : new StreamDecoder({ pageRuns: true });
     this.landing = new WorkerLanding(new Float64Array(m.counts), 'main');
     this.landing.listening = this.decoder.postcopy;
@@ -321,6 +324,7 @@ class Main {
         .then(() => (value === 0 ? main.flush() : undefined))
         .catch(() => undefined);
     }
+    this.report();
     post({ t: 'shut-done' });
   }
 }
@@ -335,7 +339,7 @@ class Preempt {
   private first = true;
 
   constructor(s: net.Socket | tls.TLSSocket, m: Extract<ToWorker, { t: 'serve-preempt' }>) {
-    this.ch = channelOf(s, 'preempt');
+    [this.ch] = channelOf(s, 'preempt');
     const blocks = blockMap(m.blocks);
     this.decoder = new PreemptDecoder(blocks, { pageRuns: true });
     this.landing = new WorkerLanding(new Float64Array(m.counts), 'preempt');

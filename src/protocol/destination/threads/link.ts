@@ -342,6 +342,11 @@ export class ThreadLink {
     void loop();
   }
 
+  /** Settles once every worker of this link has exited. */
+  ended(): Promise<void> {
+    return Promise.all(this.workers.map((w) => w.worker.exited)).then(() => undefined);
+  }
+
   /** SHUT `value`, resolved once written (or the channel is gone). */
   shut(value: number): Promise<void> {
     if (this.mainClosedSeen) return Promise.resolve();

@@ -29,6 +29,8 @@ const WORKER = 'protocol/destination/threads/channel-worker';
 export class ChannelWorker {
   /** Messages once the owner (the session's link) takes over from the admission. */
   onMessage: ((m: FromWorker) => void) | undefined;
+  /** Set by the listener: takes this thread out of the candidates' bound (it qualified). */
+  released: (() => void) | undefined;
   private ended = false;
   readonly exited: Promise<void>;
 
@@ -97,7 +99,10 @@ export class ThreadConnection {
 }
 
 interface Candidate {
-  readonly w: ChannelWorker;
+  /** Its thread, once it has one (at most maxPendingConnections candidates hold a thread). */
+  w?: ChannelWorker;
+  /** The socket, unread, while it waits for a thread. */
+  raw?: net.Socket;
   readonly role: ChannelRole;
   readonly remote: string | undefined;
   timer?: NodeJS.Timeout;
@@ -141,7 +146,8 @@ export class ThreadedListener extends EventEmitter<Events> {
     }
     const material = opts.tls ? await loadTlsDir(opts.tls.dir, 'server') : undefined;
     // A plain server even with TLS: the handshake runs in the channel's worker.
-    const listening = await listen(ep, {});
+    // Paused: a socket waiting for a thread must not be read (it could not move to one then).
+    const listening = await listen(ep, { pauseOnConnect: true });
     const l = new ThreadedListener(listening, opts, listenOpts, material);
     l.spare = l.spawn();
     return l;
@@ -213,15 +219,45 @@ export class ThreadedListener extends EventEmitter<Events> {
       const oldest = this.pending.values().next().value as Candidate;
       this.drop(oldest, 'too-many', new TransportError('too-many-connections', `${this.pending.size} connections were already waiting to qualify (maxPendingConnections)`, oldest.role === 'preempt' ? { channel: 'preempt' } : {}));
     }
-    // Before anything reads it: a socket that has read cannot move to another thread.
-    const w = new ChannelWorker(this.takeSpare(), role);
-    w.post({ t: 'socket', socket: raw, role }, [raw]);
-    this.spare = this.closing ? undefined : this.spawn();
-    const c: Candidate = { w, role, remote, secure: false };
+    const c: Candidate = { raw, role, remote, secure: false };
     this.pending.add(c);
-    w.onMessage = (m) => this.onCandidate(c, m);
     this.startTimer(c);
+    // Threads exiting (evicted candidates) still count: their number stays bounded, and the socket waits, unread.
+    if (this.candidateThreads < this.maxPending) this.startThread(c);
+  }
+
+  /** Threads started for candidates that have neither qualified nor exited. */
+  private candidateThreads = 0;
+
+  /** Gives `c` a thread and its socket, before anything read it (a socket that has read cannot move). */
+  private startThread(c: Candidate): void {
+    const raw = c.raw!;
+    c.raw = undefined;
+    const w = new ChannelWorker(this.takeSpare(), c.role);
+    c.w = w;
+    this.candidateThreads++;
+    let counted = true;
+    const release = (): void => {
+      if (!counted) return;
+      counted = false;
+      this.candidateThreads--;
+      this.startWaiting();
+    };
+    void w.exited.then(release);
+    w.released = release;
+    w.post({ t: 'socket', socket: raw, role: c.role }, [raw]);
+    this.spare = this.closing ? undefined : this.spawn();
+    w.onMessage = (m) => this.onCandidate(c, m);
     if (!this.material) this.awaitFirstBytes(c);
+  }
+
+  /** A thread is free: the oldest candidate still waiting for one gets it. */
+  private startWaiting(): void {
+    if (this.closing) return;
+    for (const c of this.pending) {
+      if (this.candidateThreads >= this.maxPending) return;
+      if (!c.w && c.raw) this.startThread(c);
+    }
   }
 
   private onCandidate(c: Candidate, m: FromWorker): void {
@@ -319,13 +355,16 @@ export class ThreadedListener extends EventEmitter<Events> {
 
   private qualified(c: Candidate): void {
     this.forget(c);
-    c.w.onMessage = undefined;
+    const w = c.w!;
+    w.onMessage = undefined;
     if (this.closing) {
-      void c.w.end();
+      void w.end();
       return;
     }
+    // A channel now, no longer a candidate: its thread leaves the candidates' bound.
+    w.released?.();
     if (c.doomed || !this.take(c)) {
-      void c.w.end();
+      void w.end();
       this.report({ reason: 'extra', error: new TransportError('channel-order', `the ${c.role} channel was taken by another connection before this one qualified`, { channel: c.role }), ...(c.remote ? { remote: c.remote } : {}) });
     }
   }
@@ -333,12 +372,12 @@ export class ThreadedListener extends EventEmitter<Events> {
   private take(c: Candidate): boolean {
     if (c.role === 'main' ? this.conn !== undefined : this.conn === undefined || this.conn.preempt !== undefined) return false;
     if (c.role === 'main') {
-      this.conn = new ThreadConnection(c.w, () => this.count('preempt'));
+      this.conn = new ThreadConnection(c.w!, () => this.count('preempt'));
       this.dropAll('another connection became the main channel');
       for (const w of this.acceptWaiters.splice(0)) w.resolve(this.conn);
     } else {
       this.dropAll('another connection became the preempt channel');
-      this.conn!.attachPreempt(c.w);
+      this.conn!.attachPreempt(c.w!);
     }
     return true;
   }
@@ -360,7 +399,8 @@ export class ThreadedListener extends EventEmitter<Events> {
   private drop(c: Candidate, reason: StrangerReason, error: TransportError): void {
     if (!this.pending.has(c)) return;
     this.forget(c);
-    void c.w.end();
+    if (c.w) void c.w.end();
+    else c.raw?.destroy();
     this.report({ reason, error, ...(c.remote ? { remote: c.remote } : {}) });
   }
 
@@ -375,15 +415,23 @@ export class ThreadedListener extends EventEmitter<Events> {
   }
 
   /** Stops listening and ends every candidate's worker; qualified channels stay (the link ends them). */
+  /** Settles once the threads ended by close() (candidates, the spare) have exited. */
+  get ended(): Promise<void> {
+    return Promise.all(this.ending).then(() => undefined);
+  }
+
+  private readonly ending: Promise<unknown>[] = [];
+
   close(): void {
     if (this.closing) return;
     this.closing = true;
     const e = new TransportError('closed', 'listener closed');
     for (const c of [...this.pending]) {
       this.forget(c);
-      void c.w.end();
+      if (c.w) this.ending.push(c.w.end());
+      else c.raw?.destroy();
     }
-    void this.spare?.terminate();
+    if (this.spare) this.ending.push(this.spare.terminate());
     this.spare = undefined;
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);

@@ -18,6 +18,14 @@ const ENTRIES = {
 /** Room for this many page requests (main → preempt) and notices before a producer queues (RingWriter). */
 const RING_ENTRIES = 4096;
 
+/** One channel thread in SourceStats.threads: its role, id, CPU time and, once it is gone, how it ended. */
+export interface ThreadStat {
+  role: ChannelRole;
+  threadId: number;
+  cpuSeconds: number;
+  ended?: 'by-itself' | 'terminated';
+}
+
 /** What the session's threads share, the same for every link of a migration (built once from the run). */
 export interface ThreadShared {
   readonly blocks: readonly SharedBlock[];
@@ -199,8 +207,10 @@ export class ThreadedSourceConnection {
   }
 
   /** The threads of this connection, for SourceStats.threads. */
-  threadStats(): { role: ChannelRole; threadId: number; cpuSeconds: number }[] {
-    return [this.main, this.preempt].filter((c): c is RemoteChannel => c !== undefined).map((c) => ({ role: c.role, threadId: c.threadId, cpuSeconds: c.cpuSeconds }));
+  threadStats(): ThreadStat[] {
+    return [this.main, this.preempt]
+      .filter((c): c is RemoteChannel => c !== undefined)
+      .map((c) => ({ role: c.role, threadId: c.threadId, cpuSeconds: c.cpuSeconds, ...(c.ended ? { ended: c.ended } : {}) }));
   }
 
   private endRings(): void {

@@ -39,6 +39,9 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private exited = false;
   readonly exit: Promise<void>;
   cpuSeconds = 0;
+  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after a second. */
+  ended: 'by-itself' | 'terminated' | undefined;
+  private terminating = false;
 
   constructor(
     readonly worker: Worker,
@@ -53,6 +56,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
     this.exit = new Promise((resolve) =>
       worker.once('exit', () => {
         this.exited = true;
+        this.ended = this.terminating ? 'terminated' : 'by-itself';
         this.gone(new TransportError('closed', `the ${role} channel's thread ended`, { channel: role }));
         resolve();
       }),
@@ -186,7 +190,10 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private async endThread(): Promise<void> {
     if (this.exited) return;
     // A thread that does not end by itself (stuck in a handshake, say) is stopped: nothing outlives the session.
-    const timer = setTimeout(() => void this.worker.terminate(), 1000);
+    const timer = setTimeout(() => {
+      this.terminating = true;
+      void this.worker.terminate();
+    }, 1000);
     await this.exit;
     clearTimeout(timer);
   }

@@ -121,6 +121,9 @@ export function runChannelWorker(hooks: WorkerHooks): void {
         return;
       case 'close':
         void ch!.close().finally(() => {
+          // Under TLS the raw socket outlives the TLS one until the peer closes its side (QEMU keeps
+          // the preempt channel open a while): our FIN is out, nothing more will come that matters.
+          sock.destroy();
           report();
           post({ t: 'done', id: m.id });
           end();
