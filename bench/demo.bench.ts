@@ -79,7 +79,9 @@ interface DemoReportJson {
   faults: { count: number; p50Us: number; p99Us: number };
   channels: { mainBytes: number; preemptBytes: number; returnPathBytes: number };
   memoryIdentical: boolean;
-  threads?: unknown;
+  /** Issue 13: the source's stats (with `threads`) and the destination's `threads`: `{ used, why, channels: [{ role, id, cpuMs }] }`. */
+  source?: { threads?: unknown };
+  destinationThreads?: unknown;
 }
 
 function markdown(d: DemoData): string {
@@ -170,7 +172,7 @@ await runPart<DemoData>('demo', "The demo's fault latency: preempt channel or no
           topThreads: topThreads(threadCpu, 6),
           ...(r.cpu && wallS > 0 ? { coresUsed: (r.cpu.userS + r.cpu.systemS) / wallS } : {}),
         };
-        const th = threadsOfReport(j.threads);
+        const th = threadsOfReport({ source: j.source?.threads, destination: j.destinationThreads });
         if (th) dr.threads = th;
         // `--threads on` accepted but one thread used: not what the variant says.
         if (v.threads === 'on' && th && !th.used) throw new Error(`--threads on, but the demo says threads were not used: ${th.why}`);

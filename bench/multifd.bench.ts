@@ -243,7 +243,8 @@ async function libraryRun(ctx: PartContext, bytes: number, channels: number, pki
       src.call<SourceRun>({ cmd: 'source-migrate', to: uri, policy: 'never', preempt: false, hash: true, timeoutMs: 300_000, tlsDir: pkiDir, multifd: channels, threads }, 310_000),
       dst.call<DestinationRun>({ cmd: 'dest-wait', timeoutMs: 300_000, hash: true }, 310_000),
     ]);
-    const cpu = sampler.stop();
+    // Both ends hash their RAM after the migration (the ✓ check), inside the sampled interval: not the transfer's CPU.
+    const cpu = sampler.stop(new Map([...(src.pid !== undefined ? ([[src.pid, s.hashCpuS ?? 0]] as const) : []), ...(dst.pid !== undefined ? ([[dst.pid, d.hashCpuS ?? 0]] as const) : [])]));
     const seconds = (d.completedUs - s.startUs) / 1e6;
     const ts = threadsOf(s.stats);
     const td = threadsOf(d.stats);

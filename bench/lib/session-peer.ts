@@ -78,6 +78,8 @@ export interface SourceRun {
   /** Per answered request, arrival → written (µs), as the source measures it. */
   requestLatencyUs: number[];
   hash?: string;
+  /** CPU core-seconds the hash took (this process's main thread, after the migration): what a CPU-per-GB figure must leave out. */
+  hashCpuS?: number;
 }
 
 export interface DestinationRun {
@@ -91,6 +93,16 @@ export interface DestinationRun {
   requestLatencyUs: number[];
   workload?: DestinationWorkloadReport;
   hash?: string;
+  /** CPU core-seconds the hash took (this process's main thread, after the migration): what a CPU-per-GB figure must leave out. */
+  hashCpuS?: number;
+}
+
+/** The hash and the CPU it took. */
+function timedHash(f: () => string): { hash: string; hashCpuS: number } {
+  const c0 = process.cpuUsage();
+  const hash = f();
+  const c = process.cpuUsage(c0);
+  return { hash, hashCpuS: (c.user + c.system) / 1e6 };
 }
 
 const log = (msg: string): void => void process.stderr.write(`[session-peer] ${msg}\n`);
@@ -178,7 +190,7 @@ async function sourceMigrate(c: Extract<SessionCommand, { cmd: 'source-migrate' 
     ]);
     const doneUs = monoUs();
     const run: SourceRun = { startUs, stoppedUs, postcopyActiveUs, doneUs, stats, passes, requestLatencyUs };
-    if (c.hash && g) run.hash = hashBlocks(g.source.memory);
+    if (c.hash && g) Object.assign(run, timedHash(() => hashBlocks(g.source.memory)));
     return run;
   } finally {
     clearTimeout(timer);
@@ -249,7 +261,10 @@ async function destWait(c: Extract<SessionCommand, { cmd: 'dest-wait' }>): Promi
     const run: DestinationRun = { runUs, completedUs, stats: result.stats, postcopy: result.postcopy, requestLatencyUs: [...destLatency] };
     const w = await workload;
     if (w) run.workload = w;
-    if (c.hash && sink instanceof InMemorySink) run.hash = hashBlocks(sink.blocks);
+    if (c.hash && sink instanceof InMemorySink) {
+      const blocks = sink.blocks;
+      Object.assign(run, timedHash(() => hashBlocks(blocks)));
+    }
     return run;
   } finally {
     clearTimeout(timer);

@@ -125,14 +125,19 @@ export class ThreadCpuSampler {
     }
   }
 
-  stop(): ThreadCpuReport {
+  /**
+   * `notOurs`: core-seconds to leave out of a process's main thread (its
+   * thread id is its pid), e.g. a check that ran after the transfer inside
+   * the sampled interval.
+   */
+  stop(notOurs: ReadonlyMap<number, number> = new Map()): ThreadCpuReport {
     this.sample();
     clearInterval(this.timer);
     const wallS = (performance.now() - this.t0) / 1000;
-    const per = [...this.seen.values()].map((t) => ({ comm: t.comm, cpuS: (t.last - t.first) / CLK_TCK }));
+    const per = [...this.seen.values()].map((t) => ({ comm: t.comm, cpuS: Math.max(0, (t.last - t.first) / CLK_TCK - (t.tid === t.pid ? (notOurs.get(t.pid) ?? 0) : 0)) }));
     // Whole processes: their ended threads included (a channel thread that ended between two samples is not lost).
     const totalS = Math.max(
-      [...this.procs.values()].reduce((s, p) => s + (p.last - p.first) / CLK_TCK, 0),
+      [...this.procs.entries()].reduce((s, [pid, p]) => s + Math.max(0, (p.last - p.first) / CLK_TCK - (notOurs.get(pid) ?? 0)), 0),
       per.reduce((s, t) => s + t.cpuS, 0),
     );
     const busiest = per.reduce<{ comm: string; cpuS: number } | undefined>((b, t) => (b === undefined || t.cpuS > b.cpuS ? t : b), undefined);
