@@ -160,17 +160,20 @@ export class PageTracker {
     if (b.received.has(page)) return Promise.resolve({ block, offset: aligned, requested: false, channel: 'none', latencyUs: 0 });
     b.pending ??= new Map();
     let p = b.pending.get(page);
+    const fresh = !p;
     if (!p) {
       p = { block: b, page, sentAt: undefined, waiters: [], failers: [] };
       b.pending.set(page, p);
       this.pending.add(p);
-      if (this.canRequest) this.sendRequest(p, now);
     }
     const entry = p;
-    return new Promise((resolve, reject) => {
+    const answer = new Promise<PageRequestResult>((resolve, reject) => {
       entry.waiters.push(resolve);
       entry.failers.push(reject);
     });
+    // Sent once the waiter is in: sending may find the page landed meanwhile (another thread) and resolve it at once.
+    if (fresh && this.canRequest) this.sendRequest(entry, now);
+    return answer;
   }
 
   private sendRequest(p: Pending, now: number): void {

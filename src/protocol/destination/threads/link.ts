@@ -310,13 +310,14 @@ export class ThreadLink {
       e[4] = this.messagesPosted;
       if (this.ring.push(e)) {
         this.ringPushes++;
-        this.watchPages();
+        // Not from inside the tracker's request(): the watch may resolve requests at once.
+        queueMicrotask(() => this.watchPages());
         return;
       }
     }
     this.threads.main.post({ t: 'rp', m, seq: this.ringPushes });
     this.messagesPosted++;
-    if (m.type === 'req-pages' || m.type === 'req-pages-id') this.watchPages();
+    if (m.type === 'req-pages' || m.type === 'req-pages-id') queueMicrotask(() => this.watchPages());
   }
 
   /**
