@@ -179,7 +179,9 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   /** Sends what is queued, closes the socket, and waits for the thread to end. */
   async close(): Promise<void> {
     if (!this.exited && !this.closed) await this.call({ t: 'close', id: this.id() }).catch(() => undefined);
-    await this.endThread();
+    // The worker's Channel.close waits up to 2 s for the peer to close its side (a QEMU destination
+    // closes its multifd channels only in its cleanup): the thread ends by itself within that bound.
+    await this.endThread(3000);
   }
 
   /** Tears the channel down now; its thread ends (terminated if it does not within a second). */
@@ -189,13 +191,13 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
     void this.endThread();
   }
 
-  private async endThread(): Promise<void> {
+  private async endThread(graceMs = 1000): Promise<void> {
     if (this.exited) return;
     // A thread that does not end by itself (stuck in a handshake, say) is stopped: nothing outlives the session.
     const timer = setTimeout(() => {
       this.terminating = true;
       void this.worker.terminate();
-    }, 1000);
+    }, graceMs);
     await this.exit;
     clearTimeout(timer);
   }

@@ -167,6 +167,10 @@ export function runChannelWorker(hooks: WorkerHooks): void {
       c.on('close', () => {
         report();
         post({ t: 'close' });
+        // Nothing more can go on this channel: the thread ends (the caller's side may never send
+        // 'close' for a channel the peer closed first — a QEMU destination closes its multifd ones).
+        sock.destroy();
+        end();
       });
       statsTimer = setInterval(report, 100);
       // Only while the channel is open: the channel's socket keeps the thread alive, never this timer.
