@@ -4,6 +4,9 @@ import type { ChannelRole, ChannelStats } from '../../../transport/channel.js';
 import { TransportError, type TransportErrorCode } from '../../../transport/errors.js';
 import type { CountDelta, FromWorker, PassCommand, ToWorker, WireError } from './protocol.js';
 
+/** How long a channel's thread has to end by itself after close/destroy before it is terminated. */
+const END_GRACE_MS = 3000;
+
 interface Pending {
   resolve(m: Extract<FromWorker, { t: 'done' }>): void;
   reject(e: TransportError): void;
@@ -39,7 +42,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private exited = false;
   readonly exit: Promise<void>;
   cpuSeconds = 0;
-  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after a second. */
+  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after END_GRACE_MS. */
   ended: 'by-itself' | 'terminated' | undefined;
   private terminating = false;
 
@@ -180,7 +183,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
     await this.endThread();
   }
 
-  /** Tears the channel down now; its thread ends (terminated if it does not within a second). */
+  /** Tears the channel down now; its thread ends (terminated if it does not within END_GRACE_MS). */
   destroy(): void {
     if (this.exited) return;
     this.worker.postMessage({ t: 'destroy' } satisfies ToWorker);
@@ -190,10 +193,12 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private async endThread(): Promise<void> {
     if (this.exited) return;
     // A thread that does not end by itself (stuck in a handshake, say) is stopped: nothing outlives the session.
+    // Longer than Channel.close's own 2 s wait for the peer's FIN (a QEMU destination may keep the preempt
+    // channel open a while after the end): a thread still in that wait is not stuck.
     const timer = setTimeout(() => {
       this.terminating = true;
       void this.worker.terminate();
-    }, 1000);
+    }, END_GRACE_MS);
     await this.exit;
     clearTimeout(timer);
   }

@@ -159,6 +159,10 @@ export function runChannelWorker(hooks: WorkerHooks): void {
       c.on('close', () => {
         report();
         post({ t: 'close' });
+        // Closed by the peer (QEMU closes the preempt channel at the end): the caller's thread sends
+        // nothing more to a closed channel, so the thread ends now rather than wait to be terminated.
+        sock.destroy();
+        end();
       });
       statsTimer = setInterval(report, 100);
       // Only while the channel is open: the channel's socket keeps the thread alive, never this timer.
