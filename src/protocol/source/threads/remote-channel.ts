@@ -4,6 +4,9 @@ import { channelName, type ChannelRole, type ChannelStats } from '../../../trans
 import { TransportError, type ChannelName, type TransportErrorCode } from '../../../transport/errors.js';
 import type { CountDelta, FromWorker, PassCommand, ToWorker, WireError } from './protocol.js';
 
+/** How long a channel's thread has to end by itself after close/destroy before it is terminated. */
+const END_GRACE_MS = 3000;
+
 interface Pending {
   resolve(m: Extract<FromWorker, { t: 'done' }>): void;
   reject(e: TransportError): void;
@@ -39,7 +42,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private exited = false;
   readonly exit: Promise<void>;
   cpuSeconds = 0;
-  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after a second. */
+  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after END_GRACE_MS. */
   ended: 'by-itself' | 'terminated' | undefined;
   private terminating = false;
 
@@ -179,25 +182,25 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   /** Sends what is queued, closes the socket, and waits for the thread to end. */
   async close(): Promise<void> {
     if (!this.exited && !this.closed) await this.call({ t: 'close', id: this.id() }).catch(() => undefined);
-    // The worker's Channel.close waits up to 2 s for the peer to close its side (a QEMU destination
-    // closes its multifd channels only in its cleanup): the thread ends by itself within that bound.
-    await this.endThread(3000);
+    await this.endThread();
   }
 
-  /** Tears the channel down now; its thread ends (terminated if it does not within a second). */
+  /** Tears the channel down now; its thread ends (terminated if it does not within END_GRACE_MS). */
   destroy(): void {
     if (this.exited) return;
     this.worker.postMessage({ t: 'destroy' } satisfies ToWorker);
     void this.endThread();
   }
 
-  private async endThread(graceMs = 1000): Promise<void> {
+  private async endThread(): Promise<void> {
     if (this.exited) return;
     // A thread that does not end by itself (stuck in a handshake, say) is stopped: nothing outlives the session.
+    // Longer than Channel.close's own 2 s wait for the peer's FIN (a QEMU destination may keep the preempt
+    // channel open a while after the end): a thread still in that wait is not stuck.
     const timer = setTimeout(() => {
       this.terminating = true;
       void this.worker.terminate();
-    }, graceMs);
+    }, END_GRACE_MS);
     await this.exit;
     clearTimeout(timer);
   }

@@ -167,8 +167,8 @@ export function runChannelWorker(hooks: WorkerHooks): void {
       c.on('close', () => {
         report();
         post({ t: 'close' });
-        // Nothing more can go on this channel: the thread ends (the caller's side may never send
-        // 'close' for a channel the peer closed first — a QEMU destination closes its multifd ones).
+        // Closed by the peer (QEMU closes the preempt channel at the end, its multifd channels too): the caller's
+        // thread sends nothing more to a closed channel, so the thread ends now rather than wait to be terminated.
         sock.destroy();
         end();
       });
