@@ -117,7 +117,12 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
         this.fail(transportError(m.error, this.name));
         return;
       case 'close':
-        this.gone(new TransportError('closed', 'channel closed', { channel: this.name }));
+        // Calls still waiting get their answer from the worker (a flush resolves on a clean close,
+        // as Channel.flush does), or fail when its thread exits right after.
+        if (!this.closed) {
+          this.closed = true;
+          this.emit('close');
+        }
         return;
       default:
         this.hooks.onMessage(m);

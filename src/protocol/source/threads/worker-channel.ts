@@ -169,8 +169,12 @@ export function runChannelWorker(hooks: WorkerHooks): void {
         post({ t: 'close' });
         // Closed by the peer (QEMU closes the preempt channel at the end, its multifd channels too): the caller's
         // thread sends nothing more to a closed channel, so the thread ends now rather than wait to be terminated.
-        sock.destroy();
-        end();
+        // After the answers this close settles (a flush that waited on the socket resolves on its
+        // 'close', as on one thread): they are posted first, then the port closes.
+        setImmediate(() => {
+          sock.destroy();
+          end();
+        });
       });
       statsTimer = setInterval(report, 100);
       // Only while the channel is open: the channel's socket keeps the thread alive, never this timer.
