@@ -29,7 +29,7 @@ export function attachLink(run: SourceRun, conn: SourceConnection | ThreadedSour
       abortReason: () => run.failure ?? run.refusal,
       phase: () => run.phase,
       over: () => run.over,
-      multifdIdle: () => run.postcopy || run.state.kind === 'completing',
+      multifdIdle: () => run.postcopy || run.state.kind === 'completing' || run.multifdFinished,
     },
     run.replyTimeoutMs,
   );

@@ -23,6 +23,7 @@ export async function completePrecopy(run: SourceRun): Promise<void> {
   run.c.syncs++;
   if (wantSwitchoverStart(run)) run.write([{ type: 'command', command: { cmd: 'switchover-start' } }]);
   await sendPass(run, { precopy: true, kind: 'end' });
+  run.multifdFinished = true;
   const devices = await deviceRecords(run);
   run.write(devices);
   run.write([{ type: 'eof' }]);
