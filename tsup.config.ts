@@ -28,6 +28,7 @@ export default defineConfig([
       'protocol/destination/threads/channel-worker': 'src/protocol/destination/threads/channel-worker.ts',
       'protocol/source/threads/main-worker': 'src/protocol/source/threads/main-worker.ts',
       'protocol/source/threads/preempt-worker': 'src/protocol/source/threads/preempt-worker.ts',
+      'protocol/source/threads/multifd-worker': 'src/protocol/source/threads/multifd-worker.ts',
     },
     format: ['esm'],
     sourcemap: true,

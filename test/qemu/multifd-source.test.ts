@@ -24,6 +24,7 @@ import type { SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
 import { TransportError } from '../../src/transport/errors.js';
 import { initPkiDir } from '../../src/transport/pki.js';
+import { socketTransferSupported } from '../../src/transport/worker/support.js';
 import { startQmt, type QmtRun } from '../cli/qmt.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { stopAll } from './harness.js';
@@ -142,6 +143,56 @@ describeWithQemu('multifd from our source into QEMU 10.0', () => {
       expect(check.passesAfter).toBeGreaterThanOrEqual(2);
       expect(check.invariant.ok, check.invariant.detail).toBe(true);
       expect(check.outside!.count, 'pages outside the guest range differing').toBe(0);
+    } finally {
+      guest.stop();
+      await q.stop();
+    }
+  }, 120_000);
+
+  it.skipIf(!socketTransferSupported())('SourceSession, 4 TLS channels in worker threads (threads on), the guest still running: QEMU completes, invariant holds, every thread ended by itself', async () => {
+    const { q, uri } = await startDestination('mfd-dst-threads-tls', SPEC, { postcopy: false, preempt: false, multifd: 4, tlsDir: pkiDir });
+    const range = { start: SPEC.guest.startMiB * MiB, end: SPEC.guest.endMiB * MiB };
+    const guest = new EmulatedGuest(savedRam(vmDir, manifest), 'pc.ram', range, { shared: true });
+    try {
+      const s = new SourceSession({
+        to: uri,
+        transport: { tls: { dir: pkiDir, hostname: 'localhost' } },
+        memory: guest.source,
+        machineType: manifest.machineType!,
+        devices: savedDevices(vmDir, manifest),
+        vmdesc: savedVmdesc(vmDir, manifest),
+        multifd: { channels: 4 },
+        threads: 'on',
+        bandwidthLimit: 32 * MiB,
+        downtimeLimitMs: 1,
+        maxPasses: 3,
+        stopVm: () => guest.stop(),
+      });
+      guest.start(50);
+      s.start();
+      let stats: SourceStats;
+      try {
+        stats = await s.done;
+      } catch (e) {
+        throw new Error(`${(e as Error).message}; destination: ${JSON.stringify(await q.queryMigrate().catch(() => undefined))} ${q.stderrTail(800)}`, { cause: e });
+      }
+      expect(stats.passes).toBe(3);
+      expectPagesOnMultifd(stats, 4);
+      for (const c of stats.channels.multifd!) expect(c.tls?.protocol, `multifd-${c.id} TLS`).toBe('TLSv1.3');
+      expect(stats.threads?.used).toBe(true);
+      const check = await checkDestination(q, guest.source.memory.get('pc.ram')!);
+      expect(check.info.status).toBe('completed');
+      expect(check.passesAfter).toBeGreaterThanOrEqual(2);
+      expect(check.invariant.ok, check.invariant.detail).toBe(true);
+      expect(check.outside!.count, 'pages outside the guest range differing').toBe(0);
+      // Every channel's thread ended by itself once the session was done.
+      let t = s.stats().threads!;
+      for (let i = 0; i < 250 && !t.channels.every((c) => c.ended); i++) {
+        await new Promise((r) => setTimeout(r, 20));
+        t = s.stats().threads!;
+      }
+      expect(t.channels.map((c) => [c.role, c.ended])).toEqual([['main', 'by-itself'], ...Array.from({ length: 4 }, () => ['multifd', 'by-itself'])]);
+      console.log(`[multifd-src] threads on, 4 TLS channels into QEMU: passes ${stats.passes}, ${stats['total-time']} ms, threads ${JSON.stringify(t)}`);
     } finally {
       guest.stop();
       await q.stop();

@@ -103,12 +103,16 @@ export class Link {
    */
   async connectMultifd(count: number, packetNumbers: MultifdPacketCounter, uuid: Uint8Array | undefined): Promise<void> {
     const senders: MultifdChannelSender[] = [];
-    const channels = await this.conn.connectMultifd(count, (ch) => {
-      // The init message at once, as each channel connects (see connectMultifd).
-      const sender = new MultifdChannelSender(ch.id!, ch, packetNumbers, uuid ? { uuid } : {});
-      sender.start();
-      senders[ch.id!] = sender;
-    });
+    const conn = this.conn;
+    // Threaded: each channel's worker owns its sender (init message, packets, SYNCs); `multifd` stays empty here.
+    const channels = isThreaded(conn)
+      ? ((await conn.connectMultifd(count, uuid)) as unknown as readonly Channel[])
+      : await conn.connectMultifd(count, (ch) => {
+          // The init message at once, as each channel connects (see connectMultifd).
+          const sender = new MultifdChannelSender(ch.id!, ch, packetNumbers, uuid ? { uuid } : {});
+          sender.start();
+          senders[ch.id!] = sender;
+        });
     if (this.dropped) {
       for (const ch of channels) ch.destroy();
       throw this.dropReason ?? new MigrationError('peer-disconnected', this.hooks.phase(), 'the connection was lost');
@@ -126,9 +130,14 @@ export class Link {
         const what = `the destination closed the ${ch.name} channel`;
         lost(new MigrationError('peer-disconnected', this.hooks.phase(), what, { cause: new TransportError('closed', what, { channel: ch.name }) }));
       });
-      // A destination sends nothing on a multifd channel; reading finds its FIN.
-      ch.read(() => undefined);
+      // A destination sends nothing on a multifd channel; reading finds its FIN (a worker reads its own).
+      if (!isThreaded(conn)) ch.read(() => undefined);
     }
+  }
+
+  /** Multifd channels on this link (threaded or not): multifd precopy passes and barriers. */
+  get multifdChannels(): number {
+    return this.conn.multifd.length;
   }
 
   /** Drops the link: sockets destroyed, waits rejected with `reason`, handlers silenced. */
@@ -292,7 +301,7 @@ export class Link {
       () => {
         if (this.dropped || this.hooks.over()) return;
         const now = performance.now();
-        for (const ch of this.hooks.multifdIdle() ? [this.main, this.preempt] : [this.main, this.preempt, ...this.conn.multifd]) {
+        for (const ch of this.hooks.multifdIdle() ? [this.main, this.preempt] : [this.main, this.preempt, ...(this.conn.multifd as readonly Channel[])]) {
           if (!ch || ch.isClosed) continue;
           const waiting = ch.queuedBytes;
           const mark = `${ch.stats.bytesSent}/${ch.socket.writableLength}`;

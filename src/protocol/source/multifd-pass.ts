@@ -5,6 +5,7 @@ import type { Link } from './link.js';
 import type { MultifdChannelSender } from './multifd.js';
 import type { PassOptions } from './pass.js';
 import type { SourceRun } from './run.js';
+import { isThreaded, type ThreadedSourceConnection } from './threads/connection.js';
 
 /**
  * A precopy pass with multifd, as QEMU 10.0's: the dirty pages go in
@@ -68,7 +69,7 @@ export async function sendMultifdPass(run: SourceRun, o: PassOptions): Promise<n
   }
   await emit();
   if (interrupted) return sent;
-  writeMultifdBarrier(run, link, o.kind === 'end' ? 'end' : 'part');
+  await writeMultifdBarrier(run, link, o.kind === 'end' ? 'end' : 'part');
   await run.flushMain();
   return sent;
 }
@@ -81,8 +82,10 @@ export async function sendMultifdPass(run: SourceRun, o: PassOptions): Promise<n
  * this pass on another channel. `kind` 'start' writes only the flush (the
  * setup section is the caller's).
  */
-export function writeMultifdBarrier(run: SourceRun, link: Link, kind: 'start' | 'part' | 'end'): void {
-  for (const s of link.multifd) run.c.transferred += s.sync();
+export async function writeMultifdBarrier(run: SourceRun, link: Link, kind: 'start' | 'part' | 'end'): Promise<void> {
+  // Threaded: each channel's worker sends its SYNC (and counts its bytes); the flush waits for all of them.
+  if (isThreaded(link.conn)) await syncThreaded(run, link);
+  else for (const s of link.multifd) run.c.transferred += s.sync();
   const sectionId = run.ramSection.sectionId;
   if (kind === 'start') {
     run.write([{ type: 'ram-multifd-flush' }]);
@@ -94,6 +97,43 @@ export function writeMultifdBarrier(run: SourceRun, link: Link, kind: 'start' | 
     { type: 'ram-eos' },
     { type: 'footer', sectionId },
   ]);
+}
+
+async function syncThreaded(run: SourceRun, link: Link): Promise<void> {
+  try {
+    await (link.conn as ThreadedSourceConnection).multifdSync();
+  } catch (e) {
+    run.check();
+    if (link.dropped) throw run.failure ?? run.pausedBy ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
+    throw e;
+  }
+  run.check();
+}
+
+/**
+ * A multifd precopy pass with every multifd channel in its own worker: what
+ * this thread encoded goes first, then each worker takes chunks of the
+ * shared `toSend` and sends them in packets (their counters arrive batched,
+ * before each worker's end); then the barrier as sendMultifdPass's.
+ */
+export async function sendThreadedMultifdPass(run: SourceRun, link: Link, o: PassOptions): Promise<number> {
+  await run.flushMain();
+  const conn = link.conn as ThreadedSourceConnection;
+  const bandwidthLimit = run.t.stoppedAt !== undefined ? undefined : run.opts.bandwidthLimit;
+  let r: { sent: number; interrupted: boolean };
+  try {
+    r = await conn.multifdPass({ precopy: true, kind: o.kind, postcopy: false, bandwidthLimit });
+  } catch (e) {
+    run.check();
+    if (link.dropped) throw run.failure ?? run.pausedBy ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
+    throw e;
+  }
+  run.check();
+  if (link.dropped) throw run.failure ?? new MigrationError('peer-disconnected', run.phase, 'the connection was lost');
+  if (r.interrupted) return r.sent;
+  await writeMultifdBarrier(run, link, o.kind === 'end' ? 'end' : 'part');
+  await run.flushMain();
+  return r.sent;
 }
 
 /** The first channel with room from the link's round-robin position on (or the next in turn, when none has: one packet over). */

@@ -67,7 +67,8 @@ export interface SourceOptions {
    * shared page bitmaps; a request goes from the main thread's worker to the
    * preempt one through a shared ring, not through this thread). Needs Node
    * 26.6+ (sockets transferred to workers) and shared memory (an
-   * InMemorySource with `{ shared: true }`); not with multifd or XBZRLE.
+   * InMemorySource with `{ shared: true }`); not with XBZRLE. With multifd
+   * every multifd channel has its own worker too (socket, TLS, packets).
    * 'auto' falls back to one thread otherwise (`stats.threads.why` says
    * why); 'on' then throws a RangeError 'threads-unavailable' at the call.
    * Events, state and the API are the same either way.

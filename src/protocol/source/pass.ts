@@ -1,7 +1,7 @@
 import { RAM_IDSTR, RAM_VERSION } from '../../stream/constants.js';
 import { MigrationError } from '../errors.js';
 import type { Link } from './link.js';
-import { sendMultifdPass } from './multifd-pass.js';
+import { sendMultifdPass, sendThreadedMultifdPass } from './multifd-pass.js';
 import type { BlockState } from './pages.js';
 import type { SourceRun } from './run.js';
 import { isThreaded } from './threads/connection.js';
@@ -28,8 +28,8 @@ export interface PassOptions {
  */
 export async function sendPass(run: SourceRun, o: PassOptions): Promise<number> {
   const link = run.live;
-  // Threads: the main channel's worker runs the pass over the shared page sets.
-  if (isThreaded(link.conn)) return sendThreadedPass(run, link, o);
+  // Threads: the multifd workers (multifd precopy) or the main channel's worker run the pass over the shared page sets.
+  if (isThreaded(link.conn)) return o.precopy && link.multifdChannels > 0 ? sendThreadedMultifdPass(run, link, o) : sendThreadedPass(run, link, o);
   // Precopy with multifd: pages in multifd packets, main carries the barriers only.
   if (o.precopy && link.multifd.length > 0) return sendMultifdPass(run, o);
   const main = link.main;

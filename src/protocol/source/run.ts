@@ -48,7 +48,13 @@ export class SourceRun {
   readonly stallWatch: StallWatch;
   readonly replyTimeoutMs: number;
   /** QEMU's global multifd packet number (one for the migration, every channel drawing from it). */
-  readonly multifdPackets = new MultifdPacketCounter();
+  readonly multifdPackets = new MultifdPacketCounter(new BigInt64Array(new SharedArrayBuffer(8)));
+  /**
+   * The END section's multifd barrier is written: every multifd page is out, and the destination
+   * may close its multifd channels once it completes — which, with the channels in other threads,
+   * can be heard before its SHUT 0 on main.
+   */
+  multifdFinished = false;
   private wantsPostcopy = false;
   /** Whether the channels run in worker threads, and why (decided once, at construction: 'on' where impossible throws there). */
   readonly threads: ThreadPlan;
@@ -163,6 +169,7 @@ export class SourceRun {
       })),
       sectionId: this.ramSection.sectionId,
       sectionBytes: this.opts.sectionBytes ?? 8 << 20,
+      packets: this.multifdPackets.cell.buffer as SharedArrayBuffer,
     };
   }
 

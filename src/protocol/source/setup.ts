@@ -29,7 +29,7 @@ export function attachLink(run: SourceRun, conn: SourceConnection | ThreadedSour
       abortReason: () => run.failure ?? run.refusal,
       phase: () => run.phase,
       over: () => run.over,
-      multifdIdle: () => run.postcopy || run.state.kind === 'completing',
+      multifdIdle: () => run.postcopy || run.state.kind === 'completing' || run.multifdFinished,
     },
     run.replyTimeoutMs,
   );
@@ -86,7 +86,7 @@ export async function runSetup(run: SourceRun): Promise<void> {
     { type: 'ram-blocks', total, blocks: blocks.map((b) => ({ idstr: b.info.idstr, length: b.info.length })) },
   ]);
   // With multifd, QEMU's setup ends with a barrier: every channel's SYNC, MULTIFD_FLUSH on main.
-  if (o.multifd) writeMultifdBarrier(run, link, 'start');
+  if (o.multifd) await writeMultifdBarrier(run, link, 'start');
   run.write([
     { type: 'ram-eos' },
     { type: 'footer', sectionId: run.ramSection.sectionId },

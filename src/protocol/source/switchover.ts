@@ -23,6 +23,7 @@ export async function completePrecopy(run: SourceRun): Promise<void> {
   run.c.syncs++;
   if (wantSwitchoverStart(run)) run.write([{ type: 'command', command: { cmd: 'switchover-start' } }]);
   await sendPass(run, { precopy: true, kind: 'end' });
+  run.multifdFinished = true;
   const devices = await deviceRecords(run);
   run.write(devices);
   run.write([{ type: 'eof' }]);
@@ -48,10 +49,10 @@ export async function switchToPostcopy(run: SourceRun): Promise<void> {
     run.check(); // cancelled meanwhile: fail() already tore the link down
   }
   const link = run.live;
-  if (link.multifd.length > 0) {
+  if (link.multifdChannels > 0) {
     // QEMU 10.1's save_postcopy_prepare, before the stop: the last multifd barrier. Every
     // page sent in multifd has landed before the discards; from here on multifd is idle.
-    writeMultifdBarrier(run, link, 'part');
+    await writeMultifdBarrier(run, link, 'part');
     await run.flushMain();
   }
   await stopVm(run);

@@ -1,4 +1,4 @@
-import type { Channel, ChannelRole, ChannelStats } from '../../../transport/channel.js';
+import { channelName, type ChannelRole, type ChannelStats } from '../../../transport/channel.js';
 import type { TransportOptions } from '../../../transport/connection.js';
 import { parseEndpoint, type Endpoint } from '../../../transport/endpoint.js';
 import { TransportError } from '../../../transport/errors.js';
@@ -13,6 +13,7 @@ import { RemoteChannel, transportError } from './remote-channel.js';
 const ENTRIES = {
   main: 'protocol/source/threads/main-worker',
   preempt: 'protocol/source/threads/preempt-worker',
+  multifd: 'protocol/source/threads/multifd-worker',
 } as const;
 
 /** Room for this many page requests (main → preempt) and notices before a producer queues (RingWriter). */
@@ -21,6 +22,8 @@ const RING_ENTRIES = 4096;
 /** One channel thread in SourceStats.threads: its role, id, CPU time and, once it is gone, how it ended. */
 export interface ThreadStat {
   role: ChannelRole;
+  /** A multifd channel's id. */
+  id?: number;
   threadId: number;
   cpuSeconds: number;
   ended?: 'by-itself' | 'terminated';
@@ -31,6 +34,8 @@ export interface ThreadShared {
   readonly blocks: readonly SharedBlock[];
   readonly sectionId: number;
   readonly sectionBytes: number;
+  /** QEMU's global multifd packet number (MultifdPacketCounter's cell). */
+  readonly packets: SharedArrayBuffer;
 }
 
 /** What a threaded connection tells its session (wired by attachLink). */
@@ -53,8 +58,10 @@ export interface ThreadedLinkHooks {
  */
 export class ThreadedSourceConnection {
   readonly threaded = true;
-  /** Multifd channels do not run in threads (yet): a threaded link has none. */
-  readonly multifd: readonly Channel[] = [];
+  /** The multifd channels, by id, each in its own worker (empty without multifd). */
+  multifd: readonly RemoteChannel[] = [];
+  /** Per block, the multifd workers' chunk cursor of the pass under way (reset between passes). */
+  private readonly cursors: Int32Array;
   preempt: RemoteChannel | undefined;
   private readonly control = new Int32Array(new SharedArrayBuffer(Control.WORDS * 4));
   private readonly requests = AtomicRing.create(RING_ENTRIES, REQUEST_WORDS);
@@ -70,7 +77,9 @@ export class ThreadedSourceConnection {
     private readonly opts: TransportOptions,
     private readonly material: TlsMaterial | undefined,
     private readonly shared: ThreadShared,
-  ) {}
+  ) {
+    this.cursors = new Int32Array(new SharedArrayBuffer(Math.max(1, shared.blocks.length) * 4));
+  }
 
   /** Connects the main channel: dialed here, TLS and everything after in its worker. */
   static async connect(uri: string, opts: TransportOptions, shared: ThreadShared): Promise<ThreadedSourceConnection> {
@@ -97,13 +106,14 @@ export class ThreadedSourceConnection {
     }
   }
 
-  private async open(role: ChannelRole): Promise<RemoteChannel> {
+  private async open(role: ChannelRole, multifd?: { id: number; uuid?: Uint8Array }): Promise<RemoteChannel> {
     const o = this.opts;
     const timeoutMs = o.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
-    const raw = await dial(this.endpoint, { timeoutMs, role }).connected;
+    const name = channelName(role, multifd?.id);
+    const raw = await dial(this.endpoint, { timeoutMs, role: name }).connected;
     if (this.ended) {
       raw.destroy();
-      throw new TransportError('closed', 'the connection was closed while connecting', { channel: role });
+      throw new TransportError('closed', 'the connection was closed while connecting', { channel: name });
     }
     // Tuned here (setsockopt on the descriptor), before any byte of the handshake, as openClientChannel does.
     const tuning = tuneChannel(raw, role, 'source', this.endpoint.kind, o);
@@ -112,7 +122,7 @@ export class ThreadedSourceConnection {
       socket: raw,
       endpoint: this.endpoint,
       tuning,
-      limits: (role === 'main' ? o.main : o.preempt) ?? {},
+      limits: (role === 'main' ? o.main : role === 'multifd' ? o.multifd : o.preempt) ?? {},
       ...(this.material && o.tls ? { tls: { material: this.material, settings: { ...o.tls, endpoint: 'client' as const }, ...(this.ticket ? { ticket: this.ticket } : {}) } } : {}),
       connectTimeoutMs: timeoutMs,
       blocks: this.shared.blocks,
@@ -121,30 +131,38 @@ export class ThreadedSourceConnection {
       notices: this.notices[role === 'main' ? 'main' : 'preempt'].sab,
       sectionId: this.shared.sectionId,
       sectionBytes: this.shared.sectionBytes,
+      ...(multifd ? { multifd: { ...multifd, packets: this.shared.packets, cursors: this.cursors.buffer as SharedArrayBuffer } } : {}),
     };
     let worker;
     try {
-      worker = spawnWorker(ENTRIES[role === 'main' ? 'main' : 'preempt'], data, [raw as never]);
+      worker = spawnWorker(ENTRIES[role], data, [raw as never]);
     } catch (e) {
       raw.destroy();
-      throw new TransportError('connect-failed', `the ${role} channel's thread did not start: ${(e as Error).message}`, { channel: role, cause: e });
+      throw new TransportError('connect-failed', `the ${name} channel's thread did not start: ${(e as Error).message}`, { channel: name, cause: e });
     }
     const first = await new Promise<FromWorker>((resolve) => {
       worker.once('message', resolve);
-      worker.once('error', (e) => resolve({ t: 'connect-failed', error: { code: 'connect-failed', message: `the ${role} channel's thread failed: ${e.message}` } }));
-      worker.once('exit', () => resolve({ t: 'connect-failed', error: { code: 'closed', message: `the ${role} channel's thread ended while connecting` } }));
+      worker.once('error', (e) => resolve({ t: 'connect-failed', error: { code: 'connect-failed', message: `the ${name} channel's thread failed: ${e.message}` } }));
+      worker.once('exit', () => resolve({ t: 'connect-failed', error: { code: 'closed', message: `the ${name} channel's thread ended while connecting` } }));
     });
     if (first.t !== 'ready') {
       await worker.terminate();
-      throw first.t === 'connect-failed' ? transportError(first.error, role) : new TransportError('connect-failed', `unexpected ${first.t} from the ${role} channel's thread`, { channel: role });
+      throw first.t === 'connect-failed' ? transportError(first.error, name) : new TransportError('connect-failed', `unexpected ${first.t} from the ${name} channel's thread`, { channel: name });
     }
-    const ch = new RemoteChannel(worker, role, first.threadId, first.stats as ChannelStats, {
-      onCounts: (c) => this.hooks?.onCounts(c),
-      onMessage: (m) => this.route(m),
-    });
+    const ch = new RemoteChannel(
+      worker,
+      role,
+      first.threadId,
+      first.stats as ChannelStats,
+      {
+        onCounts: (c) => this.hooks?.onCounts(c),
+        onMessage: (m) => this.route(m),
+      },
+      multifd?.id,
+    );
     if (this.ended) {
       ch.destroy();
-      throw new TransportError('closed', 'the connection was closed while connecting', { channel: role });
+      throw new TransportError('closed', 'the connection was closed while connecting', { channel: name });
     }
     return ch;
   }
@@ -178,8 +196,52 @@ export class ThreadedSourceConnection {
     return this.preempt;
   }
 
-  connectMultifd(): Promise<Channel[]> {
-    return Promise.reject(new TransportError('channel-order', 'multifd channels do not run in worker threads'));
+  /**
+   * Connects `count` multifd channels (ids 0 … count−1) at once, each dialed
+   * here and run in its own worker (TLS there, resuming main's session when
+   * it can; the init message as soon as it is up). All or none, as
+   * SourceConnection.connectMultifd: one that fails closes the others and
+   * its error (naming `multifd-N`) is thrown.
+   */
+  async connectMultifd(count: number, uuid?: Uint8Array): Promise<readonly RemoteChannel[]> {
+    if (this.multifd.length > 0) throw new TransportError('channel-order', 'the multifd channels are already connected', { channel: 'multifd-0' });
+    if (this.main.isClosed) throw new TransportError('channel-order', 'multifd channels need an established main channel', { channel: 'multifd-0' });
+    const dialed = await Promise.allSettled(Array.from({ length: count }, (_, id) => this.open('multifd', { id, ...(uuid ? { uuid } : {}) })));
+    const failed = dialed.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    const channels = dialed.filter((r): r is PromiseFulfilledResult<RemoteChannel> => r.status === 'fulfilled').map((r) => r.value);
+    if (failed || this.main.isClosed) {
+      for (const ch of channels) ch.destroy();
+      throw failed ? (failed.reason as unknown) : new TransportError('closed', 'the main channel closed while the multifd channels connected', { channel: 'main' });
+    }
+    this.multifd = channels;
+    return channels;
+  }
+
+  /**
+   * A multifd precopy pass: every multifd worker takes chunks of the shared
+   * `toSend` until none is left; resolves with the pages sent and whether
+   * postcopy's request cut it short (then no barrier: the switch writes its own).
+   */
+  async multifdPass(cmd: PassCommand): Promise<{ sent: number; interrupted: boolean }> {
+    // Between passes every worker is idle: the cursors start over.
+    this.cursors.fill(0);
+    const n = this.multifd.length;
+    const each = { ...cmd, bandwidthLimit: cmd.bandwidthLimit ? cmd.bandwidthLimit / n : undefined };
+    const done = await Promise.allSettled(this.multifd.map((c) => c.call({ t: 'mpass', id: c.id(), pass: each })));
+    const failed = done.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    let sent = 0;
+    let interrupted = false;
+    for (const r of done as PromiseFulfilledResult<Extract<FromWorker, { t: 'done' }>>[]) {
+      sent += r.value.sent ?? 0;
+      if (r.value.interrupted) interrupted = true;
+    }
+    return { sent, interrupted };
+  }
+
+  /** A SYNC packet on every multifd channel; resolves once each is handed to its channel (main's MULTIFD_FLUSH may follow). */
+  async multifdSync(): Promise<void> {
+    await Promise.all(this.multifd.map((c) => c.call({ t: 'sync', id: c.id() })));
   }
 
   /** LISTEN is written: requests are answered from now on; the main worker tunes its socket for postcopy. */
@@ -202,15 +264,19 @@ export class ThreadedSourceConnection {
     await this.preempt?.drained();
   }
 
-  stats(): { main: ChannelStats; preempt?: ChannelStats } {
-    return { main: this.main.stats, ...(this.preempt ? { preempt: this.preempt.stats } : {}) };
+  stats(): { main: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] } {
+    return {
+      main: this.main.stats,
+      ...(this.preempt ? { preempt: this.preempt.stats } : {}),
+      ...(this.multifd.length > 0 ? { multifd: this.multifd.map((c) => c.stats) } : {}),
+    };
   }
 
   /** The threads of this connection, for SourceStats.threads. */
   threadStats(): ThreadStat[] {
-    return [this.main, this.preempt]
+    return [this.main, this.preempt, ...this.multifd]
       .filter((c): c is RemoteChannel => c !== undefined)
-      .map((c) => ({ role: c.role, threadId: c.threadId, cpuSeconds: c.cpuSeconds, ...(c.ended ? { ended: c.ended } : {}) }));
+      .map((c) => ({ role: c.role, ...(c.channelId !== undefined ? { id: c.channelId } : {}), threadId: c.threadId, cpuSeconds: c.cpuSeconds, ...(c.ended ? { ended: c.ended } : {}) }));
   }
 
   private endRings(): void {
@@ -222,7 +288,7 @@ export class ThreadedSourceConnection {
 
   /** Flushes and closes both channels; resolves once their threads have ended. */
   async close(): Promise<void> {
-    await Promise.allSettled([this.main.close(), this.preempt?.close()]);
+    await Promise.allSettled([this.main.close(), this.preempt?.close(), ...this.multifd.map((c) => c.close())]);
     this.endRings();
   }
 
@@ -230,6 +296,7 @@ export class ThreadedSourceConnection {
     this.endRings();
     this.main.destroy();
     this.preempt?.destroy();
+    for (const c of this.multifd) c.destroy();
   }
 }
 

@@ -15,7 +15,6 @@ function blocker(o: SourceOptions): string | undefined {
   if (!(o.memory instanceof InMemorySource) || !o.memory.shared) {
     return 'the guest memory is not shared between threads (an InMemorySource created with { shared: true } is; file-backed sources are not yet)';
   }
-  if (o.multifd) return 'multifd channels do not run in worker threads yet';
   if (o.xbzrleCacheBytes) return 'XBZRLE encodes against a cache on the caller\'s thread';
   return undefined;
 }

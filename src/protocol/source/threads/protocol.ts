@@ -71,7 +71,22 @@ export interface ChannelWorkerData {
   readonly notices: SharedArrayBuffer;
   readonly sectionId: number;
   readonly sectionBytes: number;
+  /** A multifd channel's worker: its id, the UUID of its init message, and what every multifd worker shares. */
+  readonly multifd?: MultifdWorkerData;
 }
+
+/** What a multifd channel's worker needs beyond a channel worker's. */
+export interface MultifdWorkerData {
+  readonly id: number;
+  readonly uuid?: Uint8Array;
+  /** QEMU's global packet number: one BigInt64 cell every channel draws from (MultifdPacketCounter). */
+  readonly packets: SharedArrayBuffer;
+  /** Per block, the next chunk (MULTIFD_CHUNK_WORDS words of toSend) a multifd worker takes in this pass: reset by the caller between passes. */
+  readonly cursors: SharedArrayBuffer;
+}
+
+/** Words of `toSend` (32 pages each) a multifd worker takes per atomic step: 128 pages, one full packet. */
+export const MULTIFD_CHUNK_WORDS = 4;
 
 export interface PassCommand {
   readonly precopy: boolean;
@@ -86,6 +101,10 @@ export type ToWorker =
   | { readonly t: 'flush'; readonly id: number }
   | { readonly t: 'pass'; readonly id: number; readonly pass: PassCommand }
   | { readonly t: 'drain'; readonly id: number }
+  /** A multifd worker: send this pass's share of `toSend` in packets (the barrier is the caller's: 'sync'). */
+  | { readonly t: 'mpass'; readonly id: number; readonly pass: PassCommand }
+  /** A multifd worker: a SYNC packet, answered once it is handed to the channel. */
+  | { readonly t: 'sync'; readonly id: number }
   | { readonly t: 'postcopy'; readonly notSentLowat: number; readonly bulkYield: number }
   | { readonly t: 'close'; readonly id: number }
   | { readonly t: 'destroy' };
@@ -110,7 +129,7 @@ export interface WireError {
 export type FromWorker =
   | { readonly t: 'ready'; readonly stats: ChannelStats; readonly threadId: number }
   | { readonly t: 'connect-failed'; readonly error: WireError }
-  | { readonly t: 'done'; readonly id: number; readonly error?: WireError; readonly sent?: number; readonly refused?: boolean }
+  | { readonly t: 'done'; readonly id: number; readonly error?: WireError; readonly sent?: number; readonly refused?: boolean; readonly interrupted?: boolean }
   | { readonly t: 'written'; readonly id: number }
   | { readonly t: 'rp'; readonly msgs: readonly ReturnPathMessage[] }
   | { readonly t: 'bad-request'; readonly reason: string }

@@ -1,8 +1,11 @@
 import { EventEmitter } from 'node:events';
 import type { Worker } from 'node:worker_threads';
-import type { ChannelRole, ChannelStats } from '../../../transport/channel.js';
-import { TransportError, type TransportErrorCode } from '../../../transport/errors.js';
+import { channelName, type ChannelRole, type ChannelStats } from '../../../transport/channel.js';
+import { TransportError, type ChannelName, type TransportErrorCode } from '../../../transport/errors.js';
 import type { CountDelta, FromWorker, PassCommand, ToWorker, WireError } from './protocol.js';
+
+/** How long a channel's thread has to end by itself after close/destroy before it is terminated. */
+const END_GRACE_MS = 3000;
 
 interface Pending {
   resolve(m: Extract<FromWorker, { t: 'done' }>): void;
@@ -10,8 +13,8 @@ interface Pending {
   written?: (() => void) | undefined;
 }
 
-export function transportError(e: WireError, role: ChannelRole): TransportError {
-  return new TransportError(e.code as TransportErrorCode, e.message, { channel: (e.channel ?? role) as ChannelRole });
+export function transportError(e: WireError, name: ChannelName): TransportError {
+  return new TransportError(e.code as TransportErrorCode, e.message, { channel: (e.channel ?? name) as ChannelName });
 }
 
 /** What the worker reports that is not about one call (the connection routes it). */
@@ -39,7 +42,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private exited = false;
   readonly exit: Promise<void>;
   cpuSeconds = 0;
-  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after a second. */
+  /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after END_GRACE_MS. */
   ended: 'by-itself' | 'terminated' | undefined;
   private terminating = false;
 
@@ -49,23 +52,25 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
     readonly threadId: number,
     stats: ChannelStats,
     private readonly hooks: RemoteChannelHooks,
+    /** A multifd channel's id. */
+    readonly channelId?: number,
   ) {
     super();
+    this.name = channelName(role, channelId);
     this.s = stats;
     worker.on('message', (m: FromWorker) => this.onMessage(m));
     this.exit = new Promise((resolve) =>
       worker.once('exit', () => {
         this.exited = true;
         this.ended = this.terminating ? 'terminated' : 'by-itself';
-        this.gone(new TransportError('closed', `the ${role} channel's thread ended`, { channel: role }));
+        this.gone(new TransportError('closed', `the ${this.name} channel's thread ended`, { channel: this.name }));
         resolve();
       }),
     );
   }
 
-  get name(): ChannelRole {
-    return this.role;
-  }
+  /** How errors name this channel (`main`, `preempt`, `multifd-N`). */
+  readonly name: ChannelName;
 
   get stats(): ChannelStats {
     return { ...this.s, tuning: { ...this.s.tuning } };
@@ -94,7 +99,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
         const p = this.pending.get(m.id);
         if (!p) return;
         this.pending.delete(m.id);
-        if (m.error) p.reject(transportError(m.error, this.role));
+        if (m.error) p.reject(transportError(m.error, this.name));
         else p.resolve(m);
         return;
       }
@@ -109,10 +114,15 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
         this.hooks.onCounts(m.counts);
         return;
       case 'error':
-        this.fail(transportError(m.error, this.role));
+        this.fail(transportError(m.error, this.name));
         return;
       case 'close':
-        this.gone(new TransportError('closed', 'channel closed', { channel: this.role }));
+        // Calls still waiting get their answer from the worker (a flush resolves on a clean close,
+        // as Channel.flush does), or fail when its thread exits right after.
+        if (!this.closed) {
+          this.closed = true;
+          this.emit('close');
+        }
         return;
       default:
         this.hooks.onMessage(m);
@@ -138,7 +148,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
 
   /** One call to the worker, answered by its 'done'. */
   call(m: ToWorker, written?: () => void): Promise<Extract<FromWorker, { t: 'done' }>> {
-    if (this.closed) return Promise.reject(this.failure ?? new TransportError('closed', 'channel closed', { channel: this.role }));
+    if (this.closed) return Promise.reject(this.failure ?? new TransportError('closed', 'channel closed', { channel: this.name }));
     return new Promise((resolve, reject) => {
       const id = (m as { id?: number }).id ?? 0;
       this.pending.set(id, { resolve, reject, written });
@@ -180,7 +190,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
     await this.endThread();
   }
 
-  /** Tears the channel down now; its thread ends (terminated if it does not within a second). */
+  /** Tears the channel down now; its thread ends (terminated if it does not within END_GRACE_MS). */
   destroy(): void {
     if (this.exited) return;
     this.worker.postMessage({ t: 'destroy' } satisfies ToWorker);
@@ -190,10 +200,12 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private async endThread(): Promise<void> {
     if (this.exited) return;
     // A thread that does not end by itself (stuck in a handshake, say) is stopped: nothing outlives the session.
+    // Longer than Channel.close's own 2 s wait for the peer's FIN (a QEMU destination may keep the preempt
+    // channel open a while after the end): a thread still in that wait is not stuck.
     const timer = setTimeout(() => {
       this.terminating = true;
       void this.worker.terminate();
-    }, 1000);
+    }, END_GRACE_MS);
     await this.exit;
     clearTimeout(timer);
   }

@@ -9,7 +9,7 @@ import { performance } from 'node:perf_hooks';
 import { parentPort, threadId, workerData } from 'node:worker_threads';
 import { PageBitmap } from '../../../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../../../stream/constants.js';
-import { Channel } from '../../../transport/channel.js';
+import { Channel, channelName } from '../../../transport/channel.js';
 import { TlsSessionCache, connectTls } from '../../../transport/sockets.js';
 import type { BlockState } from '../pages.js';
 import type { ChannelWorkerData, CountDelta, FromWorker, ToWorker, WireError } from './protocol.js';
@@ -77,6 +77,13 @@ export interface WorkerHooks {
 /** Counters since the last report. */
 export const counts: CountDelta = { normal: 0, duplicate: 0, transferred: 0 };
 
+let reportNow: () => void = () => undefined;
+
+/** Posts the stats and counters now (before a pass's 'done', so that its counts arrive first). */
+export function report(): void {
+  reportNow();
+}
+
 /**
  * Runs the channel of this worker: TLS when configured, then the messages
  * until close or destroy; the thread then has nothing left (no timer, no
@@ -100,6 +107,7 @@ export function runChannelWorker(hooks: WorkerHooks): void {
     post({ t: 'stats', stats: ch.stats, unacked: ch.unackedBytes, writable: ch.socket.writableLength, counts: { ...counts }, cpuSeconds: (cpu.user + cpu.system) / 1e6 });
     counts.normal = counts.duplicate = counts.transferred = 0;
   };
+  reportNow = report;
   port.on('message', (m: ToWorker) => {
     if (ended) return;
     if (hooks.onMessage?.(m)) return;
@@ -144,7 +152,7 @@ export function runChannelWorker(hooks: WorkerHooks): void {
       let s: net.Socket = sock;
       if (data.tls) {
         const sessions = new GivenTicket(data.tls.ticket ? Buffer.from(data.tls.ticket) : undefined);
-        const tlsSock = await connectTls(sock, data.endpoint, data.role, { material: data.tls.material, settings: data.tls.settings, sessions }, data.connectTimeoutMs);
+        const tlsSock = await connectTls(sock, data.endpoint, channelName(data.role, data.multifd?.id), { material: data.tls.material, settings: data.tls.settings, sessions }, data.connectTimeoutMs);
         // TLS 1.3 tickets come after the handshake: the caller keeps the latest for the next channel.
         tlsSock.on('session', (t: Buffer) => post({ t: 'ticket', ticket: new Uint8Array(t) }));
         s = tlsSock;
@@ -153,12 +161,20 @@ export function runChannelWorker(hooks: WorkerHooks): void {
         s.destroy();
         return;
       }
-      const c = new Channel(s, data.role, data.tuning, data.limits);
+      const c = new Channel(s, data.role, data.tuning, data.limits, data.multifd?.id);
       ch = c;
       c.on('error', (e) => post({ t: 'error', error: wireError(e) }));
       c.on('close', () => {
         report();
         post({ t: 'close' });
+        // Closed by the peer (QEMU closes the preempt channel at the end, its multifd channels too): the caller's
+        // thread sends nothing more to a closed channel, so the thread ends now rather than wait to be terminated.
+        // After the answers this close settles (a flush that waited on the socket resolves on its
+        // 'close', as on one thread): they are posted first, then the port closes.
+        setImmediate(() => {
+          sock.destroy();
+          end();
+        });
       });
       statsTimer = setInterval(report, 100);
       // Only while the channel is open: the channel's socket keeps the thread alive, never this timer.
