@@ -59,17 +59,16 @@ export class MultifdServe {
     this.landed = new Int32Array(m.landed);
     this.counts = new Float64Array(m.counts);
     for (const b of m.blocks) this.addBlock(b);
-    const self = this;
     this.rx = new MultifdChannelReceiver(
       {
         channels: m.channels,
         ...(m.uuid ? { uuid: m.uuid } : {}),
         target: {
           sink: {
-            writePage: (block, offset, data) => self.write(block, offset, 1, data, 0, PAGE),
-            zeroPage: (block, offset) => self.zero(block, offset, 1),
-            writePages: (block, offset, count, data, start, stride) => self.write(block, offset, count, data, start, stride),
-            zeroPages: (block, offset, count) => self.zero(block, offset, count),
+            writePage: (block, offset, data) => this.write(block, offset, 1, data, 0, PAGE),
+            zeroPage: (block, offset) => this.zero(block, offset, 1),
+            writePages: (block, offset, count, data, start, stride) => this.write(block, offset, count, data, start, stride),
+            zeroPages: (block, offset, count) => this.zero(block, offset, count),
           },
           received: (index, first, count) => {
             this.byIndex[index]?.received.setRange(first, count);
