@@ -93,9 +93,16 @@ export class MultifdServe {
     });
     ch.read((chunk) => this.chunk(chunk));
     // The socket is paused (accepted paused, peeked): the peeked bytes first, then the flow.
+    // A source may have ended it already, while it waited for the other channels and the block list.
+    const gone = ch.socket.readableEnded || ch.socket.destroyed;
     const held = first.length > 0 ? this.chunk(first) : undefined;
-    if (held) void held.then(() => ch.socket.destroyed || ch.socket.resume());
-    else ch.socket.resume();
+    const after = (): void => {
+      if (gone) {
+        if (!this.sawEnd) this.ended(m.id);
+      } else if (!ch.socket.destroyed) ch.socket.resume();
+    };
+    if (held) void held.then(after);
+    else after();
   }
 
   private addBlock(b: SharedBlock): void {

@@ -11,7 +11,7 @@ import { TransportError, type ChannelName, type TransportErrorCode } from '../..
 import type { TlsMaterial } from '../../../transport/pki.js';
 import type { TlsSettings } from '../../../transport/tls.js';
 import type { TuningProfile } from '../../../transport/tuning.js';
-import { MigrationError, type MigrationErrorCode } from '../../errors.js';
+import { MigrationError, type MigrationErrorCode, type MigrationPhase } from '../../errors.js';
 import type { DecoderResumeState } from '../../../stream/decoder.js';
 
 /** One RAM block as every thread sees it: its memory and its bitmaps, shared. */
@@ -76,13 +76,13 @@ export const MFD_COUNT_WORDS = 7;
 export type ErrorData =
   | { family: 'stream'; code: StreamErrorCode; message: string; offset: number }
   | { family: 'transport'; code: TransportErrorCode; message: string; channel?: ChannelName }
-  | { family: 'migration'; code: MigrationErrorCode; message: string }
+  | { family: 'migration'; code: MigrationErrorCode; message: string; phase?: MigrationPhase }
   | { family: 'other'; message: string; name: string };
 
 export function errorToData(e: unknown): ErrorData {
   if (StreamError.is(e)) return { family: 'stream', code: e.code, message: e.message, offset: e.offset };
   if (TransportError.is(e)) return { family: 'transport', code: e.code, message: e.message, ...(e.channel ? { channel: e.channel } : {}) };
-  if (MigrationError.is(e)) return { family: 'migration', code: e.code, message: e.reason };
+  if (MigrationError.is(e)) return { family: 'migration', code: e.code, message: e.reason, phase: e.phase };
   return { family: 'other', message: e instanceof Error ? e.message : String(e), name: e instanceof Error ? e.name : 'Error' };
 }
 
@@ -93,7 +93,7 @@ export function errorFromData(d: ErrorData): Error {
     case 'transport':
       return new TransportError(d.code, d.message, d.channel ? { channel: d.channel } : {});
     case 'migration':
-      return new MigrationError(d.code, 'postcopy', d.message);
+      return new MigrationError(d.code, d.phase ?? 'postcopy', d.message);
     default: {
       const e = d.name === 'RangeError' ? new RangeError(d.message) : new Error(d.message);
       return e;
