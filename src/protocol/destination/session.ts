@@ -142,7 +142,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    */
   static listen(opts: DestinationOptions): Promise<DestinationSession> {
     validateDestinationOptions(opts);
-    const threads = decideThreads(opts.threads, opts.sink);
+    const threads = decideThreads(opts.threads, opts.sink, opts.multifd !== undefined);
     return DestinationSession.open(opts, threads);
   }
 

@@ -91,6 +91,9 @@ export class MultifdServe {
       if (!this.sawEnd) this.ended(m.id);
       post({ t: 'closed', recs: [] });
     });
+    // Paused before the reader is attached (a TLS socket would flow at once): the peeked bytes go first, and
+    // while they hold the receiver at a SYNC nothing more may be pushed into it.
+    ch.socket.pause();
     ch.read((chunk) => this.chunk(chunk));
     // The socket is paused (accepted paused, peeked): the peeked bytes first, then the flow.
     // A source may have ended it already, while it waited for the other channels and the block list.
