@@ -137,6 +137,16 @@ describe('threads: the choice and why', () => {
     expect(() => DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), threads: 'yes' as never })).toThrow(expect.objectContaining({ code: 'bad-option', option: 'threads' }));
   });
 
+  it("multifd: 'auto' stays on one thread and says why; 'on' is a typed error at the call (multifd channels are not in workers yet)", async () => {
+    const auto = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 } });
+    expect(auto.stats().threads.used).toBe(false);
+    expect(auto.stats().threads.why).toMatch(threadsWork ? /multifd/ : /cannot transfer a socket/);
+    await auto.close();
+    expect(() => DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 }, threads: 'on' })).toThrow(
+      expect.objectContaining({ code: 'threads-unavailable', option: 'threads', message: expect.stringMatching(threadsWork ? /multifd/ : /Node 26\.6/) }),
+    );
+  });
+
   it("'auto' with a shared sink: threads exactly when this Node can transfer sockets", async () => {
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
     expect(dst.stats().threads.used).toBe(threadsWork);

@@ -882,6 +882,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       this.fail(MigrationError.from(e, 'completion'));
       return;
     }
+    // With threads, pages landed by a worker resolve their waiters when the session next looks at the shared
+    // "landed" word; completion can come first: those requests were answered, not failed.
+    this.pages.sweep('main', performance.now());
     this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
     const result = this.snapshot();
     this.release();
