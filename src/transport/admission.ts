@@ -21,7 +21,7 @@ import type net from 'node:net';
 import type tls from 'node:tls';
 import { channelName, classifySocketError, type ChannelRole } from './channel.js';
 import { TransportError } from './errors.js';
-import type { StrangerEvent, StrangerReason } from './qualify.js';
+import { judgeMainStart, judgePreemptStart, type ChannelStart, type StrangerEvent, type StrangerReason } from './qualify.js';
 import { checkAllowedPeer, classifyTlsError } from './tls.js';
 
 /**
@@ -322,4 +322,32 @@ export class Admission {
     if (this.closing) return;
     this.opts.stranger(ev);
   }
+}
+
+/**
+ * The first-bytes judge of a main or a (plain TCP) preempt candidate without
+ * multifd, by qualify.ts's rules: shared by the listener of one thread and
+ * the threaded one, so that both refuse the same bytes with the same errors.
+ */
+export function judgeMainOrPreempt(role: 'main' | 'preempt', start: Exclude<ChannelStart, 'any'>): (seen: Buffer) => FirstBytesJudgement {
+  if (role === 'main') {
+    return (seen) => {
+      const verdict = judgeMainStart(start, seen);
+      if (verdict !== 'no') return { verdict };
+      const what = start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
+      return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`) };
+    };
+  }
+  return (seen) => {
+    const verdict = judgePreemptStart(seen);
+    if (verdict !== 'no') return { verdict };
+    if (judgeMainStart('resume', seen) === 'yes') {
+      return {
+        verdict,
+        reason: 'recovery',
+        error: new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }),
+      };
+    }
+    return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not a RAM page record (the preempt channel)`, { channel: 'preempt' }) };
+  };
 }

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import type net from 'node:net';
 import type tls from 'node:tls';
-import { Admission, describeBytes, type FirstBytesJudgement } from './admission.js';
+import { Admission, describeBytes, judgeMainOrPreempt, type FirstBytesJudgement } from './admission.js';
 import { Channel, channelName, type ChannelLimits, type ChannelRole, type ChannelStats } from './channel.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from './endpoint.js';
 import { MultifdChannels } from './multifd-channels.js';
@@ -11,8 +11,6 @@ import {
   DEFAULT_MAX_PENDING_CONNECTIONS,
   DEFAULT_QUALIFY_TIMEOUT_MS,
   judgeMainOrMultifd,
-  judgeMainStart,
-  judgePreemptStart,
   type ChannelStart,
   type QualifyOptions,
   type StrangerEvent,
@@ -382,26 +380,7 @@ export class MigrationListener extends EventEmitter<ListenerEvents> {
         }
       };
     }
-    if (role === 'main') {
-      return (seen) => {
-        const verdict = judgeMainStart(start, seen);
-        if (verdict !== 'no') return { verdict };
-        const what = start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
-        return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`) };
-      };
-    }
-    return (seen) => {
-      const verdict = judgePreemptStart(seen);
-      if (verdict !== 'no') return { verdict };
-      if (judgeMainStart('resume', seen) === 'yes') {
-        return {
-          verdict,
-          reason: 'recovery',
-          error: new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }),
-        };
-      }
-      return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not a RAM page record (the preempt channel)`, { channel: 'preempt' }) };
-    };
+    return judgeMainOrPreempt(role === 'main' ? 'main' : 'preempt', start);
   }
 
   /** A connection qualified for `role`: it becomes that channel, unless the role was taken meanwhile. */

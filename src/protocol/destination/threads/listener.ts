@@ -11,14 +11,14 @@
 import type net from 'node:net';
 import { EventEmitter } from 'node:events';
 import type { Worker } from 'node:worker_threads';
-import { describeBytes, remoteOf, type FirstBytesJudgement } from '../../../transport/admission.js';
+import { judgeMainOrPreempt, remoteOf, type FirstBytesJudgement } from '../../../transport/admission.js';
 /** The roles of a threaded connection (multifd channels are not threaded yet). */
 type ChannelRole = 'main' | 'preempt';
 import type { ListenOptions, TransportOptions } from '../../../transport/connection.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../../transport/endpoint.js';
 import { TransportError } from '../../../transport/errors.js';
 import { loadTlsDir, type TlsMaterial } from '../../../transport/pki.js';
-import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, judgeMainStart, judgePreemptStart, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
+import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
 import { listen, type Listening } from '../../../transport/sockets.js';
 import { spawnWorker } from '../../../transport/worker/spawn.js';
 import { errorFromData, type ChannelWorkerData, type FromWorker, type ToWorker } from './wire.js';
@@ -331,26 +331,7 @@ export class ThreadedListener extends EventEmitter<Events> {
     const start = this.listenOpts.start ?? 'stream';
     if (start === 'any') return undefined;
     if (role === 'preempt' && secure) return undefined;
-    if (role === 'main') {
-      return (seen) => {
-        const verdict = judgeMainStart(start, seen);
-        if (verdict !== 'no') return { verdict };
-        const what = start === 'stream' ? 'the migration stream magic QEVM' : 'a postcopy-recovery command';
-        return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not ${what}`) };
-      };
-    }
-    return (seen) => {
-      const verdict = judgePreemptStart(seen);
-      if (verdict !== 'no') return { verdict };
-      if (judgeMainStart('resume', seen) === 'yes') {
-        return {
-          verdict,
-          reason: 'recovery',
-          error: new TransportError('not-a-migration-channel', `a postcopy-recovery connection (first bytes ${describeBytes(seen)}) while the migration's connection stands`, { channel: 'preempt' }),
-        };
-      }
-      return { verdict, reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are not a RAM page record (the preempt channel)`, { channel: 'preempt' }) };
-    };
+    return judgeMainOrPreempt(role === 'main' ? 'main' : 'preempt', start);
   }
 
   private qualified(c: Candidate): void {
