@@ -64,7 +64,10 @@ describe('BlockTime (postcopy-blocktime as QEMU defines it)', () => {
     ]);
     // Time order; at one instant begins first (a wait of length 0 still has its begin before its end).
     events.sort((a, b) => a.t - b.t || Number(b.begin) - Number(a.begin));
-    for (const e of events) (e.begin ? bt.begin(e.vcpu, e.t) : bt.end(e.vcpu, e.t));
+    for (const e of events) {
+      if (e.begin) bt.begin(e.vcpu, e.t);
+      else bt.end(e.vcpu, e.t);
+    }
   }
   const blockedAt = (ws: { vcpu: number; at: number; len: number }[], v: number, t: number) => ws.some((w) => w.vcpu === v && w.at <= t && t < w.at + w.len);
 
