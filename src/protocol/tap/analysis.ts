@@ -143,8 +143,10 @@ export interface RequestReport {
   latency: { all: LatencySummary; main: LatencySummary; preempt: LatencySummary };
   /**
    * ms during which at least one request waited (request → its last page, at
-   * the tap): QEMU's postcopy-blocktime for a guest with one vCPU, an upper
-   * bound for more (REQ_PAGES does not say which vCPU faulted).
+   * the tap): the network's part of a one-vCPU guest's postcopy-blocktime.
+   * QEMU's own figure adds what the tap cannot see: the fault's handling before
+   * REQ_PAGES and after the page, and waits on pages already on the way
+   * (`alreadyForwarded`). With more vCPUs, REQ_PAGES does not say which faulted.
    */
   blocktimeMs: number;
 }
