@@ -176,7 +176,8 @@ describe('SavedVmSource', () => {
     const saved = await SavedVmSource.open(dir);
     const sink = new InMemorySink();
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true });
-    const src = new SourceSession({ to: dst.uri, memory: saved, machineType: 'pc-q35-10.0', devices: [], postcopy: { afterPasses: 0 }, preempt: true, postcopyBandwidthLimit: 8 * MiB });
+    // One thread: the SavedVmSource itself reads (with threads each channel's worker reads the files: threads-source-saved-vm.test.ts).
+    const src = new SourceSession({ to: dst.uri, memory: saved, machineType: 'pc-q35-10.0', devices: [], postcopy: { afterPasses: 0 }, preempt: true, postcopyBandwidthLimit: 8 * MiB, threads: 'off' });
     let requested = 0;
     // The guest at the destination touches pages from the top down, far from the background scan.
     dst.on('postcopy-run', () => {
