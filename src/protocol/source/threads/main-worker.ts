@@ -17,7 +17,7 @@ import type { BlockState } from '../pages.js';
 import type { PageBatch } from './page-batches.js';
 import { Control, Notice, REASONS, type PassCommand, type ToWorker } from './protocol.js';
 import { RingWriter } from './ring-writer.js';
-import { attachBlocks, counts, data, nowEpoch, post, postStorageError, runChannelWorker, wireError } from './worker-channel.js';
+import { attachBlocks, counts, data, nowEpoch, post, runChannelWorker, whenRead, wireError } from './worker-channel.js';
 
 /** Pages per batch, as pass.ts: precopy favours throughput, postcopy hands over less at a time. */
 const BATCH_PAGES_PRECOPY = 64;
@@ -300,14 +300,8 @@ async function producePass(cmd: PassCommand): Promise<{ sent: number; refused: b
   /** Encodes and hands over the first batch of `q` once it is read; a failed read fails the pass (and the migration: storage). */
   const sendHead = async (q: PageBatch[], bulk: boolean): Promise<number> => {
     const b = q[0]!;
-    if (b.loading) {
-      pages.counts!.waits++;
-      await b.loading;
-    }
-    if (b.error) {
-      postStorageError(b.error);
-      throw b.error;
-    }
+    const reading = whenRead(b);
+    if (reading) await reading;
     q.shift();
     openSection();
     sectionBytes += encodeBatch(b);

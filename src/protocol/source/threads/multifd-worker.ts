@@ -17,7 +17,7 @@ import { MultifdChannelSender, MultifdPacketBuilder, MultifdPacketCounter } from
 import type { BlockState } from '../pages.js';
 import type { PageBatch } from './page-batches.js';
 import { Control, MULTIFD_CHUNK_WORDS, type PassCommand, type ToWorker } from './protocol.js';
-import { attachBlocks, counts, data, post, postStorageError, report, runChannelWorker, wireError } from './worker-channel.js';
+import { attachBlocks, counts, data, post, report, runChannelWorker, whenRead, wireError } from './worker-channel.js';
 
 /** Chunks a file-backed source reads ahead (of 128 pages: 2 MiB in all per channel, whatever the guest). */
 const FILE_BATCHES = 4;
@@ -141,14 +141,8 @@ async function runPass(cmd: PassCommand): Promise<{ sent: number; interrupted: b
   /** Adds the first claimed batch to packets once it is read (one block per packet: the previous block's rest goes first). */
   const addHead = async (): Promise<number> => {
     const b = queue[0]!;
-    if (b.loading) {
-      pages.counts!.waits++;
-      await b.loading;
-    }
-    if (b.error) {
-      postStorageError(b.error);
-      throw b.error;
-    }
+    const reading = whenRead(b);
+    if (reading) await reading;
     queue.shift();
     let bytes = 0;
     if (packet.size > 0 && packet.block !== b.st.info.idstr) bytes += emit(s);

@@ -13,7 +13,7 @@ import type { BlockState } from '../pages.js';
 import type { PageBatch } from './page-batches.js';
 import { Notice, REASONS, REQUEST_WORDS } from './protocol.js';
 import { RingWriter } from './ring-writer.js';
-import { attachBlocks, counts, data, nowEpoch, post, postStorageError, runChannelWorker } from './worker-channel.js';
+import { attachBlocks, counts, data, nowEpoch, post, runChannelWorker, whenRead } from './worker-channel.js';
 
 /** Pages of one request read at once (a larger request goes in several batches), and batches in flight (files). */
 const BATCH_PAGES = 32;
@@ -89,14 +89,12 @@ async function claim(ch: Channel, st: BlockState, first: number, end: number, ar
 /** Sends a claimed batch once its pages are there: one group on the channel, each page's answer timed when it is written. */
 async function send(ch: Channel, c: Claimed): Promise<void> {
   const b = c.b;
-  if (b.loading) {
-    pages.counts!.waits++;
-    await b.loading;
-  }
-  if (b.error) {
-    postStorageError(b.error);
+  try {
+    const reading = whenRead(b);
+    if (reading) await reading;
+  } catch (e) {
     stopped = true;
-    throw b.error;
+    throw e;
   }
   const st = b.st;
   const block = st.info.idstr;

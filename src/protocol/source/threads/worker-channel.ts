@@ -13,7 +13,7 @@ import { Channel, channelName } from '../../../transport/channel.js';
 import { TlsSessionCache, connectTls } from '../../../transport/sockets.js';
 import type { StorageError } from '../../errors.js';
 import type { BlockState } from '../pages.js';
-import { FilePages, MemoryPages, type WorkerPages } from './page-batches.js';
+import { FilePages, MemoryPages, type PageBatch, type WorkerPages } from './page-batches.js';
 import type { ChannelWorkerData, CountDelta, FromWorker, ToWorker, WireError } from './protocol.js';
 
 /** A session cache that starts from the main channel's latest ticket (posted from the caller's thread). */
@@ -78,9 +78,29 @@ export function attachBlocks(batchPages: number, batches: number): { blocks: Blo
 let workerPages: WorkerPages | undefined;
 
 /** A read of the pages to send failed: the caller's thread fails the migration with it (storage, in postcopy too). */
-export function postStorageError(e: StorageError): void {
+function postStorageError(e: StorageError): void {
   const cause = e.cause as Error | undefined;
   post({ t: 'storage-error', error: { operation: e.operation, file: e.file, position: e.position, errno: e.errno, message: cause?.message ?? e.message } });
+}
+
+function checkRead(b: PageBatch): void {
+  if (!b.error) return;
+  postStorageError(b.error);
+  throw b.error;
+}
+
+/**
+ * Undefined when batch `b`'s pages are there (always over memory: no
+ * promise), else a promise that settles once they are read. A failed read
+ * is posted to the caller's thread and thrown (rejected).
+ */
+export function whenRead(b: PageBatch): Promise<void> | undefined {
+  if (!b.loading) {
+    checkRead(b);
+    return undefined;
+  }
+  workerPages!.counts!.waits++;
+  return b.loading.then(() => checkRead(b));
 }
 
 export interface WorkerHooks {
