@@ -7,10 +7,10 @@
  * The layout is fixed when the block list arrives, before any page: each
  * block's pages at a 1 MiB-aligned offset, the stream's own bytes (header,
  * configuration, block list, device state) in the gaps, written by
- * `finish()` once the migration is over. The pages go through a DirectorySink
- * whose files are windows of this one file (each block's window starts at
- * its pages offset): the same batched, bounded, asynchronous positioned
- * writes, durable on flush.
+ * `finish()` once the migration is over. The pages go through a
+ * PageFileWriter (every block a BlockFile of this one file, based at its
+ * pages offset): the same batched, bounded, asynchronous positioned writes
+ * as a saved-VM directory's, durable on flush.
  *
  * A file that is not finished says so: its first 8 bytes are "QMTP" and the
  * stream version until `finish()` of a complete migration has made
@@ -19,7 +19,6 @@
  * 'incomplete'. An interrupted receive, a failed one, a crash: all leave it.
  */
 import * as nodeFs from 'node:fs';
-import { basename, dirname } from 'node:path';
 import { PageBitmap } from '../stream/bitmap.js';
 import { ByteWriter, concatPieces } from '../stream/byte-writer.js';
 import { FILE_MAGIC, FILE_VERSION, RAM_IDSTR, RAM_VERSION, RamFlag, TARGET_PAGE_SIZE } from '../stream/constants.js';
@@ -27,9 +26,9 @@ import { StreamEncoder } from '../stream/encoder.js';
 import { INCOMPLETE_MAGIC, MAPPED_RAM_ALIGNMENT, MAPPED_RAM_HEADER_BYTES, MAPPED_RAM_VERSION, layoutMappedRamBlock, mappedRamBitmapBytes, roundUp, writeMappedRamHeader, type MappedRamHeader } from '../stream/mapped-ram.js';
 import type { ConfigurationRecord, RamBlockInfo } from '../stream/records.js';
 import type { ReceivedDeviceSection } from './destination/types.js';
-import { DirectorySink, blockFileName, type DirectorySinkFs, type DirectorySinkOptions, type DirectorySinkStats } from './directory-sink.js';
 import { MigrationError, StorageError } from './errors.js';
-import type { GuestMemorySink } from './memory.js';
+import { asBuffer, checkPageRun, checkPageViews, type GuestMemorySink } from './memory.js';
+import { PageFileWriter, type PageFileWriterOptions, type PageFileWriterStats, type WriterBlock } from './page-file-writer.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 /**
@@ -66,6 +65,8 @@ interface Block {
   readonly header: MappedRamHeader;
   /** Pages whose bytes are in the file: set by writes, cleared by ZERO records (QEMU's file_bmap). */
   readonly present: PageBitmap;
+  /** The block in the writer: page at `offset` goes to `header.pagesOffset + offset` of the file. */
+  readonly pages: WriterBlock;
 }
 
 /** The first 8 bytes of a file not finished ({@link INCOMPLETE_MAGIC}), and of a finished one. */
@@ -76,8 +77,13 @@ function fileHeader(magic: number): Buffer {
   return b;
 }
 
-/** Options of MappedRamSink: the write pipeline's (DirectorySinkOptions) without its file system. */
-export type MappedRamSinkOptions = Omit<DirectorySinkOptions, 'fs'>;
+/** Options of MappedRamSink: the write pipeline's (PageFileWriterOptions: maxInFlightBytes 16 MiB, writeBytes 1 MiB, writesPerFile 4). */
+export type MappedRamSinkOptions = PageFileWriterOptions;
+
+/** What a MappedRamSink has done and holds (numbers only): its writer's figures and its fsyncs. */
+export interface MappedRamSinkStats extends PageFileWriterStats {
+  fsyncs: number;
+}
 
 /**
  * GuestMemorySink into one mapped-ram file at `path` (created or replaced).
@@ -85,10 +91,12 @@ export type MappedRamSinkOptions = Omit<DirectorySinkOptions, 'fs'>;
  */
 export class MappedRamSink implements GuestMemorySink {
   private readonly fd: number;
-  private readonly pages: DirectorySink;
+  private readonly writer: PageFileWriter;
   private blocks: Block[] = [];
-  private readonly byFile = new Map<string, Block>();
   private byName = new Map<string, Block>();
+  /** The last block looked up: a destination writes runs of one block after another. */
+  private last: Block | undefined;
+  private fsyncs = 0;
   /** File position where the stream goes on after the last block's pages. */
   private tailAt = 0;
   private closed = false;
@@ -98,31 +106,17 @@ export class MappedRamSink implements GuestMemorySink {
     opts: MappedRamSinkOptions = {},
   ) {
     try {
+      this.writer = new PageFileWriter((fd, b, o, l, p, cb) => nodeFs.write(fd, b, o, l, p, cb), opts);
+    } catch (e) {
+      throw new RangeError(`MappedRamSink: ${(e as Error).message}`);
+    }
+    try {
       this.fd = nodeFs.openSync(path, 'w+');
       // Unfinished from the first byte on: a receive that dies before finish() leaves a file QEMU refuses.
       nodeFs.writeSync(this.fd, fileHeader(INCOMPLETE_MAGIC), 0, 8, 0);
     } catch (e) {
       throw new StorageError('open', path, 0, e);
     }
-    this.pages = new DirectorySink(dirname(path), { ...opts, fs: this.windows() });
-  }
-
-  /** Each block's "file" of the DirectorySink is the window of this file at the block's pages offset. */
-  private windows(): DirectorySinkFs {
-    const fd = this.fd;
-    const base = (vfd: number): number => this.blocks[vfd]!.header.pagesOffset;
-    return {
-      openSync: (p) => {
-        const b = this.byFile.get(basename(p));
-        if (!b) throw new Error(`${p}: not a RAM block of ${this.path}`);
-        return this.blocks.indexOf(b);
-      },
-      ftruncateSync: () => undefined, // the whole file is sized once, in setBlocks
-      readSync: (vfd, buffer, offset, length, position) => nodeFs.readSync(fd, buffer, offset, length, base(vfd) + position),
-      write: (vfd, buffer, offset, length, position, cb) => nodeFs.write(fd, buffer, offset, length, base(vfd) + position, cb),
-      fsync: (_vfd, cb) => nodeFs.fsync(fd, cb),
-      close: (_vfd, cb) => cb(null),
-    };
   }
 
   /**
@@ -156,60 +150,97 @@ export class MappedRamSink implements GuestMemorySink {
         header = layoutMappedRamBlock(at + entry, info.length);
       }
       at = header.pagesOffset + info.length;
-      return { info, entryAt, header, present: PageBitmap.forBlockLength(info.length) };
+      const pages = this.writer.addBlock({ idstr: info.idstr, length: info.length, path: this.path, fd: this.fd, base: header.pagesOffset }, PageBitmap.forBlockLength(info.length));
+      return { info, entryAt, header, present: PageBitmap.forBlockLength(info.length), pages };
     });
     this.blocks = blocks;
     this.tailAt = at;
-    for (const b of blocks) this.byFile.set(blockFileName(b.info.idstr), b);
     this.byName = new Map(blocks.map((b) => [b.info.idstr, b]));
     try {
       nodeFs.ftruncateSync(this.fd, this.tailAt);
     } catch (e) {
       throw new StorageError('truncate', this.path, this.tailAt, e);
     }
-    this.pages.setBlocks(list);
   }
 
   private block(name: string): Block {
+    const l = this.last;
+    if (l !== undefined && l.info.idstr === name && !this.writer.failed) return l;
+    this.check();
     const b = this.byName.get(name);
     if (!b) throw new Error(`unknown RAM block "${name}"`);
+    this.last = b;
     return b;
   }
 
+  private check(): void {
+    this.writer.check();
+    if (this.closed) throw new Error('MappedRamSink: used after close()');
+  }
+
   writePage(block: string, offset: number, data: Uint8Array): void {
-    this.pages.writePage(block, offset, data);
-    this.block(block).present.set(offset / PAGE);
+    this.writePages(block, offset, 1, data, 0, PAGE);
   }
 
   zeroPage(block: string, offset: number): void {
-    this.pages.zeroPage(block, offset);
-    this.block(block).present.clear(offset / PAGE);
+    this.zeroPages(block, offset, 1);
   }
 
   writePages(block: string, offset: number, count: number, data: Uint8Array, start: number, stride: number): void {
-    this.pages.writePages(block, offset, count, data, start, stride);
-    this.block(block).present.setRange(offset / PAGE, count);
+    const b = this.block(block);
+    checkPageRun(block, b.info.length, offset, count);
+    checkPageViews(block, data, start, count, stride);
+    this.writer.writePages(b.pages, offset, count, asBuffer(data), start, stride);
+    b.present.setRange(offset / PAGE, count);
   }
 
   zeroPages(block: string, offset: number, count: number): void {
-    this.pages.zeroPages(block, offset, count);
-    this.block(block).present.clearRange(offset / PAGE, count);
+    const b = this.block(block);
+    checkPageRun(block, b.info.length, offset, count);
+    // A page written in an earlier pass gets zeros written over it (the writer's rule) and its bit cleared, as QEMU's.
+    this.writer.zeroPages(b.pages, offset, count);
+    b.present.clearRange(offset / PAGE, count);
   }
 
   backpressure(): Promise<void> | undefined {
-    return this.pages.backpressure();
+    return this.writer.backpressure();
   }
 
+  /**
+   * The page as the file will hold it once every pending write is done (for
+   * XBZRLE), copied: from the newest pending write of it, else read from the
+   * file (synchronous, XBZRLE only), zeros for a page never written.
+   */
   readPage(block: string, offset: number): Uint8Array {
-    return this.pages.readPage(block, offset);
+    const b = this.block(block);
+    checkPageRun(block, b.info.length, offset, 1);
+    const out = Buffer.alloc(PAGE);
+    if (!b.pages.written.has(offset / PAGE)) return out;
+    if (this.writer.copyPending(b.pages, offset, out)) return out;
+    const at = b.header.pagesOffset + offset;
+    let got = 0;
+    try {
+      while (got < PAGE) {
+        const n = nodeFs.readSync(this.fd, out, got, PAGE - got, at + got);
+        if (n === 0) break;
+        got += n;
+      }
+    } catch (e) {
+      throw this.writer.fail(new StorageError('read', this.path, at + got, e));
+    }
+    return out;
   }
 
-  flush(): Promise<void> {
-    return this.pages.flush();
+  /** Every page write done, then the file fsync'ed (also after a failed write: what arrived is durable). Rejects with the failure. */
+  async flush(): Promise<void> {
+    if (this.closed) throw new Error('MappedRamSink: used after close()');
+    await this.writer.drained();
+    await this.fsync().catch((e: unknown) => this.writer.fail(e as StorageError));
+    this.writer.check();
   }
 
-  stats(): DirectorySinkStats {
-    return this.pages.stats();
+  stats(): MappedRamSinkStats {
+    return { ...this.writer.stats(), fsyncs: this.fsyncs };
   }
 
   /**
@@ -224,7 +255,7 @@ export class MappedRamSink implements GuestMemorySink {
   async finish(r: MappedRamContents): Promise<MappedRamSaveSummary> {
     if (this.closed) throw new Error('MappedRamSink: finish() after close()');
     let failure: unknown;
-    await this.pages.flush().catch((e: unknown) => (failure = e));
+    await this.flush().catch((e: unknown) => (failure = e));
     const complete = r.complete && failure === undefined && this.blocks.length > 0;
     // Without a block list (or, failed, without a configuration) there is no stream to write: the file stays unfinished.
     const writable = this.blocks.length > 0 && (complete || (r.configuration?.machineType ?? r.machineType) !== undefined);
@@ -319,14 +350,22 @@ export class MappedRamSink implements GuestMemorySink {
   }
 
   private fsync(): Promise<void> {
-    return new Promise((resolve, reject) => nodeFs.fsync(this.fd, (err) => (err ? reject(new StorageError('fsync', this.path, 0, err)) : resolve())));
+    return new Promise((resolve, reject) =>
+      nodeFs.fsync(this.fd, (err) => {
+        this.fsyncs++;
+        if (err) reject(new StorageError('fsync', this.path, 0, err));
+        else resolve();
+      }),
+    );
   }
 
   /** Lets pending writes finish and closes the file (finish() first to make it a save). */
   async close(): Promise<void> {
     if (this.closed) return;
+    await this.writer.drained();
     this.closed = true;
-    await this.pages.close().catch(() => undefined);
+    this.last = undefined;
+    this.writer.dispose();
     await new Promise<void>((resolve) => nodeFs.close(this.fd, () => resolve()));
   }
 }

@@ -50,6 +50,14 @@ describe('MappedRamSink', () => {
     // A page written and then found zero (a later pass) must read as zero: its bit is cleared.
     sink.writePage('pc.rom', 0, Buffer.alloc(PAGE, 7));
     sink.zeroPage('pc.rom', 0);
+    // XBZRLE's base page: what the file will hold, pending or written (a page of the first data run, and one after flush).
+    const [idstr, mem] = [...ram].find(([, m]) => m.some((x) => x !== 0))!;
+    const p = Array.from({ length: mem.length / PAGE }, (_, i) => i).find((i) => mem.subarray(i * PAGE, (i + 1) * PAGE).some((x) => x !== 0))!;
+    expect(Buffer.from(sink.readPage(idstr, p * PAGE)).equals(mem.subarray(p * PAGE, (p + 1) * PAGE))).toBe(true);
+    await sink.flush();
+    expect(Buffer.from(sink.readPage(idstr, p * PAGE)).equals(mem.subarray(p * PAGE, (p + 1) * PAGE))).toBe(true);
+    expect(Buffer.from(sink.readPage('pc.rom', 0)).every((x) => x === 0)).toBe(true);
+    expect(sink.stats().fsyncs).toBeGreaterThan(0);
     const saved = await sink.finish({ complete: true, configuration: f.configuration, machineType: f.configuration?.machineType, devices, vmdesc: f.vmdesc });
     await sink.close();
     expect(saved.complete).toBe(true);
