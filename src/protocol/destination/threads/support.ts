@@ -27,6 +27,8 @@ export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySin
   const why = !socketTransferSupported() ? socketTransferWhy() : multifd ? 'multifd channels are not run in worker threads yet' : sinkNotShareable(sink);
   if (why === undefined) {
     const files = typeof sink.blockFiles === 'function';
+    // A sink of files takes threads when asked only: a recovery into one intermittently hung in testing (not yet understood).
+    if (files && m === 'auto') return { used: false, why: "threads: 'auto' keeps a sink of files on one thread (threads: 'on' runs its channels in workers that write the files)" };
     if (!files) return { used: true, why: m === 'on' ? "threads: 'on'" : "threads: 'auto' (sockets can move to worker threads, the sink is shared memory)" };
     const where = "each channel's thread writes the pages it decodes into the sink's files";
     return { used: true, why: m === 'on' ? `threads: 'on'; ${where}` : `threads: 'auto' (sockets can move to worker threads; ${where})` };
