@@ -10,3 +10,4 @@ export { isNetworkFailure, type SourceRecoveryOptions, type DestinationRecoveryO
 export { InMemorySource, SavedVmSource, PageBitmap, type GuestMemorySource, type SourceBlock, type SharedSourceBlock } from './memory-source.js';
 export { parsePostcopyPolicy, autoWantsPostcopy, type PostcopyPolicy, type PassOutcome } from './postcopy-policy.js';
 export { MappedRamFile, decodePositioned, bufferReader, fileReader, readMappedRamBlocks, type PositionedReader, type MappedRamBlock, type MappedRamFileOptions } from './mapped-ram-file.js';
+export { MappedRamSink, type MappedRamSinkOptions, type MappedRamSinkStats, type MappedRamContents, type MappedRamSaveSummary } from './mapped-ram-sink.js';

@@ -11,7 +11,7 @@ import { usageError } from '../../errors.js';
 import { MigrationError, abortError, type MigrationPhase } from '../errors.js';
 import { PageTracker, type PageRequestResult } from '../page-tracker.js';
 import { isNetworkFailure } from '../recovery.js';
-import { checkRamComplete, waitLatePages } from './completion.js';
+import { ANSWER_COMPLETED_MS, ShutNews, answerCompleted, checkRamComplete, waitLatePages } from './completion.js';
 import { PageLanding } from './landing.js';
 import { Link as ChannelLink, type LinkEvents } from './link.js';
 import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
@@ -93,6 +93,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   /** The configuration record (with threads the header is decoded in the main channel's worker). */
   private configRecord: ConfigurationRecord | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
+  /** Whether the source can know that we completed (postcopy: else a completed destination answers its recovery). */
+  private readonly shutNews = new ShutNews();
+  /** close() was called: a completed destination stops answering recovery connections. */
+  private closing = false;
 
   private constructor(
     private listener: SessionListener,
@@ -310,6 +314,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onMainClosed(link: ChannelLink): void {
+    if (this.completes(link)) this.shutNews.mainClosed(false);
     if (isOver(this.state)) return;
     if (this.state.kind === 'completing') {
       // A stream that ends after EOF without a VM description is complete.
@@ -353,6 +358,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onThreadMainClosed(link: ThreadLink, recs: ControlRecord[], error: Error | undefined): void {
+    if (this.completes(link)) this.shutNews.mainClosed(error !== undefined);
     if (link !== this.link || isOver(this.state)) return;
     if (this.state.kind === 'completing') {
       if (error) {
@@ -686,6 +692,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   /** A channel of `link` failed: pause (VM running here, network) or fail. */
   private linkLost(link: Link, e: unknown): void {
+    if (this.completes(link)) this.shutNews.lost();
     if (link !== this.link || isOver(this.state)) return;
     const err = MigrationError.from(e, this.phase);
     if (this.canRecover() && isNetworkFailure(err)) this.enterPause(err);
@@ -884,7 +891,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     link.stopIdle();
     try {
       // Pages requested late may still be in flight on the preempt channel.
-      await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded);
+      await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded, () => this.state === s);
       if (this.state !== s) return;
       s.step = 'flushing';
       checkMultifdDrained(link instanceof ChannelLink ? link.multifd : undefined);
@@ -897,7 +904,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       this.counts.endedAt = performance.now();
       // SHUT 0: without it a QEMU source reports the migration failed. Everything is here and
       // flushed by now, so a source that is gone meanwhile does not undo the migration.
-      if (this.rpOpen) await link.shut(0);
+      if (this.rpOpen) {
+        this.shutNews.shutQueued();
+        await link.shut(0);
+      }
     } catch (e) {
       if (this.state === s) s.step = 'vmdesc'; // let fail() act: the migration is not over yet
       this.fail(MigrationError.from(e, 'completion'));
@@ -909,12 +919,37 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
     const result = this.snapshot();
     this.release();
-    this.shutDown = this.shutdown(link, false);
+    this.shutDown = this.shutdown(link, false).then(() => this.answerIfInDoubt(s.postcopy));
     // With threads, done settles once every channel's thread has ended: nothing of the session is alive then.
     if (this.threads.used) await holdWhile(this.shutDown);
     this.emit('completed', result);
     this.resolveDone(result);
     await this.shutDown;
+  }
+
+  /**
+   * Completed in postcopy, but nothing says the source read our SHUT 0 (its
+   * link was lost around it): a source that paused then reconnects to resume.
+   * Its recovery connections are answered with SHUT 0 at the recovery address
+   * until one source has read it, for `recovery.timeoutMs` at most (default
+   * ANSWER_COMPLETED_MS), or until close().
+   */
+  private async answerIfInDoubt(postcopy: boolean): Promise<void> {
+    if (!postcopy || !this.rpOpen || this.opts.recovery === false || !this.shutNews.inDoubt || this.closing) return;
+    const uri = (this.opts.recovery || {}).listen ?? this.listener.uri;
+    const transport = this.opts.transport ?? {};
+    await answerCompleted(
+      () => listenForRecovery(uri, transport),
+      (this.opts.recovery || {}).timeoutMs ?? ANSWER_COMPLETED_MS,
+      () => this.closing,
+      (l) => (this.listener = l as MigrationListener),
+    ).catch(() => undefined); // the address is taken meanwhile: nobody can reach us there
+  }
+
+  /** `link` is the one that completes (EOF read): what happens to it says whether the source got SHUT 0. */
+  private completes(link: Link): boolean {
+    const s = this.state;
+    return (s.kind === 'completing' || s.kind === 'completed') && s.link === link;
   }
 
   private fail(e: MigrationError): void {
@@ -955,6 +990,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * same as `cancel()`.
    */
   async close(): Promise<void> {
+    this.closing = true;
+    const s = this.state;
+    // EOF is read, but until SHUT 0 (late pages, the flush) the migration has not completed: cancelled too.
+    if (s.kind === 'completing') s.step = 'vmdesc';
     if (!isOver(this.state)) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
     else this.listener.close();
     // The teardown's own timers and sockets are unreferenced (they must not hold a process
