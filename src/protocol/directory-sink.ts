@@ -130,6 +130,16 @@ export class DirectorySink implements GuestMemorySink {
     }
   }
 
+  /**
+   * The block files, open (after setBlocks), for a DestinationSession with
+   * threads: each channel's worker writes its pages there with a
+   * PageFileWriter of its own; the sink's flush() then fsyncs them.
+   */
+  blockFiles(): readonly BlockFile[] {
+    this.check();
+    return this.list.map((f) => ({ idstr: f.idstr, length: f.length, path: f.path, fd: f.fd, base: 0 }));
+  }
+
   stats(): DirectorySinkStats {
     return { ...this.writer.stats(), fsyncs: this.fsyncs };
   }

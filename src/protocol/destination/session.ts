@@ -248,7 +248,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private startLink(link: Link): void {
-    this.emit('channel', { role: 'main', stats: link.conn.main.stats });
+    // A worker's channel: its stats (TLS version and cipher) come with its first report.
+    if (link instanceof ThreadLink) void link.firstStats.then(() => link.alive && this.emit('channel', { role: 'main', stats: link.conn.main.stats }));
+    else this.emit('channel', { role: 'main', stats: link.conn.main.stats });
     link.start();
   }
 
@@ -348,8 +350,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private onThreadBlocks(rec: ControlRecord): SharedBlock[] {
     if (rec.type !== 'ram-blocks') throw new MigrationError('protocol', this.phase, `a ${rec.type} record where the block list was expected`);
     this.onRecord(rec, performance.now());
-    const sink = this.opts.sink as InMemorySink;
-    this.shared = sharedBlocks(this.pages.blocks, (id) => sink.blocks.get(id), (id) => this.pages.bitmap(id)?.buffer, this.written);
+    const sink = this.opts.sink;
+    // Shared memory, or (a sink of files) the open files each worker writes itself.
+    const files = sink.blockFiles ? new Map(sink.blockFiles().map((f) => [f.idstr, f])) : undefined;
+    this.shared = sharedBlocks(this.pages.blocks, (id) => files?.get(id) ?? (sink as InMemorySink).blocks.get(id), (id) => this.pages.bitmap(id)?.buffer, this.written);
     return this.shared;
   }
 
@@ -892,6 +896,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       s.step = 'flushing';
       checkMultifdDrained(link instanceof ChannelLink ? link.multifd : undefined);
       checkRamComplete(this.pages, s.postcopy, this.sections.ramEnded);
+      // A sink of files with threads: every worker's writes done before the sink fsyncs its files.
+      if (link instanceof ThreadLink && this.opts.sink.blockFiles) await link.drainWriters();
       await this.opts.sink.flush();
       if (this.state !== s) return;
       this.state = { kind: 'completed', link, postcopy: s.postcopy };
@@ -915,7 +921,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.release();
     this.shutDown = this.shutdown(link, false).then(() => this.answerIfInDoubt(s.postcopy));
     // With threads, done settles once every channel's thread has ended: nothing of the session is alive then.
-    if (this.threads.used) await this.shutDown;
+    if (this.threads.used) await holdWhile(this.shutDown);
     this.emit('completed', result);
     this.resolveDone(result);
     await this.shutDown;
@@ -962,7 +968,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     if (link && this.rpOpen) void link.shut(1);
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
     this.shutDown = this.shutdown(link, true);
-    if (this.threads.used) void this.shutDown.then(() => this.rejectDone(e));
+    if (this.threads.used) void holdWhile(this.shutDown).then(() => this.rejectDone(e));
     else this.rejectDone(e);
   }
 
@@ -1011,4 +1017,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/**
+ * Keeps the process alive until `p` settles: a threaded session's `done`
+ * waits for its threads to end, and the teardown's own timers and workers
+ * are unreferenced — without this a script awaiting `done` after a failure
+ * would exit with the promise unsettled (Node's exit code 13).
+ */
+function holdWhile<T>(p: Promise<T>): Promise<T> {
+  const hold = setInterval(() => undefined, 1000);
+  return p.finally(() => clearInterval(hold));
 }
