@@ -78,3 +78,9 @@ export async function checkOutputDirectory(path: string, what: string): Promise<
   const s = await stat(path).catch(() => undefined);
   if (s && !s.isDirectory()) throw new CliError('not-a-directory', `${path}: is a file, expected a directory (${what})`);
 }
+
+/** An output file: anything but a directory (an existing file is replaced). */
+export async function checkOutputFile(path: string, what: string): Promise<void> {
+  const s = await stat(path).catch(() => undefined);
+  if (s?.isDirectory()) throw new CliError('is-a-directory', `${path}: is a directory, expected a file (${what})`);
+}

@@ -3,28 +3,35 @@
  * source (or `qmt send`) and keep what arrives as a saved-VM directory.
  */
 import { mkdir } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { DestinationSession, type DestinationResult, type DestinationStats } from '../protocol/destination.js';
 import { DirectorySink } from '../protocol/directory-sink.js';
 import { MigrationError } from '../protocol/errors.js';
+import { MappedRamSink, type MappedRamSaveSummary } from '../protocol/mapped-ram-sink.js';
 import { RAM_DIR, writeSavedVm, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
 import { parseEndpoint } from '../transport/endpoint.js';
 import type { ThreadMode } from '../transport/worker/support.js';
-import { checkOutputDirectory, endpointArg, intArg } from './args.js';
+import { checkOutputDirectory, checkOutputFile, endpointArg, intArg } from './args.js';
 import { describeError as describeAny, type DescribedError } from './errors.js';
 import { FAULT_PATTERNS, FaultGenerator, MAX_FAULT_RATE, type FaultPattern, type FaultReport } from './fault.js';
 import { destinationStatsJson, latencyJson, type DestinationStatsJson, type LatencyJson } from './json.js';
 import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
 import { run, type CommandContext, type CommandOutcome } from './run.js';
 
+/** What `qmt receive` writes (`--format`). */
+export const RECEIVE_FORMATS = ['saved-vm', 'mapped-ram'] as const;
+export type ReceiveFormat = (typeof RECEIVE_FORMATS)[number];
+
 export interface ReceiveOptions {
   /** `tcp:HOST:PORT` (port 0: any free port) or `unix:PATH`. */
   listen: string;
-  /** The saved-VM directory to write (created if missing; RAM goes to OUT/ram). */
+  /** The saved-VM directory to write (created if missing; RAM goes to OUT/ram), or with format 'mapped-ram' the file. */
   out: string;
+  /** 'saved-vm' (default): our directory; 'mapped-ram': QEMU's own saved-VM file, which a plain QEMU 10 loads (MappedRamSink). */
+  format?: ReceiveFormat;
   /** A QEMU tls-creds-x509 directory with the server's files: TLS on every channel, client certificates verified. */
   tls?: string;
   /** With `tls`: accept only clients whose certificate carries one of these names (QEMU's tls-authz; see TlsSettings.allowedPeers). */
@@ -34,9 +41,10 @@ export interface ReceiveOptions {
   /** QEMU's multifd with this many channels (1–255; the source's `multifd-channels`). */
   multifd?: number;
   /**
-   * Channels in worker threads (DestinationOptions.threads, default 'auto').
-   * The saved-VM directory is file-backed: 'auto' stays on one thread (and
-   * says why in the stats), 'on' is refused.
+   * Channels in worker threads (DestinationOptions.threads). 'on' (Node
+   * 26.6 and later, without multifd): each channel's thread writes the pages
+   * it decodes into the saved VM's block files itself. 'auto' (default)
+   * keeps one thread for now.
    */
   threads?: ThreadMode;
   /** Make demand page requests once postcopy runs (needs `postcopy`). */
@@ -115,6 +123,20 @@ function manifestSummary(m: SavedVmManifest): NonNullable<ReceiveReport['manifes
   };
 }
 
+/** What a mapped-ram save holds, in the report's manifest shape (every block's `file` is the one file). */
+function mappedRamSummary(m: MappedRamSaveSummary, r: DestinationResult, out: string): NonNullable<ReceiveReport['manifest']> {
+  return {
+    complete: m.complete,
+    machineType: r.machineType ?? null,
+    postcopy: r.postcopy,
+    capabilities: ['mapped-ram'],
+    blocks: m.blocks.map((b) => ({ idstr: b.idstr, length: b.length, file: out })),
+    devices: { count: m.devices.count, bytes: m.devices.bytes, idstrs: [...new Set(r.devices.map((d) => d.idstr))] },
+    vmdesc: r.vmdesc ? out : null,
+    ...(r.error ? { error: { code: r.error.code, phase: r.error.phase, message: r.error.message } } : {}),
+  };
+}
+
 /** Pages of `blocks` the session does not have. */
 export function missingPages(s: Pick<DestinationSession, 'hasPage'>, blocks: readonly RamBlockInfo[]): { count: number; first?: { block: string; offset: number } } {
   let count = 0;
@@ -144,7 +166,8 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   const progress = new Progress({ mode: opts.progress ?? 'auto', ...(opts.stderr ? { stream: opts.stderr } : {}) });
   const report: ReceiveReport = { ok: false, listen: null, out, manifest: null, stats: null };
   let session: DestinationSession | undefined;
-  let sink: DirectorySink | undefined;
+  let sink: DirectorySink | MappedRamSink | undefined;
+  const mapped = opts.format === 'mapped-ram';
   try {
     // Check the URI before anything is created on disk.
     parseEndpoint(opts.listen);
@@ -158,8 +181,8 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
       progress.stop();
       return report;
     }
-    await mkdir(out, { recursive: true });
-    sink = new DirectorySink(join(out, RAM_DIR));
+    await mkdir(mapped ? dirname(out) : out, { recursive: true });
+    sink = mapped ? new MappedRamSink(out) : new DirectorySink(join(out, RAM_DIR));
     session = await DestinationSession.listen({
       listen: opts.listen,
       sink,
@@ -305,9 +328,13 @@ export async function receiveMigration(opts: ReceiveOptions): Promise<ReceiveRep
   try {
     // The session flushes RAM only when it completes; what a failure leaves must be durable too.
     // A sink that failed itself (disk full) rejects flush() after syncing what it could: the manifest still says what happened.
-    if (failure) await sink.flush().catch(() => undefined);
-    const manifest = await writeSavedVm(out, result);
-    report.manifest = manifestSummary(manifest);
+    if (sink instanceof MappedRamSink) {
+      report.manifest = mappedRamSummary(await sink.finish(result), result, out);
+    } else {
+      if (failure) await sink.flush().catch(() => undefined);
+      const manifest = await writeSavedVm(out, result);
+      report.manifest = manifestSummary(manifest);
+    }
   } catch (e) {
     failure ??= MigrationError.from(e, 'completion');
   } finally {
@@ -364,6 +391,7 @@ interface ReceiveCliOptions {
   recovery?: boolean;
   recoverListen?: string;
   recoveryTimeout?: number;
+  format?: ReceiveFormat;
   json?: boolean;
   progress: ProgressMode;
 }
@@ -396,13 +424,15 @@ export function receiveJson(r: ReceiveReport): ReceiveJson {
 /** Runs `qmt receive` with parsed options (SIGINT/SIGTERM: `ctx.signal`). */
 export async function runReceiveCommand(ctx: CommandContext, o: ReceiveCliOptions): Promise<CommandOutcome> {
   if (o.faultRate !== undefined && !o.fault) return { ok: false, error: { code: 'usage', message: '--fault-rate needs --fault' } };
-  await checkOutputDirectory(o.out, '--out, the saved VM to write');
+  if (o.format === 'mapped-ram') await checkOutputFile(o.out, '--out, the mapped-ram file to write');
+  else await checkOutputDirectory(o.out, '--out, the saved VM to write');
   // SIGUSR1: pause postcopy now (the operator knows the link is dead); without a handler it would kill us.
   let pauseNow: (() => void) | undefined;
   ctx.onSignal('SIGUSR1', () => pauseNow?.());
   const r = await receiveMigration({
     listen: o.listen,
     out: o.out,
+    ...(o.format ? { format: o.format } : {}),
     ...(o.tls ? { tls: o.tls } : {}),
     ...(o.tlsAllow?.length ? { tlsAllow: o.tlsAllow } : {}),
     postcopy: o.postcopy ?? false,
@@ -427,12 +457,13 @@ export function registerReceiveCommand(program: Command): Command {
     .command('receive')
     .description('receive one live migration (a QEMU 10 source) into a saved-VM directory')
     .requiredOption('--listen <uri>', 'tcp:HOST:PORT (port 0: any free port) or unix:PATH', endpointArg)
-    .requiredOption('--out <dir>', 'saved-VM directory to write (RAM in DIR/ram, devices, manifest.json)')
+    .requiredOption('--out <path>', 'saved-VM directory to write (RAM in DIR/ram, devices, manifest.json), or with --format mapped-ram the file')
+    .addOption(new Option('--format <format>', "saved-vm (default): our directory; mapped-ram: QEMU's saved-VM file, loaded by QEMU 10 with migrate-incoming file: (capability mapped-ram)").choices([...RECEIVE_FORMATS]))
     .option('--tls <dir>', 'QEMU tls-creds-x509 directory (server side): TLS on every channel')
     .option('--tls-allow <name>', "with --tls: accept only a source whose certificate names NAME (subject DN, CN or subjectAltName; repeatable; QEMU's tls-authz)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
     .option('--multifd <n>', "QEMU's multifd: the source opens N more channels for the pages (its multifd-channels, 1..255)", intArg('--multifd', 1, 255))
-    .addOption(new Option('--threads <mode>', 'each channel in a worker thread: on | off | auto (default; the saved-VM directory is file-backed, so auto stays on one thread and on is refused)').choices(['auto', 'on', 'off']))
+    .addOption(new Option('--threads <mode>', 'each channel in a worker thread that writes the pages it decodes into the block files: on | off | auto (default: auto, one thread for now; on needs Node 26.6+, not with --multifd)').choices(['auto', 'on', 'off']))
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
     .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never); once postcopy runs, pause instead', intArg('--idle-timeout', 0, 2_147_483_647))

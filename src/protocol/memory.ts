@@ -1,6 +1,7 @@
 import { PageBitmap } from '../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import type { RamBlockInfo } from '../stream/records.js';
+import type { BlockFile } from './block-files.js';
 import { MigrationError } from './errors.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -78,6 +79,13 @@ export interface GuestMemorySink {
   readPage(block: string, offset: number): Uint8Array;
   /** Makes everything written so far durable. */
   flush(): Promise<void>;
+  /**
+   * Optional: the blocks as open files (after setBlocks), for a destination
+   * with threads: each channel's worker then writes the pages it decodes
+   * there itself (positioned writes at their fixed places), and `flush()` is
+   * called once every worker's writes are done.
+   */
+  blockFiles?(): readonly BlockFile[];
   /** Releases resources; the sink is not used afterwards. */
   close(): Promise<void>;
 }

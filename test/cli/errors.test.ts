@@ -94,7 +94,8 @@ describe('qmt: bad invocations, one line each', () => {
 
   it('qmt receive', async () => {
     await check([
-      [['receive', '--listen', 'tcp:127.0.0.1:0'], 2, /^qmt: usage: required option '--out <dir>' not specified$/],
+      [['receive', '--listen', 'tcp:127.0.0.1:0'], 2, /^qmt: usage: required option '--out <path>' not specified$/],
+      [['receive', '--listen', 'tcp:127.0.0.1:0', '--out', DIR, '--format', 'mapped-ram'], 1, new RegExp(`^qmt: is-a-directory: ${esc(DIR)}: is a directory, expected a file \\(--out`)],
       [['receive', '--listen', 'tcp:127.0.0.1', '--out', DIR], 2, /^qmt: usage: option '--listen <uri>' argument 'tcp:127\.0\.0\.1' is invalid\. expected tcp:HOST:PORT/],
       [['receive', '--listen', 'tcp:127.0.0.1:99999', '--out', DIR], 2, /^qmt: usage: option '--listen <uri>' argument 'tcp:127\.0\.0\.1:99999' is invalid\. bad port/],
       [['receive', '--listen', 'tcp:127.0.0.1:0', '--out', DIR, '--idle-timeout', '-5'], 2, /^qmt: usage: option '--idle-timeout <ms>' argument '-5' is invalid/],

@@ -28,6 +28,7 @@ const COUNTS = new Set([
   'start', 'part', 'end', 'full', 'recoveries', 'postcopyRequests', 'preemptPages', 'precopyIterations', 'placedTwice',
   'dirtySyncCount', 'issued', 'answered', 'satisfied', 'skipped', 'throttled', 'unanswered', 'main', 'preempt', 'validDays',
   'channels', 'syncs', 'packets', 'flushWaits', 'id', 'multifd', // multifd: channel counts and ids (qmt receive/send)
+  'reads', 'waits', // threads: a channel worker's positioned reads of a saved VM, and its waits on them
   'writeWaits', 'bulkWaits', 'mainInFlight', 'mainNoPreempt', 'readPauses', 'priority', 'tos', 'session', 'pauses', 'alreadyForwarded', 'offset', 'shut', 'rate', 'pagesPerSecond', 'value',
 ]);
 const UNIT = /(Bytes|Ms|Us|MiB|MBps|PerSecond|Percent|OfOneCore)$|^bytes(Sent|Received|Read|Written)?$/;

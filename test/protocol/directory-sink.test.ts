@@ -486,7 +486,8 @@ describe('DirectorySink under a DestinationSession', () => {
       },
     };
     const sink = new DirectorySink(freshDir(), { fs: io });
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink });
+    // One thread: the sink's own writes go through `io` (with threads each worker writes: directory-sink-threads.test.ts).
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, threads: 'off' });
     const src = new SourceSession({ to: dst.uri, memory: guest(16 * MiB), machineType: 'pc-q35-10.0', devices: [] });
     src.start();
     const e = await rejection(dst.done);

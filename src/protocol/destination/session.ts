@@ -11,7 +11,7 @@ import { usageError } from '../../errors.js';
 import { MigrationError, abortError, type MigrationPhase } from '../errors.js';
 import { PageTracker, type PageRequestResult } from '../page-tracker.js';
 import { isNetworkFailure } from '../recovery.js';
-import { checkRamComplete, waitLatePages } from './completion.js';
+import { ANSWER_COMPLETED_MS, ShutNews, answerCompleted, checkRamComplete, waitLatePages } from './completion.js';
 import { PageLanding } from './landing.js';
 import { Link as ChannelLink, type LinkEvents } from './link.js';
 import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
@@ -93,6 +93,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   /** The configuration record (with threads the header is decoded in the main channel's worker). */
   private configRecord: ConfigurationRecord | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
+  /** Whether the source can know that we completed (postcopy: else a completed destination answers its recovery). */
+  private readonly shutNews = new ShutNews();
+  /** close() was called: a completed destination stops answering recovery connections. */
+  private closing = false;
 
   private constructor(
     private listener: SessionListener,
@@ -244,7 +248,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private startLink(link: Link): void {
-    this.emit('channel', { role: 'main', stats: link.conn.main.stats });
+    // A worker's channel: its stats (TLS version and cipher) come with its first report.
+    if (link instanceof ThreadLink) void link.firstStats.then(() => link.alive && this.emit('channel', { role: 'main', stats: link.conn.main.stats }));
+    else this.emit('channel', { role: 'main', stats: link.conn.main.stats });
     link.start();
   }
 
@@ -308,6 +314,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onMainClosed(link: ChannelLink): void {
+    if (this.completes(link)) this.shutNews.mainClosed(false);
     if (isOver(this.state)) return;
     if (this.state.kind === 'completing') {
       // A stream that ends after EOF without a VM description is complete.
@@ -343,12 +350,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private onThreadBlocks(rec: ControlRecord): SharedBlock[] {
     if (rec.type !== 'ram-blocks') throw new MigrationError('protocol', this.phase, `a ${rec.type} record where the block list was expected`);
     this.onRecord(rec, performance.now());
-    const sink = this.opts.sink as InMemorySink;
-    this.shared = sharedBlocks(this.pages.blocks, (id) => sink.blocks.get(id), (id) => this.pages.bitmap(id)?.buffer, this.written);
+    const sink = this.opts.sink;
+    // Shared memory, or (a sink of files) the open files each worker writes itself.
+    const files = sink.blockFiles ? new Map(sink.blockFiles().map((f) => [f.idstr, f])) : undefined;
+    this.shared = sharedBlocks(this.pages.blocks, (id) => files?.get(id) ?? (sink as InMemorySink).blocks.get(id), (id) => this.pages.bitmap(id)?.buffer, this.written);
     return this.shared;
   }
 
   private onThreadMainClosed(link: ThreadLink, recs: ControlRecord[], error: Error | undefined): void {
+    if (this.completes(link)) this.shutNews.mainClosed(error !== undefined);
     if (link !== this.link || isOver(this.state)) return;
     if (this.state.kind === 'completing') {
       if (error) {
@@ -682,6 +692,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
 
   /** A channel of `link` failed: pause (VM running here, network) or fail. */
   private linkLost(link: Link, e: unknown): void {
+    if (this.completes(link)) this.shutNews.lost();
     if (link !== this.link || isOver(this.state)) return;
     const err = MigrationError.from(e, this.phase);
     if (this.canRecover() && isNetworkFailure(err)) this.enterPause(err);
@@ -880,18 +891,23 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     link.stopIdle();
     try {
       // Pages requested late may still be in flight on the preempt channel.
-      await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded);
+      await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded, () => this.state === s);
       if (this.state !== s) return;
       s.step = 'flushing';
       checkMultifdDrained(link instanceof ChannelLink ? link.multifd : undefined);
       checkRamComplete(this.pages, s.postcopy, this.sections.ramEnded);
+      // A sink of files with threads: every worker's writes done before the sink fsyncs its files.
+      if (link instanceof ThreadLink && this.opts.sink.blockFiles) await link.drainWriters();
       await this.opts.sink.flush();
       if (this.state !== s) return;
       this.state = { kind: 'completed', link, postcopy: s.postcopy };
       this.counts.endedAt = performance.now();
       // SHUT 0: without it a QEMU source reports the migration failed. Everything is here and
       // flushed by now, so a source that is gone meanwhile does not undo the migration.
-      if (this.rpOpen) await link.shut(0);
+      if (this.rpOpen) {
+        this.shutNews.shutQueued();
+        await link.shut(0);
+      }
     } catch (e) {
       if (this.state === s) s.step = 'vmdesc'; // let fail() act: the migration is not over yet
       this.fail(MigrationError.from(e, 'completion'));
@@ -903,12 +919,37 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     this.pages.failAll(new MigrationError('protocol', 'completion', 'the migration completed'));
     const result = this.snapshot();
     this.release();
-    this.shutDown = this.shutdown(link, false);
+    this.shutDown = this.shutdown(link, false).then(() => this.answerIfInDoubt(s.postcopy));
     // With threads, done settles once every channel's thread has ended: nothing of the session is alive then.
-    if (this.threads.used) await this.shutDown;
+    if (this.threads.used) await holdWhile(this.shutDown);
     this.emit('completed', result);
     this.resolveDone(result);
     await this.shutDown;
+  }
+
+  /**
+   * Completed in postcopy, but nothing says the source read our SHUT 0 (its
+   * link was lost around it): a source that paused then reconnects to resume.
+   * Its recovery connections are answered with SHUT 0 at the recovery address
+   * until one source has read it, for `recovery.timeoutMs` at most (default
+   * ANSWER_COMPLETED_MS), or until close().
+   */
+  private async answerIfInDoubt(postcopy: boolean): Promise<void> {
+    if (!postcopy || !this.rpOpen || this.opts.recovery === false || !this.shutNews.inDoubt || this.closing) return;
+    const uri = (this.opts.recovery || {}).listen ?? this.listener.uri;
+    const transport = this.opts.transport ?? {};
+    await answerCompleted(
+      () => listenForRecovery(uri, transport),
+      (this.opts.recovery || {}).timeoutMs ?? ANSWER_COMPLETED_MS,
+      () => this.closing,
+      (l) => (this.listener = l as MigrationListener),
+    ).catch(() => undefined); // the address is taken meanwhile: nobody can reach us there
+  }
+
+  /** `link` is the one that completes (EOF read): what happens to it says whether the source got SHUT 0. */
+  private completes(link: Link): boolean {
+    const s = this.state;
+    return (s.kind === 'completing' || s.kind === 'completed') && s.link === link;
   }
 
   private fail(e: MigrationError): void {
@@ -927,7 +968,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     if (link && this.rpOpen) void link.shut(1);
     if (this.listenerCount('failed') > 0) this.emit('failed', e);
     this.shutDown = this.shutdown(link, true);
-    if (this.threads.used) void this.shutDown.then(() => this.rejectDone(e));
+    if (this.threads.used) void holdWhile(this.shutDown).then(() => this.rejectDone(e));
     else this.rejectDone(e);
   }
 
@@ -949,6 +990,10 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * same as `cancel()`.
    */
   async close(): Promise<void> {
+    this.closing = true;
+    const s = this.state;
+    // EOF is read, but until SHUT 0 (late pages, the flush) the migration has not completed: cancelled too.
+    if (s.kind === 'completing') s.step = 'vmdesc';
     if (!isOver(this.state)) this.fail(new MigrationError('cancelled', this.phase, 'the destination was closed'));
     else this.listener.close();
     // The teardown's own timers and sockets are unreferenced (they must not hold a process
@@ -972,4 +1017,15 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
+}
+
+/**
+ * Keeps the process alive until `p` settles: a threaded session's `done`
+ * waits for its threads to end, and the teardown's own timers and workers
+ * are unreferenced — without this a script awaiting `done` after a failure
+ * would exit with the promise unsettled (Node's exit code 13).
+ */
+function holdWhile<T>(p: Promise<T>): Promise<T> {
+  const hold = setInterval(() => undefined, 1000);
+  return p.finally(() => clearInterval(hold));
 }

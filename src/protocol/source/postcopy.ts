@@ -13,7 +13,8 @@ export async function runPostcopy(run: SourceRun): Promise<void> {
   const sectionId = run.ramSection.sectionId;
   for (;;) {
     try {
-      if (run.pausedBy) await recover(run);
+      // The destination may have completed meanwhile: it says so on the recovery connection.
+      if (run.pausedBy && (await recover(run)) === 'completed') return;
       run.state = { kind: 'postcopy' };
       await sendPass(run, { precopy: false, kind: 'part' });
       // Requested pages still queued for the preempt channel go before the end of RAM.

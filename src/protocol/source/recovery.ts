@@ -11,8 +11,12 @@ export function isHeld(run: SourceRun): boolean {
   return run.state.kind === 'paused' && run.state.hold;
 }
 
-/** Reconnects until a recovery exchange completes (or the migration is cancelled, or attempts run out). */
-export async function recover(run: SourceRun): Promise<void> {
+/**
+ * Reconnects until a recovery exchange completes (or the migration is
+ * cancelled, or attempts run out). 'completed': the destination had
+ * completed meanwhile and said so (SHUT 0) instead of resuming.
+ */
+export async function recover(run: SourceRun): Promise<'resumed' | 'completed'> {
   const opts = run.opts.recovery || {};
   let last: MigrationError = run.pausedBy!;
   for (let attempt = 1; ; attempt++) {
@@ -39,8 +43,7 @@ export async function recover(run: SourceRun): Promise<void> {
     const to = run.recoverTo ?? opts.to ?? run.opts.to;
     run.emit('recovering', { attempt, to });
     try {
-      await reconnect(run, to);
-      return;
+      return await reconnect(run, to);
     } catch (e) {
       run.check();
       last = MigrationError.from(e, 'postcopy');
@@ -61,7 +64,7 @@ export async function recover(run: SourceRun): Promise<void> {
  * every block back to back, their bitmaps back, the new preempt channel,
  * POSTCOPY_RESUME, RESUME_ACK.
  */
-async function reconnect(run: SourceRun, to: string): Promise<void> {
+async function reconnect(run: SourceRun, to: string): Promise<'resumed' | 'completed'> {
   const conn = await connectSource(run, to);
   const paused = run.state;
   if (run.over || isHeld(run) || paused.kind !== 'paused') {
@@ -76,7 +79,9 @@ async function reconnect(run: SourceRun, to: string): Promise<void> {
   const blocks = run.ram.blocks;
   run.write(blocks.map((st): StreamRecord => ({ type: 'command', command: { cmd: 'recv-bitmap', block: st.info.idstr } })));
   await run.flushMain();
-  await link.waitFor('received bitmap', () => blocks.every((st) => link.recvBitmaps.has(st.info.idstr)));
+  // A destination that completed while we were paused (our SHUT 0 was lost with the link) answers SHUT 0 instead.
+  await link.waitFor('received bitmap', () => link.shut === 0 || blocks.every((st) => link.recvBitmaps.has(st.info.idstr)));
+  if (link.shut === 0) return completedMeanwhile(run);
   for (const st of blocks) applyReceivedBitmap(st.info.idstr, st.pages, link.recvBitmaps.get(st.info.idstr)!, st.toSend, st.sentAfterListen);
   // A page answered on preempt that did not arrive goes again (maybe on main): it is no longer a preempt answer.
   for (const st of blocks) {
@@ -96,6 +101,19 @@ async function reconnect(run: SourceRun, to: string): Promise<void> {
   run.c.recoveries++;
   run.pacer.reset();
   run.emit('resumed', { recoveries: run.c.recoveries, pausedMs: performance.now() - paused.since });
+  return 'resumed';
+}
+
+/**
+ * SHUT 0 on a recovery connection: the destination has every page and has
+ * ended (it read our EOF before the link was lost, and its SHUT 0 was lost
+ * with it). Only a source that had sent everything can be told so.
+ */
+function completedMeanwhile(run: SourceRun): 'completed' {
+  const unsent = run.ram.remainingBytes();
+  if (unsent > 0) throw new MigrationError('protocol', 'postcopy', `the destination says it completed (SHUT 0 on a recovery connection), but ${unsent} bytes of RAM were never sent to it`);
+  run.state = { kind: 'completing', postcopy: true };
+  return 'completed';
 }
 
 /** After pause(): waits for resume() (or the migration's end). */

@@ -46,10 +46,32 @@ port.on('message', (m: ToWorker) => {
     case 'serve-preempt':
       serving = new Preempt(take(), m);
       return;
+    case 'drain':
+      if (serving) void drain(serving.landing);
+      else post({ t: 'drained' });
+      return;
     default:
       if (serving instanceof Main) serving.onMessage(m);
   }
 });
+
+/** A sink of files: every page this worker took written (the session then fsyncs), and whether a write failed. */
+async function drain(landing: WorkerLanding): Promise<void> {
+  const w = landing.writer;
+  if (w) await w.drained();
+  post({ t: 'drained', ...(w?.failed ? { error: errorToData(w.failed) } : {}) });
+}
+
+/**
+ * What a chunk's consumer returns for a sink of files: the writer's
+ * backpressure (the channel stops reading until the writes are under the
+ * bound); a failed write fails the channel as a storage error, not as a
+ * network one (it would pause postcopy).
+ */
+function writerPressure(landing: WorkerLanding, fail: (e: unknown) => void): Promise<void> | undefined {
+  const bp = landing.writer?.backpressure();
+  return bp?.then(noop, fail);
+}
 
 /** The candidate: handshake (TLS), then every byte seen goes to the session's judge until it decides. */
 async function begin(s: net.Socket): Promise<void> {
@@ -138,7 +160,7 @@ function wake(landing: WorkerLanding, landed: Int32Array, which: number): void {
 class Main {
   private readonly ch: Channel;
   private readonly decoder: StreamDecoder<true>;
-  private readonly landing: WorkerLanding;
+  readonly landing: WorkerLanding;
   private readonly landed: Int32Array;
   private readonly ring: AtomicRing;
   private failed = false;
@@ -243,7 +265,9 @@ class Main {
       this.fail(e);
       return;
     }
-    return this.records(recs, 0, []);
+    const r = this.records(recs, 0, []);
+    if (r) return r.then(() => writerPressure(this.landing, (e) => this.fail(e)));
+    return writerPressure(this.landing, (e) => this.fail(e));
   }
 
   /** Lands the pages and sends the rest, in order; waits for the blocks' memory after a block list. */
@@ -263,6 +287,15 @@ class Main {
         }
         this.control(c, pages);
         out.push(c);
+        // A sink of files: every precopy page written before the session hears of LISTEN (after it, the preempt
+        // worker may write a newer copy of a page, and a write of ours still in flight must not land after it).
+        if (c.type === 'command' && c.command.cmd === 'postcopy-listen' && this.landing.writer) {
+          post({ t: 'records', recs: out.splice(0), iterationPages: pages.splice(0) });
+          return this.landing.writer.drained().then(() => {
+            if (this.landing.writer?.failed) return this.fail(this.landing.writer.failed);
+            return this.records(recs, i + 1, out, pages);
+          });
+        }
       }
     } catch (e) {
       this.fail(e);
@@ -333,7 +366,7 @@ class Main {
 class Preempt {
   private readonly ch: Channel;
   private readonly decoder: PreemptDecoder<true>;
-  private readonly landing: WorkerLanding;
+  readonly landing: WorkerLanding;
   private readonly landed: Int32Array;
   private failed = false;
   private first = true;
@@ -360,7 +393,7 @@ class Preempt {
     this.ch.read((chunk) => this.chunk(chunk));
   }
 
-  private chunk(chunk: Buffer): void {
+  private chunk(chunk: Buffer): void | Promise<void> {
     if (this.failed) return;
     if (this.first && chunk.length > 0) {
       this.first = false;
@@ -372,9 +405,15 @@ class Preempt {
       for (const r of this.decoder.push(chunk)) this.landing.land(r, () => undefined);
       if (this.decoder.error) throw this.decoder.error;
     } catch (e) {
-      this.failed = true;
-      post({ t: 'decode-error', error: errorToData(e) });
+      this.fail(e);
     }
     wake(this.landing, this.landed, Landed.preempt);
+    return writerPressure(this.landing, (e) => this.fail(e));
+  }
+
+  private fail(e: unknown): void {
+    if (this.failed) return;
+    this.failed = true;
+    post({ t: 'decode-error', error: errorToData(e) });
   }
 }

@@ -7,6 +7,7 @@
  * landed pages (one shared word bumped per chunk, watched only while requests
  * wait). A dropped ThreadLink ends its workers and calls none of its handlers.
  */
+import type { BlockFile } from '../../block-files.js';
 import { performance } from 'node:perf_hooks';
 import type { DecoderResumeState } from '../../../stream/decoder.js';
 import type { RamBlockInfo, ReturnPathMessage } from '../../../stream/records.js';
@@ -172,7 +173,45 @@ export class ThreadLink {
     for (const w of this.blocksWaiters.splice(0)) w();
   }
 
+  /** 'drain' answers awaited, per worker. */
+  private readonly drainWaiters = new Map<ChannelWorker, ((m: Extract<FromWorker, { t: 'drained' }>) => void)[]>();
+
+  private drainedBy(w: ChannelWorker, m: FromWorker): boolean {
+    if (m.t !== 'drained') return false;
+    for (const f of this.drainWaiters.get(w)?.splice(0) ?? []) f(m);
+    return true;
+  }
+
+  /**
+   * A sink of files: waits until every page the workers of this link took is
+   * written to its file (each worker's writer drained), at most `ms`; throws
+   * the StorageError of a write that failed. The session fsyncs after this.
+   */
+  async drainWriters(ms = 30_000): Promise<void> {
+    const workers = [this.threads.main, ...(this.preemptWorker ? [this.preemptWorker] : [])];
+    const answers = await Promise.all(
+      workers.map(
+        (w) =>
+          new Promise<Extract<FromWorker, { t: 'drained' }> | undefined>((resolve) => {
+            const timer = setTimeout(() => resolve(undefined), ms);
+            timer.unref();
+            const list = this.drainWaiters.get(w) ?? [];
+            list.push((m) => (clearTimeout(timer), resolve(m)));
+            this.drainWaiters.set(w, list);
+            void w.exited.then(() => resolve(undefined));
+            w.post({ t: 'drain' });
+          }),
+      ),
+    );
+    for (const a of answers) if (a?.error) throw errorFromData(a.error);
+  }
+
+  private statsSeen: (() => void) | undefined;
+  /** Settles with the main worker's first stats (its TLS session among them): the session's 'channel' event waits for it. */
+  readonly firstStats = new Promise<void>((r) => (this.statsSeen = r));
+
   private onMain(m: FromWorker): void {
+    if (this.drainedBy(this.threads.main, m)) return;
     if (this.dropped) {
       if (m.t === 'shut-done') for (const w of this.shutWaiters.splice(0)) w();
       if (m.t === 'closed') this.markClosed();
@@ -182,6 +221,8 @@ export class ThreadLink {
       case 'stats':
         Object.assign(this.mainStats, m.stats);
         this.cpu.main = m.cpuSeconds;
+        this.statsSeen?.();
+        this.statsSeen = undefined;
         return;
       case 'records':
         this.events.records(this, m.recs, m.iterationPages);
@@ -247,6 +288,7 @@ export class ThreadLink {
   }
 
   private onPreemptMessage(m: FromWorker): void {
+    if (this.preemptWorker && this.drainedBy(this.preemptWorker, m)) return;
     if (this.dropped) return;
     switch (m.t) {
       case 'stats':
@@ -370,13 +412,17 @@ export class ThreadLink {
     this.resumeState = new Promise<DecoderResumeState | undefined>((resolve) => {
       const timer = setTimeout(() => resolve(undefined), 2000);
       main.onMessage = (m) => {
-        if (m.t !== 'state') return;
+        if (this.drainedBy(main, m) || m.t !== 'state') return;
         clearTimeout(timer);
         resolve(m.state);
       };
       void main.exited.then(() => resolve(undefined));
       main.post({ t: 'export' });
-    }).finally(() => this.threads.destroy());
+    }).finally(async () => {
+      // A sink of files: what the workers staged reaches the files before their threads end.
+      if (this.opts.blocks()?.some((b) => b.file)) await this.drainWriters(10_000).catch(() => undefined);
+      this.threads.destroy();
+    });
     this.resumeState.catch(() => undefined);
   }
 
@@ -394,6 +440,8 @@ export class ThreadLink {
     } else if (abort) {
       await new Promise<void>((r) => setTimeout(r, 50).unref());
     }
+    // A sink of files: what the workers staged reaches the files before their threads end (a failed migration keeps what arrived).
+    if (this.opts.blocks()?.some((b) => b.file)) await this.drainWriters(10_000).catch(() => undefined);
     this.dropped = true;
     Atomics.notify(this.landed, 0);
     this.threads.destroy();
@@ -401,17 +449,23 @@ export class ThreadLink {
   }
 }
 
-/** The blocks of a block list as the workers see them: the sink's shared memory and the tracker's bitmaps. */
-export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, written: Map<string, SharedArrayBuffer>): SharedBlock[] {
+/**
+ * The blocks of a block list as the workers see them: the sink's shared
+ * memory (`memory`) or its open files (`file`, each worker writes its pages
+ * there itself), and the tracker's bitmaps.
+ */
+export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | BlockFile | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, written: Map<string, SharedArrayBuffer>): SharedBlock[] {
   return blocks.map((b, index) => {
     const mem = memory(b.idstr);
     const rec = received(b.idstr);
-    if (!mem || !(mem.buffer instanceof SharedArrayBuffer) || mem.byteOffset !== 0 || !rec) throw new Error(`RAM block "${b.idstr}" has no shared memory`);
+    const file = mem && !Buffer.isBuffer(mem) ? mem : undefined;
+    const buf = Buffer.isBuffer(mem) ? mem : undefined;
+    if (!rec || (!file && (!buf || !(buf.buffer instanceof SharedArrayBuffer) || buf.byteOffset !== 0))) throw new Error(`RAM block "${b.idstr}" has no shared memory`);
     let w = written.get(b.idstr);
     if (!w) {
       w = new SharedArrayBuffer(rec.byteLength);
       written.set(b.idstr, w);
     }
-    return { idstr: b.idstr, length: b.length, index, memory: mem.buffer, received: rec, written: w };
+    return { idstr: b.idstr, length: b.length, index, ...(file ? { file } : { memory: buf!.buffer as SharedArrayBuffer }), received: rec, written: w };
   });
 }

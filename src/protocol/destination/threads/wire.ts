@@ -11,7 +11,8 @@ import { TransportError, type ChannelName, type TransportErrorCode } from '../..
 import type { TlsMaterial } from '../../../transport/pki.js';
 import type { TlsSettings } from '../../../transport/tls.js';
 import type { TuningProfile } from '../../../transport/tuning.js';
-import { MigrationError, type MigrationErrorCode } from '../../errors.js';
+import type { BlockFile } from '../../block-files.js';
+import { MigrationError, StorageError, type MigrationErrorCode, type StorageOperation } from '../../errors.js';
 import type { DecoderResumeState } from '../../../stream/decoder.js';
 
 /** One RAM block as every thread sees it: its memory and its bitmaps, shared. */
@@ -19,8 +20,9 @@ export interface SharedBlock {
   readonly idstr: string;
   readonly length: number;
   readonly index: number;
-  /** Guest memory (the sink's buffer). */
-  readonly memory: SharedArrayBuffer;
+  /** Guest memory (the sink's buffer); or, for a sink of files, `file`, which each worker writes itself. */
+  readonly memory?: SharedArrayBuffer;
+  readonly file?: BlockFile;
   /** The received set (the PageTracker's bitmap words). */
   readonly received: SharedArrayBuffer;
   /** Pages ever written (a ZERO record on a page still zero-filled costs nothing). */
@@ -58,11 +60,14 @@ export type ErrorData =
   | { family: 'stream'; code: StreamErrorCode; message: string; offset: number }
   | { family: 'transport'; code: TransportErrorCode; message: string; channel?: ChannelName }
   | { family: 'migration'; code: MigrationErrorCode; message: string }
+  | { family: 'storage'; operation: StorageOperation; file: string; position: number; errno: string | undefined; message: string }
   | { family: 'other'; message: string; name: string };
 
 export function errorToData(e: unknown): ErrorData {
   if (StreamError.is(e)) return { family: 'stream', code: e.code, message: e.message, offset: e.offset };
   if (TransportError.is(e)) return { family: 'transport', code: e.code, message: e.message, ...(e.channel ? { channel: e.channel } : {}) };
+  // Before MigrationError.is: a StorageError is of the migration family too.
+  if (e instanceof StorageError) return { family: 'storage', operation: e.operation, file: e.file, position: e.position, errno: e.errno, message: (e.cause as Error | undefined)?.message ?? e.message };
   if (MigrationError.is(e)) return { family: 'migration', code: e.code, message: e.reason };
   return { family: 'other', message: e instanceof Error ? e.message : String(e), name: e instanceof Error ? e.name : 'Error' };
 }
@@ -75,6 +80,8 @@ export function errorFromData(d: ErrorData): Error {
       return new TransportError(d.code, d.message, d.channel ? { channel: d.channel } : {});
     case 'migration':
       return new MigrationError(d.code, 'postcopy', d.message);
+    case 'storage':
+      return new StorageError(d.operation, d.file, d.position, Object.assign(new Error(d.message), d.errno ? { code: d.errno } : {}));
     default: {
       const e = d.name === 'RangeError' ? new RangeError(d.message) : new Error(d.message);
       return e;
@@ -98,7 +105,9 @@ export type ToWorker =
   | { t: 'rp'; m: ReturnPathMessage; seq: number }
   | { t: 'shut'; value: number }
   /** The decoder's state for the recovery connection's worker. */
-  | { t: 'export' };
+  | { t: 'export' }
+  /** A sink of files: every page this worker took written to its file (answered by 'drained'). */
+  | { t: 'drain' };
 
 /** A channel worker → the session. */
 export type FromWorker =
@@ -119,4 +128,6 @@ export type FromWorker =
   /** The socket closed: the records its end completed, and the decoder's verdict. */
   | { t: 'closed'; recs: ControlRecord[]; error?: ErrorData }
   | { t: 'shut-done' }
-  | { t: 'state'; state: DecoderResumeState | undefined };
+  | { t: 'state'; state: DecoderResumeState | undefined }
+  /** Answer to 'drain': every write done; `error` if one failed (a storage error). */
+  | { t: 'drained'; error?: ErrorData };

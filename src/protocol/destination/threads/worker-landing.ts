@@ -3,7 +3,10 @@ import type { KnownBlock } from '../../../stream/ram.js';
 import type { PreemptRecordWithRuns, StreamRecordWithRuns } from '../../../stream/records.js';
 import { PageBitmap } from '../../../stream/bitmap.js';
 import { applyXbzrle } from '../../../stream/xbzrle.js';
+import * as fs from 'node:fs';
+import { StorageError } from '../../errors.js';
 import { checkPageRun, checkPageViews, asBuffer } from '../../memory.js';
+import { PageFileWriter, type WriterBlock } from '../../page-file-writer.js';
 import { Count, type SharedBlock } from './wire.js';
 
 const PAGE = TARGET_PAGE_SIZE;
@@ -11,7 +14,11 @@ const PAGE = TARGET_PAGE_SIZE;
 /** One block's memory and bitmaps as a worker writes them. */
 interface Target {
   readonly idstr: string;
+  readonly length: number;
+  /** Shared guest memory; empty for a sink of files (then `file`). */
   readonly memory: Buffer;
+  /** A sink of files: where this worker's writer puts the block's pages. */
+  readonly file: WriterBlock | undefined;
   readonly received: PageBitmap;
   readonly written: PageBitmap;
   readonly pages: number;
@@ -32,6 +39,8 @@ export class WorkerLanding {
   iterationPages = 0;
   /** Bumped once per chunk that landed pages, so that the session looks at its waiting requests. */
   landedSinceWake = false;
+  /** A sink of files: this worker's positioned writes (PageFileWriter: staging, bounded, in order per file). */
+  writer: PageFileWriter | undefined;
 
   constructor(
     readonly counts: Float64Array,
@@ -44,11 +53,15 @@ export class WorkerLanding {
 
   setBlocks(blocks: readonly SharedBlock[]): void {
     for (const b of blocks) {
+      const written = PageBitmap.attach(Math.ceil(b.length / PAGE), b.written);
+      if (b.file) this.writer ??= new PageFileWriter((fd, buf, o, l, p, cb) => fs.write(fd, buf, o, l, p, cb));
       this.byIndex[b.index] = {
         idstr: b.idstr,
-        memory: Buffer.from(b.memory, 0, b.length),
+        length: b.length,
+        memory: b.memory ? Buffer.from(b.memory, 0, b.length) : Buffer.alloc(0),
+        file: b.file ? this.writer!.addBlock(b.file, written) : undefined,
         received: PageBitmap.attach(Math.ceil(b.length / PAGE), b.received),
-        written: PageBitmap.attach(Math.ceil(b.length / PAGE), b.written),
+        written,
         pages: Math.ceil(b.length / PAGE),
       };
     }
@@ -62,17 +75,19 @@ export class WorkerLanding {
         const t = this.target(r.handle.index, r.block);
         const n = r.count;
         const first = r.offset / PAGE;
-        checkPageRun(r.block, t.memory.length, r.offset, n);
+        checkPageRun(r.block, t.length, r.offset, n);
         const c = this.counts;
         if (r.type === 'ram-pages') {
           checkPageViews(r.block, r.data, r.start, n, r.stride);
           const src = asBuffer(r.data);
-          if (r.stride === PAGE) src.copy(t.memory, r.offset, r.start, r.start + n * PAGE);
+          if (t.file) this.writer!.writePages(t.file, r.offset, n, src, r.start, r.stride);
+          else if (r.stride === PAGE) src.copy(t.memory, r.offset, r.start, r.start + n * PAGE);
           else for (let i = 0, s = r.start; i < n; i++, s += r.stride) src.copy(t.memory, r.offset + i * PAGE, s, s + PAGE);
           t.written.setRange(first, n);
           c[Count.normal]! += n;
         } else {
-          zeroWritten(t, first, n);
+          if (t.file) this.writer!.zeroPages(t.file, r.offset, n);
+          else zeroWritten(t, first, n);
           c[Count.duplicate]! += n;
         }
         if (this.listening) c[Count.placedTwice]! += countSet(t.received.words, first, n, t.pages);
@@ -84,10 +99,11 @@ export class WorkerLanding {
         const index = handleOf(r.block)?.index;
         if (index === undefined) throw new RangeError(`unknown RAM block "${r.block}"`);
         const t = this.target(index, r.block);
-        checkPageRun(r.block, t.memory.length, r.offset, 1);
-        const page = Buffer.from(t.memory.subarray(r.offset, r.offset + PAGE));
+        checkPageRun(r.block, t.length, r.offset, 1);
+        const page = t.file ? this.heldPage(t, r.offset) : Buffer.from(t.memory.subarray(r.offset, r.offset + PAGE));
         applyXbzrle(page, r.encoded);
-        page.copy(t.memory, r.offset);
+        if (t.file) this.writer!.writePages(t.file, r.offset, 1, page, 0, PAGE);
+        else page.copy(t.memory, r.offset);
         const p = r.offset / PAGE;
         t.written.set(p);
         if (this.listening) this.counts[Count.placedTwice]! += countSet(t.received.words, p, 1, t.pages);
@@ -106,6 +122,23 @@ export class WorkerLanding {
     const t = index === undefined ? undefined : this.byIndex[index];
     if (!t) return;
     t.received.clearRange(start / PAGE, Math.ceil(length / PAGE));
+  }
+
+  /** A sink of files: the page as its file will hold it (this worker's pending write of it, else the file; zeros if never written), for XBZRLE. */
+  private heldPage(t: Target, offset: number): Buffer {
+    const out = Buffer.alloc(PAGE);
+    const f = t.file!;
+    if (!t.written.has(offset / PAGE) || this.writer!.copyPending(f, offset, out)) return out;
+    try {
+      for (let got = 0; got < PAGE; ) {
+        const n = fs.readSync(f.file.fd, out, got, PAGE - got, f.base + offset + got);
+        if (n === 0) break;
+        got += n;
+      }
+    } catch (e) {
+      throw this.writer!.fail(new StorageError('read', f.file.path, f.base + offset, e));
+    }
+    return out;
   }
 
   private target(index: number, block: string): Target {
