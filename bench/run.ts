@@ -17,7 +17,7 @@
  * (urgent.bench.ts alone, with the threads rows), load (load.bench.ts: the
  * eight-migration load), multifd (multifd.bench.ts); load and multifd run
  * under a Node.js ≥ 26.6 when one is found (bench/lib/features.ts). `--mib`
- * goes to bulk, saved, demo, sink and multifd (default 1024 MiB); `--runs` to
+ * goes to codec, bulk, saved, demo, sink and multifd (default 1024 MiB; codec --quick 256); `--runs` to
  * those and to urgent and load (default 3 rounds).
  * saved and demo run dist/cli/main.js: it is built first when missing or
  * older than src/. Before each part: `sync` (no writeback of an earlier
@@ -33,14 +33,29 @@ import { REPO_ROOT } from './lib/child.js';
 import { cpuSnapshot, cpuUse, loadAverage } from './lib/cpu.js';
 import { partHeader, type PartResult } from './lib/part.js';
 import { fmt, machineInfo } from './lib/report.js';
-import { fmtRatio, fmtStats, median, runStats } from './lib/stats.js';
+import { median } from './lib/stats.js';
 import type { ProfiledPath } from './lib/cpuprofile.js';
 import { ensureBuiltCli } from './lib/qmt-cli.js';
 import { threadsNode } from './lib/features.js';
-import { issueLines, issueTable, summaryLines, summaryTable, type CodecData } from './lib/summary.js';
+import { issueLines, issueTable, summaryLines, summaryTable } from './lib/summary.js';
 import { issue13Intro, issue13Lines, issue13Table } from './lib/summary13.js';
 
-const PARTS = ['codec', 'bulk', 'saved', 'demo', 'sink', 'latency', 'urgent', 'seed', 'switchover', 'memory', 'load', 'multifd'] as const;
+/**
+ * Every part, in the order they run and appear in the report. A new part is
+ * one entry: its script writes <out>/<name>.json and .md through runPart
+ * (bench/lib/part.ts); `args` are its options from this run's command line
+ * (--quick is always passed), `threads` runs it under a Node.js that
+ * transfers sockets when there is one, `cli` needs the built `qmt`, `report:
+ * false` keeps it out of the numbered sections (its rows appear in another's).
+ */
+interface PartEntry {
+  name: string;
+  script: string;
+  args?: () => string[];
+  threads?: boolean;
+  cli?: boolean;
+  report?: boolean;
+}
 
 const { values: args } = parseArgs({
   options: {
@@ -57,13 +72,34 @@ const { values: args } = parseArgs({
 
 const BENCH = join(REPO_ROOT, 'bench');
 const OUT = join(BENCH, 'results');
-const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
-for (const p of [...list(args.only), ...list(args.skip)]) if (!(PARTS as readonly string[]).includes(p)) throw new Error(`unknown part "${p}" (parts: ${PARTS.join(', ')})`);
-// --report-only: no part runs; bench/REPORT.md is written again from bench/results/ (e.g. after `npm run bench:profile`).
-const selected = args['report-only'] ? [] : PARTS.filter((p) => (args.only ? list(args.only).includes(p) : true) && !list(args.skip).includes(p));
 const quick = args.quick ? ['--quick'] : [];
 /** The size and rounds of the issue-12 rows (bulk, saved, demo, sink). */
 const sizing = [...(args.mib ? ['--mib', args.mib] : []), ...(args.runs ? ['--runs', args.runs] : [])];
+const veth = (): string[] => (args['no-veth'] ? ['--no-veth'] : []);
+const trace = (): string[] => (args.trace ? ['--trace'] : []);
+const runsOnly = (): string[] => (args.runs ? ['--runs', args.runs] : []);
+const PARTS: readonly PartEntry[] = [
+  // --mib for codec only when given (its own default: 1024 MiB, --quick 256).
+  { name: 'codec', script: 'codec.bench.ts', args: () => sizing },
+  { name: 'bulk', script: 'bulk.bench.ts', args: () => sizing },
+  { name: 'saved', script: 'saved.bench.ts', args: () => sizing, cli: true },
+  { name: 'demo', script: 'demo.bench.ts', args: () => sizing, cli: true },
+  { name: 'sink', script: 'sink.bench.ts', args: () => sizing },
+  // Three rounds per cell: the medians are of ≥ 3 runs. Its rows are merged into urgent's section (urgent.bench.ts).
+  { name: 'latency', script: 'latency.bench.ts', args: () => [...(args.quick ? [] : ['--rounds', '3']), ...veth()], report: false },
+  { name: 'urgent', script: 'urgent.bench.ts', args: () => [...runsOnly(), ...veth(), ...trace()] },
+  { name: 'seed', script: 'seed.bench.ts' },
+  { name: 'switchover', script: 'switchover.bench.ts' },
+  { name: 'memory', script: 'memory.bench.ts' },
+  { name: 'load', script: 'load.bench.ts', args: runsOnly, threads: true },
+  { name: 'multifd', script: 'multifd.bench.ts', args: () => sizing, threads: true, cli: true },
+  // Issues 14 and 15 add theirs here, e.g. { name: 'mapped-ram', script: 'mapped-ram.bench.ts', args: () => sizing, cli: true }.
+];
+const NAMES = PARTS.map((p) => p.name);
+const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
+for (const p of [...list(args.only), ...list(args.skip)]) if (!NAMES.includes(p)) throw new Error(`unknown part "${p}" (parts: ${NAMES.join(', ')})`);
+// --report-only: no part runs; bench/REPORT.md is written again from bench/results/ (e.g. after `npm run bench:profile`).
+const selected = args['report-only'] ? [] : PARTS.filter((p) => (args.only ? list(args.only).includes(p.name) : true) && !list(args.skip).includes(p.name));
 
 /** The part running now, and the signal that stopped the run (no further part starts). */
 let current: ChildProcess | undefined;
@@ -89,52 +125,6 @@ function runScript(script: string, extra: string[], node = process.execPath): Pr
       resolve({ code, stdout });
     });
   });
-}
-
-/** bench/codec.bench.ts prints a table and a JSON line: kept as a part result like the others. */
-async function codecPart(): Promise<number | null> {
-  const started = new Date();
-  const load = loadAverage();
-  const cpu0 = cpuSnapshot([]);
-  const mib = args.quick ? 256 : 1024;
-  const { code, stdout } = await runScript('codec.bench.ts', ['--mib', String(mib), '--runs', '3']);
-  const lines = stdout.trim().split('\n');
-  const json = JSON.parse(lines.find((l) => l.startsWith('{')) ?? '{}') as { results?: Record<'copy' | 'bulk' | 'decode' | 'encode', number[]> };
-  const r = json.results;
-  // Seconds per run → GB/s of guest RAM per run.
-  const gbps = (xs: number[] | undefined): number[] => (xs ?? []).map((sec) => (mib * 2 ** 20) / sec / 1e9);
-  const stats = { copy: runStats(gbps(r?.copy)), bulk: runStats(gbps(r?.bulk)), decode: runStats(gbps(r?.decode)), encode: runStats(gbps(r?.encode)) };
-  const data: CodecData = { mib, runs: 3, gbps: { copy: stats.copy?.median ?? NaN, bulk: stats.bulk?.median ?? NaN, decode: stats.decode?.median ?? NaN, encode: stats.encode?.median ?? NaN } };
-  const rows = [
-    ['Buffer.copy, page by page (baseline)', stats.copy],
-    ['Buffer.copy, one bulk copy (reference)', stats.bulk],
-    ['decode into guest memory', stats.decode],
-    ['encode with zero-page detection', stats.encode],
-  ] as const;
-  const table = [
-    `${lines[0] ?? ''}`,
-    '',
-    '| what | GB/s of guest RAM, median (min–max) | runs | ratio to page copy |',
-    '|---|--:|---|--:|',
-    ...rows.map(([what, st]) => `| ${what} | ${fmtStats(st, 2)} | ${(st?.runs ?? []).map((x) => fmt(x, 2)).join(', ')} | ${fmtRatio(st?.median, stats.copy?.median)} |`),
-  ];
-  const result: PartResult<CodecData> = {
-    part: 'codec',
-    title: 'Codec throughput',
-    quick: args.quick === true,
-    machine: machineInfo(REPO_ROOT),
-    startedAt: started.toISOString(),
-    durationS: Math.round((Date.now() - started.getTime()) / 100) / 10,
-    load: { start: load, end: loadAverage(), max1m: Math.max(Number(load.split(' ')[0]), Number(loadAverage().split(' ')[0])) },
-    cpu: cpuUse(cpu0, cpuSnapshot([])),
-    config: { mib, runs: 3 },
-    data,
-    markdown: `${table.join('\n')}\n\nIn one process, no I/O: the stream's records land in (or are read from) a preallocated buffer. Ratios are to Buffer.copy of the same pages, page by page, in the same run.${code === 0 ? '' : `\n\n**codec.bench.ts exited with ${code}.**`}`,
-    ...(code === 0 ? {} : { error: `exit ${code}` }),
-  };
-  await writeFile(join(OUT, 'codec.json'), `${JSON.stringify(result, null, 1)}\n`);
-  await writeFile(join(OUT, 'codec.md'), `## ${result.title}\n\n${partHeader(result)}\n\n${result.markdown}\n`);
-  return code;
 }
 
 /** The last `npm run bench:profile` (bench/results/profile.md and .json), with its date. */
@@ -207,35 +197,24 @@ async function main(): Promise<void> {
   const cpu0 = cpuSnapshot([]);
   const ran = new Map<string, { seconds: number; code: number | null }>();
   const extra = [...quick];
-  if (selected.includes('saved') || selected.includes('demo') || selected.includes('multifd')) {
+  if (selected.some((p) => p.cli)) {
     const still = ensureBuiltCli((l) => process.stderr.write(`${l}\n`));
-    if (still) process.stderr.write(`${still}: the saved, demo and multifd parts will say so\n`);
+    if (still) process.stderr.write(`${still}: the ${selected.filter((p) => p.cli).map((p) => p.name).join(', ')} parts will say so\n`);
   }
+  const selectedNames = selected.map((p) => p.name);
   for (const part of selected) {
     if (stoppedBy) break;
     const t0 = Date.now();
-    process.stderr.write(`\n=== ${part} ===\n`);
+    process.stderr.write(`\n=== ${part.name} ===\n`);
     // Page-cache writeback of an earlier part's files must not slow this one.
     spawnSync('sync', [], { stdio: 'ignore', timeout: 300_000 });
-    let code: number | null;
-    if (part === 'codec') code = await codecPart();
-    else if (part === 'bulk' || part === 'saved' || part === 'demo' || part === 'sink') code = (await runScript(`${part}.bench.ts`, [...extra, ...sizing])).code;
-    else if (part === 'latency') {
-      // Three rounds per cell: the medians below are of ≥ 3 runs.
-      const a = await runScript('latency.bench.ts', [...extra, ...(args.quick ? [] : ['--rounds', '3']), ...(args['no-veth'] ? ['--no-veth'] : [])]);
-      // urgent.bench.ts merges bench:latency's rows; when `urgent` is selected too it runs as its own part next.
-      const b = selected.includes('urgent') ? { code: 0 } : await runScript('urgent.bench.ts', [...extra, ...(args['no-veth'] ? ['--no-veth'] : []), ...(args.trace ? ['--trace'] : [])]);
-      code = a.code || b.code;
-    } else if (part === 'urgent') {
-      // Issue 13's urgent rows alone (no bench:latency synthetic peers): --runs as given.
-      code = (await runScript('urgent.bench.ts', [...extra, ...(args.runs ? ['--runs', args.runs] : []), ...(args['no-veth'] ? ['--no-veth'] : []), ...(args.trace ? ['--trace'] : [])])).code;
-    } else if (part === 'load' || part === 'multifd') {
-      // Both run library sessions with their channels in threads: under a Node.js that transfers sockets (≥ 26.6) when there is one.
-      const node = threadsNode();
-      process.stderr.write(`${part}: under Node.js ${node?.version ?? `${process.version} (none ≥ 26.6 found: the threads rows will say not available)`}\n`);
-      code = (await runScript(`${part}.bench.ts`, [...extra, ...(part === 'multifd' ? sizing : args.runs ? ['--runs', args.runs] : [])], node?.path)).code;
-    } else code = (await runScript(`${part}.bench.ts`, extra)).code;
-    ran.set(part, { seconds: (Date.now() - t0) / 1000, code });
+    // Library sessions with their channels in threads: under a Node.js that transfers sockets (≥ 26.6) when there is one.
+    const node = part.threads ? threadsNode() : undefined;
+    if (part.threads) process.stderr.write(`${part.name}: under Node.js ${node?.version ?? `${process.version} (none ≥ 26.6 found: the threads rows will say not available)`}\n`);
+    let code = (await runScript(part.script, [...extra, ...(part.args?.() ?? [])], node?.path)).code;
+    // bench:latency alone has no report section: urgent.bench.ts merges its rows (run here unless urgent runs as its own part next).
+    if (part.name === 'latency' && !selectedNames.includes('urgent')) code ||= (await runScript('urgent.bench.ts', [...extra, ...veth(), ...trace()])).code;
+    ran.set(part.name, { seconds: (Date.now() - t0) / 1000, code });
   }
   clearInterval(sampler);
   if (stoppedBy) {
@@ -259,7 +238,7 @@ async function main(): Promise<void> {
   if (!args['report-only']) await writeFile(join(OUT, 'run.json'), `${JSON.stringify(run, null, 1)}\n`);
 
   const parts = new Map<string, PartResult<unknown>>();
-  for (const name of ['codec', 'bulk', 'saved', 'demo', 'sink', 'urgent', 'seed', 'switchover', 'memory', 'load', 'multifd']) {
+  for (const { name } of PARTS.filter((p) => p.report !== false)) {
     const p = await readPart(name);
     if (p) parts.set(name, p);
   }
@@ -312,24 +291,12 @@ async function main(): Promise<void> {
     }
     lines.push(`## ${n}. ${p.title}`, '', partHeader(p), '', p.markdown.replace(/\]\(([\w.-]+\.(?:svg|md|json))\)/g, '](results/$1)'), '', `Details: [results/${name}.md](results/${name}.md), raw: [results/${name}.json](results/${name}.json).${extraLinks}`, '');
   };
+  // bench:latency's own report, linked from urgent's section.
+  const latencyLinks = latency
+    ? ` bench:latency's own report (${latency.date}${latency.quick ? ', --quick' : ''}; load ${latency.load}), with event-loop delays, socket options and the priority-queue variants: [results/latency.md](results/latency.md), CDFs [loopback](results/latency-cdf-loopback.svg) and [veth](results/latency-cdf-veth.svg).`
+    : '';
   let n = 1;
-  section(n++, 'codec');
-  section(n++, 'bulk');
-  section(n++, 'saved');
-  section(n++, 'demo');
-  section(n++, 'sink');
-  section(
-    n++,
-    'urgent',
-    latency
-      ? ` bench:latency's own report (${latency.date}${latency.quick ? ', --quick' : ''}; load ${latency.load}), with event-loop delays, socket options and the priority-queue variants: [results/latency.md](results/latency.md), CDFs [loopback](results/latency-cdf-loopback.svg) and [veth](results/latency-cdf-veth.svg).`
-      : '',
-  );
-  section(n++, 'seed');
-  section(n++, 'switchover');
-  section(n++, 'memory');
-  section(n++, 'load');
-  section(n++, 'multifd');
+  for (const { name } of PARTS.filter((p) => p.report !== false)) section(n++, name, name === 'urgent' ? latencyLinks : '');
   if (profile) lines.push(profile.markdown.replace(/\(bench\/results\//g, '(results/'), '', `Details: [results/profile.md](results/profile.md), raw: [results/profile.json](results/profile.json); rerun: \`npm run bench:profile\`.`, '');
   lines.push(
     '## Charts',

@@ -30,6 +30,10 @@ export interface CodecData {
   runs: number;
   /** GB/s of guest RAM, median of the runs. */
   gbps: { copy: number; bulk: number; decode: number; encode: number };
+  /** Seconds of each run of each path, CPU seconds (user + system) likewise, JS-heap bytes allocated per page. */
+  secondsPerRun?: Record<string, number[]>;
+  cpuSeconds?: Record<string, number[]>;
+  allocatedPerPage?: Record<string, number>;
 }
 
 const x = (a: number | undefined, b: number | undefined): string => (a === undefined || b === undefined || !b ? '–' : `${fmt(a / b, 2)}×`);
