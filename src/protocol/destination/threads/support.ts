@@ -19,13 +19,11 @@ function sinkNotShareable(sink: GuestMemorySink): string | undefined {
  * `threads` of DestinationOptions, decided at the call: 'on' where threads
  * are impossible is a typed error naming why; 'auto' falls back and says why.
  */
-export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink, multifd = false): ThreadDecision {
+export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink): ThreadDecision {
   const m = mode ?? 'auto';
   if (m !== 'auto' && m !== 'on' && m !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(mode)}`);
   if (m === 'off') return { used: false, why: "threads: 'off'" };
   const why = !socketTransferSupported() ? socketTransferWhy() : sinkNotShareable(sink);
-  // Multifd channels in workers are opt-in ('on') for now: library ↔ library under load, a few dirtied pages can end stale (under investigation).
-  if (why === undefined && multifd && m === 'auto') return { used: false, why: "threads: 'auto' fell back to one thread: multifd channels run in worker threads only with threads: 'on' for now" };
   if (why === undefined) return { used: true, why: m === 'on' ? "threads: 'on'" : "threads: 'auto' (sockets can move to worker threads, the sink is shared memory)" };
   if (m === 'on') throw usageError('state', 'threads-unavailable', 'threads', `threads: 'on' is impossible here: ${why}`);
   return { used: false, why: `threads: 'auto' fell back to one thread: ${why}` };
