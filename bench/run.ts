@@ -337,7 +337,7 @@ async function main(): Promise<void> {
     ...[
       ['bulk-throughput.svg', 'bulk throughput'],
       ['urgent-cdf.svg', 'urgent page requests, CDF (one chart, both links; the threads rows included)'],
-      ['seed-downtime.svg', "the seed's experiment: downtime"],
+      ['seed-stall.svg', "the seed's experiment: the VM's stall (downtime + blocktime)"],
       ['latency-cdf-loopback.svg', 'bench:latency, loopback'],
       ['latency-cdf-veth.svg', 'bench:latency, veth'],
     ].map(([f, t]) => `- [${t}](results/${f})`),

@@ -67,8 +67,8 @@ export type UsageErrorCode =
   | 'unknown-ram-block' // requestPage: a block the migration does not have
   | 'page-out-of-range' // requestPage: negative or past the block's end
   | 'unaligned-offset' // requestPage: not a multiple of the page size
-  | 'already-started' // start() twice, or after cancel()/close() (a plain Error: the call, not a value, is wrong)
-  | 'threads-unavailable'; // threads: 'on' where worker threads cannot be used (the message says why)
+  | 'bad-vcpu' // requestPage: a vCPU id that is not an integer from 0 to the declared vcpus - 1
+  | 'already-started'; // start() twice, or after cancel()/close() (a plain Error: the call, not a value, is wrong)
 
 /** A TypeError or RangeError of this library: what was wrong (`code`) and which option or argument (`option`). */
 export interface UsageError extends Error {

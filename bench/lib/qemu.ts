@@ -24,7 +24,7 @@ process.env.QEMU_BINARY = wrapper;
 process.on('exit', () => rmSync(wrapperDir, { recursive: true, force: true }));
 
 const harness = await import('../../test/qemu/harness.js');
-export const { startQemu, stopAll, migrateBetween, readGuestRam, checkGuestInvariant, guestRangeOf, dumpSizeFor, incomingPort } = harness;
+export const { startQemu, stopAll, migrateBetween, readGuestRam, checkGuestInvariant, checkReadRegion, guestRangeOf, dumpSizeFor, incomingPort } = harness;
 export type QemuProcess = import('../../test/qemu/harness.js').QemuProcess;
 export type QemuOptions = import('../../test/qemu/harness.js').QemuOptions;
 export type MigrationInfo = import('../../test/qemu/harness.js').MigrationInfo;

@@ -28,7 +28,7 @@ import {
 import type { TransportOptions } from '../../src/transport/connection.js';
 import { monoUs, residentSet, serve } from './child-server.js';
 import type { ThreadMode } from './features.js';
-import { createGuest, hashBlocks, sharedSource, MACHINE_TYPE, runVideoAtDestination, syntheticDevices, type BenchGuest, type DestinationWorkloadReport, type GuestSpec } from './synthetic-guest.js';
+import { createGuest, hashBlocks, sharedSource, MACHINE_TYPE, runVideoAtDestination, VIDEO_VCPUS, syntheticDevices, type BenchGuest, type DestinationWorkloadReport, type GuestSpec } from './synthetic-guest.js';
 
 /** `inMemory`: the saved VM's RAM read into an InMemorySource over SharedArrayBuffers (what channel threads can share) instead of SavedVmSource's file reads. */
 export type SourceMemory = GuestSpec | { kind: 'saved-vm'; dir: string; inMemory?: boolean };
@@ -231,6 +231,7 @@ async function destListen(c: Extract<SessionCommand, { cmd: 'dest-listen' }>): P
     transport: { ...transport(c.tlsDir), main: { tuning: { noDelay: true } } },
     ...(c.threads ? { threads: c.threads } : {}),
     ...(c.multifd ? { multifd: { channels: c.multifd } } : {}),
+    ...(c.workload === 'video' ? { vcpus: VIDEO_VCPUS } : {}),
   });
   dest = d;
   d.on('page-request', (r) => destLatency.push(Math.round(r.latencyUs)));

@@ -214,6 +214,9 @@ export interface DestinationWorkloadReport {
  * that the RAM can still be compared with the source's. Stops when the
  * migration ends.
  */
+/** The video guest's vCPUs at the destination (DestinationOptions.vcpus for postcopy-blocktime). */
+export const VIDEO_VCPUS = 4;
+
 export function runVideoAtDestination(dst: DestinationSession): Promise<DestinationWorkloadReport> {
   const dev = dst.snapshot().devices.find((d) => d.idstr === VIDEO_STATE);
   if (!dev) return Promise.reject(new Error(`no ${VIDEO_STATE} device section before POSTCOPY_RUN`));
@@ -229,11 +232,12 @@ export function runVideoAtDestination(dst: DestinationSession): Promise<Destinat
   let faults = 0;
   let streamDone = 0;
 
-  const touch = async (offset: number): Promise<void> => {
+  // vCPU 0 streams, vCPUs 1–3 write the hot set (VIDEO_VCPUS): each waits on its own faults.
+  const touch = async (offset: number, vcpu: number): Promise<void> => {
     const page = offset - (offset % PAGE);
     if (dst.hasPage(RAM_BLOCK, page)) return;
     faults++;
-    await dst.requestPage(RAM_BLOCK, page).catch(() => undefined);
+    await dst.requestPage(RAM_BLOCK, page, { vcpu }).catch(() => undefined);
   };
   const pace = async (done: number, perSec: number): Promise<void> => {
     const due = t0 + (done / perSec) * 1000;
@@ -244,23 +248,23 @@ export function runVideoAtDestination(dst: DestinationSession): Promise<Destinat
     const { stream, streamBytesPerSec } = layout;
     let pos = startPos - (startPos % PAGE);
     while (!over) {
-      await touch(stream.start + pos);
+      await touch(stream.start + pos, 0);
       pos = (pos + PAGE) % stream.length;
       streamDone += PAGE;
       await pace(streamDone, streamBytesPerSec);
     }
   };
-  const hotWriter = async (): Promise<void> => {
+  const hotWriter = async (vcpu: number): Promise<void> => {
     const { hot, hotWritesPerSec } = layout;
     const perVcpu = hotWritesPerSec / 3;
     let done = 0;
     while (!over) {
       // A batch of writes per wake-up, as many as 1 ms of the rate asks for.
-      for (let i = 0; i < Math.max(1, perVcpu / 1000) && !over; i++, done++) await touch(hot.start + Math.floor(Math.random() * hot.length));
+      for (let i = 0; i < Math.max(1, perVcpu / 1000) && !over; i++, done++) await touch(hot.start + Math.floor(Math.random() * hot.length), vcpu);
       await pace(done, perVcpu);
     }
   };
-  return Promise.all([streamer(), hotWriter(), hotWriter(), hotWriter()]).then(() => {
+  return Promise.all([streamer(), hotWriter(1), hotWriter(2), hotWriter(3)]).then(() => {
     const runMs = performance.now() - t0;
     return { faults, streamProgress: streamDone / ((layout.streamBytesPerSec * runMs) / 1000), runMs };
   });

@@ -23,6 +23,8 @@ export interface DemoDestinationData {
 }
 
 const PAGE = 4096;
+/** The demo guest's vCPUs at the destination: each faults on one page at a time (postcopy-blocktime counts when all 16 wait). */
+const DEMO_VCPUS = 16;
 const port = parentPort!;
 const data = workerData as DemoDestinationData;
 let touches: DemoTouches | undefined;
@@ -33,7 +35,7 @@ port.on('message', (m: { type: 'touches'; touches: DemoTouches }) => {
 });
 
 const sink = new InMemorySink({ shared: true });
-const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport: data.transport, postcopy: data.postcopy, threads: data.threads });
+const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport: data.transport, postcopy: data.postcopy, threads: data.threads, vcpus: DEMO_VCPUS });
 port.postMessage({ type: 'listening', uri: dst.uri });
 const faults = new LatencyHistogram();
 let running: Promise<void> = Promise.resolve();
@@ -46,18 +48,19 @@ dst.on('postcopy-run', () => {
     const order: number[] = [];
     for (let o = t.stream.length - PAGE; o >= 0; o -= PAGE) order.push(t.stream.start + o);
     for (let o = t.hot.length - PAGE; o >= 0; o -= PAGE) order.push(t.hot.start + o);
-    const pending: Promise<unknown>[] = [];
-    for (const off of order) {
-      if (dst.hasPage('pc.ram', off)) continue;
-      pending.push(
-        dst.requestPage('pc.ram', off).then(
+    // DEMO_VCPUS vCPUs, each waiting on one fault at a time, take the next page of the order as they free up.
+    let next = 0;
+    const vcpu = async (id: number) => {
+      while (next < order.length) {
+        const off = order[next++]!;
+        if (dst.hasPage('pc.ram', off)) continue;
+        await dst.requestPage('pc.ram', off, { vcpu: id }).then(
           (r) => r.requested && faults.record(r.latencyUs),
           () => undefined,
-        ),
-      );
-      if (pending.length >= 16) await Promise.all(pending.splice(0)); // a few vCPUs' worth of outstanding faults
-    }
-    await Promise.all(pending);
+        );
+      }
+    };
+    await Promise.all(Array.from({ length: DEMO_VCPUS }, (_, id) => vcpu(id)));
   })();
 });
 try {
@@ -67,6 +70,7 @@ try {
     type: 'done',
     postcopy: result.postcopy,
     faults: faults.summary(),
+    blocktime: { total: result.stats['postcopy-blocktime'], perVcpu: result.stats['postcopy-vcpu-blocktime'] },
     returnPathBytes: result.stats.channels.main?.bytesSent ?? 0,
     blocks: [...sink.blocks].map(([name, buf]) => [name, buf.buffer]),
     threads: result.stats.threads,

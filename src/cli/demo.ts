@@ -61,6 +61,10 @@ export interface DemoReport {
   throughputMBps: number;
   postcopy: boolean;
   faults: LatencySummary;
+  /** The destination's postcopy-blocktime (ms): all its vCPUs waited on missing pages at once. */
+  blocktimeMs: number;
+  /** postcopy-vcpu-blocktime (ms), per vCPU. */
+  vcpuBlocktimeMs: number[];
   bytes: { main: number; preempt: number; returnPath: number };
   memoryIdentical: boolean;
   source: SourceStats;
@@ -141,7 +145,7 @@ function startDestinationWorker(data: DemoDestinationData): Worker {
 type WorkerMessage =
   | { type: 'listening'; uri: string }
   | { type: 'log'; line: string }
-  | { type: 'done'; postcopy: boolean; faults: LatencySummary; returnPathBytes: number; blocks: [string, SharedArrayBuffer][]; threads: DestinationStats['threads'] }
+  | { type: 'done'; postcopy: boolean; faults: LatencySummary; blocktime: { total: number; perVcpu: number[] }; returnPathBytes: number; blocks: [string, SharedArrayBuffer][]; threads: DestinationStats['threads'] }
   | { type: 'failed'; message: string };
 
 /** A migration of a synthetic guest over the two (TLS) channels on loopback, the destination in a worker thread. */
@@ -235,6 +239,8 @@ export async function runDemo(o: DemoOptions): Promise<DemoReport> {
       throughputMBps: Math.round(stats.transferred / totalMs / 1000),
       postcopy: done.postcopy,
       faults: done.faults,
+      blocktimeMs: done.blocktime.total,
+      vcpuBlocktimeMs: done.blocktime.perVcpu,
       bytes: { main: stats.channels.main?.bytesSent ?? 0, preempt: stats.channels.preempt?.bytesSent ?? 0, returnPath: done.returnPathBytes },
       memoryIdentical: identical,
       source: stats,
@@ -251,6 +257,13 @@ export function formatAnswered(a: SourceStats['requests-answered']): string {
   return `preempt ${a.preempt}, main (already in flight) ${a['main-in-flight']}, main (no preempt channel) ${a['main-no-preempt']}`;
 }
 
+/** `0.0–12.3 ms, median 4.5 ms` of per-vCPU blocktimes. */
+function vcpuRange(per: readonly number[]): string {
+  if (per.length === 0) return '-';
+  const sorted = [...per].sort((a, b) => a - b);
+  return `${sorted[0]!.toFixed(1)}–${sorted.at(-1)!.toFixed(1)} ms, median ${sorted[sorted.length >> 1]!.toFixed(1)} ms`;
+}
+
 export function formatDemoReport(r: DemoReport): string {
   const ms = (us: number) => `${(us / 1000).toFixed(2)} ms`;
   return [
@@ -260,6 +273,8 @@ export function formatDemoReport(r: DemoReport): string {
     `throughput      ${r.throughputMBps} MB/s`,
     `downtime        ${r.downtimeMs ?? '-'} ms (source stop → destination running)`,
     `faults          ${r.faults.count}${r.faults.count ? `: p50 ${ms(r.faults.p50)}, p99 ${ms(r.faults.p99)}, max ${ms(r.faults.max)}` : ''}`,
+    `blocktime       ${r.blocktimeMs.toFixed(1)} ms (all ${r.vcpuBlocktimeMs.length} vCPUs waiting on pages at once; per vCPU ${vcpuRange(r.vcpuBlocktimeMs)})`,
+    `stall           ${r.downtimeMs === undefined ? '-' : `${(r.downtimeMs + r.blocktimeMs).toFixed(1)} ms`} (downtime + blocktime: what the VM feels)`,
     `bytes           main ${r.bytes.main}, preempt ${r.bytes.preempt}, return path ${r.bytes.returnPath}`,
     // Which channel answered each requested page, and why (a page already handed to main before its request is not sent again).
     ...(r.postcopy && r.source['postcopy-requests'] > 0 ? [`requests        ${r.source['postcopy-requests']} sent; answered: ${formatAnswered(r.source['requests-answered'])}`] : []),
@@ -285,6 +300,12 @@ export interface DemoJson {
   throughputMBps: number;
   /** The destination's page faults (request → page placed). */
   faults: LatencyJson;
+  /** postcopy-blocktime (ms, as QEMU's): all the destination's vCPUs waited on missing pages at once. */
+  blocktimeMs: number;
+  /** postcopy-vcpu-blocktime (ms), per vCPU. */
+  vcpuBlocktimeMs: number[];
+  /** downtimeMs + blocktimeMs: the VM's stall; null when the downtime was not measured. */
+  stallMs: number | null;
   /** Bytes each channel carried: main and preempt from the source, the return path from the destination. */
   channels: { mainBytes: number; preemptBytes: number; returnPathBytes: number };
   memoryIdentical: boolean;
@@ -306,6 +327,9 @@ export function demoJson(r: DemoReport): DemoJson {
     downtimeMs: r.downtimeMs ?? null,
     throughputMBps: r.throughputMBps,
     faults: latencyJson(r.faults),
+    blocktimeMs: r.blocktimeMs,
+    vcpuBlocktimeMs: r.vcpuBlocktimeMs,
+    stallMs: r.downtimeMs === undefined ? null : Math.round((r.downtimeMs + r.blocktimeMs) * 1000) / 1000,
     channels: { mainBytes: r.bytes.main, preemptBytes: r.bytes.preempt, returnPathBytes: r.bytes.returnPath },
     memoryIdentical: r.memoryIdentical,
     source: sourceStatsJson(r.source),

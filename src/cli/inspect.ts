@@ -1,6 +1,7 @@
 import { open } from 'node:fs/promises';
 import { Option, type Command } from 'commander';
 import { MultifdChannelCounter, multifdTotals, type MultifdChannelCounts, type MultifdTotals } from '../protocol/tap/multifd.js';
+import { fileReader, readMappedRamBlocks } from '../protocol/mapped-ram-file.js';
 import { MULTIFD_MAGIC } from '../stream/multifd.js';
 import type { KnownBlock } from '../stream/ram.js';
 import { StreamSummary, type StreamSummaryReport } from '../stream/summary.js';
@@ -21,8 +22,27 @@ export interface InspectOptions {
   signal?: AbortSignal;
 }
 
+/** What a mapped-ram file holds per RAM block (from its header and bitmap). */
+export interface MappedRamBlockReport {
+  idstr: string;
+  length: number;
+  bitmapOffset: number;
+  pagesOffset: number;
+  /** Pages in the file (bit set); the others are zero. */
+  present: number;
+  pages: number;
+}
+
 export interface InspectReport extends StreamSummaryReport {
   file: string;
+  /**
+   * A mapped-ram file (QEMU's saved-VM format): its blocks' layout and pages.
+   * `pages` then counts the pages in the file (normal) and those not (zero):
+   * QEMU's `ram.normal`/`ram.duplicate` of a save in one pass (a stopped
+   * guest); a running guest's save rewrites pages in place and QEMU counts
+   * every write. Passes leave no trace in such a file (`passes` is empty).
+   */
+  mappedRam?: MappedRamBlockReport[];
   /** Decoded device fields, by "idstr/instance", with --devices. */
   deviceFields?: Record<string, unknown>;
 }
@@ -72,15 +92,16 @@ export async function inspectFile(path: string, opts: InspectOptions = {}): Prom
   const summary = new StreamSummary();
   const payloads: { idstr: string; instanceId: number; data: Uint8Array }[] = [];
   let vmdescJson: Uint8Array | undefined;
-  const { desc: ahead } = await decodeFile(path, (records: StreamRecord[], offset: number) => {
+  const { decoder, desc: ahead } = await decodeFile(path, (records: StreamRecord[], offset: number) => {
     summary.add(records, offset);
     if (!opts.devices) return;
     for (const r of records) {
       if (r.type === 'device-state' && r.kind === 'full') payloads.push({ idstr: r.idstr, instanceId: r.instanceId, data: r.data });
       if (r.type === 'vmdesc') vmdescJson = r.json;
     }
-  }, { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) });
+  }, { mappedRam: true, ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) });
   const report: InspectReport = { file: path, ...summary.report };
+  if (decoder.ramFormat.mappedRam) await addMappedRamPages(path, report);
   if (opts.devices) {
     const desc: VmDescription | undefined = ahead ?? (vmdescJson ? parseVmDescription(vmdescJson) : undefined);
     report.deviceFields = {};
@@ -90,6 +111,19 @@ export async function inspectFile(path: string, opts: InspectOptions = {}): Prom
     }
   }
   return report;
+}
+
+/** A mapped-ram file's pages are not records: they are counted from each block's bitmap. */
+async function addMappedRamPages(path: string, report: InspectReport): Promise<void> {
+  const fh = await open(path, 'r');
+  try {
+    const blocks = await readMappedRamBlocks(await fileReader(fh), report.ramBlocks);
+    report.mappedRam = blocks.map((b) => ({ idstr: b.idstr, length: b.length, bitmapOffset: b.header.bitmapOffset, pagesOffset: b.header.pagesOffset, present: b.present.count(), pages: b.present.pages }));
+    const normal = report.mappedRam.reduce((n, b) => n + b.present, 0);
+    report.pages = { normal, zero: report.mappedRam.reduce((n, b) => n + b.pages, 0) - normal, xbzrle: 0 };
+  } finally {
+    await fh.close();
+  }
 }
 
 const MiB = 1024 * 1024;
@@ -120,7 +154,10 @@ export function formatInspectReport(r: InspectReport): string {
   for (const b of r.ramBlocks) {
     lines.push(`  ${b.idstr.padEnd(24)} ${size(b.length).padStart(10)}${b.pageSize ? `  page size ${size(b.pageSize)}` : ''}${b.gpa !== undefined ? `  gpa 0x${b.gpa.toString(16)}` : ''}`);
   }
-  lines.push(`pages: ${r.pages.normal} PAGE, ${r.pages.zero} ZERO, ${r.pages.xbzrle} XBZRLE`);
+  if (r.mappedRam) {
+    lines.push(`mapped-ram: pages at fixed offsets, ${r.pages.normal} in the file, ${r.pages.zero} zero (not written)`);
+    for (const b of r.mappedRam) lines.push(`  ${b.idstr.padEnd(24)} ${String(b.present).padStart(7)} of ${String(b.pages).padEnd(7)} pages at 0x${b.pagesOffset.toString(16)}, bitmap at 0x${b.bitmapOffset.toString(16)}`);
+  } else lines.push(`pages: ${r.pages.normal} PAGE, ${r.pages.zero} ZERO, ${r.pages.xbzrle} XBZRLE`);
   for (const p of r.passes) lines.push(`  pass ${p.pass}: ${p.normal} PAGE, ${p.zero} ZERO, ${p.xbzrle} XBZRLE`);
   if (r.commands.length > 0) {
     lines.push('commands:');
@@ -174,6 +211,8 @@ export interface InspectJson {
   devices: { sectionId: number; idstr: string; instanceId: number; versionId: number; kind: string; sizeBytes: number; packaged: boolean }[];
   eof: boolean;
   vmdescBytes: number | null;
+  /** A mapped-ram file: per block its bitmap and pages offsets and the pages present (`pages` counts them); null for a stream. */
+  mappedRam: { idstr: string; lengthBytes: number; bitmapOffset: number; pagesOffset: number; present: number; pages: number }[] | null;
   deviceFields?: Record<string, unknown>;
 }
 
@@ -206,6 +245,7 @@ export function inspectJson(r: InspectReport): InspectJson {
     devices: r.devices.map((d) => ({ sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, kind: d.kind, sizeBytes: d.size, packaged: d.packaged })),
     eof: r.eof,
     vmdescBytes: r.vmdescBytes ?? null,
+    mappedRam: r.mappedRam ? r.mappedRam.map((b) => ({ idstr: b.idstr, lengthBytes: b.length, bitmapOffset: b.bitmapOffset, pagesOffset: b.pagesOffset, present: b.present, pages: b.pages })) : null,
     ...(r.deviceFields ? { deviceFields: r.deviceFields } : {}),
   };
 }

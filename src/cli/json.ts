@@ -135,6 +135,10 @@ export interface DestinationStatsJson {
   postcopyRequests: number;
   /** Request sent → page arrived. */
   postcopyLatency: LatencyJson;
+  /** QEMU's postcopy-blocktime (ms): every faulting context waited on a missing page at once. */
+  postcopyBlocktimeMs: number;
+  /** postcopy-vcpu-blocktime (ms), per vCPU id (`qmt receive --fault`'s generator is vCPU 0). */
+  postcopyVcpuBlocktimeMs: number[];
   recoveries: number;
   /** 0 in a correct migration. */
   placedTwice: number;
@@ -175,6 +179,8 @@ export function destinationStatsJson(s: DestinationStats): DestinationStatsJson 
     precopyIterations: s['precopy-iterations'],
     postcopyRequests: s['postcopy-requests'],
     postcopyLatency: latencyJson(s['postcopy-latency']),
+    postcopyBlocktimeMs: s['postcopy-blocktime'],
+    postcopyVcpuBlocktimeMs: s['postcopy-vcpu-blocktime'],
     recoveries: s.recoveries,
     placedTwice: s['placed-twice'],
     runs: { count: s.runs.count },

@@ -1,3 +1,5 @@
+import { open } from 'node:fs/promises';
+import { decodePositioned, fileReader } from '../protocol/mapped-ram-file.js';
 import { StreamDecoder, type DeviceSectionSize } from '../stream/decoder.js';
 import type { StreamRecord } from '../stream/records.js';
 import { findTrailingVmDescription, parseVmDescription, vmdescSectionSizes, type VmDescription } from '../stream/vmdesc.js';
@@ -31,6 +33,12 @@ export interface DecodeFileOptions {
   onProgress?: (bytesRead: number) => void;
   /** Checked between chunks: aborting stops the decode with the signal's reason. */
   signal?: AbortSignal;
+  /**
+   * Accept QEMU's mapped-ram files too (StreamDecoderOptions.mappedRam): the
+   * file is read with positioned reads that jump over each block's bitmap
+   * and pages.
+   */
+  mappedRam?: boolean;
 }
 
 /** Decodes a whole file, handing each batch of records to `onRecords` (views stay valid). */
@@ -40,7 +48,16 @@ export async function decodeFile(
   opts: DecodeFileOptions = {},
 ): Promise<{ decoder: StreamDecoder; desc: VmDescription | undefined }> {
   const ahead = opts.exact === false ? undefined : await readAheadVmDescription(path);
-  const decoder = new StreamDecoder(ahead ? { deviceSizes: ahead.sizes } : {});
+  const decoder = new StreamDecoder({ ...(ahead ? { deviceSizes: ahead.sizes } : {}), ...(opts.mappedRam ? { mappedRam: true } : {}) });
+  if (opts.mappedRam) {
+    const fh = await open(path, 'r');
+    try {
+      await decodePositioned(await fileReader(fh), decoder, onRecords, { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.signal ? { signal: opts.signal } : {}) });
+    } finally {
+      await fh.close();
+    }
+    return { decoder, desc: ahead?.desc };
+  }
   let read = 0;
   for await (const chunk of readChunks(path)) {
     opts.signal?.throwIfAborted();

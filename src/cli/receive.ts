@@ -339,6 +339,8 @@ export function formatReceiveSummary(r: ReceiveReport): string[] {
       `faults (${f.pattern}, ${f.rate}/s): ${f.issued} issued, ${f.answered} answered${f.satisfied ? `, ${f.satisfied} arrived unasked` : ''}${f.unanswered ? `, ${f.unanswered} unanswered` : ''}${f.skipped ? `, ${f.skipped} skipped (nothing missing)` : ''}${f.throttled ? `, ${f.throttled} throttled` : ''}` +
         (l.count ? `; latency p50 ${formatMicros(l.p50)}, p90 ${formatMicros(l.p90)}, p99 ${formatMicros(l.p99)}, p99.9 ${formatMicros(l.p999)}, max ${formatMicros(l.max)}` : ''),
     );
+    // The generator is one faulting context (vCPU 0): its blocktime is the time it had a request waiting.
+    if (st) lines.push(`postcopy blocktime ${st['postcopy-blocktime'].toFixed(1)} ms (the fault generator, as one vCPU, waited on missing pages)`);
   }
   if (r.manifest) {
     const m = r.manifest;

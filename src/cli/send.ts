@@ -5,12 +5,11 @@
  * follows on demand (a lazy restore: `--postcopy after:0`).
  */
 import { readFileSync, statSync } from 'node:fs';
-import { open } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { MigrationError } from '../protocol/errors.js';
-import { InMemorySource, SavedVmSource } from '../protocol/memory-source.js';
-import { socketTransferSupported, type ThreadMode } from '../transport/worker/support.js';
+import { SavedVmSource } from '../protocol/memory-source.js';
+import type { ThreadMode } from '../transport/worker/support.js';
 import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
 import { readSavedVmManifest, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { SourceSession, type DeviceStateSection, type SourceStats } from '../protocol/source.js';
@@ -53,9 +52,9 @@ export interface SendOptions {
   multifd?: number;
   /**
    * Each channel in its own worker thread (SourceOptions.threads, default
-   * 'auto'). 'on' reads the saved VM's RAM into shared memory first (the
-   * file-backed source is not shared between threads yet: as much memory as
-   * the guest's RAM); 'auto' keeps the file-backed source, and so one thread.
+   * 'auto': threads on Node 26.6 and later). Each channel's thread reads the
+   * pages it sends from the saved VM's files itself (a few MiB of buffers
+   * per thread, whatever the guest size).
    */
   threads?: ThreadMode;
   /** Cap in bytes/s of the precopy passes and, unless `postcopyBandwidth` is given, of the postcopy background stream (default none). Pages asked for on the preempt channel are never capped. */
@@ -239,17 +238,16 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     saved = await checkSavedVm(from, policy);
     report.machineType = saved.manifest.machineType;
     const multifd = opts.multifd ? { channels: opts.multifd } : undefined;
-    // The saved VM's read buffers must outlast every page the channels may still hold by reference.
+    // The saved VM's read buffers must outlast every page the channels may still hold by reference
+    // (one thread; with threads each channel's worker reads into buffers of its own).
     source = await SavedVmSource.open(from, multifd ? { reuseAfterBytes: Math.max(32 << 20, 2 * sourceUnsentBytes({ multifd })) } : {});
-    // Threads need memory every thread can read: the saved RAM, read whole into SharedArrayBuffers.
-    const memory = opts.threads === 'on' && !multifd && socketTransferSupported() ? await sharedRamOf(from, saved.manifest) : source;
     session = new SourceSession({
       threads: opts.threads ?? 'auto',
       to: opts.to,
       transport: opts.tls
         ? { tls: { dir: opts.tls, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}), ...(opts.tlsAllow?.length ? { allowedPeers: opts.tlsAllow } : {}) } }
         : {},
-      memory,
+      memory: source,
       machineType: saved.manifest.machineType!,
       devices: saved.devices,
       ...(saved.vmdesc ? { vmdesc: saved.vmdesc } : {}),
@@ -391,7 +389,7 @@ export function formatSendSummary(r: SendReport): string[] {
         (l.count ? `; latency p50 ${formatMicros(l.p50)}, p90 ${formatMicros(l.p90)}, p99 ${formatMicros(l.p99)}, max ${formatMicros(l.max)}` : ''),
     );
   }
-  if (st.threads?.used) lines.push(`threads: ${st.threads.channels.map((t) => `${t.role} (thread ${t.threadId}, ${t.cpuSeconds.toFixed(2)} s CPU)`).join(', ')}`);
+  if (st.threads?.used) lines.push(`threads: ${st.threads.channels.map((t) => `${t.role} (thread ${t.threadId}, ${t.cpuSeconds.toFixed(2)} s CPU${t.reads ? `, read ${formatBytes(t.reads.bytes)} of the saved VM in ${t.reads.reads} reads` : ''})`).join(', ')}`);
   const ch = st.channels;
   const mf = ch.multifd?.length ? `; multifd ${ch.multifd.length} channels, ${formatBytes(ch.multifd.reduce((n, c) => n + c.bytesSent, 0))} sent` : '';
   lines.push(`channels: main ${formatBytes(ch.main?.bytesSent ?? 0)} sent, ${formatBytes(ch.main?.bytesReceived ?? 0)} received${ch.preempt ? `; preempt ${formatBytes(ch.preempt.bytesSent)} sent` : ''}${mf}`);
@@ -402,30 +400,6 @@ export function formatSendSummary(r: SendReport): string[] {
 export function parseThreadMode(v: string): ThreadMode {
   if (v !== 'auto' && v !== 'on' && v !== 'off') throw new InvalidArgumentError('must be auto, on or off');
   return v;
-}
-
-/**
- * The saved VM's RAM in SharedArrayBuffers (an InMemorySource with `shared`),
- * for `--threads on`: every block file read whole (a block file may be
- * shorter than the block: the rest is zero).
- */
-async function sharedRamOf(dir: string, m: SavedVmManifest): Promise<InMemorySource> {
-  const blocks = new Map<string, Buffer>();
-  for (const b of m.blocks) {
-    const buf = Buffer.from(new SharedArrayBuffer(b.length));
-    const fh = await open(join(dir, b.file), 'r');
-    try {
-      for (let at = 0; at < b.length; ) {
-        const { bytesRead } = await fh.read(buf, at, Math.min(16 << 20, b.length - at), at);
-        if (bytesRead === 0) break;
-        at += bytesRead;
-      }
-    } finally {
-      await fh.close();
-    }
-    blocks.set(b.idstr, buf);
-  }
-  return new InMemorySource(blocks, { shared: true });
 }
 
 /** `--multifd N`: QEMU's multifd-channels range. */
@@ -573,7 +547,7 @@ export function registerSendCommand(program: Command): Command {
     )
     .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
     .option('--multifd <n>', "QEMU's multifd: precopy pages on N more connections, 1-255 (the destination needs capability multifd, multifd-channels N)", parseMultifdChannels)
-    .option('--threads <mode>', "each channel in its own worker thread: auto (when possible: Node 26.6+, memory shared), on (reads the saved RAM into memory first), off (default auto)", parseThreadMode)
+    .option('--threads <mode>', "each channel in its own worker thread, reading the pages it sends from the saved files: auto (when possible: Node 26.6+), on, off (default auto)", parseThreadMode)
     .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
     .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
     .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)", endpointArg)

@@ -152,6 +152,7 @@ export function formatTapReport(r: TapReport): string[] {
   if (q.count > 0) {
     lines.push(`  requests   ${q.count}: answered on preempt ${q.answered.preempt}, on main ${q.answered.main}; crossed in flight ${q.alreadyForwarded}; unanswered ${q.unanswered}`);
     lines.push(`    request → page  ${pct(q.latency.all)}`);
+    lines.push(`    blocktime       ${q.blocktimeMs.toFixed(1)} ms with a request waiting (the network's part of a one-vCPU guest's postcopy-blocktime)`);
     if (q.latency.preempt.count) lines.push(`      on preempt    ${pct(q.latency.preempt)}`);
     if (q.latency.main.count) lines.push(`      on main       ${pct(q.latency.main)}`);
   }

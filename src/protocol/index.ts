@@ -9,3 +9,4 @@ export { SourceSession, type SourceOptions, type SourceEvents, type SourceStats,
 export { isNetworkFailure, type SourceRecoveryOptions, type DestinationRecoveryOptions, type PausedEvent, type ResumedEvent } from './recovery.js';
 export { InMemorySource, SavedVmSource, PageBitmap, type GuestMemorySource, type SourceBlock, type SharedSourceBlock } from './memory-source.js';
 export { parsePostcopyPolicy, autoWantsPostcopy, type PostcopyPolicy, type PassOutcome } from './postcopy-policy.js';
+export { MappedRamFile, decodePositioned, bufferReader, fileReader, readMappedRamBlocks, type PositionedReader, type MappedRamBlock, type MappedRamFileOptions } from './mapped-ram-file.js';

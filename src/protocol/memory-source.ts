@@ -1,6 +1,7 @@
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { isZeroPage } from '../stream/ram.js';
 import { PageBitmap } from '../stream/bitmap.js';
+import type { BlockFile } from './block-files.js';
 import { checkPageRun } from './memory.js';
 
 /** A RAM block as a source offers it. */
@@ -47,6 +48,14 @@ export interface GuestMemorySource {
   pageIsZero?(block: string, offset: number): boolean;
   /** Moves the pages dirtied since the previous call into `into` (per block), clearing them here. */
   syncDirty(into: ReadonlyMap<string, PageBitmap>): void;
+  /**
+   * Optional: the blocks as open files that do not change while a session
+   * runs (a saved VM), in `blocks()` order. A SourceSession with threads
+   * then reads each channel's pages there from the channel's own worker
+   * thread, by positioned reads of runs of pages, instead of asking this
+   * object on the caller's thread.
+   */
+  blockFiles?(): readonly BlockFile[];
 }
 
 /** A block of an InMemorySource with `shared`: what another thread needs to read it and mark it dirty. */

@@ -1,6 +1,7 @@
 import * as nodeFs from 'node:fs';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import type { BlockFile } from './block-files.js';
 import { StorageError } from './errors.js';
 import { checkPageRun } from './memory.js';
 import type { GuestMemorySource, SourceBlock } from './memory-source.js';
@@ -186,6 +187,17 @@ export class SavedVmSource implements GuestMemorySource {
 
   stats(): SavedVmSourceStats {
     return { ...this.c };
+  }
+
+  /**
+   * The block files, open, for a SourceSession with threads: each channel's
+   * worker reads the pages it sends there itself (positioned reads of runs,
+   * into a few buffers of its own), none of the read-ahead ring here is
+   * used. The descriptors stay open until close().
+   */
+  blockFiles(): readonly BlockFile[] {
+    if (this.closed) throw new Error('SavedVmSource: used after close()');
+    return this.list.map((b) => ({ idstr: b.idstr, length: b.length, path: b.path, fd: b.fd, base: 0 }));
   }
 
   syncDirty(): void {}

@@ -122,6 +122,22 @@ export class ByteQueue {
     }
   }
 
+  /** Drops `n` bytes (at most `available`), across chunks, without copying. */
+  skip(n: number): void {
+    let left = n;
+    while (left > 0 && this.buffered > 0) {
+      const k = Math.min(left, this.head.length - this.headPos);
+      this.advance(k);
+      left -= k;
+    }
+  }
+
+  /** Moves the offset forward over bytes never pushed (a positioned reader jumped over them); only with nothing buffered. */
+  jumpTo(offset: number): void {
+    if (this.buffered > 0 || offset < this.offset) throw new Error(`ByteQueue.jumpTo(${offset}) with ${this.buffered} bytes buffered at ${this.offset}`);
+    this.offset = offset;
+  }
+
   /** An independent queue over the same (immutable) chunks. */
   clone(): ByteQueue {
     const c = new ByteQueue();

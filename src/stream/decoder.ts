@@ -4,7 +4,8 @@ import { ByteQueue, decodeName } from './byte-queue.js';
 import { COMMAND_HEADER_LENGTH, checkCommandHeader, decodeCommand } from './commands.js';
 import { findFooter, plausibleNextRecord } from './device-boundary.js';
 import { PushDecoder } from './push-decoder.js';
-import { RamRecordParser, type KnownBlock, type RamFormat } from './ram.js';
+import { INCOMPLETE_MAGIC } from './mapped-ram.js';
+import { RamRecordParser, type KnownBlock, type MappedRamSkip, type RamFormat } from './ram.js';
 import type { ConfigurationRecord, PreemptRecord, PreemptRecordWithRuns, RamRunRecord, SectionKind, StreamRecord, StreamRecordWithRuns } from './records.js';
 import { parseVmDescription, vmdescSectionSizes } from './vmdesc.js';
 
@@ -35,6 +36,14 @@ export interface StreamDecoderOptions<Runs extends boolean = false> {
    * another thread).
    */
   readonly resumeFrom?: StreamDecoder<boolean> | DecoderResumeState;
+  /**
+   * Accept QEMU's mapped-ram format (a file: see mapped-ram.ts). The block
+   * list's entries then carry their mapped-ram headers (`RamBlockInfo.mappedRam`)
+   * and the bitmap and pages after each are passed over (`skipping`; a reader
+   * with positioned I/O jumps instead: `jump()`). Default false: such a
+   * stream is refused as 'unsupported' (a socket never carries one).
+   */
+  readonly mappedRam?: boolean;
   /** Largest device section payload accepted (default 16 MiB). */
   readonly maxDeviceSectionBytes?: number;
   /** Largest VM description accepted (default 16 MiB). */
@@ -127,6 +136,7 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
   private readonly maxVmdesc: number;
   private readonly maxPackage: number;
   private readonly verify: boolean;
+  private readonly acceptMappedRam: boolean;
 
   constructor(opts: StreamDecoderOptions<Runs> = {}) {
     super();
@@ -134,6 +144,7 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
     this.maxVmdesc = opts.maxVmdescBytes ?? 16 * 1024 * 1024;
     this.maxPackage = opts.maxPackageBytes ?? 256 * 1024 * 1024;
     this.verify = opts.verifyWithVmdesc ?? true;
+    this.acceptMappedRam = opts.mappedRam === true;
     this.exactSizes = [...(opts.deviceSizes ?? [])];
     const given = opts.resumeFrom;
     const from = given instanceof StreamDecoder ? given : undefined;
@@ -156,6 +167,27 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
   /** Absolute offset of the next byte to be parsed. */
   get offset(): number {
     return this.q.offset;
+  }
+
+  /**
+   * mapped-ram: the block whose bitmap and pages the decoder is passing over
+   * (every byte pushed up to `to` is dropped), or undefined.
+   */
+  get skipping(): MappedRamSkip | undefined {
+    return this.state === 'ram' ? this.ram.skipping : undefined;
+  }
+
+  /**
+   * mapped-ram, for a reader with positioned I/O: when the decoder is passing
+   * over a block's bitmap and pages and holds no byte, moves its offset to
+   * where the stream goes on and returns that file position (read on from
+   * there); otherwise returns undefined (push on as before).
+   */
+  jump(): number | undefined {
+    const skip = this.skipping;
+    if (!skip || this.q.available > 0) return undefined;
+    this.q.jumpTo(skip.to);
+    return skip.to;
   }
 
   /** True once EOF was read (and the VM description, if any). */
@@ -224,6 +256,10 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
     const out = this.parseAvailable() as DecodedRecord<Runs>[];
     // Records completed before an error: returned now, the error is thrown next time.
     if (this.failed) return out;
+    const skip = this.skipping;
+    if (skip) {
+      this.fail(new StreamError('truncated', skip.headerOffset, `input ended at 0x${this.q.offset.toString(16)}, inside the mapped-ram bitmap and pages of RAM block "${skip.idstr}" (the stream goes on at 0x${skip.to.toString(16)})`, this.sectionContext()));
+    }
     if (this.state !== 'after-eof' && this.state !== 'done') {
       const at = this.state === 'device' ? this.devStart : this.q.offset;
       this.fail(new StreamError('truncated', at, `input ended ${this.describeState()}`, this.sectionContext()));
@@ -267,6 +303,9 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
         if (!q.ensure(8)) return false;
         const magic = q.be32(0);
         const version = q.be32(4);
+        if (magic === INCOMPLETE_MAGIC && this.acceptMappedRam) {
+          throw new StreamError('incomplete', q.offset, 'an unfinished mapped-ram file: qmt receive stopped before the end (the migration failed or was interrupted), and QEMU refuses it');
+        }
         if (magic !== FILE_MAGIC) throw new StreamError('bad-magic', q.offset, `bad magic 0x${magic.toString(16).padStart(8, '0')} (expected "QEVM")`);
         if (version !== FILE_VERSION) {
           const why = version === FILE_VERSION_COMPAT ? 'the obsolete SaveVM v2 format' : `unknown stream version ${version}`;
@@ -389,7 +428,10 @@ export class StreamDecoder<Runs extends boolean = false> extends PushDecoder<Str
           caps.push(decodeName(q.bytes(p + 1, len)));
           p += 1 + len;
         }
-        if (caps.includes('mapped-ram')) throw new StreamError('unsupported', at, 'the mapped-ram file format is not supported');
+        if (caps.includes('mapped-ram')) {
+          if (!this.acceptMappedRam) throw new StreamError('unsupported', at, 'a mapped-ram stream (QEMU\'s saved-VM file format), which is not accepted here: its pages lie outside the stream');
+          this.ramFormat.mappedRam = true;
+        }
         this.ramFormat.ignoreShared = caps.includes('x-ignore-shared');
         cfg.capabilities = caps;
         q.advance(p);

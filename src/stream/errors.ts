@@ -34,7 +34,9 @@ export type StreamErrorCode =
   | 'bad-multifd-init' // a multifd init message with a wrong UUID or channel id
   | 'bad-multifd-packet' // a multifd packet field that is inconsistent (next_packet_size, flags, block name)
   | 'unaligned-page' // a page offset that is not a multiple of the page size
-  | 'unsupported'; // valid QEMU, outside what this library implements (RDMA, mapped-ram)
+  | 'bad-mapped-ram-header' // a mapped-ram block header with a wrong page size, misaligned or overlapping regions
+  | 'incomplete' // a mapped-ram file qmt receive did not finish (the migration failed or was interrupted)
+  | 'unsupported'; // valid QEMU, outside what this library implements (RDMA; mapped-ram where it was not asked for)
 
 import { QmtError } from '../errors.js';
 

@@ -31,3 +31,19 @@ export {
   type MultifdPacketHeaderFields,
   type MultifdRecord,
 } from './multifd.js';
+export {
+  MAPPED_RAM_VERSION,
+  MAPPED_RAM_HEADER_BYTES,
+  MAPPED_RAM_ALIGNMENT,
+  decodeMappedRamHeader,
+  writeMappedRamHeader,
+  mappedRamHeaderLength,
+  mappedRamBitmapBytes,
+  mappedRamPagePosition,
+  mappedRamBlockEnd,
+  layoutMappedRamBlock,
+  checkMappedRamRegions,
+  type MappedRamHeader,
+  type MappedRamBlockLayout,
+} from './mapped-ram.js';
+export type { MappedRamSkip } from './ram.js';

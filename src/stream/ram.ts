@@ -3,6 +3,7 @@ import { StreamError, type SectionContext } from './errors.js';
 import { be32At, decodeName, type ByteQueue } from './byte-queue.js';
 import type { ByteWriter } from './byte-writer.js';
 import { usageError } from '../errors.js';
+import { MAPPED_RAM_HEADER_BYTES, decodeMappedRamHeader, mappedRamBlockEnd, writeMappedRamHeader, type MappedRamBlockLayout, type MappedRamHeader } from './mapped-ram.js';
 import type { RamBlockInfo, RamPageRunRecord, RamRecord, RamRunRecord, RamZeroRunRecord } from './records.js';
 
 /** The flags that name a record's kind; CONTINUE is a modifier on top of one of them. */
@@ -17,6 +18,18 @@ export interface RamFormat {
    * (only blocks whose page size is not the host's, i.e. hugepages).
    */
   postcopyAdvised: boolean;
+  /**
+   * mapped-ram (a file, see mapped-ram.ts): every block-list entry carries a
+   * mapped-ram header and the stream skips the block's bitmap and pages; no
+   * page record may appear.
+   */
+  mappedRam?: boolean;
+}
+
+/** mapped-ram: the part of the file after a block's header that is not stream bytes. */
+export interface MappedRamSkip extends MappedRamBlockLayout {
+  /** File position where the stream goes on (the end of the block's pages). */
+  readonly to: number;
 }
 
 /** A RAM block as the parser tracks it: its length bounds page offsets. */
@@ -61,7 +74,7 @@ export class RamRecordParser {
    * per run of consecutive CONTINUE records in the head chunk, not per page.
    */
   pageRuns = false;
-  private pendingList: { total: number; sum: number; blocks: RamBlockInfo[]; start: number } | undefined;
+  private pendingList: { total: number; sum: number; blocks: RamBlockInfo[]; start: number; skip?: MappedRamSkip } | undefined;
 
   constructor(
     /** Shared with the channel that carries the block list. */
@@ -86,6 +99,10 @@ export class RamRecordParser {
     const offset = hi * 0x1_0000_0000 + (lo - flags);
     const kind = flags & KIND_MASK;
     const continued = (flags & RamFlag.CONTINUE) !== 0;
+    if (this.format.mappedRam && (kind === RamFlag.PAGE || kind === RamFlag.ZERO || kind === RamFlag.XBZRLE || kind === RamFlag.MULTIFD_FLUSH)) {
+      // QEMU's loader: "Unexpected RAM flags" (pages live at their offsets in the file, not in the stream).
+      throw new StreamError('bad-ram-flags', start, `RAM flags 0x${flags.toString(16)} in a mapped-ram stream (its pages are not records)`, section);
+    }
     switch (kind) {
       case RamFlag.PAGE:
       case RamFlag.ZERO:
@@ -219,7 +236,15 @@ export class RamRecordParser {
 
   private continueBlockList(q: ByteQueue, section: SectionContext | undefined): RamRecord | undefined {
     const list = this.pendingList!;
-    while (list.sum < list.total) {
+    for (;;) {
+      if (list.skip) {
+        // mapped-ram: the bitmap and pages of the block just read are not stream bytes.
+        const n = Math.min(q.available, list.skip.to - q.offset);
+        q.skip(n);
+        if (q.offset < list.skip.to) return undefined;
+        list.skip = undefined;
+      }
+      if (list.sum >= list.total) break;
       const at = q.offset;
       if (!q.ensure(1)) return undefined;
       const n = q.u8(0);
@@ -254,8 +279,15 @@ export class RamRecordParser {
         gpa = q.be64big(need);
         need += 8;
       }
+      let mappedRam: MappedRamHeader | undefined;
+      if (this.format.mappedRam) {
+        if (!q.ensure(need + MAPPED_RAM_HEADER_BYTES)) return undefined;
+        mappedRam = decodeMappedRamHeader(q.bytes(need, MAPPED_RAM_HEADER_BYTES), at + need, idstr, length, section);
+        list.skip = { idstr, length, header: mappedRam, headerOffset: at + need, to: mappedRamBlockEnd(mappedRam, length) };
+        need += MAPPED_RAM_HEADER_BYTES;
+      }
       q.advance(need);
-      const info: RamBlockInfo = { idstr, length, ...(pageSize === undefined ? {} : { pageSize }), ...(gpa === undefined ? {} : { gpa }) };
+      const info: RamBlockInfo = { idstr, length, ...(pageSize === undefined ? {} : { pageSize }), ...(gpa === undefined ? {} : { gpa }), ...(mappedRam ? { mappedRam } : {}) };
       this.blocks.set(idstr, { idstr, length, index: list.blocks.length });
       list.blocks.push(info);
       list.sum += length;
@@ -272,8 +304,17 @@ export class RamRecordParser {
     c.lastBlock = this.lastBlock;
     c.postcopy = this.postcopy;
     c.pageRuns = this.pageRuns;
-    if (this.pendingList) c.pendingList = { ...this.pendingList, blocks: [...this.pendingList.blocks] };
+    if (this.pendingList) c.pendingList = { ...this.pendingList, blocks: [...this.pendingList.blocks], ...(this.pendingList.skip ? { skip: { ...this.pendingList.skip } } : {}) };
     return c;
+  }
+
+  /**
+   * mapped-ram: the block whose bitmap and pages the parser is passing over,
+   * and the file position where the stream goes on (a reader with positioned
+   * I/O jumps there instead of reading them: see StreamDecoder.jump).
+   */
+  get skipping(): MappedRamSkip | undefined {
+    return this.pendingList?.skip;
   }
 
   /** True while a block list is half read (so the section cannot end here). */
@@ -396,6 +437,7 @@ export class RamRecordWriter {
             w.be64(b.pageSize);
           }
           if (format?.ignoreShared) w.be64(b.gpa ?? 0n);
+          if (b.mappedRam) writeMappedRamHeader(w, b.mappedRam);
         }
         this.lastBlock = undefined;
         return;

@@ -2,6 +2,7 @@
  * Wire records as discriminated unions on `type`. The decoder yields them, the
  * encoder takes them; decode(encode(x)) = x for every record here.
  */
+import type { MappedRamHeader } from './mapped-ram.js';
 import type { KnownBlock } from './ram.js';
 
 // ---- main channel: framing ---------------------------------------------------
@@ -115,6 +116,8 @@ export interface RamBlockInfo {
   readonly pageSize?: number;
   /** Guest physical address, present (for every block) only with x-ignore-shared. */
   readonly gpa?: bigint;
+  /** The block's header in a mapped-ram file (where its bitmap and pages lie). */
+  readonly mappedRam?: MappedRamHeader;
 }
 
 export interface RamBlockListRecord {

@@ -183,6 +183,9 @@ describeWithQemu('qmt receive from a QEMU 10 source', () => {
     expect(sent).toBeGreaterThanOrEqual(f.answered);
     expect(r.stats!.postcopyLatency.count).toBe(f.answered);
     expect(info.ram!['postcopy-requests']).toBeGreaterThanOrEqual(sent);
+    // The generator is vCPU 0, the only context: its blocktime is the total, and covers its longest wait.
+    expect(r.stats!.postcopyVcpuBlocktimeMs).toEqual([r.stats!.postcopyBlocktimeMs]);
+    expect(r.stats!.postcopyBlocktimeMs).toBeGreaterThanOrEqual(f.latency.maxUs / 1000 - 0.01);
 
     const m = await readSavedVmManifest(out);
     expect(m.complete).toBe(true);

@@ -5,7 +5,11 @@
  * the whole stream and a precopy stream cut right after EOF, complete with the
  * right records. Minutes per capture; part of `npm run fuzz`.
  *
- *   node --import tsx test/fuzz/every-prefix.ts [CAPTURE.bin ... | multifd-2 ...]
+ *   node --import tsx test/fuzz/every-prefix.ts [CAPTURE.bin ... | multifd-2 ... | mapped-ram-paused ...]
+ *
+ * Mapped-ram captures: the file read as if it ended at every offset of its
+ * stream parts and bitmaps, and at every page boundary elsewhere (inside a
+ * block's pages every cut is the same 'truncated').
  *
  * Multifd captures (test/stream/multifd-capture.ts): every channel ended at
  * every offset, split in two at every offset in splitPackets mode (pieces
@@ -17,14 +21,16 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { MAIN_STREAMS, checkPrefixes, decodeWhole } from '../stream/prefixes.js';
+import { MAPPED_RAM_FIXTURES, checkMappedRamPrefixes, eofEnd, loadMappedRam } from '../stream/mapped-ram-fixtures.js';
 import { MULTIFD_SCENARIOS, checkChannelPieces, checkChannelPrefixes, checkChannelSplits, loadCapture, type ChannelCapture } from '../stream/multifd-capture.js';
 
 const FIX = join(import.meta.dirname, '..', 'fixtures');
 const wanted = process.argv.slice(2);
 const isMultifd = (w: string): boolean => (MULTIFD_SCENARIOS as readonly string[]).includes(w);
-const unknown = wanted.filter((w) => !MAIN_STREAMS.some((m) => m.file === w) && !isMultifd(w));
+const isMappedRam = (w: string): boolean => (MAPPED_RAM_FIXTURES as readonly string[]).includes(w);
+const unknown = wanted.filter((w) => !MAIN_STREAMS.some((m) => m.file === w) && !isMultifd(w) && !isMappedRam(w));
 if (unknown.length > 0) {
-  console.error(`every-prefix: not a capture: ${unknown.join(', ')} (one of ${[...MAIN_STREAMS.map((m) => m.file), ...MULTIFD_SCENARIOS].join(', ')})`);
+  console.error(`every-prefix: not a capture: ${unknown.join(', ')} (one of ${[...MAIN_STREAMS.map((m) => m.file), ...MULTIFD_SCENARIOS, ...MAPPED_RAM_FIXTURES].join(', ')})`);
   process.exit(2);
 }
 let failed = 0;
@@ -68,6 +74,26 @@ for (const name of MULTIFD_SCENARIOS) {
       failed++;
       console.error(`every-prefix: ${ch.file}: FAILED: ${e instanceof Error ? e.message : String(e)}`);
     }
+  }
+}
+// Mapped-ram files: every prefix that ends in a stream part or a bitmap, and one per page elsewhere.
+for (const name of MAPPED_RAM_FIXTURES) {
+  if (wanted.length > 0 && !wanted.includes(name)) continue;
+  const c = loadMappedRam(name);
+  const t0 = performance.now();
+  const at = new Set<number>();
+  for (const p of c.streamParts) for (let n = p.start; n <= p.end; n++) at.add(n);
+  for (const s of c.skips) for (let n = s.header.bitmapOffset; n <= s.header.bitmapOffset + 8 + s.length / 32768; n++) at.add(n);
+  for (let n = 0; n <= c.bytes.length; n += 4096) at.add(n);
+  at.add(c.bytes.length);
+  try {
+    const r = await checkMappedRamPrefixes(c, [...at].sort((a, b) => a - b));
+    const eof = eofEnd(c);
+    if (r.complete.join() !== [eof, c.bytes.length].join()) throw new Error(`prefixes ${r.complete.join(', ')} read completely, expected ${eof} and ${c.bytes.length}`);
+    console.log(`every-prefix: ${name}: ${at.size} prefixes, ${r.errors} errors (${[...r.codes].join(', ')}), ${r.complete.length} complete, ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  } catch (e) {
+    failed++;
+    console.error(`every-prefix: ${name}: FAILED: ${e instanceof Error ? e.message : String(e)}`);
   }
 }
 process.exit(failed > 0 ? 1 : 0);

@@ -39,6 +39,15 @@ export interface GuestOptions {
   direction?: GuestDirection;
 }
 
+/** GuestOptions and the seed guest's read region. */
+export interface SeedGuestOptions extends GuestOptions {
+  /**
+   * End (exclusive, MiB) of a read region from `endMiB` on, read every pass
+   * and never written after its first fill (guest.S RDEND). Default: none.
+   */
+  readEndMiB?: number;
+}
+
 export interface ResolvedGuestOptions {
   startMiB: number;
   endMiB: number;
@@ -47,10 +56,12 @@ export interface ResolvedGuestOptions {
   start: number;
   /** Byte address just past the last page of the range. */
   end: number;
+  /** End of the read region (bytes, exclusive), 0 without one. */
+  readEnd: number;
 }
 
 /** Applies defaults and validates guest options (throws on invalid ranges). */
-export function resolveGuestOptions(opts: GuestOptions = {}): ResolvedGuestOptions {
+export function resolveGuestOptions(opts: SeedGuestOptions = {}): ResolvedGuestOptions {
   const startMiB = opts.startMiB ?? 1;
   const endMiB = opts.endMiB ?? 100;
   const direction = opts.direction ?? 'up';
@@ -61,7 +72,12 @@ export function resolveGuestOptions(opts: GuestOptions = {}): ResolvedGuestOptio
   if (start < MiB) throw new Error('guest: range must start at or above 1 MiB (code and BIOS live below)');
   if (end <= start) throw new Error('guest: empty range');
   if (end > 0xc000_0000) throw new Error('guest: range must end below 3 GiB (32-bit flat mode, below the PCI hole)');
-  return { startMiB, endMiB, direction, start, end };
+  const readEnd = opts.readEndMiB === undefined ? 0 : Math.round(opts.readEndMiB * MiB);
+  if (readEnd !== 0) {
+    if (readEnd % PAGE !== 0 || readEnd <= end) throw new Error('guest: the read region must end page aligned, past the range');
+    if (readEnd > 0xc000_0000) throw new Error('guest: the read region must end below 3 GiB');
+  }
+  return { startMiB, endMiB, direction, start, end, readEnd };
 }
 
 async function run(cmd: string, args: string[]): Promise<void> {
@@ -78,13 +94,14 @@ async function run(cmd: string, args: string[]): Promise<void> {
  * is a raw disk of 1 MiB whose first sector is the boot sector; boot it with
  * `-drive file=PATH,format=raw,if=ide`.
  */
-export async function buildGuest(opts: GuestOptions = {}): Promise<string> {
+export async function buildGuest(opts: SeedGuestOptions = {}): Promise<string> {
   const o = resolveGuestOptions(opts);
   const source = await readFile(GUEST_SOURCE);
   const defs: Record<string, string> = {
     START: `0x${o.start.toString(16)}`,
     END: `0x${o.end.toString(16)}`,
     DOWN: o.direction === 'down' ? '1' : '0',
+    ...(o.readEnd ? { RDEND: `0x${o.readEnd.toString(16)}` } : {}),
   };
   const hash = createHash('sha256')
     .update(source)
@@ -93,7 +110,7 @@ export async function buildGuest(opts: GuestOptions = {}): Promise<string> {
     .update('\0v1')
     .digest('hex')
     .slice(0, 16);
-  const name = `guest-${o.direction}-${o.start.toString(16)}-${o.end.toString(16)}-${hash}.img`;
+  const name = `guest-${o.direction}-${o.start.toString(16)}-${o.end.toString(16)}${o.readEnd ? `-r${o.readEnd.toString(16)}` : ''}-${hash}.img`;
   const image = join(GUEST_BUILD_DIR, name);
   if (existsSync(image)) return image;
 

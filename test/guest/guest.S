@@ -12,6 +12,14 @@
  *   START  first byte of the range (page aligned, >= 1 MiB)      default 1 MiB
  *   END    end of the range, exclusive (page aligned, > START)   default 100 MiB
  *   DOWN   0: walk pages upward, 1: walk from the highest page down to START
+ *   RDEND  0 (default): no read region. Otherwise the seed guest: a read
+ *          region [END, RDEND) like the seed's video-streaming VM's kernel
+ *          and read-only memory. At start the guest writes each of its pages'
+ *          first dword with the page's address, once; then every pass, after
+ *          the counter walk over the (small, hot) range, it reads that dword
+ *          of every read page, writing '!' to the serial port for a page that
+ *          does not hold its address. The read region is never written again:
+ *          precopy moves it once, and postcopy at once has to fetch all of it.
  *
  * The loop uses no stack and no memory other than the range, so migration and
  * memory-comparison tests only see the counter bytes change.
@@ -25,6 +33,9 @@
         .endif
         .ifndef DOWN
         .set DOWN, 0
+        .endif
+        .ifndef RDEND
+        .set RDEND, 0
         .endif
 
         .set PAGE, 4096
@@ -78,6 +89,14 @@ pm32:
         cmpl    $END, %edi
         jb      0b
 
+        .if RDEND
+        movl    $END, %edi
+4:      movl    %edi, (%edi)
+        addl    $PAGE, %edi
+        cmpl    $RDEND, %edi
+        jb      4b
+        .endif
+
         movl    $banner, %esi
 1:      lodsb
         testb   %al, %al
@@ -98,6 +117,16 @@ outer:
         addl    $PAGE, %edi
         cmpl    $END, %edi
         jb      2b
+        .endif
+        .if RDEND
+        movl    $END, %edi
+5:      cmpl    %edi, (%edi)
+        je      6f
+        movb    $'!', %al
+        call    putc
+6:      addl    $PAGE, %edi
+        cmpl    $RDEND, %edi
+        jb      5b
         .endif
         movb    $PASSCHAR, %al
         call    putc

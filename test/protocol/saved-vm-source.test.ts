@@ -5,16 +5,15 @@
  * read errors, and nothing left open after close.
  */
 import * as fs from 'node:fs';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterAll, describe, expect, it } from 'vitest';
-import { blockFileName } from '../../src/protocol/directory-sink.js';
 import { StorageError } from '../../src/protocol/errors.js';
-import { RAM_DIR, MANIFEST, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { SavedVmSource, type SavedVmSourceFs } from '../../src/protocol/saved-vm-source.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
+import { pattern, writeTestSavedVm, type TestBlock } from '../support/saved-vm.js';
 import { DestinationSession } from '../../src/protocol/destination.js';
 import { InMemorySink } from '../../src/protocol/memory.js';
 import { SourceSession } from '../../src/protocol/source.js';
@@ -26,32 +25,8 @@ const root = mkdtempSync(join(tmpdir(), 'qmt-savedvm-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 let dirs = 0;
 
-/** A saved-VM directory as `qmt receive` writes it: RAM files (data, or sparse of a length) and a manifest. */
-function savedVm(blocks: { idstr: string; data?: Buffer; length?: number; pokes?: number[] }[]): string {
-  const dir = join(root, `vm${dirs++}`);
-  mkdirSync(join(dir, RAM_DIR), { recursive: true });
-  const list: SavedVmManifest['blocks'] = [];
-  for (const b of blocks) {
-    const file = join(RAM_DIR, blockFileName(b.idstr));
-    const length = b.data?.length ?? b.length!;
-    if (b.data) writeFileSync(join(dir, file), b.data);
-    else {
-      const fd = fs.openSync(join(dir, file), 'w');
-      fs.ftruncateSync(fd, length);
-      for (const p of b.pokes ?? []) fs.writeSync(fd, pattern(PAGE, p), 0, PAGE, p * PAGE);
-      fs.closeSync(fd);
-    }
-    list.push({ idstr: b.idstr, length, file });
-  }
-  const m: SavedVmManifest = { format: 'qemu-migration-transport/saved-vm', version: 1, complete: true, machineType: 'pc-q35-10.0', capabilities: [], postcopy: false, blocks: list, devices: [], vmdesc: null, stats: null, savedAt: new Date().toISOString() };
-  writeFileSync(join(dir, MANIFEST), JSON.stringify(m));
-  return dir;
-}
-
-function pattern(len: number, seed: number): Buffer {
-  const b = Buffer.alloc(len);
-  for (let i = 0; i < len; i += 4) b.writeUInt32LE((seed * 2654435761 + i * 40503) >>> 0, i);
-  return b;
+function savedVm(blocks: TestBlock[]): string {
+  return writeTestSavedVm(join(root, `vm${dirs++}`), blocks);
 }
 
 /**
@@ -176,7 +151,8 @@ describe('SavedVmSource', () => {
     const saved = await SavedVmSource.open(dir);
     const sink = new InMemorySink();
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true });
-    const src = new SourceSession({ to: dst.uri, memory: saved, machineType: 'pc-q35-10.0', devices: [], postcopy: { afterPasses: 0 }, preempt: true, postcopyBandwidthLimit: 8 * MiB });
+    // One thread: the SavedVmSource itself reads (with threads each channel's worker reads the files: threads-source-saved-vm.test.ts).
+    const src = new SourceSession({ to: dst.uri, memory: saved, machineType: 'pc-q35-10.0', devices: [], postcopy: { afterPasses: 0 }, preempt: true, postcopyBandwidthLimit: 8 * MiB, threads: 'off' });
     let requested = 0;
     // The guest at the destination touches pages from the top down, far from the background scan.
     dst.on('postcopy-run', () => {

@@ -19,6 +19,7 @@ import {
   resolveGuestOptions,
   type GuestDirection,
   type GuestOptions,
+  type SeedGuestOptions,
   type ResolvedGuestOptions,
 } from '../guest/build.js';
 import { QmpClient, type Json, type QmpEvent } from './qmp.js';
@@ -63,7 +64,7 @@ export interface QemuOptions {
   /** Raw disk image to boot (`-drive file=...,format=raw,if=ide`). */
   image?: string;
   /** Build (cached) and boot the test guest with these options; ignored when `image` is set. */
-  guest?: GuestOptions;
+  guest?: SeedGuestOptions;
   /** Start with `-incoming defer` (destination). */
   incoming?: boolean;
   /** Start with `-S` (CPUs stopped). */
@@ -954,6 +955,20 @@ export function checkGuestInvariant(mem: Buffer, range: InvariantRange): Invaria
         ? `all ${pages} pages hold ${n}`
         : `pages hold ${n} up to 0x${stepAt.toString(16)} (exclusive), then ${nMinus1}`,
   };
+}
+
+/**
+ * The seed guest's read region (guest.S RDEND): every page's first dword
+ * holds the page's address, as the guest wrote it once at start. A page that
+ * does not was lost, or came from somewhere else.
+ */
+export function checkReadRegion(mem: Buffer, start: number, end: number): { ok: boolean; pages: number; detail: string } {
+  if (mem.length < end) return { ok: false, pages: 0, detail: `dump is ${mem.length} bytes, the read region ends at ${end}` };
+  for (let a = start; a < end; a += PAGE) {
+    const v = mem.readUInt32LE(a);
+    if (v !== a) return { ok: false, pages: (a - start) / PAGE, detail: `read page 0x${a.toString(16)} holds 0x${v.toString(16)}` };
+  }
+  return { ok: true, pages: (end - start) / PAGE, detail: `all ${(end - start) / PAGE} read pages hold their address` };
 }
 
 /** Convenience: the invariant range of a QEMU started with `guest`. */

@@ -133,10 +133,17 @@ describeWithQemu('SourceSession with threads into QEMU 10.0', () => {
     if (c.tls) expect(st.channels.preempt?.tls?.protocol).toBe('TLSv1.3');
   });
 
-  it.skipIf(!socketTransferSupported())('qmt send --threads on --postcopy after:0 --preempt --tls: QEMU completes, the guest runs, the JSON names both threads', async () => {
-    const { q, uri } = await startDestination('dst-threads-cli', SPEC, { postcopy: true, preempt: true, tlsDir: pkiDir });
+  const cliCases = [
+    { name: 'after:0 --preempt --tls', postcopy: true, tls: true },
+    { name: 'precopy', postcopy: false, tls: false },
+  ];
+  it.skipIf(!socketTransferSupported()).each(cliCases)('qmt send --from DIR --threads on $name: QEMU completes, the guest runs, each thread read its pages from the files', async (c) => {
+    const { q, uri } = await startDestination(`dst-threads-cli-${c.postcopy ? 'pc' : 'pre'}`, SPEC, { postcopy: c.postcopy, preempt: c.postcopy, ...(c.tls ? { tlsDir: pkiDir } : {}) });
     try {
-      const child = spawn(process.execPath, ['--import', 'tsx', RUNNER, 'send', '--from', vmDir, '--to', uri, '--tls', pkiDir, '--tls-hostname', 'localhost', '--postcopy', 'after:0', '--preempt', '--threads', 'on', '--json'], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+      const args = ['send', '--from', vmDir, '--to', uri, '--threads', 'on', '--json'];
+      if (c.tls) args.push('--tls', pkiDir, '--tls-hostname', 'localhost');
+      if (c.postcopy) args.push('--postcopy', 'after:0', '--preempt');
+      const child = spawn(process.execPath, ['--import', 'tsx', RUNNER, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
       let stderr = '';
       child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -144,20 +151,25 @@ describeWithQemu('SourceSession with threads into QEMU 10.0', () => {
       const code = await new Promise<number | null>((resolve) => child.on('close', resolve));
       expect(code, stderr).toBe(0);
       expect(stderr).not.toMatch(/^\s+at /m);
-      expect(stderr).toMatch(/^qmt: threads: main \(thread \d+, [\d.]+ s CPU\), preempt \(thread \d+/m);
+      expect(stderr).toMatch(/^qmt: threads: main \(thread \d+, [\d.]+ s CPU, read [\d.]+ \w+ of the saved VM in \d+ reads\)/m);
+      if (c.postcopy) expect(stderr).toMatch(/^qmt: threads: main \(.*\), preempt \(thread \d+/m);
       const r = JSON.parse(stdout) as JsonEnvelope & SendJson;
-      expect(r).toMatchObject({ command: 'send', ok: true, postcopy: true, preempt: true, tls: true });
+      expect(r).toMatchObject({ command: 'send', ok: true, postcopy: c.postcopy, preempt: c.postcopy, tls: c.tls });
       const st = r.stats!;
-      expect(st.threads).toMatchObject({ used: true, why: "threads: 'on'" });
-      expect(st.threads!.channels.map((c) => [c.role, c.ended]), JSON.stringify(st.threads)).toEqual([
-        ['main', 'by-itself'],
-        ['preempt', 'by-itself'],
-      ]);
-      expect(st.channels.preempt?.tls?.protocol).toBe('TLSv1.3');
-      expect(st.requestsAnswered.mainNoPreempt).toBe(0);
+      // Each channel's thread read the pages it sent from the saved files: every page once, by one of them.
+      expect(st.threads).toMatchObject({ used: true, why: "threads: 'on'; each channel's thread reads the pages it sends from the block files" });
+      expect(st.threads!.channels.map((t) => [t.role, t.ended]), JSON.stringify(st.threads)).toEqual(c.postcopy ? [['main', 'by-itself'], ['preempt', 'by-itself']] : [['main', 'by-itself']]);
+      const ramBytes = manifest.blocks.reduce((n, b) => n + b.length, 0);
+      expect(st.threads!.channels.reduce((n, t) => n + (t.reads?.bytes ?? 0), 0)).toBe(ramBytes);
+      if (c.postcopy) {
+        expect(st.threads!.channels.find((t) => t.role === 'preempt')!.reads?.bytes, 'the preempt thread read the pages it answered').toBeGreaterThan(0);
+        expect(st.channels.preempt?.tls?.protocol).toBe('TLSv1.3');
+        expect(st.requestsAnswered.mainNoPreempt).toBe(0);
+      }
       const check = await checkDestination(q, savedRam(vmDir, manifest).get('pc.ram')!);
-      console.log(`[threads-send] qmt send --threads on after:0 --preempt --tls: ${st.totalTimeMs} ms, downtime ${st.downtimeMs} ms, requests ${st.postcopyRequests}, latency p50 ${st.postcopyLatency.p50Us} µs p99 ${st.postcopyLatency.p99Us} µs`);
+      console.log(`[threads-send] qmt send --threads on ${c.name}: ${st.totalTimeMs} ms, downtime ${st.downtimeMs} ms, requests ${st.postcopyRequests}, latency p50 ${st.postcopyLatency.p50Us} µs p99 ${st.postcopyLatency.p99Us} µs, threads ${JSON.stringify(st.threads)}`);
       expect(check.info.status).toBe('completed');
+      expect(check.passesAfter).toBeGreaterThanOrEqual(2);
       expect(check.invariant.ok, check.invariant.detail).toBe(true);
       expect(check.outside!.count).toBe(0);
     } finally {

@@ -120,6 +120,8 @@ describe('MigrationAnalysis', () => {
     expect(r.latency.all.count).toBe(2);
     expect(r.latency.all.p50 / 5000).toBeCloseTo(1, 2);
     expect(r.latency.all.max / 10_000).toBeCloseTo(1, 2);
+    // Some request waited from 10 to 21 ms (the two overlap): blocktime as seen by a one-vCPU guest.
+    expect(r.blocktimeMs).toBe(11);
     // A later request for a page already through is "crossed", not timed.
     a.push('return-path', encodeReturnPathMessage({ type: 'req-pages', offset: base, length: 4096 }), 30);
     expect(a.report().requests).toMatchObject({ count: 3, alreadyForwarded: 1, unanswered: 0 });

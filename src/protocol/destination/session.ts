@@ -1,3 +1,4 @@
+import { BlockTime } from '../blocktime.js';
 import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import { StreamDecoder } from '../../stream/decoder.js';
@@ -70,6 +71,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private stream: StreamDecoder<true> | undefined;
   private readonly pages: PageTracker;
   private readonly counts = new DestinationCounters();
+  /** Waits of faulting contexts on missing pages: postcopy-blocktime. */
+  private readonly blocktime: BlockTime;
   private readonly landing: PageLanding;
   private readonly sections = new SectionWatch();
   /** The multifd channels' receivers and barrier, once they are all in. */
@@ -104,6 +107,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     // A caller that only listens to events must not get an unhandled rejection.
     this.done.catch(() => undefined);
     this.pages = new PageTracker((m) => this.sendRp(m), false, threads.used);
+    this.blocktime = new BlockTime(opts.vcpus);
     this.landing = new PageLanding(opts.sink, this.pages, this.counts);
     this.linkEvents = {
       main: (link, chunk) => this.onMainData(link, chunk),
@@ -808,18 +812,28 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    * Demand paging: resolves at once when the page is already here; otherwise
    * sends REQ_PAGES(_ID) (during postcopy; before it, waits for LISTEN or for
    * the bulk stream) and resolves when the page arrives on either channel.
-   * Concurrent requests for one page share one request.
+   * Concurrent requests for one page share one request. `vcpu` names the
+   * faulting context (default 0) whose wait counts in `postcopy-blocktime`.
    */
-  async requestPage(block: string, offset: number): Promise<PageRequestResult> {
+  async requestPage(block: string, offset: number, opts: { vcpu?: number } = {}): Promise<PageRequestResult> {
     const over = isOver(this.state) ? new MigrationError('protocol', this.phase, 'the migration is over') : undefined;
     checkPageRequest(block, offset, this.pages, over);
-    const request = this.pages.request(block, offset, performance.now());
+    const vcpu = opts.vcpu ?? 0;
+    this.blocktime.check(vcpu);
+    const asked = performance.now();
+    const waits = !this.pages.has(block, offset);
+    if (waits) this.blocktime.begin(vcpu, asked);
+    const request = this.pages.request(block, offset, asked);
     // With threads a worker lands the page: watch for it while requests wait.
     const link = this.link;
     if (link instanceof ThreadLink) link.watchPages();
-    const r = await request;
-    if (r.requested) this.emit('page-request', r);
-    return r;
+    try {
+      const r = await request;
+      if (r.requested) this.emit('page-request', r);
+      return r;
+    } finally {
+      if (waits) this.blocktime.end(vcpu, performance.now());
+    }
   }
 
   /** True when the page has arrived. */
@@ -834,7 +848,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     const channels = conn?.stats() ?? {};
     const m = this.opts.multifd ? this.multifdStats() : undefined;
     const counts = this.threads.used ? this.totals() : this.counts;
-    return counts.stats(statusOf(this.state), this.pages, channels, this.threadStats(), m);
+    const blocktime = this.blocktime.summary(this.counts.endedAt ?? performance.now());
+    return counts.stats(statusOf(this.state), this.pages, blocktime, channels, this.threadStats(), m);
   }
 
   /** stats().multifd: from the receivers here, or (threads) from the counters the channel workers keep. */

@@ -1,3 +1,4 @@
+import { BlockTime } from '../blocktime.js';
 import { TARGET_PAGE_SIZE } from '../../stream/constants.js';
 import type { RamBlockInfo } from '../../stream/records.js';
 import { usageError } from '../../errors.js';
@@ -36,6 +37,7 @@ export function validateDestinationOptions(o: DestinationOptions): void {
   checkSignal(o.signal);
   checkNumber(o.idleTimeoutMs, 'idleTimeoutMs');
   checkNumber(o.acceptTimeoutMs, 'acceptTimeoutMs', { min: 1 });
+  if (o.vcpus !== undefined) new BlockTime(o.vcpus); // throws its typed refusal
   if (o.recovery) {
     if (o.recovery.listen !== undefined) checkEndpoint(o.recovery.listen, 'recovery.listen');
     checkNumber(o.recovery.timeoutMs, 'recovery.timeoutMs', { min: 1 });

@@ -1,4 +1,5 @@
 import { performance } from 'node:perf_hooks';
+import type { BlockTimeSummary } from '../blocktime.js';
 import type { PageTracker } from '../page-tracker.js';
 import type { MultifdStats } from './multifd.js';
 import type { DestinationStats, ThreadStats } from './types.js';
@@ -34,7 +35,7 @@ export class DestinationCounters {
   multifdWaits = 0;
 
   /** `multifd`: the multifd channels' counters; their pages count in normal, duplicate and runs too. */
-  stats(status: DestinationStats['status'], pages: PageTracker, channels: DestinationStats['channels'], threads: ThreadStats, multifd?: MultifdStats): DestinationStats {
+  stats(status: DestinationStats['status'], pages: PageTracker, blocktime: BlockTimeSummary, channels: DestinationStats['channels'], threads: ThreadStats, multifd?: MultifdStats): DestinationStats {
     return {
       status,
       recoveries: this.recoveries,
@@ -48,6 +49,8 @@ export class DestinationCounters {
       'precopy-iterations': this.iterations,
       'total-time': Math.round((this.endedAt ?? performance.now()) - this.startedAt),
       'postcopy-latency': pages.latency.summary(),
+      'postcopy-blocktime': blocktime.total,
+      'postcopy-vcpu-blocktime': blocktime.perVcpu,
       runs: { count: this.runs + (multifd?.runs.count ?? 0), pages: this.runPages + (multifd?.runs.pages ?? 0) },
       'sink-waits': this.sinkWaits,
       channels,

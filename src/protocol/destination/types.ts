@@ -48,6 +48,15 @@ export interface DestinationStats {
   /** Latency of demand requests (request sent → page arrived), µs. */
   'postcopy-latency': LatencySummary;
   /**
+   * QEMU's `postcopy-blocktime`, in ms (to the µs): how long every faulting
+   * context (`requestPage`'s `vcpu`, up to the `vcpus` option) waited on a
+   * missing page at the same time, the VM making no progress. The VM's stall
+   * is the downtime plus this.
+   */
+  'postcopy-blocktime': number;
+  /** QEMU's `postcopy-vcpu-blocktime`: per vCPU id, ms it waited on missing pages. */
+  'postcopy-vcpu-blocktime': number[];
+  /**
    * Runs of consecutive pages landed as one (one writePages / zeroPages call
    * each; a sink without them gets a call per page) and the pages in them:
    * pages / count is the batch the page path works in. XBZRLE pages are runs
@@ -143,6 +152,12 @@ export interface DestinationOptions {
    * why); `stats().threads` says which path ran and why.
    */
   threads?: ThreadMode;
+  /**
+   * The guest's vCPUs: the faulting contexts that make "all" for
+   * `postcopy-blocktime` (QEMU's smp cpus), 1–4096; `requestPage`'s `vcpu`
+   * must then be below it. Default: every vCPU id requests have named so far.
+   */
+  vcpus?: number;
   /**
    * Aborting it closes the destination, as `close()`: while `listen()` runs it
    * rejects, afterwards `done` rejects with 'cancelled' (`cause`: the

@@ -13,7 +13,7 @@ import { MultifdPacketCounter } from './multifd.js';
 import type { SourceOptions } from './options.js';
 import { isThreaded, type ThreadShared, type ThreadStat } from './threads/connection.js';
 import { planSourceThreads, type ThreadPlan } from './threads/plan.js';
-import type { InMemorySource } from '../memory-source.js';
+import { InMemorySource } from '../memory-source.js';
 import { RamPages } from './pages.js';
 import { Requests } from './requests.js';
 import { isOver, isPostcopy, phaseOf, statusOf, type SourceState } from './state.js';
@@ -156,12 +156,15 @@ export class SourceRun {
 
   /** What the channel workers share for this migration (memory, page sets, the RAM section). */
   threadShared(): ThreadShared {
-    const mem = (this.opts.memory as InMemorySource).sharedBlocks()!;
+    const m = this.opts.memory;
+    // Shared memory, or files each worker reads itself (planSourceThreads checked there is one of them).
+    const mem = m instanceof InMemorySource ? m.sharedBlocks() : undefined;
+    const files = mem ? undefined : m.blockFiles?.();
     return {
       blocks: this.ram.blocks.map((st, i) => ({
         idstr: st.info.idstr,
         length: st.info.length,
-        memory: mem[i]!.memory,
+        ...(mem ? { memory: mem[i]!.memory } : { file: files![i]! }),
         toSend: st.toSend.buffer,
         sentOnce: st.sentOnce.buffer,
         sentAfterListen: st.sentAfterListen.buffer,

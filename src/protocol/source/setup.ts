@@ -41,6 +41,8 @@ export function attachLink(run: SourceRun, conn: SourceConnection | ThreadedSour
       onReturnPathError: (reason) => current() && run.fail(new MigrationError('protocol', run.phase, reason)),
       onBadRequest: (reason) => current() && run.requests.refuse(new MigrationError('bad-page-request', run.phase, reason)),
       onNotice: (e) => current() && onThreadNotice(run, e),
+      // Pages that cannot be read are lost to the destination: the migration fails, in postcopy too (no pause).
+      onStorageError: (e) => current() && run.fail(MigrationError.from(e, run.phase)),
       onCounts: (c) => {
         run.c.normal += c.normal;
         run.c.duplicate += c.duplicate;

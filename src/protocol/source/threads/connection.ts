@@ -7,6 +7,8 @@ import { DEFAULT_CONNECT_TIMEOUT_MS, dial, tuneChannel } from '../../../transpor
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import { spawnWorker } from '../../../transport/worker/spawn.js';
 import type { ReturnPathMessage } from '../../../stream/records.js';
+import { StorageError } from '../../errors.js';
+import type { ReadCounts } from './page-batches.js';
 import { Control, NOTICE_WORDS, REQUEST_WORDS, type ChannelWorkerData, type CountDelta, type FromWorker, type PassCommand, type SharedBlock } from './protocol.js';
 import { RemoteChannel, transportError } from './remote-channel.js';
 
@@ -27,6 +29,8 @@ export interface ThreadStat {
   threadId: number;
   cpuSeconds: number;
   ended?: 'by-itself' | 'terminated';
+  /** A file-backed source: the positioned reads this thread made of the block files for the pages it sent. */
+  reads?: ReadCounts;
 }
 
 /** What the session's threads share, the same for every link of a migration (built once from the run). */
@@ -46,6 +50,8 @@ export interface ThreadedLinkHooks {
   /** A notice entry from a ring: [kind, block index, page or count, reason, latency µs]. */
   onNotice(e: Float64Array): void;
   onCounts(c: CountDelta): void;
+  /** A worker could not read the pages it was to send (a file-backed source). */
+  onStorageError(e: StorageError): void;
 }
 
 /**
@@ -181,6 +187,11 @@ export class ThreadedSourceConnection {
       case 'ticket':
         this.ticket = m.ticket;
         return;
+      case 'storage-error': {
+        const w = m.error;
+        this.hooks?.onStorageError(new StorageError(w.operation, w.file, w.position, Object.assign(new Error(w.message), w.errno ? { code: w.errno } : {})));
+        return;
+      }
       default:
         return;
     }
@@ -276,7 +287,7 @@ export class ThreadedSourceConnection {
   threadStats(): ThreadStat[] {
     return [this.main, this.preempt, ...this.multifd]
       .filter((c): c is RemoteChannel => c !== undefined)
-      .map((c) => ({ role: c.role, ...(c.channelId !== undefined ? { id: c.channelId } : {}), threadId: c.threadId, cpuSeconds: c.cpuSeconds, ...(c.ended ? { ended: c.ended } : {}) }));
+      .map((c) => ({ role: c.role, ...(c.channelId !== undefined ? { id: c.channelId } : {}), threadId: c.threadId, cpuSeconds: c.cpuSeconds, ...(c.ended ? { ended: c.ended } : {}), ...(c.reads ? { reads: { ...c.reads } } : {}) }));
   }
 
   private endRings(): void {

@@ -12,8 +12,9 @@ export interface ThreadPlan {
 /** What keeps a session with these options on one thread, or undefined when threads are possible. */
 function blocker(o: SourceOptions): string | undefined {
   if (!socketTransferSupported()) return socketTransferWhy();
-  if (!(o.memory instanceof InMemorySource) || !o.memory.shared) {
-    return 'the guest memory is not shared between threads (an InMemorySource created with { shared: true } is; file-backed sources are not yet)';
+  const m = o.memory;
+  if (m instanceof InMemorySource ? !m.shared : typeof m.blockFiles !== 'function') {
+    return 'the guest memory is not shared between threads (an InMemorySource created with { shared: true } is) nor in files each thread can read (a SavedVmSource is)';
   }
   if (o.xbzrleCacheBytes) return 'XBZRLE encodes against a cache on the caller\'s thread';
   return undefined;
@@ -28,7 +29,11 @@ export function planSourceThreads(o: SourceOptions): ThreadPlan {
   const mode: ThreadMode = o.threads ?? 'auto';
   if (mode === 'off') return { used: false, why: "threads: 'off'" };
   const why = blocker(o);
-  if (why === undefined) return { used: true, why: mode === 'on' ? "threads: 'on'" : 'auto: sockets can be transferred to worker threads and the guest memory is shared' };
+  if (why === undefined) {
+    if (o.memory instanceof InMemorySource) return { used: true, why: mode === 'on' ? "threads: 'on'" : 'auto: sockets can be transferred to worker threads and the guest memory is shared' };
+    const files = "each channel's thread reads the pages it sends from the block files";
+    return { used: true, why: mode === 'on' ? `threads: 'on'; ${files}` : `auto: sockets can be transferred to worker threads and ${files}` };
+  }
   if (mode === 'on') throw usageError('range', 'threads-unavailable', 'threads', `threads: 'on' is not possible: ${why}`);
   return { used: false, why: `auto: ${why}` };
 }

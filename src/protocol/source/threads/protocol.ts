@@ -11,12 +11,17 @@ import type { TlsMaterial } from '../../../transport/pki.js';
 import type { TlsSettings } from '../../../transport/tls.js';
 import type { EffectiveTuning } from '../../../transport/tuning.js';
 import type { ReturnPathMessage } from '../../../stream/records.js';
+import type { BlockFile } from '../../block-files.js';
+import type { StorageOperation } from '../../errors.js';
+import type { ReadCounts } from './page-batches.js';
 
-/** One RAM block's memory and page sets, as every thread of a session sees them. */
+/** One RAM block's memory (or file) and page sets, as every thread of a session sees them. */
 export interface SharedBlock {
   readonly idstr: string;
   readonly length: number;
-  readonly memory: SharedArrayBuffer;
+  /** The block's bytes in shared memory; or, for a file-backed source, `file`, which each worker reads itself. */
+  readonly memory?: SharedArrayBuffer;
+  readonly file?: BlockFile;
   readonly toSend: SharedArrayBuffer;
   readonly sentOnce: SharedArrayBuffer;
   readonly sentAfterListen: SharedArrayBuffer;
@@ -125,6 +130,16 @@ export interface WireError {
   readonly migration?: boolean;
 }
 
+/** A StorageError as it crosses threads (a worker's read of a block file failed). */
+export interface WireStorageError {
+  readonly operation: StorageOperation;
+  readonly file: string;
+  readonly position: number;
+  /** The system error's code and message. */
+  readonly errno: string | undefined;
+  readonly message: string;
+}
+
 /** Worker → caller. */
 export type FromWorker =
   | { readonly t: 'ready'; readonly stats: ChannelStats; readonly threadId: number }
@@ -136,6 +151,8 @@ export type FromWorker =
   /** The return path could not be decoded (or REQ_PAGES came before any REQ_PAGES_ID): the migration fails. */
   | { readonly t: 'rp-error'; readonly reason: string }
   | { readonly t: 'ticket'; readonly ticket: Uint8Array }
-  | { readonly t: 'stats'; readonly stats: ChannelStats; readonly unacked: number | undefined; readonly writable: number; readonly counts: CountDelta; readonly cpuSeconds: number }
+  | { readonly t: 'stats'; readonly stats: ChannelStats; readonly unacked: number | undefined; readonly writable: number; readonly counts: CountDelta; readonly cpuSeconds: number; readonly reads?: ReadCounts }
+  /** Reading the pages to send failed: the migration fails ('storage'), in postcopy too. */
+  | { readonly t: 'storage-error'; readonly error: WireStorageError }
   | { readonly t: 'error'; readonly error: WireError }
   | { readonly t: 'close' };

@@ -2,6 +2,7 @@ import { EventEmitter } from 'node:events';
 import type { Worker } from 'node:worker_threads';
 import { channelName, type ChannelRole, type ChannelStats } from '../../../transport/channel.js';
 import { TransportError, type ChannelName, type TransportErrorCode } from '../../../transport/errors.js';
+import type { ReadCounts } from './page-batches.js';
 import type { CountDelta, FromWorker, PassCommand, ToWorker, WireError } from './protocol.js';
 
 /** How long a channel's thread has to end by itself after close/destroy before it is terminated. */
@@ -42,6 +43,8 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private exited = false;
   readonly exit: Promise<void>;
   cpuSeconds = 0;
+  /** A file-backed source: the worker's reads, as last reported. */
+  reads: ReadCounts | undefined;
   /** How the thread ended: by itself (nothing left in it), or stopped by terminate() after END_GRACE_MS. */
   ended: 'by-itself' | 'terminated' | undefined;
   private terminating = false;
@@ -111,6 +114,7 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
         this.unacked = m.unacked;
         this.writable = m.writable;
         this.cpuSeconds = m.cpuSeconds;
+        if (m.reads) this.reads = m.reads;
         this.hooks.onCounts(m.counts);
         return;
       case 'error':

@@ -11,7 +11,9 @@ import { PageBitmap } from '../../../stream/bitmap.js';
 import { TARGET_PAGE_SIZE } from '../../../stream/constants.js';
 import { Channel, channelName } from '../../../transport/channel.js';
 import { TlsSessionCache, connectTls } from '../../../transport/sockets.js';
+import type { StorageError } from '../../errors.js';
 import type { BlockState } from '../pages.js';
+import { FilePages, MemoryPages, type PageBatch, type WorkerPages } from './page-batches.js';
 import type { ChannelWorkerData, CountDelta, FromWorker, ToWorker, WireError } from './protocol.js';
 
 /** A session cache that starts from the main channel's latest ticket (posted from the caller's thread). */
@@ -45,8 +47,13 @@ export function post(m: FromWorker): void {
   port.postMessage(m);
 }
 
-/** The blocks as page sets over the session's shared buffers (the same BlockState the caller's RamPages holds). */
-export function attachBlocks(): { blocks: BlockState[]; memory: Buffer[] } {
+/**
+ * The blocks as page sets over the session's shared bitmaps (the same
+ * BlockState the caller's RamPages holds), and where this worker finds
+ * their bytes: the shared memory, or the block files it reads itself in
+ * `batches` batches of up to `batchPages` pages.
+ */
+export function attachBlocks(batchPages: number, batches: number): { blocks: BlockState[]; pages: WorkerPages } {
   const blocks: BlockState[] = [];
   const memory: Buffer[] = [];
   data.blocks.forEach((b, index) => {
@@ -60,9 +67,40 @@ export function attachBlocks(): { blocks: BlockState[]; memory: Buffer[] } {
       sentAfterListen: PageBitmap.attach(pages, b.sentAfterListen),
       sentOnPreempt: PageBitmap.attach(pages, b.sentOnPreempt),
     });
-    memory.push(Buffer.from(b.memory));
+    if (b.memory) memory.push(Buffer.from(b.memory));
   });
-  return { blocks, memory };
+  const files = data.blocks.every((b) => b.file !== undefined) && data.blocks.length > 0;
+  const pages = files ? new FilePages(data.blocks.map((b) => b.file!), batchPages, batches) : new MemoryPages(memory, batchPages, batches);
+  workerPages = pages;
+  return { blocks, pages };
+}
+
+let workerPages: WorkerPages | undefined;
+
+/** A read of the pages to send failed: the caller's thread fails the migration with it (storage, in postcopy too). */
+function postStorageError(e: StorageError): void {
+  const cause = e.cause as Error | undefined;
+  post({ t: 'storage-error', error: { operation: e.operation, file: e.file, position: e.position, errno: e.errno, message: cause?.message ?? e.message } });
+}
+
+function checkRead(b: PageBatch): void {
+  if (!b.error) return;
+  postStorageError(b.error);
+  throw b.error;
+}
+
+/**
+ * Undefined when batch `b`'s pages are there (always over memory: no
+ * promise), else a promise that settles once they are read. A failed read
+ * is posted to the caller's thread and thrown (rejected).
+ */
+export function whenRead(b: PageBatch): Promise<void> | undefined {
+  if (!b.loading) {
+    checkRead(b);
+    return undefined;
+  }
+  workerPages!.counts!.waits++;
+  return b.loading.then(() => checkRead(b));
 }
 
 export interface WorkerHooks {
@@ -104,7 +142,8 @@ export function runChannelWorker(hooks: WorkerHooks): void {
   const report = (): void => {
     if (!ch) return;
     const cpu = threadCpu?.(cpuStart) ?? { user: 0, system: 0 };
-    post({ t: 'stats', stats: ch.stats, unacked: ch.unackedBytes, writable: ch.socket.writableLength, counts: { ...counts }, cpuSeconds: (cpu.user + cpu.system) / 1e6 });
+    const reads = workerPages?.counts;
+    post({ t: 'stats', stats: ch.stats, unacked: ch.unackedBytes, writable: ch.socket.writableLength, counts: { ...counts }, cpuSeconds: (cpu.user + cpu.system) / 1e6, ...(reads ? { reads: { ...reads } } : {}) });
     counts.normal = counts.duplicate = counts.transferred = 0;
   };
   reportNow = report;
