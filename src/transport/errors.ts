@@ -26,7 +26,10 @@ export type TransportErrorCode =
   | 'too-many-connections' // more connections waiting to qualify than allowed
   | 'channel-order' // a channel used before its turn (preempt before main), or a role already taken (a multifd id twice)
   | 'bad-multifd-init' // a multifd channel's init message this listener refuses (version, UUID, channel id ≥ multifd-channels)
-  | 'write-after-close';
+  | 'write-after-close'
+  | 'hop-protocol' // qmt tunnel: bytes on a hop connection that are not hop frames (or a HELLO this exit refuses)
+  | 'hop-refused' // qmt tunnel: the exit does not know the connection to resume, or could not reach its QEMU
+  | 'outage-timeout'; // qmt tunnel: the hop stayed down longer than the outage limit
 
 /**
  * A channel as errors and stats name it: the main channel, the preempt
