@@ -225,7 +225,7 @@ export class ResumableLink extends EventEmitter<ResumableLinkEvents> {
       replay = this.buffer.from(peerReceived);
     } catch (e) {
       socket.destroy();
-      this.fail(e as TransportError);
+      this.finish({ ok: false, error: e as TransportError }, true);
       throw e;
     }
     const now = performance.now();
