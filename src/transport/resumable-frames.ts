@@ -140,18 +140,19 @@ export function encodeDataHeader(seq: number, length: number): Buffer {
 }
 
 export function encodeAck(received: number): Buffer {
-  checkCounter(received, 'received');
-  const b = Buffer.allocUnsafe(ACK_LENGTH);
-  b[0] = FrameType.Ack;
-  writeU64(b, 1, received);
-  return b;
+  return encodeCounterFrame(FrameType.Ack, received, 'received');
 }
 
 export function encodeFin(seq: number): Buffer {
-  checkCounter(seq, 'seq');
-  const b = Buffer.allocUnsafe(FIN_LENGTH);
-  b[0] = FrameType.Fin;
-  writeU64(b, 1, seq);
+  return encodeCounterFrame(FrameType.Fin, seq, 'seq');
+}
+
+/** ACK and FIN: a type byte and one 64-bit counter (ACK_LENGTH = FIN_LENGTH = 9). */
+function encodeCounterFrame(type: (typeof FrameType)['Ack' | 'Fin'], n: number, name: string): Buffer {
+  checkCounter(n, name);
+  const b = Buffer.allocUnsafe(9);
+  b[0] = type;
+  writeU64(b, 1, n);
   return b;
 }
 
