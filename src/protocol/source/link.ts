@@ -39,6 +39,9 @@ export interface LinkHooks {
  * (the block list, postcopy-advised) belongs to the migration's stream, which
  * a new link continues (only CONTINUE restarts).
  */
+/** How long a multifd channel's orderly close by the peer waits for another channel's reset to be reported first (failure path only). */
+const MULTIFD_CLOSE_GRACE_MS = 150;
+
 export class Link {
   readonly main: Channel;
   preempt: Channel | undefined;
@@ -124,11 +127,20 @@ export class Link {
       const lost = (e: unknown): void => {
         if (this.shut !== 0 && !this.hooks.multifdIdle()) this.lost(e);
       };
-      ch.on('error', lost);
+      // A destination that loses one multifd channel shuts the others down in order (QEMU's
+      // multifd_recv_terminate_threads): their FINs can reach us, on other threads, before the lost
+      // channel's reset. An orderly close waits MULTIFD_CLOSE_GRACE_MS, so a reset in that time is
+      // named as the cause; the link is dropped by the first loss reported, the later ones are ignored.
+      const closedByPeer = (e: unknown): void => {
+        setTimeout(() => {
+          if (!this.hooks.over()) lost(e);
+        }, MULTIFD_CLOSE_GRACE_MS);
+      };
+      ch.on('error', (e: unknown) => (TransportError.is(e) && e.code === 'closed' ? closedByPeer(e) : lost(e)));
       ch.on('close', () => {
         if (this.hooks.over()) return;
         const what = `the destination closed the ${ch.name} channel`;
-        lost(new MigrationError('peer-disconnected', this.hooks.phase(), what, { cause: new TransportError('closed', what, { channel: ch.name }) }));
+        closedByPeer(new MigrationError('peer-disconnected', this.hooks.phase(), what, { cause: new TransportError('closed', what, { channel: ch.name }) }));
       });
       // A destination sends nothing on a multifd channel; reading finds its FIN (a worker reads its own).
       if (!isThreaded(conn)) ch.read(() => undefined);
