@@ -17,7 +17,7 @@ import { Link as ChannelLink, type LinkEvents } from './link.js';
 import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
 import { SectionWatch } from './precopy.js';
 import { Outage, listenForRecovery, requireRecovering } from './recovery.js';
-import { checkMultifdDrained, createMultifdReception, setMultifdBlocks, summarizeMultifd, type MultifdReception } from './multifd.js';
+import { checkMultifdDrained, createMultifdReception, setMultifdBlocks, summarizeMultifd, type MultifdReception, type MultifdStats } from './multifd.js';
 import { acceptBlockList, validateDestinationOptions } from './setup.js';
 import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState, type Link } from './state.js';
 import { DestinationCounters } from './stats.js';
@@ -133,6 +133,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         if (this.canRecover()) this.recoveryArrivedEarly(link, link.conn.preempt);
       },
       preemptEnded: (link, error) => this.onThreadPreemptEnded(link, error),
+      multifdArrived: (link, stats) => {
+        if (link === this.link) for (const st of stats) this.emit('channel', { role: 'multifd', stats: st });
+      },
       malformed: (link, e) => {
         if (link === this.link) this.fail(MigrationError.from(e, this.phase));
       },
@@ -155,7 +158,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     const signal = opts.signal;
     if (signal?.aborted) throw abortError(signal, 'setup');
     const transport = opts.transport ?? {};
-    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, transport) : await MigrationListener.listen(opts.listen, transport, opts.multifd ? { multifd: opts.multifd } : {});
+    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, transport, {}, opts.multifd) : await MigrationListener.listen(opts.listen, transport, opts.multifd ? { multifd: opts.multifd } : {});
     if (signal?.aborted) {
       listener.close();
       throw abortError(signal, 'setup');
@@ -854,10 +857,26 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   stats(): DestinationStats {
     const conn = this.link?.conn;
     const channels = conn?.stats() ?? {};
-    const m = this.opts.multifd ? summarizeMultifd(this.opts.multifd.channels, this.multifd) : undefined;
+    const m = this.opts.multifd ? this.multifdStats() : undefined;
     const counts = this.threads.used ? this.totals() : this.counts;
     const blocktime = this.blocktime.summary(this.counts.endedAt ?? performance.now());
     return counts.stats(statusOf(this.state), this.pages, blocktime, channels, this.threadStats(), m);
+  }
+
+  /** stats().multifd: from the receivers here, or (threads) from the counters the channel workers keep. */
+  private multifdStats(): MultifdStats {
+    const channels = this.opts.multifd!.channels;
+    const c = this.threadLinks[0]?.multifdCounters();
+    if (!c) return summarizeMultifd(channels, this.multifd);
+    const out: MultifdStats = { channels, syncs: c.syncs, packets: 0, normal: 0, zero: 0, runs: { count: 0, pages: 0 }, perChannel: c.perChannel };
+    for (const x of c.perChannel) {
+      out.packets += x.packets;
+      out.normal += x.normal;
+      out.zero += x.zero;
+      out.runs.count += x.runs;
+      out.runs.pages += x.runPages;
+    }
+    return out;
   }
 
   private threadStats(): ThreadStats {

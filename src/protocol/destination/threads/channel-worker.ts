@@ -19,7 +19,9 @@ import { tuneChannel } from '../../../transport/sockets.js';
 import { checkAllowedPeer, secureAccept, serverTlsOptions } from '../../../transport/tls.js';
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import { WorkerLanding } from './worker-landing.js';
-import { Landed, REQUEST_WORDS, errorToData, type ChannelWorkerData, type ControlRecord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
+import { MultifdServe, multifdFlush } from './multifd-worker.js';
+import { MigrationError } from '../../errors.js';
+import { Landed, REQUEST_WORDS, Sync, errorToData, type ChannelWorkerData, type ControlRecord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
 
 const port = parentPort!;
 const data = workerData as ChannelWorkerData;
@@ -30,9 +32,9 @@ let raw: net.Socket | undefined;
 let socket: net.Socket | tls.TLSSocket | undefined;
 let seen: Buffer = Buffer.alloc(0);
 let unwatch: (() => void) | undefined;
-let serving: Main | Preempt | undefined;
+let serving: Main | Preempt | MultifdServe | undefined;
 /** The role offered with the socket (a spare worker is started before any connection comes). */
-let role: 'main' | 'preempt' = 'main';
+let role: 'main' | 'preempt' | 'multifd' = 'main';
 
 port.on('message', (m: ToWorker) => {
   switch (m.t) {
@@ -50,6 +52,13 @@ port.on('message', (m: ToWorker) => {
       if (serving) void drain(serving.landing);
       else post({ t: 'drained' });
       return;
+    case 'serve-multifd': {
+      // The bytes peeked go to the receiver first, by hand (not unshifted: see MultifdServe).
+      const first = seen;
+      seen = Buffer.alloc(0);
+      serving = new MultifdServe(channelOf(take(), 'multifd', m.id)[0], m, post, first);
+      return;
+    }
     default:
       if (serving instanceof Main) serving.onMessage(m);
   }
@@ -122,10 +131,10 @@ function take(): net.Socket | tls.TLSSocket {
   return s;
 }
 
-function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt'): [Channel, () => void] {
+function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt' | 'multifd', id?: number): [Channel, () => void] {
   const opts = data[role];
   const tuning = tuneChannel(s, role, 'destination', data.kind, { [role]: { tuning: opts.tuning } });
-  const ch = new Channel(s, role, tuning, opts.limits);
+  const ch = new Channel(s, role, tuning, opts.limits, id);
   const report = (): void => post({ t: 'stats', stats: ch.stats, cpuSeconds: threadCpuSeconds() });
   const stats = setInterval(report, 250);
   stats.unref();
@@ -172,6 +181,8 @@ class Main {
   private held: Float64Array | undefined;
   private readonly entry = new Float64Array(REQUEST_WORDS);
   private readonly names: string[] = [];
+  /** The multifd barrier's words (a multifd destination). */
+  private readonly multifd: { channels: number; sync: Int32Array } | undefined;
 
   /** Reports the channel's stats now (they also go every 250 ms). */
   private readonly report: () => void;
@@ -184,6 +195,7 @@ class Main {
     if (m.blocks) this.setBlocks(m.blocks);
     this.landed = new Int32Array(m.landed);
     this.ring = AtomicRing.attach(m.requests);
+    this.multifd = m.multifd ? { channels: m.multifd.channels, sync: new Int32Array(m.multifd.sync) } : undefined;
     this.ch.on('error', (e) => post({ t: 'lost', error: errorToData(e) }));
     this.ch.on('close', () => this.closed());
     this.ch.read((chunk) => this.chunk(chunk));
@@ -277,6 +289,17 @@ class Main {
         const r = recs[i]!;
         if (this.landing.land(r, (b) => this.decoder.ramBlocks.get(b))) continue;
         const c = r as ControlRecord;
+        if (c.type === 'ram-multifd-flush') {
+          // QEMU's multifd_recv_sync_main: main reads on once every multifd channel has read its SYNC.
+          const wait = this.flush();
+          if (!wait) continue;
+          wake(this.landing, this.landed, Landed.main);
+          if (out.length > 0) post({ t: 'records', recs: out.splice(0), iterationPages: pages.splice(0) });
+          return wait.then(
+            () => (this.failed ? undefined : this.records(recs, i + 1, out, pages)),
+            (e: unknown) => this.fail(e),
+          );
+        }
         if (c.type === 'ram-blocks') {
           if (out.length > 0) post({ t: 'records', recs: out.splice(0), iterationPages: pages.splice(0) });
           post({ t: 'ram-blocks', rec: c });
@@ -306,6 +329,11 @@ class Main {
     if (this.decoder.error) this.fail(this.decoder.error);
   }
 
+  private flush(): Promise<void> | undefined {
+    if (!this.multifd) throw new MigrationError('protocol', 'precopy', 'the source uses multifd (MULTIFD_FLUSH on the main channel), but this destination was not given multifd: { channels }');
+    return multifdFlush(this.multifd.sync, this.multifd.channels);
+  }
+
   /** What a record means for the pages here, in stream order. */
   private control(c: ControlRecord, pages: number[]): void {
     switch (c.type) {
@@ -318,7 +346,10 @@ class Main {
         this.section = undefined;
         return;
       case 'command':
-        if (c.command.cmd === 'postcopy-listen') this.landing.listening = true;
+        if (c.command.cmd === 'postcopy-listen') {
+          this.landing.listening = true;
+          if (this.multifd) Atomics.store(this.multifd.sync, Sync.LISTENING, 1);
+        }
         if (c.command.cmd === 'postcopy-ram-discard') {
           const index = this.decoder.ramBlocks.get(c.command.block)?.index;
           for (const range of c.command.ranges) this.landing.discard(index, range.start, range.length);

@@ -16,7 +16,7 @@ import type { MigrationError } from '../../errors.js';
 import type { PageTracker } from '../../page-tracker.js';
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import type { ChannelWorker, ThreadConnection } from './listener.js';
-import { COUNT_WORDS, Count, LANDED_WORDS, Landed, REQUEST_WORDS, errorFromData, type ControlRecord, type FromWorker, type SharedBlock } from './wire.js';
+import { COUNT_WORDS, Count, LANDED_WORDS, Landed, MFD_COUNT_WORDS, MfdCount, REQUEST_WORDS, errorFromData, syncWords, type ControlRecord, type FromWorker, type SharedBlock } from './wire.js';
 
 export interface ThreadLinkEvents {
   /** Non-page records of the main channel, in order; `iterationPages[i]`: pages landed in the RAM section the i-th footer closes. */
@@ -31,6 +31,8 @@ export interface ThreadLinkEvents {
   preemptCommand(link: ThreadLink): void;
   /** The source ended the preempt channel; `error`: a partial record was left. */
   preemptEnded(link: ThreadLink, error: Error | undefined): void;
+  /** Every multifd channel is in (their stats, by id). */
+  multifdArrived(link: ThreadLink, stats: readonly ChannelStats[]): void;
   /** A record could not be decoded or landed. */
   malformed(link: ThreadLink, e: Error): void;
   /** A channel failed, or the source went silent. */
@@ -59,7 +61,7 @@ function whenChanged(a: Int32Array, index: number, value: number): Promise<void>
 }
 
 /** The stats a worker last reported, updated in place (holders of the object see it change). */
-function emptyStats(role: 'main' | 'preempt'): ChannelStats {
+function emptyStats(role: 'main' | 'preempt' | 'multifd'): ChannelStats {
   return { role, bytesSent: 0, bytesReceived: 0, queuedBytes: 0, peakQueuedBytes: 0, maxQueuedBytes: 0, bulkWindowBytes: 0, writeWaits: 0, bulkWaits: 0, readPauses: 0, tuning: { warnings: [] } as unknown as ChannelStats['tuning'] };
 }
 
@@ -87,13 +89,15 @@ export class ThreadLink {
   /** The decoder state the main worker gave when dropped: what a recovery connection continues. */
   resumeState: Promise<DecoderResumeState | undefined> | undefined;
   readonly mainStats = emptyStats('main');
+  /** The multifd channels (a multifd destination): their workers' counters, stats and CPU, by id, and the barrier's words. */
+  private readonly mfd: { readonly counts: Float64Array[]; readonly stats: ChannelStats[]; readonly cpu: number[]; readonly sync: Int32Array } | undefined;
   readonly preemptStats = emptyStats('preempt');
   /** What the session reads of a Link's `conn`. */
   readonly conn: {
     readonly main: { readonly stats: ChannelStats };
     readonly preempt: { readonly stats: ChannelStats; destroy(): void } | undefined;
     readonly preemptExpected: boolean;
-    stats(): { main: ChannelStats; preempt?: ChannelStats };
+    stats(): { main: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] };
     destroy(): void;
   };
 
@@ -102,6 +106,15 @@ export class ThreadLink {
     private readonly events: ThreadLinkEvents,
     private readonly opts: ThreadLinkOptions,
   ) {
+    const n = threads.multifdOptions?.channels;
+    this.mfd = n
+      ? {
+          counts: Array.from({ length: n }, () => new Float64Array(new SharedArrayBuffer(MFD_COUNT_WORDS * 8))),
+          stats: Array.from({ length: n }, (_, id) => ({ ...emptyStats('multifd'), id })),
+          cpu: new Array<number>(n).fill(0),
+          sync: new Int32Array(new SharedArrayBuffer(syncWords(n) * 4)),
+        }
+      : undefined;
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const self = this;
     this.conn = {
@@ -112,7 +125,7 @@ export class ThreadLink {
       get preemptExpected() {
         return self.threads.preemptExpected;
       },
-      stats: () => ({ main: this.mainStats, ...(this.preemptServed ? { preempt: this.preemptStats } : {}) }),
+      stats: () => ({ main: this.mainStats, ...(this.preemptServed ? { preempt: this.preemptStats } : {}), ...(this.mfd && this.threads.bulkComplete ? { multifd: this.mfd.stats } : {}) }),
       destroy: () => this.threads.destroy(),
     };
   }
@@ -122,21 +135,35 @@ export class ThreadLink {
   }
 
   /** The workers' threads, for stats. */
-  get workers(): { role: 'main' | 'preempt'; worker: ChannelWorker }[] {
-    return [{ role: 'main', worker: this.threads.main }, ...(this.preemptWorker ? [{ role: 'preempt' as const, worker: this.preemptWorker }] : [])];
+  get workers(): { role: 'main' | 'preempt' | `multifd-${number}`; worker: ChannelWorker }[] {
+    const multifd = (this.threads.multifd ?? []).flatMap((w, id) => (w ? [{ role: `multifd-${id}` as const, worker: w }] : []));
+    return [{ role: 'main', worker: this.threads.main }, ...multifd, ...(this.preemptWorker ? [{ role: 'preempt' as const, worker: this.preemptWorker }] : [])];
   }
 
   /** CPU seconds of each channel's thread, as last reported. */
   private readonly cpu = { main: 0, preempt: 0 };
 
   /** stats.threads.channels. */
-  threadsInfo(): { role: 'main' | 'preempt'; threadId: number; cpuSeconds: number }[] {
-    return this.workers.map(({ role, worker }) => ({ role, threadId: worker.threadId, cpuSeconds: this.cpu[role] }));
+  threadsInfo(): { role: 'main' | 'preempt' | `multifd-${number}`; threadId: number; cpuSeconds: number }[] {
+    return this.workers.map(({ role, worker }) => ({ role, threadId: worker.threadId, cpuSeconds: role === 'main' || role === 'preempt' ? this.cpu[role] : (this.mfd?.cpu[Number(role.slice(8))] ?? 0) }));
   }
 
-  /** Counter `i` of both channels. */
+  /** Counter `i` of every channel (the multifd channels' in their own layout). */
   count(i: number): number {
-    return this.mainCounts[i]! + this.preemptCounts[i]!;
+    let n = this.mainCounts[i]! + this.preemptCounts[i]!;
+    const j = MFD_OF_COUNT[i];
+    if (this.mfd && j !== undefined) for (const c of this.mfd.counts) n += c[j]!;
+    return n;
+  }
+
+  /** The multifd channels' counters (MultifdChannelCounters), by id, and the barriers passed. */
+  multifdCounters(): { syncs: number; perChannel: { bytes: number; packets: number; syncs: number; normal: number; zero: number; runs: number; runPages: number }[] } | undefined {
+    const m = this.mfd;
+    if (!m) return undefined;
+    return {
+      syncs: Atomics.load(m.sync, 1),
+      perChannel: m.counts.map((c) => ({ bytes: c[MfdCount.bytes]!, packets: c[MfdCount.packets]!, syncs: c[MfdCount.syncs]!, normal: c[MfdCount.normal]!, zero: c[MfdCount.zero]!, runs: c[MfdCount.runs]!, runPages: c[MfdCount.runPages]! })),
+    };
   }
 
   start(): void {
@@ -148,9 +175,27 @@ export class ThreadLink {
       if (this.dropped) return;
       const blocks = this.opts.blocks();
       if (blocks) this.indexBlocks(blocks);
-      main.post({ t: 'serve-main', ...(resume ? { resume } : {}), ...(blocks ? { blocks } : {}), counts: this.mainCounts.buffer as SharedArrayBuffer, landed: this.landed.buffer as SharedArrayBuffer, requests: this.ring.sab });
+      main.post({
+        t: 'serve-main',
+        ...(resume ? { resume } : {}),
+        ...(blocks ? { blocks } : {}),
+        counts: this.mainCounts.buffer as SharedArrayBuffer,
+        landed: this.landed.buffer as SharedArrayBuffer,
+        requests: this.ring.sab,
+        ...(this.mfd ? { multifd: { channels: this.mfd.counts.length, sync: this.mfd.sync.buffer as SharedArrayBuffer } } : {}),
+      });
     };
-    if (this.opts.resume) {
+    if (this.mfd) {
+      // QEMU reads main only once main and every multifd channel are in (migration_has_all_channels).
+      this.threads.waitMultifd().then(
+        (ws) => {
+          if (this.dropped) return;
+          this.onMultifd(ws);
+          serve(undefined);
+        },
+        () => undefined,
+      );
+    } else if (this.opts.resume) {
       this.opts.resume.then(
         (state) => {
           if (state) serve(state);
@@ -267,6 +312,56 @@ export class ThreadLink {
   private onExit(): void {
     this.markClosed();
     if (!this.dropped && !this.released) this.events.lost(this, new Error('the main channel thread exited'));
+  }
+
+  /** Every multifd channel is in: each serves once the block list is here (its packets name blocks of it). */
+  private onMultifd(ws: readonly ChannelWorker[]): void {
+    const m = this.mfd!;
+    const mo = this.threads.multifdOptions!;
+    ws.forEach((w, id) => {
+      w.onMessage = (msg) => this.onMultifdMessage(id, msg);
+      void w.exited.then(() => {
+        if (!this.dropped && !this.released) this.events.lost(this, new Error(`the multifd-${id} channel's thread exited`));
+      });
+    });
+    this.events.multifdArrived(this, m.stats);
+    const serve = (): void => {
+      const blocks = this.opts.blocks();
+      if (this.dropped || !blocks) return;
+      ws.forEach((w, id) =>
+        w.post({
+          t: 'serve-multifd',
+          id,
+          channels: mo.channels,
+          ...(mo.uuid ? { uuid: mo.uuid } : {}),
+          blocks,
+          counts: m.counts[id]!.buffer as SharedArrayBuffer,
+          landed: this.landed.buffer as SharedArrayBuffer,
+          sync: m.sync.buffer as SharedArrayBuffer,
+        }),
+      );
+    };
+    // Unread until then: the socket holds its bytes (backpressure to the source), as QEMU before the RAM setup.
+    if (this.opts.blocks()) serve();
+    else this.blocksWaiters.push(serve);
+  }
+
+  private onMultifdMessage(id: number, m: FromWorker): void {
+    if (this.dropped) return;
+    switch (m.t) {
+      case 'stats':
+        Object.assign(this.mfd!.stats[id]!, m.stats);
+        this.mfd!.cpu[id] = m.cpuSeconds;
+        return;
+      case 'decode-error':
+        this.events.malformed(this, errorFromData(m.error));
+        return;
+      case 'lost':
+        this.events.lost(this, errorFromData(m.error));
+        return;
+      default:
+        return;
+    }
   }
 
   private onPreempt(w: ChannelWorker): void {
@@ -448,6 +543,10 @@ export class ThreadLink {
     await Promise.all(this.workers.map((w) => w.worker.exited));
   }
 }
+
+/** Where Count's counters are in a multifd worker's (MfdCount): bytes only — its pages count in stats().multifd, which the stats add to normal, duplicate and runs. */
+const MFD_OF_COUNT: (number | undefined)[] = [];
+MFD_OF_COUNT[Count.transferred] = MfdCount.bytes;
 
 /**
  * The blocks of a block list as the workers see them: the sink's shared

@@ -181,7 +181,7 @@ function countSet(w: Uint32Array, from: number, count: number, pages: number): n
 }
 
 /** A ZERO run: only pages ever written need clearing (fresh memory is zero). */
-function zeroWritten(t: Target, from: number, count: number): void {
+export function zeroWritten(t: Pick<Target, 'memory' | 'written' | 'pages'>, from: number, count: number): void {
   forWords(from, count, t.pages, (i, mask) => {
     const hit = (Atomics.load(t.written.words, i) & mask) >>> 0;
     if (hit === 0) return;
