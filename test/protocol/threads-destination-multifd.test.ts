@@ -20,7 +20,7 @@ import type { StrangerEvent } from '../../src/transport/qualify.js';
 import { MultifdFlag, encodeMultifdInit, encodeMultifdPacketHeader } from '../../src/stream/multifd.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
-import { leftAfter, resourceSnapshot } from '../support/resources.js';
+import { leftAfter, noneAlive, resourceSnapshot, watchWorkers } from '../support/resources.js';
 
 const PAGE = 4096;
 const MiB = 1 << 20;
@@ -41,15 +41,14 @@ function guest(bytes: number): InMemorySource {
   return new InMemorySource(new Map([['pc.ram', buf]]));
 }
 
-/** Worker threads still alive in this process (every session's must have ended). */
-const workers = (): number => process.getActiveResourcesInfo().filter((r) => r === 'Worker').length;
 
 async function migrate(channels: number, tls: boolean, postcopy: boolean) {
-  const before = workers();
+  const before = resourceSnapshot();
+  const w = watchWorkers();
   const memory = guest(16 * MiB);
   const sink = new InMemorySink({ shared: true });
   const transport = tls ? { tls: { dir: pki } } : {};
-  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport, postcopy, multifd: { channels }, threads: 'on', idleTimeoutMs: 20_000 });
+  const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport, postcopy, multifd: { channels }, threads: (process.env.DST_THREADS as 'on' | undefined) ?? 'on', idleTimeoutMs: 20_000 });
   const order: string[] = [];
   dst.on('channel', (c) => order.push(c.role === 'multifd' ? `multifd-${c.stats.id ?? '?'}` : c.role));
   const answers: Promise<PageRequestResult>[] = [];
@@ -76,7 +75,8 @@ async function migrate(channels: number, tls: boolean, postcopy: boolean) {
     maxPasses: 3,
     downtimeLimitMs: 1,
     stopVm: () => clearInterval(writer),
-    ...(postcopy ? { postcopy: { afterPasses: 1 }, preempt: true, bandwidthLimit: 64 * MiB } : {}),
+    // The postcopy bulk capped: the pages requested from the top of RAM are still unsent when asked for (preempt).
+    ...(postcopy ? { postcopy: { afterPasses: 1 }, preempt: true, bandwidthLimit: 64 * MiB, postcopyBandwidthLimit: 8 * MiB } : {}),
   }).start();
   try {
     const [stats, result] = await Promise.all([src.done, dst.done]);
@@ -84,18 +84,21 @@ async function migrate(channels: number, tls: boolean, postcopy: boolean) {
     const got = sink.blocks.get('pc.ram')!;
     const bad: number[] = [];
     for (let off = 0; off < ram.length; off += PAGE) if (ram.compare(got, off, off + PAGE, off, off + PAGE) !== 0) bad.push(off / PAGE);
-    if (process.env.DBG_PAGES) console.log('bad', bad.length, bad.slice(0, 10), bad.slice(0, 3).map((p) => [got.subarray(p * PAGE, p * PAGE + PAGE).every((x) => x === 0), ram.subarray(p * PAGE, p * PAGE + PAGE).every((x) => x === 0)]));
     expect(bad, 'pc.ram bit for bit: differing pages').toEqual([]);
-    expect(workers(), 'no worker left after done').toBe(before);
+    // Every channel's thread (and the source's, when threaded) ends with the sessions: none left after done.
+    expect(w.started(), 'a worker per channel').toBeGreaterThanOrEqual(channels + 1);
+    expect(await noneAlive(w.alive, 5000), 'workers alive after done').toBe(0);
+    await dst.close();
+    expect(await leftAfter(before, 3000)).toEqual([]);
     return { stats, result, pages, order };
   } finally {
     clearInterval(writer);
+    w.stop();
     await dst.close();
   }
 }
 
-// Skipped: under load a few pages dirtied during precopy end stale at the destination (a race not found yet); the scripted barrier test passes.
-describe.skip('multifd channels in worker threads: library ↔ library', () => {
+describe.skipIf(!threadsWork)('multifd channels in worker threads: library ↔ library', () => {
   it.each([2, 4].flatMap((channels) => [false, true].map((tls) => ({ channels, tls }))))(
     'precopy with $channels channels (TLS $tls): every channel in its worker, pages landed there, RAM bit for bit',
     async ({ channels, tls }) => {
@@ -125,7 +128,9 @@ describe.skip('multifd channels in worker threads: library ↔ library', () => {
     expect(order.slice(1, 3).sort()).toEqual(['multifd-0', 'multifd-1']);
     expect(order[3]).toBe('preempt');
     expect(result.stats.multifd!.normal).toBeGreaterThan(0);
-    expect(pages.length).toBeGreaterThan(0);
+    // Multifd is idle in postcopy: the requested pages came on preempt (recorded by the worker that landed them).
+    expect(pages.filter((p) => p.requested && p.channel === 'preempt').length).toBeGreaterThan(0);
+    expect(result.stats['preempt-pages']).toBeGreaterThan(0);
   }, 60_000);
 });
 
@@ -189,13 +194,9 @@ const closed = (s: net.Socket): Promise<void> => (s.closed ? Promise.resolve() :
 const listen = (channels: number, uuid?: Uint8Array) => DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels, ...(uuid ? { uuid } : {}) }, threads: 'on' });
 
 describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted source', () => {
-  it("'auto' with multifd falls back for now (and says why); 'on' runs the channels in workers; a plain sink falls back", async () => {
+  it("'auto' with multifd runs the channels in workers (and says why); a plain sink falls back", async () => {
     const auto = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 } });
-    expect(auto.stats().threads).toMatchObject({ used: false, why: expect.stringMatching(/multifd.*threads: 'on'/) });
-    await auto.close();
-    const on = await listen(2);
-    expect(on.stats().threads.used).toBe(true);
-    await on.close();
+    expect(auto.stats().threads).toMatchObject({ used: true, why: expect.stringMatching(/threads: 'auto' \(sockets can move/) });
     await auto.close();
     const plain = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), multifd: { channels: 2 } });
     expect(plain.stats().threads).toMatchObject({ used: false, why: expect.stringMatching(/not shared/) });
@@ -204,6 +205,7 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
 
   it('the barrier across threads: pass 2 on other channels is not overwritten by a late pass-1 channel; completes, no worker left', async () => {
     const before = resourceSnapshot();
+    const w = watchWorkers();
     const r = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => (from + i) * PAGE);
     const expected = Buffer.alloc(64 * PAGE);
     for (const o of r(0, 16)) pageBytes(1, 'pc.ram', o).copy(expected, o);
@@ -227,10 +229,47 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
     for (const s of [main, c0, c1]) s.destroy();
     await dst.close();
     expect(await leftAfter(before, 3000)).toEqual([]);
+    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
+    w.stop();
+  });
+
+  it('bytes that come while the peeked ones hold a channel at its SYNC wait for the barrier too (they used to land at once: stale pages)', async () => {
+    const before = resourceSnapshot();
+    const w = watchWorkers();
+    const r = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => (from + i) * PAGE);
+    const expected = Buffer.alloc(64 * PAGE);
+    for (const o of r(0, 8)) pageBytes(2, 'pc.ram', o).copy(expected, o);
+    for (const o of r(8, 8)) pageBytes(1, 'pc.ram', o).copy(expected, o);
+    const sink = new InMemorySink({ shared: true });
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 2 }, threads: 'on' });
+    const blocks = new Promise<void>((res) => dst.once('ram-blocks', () => res()));
+    const main = await dial(dst.uri);
+    main.write(mainRecords(2, completion));
+    const [c1, c0] = [await dial(dst.uri), await dial(dst.uri)];
+    // Channel 1's first bytes (what its worker peeked) end with the setup SYNC; channel 0 has sent only its init.
+    c1.write(Buffer.concat([encodeMultifdInit(1), sync(1)]));
+    c0.write(encodeMultifdInit(0));
+    await blocks;
+    await new Promise((res) => setTimeout(res, 200));
+    // While channel 1 waits at that SYNC: its pass 1 (pages 8–15) and pass 2 (pages 0–7). Pass 2 must wait for channel 0's pass 1.
+    c1.write(Buffer.concat([packet(3, 'pc.ram', r(8, 8), [], 1), sync(5), packet(7, 'pc.ram', r(0, 8), [], 2), sync(9), sync(10)]));
+    await new Promise((res) => setTimeout(res, 200));
+    c0.write(Buffer.concat([sync(0), packet(2, 'pc.ram', r(0, 8), [], 1), sync(4), sync(6), sync(8)]));
+    const result = await dst.done;
+    const got = sink.blocks.get('pc.ram')!;
+    const stale = r(0, 16).filter((o) => got.compare(expected, o, o + PAGE, o, o + PAGE) !== 0).map((o) => o / PAGE);
+    expect(stale, 'pages whose last copy did not win').toEqual([]);
+    expect(result.stats.multifd).toMatchObject({ syncs: 4, normal: 24 });
+    for (const s of [main, c0, c1]) s.destroy();
+    await dst.close();
+    expect(await leftAfter(before, 3000)).toEqual([]);
+    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
+    w.stop();
   });
 
   it.each(['reset', 'fin'] as const)('a multifd channel cut in precopy (%s) fails typed naming multifd-0; no worker or socket left', async (how) => {
     const before = resourceSnapshot();
+    const w = watchWorkers();
     const dst = await listen(2);
     const main = await dial(dst.uri);
     main.write(mainRecords(1));
@@ -253,10 +292,13 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
     await Promise.all([main, c1].map(closed));
     await dst.close();
     expect(await leftAfter(before, 3000)).toEqual([]);
+    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
+    w.stop();
   });
 
   it('bad init messages (another UUID, an id ≥ N, a taken id) are strangers judged in their workers; the migration then completes', async () => {
     const before = resourceSnapshot();
+    const w = watchWorkers();
     const uuid = new Uint8Array(16).fill(0x5a);
     const dst = await listen(2, uuid);
     const strangers: StrangerEvent[] = [];
@@ -290,5 +332,7 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
     for (const s of [main, c0, c1]) s.destroy();
     await dst.close();
     expect(await leftAfter(before, 3000)).toEqual([]);
+    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
+    w.stop();
   });
 });

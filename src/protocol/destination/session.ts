@@ -26,7 +26,7 @@ import type { InMemorySink } from '../memory.js';
 import { ThreadLink, sharedBlocks, type ThreadLinkEvents } from './threads/link.js';
 import { ThreadConnection, ThreadedListener } from './threads/listener.js';
 import { decideThreads, type ThreadDecision } from './threads/support.js';
-import { Count, type ControlRecord, type SharedBlock } from './threads/wire.js';
+import { Count, type ControlRecord, type SharedBlock, type WorkerBitmaps } from './threads/wire.js';
 import type { DestinationEvents, DestinationOptions, DestinationResult, DestinationStats, ThreadStats } from './types.js';
 
 /** What the session uses of its listener: MigrationListener, or ThreadedListener with threads. */
@@ -89,7 +89,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   /** With threads: every link so far (their counters add up), the blocks' shared memory, the written sets. */
   private readonly threadLinks: ThreadLink[] = [];
   private shared: SharedBlock[] | undefined;
-  private readonly written = new Map<string, SharedArrayBuffer>();
+  private readonly written = new Map<string, WorkerBitmaps>();
   /** The configuration record (with threads the header is decoded in the main channel's worker). */
   private configRecord: ConfigurationRecord | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));

@@ -12,6 +12,7 @@ import type tls from 'node:tls';
 import { parentPort, workerData } from 'node:worker_threads';
 import { RecordType } from '../../../stream/constants.js';
 import { PreemptDecoder, StreamDecoder } from '../../../stream/decoder.js';
+import { MULTIFD_INIT_BYTES } from '../../../stream/multifd.js';
 import { encodeReturnPathMessage } from '../../../stream/return-path.js';
 import type { ReturnPathMessage } from '../../../stream/records.js';
 import { Channel } from '../../../transport/channel.js';
@@ -21,12 +22,14 @@ import { AtomicRing } from '../../../transport/worker/ring.js';
 import { WorkerLanding } from './worker-landing.js';
 import { MultifdServe, multifdFlush } from './multifd-worker.js';
 import { MigrationError } from '../../errors.js';
-import { Landed, REQUEST_WORDS, Sync, errorToData, type ChannelWorkerData, type ControlRecord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
+import { REQUEST_WORDS, Sync, errorToData, type ChannelWorkerData, type ControlRecord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
 
 const port = parentPort!;
 const data = workerData as ChannelWorkerData;
 const post = (m: FromWorker): void => port.postMessage(m);
 const noop = (): void => undefined;
+/** The first bytes the session's judge sees: a multifd init message is the longest thing it reads. */
+const JUDGED_BYTES = MULTIFD_INIT_BYTES;
 
 let raw: net.Socket | undefined;
 let socket: net.Socket | tls.TLSSocket | undefined;
@@ -49,7 +52,7 @@ port.on('message', (m: ToWorker) => {
       serving = new Preempt(take(), m);
       return;
     case 'drain':
-      if (serving) void drain(serving.landing);
+      if (serving && !(serving instanceof MultifdServe)) void drain(serving.landing);
       else post({ t: 'drained' });
       return;
     case 'serve-multifd': {
@@ -107,10 +110,17 @@ async function begin(s: net.Socket): Promise<void> {
   }
   const sock = socket;
   const onClose = (): void => post({ t: 'closed-early' });
+  // Read only what the judge looks at: the rest waits in the socket (backpressure to the source) while the
+  // channel waits to be served — a multifd channel, until every channel and the block list are in.
   const onReadable = (): void => {
     let more = false;
-    for (let chunk: Buffer | null; (chunk = sock.read() as Buffer | null) !== null; more = true) seen = seen.length === 0 ? chunk : Buffer.concat([seen, chunk]);
-    if (more) post({ t: 'seen', bytes: new Uint8Array(seen.subarray(0, 64)) });
+    while (seen.length < JUDGED_BYTES) {
+      const chunk = sock.read() as Buffer | null;
+      if (chunk === null) break;
+      seen = seen.length === 0 ? chunk : Buffer.concat([seen, chunk]);
+      more = true;
+    }
+    if (more) post({ t: 'seen', bytes: new Uint8Array(seen.subarray(0, JUDGED_BYTES)) });
   };
   sock.on('readable', onReadable);
   sock.once('close', onClose);
@@ -157,10 +167,9 @@ function blockMap(blocks: readonly SharedBlock[]): Map<string, { idstr: string; 
 }
 
 /** Wakes the session's waiting requests once per chunk that landed pages. */
-function wake(landing: WorkerLanding, landed: Int32Array, which: number): void {
+function wake(landing: WorkerLanding, landed: Int32Array): void {
   if (!landing.landedSinceWake) return;
   landing.landedSinceWake = false;
-  Atomics.add(landed, 1 + which, 1);
   Atomics.add(landed, 0, 1);
   Atomics.notify(landed, 0);
 }
@@ -293,7 +302,7 @@ class Main {
           // QEMU's multifd_recv_sync_main: main reads on once every multifd channel has read its SYNC.
           const wait = this.flush();
           if (!wait) continue;
-          wake(this.landing, this.landed, Landed.main);
+          wake(this.landing, this.landed);
           if (out.length > 0) post({ t: 'records', recs: out.splice(0), iterationPages: pages.splice(0) });
           return wait.then(
             () => (this.failed ? undefined : this.records(recs, i + 1, out, pages)),
@@ -324,7 +333,7 @@ class Main {
       this.fail(e);
       return;
     }
-    wake(this.landing, this.landed, Landed.main);
+    wake(this.landing, this.landed);
     if (out.length > 0) post({ t: 'records', recs: out, iterationPages: pages });
     if (this.decoder.error) this.fail(this.decoder.error);
   }
@@ -363,7 +372,7 @@ class Main {
   private fail(e: unknown): void {
     if (this.failed) return;
     this.failed = true;
-    wake(this.landing, this.landed, Landed.main);
+    wake(this.landing, this.landed);
     post({ t: 'decode-error', error: errorToData(e) });
   }
 
@@ -438,7 +447,7 @@ class Preempt {
     } catch (e) {
       this.fail(e);
     }
-    wake(this.landing, this.landed, Landed.preempt);
+    wake(this.landing, this.landed);
     return writerPressure(this.landing, (e) => this.fail(e));
   }
 

@@ -16,7 +16,9 @@ import type { MigrationError } from '../../errors.js';
 import type { PageTracker } from '../../page-tracker.js';
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import type { ChannelWorker, ThreadConnection } from './listener.js';
-import { COUNT_WORDS, Count, LANDED_WORDS, Landed, MFD_COUNT_WORDS, MfdCount, REQUEST_WORDS, errorFromData, syncWords, type ControlRecord, type FromWorker, type SharedBlock } from './wire.js';
+import { PageBitmap } from '../../../stream/bitmap.js';
+import { TARGET_PAGE_SIZE } from '../../../stream/constants.js';
+import { COUNT_WORDS, Count, LANDED_WORDS, MFD_COUNT_WORDS, MfdCount, REQUEST_WORDS, errorFromData, syncWords, type ControlRecord, type FromWorker, type SharedBlock, type WorkerBitmaps } from './wire.js';
 
 export interface ThreadLinkEvents {
   /** Non-page records of the main channel, in order; `iterationPages[i]`: pages landed in the RAM section the i-th footer closes. */
@@ -81,6 +83,10 @@ export class ThreadLink {
   private messagesPosted = 0;
   private watching = false;
   private blockIndex = new Map<string, number>();
+  /** Per block, the pages the preempt worker brought first (SharedBlock.byPreempt). */
+  private readonly byPreempt = new Map<string, PageBitmap>();
+  /** The channel that brought a page (looked up once per resolved request, not per page). */
+  private readonly broughtBy = (block: string, page: number): 'main' | 'preempt' => (this.byPreempt.get(block)?.has(page) ? 'preempt' : 'main');
   private preemptWorker: ChannelWorker | undefined;
   private preemptServed = false;
   private blocksWaiters: (() => void)[] = [];
@@ -214,7 +220,10 @@ export class ThreadLink {
   }
 
   private indexBlocks(blocks: SharedBlock[]): void {
-    for (const b of blocks) this.blockIndex.set(b.idstr, b.index);
+    for (const b of blocks) {
+      this.blockIndex.set(b.idstr, b.index);
+      this.byPreempt.set(b.idstr, PageBitmap.attach(Math.ceil(b.length / TARGET_PAGE_SIZE), b.byPreempt));
+    }
     for (const w of this.blocksWaiters.splice(0)) w();
   }
 
@@ -466,12 +475,9 @@ export class ThreadLink {
     this.watching = true;
     const pages = this.opts.pages;
     const loop = async (): Promise<void> => {
-      let lastPreempt = Atomics.load(this.landed, 1 + Landed.preempt);
       while (!this.dropped && pages.outstanding > 0) {
         const gen = Atomics.load(this.landed, 0);
-        const preempt = Atomics.load(this.landed, 1 + Landed.preempt);
-        pages.sweep(preempt !== lastPreempt ? 'preempt' : 'main', performance.now());
-        lastPreempt = preempt;
+        pages.sweep(this.broughtBy, performance.now());
         if (pages.outstanding === 0) break;
         await whenChanged(this.landed, 0, gen);
       }
@@ -551,20 +557,20 @@ MFD_OF_COUNT[Count.transferred] = MfdCount.bytes;
 /**
  * The blocks of a block list as the workers see them: the sink's shared
  * memory (`memory`) or its open files (`file`, each worker writes its pages
- * there itself), and the tracker's bitmaps.
+ * there itself), and the tracker's bitmaps and the threads' own (`own`, kept across links).
  */
-export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | BlockFile | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, written: Map<string, SharedArrayBuffer>): SharedBlock[] {
+export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | BlockFile | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, own: Map<string, WorkerBitmaps>): SharedBlock[] {
   return blocks.map((b, index) => {
     const mem = memory(b.idstr);
     const rec = received(b.idstr);
     const file = mem && !Buffer.isBuffer(mem) ? mem : undefined;
     const buf = Buffer.isBuffer(mem) ? mem : undefined;
     if (!rec || (!file && (!buf || !(buf.buffer instanceof SharedArrayBuffer) || buf.byteOffset !== 0))) throw new Error(`RAM block "${b.idstr}" has no shared memory`);
-    let w = written.get(b.idstr);
+    let w = own.get(b.idstr);
     if (!w) {
-      w = new SharedArrayBuffer(rec.byteLength);
-      written.set(b.idstr, w);
+      w = { written: new SharedArrayBuffer(rec.byteLength), byPreempt: new SharedArrayBuffer(rec.byteLength) };
+      own.set(b.idstr, w);
     }
-    return { idstr: b.idstr, length: b.length, index, ...(file ? { file } : { memory: buf!.buffer as SharedArrayBuffer }), received: rec, written: w };
+    return { idstr: b.idstr, length: b.length, index, ...(file ? { file } : { memory: buf!.buffer as SharedArrayBuffer }), received: rec, ...w };
   });
 }

@@ -12,7 +12,7 @@ import { MigrationError } from '../../errors.js';
 import { asBuffer } from '../../memory.js';
 import { MultifdChannelReceiver } from '../multifd.js';
 import { zeroWritten } from './worker-landing.js';
-import { Landed, MfdCount, Sync, endedWord, errorToData, syncedWord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
+import { MfdCount, Sync, endedWord, errorToData, syncedWord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
 
 const PAGE = TARGET_PAGE_SIZE;
 
@@ -91,25 +91,27 @@ export class MultifdServe {
       if (!this.sawEnd) this.ended(m.id);
       post({ t: 'closed', recs: [] });
     });
-    // Paused before the reader is attached (a TLS socket would flow at once): the peeked bytes go first, and
-    // while they hold the receiver at a SYNC nothing more may be pushed into it.
-    ch.socket.pause();
-    ch.read((chunk) => this.chunk(chunk));
-    // The socket is paused (accepted paused, peeked): the peeked bytes first, then the flow.
-    // A source may have ended it already, while it waited for the other channels and the block list.
+    // The bytes the candidate peeked go first; the reader is attached only once they are landed and
+    // whatever SYNC they hold the receiver at is released. Not before: a 'data' listener makes the
+    // socket flow on its own (Node resumes it on the tick after the candidate's 'readable' listener
+    // went, pause() or not), and chunks pushed while the receiver waits at a SYNC would land this
+    // channel's next pass before the barrier — over another channel's copy of the same pages.
+    // A source may have ended the channel already, while it waited for the others and the block list.
     const gone = ch.socket.readableEnded || ch.socket.destroyed;
-    const held = first.length > 0 ? this.chunk(first) : undefined;
-    const after = (): void => {
+    const read = (): void => {
       if (gone) {
         if (!this.sawEnd) this.ended(m.id);
-      } else if (!ch.socket.destroyed) ch.socket.resume();
+      } else if (!ch.socket.destroyed) ch.read((chunk) => this.chunk(chunk));
     };
-    if (held) void held.then(after);
-    else after();
+    const held = first.length > 0 ? this.chunk(first) : undefined;
+    if (held) void held.then(read);
+    else read();
   }
 
   private addBlock(b: SharedBlock): void {
     const pages = Math.ceil(b.length / PAGE);
+    // decideThreads keeps multifd with a sink of files on one thread: here every block is shared memory.
+    if (!b.memory) throw new RangeError(`RAM block "${b.idstr}" has no shared memory in this thread`);
     const t: Target = { memory: Buffer.from(b.memory, 0, b.length), received: PageBitmap.attach(pages, b.received), written: PageBitmap.attach(pages, b.written), pages };
     this.byName.set(b.idstr, t);
     this.byIndex[b.index] = t;
@@ -163,7 +165,6 @@ export class MultifdServe {
     c[MfdCount.runPages] = r.runPages;
     if (!this.landedSinceWake) return;
     this.landedSinceWake = false;
-    Atomics.add(this.landed, 1 + Landed.main, 1);
     Atomics.add(this.landed, 0, 1);
     Atomics.notify(this.landed, 0);
   }

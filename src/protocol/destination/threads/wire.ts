@@ -27,6 +27,18 @@ export interface SharedBlock {
   readonly received: SharedArrayBuffer;
   /** Pages ever written (a ZERO record on a page still zero-filled costs nothing). */
   readonly written: SharedArrayBuffer;
+  /**
+   * Pages the preempt channel brought first: its worker sets them before it
+   * sets them received, so whoever sees a page received also sees which
+   * channel brought it (the channel a request was answered on).
+   */
+  readonly byPreempt: SharedArrayBuffer;
+}
+
+/** The bitmaps of a block that only the threads keep (the received set is the PageTracker's). */
+export interface WorkerBitmaps {
+  readonly written: SharedArrayBuffer;
+  readonly byPreempt: SharedArrayBuffer;
 }
 
 /** Counters a worker bumps (once per run or record) and the session reads: indexes into a shared Float64Array. */
@@ -34,12 +46,11 @@ export const Count = { transferred: 0, normal: 1, duplicate: 2, xbzrle: 3, preem
 export const COUNT_WORDS = 8;
 
 /**
- * Wake-up words (Int32Array): word 0 is bumped (and notified) after any chunk
- * that landed pages, so that waiting requests are looked at; word 1 + Landed.x
- * by that channel only (which one brought them).
+ * The wake-up word (Int32Array): bumped (and notified) after any chunk that
+ * landed pages, so that waiting requests are looked at. Which channel brought
+ * a page is in SharedBlock.byPreempt, not here.
  */
-export const Landed = { main: 0, preempt: 1 } as const;
-export const LANDED_WORDS = 3;
+export const LANDED_WORDS = 1;
 
 /**
  * A page request in the ring: [0 = REQ_PAGES | 1 = REQ_PAGES_ID, block index,
