@@ -51,9 +51,11 @@ async function migrate(r: Run) {
   const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport, postcopy: r.postcopy, threads: 'on' });
   const answers: Promise<PageRequestResult>[] = [];
   dst.on('postcopy-run', () => {
-    // Pages not here yet (dirtied during precopy), from the top down against the bulk stream's order.
+    // Pages not here (dirtied after precopy sent them: discarded, to be sent again), from the middle of RAM
+    // up: the capped postcopy bulk goes bottom-up and reaches them last, and the top is where precopy's
+    // last pages may still be in flight on main (the source answers those as already sent, not on preempt).
     const length = memory.memory.get('pc.ram')!.length;
-    for (let off = length - PAGE; off >= 0 && answers.length < (r.requests ?? 0); off -= PAGE) if (!dst.hasPage('pc.ram', off)) answers.push(dst.requestPage('pc.ram', off));
+    for (let off = length / 2; off < length && answers.length < (r.requests ?? 0); off += PAGE) if (!dst.hasPage('pc.ram', off)) answers.push(dst.requestPage('pc.ram', off));
   });
   // The guest dirties pages while precopy runs: postcopy then has pages left to send and to request.
   const ram = memory.memory.get('pc.ram')!;
@@ -75,7 +77,7 @@ async function migrate(r: Run) {
     stopVm: () => clearInterval(writer),
     // The postcopy bulk is capped: the pages requested from the top of RAM are still unsent when the
     // requests come, under any load, so they go on preempt (uncapped, the bulk can send all of them first).
-    ...(r.postcopy ? { postcopy: { afterPasses: 1 }, preempt: true, bandwidthLimit: 64 * MiB, postcopyBandwidthLimit: 8 * MiB } : {}),
+    ...(r.postcopy ? { postcopy: { afterPasses: 1 }, preempt: true, bandwidthLimit: 64 * MiB, postcopyBandwidthLimit: 2 * MiB } : {}),
   }).start();
   const [, result] = await Promise.all([src.done, dst.done]);
   clearInterval(writer);
