@@ -133,8 +133,11 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         if (this.canRecover()) this.recoveryArrivedEarly(link, link.conn.preempt);
       },
       preemptEnded: (link, error) => this.onThreadPreemptEnded(link, error),
+      // After main's 'channel' event, which waits for main's first stats report (startLink).
       multifdArrived: (link, stats) => {
-        if (link === this.link) for (const st of stats) this.emit('channel', { role: 'multifd', stats: st });
+        void link.firstStats.then(() => {
+          if (link === this.link) for (const st of stats) this.emit('channel', { role: 'multifd', stats: st });
+        });
       },
       malformed: (link, e) => {
         if (link === this.link) this.fail(MigrationError.from(e, this.phase));
