@@ -123,9 +123,10 @@ export class PageTracker {
   /**
    * Resolves every waiting request whose page is here: another thread landed
    * pages into the (shared) received set and said so once for the chunk.
+   * `channel`: the one that brought them, or a lookup of who brought a page.
    */
-  sweep(channel: 'main' | 'preempt', now: number): void {
-    for (const p of this.pending) if (p.block.received.has(p.page)) this.resolve(p, channel, now);
+  sweep(channel: 'main' | 'preempt' | ((block: string, page: number) => 'main' | 'preempt'), now: number): void {
+    for (const p of this.pending) if (p.block.received.has(p.page)) this.resolve(p, typeof channel === 'string' ? channel : channel(p.block.info.idstr, p.page), now);
   }
 
   private resolve(p: Pending, channel: 'main' | 'preempt', now: number): void {

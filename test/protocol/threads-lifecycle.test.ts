@@ -13,36 +13,16 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import type { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DestinationSession, InMemorySink, InMemorySource, SourceSession } from '../../src/index.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
-import { leftAfter, resourceSnapshot } from '../support/resources.js';
+import { leftAfter, noneAlive, resourceSnapshot, watchWorkers } from '../support/resources.js';
 
 const execFileP = promisify(execFile);
 const root = join(import.meta.dirname, '..', '..');
 const PAGE = 4096;
 const MiB = 1 << 20;
-
-/** Workers started from now on that have not exited. */
-function watchWorkers(): { alive: Set<Worker>; started: () => number; stop: () => void } {
-  const alive = new Set<Worker>();
-  let n = 0;
-  const on = (w: Worker): void => {
-    n++;
-    alive.add(w);
-    w.once('exit', () => alive.delete(w));
-  };
-  process.on('worker', on);
-  return { alive, started: () => n, stop: () => process.off('worker', on) };
-}
-
-async function noneAlive(alive: Set<Worker>, ms: number): Promise<number> {
-  const deadline = Date.now() + ms;
-  while (alive.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-  return alive.size;
-}
 
 function guest(bytes: number): InMemorySource {
   const buf = Buffer.alloc(bytes);

@@ -6,6 +6,8 @@
  *   stopped source;
  * - over plain TCP with 4 channels into a DestinationSession (the public API):
  *   every block bit for bit, the guest's invariant holds;
+ * - over TLS with 4 channels into a DestinationSession with threads (shared
+ *   InMemorySink): each channel in its own worker, every block bit for bit;
  * - over plain TCP with 2 channels through a relay that cuts one multifd
  *   connection mid-precopy: the session fails typed, naming the channel, and
  *   nothing of it is left open.
@@ -22,7 +24,8 @@ import { InMemorySink } from '../../src/protocol/memory.js';
 import { readSavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { startQmt } from '../cli/qmt.js';
-import { leftAfter, resourceSnapshot } from '../support/resources.js';
+import { leftAfter, noneAlive, resourceSnapshot, watchWorkers } from '../support/resources.js';
+import { socketTransferSupported } from '../../src/transport/worker/support.js';
 import { MiB, firstDifferentPage, pollMigration, readAllRamBlocks, startSource, within, type SourceBlock } from './destination-helpers.js';
 import { checkGuestInvariant, guestRangeOf, stopAll, type QemuProcess } from './harness.js';
 import { startRelay, type MigrationRelay } from './relay.js';
@@ -180,6 +183,52 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         await src?.stop();
         await rm(work, { recursive: true, force: true });
       }
+    },
+    CASE_TIMEOUT_MS,
+  );
+
+  // With the return path, as the in-process TLS case above (QEMU closes after our SHUT).
+  it.skipIf(!socketTransferSupported())(
+    'multifd ×4 over TLS → DestinationSession with threads (shared sink): every channel in its worker, every RAM block bit for bit, no worker left',
+    async () => {
+      const before = resourceSnapshot();
+      const w = watchWorkers();
+      const work = await mkdtemp(join(tmpdir(), 'qmt-mfd-threads-'));
+      const pki = join(work, 'pki');
+      await initPkiDir(pki);
+      const sink = new InMemorySink({ shared: true });
+      const session = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 4 }, idleTimeoutMs: 30_000, transport: { tls: { dir: pki } }, threads: 'on' });
+      let src: QemuProcess | undefined;
+      try {
+        src = await multifdSource('src-mfd-threads-tls', 4, pki, true);
+        await src.migrate(session.uri);
+        await converge(src);
+        const result = await within(session.done, 30_000, 'DestinationSession.done');
+        expect(result.complete).toBe(true);
+        const st = result.stats;
+        expect(st.threads.used, st.threads.why).toBe(true);
+        // Which channel ran in which thread: main and each multifd channel in a thread of its own.
+        const ch = st.threads.channels;
+        expect(ch.map((c) => c.role).sort()).toEqual(['main', 'multifd-0', 'multifd-1', 'multifd-2', 'multifd-3']);
+        expect(new Set(ch.map((c) => c.threadId)).size).toBe(5);
+        for (const c of ch) expect(c.threadId, c.role).toBeGreaterThan(0);
+        expect(st.channels.multifd?.map((c) => c.tls?.protocol)).toEqual(['TLSv1.3', 'TLSv1.3', 'TLSv1.3', 'TLSv1.3']);
+        for (const c of st.multifd!.perChannel) expect(c.normal).toBeGreaterThan(0);
+        const info = await src.queryMigrate();
+        expect(st.multifd!.normal).toBe(info.ram!.normal);
+        console.log(`[multifd destination] QEMU ×4 TLS → DestinationSession threads: ${ch.map((c) => `${c.role}@${c.threadId} ${c.cpuSeconds.toFixed(2)} s`).join(', ')}; ${st.multifd!.packets} packets, ${st.multifd!.syncs} barriers`);
+        const source = await readAllRamBlocks(src);
+        expectSameBlocks(source, (name) => sink.blocks.get(name));
+        const inv = checkGuestInvariant(sink.blocks.get('pc.ram')!, guestRangeOf(src));
+        expect(inv.ok, inv.detail).toBe(true);
+        expect(await noneAlive(w.alive, 5000), 'workers alive after done').toBe(0);
+      } finally {
+        w.stop();
+        await session.close();
+        await src?.stop();
+        await rm(work, { recursive: true, force: true });
+      }
+      expect(await leftAfter(before, 3000)).toEqual([]);
     },
     CASE_TIMEOUT_MS,
   );

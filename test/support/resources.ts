@@ -1,8 +1,9 @@
 /**
  * Leak checks by process.getActiveResourcesInfo(): sockets, servers and
  * timers of this process, compared by type with a snapshot taken before the
- * run (test/faults, test/load).
+ * run (test/faults, test/load); worker threads by process's 'worker' event.
  */
+import type { Worker } from 'node:worker_threads';
 
 /**
  * Resources vitest's worker owns and that come and go on their own; also the
@@ -38,4 +39,27 @@ export async function leftAfter(before: ResourceSnapshot, settleMs: number): Pro
     left = leakedSince(before);
   }
   return left;
+}
+
+/**
+ * Worker threads started from now on that have not exited, seen through
+ * process's 'worker' event (workers are not in getActiveResourcesInfo).
+ */
+export function watchWorkers(): { alive: Set<Worker>; started: () => number; stop: () => void } {
+  const alive = new Set<Worker>();
+  let n = 0;
+  const on = (w: Worker): void => {
+    n++;
+    alive.add(w);
+    w.once('exit', () => alive.delete(w));
+  };
+  process.on('worker', on);
+  return { alive, started: () => n, stop: () => process.off('worker', on) };
+}
+
+/** How many of `alive` still run after waiting up to `ms` for them to exit. */
+export async function noneAlive(alive: Set<Worker>, ms: number): Promise<number> {
+  const deadline = Date.now() + ms;
+  while (alive.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  return alive.size;
 }

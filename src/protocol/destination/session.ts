@@ -17,7 +17,7 @@ import { Link as ChannelLink, type LinkEvents } from './link.js';
 import { checkAdvise, checkPageRequest, discard, requireAdvised } from './postcopy.js';
 import { SectionWatch } from './precopy.js';
 import { Outage, listenForRecovery, requireRecovering } from './recovery.js';
-import { checkMultifdDrained, createMultifdReception, setMultifdBlocks, summarizeMultifd, type MultifdReception } from './multifd.js';
+import { checkMultifdDrained, createMultifdReception, setMultifdBlocks, summarizeMultifd, type MultifdReception, type MultifdStats } from './multifd.js';
 import { acceptBlockList, validateDestinationOptions } from './setup.js';
 import { isListening, isOver, linkOf, phaseOf, statusOf, type DestinationState, type Link } from './state.js';
 import { DestinationCounters } from './stats.js';
@@ -26,7 +26,7 @@ import type { InMemorySink } from '../memory.js';
 import { ThreadLink, sharedBlocks, type ThreadLinkEvents } from './threads/link.js';
 import { ThreadConnection, ThreadedListener } from './threads/listener.js';
 import { decideThreads, type ThreadDecision } from './threads/support.js';
-import { Count, type ControlRecord, type SharedBlock } from './threads/wire.js';
+import { Count, type ControlRecord, type SharedBlock, type WorkerBitmaps } from './threads/wire.js';
 import type { DestinationEvents, DestinationOptions, DestinationResult, DestinationStats, ThreadStats } from './types.js';
 
 /** What the session uses of its listener: MigrationListener, or ThreadedListener with threads. */
@@ -89,7 +89,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   /** With threads: every link so far (their counters add up), the blocks' shared memory, the written sets. */
   private readonly threadLinks: ThreadLink[] = [];
   private shared: SharedBlock[] | undefined;
-  private readonly written = new Map<string, SharedArrayBuffer>();
+  private readonly written = new Map<string, WorkerBitmaps>();
   /** The configuration record (with threads the header is decoded in the main channel's worker). */
   private configRecord: ConfigurationRecord | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
@@ -133,6 +133,12 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
         if (this.canRecover()) this.recoveryArrivedEarly(link, link.conn.preempt);
       },
       preemptEnded: (link, error) => this.onThreadPreemptEnded(link, error),
+      // After main's 'channel' event, which waits for main's first stats report (startLink).
+      multifdArrived: (link, stats) => {
+        void link.firstStats.then(() => {
+          if (link === this.link) for (const st of stats) this.emit('channel', { role: 'multifd', stats: st });
+        });
+      },
       malformed: (link, e) => {
         if (link === this.link) this.fail(MigrationError.from(e, this.phase));
       },
@@ -155,7 +161,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     const signal = opts.signal;
     if (signal?.aborted) throw abortError(signal, 'setup');
     const transport = opts.transport ?? {};
-    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, transport) : await MigrationListener.listen(opts.listen, transport, opts.multifd ? { multifd: opts.multifd } : {});
+    const listener: SessionListener = threads.used ? await ThreadedListener.listen(opts.listen, transport, {}, opts.multifd) : await MigrationListener.listen(opts.listen, transport, opts.multifd ? { multifd: opts.multifd } : {});
     if (signal?.aborted) {
       listener.close();
       throw abortError(signal, 'setup');
@@ -854,10 +860,26 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   stats(): DestinationStats {
     const conn = this.link?.conn;
     const channels = conn?.stats() ?? {};
-    const m = this.opts.multifd ? summarizeMultifd(this.opts.multifd.channels, this.multifd) : undefined;
+    const m = this.opts.multifd ? this.multifdStats() : undefined;
     const counts = this.threads.used ? this.totals() : this.counts;
     const blocktime = this.blocktime.summary(this.counts.endedAt ?? performance.now());
     return counts.stats(statusOf(this.state), this.pages, blocktime, channels, this.threadStats(), m);
+  }
+
+  /** stats().multifd: from the receivers here, or (threads) from the counters the channel workers keep. */
+  private multifdStats(): MultifdStats {
+    const channels = this.opts.multifd!.channels;
+    const c = this.threadLinks[0]?.multifdCounters();
+    if (!c) return summarizeMultifd(channels, this.multifd);
+    const out: MultifdStats = { channels, syncs: c.syncs, packets: 0, normal: 0, zero: 0, runs: { count: 0, pages: 0 }, perChannel: c.perChannel };
+    for (const x of c.perChannel) {
+      out.packets += x.packets;
+      out.normal += x.normal;
+      out.zero += x.zero;
+      out.runs.count += x.runs;
+      out.runs.pages += x.runPages;
+    }
+    return out;
   }
 
   private threadStats(): ThreadStats {

@@ -80,7 +80,7 @@ export interface DestinationStats {
 export interface ThreadStats {
   used: boolean;
   why: string;
-  channels: { role: 'main' | 'preempt'; threadId: number; cpuSeconds: number }[];
+  channels: { role: 'main' | 'preempt' | `multifd-${number}`; threadId: number; cpuSeconds: number }[];
 }
 
 /** What a completed (or, on failure, partial) migration left behind. */

@@ -16,7 +16,9 @@ import type { MigrationError } from '../../errors.js';
 import type { PageTracker } from '../../page-tracker.js';
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import type { ChannelWorker, ThreadConnection } from './listener.js';
-import { COUNT_WORDS, Count, LANDED_WORDS, Landed, REQUEST_WORDS, errorFromData, type ControlRecord, type FromWorker, type SharedBlock } from './wire.js';
+import { PageBitmap } from '../../../stream/bitmap.js';
+import { TARGET_PAGE_SIZE } from '../../../stream/constants.js';
+import { COUNT_WORDS, Count, LANDED_WORDS, MFD_COUNT_WORDS, MfdCount, REQUEST_WORDS, errorFromData, syncWords, type ControlRecord, type FromWorker, type SharedBlock, type WorkerBitmaps } from './wire.js';
 
 export interface ThreadLinkEvents {
   /** Non-page records of the main channel, in order; `iterationPages[i]`: pages landed in the RAM section the i-th footer closes. */
@@ -31,6 +33,8 @@ export interface ThreadLinkEvents {
   preemptCommand(link: ThreadLink): void;
   /** The source ended the preempt channel; `error`: a partial record was left. */
   preemptEnded(link: ThreadLink, error: Error | undefined): void;
+  /** Every multifd channel is in (their stats, by id). */
+  multifdArrived(link: ThreadLink, stats: readonly ChannelStats[]): void;
   /** A record could not be decoded or landed. */
   malformed(link: ThreadLink, e: Error): void;
   /** A channel failed, or the source went silent. */
@@ -59,7 +63,7 @@ function whenChanged(a: Int32Array, index: number, value: number): Promise<void>
 }
 
 /** The stats a worker last reported, updated in place (holders of the object see it change). */
-function emptyStats(role: 'main' | 'preempt'): ChannelStats {
+function emptyStats(role: 'main' | 'preempt' | 'multifd'): ChannelStats {
   return { role, bytesSent: 0, bytesReceived: 0, queuedBytes: 0, peakQueuedBytes: 0, maxQueuedBytes: 0, bulkWindowBytes: 0, writeWaits: 0, bulkWaits: 0, readPauses: 0, tuning: { warnings: [] } as unknown as ChannelStats['tuning'] };
 }
 
@@ -79,6 +83,10 @@ export class ThreadLink {
   private messagesPosted = 0;
   private watching = false;
   private blockIndex = new Map<string, number>();
+  /** Per block, the pages the preempt worker brought first (SharedBlock.byPreempt). */
+  private readonly byPreempt = new Map<string, PageBitmap>();
+  /** The channel that brought a page (looked up once per resolved request, not per page). */
+  private readonly broughtBy = (block: string, page: number): 'main' | 'preempt' => (this.byPreempt.get(block)?.has(page) ? 'preempt' : 'main');
   private preemptWorker: ChannelWorker | undefined;
   private preemptServed = false;
   private blocksWaiters: (() => void)[] = [];
@@ -87,13 +95,15 @@ export class ThreadLink {
   /** The decoder state the main worker gave when dropped: what a recovery connection continues. */
   resumeState: Promise<DecoderResumeState | undefined> | undefined;
   readonly mainStats = emptyStats('main');
+  /** The multifd channels (a multifd destination): their workers' counters, stats and CPU, by id, and the barrier's words. */
+  private readonly mfd: { readonly counts: Float64Array[]; readonly stats: ChannelStats[]; readonly cpu: number[]; readonly sync: Int32Array } | undefined;
   readonly preemptStats = emptyStats('preempt');
   /** What the session reads of a Link's `conn`. */
   readonly conn: {
     readonly main: { readonly stats: ChannelStats };
     readonly preempt: { readonly stats: ChannelStats; destroy(): void } | undefined;
     readonly preemptExpected: boolean;
-    stats(): { main: ChannelStats; preempt?: ChannelStats };
+    stats(): { main: ChannelStats; preempt?: ChannelStats; multifd?: ChannelStats[] };
     destroy(): void;
   };
 
@@ -102,6 +112,15 @@ export class ThreadLink {
     private readonly events: ThreadLinkEvents,
     private readonly opts: ThreadLinkOptions,
   ) {
+    const n = threads.multifdOptions?.channels;
+    this.mfd = n
+      ? {
+          counts: Array.from({ length: n }, () => new Float64Array(new SharedArrayBuffer(MFD_COUNT_WORDS * 8))),
+          stats: Array.from({ length: n }, (_, id) => ({ ...emptyStats('multifd'), id })),
+          cpu: new Array<number>(n).fill(0),
+          sync: new Int32Array(new SharedArrayBuffer(syncWords(n) * 4)),
+        }
+      : undefined;
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const self = this;
     this.conn = {
@@ -112,7 +131,7 @@ export class ThreadLink {
       get preemptExpected() {
         return self.threads.preemptExpected;
       },
-      stats: () => ({ main: this.mainStats, ...(this.preemptServed ? { preempt: this.preemptStats } : {}) }),
+      stats: () => ({ main: this.mainStats, ...(this.preemptServed ? { preempt: this.preemptStats } : {}), ...(this.mfd && this.threads.bulkComplete ? { multifd: this.mfd.stats } : {}) }),
       destroy: () => this.threads.destroy(),
     };
   }
@@ -122,21 +141,35 @@ export class ThreadLink {
   }
 
   /** The workers' threads, for stats. */
-  get workers(): { role: 'main' | 'preempt'; worker: ChannelWorker }[] {
-    return [{ role: 'main', worker: this.threads.main }, ...(this.preemptWorker ? [{ role: 'preempt' as const, worker: this.preemptWorker }] : [])];
+  get workers(): { role: 'main' | 'preempt' | `multifd-${number}`; worker: ChannelWorker }[] {
+    const multifd = (this.threads.multifd ?? []).flatMap((w, id) => (w ? [{ role: `multifd-${id}` as const, worker: w }] : []));
+    return [{ role: 'main', worker: this.threads.main }, ...multifd, ...(this.preemptWorker ? [{ role: 'preempt' as const, worker: this.preemptWorker }] : [])];
   }
 
   /** CPU seconds of each channel's thread, as last reported. */
   private readonly cpu = { main: 0, preempt: 0 };
 
   /** stats.threads.channels. */
-  threadsInfo(): { role: 'main' | 'preempt'; threadId: number; cpuSeconds: number }[] {
-    return this.workers.map(({ role, worker }) => ({ role, threadId: worker.threadId, cpuSeconds: this.cpu[role] }));
+  threadsInfo(): { role: 'main' | 'preempt' | `multifd-${number}`; threadId: number; cpuSeconds: number }[] {
+    return this.workers.map(({ role, worker }) => ({ role, threadId: worker.threadId, cpuSeconds: role === 'main' || role === 'preempt' ? this.cpu[role] : (this.mfd?.cpu[Number(role.slice(8))] ?? 0) }));
   }
 
-  /** Counter `i` of both channels. */
+  /** Counter `i` of every channel (the multifd channels' in their own layout). */
   count(i: number): number {
-    return this.mainCounts[i]! + this.preemptCounts[i]!;
+    let n = this.mainCounts[i]! + this.preemptCounts[i]!;
+    const j = MFD_OF_COUNT[i];
+    if (this.mfd && j !== undefined) for (const c of this.mfd.counts) n += c[j]!;
+    return n;
+  }
+
+  /** The multifd channels' counters (MultifdChannelCounters), by id, and the barriers passed. */
+  multifdCounters(): { syncs: number; perChannel: { bytes: number; packets: number; syncs: number; normal: number; zero: number; runs: number; runPages: number }[] } | undefined {
+    const m = this.mfd;
+    if (!m) return undefined;
+    return {
+      syncs: Atomics.load(m.sync, 1),
+      perChannel: m.counts.map((c) => ({ bytes: c[MfdCount.bytes]!, packets: c[MfdCount.packets]!, syncs: c[MfdCount.syncs]!, normal: c[MfdCount.normal]!, zero: c[MfdCount.zero]!, runs: c[MfdCount.runs]!, runPages: c[MfdCount.runPages]! })),
+    };
   }
 
   start(): void {
@@ -148,9 +181,27 @@ export class ThreadLink {
       if (this.dropped) return;
       const blocks = this.opts.blocks();
       if (blocks) this.indexBlocks(blocks);
-      main.post({ t: 'serve-main', ...(resume ? { resume } : {}), ...(blocks ? { blocks } : {}), counts: this.mainCounts.buffer as SharedArrayBuffer, landed: this.landed.buffer as SharedArrayBuffer, requests: this.ring.sab });
+      main.post({
+        t: 'serve-main',
+        ...(resume ? { resume } : {}),
+        ...(blocks ? { blocks } : {}),
+        counts: this.mainCounts.buffer as SharedArrayBuffer,
+        landed: this.landed.buffer as SharedArrayBuffer,
+        requests: this.ring.sab,
+        ...(this.mfd ? { multifd: { channels: this.mfd.counts.length, sync: this.mfd.sync.buffer as SharedArrayBuffer } } : {}),
+      });
     };
-    if (this.opts.resume) {
+    if (this.mfd) {
+      // QEMU reads main only once main and every multifd channel are in (migration_has_all_channels).
+      this.threads.waitMultifd().then(
+        (ws) => {
+          if (this.dropped) return;
+          this.onMultifd(ws);
+          serve(undefined);
+        },
+        () => undefined,
+      );
+    } else if (this.opts.resume) {
       this.opts.resume.then(
         (state) => {
           if (state) serve(state);
@@ -169,7 +220,10 @@ export class ThreadLink {
   }
 
   private indexBlocks(blocks: SharedBlock[]): void {
-    for (const b of blocks) this.blockIndex.set(b.idstr, b.index);
+    for (const b of blocks) {
+      this.blockIndex.set(b.idstr, b.index);
+      this.byPreempt.set(b.idstr, PageBitmap.attach(Math.ceil(b.length / TARGET_PAGE_SIZE), b.byPreempt));
+    }
     for (const w of this.blocksWaiters.splice(0)) w();
   }
 
@@ -267,6 +321,56 @@ export class ThreadLink {
   private onExit(): void {
     this.markClosed();
     if (!this.dropped && !this.released) this.events.lost(this, new Error('the main channel thread exited'));
+  }
+
+  /** Every multifd channel is in: each serves once the block list is here (its packets name blocks of it). */
+  private onMultifd(ws: readonly ChannelWorker[]): void {
+    const m = this.mfd!;
+    const mo = this.threads.multifdOptions!;
+    ws.forEach((w, id) => {
+      w.onMessage = (msg) => this.onMultifdMessage(id, msg);
+      void w.exited.then(() => {
+        if (!this.dropped && !this.released) this.events.lost(this, new Error(`the multifd-${id} channel's thread exited`));
+      });
+    });
+    this.events.multifdArrived(this, m.stats);
+    const serve = (): void => {
+      const blocks = this.opts.blocks();
+      if (this.dropped || !blocks) return;
+      ws.forEach((w, id) =>
+        w.post({
+          t: 'serve-multifd',
+          id,
+          channels: mo.channels,
+          ...(mo.uuid ? { uuid: mo.uuid } : {}),
+          blocks,
+          counts: m.counts[id]!.buffer as SharedArrayBuffer,
+          landed: this.landed.buffer as SharedArrayBuffer,
+          sync: m.sync.buffer as SharedArrayBuffer,
+        }),
+      );
+    };
+    // Unread until then: the socket holds its bytes (backpressure to the source), as QEMU before the RAM setup.
+    if (this.opts.blocks()) serve();
+    else this.blocksWaiters.push(serve);
+  }
+
+  private onMultifdMessage(id: number, m: FromWorker): void {
+    if (this.dropped) return;
+    switch (m.t) {
+      case 'stats':
+        Object.assign(this.mfd!.stats[id]!, m.stats);
+        this.mfd!.cpu[id] = m.cpuSeconds;
+        return;
+      case 'decode-error':
+        this.events.malformed(this, errorFromData(m.error));
+        return;
+      case 'lost':
+        this.events.lost(this, errorFromData(m.error));
+        return;
+      default:
+        return;
+    }
   }
 
   private onPreempt(w: ChannelWorker): void {
@@ -371,12 +475,9 @@ export class ThreadLink {
     this.watching = true;
     const pages = this.opts.pages;
     const loop = async (): Promise<void> => {
-      let lastPreempt = Atomics.load(this.landed, 1 + Landed.preempt);
       while (!this.dropped && pages.outstanding > 0) {
         const gen = Atomics.load(this.landed, 0);
-        const preempt = Atomics.load(this.landed, 1 + Landed.preempt);
-        pages.sweep(preempt !== lastPreempt ? 'preempt' : 'main', performance.now());
-        lastPreempt = preempt;
+        pages.sweep(this.broughtBy, performance.now());
         if (pages.outstanding === 0) break;
         await whenChanged(this.landed, 0, gen);
       }
@@ -449,23 +550,27 @@ export class ThreadLink {
   }
 }
 
+/** Where Count's counters are in a multifd worker's (MfdCount): bytes only — its pages count in stats().multifd, which the stats add to normal, duplicate and runs. */
+const MFD_OF_COUNT: (number | undefined)[] = [];
+MFD_OF_COUNT[Count.transferred] = MfdCount.bytes;
+
 /**
  * The blocks of a block list as the workers see them: the sink's shared
  * memory (`memory`) or its open files (`file`, each worker writes its pages
- * there itself), and the tracker's bitmaps.
+ * there itself), and the tracker's bitmaps and the threads' own (`own`, kept across links).
  */
-export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | BlockFile | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, written: Map<string, SharedArrayBuffer>): SharedBlock[] {
+export function sharedBlocks(blocks: readonly RamBlockInfo[], memory: (idstr: string) => Buffer | BlockFile | undefined, received: (idstr: string) => SharedArrayBuffer | undefined, own: Map<string, WorkerBitmaps>): SharedBlock[] {
   return blocks.map((b, index) => {
     const mem = memory(b.idstr);
     const rec = received(b.idstr);
     const file = mem && !Buffer.isBuffer(mem) ? mem : undefined;
     const buf = Buffer.isBuffer(mem) ? mem : undefined;
     if (!rec || (!file && (!buf || !(buf.buffer instanceof SharedArrayBuffer) || buf.byteOffset !== 0))) throw new Error(`RAM block "${b.idstr}" has no shared memory`);
-    let w = written.get(b.idstr);
+    let w = own.get(b.idstr);
     if (!w) {
-      w = new SharedArrayBuffer(rec.byteLength);
-      written.set(b.idstr, w);
+      w = { written: new SharedArrayBuffer(rec.byteLength), byPreempt: new SharedArrayBuffer(rec.byteLength) };
+      own.set(b.idstr, w);
     }
-    return { idstr: b.idstr, length: b.length, index, ...(file ? { file } : { memory: buf!.buffer as SharedArrayBuffer }), received: rec, written: w };
+    return { idstr: b.idstr, length: b.length, index, ...(file ? { file } : { memory: buf!.buffer as SharedArrayBuffer }), received: rec, ...w };
   });
 }

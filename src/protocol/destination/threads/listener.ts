@@ -11,14 +11,14 @@
 import type net from 'node:net';
 import { EventEmitter } from 'node:events';
 import type { Worker } from 'node:worker_threads';
-import { judgeMainOrPreempt, remoteOf, type FirstBytesJudgement } from '../../../transport/admission.js';
-/** The roles of a threaded connection (multifd channels are not threaded yet). */
+import { describeBytes, judgeMainOrPreempt, remoteOf, type FirstBytesJudgement } from '../../../transport/admission.js';
+/** The roles offered to a candidate (a 'main' candidate of a multifd listener may turn out a multifd channel). */
 type ChannelRole = 'main' | 'preempt';
 import type { ListenOptions, TransportOptions } from '../../../transport/connection.js';
 import { formatEndpoint, parseEndpoint, type Endpoint } from '../../../transport/endpoint.js';
 import { TransportError } from '../../../transport/errors.js';
 import { loadTlsDir, type TlsMaterial } from '../../../transport/pki.js';
-import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
+import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, judgeMainOrMultifd, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
 import { listen, type Listening } from '../../../transport/sockets.js';
 import { spawnWorker } from '../../../transport/worker/spawn.js';
 import { errorFromData, type ChannelWorkerData, type FromWorker, type ToWorker } from './wire.js';
@@ -36,7 +36,7 @@ export class ChannelWorker {
 
   constructor(
     readonly worker: Worker,
-    readonly role: ChannelRole,
+    public role: ChannelRole | 'multifd',
   ) {
     this.exited = new Promise((r) => worker.once('exit', () => r()));
     worker.on('message', (m: FromWorker) => this.onMessage?.(m));
@@ -68,10 +68,31 @@ export class ThreadConnection {
   preempt: ChannelWorker | undefined;
   private waiters: { resolve: (w: ChannelWorker) => void; reject: (e: TransportError) => void }[] = [];
 
+  private multifdWaiters: { resolve: (w: readonly ChannelWorker[]) => void; reject: (e: TransportError) => void }[] = [];
+
   constructor(
     readonly main: ChannelWorker,
     private readonly candidates: () => number,
+    /** The multifd channels by id (a multifd listener; those in before main included), shared with the listener. */
+    readonly multifd: (ChannelWorker | undefined)[] | undefined,
+    readonly multifdOptions: { readonly channels: number; readonly uuid?: Uint8Array } | undefined,
   ) {}
+
+  /** Main and every multifd channel are in. */
+  get bulkComplete(): boolean {
+    return this.multifd === undefined || this.multifd.every((w) => w !== undefined);
+  }
+
+  /** Resolves with the multifd channels by id once all are in (QEMU reads main only then). */
+  waitMultifd(): Promise<readonly ChannelWorker[]> {
+    if (this.bulkComplete) return Promise.resolve((this.multifd ?? []) as ChannelWorker[]);
+    return new Promise((resolve, reject) => this.multifdWaiters.push({ resolve, reject }));
+  }
+
+  /** @internal the listener: channel `id` qualified. */
+  multifdArrived(): void {
+    if (this.bulkComplete) for (const x of this.multifdWaiters.splice(0)) x.resolve(this.multifd as ChannelWorker[]);
+  }
 
   /** True when a preempt channel is here or may be (a silent plain-TCP candidate). */
   get preemptExpected(): boolean {
@@ -90,11 +111,13 @@ export class ThreadConnection {
 
   abandonPreempt(e: TransportError): void {
     for (const x of this.waiters.splice(0)) x.reject(e);
+    for (const x of this.multifdWaiters.splice(0)) x.reject(e);
   }
 
   destroy(): void {
     void this.main.end();
     void this.preempt?.end();
+    for (const w of this.multifd ?? []) void w?.end();
   }
 }
 
@@ -128,15 +151,20 @@ export class ThreadedListener extends EventEmitter<Events> {
     private readonly opts: TransportOptions,
     private readonly listenOpts: ListenOptions,
     private readonly material: TlsMaterial | undefined,
+    private readonly multifdOpts: { readonly channels: number; readonly uuid?: Uint8Array } | undefined,
   ) {
     super();
+    this.multifd = multifdOpts ? new Array<ChannelWorker | undefined>(multifdOpts.channels).fill(undefined) : undefined;
     this.maxPending = opts.maxPendingConnections ?? DEFAULT_MAX_PENDING_CONNECTIONS;
     this.qualifyMs = opts.qualifyTimeoutMs ?? opts.connectTimeoutMs ?? DEFAULT_QUALIFY_TIMEOUT_MS;
     listening.server.on('connection', (raw: net.Socket) => this.admit(raw));
     listening.server.on('error', (e) => this.report({ reason: 'closed', error: new TransportError('closed', e.message) }));
   }
 
-  static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}): Promise<ThreadedListener> {
+  /** The multifd channels by id as they qualify (a multifd listener). */
+  private readonly multifd: (ChannelWorker | undefined)[] | undefined;
+
+  static async listen(uri: string, opts: TransportOptions = {}, listenOpts: ListenOptions = {}, multifd?: { readonly channels: number; readonly uuid?: Uint8Array }): Promise<ThreadedListener> {
     const ep = parseEndpoint(uri);
     for (const [name, v, min] of [
       ['maxPendingConnections', opts.maxPendingConnections, 1],
@@ -148,7 +176,7 @@ export class ThreadedListener extends EventEmitter<Events> {
     // A plain server even with TLS: the handshake runs in the channel's worker.
     // Paused: a socket waiting for a thread must not be read (it could not move to one then).
     const listening = await listen(ep, { pauseOnConnect: true });
-    const l = new ThreadedListener(listening, opts, listenOpts, material);
+    const l = new ThreadedListener(listening, opts, listenOpts, material, multifd);
     l.spare = l.spawn();
     return l;
   }
@@ -167,6 +195,7 @@ export class ThreadedListener extends EventEmitter<Events> {
       ...(this.material && tls ? { tls: { material: this.material, settings: { ...tls, endpoint: 'server' }, ...(tls.allowedPeers ? { allowedPeers: tls.allowedPeers } : {}) } } : {}),
       main: { ...(this.opts.main?.tuning ? { tuning: this.opts.main.tuning } : {}), limits: this.opts.main ?? {} },
       preempt: { ...(this.opts.preempt?.tuning ? { tuning: this.opts.preempt.tuning } : {}), limits: this.opts.preempt ?? {} },
+      multifd: { ...(this.opts.multifd?.tuning ? { tuning: this.opts.multifd.tuning } : {}), limits: this.opts.multifd ?? {} },
     };
     const w = spawnWorker(WORKER, data);
     // An idle spare must not keep the process alive.
@@ -199,8 +228,14 @@ export class ThreadedListener extends EventEmitter<Events> {
     return n;
   }
 
+  /** Main and every multifd channel have qualified (no multifd: main alone). */
+  private get allBulkIn(): boolean {
+    return this.conn !== undefined && (this.multifd?.every((w) => w !== undefined) ?? true);
+  }
+
+  /** 10.1's order: the preempt channel comes after main and every multifd channel. */
   private offer(): ChannelRole | undefined {
-    return this.conn?.preempt ? undefined : this.conn ? 'preempt' : 'main';
+    return this.conn?.preempt ? undefined : this.allBulkIn ? 'preempt' : 'main';
   }
 
   private admit(raw: net.Socket): void {
@@ -283,7 +318,7 @@ export class ThreadedListener extends EventEmitter<Events> {
         if (!judge) return;
         const j = judge(Buffer.from(m.bytes));
         if (j.verdict === 'more') return;
-        if (j.verdict === 'yes') this.qualified(c);
+        if (j.verdict === 'yes') this.qualified(c, j.role === 'multifd' ? j.channelId : undefined);
         else this.drop(c, j.reason, j.error);
         return;
       }
@@ -331,10 +366,34 @@ export class ThreadedListener extends EventEmitter<Events> {
     const start = this.listenOpts.start ?? 'stream';
     if (start === 'any') return undefined;
     if (role === 'preempt' && secure) return undefined;
+    const multifd = this.multifd;
+    const mo = this.multifdOpts;
+    if (role === 'main' && multifd && mo) {
+      const uuid = mo.uuid ?? new Uint8Array(16);
+      return (seen) => {
+        const j = judgeMainOrMultifd(seen, { channels: mo.channels, uuid, taken: (id) => multifd[id] !== undefined });
+        switch (j.verdict) {
+          case 'more':
+            return j;
+          case 'main':
+            return { verdict: 'yes', role: 'main' };
+          case 'multifd':
+            return { verdict: 'yes', role: 'multifd', channelId: j.id };
+          case 'bad-init': {
+            const ch = { channel: j.id !== undefined ? (`multifd-${j.id}` as const) : ('multifd' as const) };
+            return j.taken
+              ? { verdict: 'no', reason: 'extra', error: new TransportError('channel-order', j.why, ch) }
+              : { verdict: 'no', reason: 'not-migration', error: new TransportError('bad-multifd-init', j.why, ch) };
+          }
+          case 'no':
+            return { verdict: 'no', reason: 'not-migration', error: new TransportError('not-a-migration-channel', `first bytes ${describeBytes(seen)} are neither the migration stream magic QEVM nor a multifd channel's 0x11223344`) };
+        }
+      };
+    }
     return judgeMainOrPreempt(role === 'main' ? 'main' : 'preempt', start);
   }
 
-  private qualified(c: Candidate): void {
+  private qualified(c: Candidate, multifdId?: number): void {
     this.forget(c);
     const w = c.w!;
     w.onMessage = undefined;
@@ -344,17 +403,39 @@ export class ThreadedListener extends EventEmitter<Events> {
     }
     // A channel now, no longer a candidate: its thread leaves the candidates' bound.
     w.released?.();
+    if (multifdId !== undefined) {
+      if (c.doomed || !this.takeMultifd(w, multifdId)) {
+        void w.end();
+        this.report({ reason: 'extra', error: new TransportError('channel-order', `multifd channel ${multifdId} was taken by another connection before this one qualified`, { channel: `multifd-${multifdId}` }), ...(c.remote ? { remote: c.remote } : {}) });
+      }
+      return;
+    }
     if (c.doomed || !this.take(c)) {
       void w.end();
       this.report({ reason: 'extra', error: new TransportError('channel-order', `the ${c.role} channel was taken by another connection before this one qualified`, { channel: c.role }), ...(c.remote ? { remote: c.remote } : {}) });
     }
   }
 
+  private takeMultifd(w: ChannelWorker, id: number): boolean {
+    const m = this.multifd;
+    if (!m || m[id] !== undefined) return false;
+    w.role = 'multifd';
+    m[id] = w;
+    this.conn?.multifdArrived();
+    this.bulkArrived();
+    return true;
+  }
+
+  /** Main and every multifd channel are in: candidates still waiting are not the preempt channel (see MigrationListener). */
+  private bulkArrived(): void {
+    if (this.allBulkIn) this.dropAll(this.multifd ? 'the main channel and every multifd channel are connected' : 'another connection became the main channel');
+  }
+
   private take(c: Candidate): boolean {
-    if (c.role === 'main' ? this.conn !== undefined : this.conn === undefined || this.conn.preempt !== undefined) return false;
+    if (c.role === 'main' ? this.conn !== undefined : !this.allBulkIn || this.conn!.preempt !== undefined) return false;
     if (c.role === 'main') {
-      this.conn = new ThreadConnection(c.w!, () => this.count('preempt'));
-      this.dropAll('another connection became the main channel');
+      this.conn = new ThreadConnection(c.w!, () => this.count('preempt'), this.multifd, this.multifdOpts);
+      this.bulkArrived();
       for (const w of this.acceptWaiters.splice(0)) w.resolve(this.conn);
     } else {
       this.dropAll('another connection became the preempt channel');
@@ -416,6 +497,8 @@ export class ThreadedListener extends EventEmitter<Events> {
     this.spare = undefined;
     for (const w of this.acceptWaiters.splice(0)) w.reject(e);
     this.conn?.abandonPreempt(e);
+    // Multifd channels in while no main channel came are ended here (else the connection ends them).
+    if (!this.conn) for (const w of this.multifd ?? []) if (w) this.ending.push(w.end());
     // net.Server.close() calls back only once every accepted socket has ended: do not wait for it.
     this.listening.server.close();
   }

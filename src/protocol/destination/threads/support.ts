@@ -20,11 +20,11 @@ function sinkNotShareable(sink: GuestMemorySink): string | undefined {
  * `threads` of DestinationOptions, decided at the call: 'on' where threads
  * are impossible is a typed error naming why; 'auto' falls back and says why.
  */
-export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink, multifd: boolean): ThreadDecision {
+export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink, multifd = false): ThreadDecision {
   const m = mode ?? 'auto';
   if (m !== 'auto' && m !== 'on' && m !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(mode)}`);
   if (m === 'off') return { used: false, why: "threads: 'off'" };
-  const why = !socketTransferSupported() ? socketTransferWhy() : multifd ? 'multifd channels are not run in worker threads yet' : sinkNotShareable(sink);
+  const why = !socketTransferSupported() ? socketTransferWhy() : multifd && typeof sink.blockFiles === 'function' ? 'multifd channels in worker threads land in shared memory, not in a sink of files' : sinkNotShareable(sink);
   if (why === undefined) {
     const files = typeof sink.blockFiles === 'function';
     // A sink of files takes threads when asked only: a recovery into one intermittently hung in testing (not yet understood).

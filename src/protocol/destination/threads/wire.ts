@@ -12,7 +12,7 @@ import type { TlsMaterial } from '../../../transport/pki.js';
 import type { TlsSettings } from '../../../transport/tls.js';
 import type { TuningProfile } from '../../../transport/tuning.js';
 import type { BlockFile } from '../../block-files.js';
-import { MigrationError, StorageError, type MigrationErrorCode, type StorageOperation } from '../../errors.js';
+import { MigrationError, StorageError, type MigrationErrorCode, type MigrationPhase, type StorageOperation } from '../../errors.js';
 import type { DecoderResumeState } from '../../../stream/decoder.js';
 
 /** One RAM block as every thread sees it: its memory and its bitmaps, shared. */
@@ -27,6 +27,18 @@ export interface SharedBlock {
   readonly received: SharedArrayBuffer;
   /** Pages ever written (a ZERO record on a page still zero-filled costs nothing). */
   readonly written: SharedArrayBuffer;
+  /**
+   * Pages the preempt channel brought first: its worker sets them before it
+   * sets them received, so whoever sees a page received also sees which
+   * channel brought it (the channel a request was answered on).
+   */
+  readonly byPreempt: SharedArrayBuffer;
+}
+
+/** The bitmaps of a block that only the threads keep (the received set is the PageTracker's). */
+export interface WorkerBitmaps {
+  readonly written: SharedArrayBuffer;
+  readonly byPreempt: SharedArrayBuffer;
 }
 
 /** Counters a worker bumps (once per run or record) and the session reads: indexes into a shared Float64Array. */
@@ -34,12 +46,11 @@ export const Count = { transferred: 0, normal: 1, duplicate: 2, xbzrle: 3, preem
 export const COUNT_WORDS = 8;
 
 /**
- * Wake-up words (Int32Array): word 0 is bumped (and notified) after any chunk
- * that landed pages, so that waiting requests are looked at; word 1 + Landed.x
- * by that channel only (which one brought them).
+ * The wake-up word (Int32Array): bumped (and notified) after any chunk that
+ * landed pages, so that waiting requests are looked at. Which channel brought
+ * a page is in SharedBlock.byPreempt, not here.
  */
-export const Landed = { main: 0, preempt: 1 } as const;
-export const LANDED_WORDS = 3;
+export const LANDED_WORDS = 1;
 
 /**
  * A page request in the ring: [0 = REQ_PAGES | 1 = REQ_PAGES_ID, block index,
@@ -54,12 +65,31 @@ export interface ChannelWorkerData {
   readonly tls?: { readonly material: TlsMaterial; readonly settings: TlsSettings; readonly allowedPeers?: readonly string[] };
   readonly main: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
   readonly preempt: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
+  readonly multifd: { readonly tuning?: Partial<TuningProfile>; readonly limits: ChannelLimits };
 }
+
+/**
+ * The SYNC barrier across threads (QEMU's multifd_recv_sync_main) in an
+ * Int32Array: a multifd worker that read its k-th SYNC packet sets its
+ * `synced` word to k, bumps WAKE and waits (Atomics.waitAsync) until RELEASE
+ * moves past the value it read; the main worker at a MULTIFD_FLUSH waits on
+ * WAKE until every channel's `synced` is past RELEASE (or one ENDED before
+ * it), then bumps RELEASE. LISTENING: set by the main worker at
+ * POSTCOPY_LISTEN (multifd is idle in postcopy). No message per packet.
+ */
+export const Sync = { WAKE: 0, RELEASE: 1, LISTENING: 2 } as const;
+export const syncedWord = (id: number): number => 4 + 2 * id;
+export const endedWord = (id: number): number => 5 + 2 * id;
+export const syncWords = (channels: number): number => 4 + 2 * channels;
+
+/** A multifd worker's counters (Float64Array, the fields of MultifdChannelCounters). */
+export const MfdCount = { bytes: 0, packets: 1, syncs: 2, normal: 3, zero: 4, runs: 5, runPages: 6 } as const;
+export const MFD_COUNT_WORDS = 7;
 
 export type ErrorData =
   | { family: 'stream'; code: StreamErrorCode; message: string; offset: number }
   | { family: 'transport'; code: TransportErrorCode; message: string; channel?: ChannelName }
-  | { family: 'migration'; code: MigrationErrorCode; message: string }
+  | { family: 'migration'; code: MigrationErrorCode; message: string; phase?: MigrationPhase }
   | { family: 'storage'; operation: StorageOperation; file: string; position: number; errno: string | undefined; message: string }
   | { family: 'other'; message: string; name: string };
 
@@ -68,7 +98,7 @@ export function errorToData(e: unknown): ErrorData {
   if (TransportError.is(e)) return { family: 'transport', code: e.code, message: e.message, ...(e.channel ? { channel: e.channel } : {}) };
   // Before MigrationError.is: a StorageError is of the migration family too.
   if (e instanceof StorageError) return { family: 'storage', operation: e.operation, file: e.file, position: e.position, errno: e.errno, message: (e.cause as Error | undefined)?.message ?? e.message };
-  if (MigrationError.is(e)) return { family: 'migration', code: e.code, message: e.reason };
+  if (MigrationError.is(e)) return { family: 'migration', code: e.code, message: e.reason, phase: e.phase };
   return { family: 'other', message: e instanceof Error ? e.message : String(e), name: e instanceof Error ? e.name : 'Error' };
 }
 
@@ -79,7 +109,7 @@ export function errorFromData(d: ErrorData): Error {
     case 'transport':
       return new TransportError(d.code, d.message, d.channel ? { channel: d.channel } : {});
     case 'migration':
-      return new MigrationError(d.code, 'postcopy', d.message);
+      return new MigrationError(d.code, d.phase ?? 'postcopy', d.message);
     case 'storage':
       return new StorageError(d.operation, d.file, d.position, Object.assign(new Error(d.message), d.errno ? { code: d.errno } : {}));
     default: {
@@ -97,7 +127,9 @@ export type ToWorker =
   /** The accepted socket, transferred before anything read it, and the role it is a candidate for. */
   | { t: 'socket'; socket: unknown; role: 'main' | 'preempt' }
   /** Its verdict came: serve as the main channel (a new stream, or a recovery's continuing `resume`). */
-  | { t: 'serve-main'; resume?: DecoderResumeState; blocks?: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer; requests: SharedArrayBuffer }
+  | { t: 'serve-main'; resume?: DecoderResumeState; blocks?: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer; requests: SharedArrayBuffer; multifd?: { channels: number; sync: SharedArrayBuffer } }
+  /** A multifd channel (its init message was judged by the listener): decode and land its packets. */
+  | { t: 'serve-multifd'; id: number; channels: number; uuid?: Uint8Array; blocks: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer; sync: SharedArrayBuffer }
   | { t: 'serve-preempt'; blocks: SharedBlock[]; counts: SharedArrayBuffer; landed: SharedArrayBuffer }
   /** Answer to 'ram-blocks': the sink and the tracker are sized, here is their memory. */
   | { t: 'blocks'; blocks: SharedBlock[] }

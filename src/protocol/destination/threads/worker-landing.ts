@@ -21,6 +21,7 @@ interface Target {
   readonly file: WriterBlock | undefined;
   readonly received: PageBitmap;
   readonly written: PageBitmap;
+  readonly byPreempt: PageBitmap;
   readonly pages: number;
 }
 
@@ -62,6 +63,7 @@ export class WorkerLanding {
         file: b.file ? this.writer!.addBlock(b.file, written) : undefined,
         received: PageBitmap.attach(Math.ceil(b.length / PAGE), b.received),
         written,
+        byPreempt: PageBitmap.attach(Math.ceil(b.length / PAGE), b.byPreempt),
         pages: Math.ceil(b.length / PAGE),
       };
     }
@@ -91,6 +93,7 @@ export class WorkerLanding {
           c[Count.duplicate]! += n;
         }
         if (this.listening) c[Count.placedTwice]! += countSet(t.received.words, first, n, t.pages);
+        if (this.channel === 'preempt') broughtFirst(t, first, n);
         t.received.setRange(first, n);
         this.counted(n);
         return true;
@@ -107,6 +110,7 @@ export class WorkerLanding {
         const p = r.offset / PAGE;
         t.written.set(p);
         if (this.listening) this.counts[Count.placedTwice]! += countSet(t.received.words, p, 1, t.pages);
+        if (this.channel === 'preempt') broughtFirst(t, p, 1);
         t.received.set(p);
         this.counts[Count.xbzrle]!++;
         this.counted(1);
@@ -180,8 +184,21 @@ function countSet(w: Uint32Array, from: number, count: number, pages: number): n
   return n;
 }
 
+/**
+ * Marks in `byPreempt` the pages of [from, from + count) not received yet:
+ * before they are set received (the session reads the two in that order), so
+ * a request resolved by this run is attributed to preempt, exactly — a page
+ * the main channel brought first stays main's.
+ */
+function broughtFirst(t: Pick<Target, 'received' | 'byPreempt' | 'pages'>, from: number, count: number): void {
+  forWords(from, count, t.pages, (i, mask) => {
+    const fresh = (mask & ~Atomics.load(t.received.words, i)) >>> 0;
+    if (fresh !== 0) Atomics.or(t.byPreempt.words, i, fresh);
+  });
+}
+
 /** A ZERO run: only pages ever written need clearing (fresh memory is zero). */
-function zeroWritten(t: Target, from: number, count: number): void {
+export function zeroWritten(t: Pick<Target, 'memory' | 'written' | 'pages'>, from: number, count: number): void {
   forWords(from, count, t.pages, (i, mask) => {
     const hit = (Atomics.load(t.written.words, i) & mask) >>> 0;
     if (hit === 0) return;
