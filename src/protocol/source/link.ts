@@ -4,6 +4,7 @@ import type { Channel } from '../../transport/channel.js';
 import type { SourceConnection } from '../../transport/connection.js';
 import { TransportError } from '../../transport/errors.js';
 import { MigrationError, type MigrationPhase } from '../errors.js';
+import { lossClock } from './loss-clock.js';
 import type { ReturnPathMessage } from '../../stream/records.js';
 import { isThreaded, type ThreadedSourceConnection } from './threads/connection.js';
 import { MultifdChannelSender, MultifdPacketBuilder, type MultifdPacketCounter } from './multifd.js';
@@ -39,8 +40,13 @@ export interface LinkHooks {
  * (the block list, postcopy-advised) belongs to the migration's stream, which
  * a new link continues (only CONTINUE restarts).
  */
-/** How long a multifd channel's orderly close by the peer waits for another channel's reset to be reported first (failure path only). */
-const MULTIFD_CLOSE_GRACE_MS = 150;
+/** How long a link with multifd channels in precopy gathers channel losses before it names the first (lostSeen). */
+const LOSS_WINDOW_MS = 100;
+
+/** When a channel's loss was seen: its worker's stamp for a threaded channel, else now (this thread saw it). */
+function seenAt(ch: Channel): number {
+  return (ch as unknown as { lostAt?: number }).lostAt ?? lossClock();
+}
 
 export class Link {
   readonly main: Channel;
@@ -73,11 +79,11 @@ export class Link {
     // (send, flush, close, stats, events); the byte-level ones (push, bulkRoom, read) run in its worker.
     this.main = conn.main as unknown as Channel;
     this.main.on('error', (e) => {
-      if (this.shut !== 0) this.lost(e);
+      if (this.shut !== 0) this.lostSeen(e, seenAt(this.main));
     });
     this.main.on('close', () => {
       // After SHUT 0 the destination has everything and may close before we do.
-      if (!this.hooks.over() && this.shut !== 0) this.lost(new MigrationError('peer-disconnected', this.hooks.phase(), 'the destination closed the main channel'));
+      if (!this.hooks.over() && this.shut !== 0) this.lostSeen(new MigrationError('peer-disconnected', this.hooks.phase(), 'the destination closed the main channel'), seenAt(this.main));
     });
     // A threaded link's main worker decodes the return path and keeps page requests to itself (ThreadedLinkHooks).
     if (!isThreaded(conn)) this.main.read((chunk) => this.onReturnPath(chunk));
@@ -124,23 +130,17 @@ export class Link {
     for (const ch of channels) {
       // The producer yields for all channels together (multifd-pass.ts): a quantum per channel would skew the round-robin.
       ch.setBulkYield(Number.POSITIVE_INFINITY);
+      // Idle in postcopy: their loss is ignored then. The destination shuts the other channels down when
+      // it loses one, and any of those losses can reach us first (each channel's worker runs on its own):
+      // the link names the one seen first (lostSeen).
       const lost = (e: unknown): void => {
-        if (this.shut !== 0 && !this.hooks.multifdIdle()) this.lost(e);
+        if (this.shut !== 0 && !this.hooks.multifdIdle()) this.lostSeen(e, seenAt(ch));
       };
-      // A destination that loses one multifd channel shuts the others down in order (QEMU's
-      // multifd_recv_terminate_threads): their FINs can reach us, on other threads, before the lost
-      // channel's reset. An orderly close waits MULTIFD_CLOSE_GRACE_MS, so a reset in that time is
-      // named as the cause; the link is dropped by the first loss reported, the later ones are ignored.
-      const closedByPeer = (e: unknown): void => {
-        setTimeout(() => {
-          if (!this.hooks.over()) lost(e);
-        }, MULTIFD_CLOSE_GRACE_MS);
-      };
-      ch.on('error', (e: unknown) => (TransportError.is(e) && e.code === 'closed' ? closedByPeer(e) : lost(e)));
+      ch.on('error', lost);
       ch.on('close', () => {
         if (this.hooks.over()) return;
         const what = `the destination closed the ${ch.name} channel`;
-        closedByPeer(new MigrationError('peer-disconnected', this.hooks.phase(), what, { cause: new TransportError('closed', what, { channel: ch.name }) }));
+        lost(new MigrationError('peer-disconnected', this.hooks.phase(), what, { cause: new TransportError('closed', what, { channel: ch.name }) }));
       });
       // A destination sends nothing on a multifd channel; reading finds its FIN (a worker reads its own).
       if (!isThreaded(conn)) ch.read(() => undefined);
@@ -175,6 +175,36 @@ export class Link {
   private lost(e: unknown): void {
     if (this.dropped) return;
     this.hooks.onLost(this, e);
+  }
+
+  /** Losses seen while multifd channels carry precopy, held for LOSS_WINDOW_MS (see lostSeen). */
+  private losses: { e: unknown; at: number }[] | undefined;
+
+  /**
+   * A channel's loss, seen at `at` (lossClock). While multifd channels carry
+   * precopy, the destination's reaction to one lost channel (it shuts the
+   * others down) can be reported before the loss itself, from another
+   * thread: the losses of LOSS_WINDOW_MS are gathered and the one seen first
+   * fails the link. Otherwise at once. Failure path only.
+   */
+  private lostSeen(e: unknown, at: number): void {
+    if (this.dropped) return;
+    if (this.multifdChannels === 0 || this.hooks.multifdIdle()) {
+      this.lost(e);
+      return;
+    }
+    if (!this.losses) {
+      const losses: { e: unknown; at: number }[] = [];
+      this.losses = losses;
+      setTimeout(() => {
+        this.losses = undefined;
+        if (this.hooks.over()) return;
+        let first = losses[0]!;
+        for (const l of losses) if (l.at < first.at) first = l;
+        this.lost(first.e);
+      }, LOSS_WINDOW_MS);
+    }
+    this.losses.push({ e, at });
   }
 
   private onReturnPath(chunk: Buffer): void {

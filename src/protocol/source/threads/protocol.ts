@@ -154,5 +154,6 @@ export type FromWorker =
   | { readonly t: 'stats'; readonly stats: ChannelStats; readonly unacked: number | undefined; readonly writable: number; readonly counts: CountDelta; readonly cpuSeconds: number; readonly reads?: ReadCounts }
   /** Reading the pages to send failed: the migration fails ('storage'), in postcopy too. */
   | { readonly t: 'storage-error'; readonly error: WireStorageError }
-  | { readonly t: 'error'; readonly error: WireError }
-  | { readonly t: 'close' };
+  /** `at`: when the worker saw it (performance.timeOrigin + now(), comparable across threads): the link names the first of several losses. */
+  | { readonly t: 'error'; readonly error: WireError; readonly at: number }
+  | { readonly t: 'close'; readonly at: number };

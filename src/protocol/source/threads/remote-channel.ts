@@ -38,6 +38,8 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
   private writable = 0;
   private closed = false;
   private failure: TransportError | undefined;
+  /** When its worker saw the channel fail or close (lossClock), for the link to name the first of several losses. */
+  lostAt: number | undefined;
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
   private exited = false;
@@ -118,9 +120,11 @@ export class RemoteChannel extends EventEmitter<{ error: [TransportError]; close
         this.hooks.onCounts(m.counts);
         return;
       case 'error':
+        this.lostAt ??= m.at;
         this.fail(transportError(m.error, this.name));
         return;
       case 'close':
+        this.lostAt ??= m.at;
         // Calls still waiting get their answer from the worker (a flush resolves on a clean close,
         // as Channel.flush does), or fail when its thread exits right after.
         if (!this.closed) {

@@ -15,6 +15,7 @@ import type { StorageError } from '../../errors.js';
 import type { BlockState } from '../pages.js';
 import { FilePages, MemoryPages, type PageBatch, type WorkerPages } from './page-batches.js';
 import type { ChannelWorkerData, CountDelta, FromWorker, ToWorker, WireError } from './protocol.js';
+import { lossClock } from '../loss-clock.js';
 
 /** A session cache that starts from the main channel's latest ticket (posted from the caller's thread). */
 class GivenTicket extends TlsSessionCache {
@@ -202,10 +203,10 @@ export function runChannelWorker(hooks: WorkerHooks): void {
       }
       const c = new Channel(s, data.role, data.tuning, data.limits, data.multifd?.id);
       ch = c;
-      c.on('error', (e) => post({ t: 'error', error: wireError(e) }));
+      c.on('error', (e) => post({ t: 'error', error: wireError(e), at: lossClock() }));
       c.on('close', () => {
         report();
-        post({ t: 'close' });
+        post({ t: 'close', at: lossClock() });
         // Closed by the peer (QEMU closes the preempt channel at the end, its multifd channels too): the caller's
         // thread sends nothing more to a closed channel, so the thread ends now rather than wait to be terminated.
         // After the answers this close settles (a flush that waited on the socket resolves on its
