@@ -247,7 +247,8 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         await relay.waitConnections(3);
         // The first pass is under way: pages flow on the multifd connections.
         await pollMigration(src, (m) => (m.ram?.['multifd-bytes'] ?? m.ram?.transferred ?? 0) > 4 * MiB, 'multifd bytes > 4 MiB', 30_000);
-        const multifd = relay.connections.filter((c) => c.srcToDst.data().readUInt32BE(0) === 0x11223344);
+        // A connection that has not yet sent 4 bytes is not one (main, or a channel still in its handshake).
+        const multifd = relay.connections.filter((c) => c.srcToDst.data().length >= 4 && c.srcToDst.data().readUInt32BE(0) === 0x11223344);
         expect(multifd).toHaveLength(2);
         const victim = multifd[1]!;
         const id = victim.srcToDst.data()[24]!;

@@ -98,7 +98,16 @@ describeWithQemu('a saved VM captured by qmt receive, restored unchanged by qmt 
         await new Promise((r) => setTimeout(r, 800));
         run.child.kill('SIGUSR1');
       }
-      const { code, stdout, stderr } = await run.exit;
+      // A run that hangs (seen twice under CI load with 'manual', not reproduced since) is stopped and
+      // described: qmt's own stderr and QEMU's migration state, instead of a bare test timeout.
+      const hung = setTimeout(() => {
+        void q
+          .queryMigrate()
+          .catch(() => undefined)
+          .then((info) => console.log(`[saved-vm] ${label}: hung after 90 s; QEMU ${JSON.stringify(info)}`));
+        run.child.kill('SIGINT');
+      }, 90_000);
+      const { code, stdout, stderr } = await run.exit.finally(() => clearTimeout(hung));
       expect(stderr).not.toMatch(/^\s+at /m);
       expect(code, `${stderr}\nQEMU: ${q.stderrTail(800)}`).toBe(0);
       const report = JSON.parse(stdout) as JsonEnvelope & SendJson;
