@@ -30,6 +30,14 @@ export interface LinkHooks {
   multifdIdle(): boolean;
 }
 
+/** How long a link with multifd channels in precopy gathers channel losses before it names the first (lostSeen). */
+const LOSS_WINDOW_MS = 100;
+
+/** When a channel's loss was seen: its worker's stamp for a threaded channel, else now (this thread saw it). */
+function seenAt(ch: Channel): number {
+  return (ch as unknown as { lostAt?: number }).lostAt ?? lossClock();
+}
+
 /**
  * One connection of a source migration: its channels, the return-path
  * decoder and what the destination has said on it (PONGs, SHUT, received
@@ -40,14 +48,6 @@ export interface LinkHooks {
  * (the block list, postcopy-advised) belongs to the migration's stream, which
  * a new link continues (only CONTINUE restarts).
  */
-/** How long a link with multifd channels in precopy gathers channel losses before it names the first (lostSeen). */
-const LOSS_WINDOW_MS = 100;
-
-/** When a channel's loss was seen: its worker's stamp for a threaded channel, else now (this thread saw it). */
-function seenAt(ch: Channel): number {
-  return (ch as unknown as { lostAt?: number }).lostAt ?? lossClock();
-}
-
 export class Link {
   readonly main: Channel;
   preempt: Channel | undefined;
