@@ -7,6 +7,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import type { PageBitmap } from '../stream/bitmap.js';
+import { zeroAbsentPages } from './block-files.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
 import { StreamDecoder, type DeviceSectionSize } from '../stream/decoder.js';
 import { StreamError } from '../stream/errors.js';
@@ -230,15 +231,7 @@ export class MappedRamFile {
     const view = into.subarray(at, at + len);
     const n = await this.reader.read(view, mappedRamPagePosition(block.header, offset));
     if (n !== len) throw new StreamError('truncated', mappedRamPagePosition(block.header, offset) + n, `pages of RAM block "${block.idstr}" end early`);
-    const first = offset / PAGE;
-    for (let p = first; p < first + count; ) {
-      const clear = block.present.nextClear(p, first + count);
-      if (clear < 0) break;
-      const set = block.present.next(clear, first + count);
-      const end = set < 0 ? first + count : set;
-      view.fill(0, (clear - first) * PAGE, (end - first) * PAGE);
-      p = end;
-    }
+    zeroAbsentPages(block.present, offset / PAGE, count, view, 0);
   }
 
   async close(): Promise<void> {

@@ -1,9 +1,11 @@
 import * as nodeFs from 'node:fs';
 import { join } from 'node:path';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
-import type { BlockFile } from './block-files.js';
+import { PageBitmap } from '../stream/bitmap.js';
+import { presentSpan, zeroAbsentPages, type BlockFile } from './block-files.js';
 import { StorageError } from './errors.js';
 import { checkPageRun } from './memory.js';
+import type { MappedRamFile } from './mapped-ram-file.js';
 import type { GuestMemorySource, SourceBlock } from './memory-source.js';
 import { readSavedVmManifest, type SavedVmManifest } from './saved-vm.js';
 
@@ -64,12 +66,25 @@ export interface SavedVmSourceStats {
   openFiles: number;
 }
 
+/** One block as the constructor takes it: where its pages are. */
+interface SavedFileBlock {
+  readonly idstr: string;
+  readonly length: number;
+  readonly path: string;
+  readonly base: number;
+  readonly present?: PageBitmap;
+}
+
 interface Block {
   readonly idstr: string;
   readonly index: number;
   readonly length: number;
   readonly path: string;
   readonly fd: number;
+  /** File position of the block's page 0. */
+  readonly base: number;
+  /** Pages the file holds (a mapped-ram file's bitmap, shared with the channels' threads); undefined: all. */
+  readonly present: PageBitmap | undefined;
   /** Live runs by run number (offset / runBytes): at most the slots' worth. */
   readonly runs: Map<number, RunEntry>;
 }
@@ -97,8 +112,10 @@ interface RunEntry {
 }
 
 /**
- * A saved VM (the directory `qmt receive` writes) as a source: RAM is read
- * from the per-block files in runs of `runBytes` (1 MiB), asynchronously and
+ * A saved VM as a source — the directory `qmt receive` writes (a file per
+ * block) or QEMU's own mapped-ram file (every block at its offset in one
+ * file, zero pages absent from its bitmap and never read): RAM is read
+ * from the files in runs of `runBytes` (1 MiB), asynchronously and
  * ahead of the scan (`readAheadRuns`, at most `maxReads` in flight), into a
  * fixed ring of buffers, so memory use does not depend on the guest size and
  * a sequential scan (readPages) almost never waits. A page asked for out of
@@ -112,6 +129,8 @@ interface RunEntry {
  */
 export class SavedVmSource implements GuestMemorySource {
   private readonly byName = new Map<string, Block>();
+  /** Open descriptors by path. */
+  private readonly fds = new Map<string, number>();
   private readonly list: Block[] = [];
   private readonly sourceBlocks: SourceBlock[];
   private readonly fs: SavedVmSourceFs;
@@ -137,8 +156,9 @@ export class SavedVmSource implements GuestMemorySource {
   private readonly c: SavedVmSourceStats = { runsRead: 0, pagesReadAlone: 0, hits: 0, waits: 0, syncReads: 0, ownBuffers: 0, readsInFlight: 0, bytesRead: 0, openFiles: 0 };
 
   private constructor(
-    readonly dir: string,
-    readonly manifest: SavedVmManifest,
+    /** The saved VM: its directory, or the mapped-ram file. */
+    readonly path: string,
+    files: readonly SavedFileBlock[],
     opts: SavedVmSourceOptions,
   ) {
     this.fs = opts.fs ?? NODE_FS;
@@ -154,20 +174,23 @@ export class SavedVmSource implements GuestMemorySource {
     // behind the cursor, the one at it, those read ahead, and one to spare.
     this.slotCount = Math.ceil(this.reuseAfterBytes / this.runBytes) + this.readAhead + 2;
     this.closedPromise = new Promise((res) => (this.whenClosedResolve = res));
-    this.sourceBlocks = manifest.blocks.map((b) => ({ idstr: b.idstr, length: b.length }));
+    this.sourceBlocks = files.map((b) => ({ idstr: b.idstr, length: b.length }));
     try {
-      for (const b of manifest.blocks) {
-        const path = join(dir, b.file);
-        let fd: number;
-        try {
-          fd = this.fs.openSync(path, 'r');
-        } catch (e) {
-          throw new StorageError('open', path, 0, e);
+      for (const b of files) {
+        // One descriptor per file: a mapped-ram file's blocks share one.
+        let fd = this.fds.get(b.path);
+        if (fd === undefined) {
+          try {
+            fd = this.fs.openSync(b.path, 'r');
+          } catch (e) {
+            throw new StorageError('open', b.path, 0, e);
+          }
+          this.fds.set(b.path, fd);
+          this.c.openFiles++;
         }
-        const block: Block = { idstr: b.idstr, index: this.list.length, length: b.length, path, fd, runs: new Map() };
+        const block: Block = { idstr: b.idstr, index: this.list.length, length: b.length, path: b.path, fd, base: b.base, present: b.present, runs: new Map() };
         this.list.push(block);
         this.byName.set(b.idstr, block);
-        this.c.openFiles++;
       }
     } catch (e) {
       this.close();
@@ -175,10 +198,39 @@ export class SavedVmSource implements GuestMemorySource {
     }
   }
 
+  /** The saved VM in `dir` (the directory `qmt receive` writes); refused unless its capture completed. */
   static async open(dir: string, opts: SavedVmSourceOptions = {}): Promise<SavedVmSource> {
     const m = await readSavedVmManifest(dir);
     if (!m.complete) throw new Error(`${dir}: the saved VM is incomplete (${m.error?.code ?? 'unknown'}: ${m.error?.message ?? ''})`);
-    return new SavedVmSource(dir, m, opts);
+    return SavedVmSource.fromManifest(dir, m, opts);
+  }
+
+  /** The block files a manifest lists (read and checked by the caller). */
+  static fromManifest(dir: string, m: SavedVmManifest, opts: SavedVmSourceOptions = {}): SavedVmSource {
+    return new SavedVmSource(
+      dir,
+      m.blocks.map((b) => ({ idstr: b.idstr, length: b.length, path: join(dir, b.file), base: 0 })),
+      opts,
+    );
+  }
+
+  /**
+   * QEMU's saved-VM file (mapped-ram) at `path`, whose stream parts `file`
+   * has read and checked (MappedRamFile.open; it may be closed already):
+   * every block's pages are read at their fixed positions in the file, and
+   * a page whose bit is clear in the block's bitmap is zero without a read.
+   */
+  static fromMappedRam(path: string, file: MappedRamFile, opts: SavedVmSourceOptions = {}): SavedVmSource {
+    return new SavedVmSource(
+      path,
+      file.blocks.map((b) => {
+        // Shared, so that the channels' threads read the same bits (blockFiles()).
+        const present = new PageBitmap(b.present.pages, { shared: true });
+        present.assignBytes(b.present.bytes);
+        return { idstr: b.idstr, length: b.length, path, base: b.header.pagesOffset, present };
+      }),
+      opts,
+    );
   }
 
   blocks(): readonly SourceBlock[] {
@@ -197,7 +249,7 @@ export class SavedVmSource implements GuestMemorySource {
    */
   blockFiles(): readonly BlockFile[] {
     if (this.closed) throw new Error('SavedVmSource: used after close()');
-    return this.list.map((b) => ({ idstr: b.idstr, length: b.length, path: b.path, fd: b.fd, base: 0 }));
+    return this.list.map((b) => ({ idstr: b.idstr, length: b.length, path: b.path, fd: b.fd, base: b.base, ...(b.present ? { present: b.present.buffer } : {}) }));
   }
 
   syncDirty(): void {}
@@ -429,23 +481,40 @@ export class SavedVmSource implements GuestMemorySource {
     return waits.length === 0 ? out : Promise.all(waits).then(() => out);
   }
 
+  /**
+   * Reads bytes [pos, pos + buf.length) of block b: only the span from the
+   * first present page to the last (a mapped-ram file's bitmap; all of it
+   * otherwise), the absent pages zero.
+   */
   private readAsync(b: Block, buf: Buffer, pos: number, done: (err: StorageError | undefined) => void): void {
+    const first = pos / PAGE;
+    const count = buf.length / PAGE;
+    const span = presentSpan(b.present, first, count);
+    if (!span) {
+      buf.fill(0);
+      queueMicrotask(() => done(undefined)); // as a read would: after the caller registered its waiters
+      return;
+    }
+    buf.fill(0, 0, span.from * PAGE);
+    buf.fill(0, span.to * PAGE);
+    const to = span.to * PAGE;
     this.c.readsInFlight++;
-    let got = 0;
+    let got = span.from * PAGE;
     const step = (): void => {
-      this.fs.read(b.fd, buf, got, buf.length - got, pos + got, (err, n) => {
-        if (err) return finish(new StorageError('read', b.path, pos + got, err));
+      this.fs.read(b.fd, buf, got, to - got, b.base + pos + got, (err, n) => {
+        if (err) return finish(new StorageError('read', b.path, b.base + pos + got, err));
         if (n === 0) {
-          buf.fill(0, got); // past the end of a short file: zeros, as a sparse file reads
+          buf.fill(0, got, to); // past the end of a short file: zeros, as a sparse file reads
           return finish(undefined);
         }
         got += n;
         this.c.bytesRead += n;
-        if (got < buf.length) step();
+        if (got < to) step();
         else finish(undefined);
       });
     };
     const finish = (err: StorageError | undefined): void => {
+      if (!err) zeroAbsentPages(b.present, first, count, buf, 0);
       this.c.readsInFlight--;
       done(err);
       this.maybeCloseFiles();
@@ -454,20 +523,28 @@ export class SavedVmSource implements GuestMemorySource {
   }
 
   private readSyncInto(b: Block, buf: Buffer, pos: number): void {
-    let got = 0;
+    const first = pos / PAGE;
+    const count = buf.length / PAGE;
+    const span = presentSpan(b.present, first, count);
+    buf.fill(0, 0, (span?.from ?? count) * PAGE);
+    if (!span) return;
+    buf.fill(0, span.to * PAGE);
+    const to = span.to * PAGE;
+    let got = span.from * PAGE;
     try {
-      while (got < buf.length) {
-        const n = this.fs.readSync(b.fd, buf, got, buf.length - got, pos + got);
+      while (got < to) {
+        const n = this.fs.readSync(b.fd, buf, got, to - got, b.base + pos + got);
         if (n === 0) {
-          buf.fill(0, got);
+          buf.fill(0, got, to);
           break;
         }
         got += n;
         this.c.bytesRead += n;
       }
     } catch (e) {
-      throw new StorageError('read', b.path, pos + got, e);
+      throw new StorageError('read', b.path, b.base + pos + got, e);
     }
+    zeroAbsentPages(b.present, first, count, buf, 0);
   }
 
   private maybeCloseFiles(): void {
@@ -475,15 +552,17 @@ export class SavedVmSource implements GuestMemorySource {
       if (this.closed && this.c.readsInFlight === 0) this.whenClosedResolve?.();
       return;
     }
-    const files = this.list.splice(0);
+    this.list.length = 0;
     this.byName.clear();
     this.last = undefined;
     this.slots.length = 0;
     this.syncBatch = undefined;
     this.lastRun = undefined;
-    let left = files.length;
-    for (const f of files) {
-      this.fs.close(f.fd, () => {
+    const fds = [...this.fds.values()];
+    this.fds.clear();
+    let left = fds.length;
+    for (const fd of fds) {
+      this.fs.close(fd, () => {
         this.c.openFiles--;
         if (--left === 0) this.whenClosedResolve?.();
       });

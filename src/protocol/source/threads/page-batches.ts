@@ -9,7 +9,8 @@
  */
 import * as fs from 'node:fs';
 import { TARGET_PAGE_SIZE } from '../../../stream/constants.js';
-import { filePosition, type BlockFile } from '../../block-files.js';
+import { filePosition, presentPages, presentSpan, zeroAbsentPages, type BlockFile } from '../../block-files.js';
+import type { PageBitmap } from '../../../stream/bitmap.js';
 import { StorageError } from '../../errors.js';
 import type { BlockState } from '../pages.js';
 
@@ -158,11 +159,14 @@ export class MemoryPages extends BatchPool implements WorkerPages {
  * Pages in the block files, read by this worker: a batch's runs are read
  * into its own buffer one after the other, one positioned read per run
  * (more only for a short read), all of them at once. A file shorter than
- * its block reads as zeros past its end, as a sparse file does.
+ * its block reads as zeros past its end, as a sparse file does. With a
+ * bitmap of present pages (a mapped-ram file) a run reads only the span
+ * from its first present page to its last, and its absent pages are zero.
  */
 export class FilePages extends BatchPool implements WorkerPages {
   readonly files = true;
   readonly counts: ReadCounts = { reads: 0, bytes: 0, waits: 0 };
+  private readonly present: (PageBitmap | undefined)[];
 
   constructor(
     private readonly blockFiles: readonly BlockFile[],
@@ -170,6 +174,7 @@ export class FilePages extends BatchPool implements WorkerPages {
     maxBatches: number,
   ) {
     super(batchPages, maxBatches);
+    this.present = blockFiles.map(presentPages);
   }
 
   protected make(): PageBatch {
@@ -178,6 +183,7 @@ export class FilePages extends BatchPool implements WorkerPages {
 
   load(b: PageBatch): void {
     const f = this.blockFiles[b.st.index]!;
+    const present = this.present[b.st.index];
     const slab = b.slab!;
     b.data = slab;
     let left = b.runs;
@@ -193,9 +199,23 @@ export class FilePages extends BatchPool implements WorkerPages {
     };
     for (let i = 0; i < b.runs; i++) {
       b.at[i] = off;
-      const len = b.count[i]! * PAGE;
-      this.readFully(f, slab, off, len, filePosition(f, b.first[i]! * PAGE), done);
-      off += len;
+      const first = b.first[i]!;
+      const count = b.count[i]!;
+      const at = off;
+      off += count * PAGE;
+      const span = presentSpan(present, first, count);
+      if (!span) {
+        slab.fill(0, at, at + count * PAGE);
+        done(undefined);
+        continue;
+      }
+      slab.fill(0, at, at + span.from * PAGE);
+      slab.fill(0, at + span.to * PAGE, at + count * PAGE);
+      const from = at + span.from * PAGE;
+      this.readFully(f, slab, from, (span.to - span.from) * PAGE, filePosition(f, (first + span.from) * PAGE), (err) => {
+        if (!err) zeroAbsentPages(present, first, count, slab, at);
+        done(err);
+      });
     }
   }
 
