@@ -1,29 +1,37 @@
 /**
- * `qmt send`: restore a saved VM (the directory `qmt receive` writes) into a
+ * `qmt send`: restore a saved VM (the directory `qmt receive` writes, or a
+ * mapped-ram file QEMU or `qmt receive --format mapped-ram` wrote) into a
  * waiting QEMU 10.0 destination (or `qmt receive`), as the source of a live
  * migration. With postcopy the destination runs the VM at once and its memory
  * follows on demand (a lazy restore: `--postcopy after:0`).
  */
 import { readFileSync, statSync } from 'node:fs';
+import { stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { MigrationError } from '../protocol/errors.js';
-import { SavedVmSource } from '../protocol/memory-source.js';
+import { MappedRamFile } from '../protocol/mapped-ram-file.js';
+import { SavedVmSource, type SavedVmSourceOptions } from '../protocol/memory-source.js';
 import type { ThreadMode } from '../transport/worker/support.js';
 import { parsePostcopyPolicy, type PostcopyPolicy } from '../protocol/postcopy-policy.js';
 import { readSavedVmManifest, type SavedVmManifest } from '../protocol/saved-vm.js';
 import { SourceSession, type DeviceStateSection, type SourceStats } from '../protocol/source.js';
 import { MAX_MULTIFD_CHANNELS, sourceUnsentBytes } from '../protocol/source/options.js';
 import { TARGET_PAGE_SIZE } from '../stream/constants.js';
+import { StreamError } from '../stream/errors.js';
 import { parseEndpoint } from '../transport/endpoint.js';
-import { asArgParser, checkInputDirectory, endpointArg } from './args.js';
-import { describeError } from './errors.js';
+import { asArgParser, endpointArg } from './args.js';
+import { CliError, describeError } from './errors.js';
 import { sourceStatsJson, type SourceStatsJson } from './json.js';
 import { run, type CommandContext, type CommandOutcome } from './run.js';
 import { PROGRESS_MODES, Progress, formatBytes, formatDuration, formatMicros, type ProgressMode } from './progress.js';
 
 export interface SendOptions {
-  /** The saved-VM directory (manifest.json, ram/, devices/) written by `qmt receive`. */
+  /**
+   * The saved VM: a directory `qmt receive` wrote (manifest.json, ram/,
+   * devices/), or a mapped-ram file (QEMU's `migrate file:` with capability
+   * mapped-ram, or `qmt receive --format mapped-ram`).
+   */
   from: string;
   /** Where the destination listens: `tcp:HOST:PORT` or `unix:PATH`. */
   to: string;
@@ -100,6 +108,8 @@ export interface SendPauseControl {
 export interface SendReport {
   ok: boolean;
   from: string;
+  /** What `from` is: a saved-VM directory or a mapped-ram file (null when it could not be read). */
+  format: SavedVmFormat | null;
   to: string;
   tls: boolean;
   /** The policy as given: never | manual | auto | after:N. */
@@ -143,7 +153,7 @@ function policyName(p: PostcopyPolicy): string {
  * a machine type, device sections QEMU can load as FULL sections, and every
  * file present with the size the manifest says.
  */
-export async function checkSavedVm(dir: string, policy: PostcopyPolicy): Promise<{ manifest: SavedVmManifest; devices: DeviceStateSection[]; vmdesc: Uint8Array | undefined }> {
+export async function checkSavedVm(dir: string, policy: PostcopyPolicy): Promise<SavedVmInput> {
   let m: SavedVmManifest;
   try {
     m = await readSavedVmManifest(dir);
@@ -189,7 +199,78 @@ export async function checkSavedVm(dir: string, policy: PostcopyPolicy): Promise
       throw new SendError('saved-vm', `${dir}: ${m.vmdesc} (the VM description) is missing or unreadable`);
     }
   }
-  return { manifest: m, devices, vmdesc };
+  return {
+    format: 'directory',
+    machineType: m.machineType,
+    blocks: m.blocks.map((b) => ({ idstr: b.idstr, length: b.length })),
+    devices,
+    vmdesc,
+    source: (opts) => SavedVmSource.fromManifest(dir, m, opts),
+  };
+}
+
+/**
+ * Reads and checks a mapped-ram file before anything is sent: a complete,
+ * well-formed file (its stream parts and bitmaps; pages are read as they are
+ * sent), a machine type, and device sections QEMU can load as FULL sections.
+ */
+export async function checkMappedRamVm(path: string): Promise<SavedVmInput> {
+  let file: MappedRamFile;
+  try {
+    file = await MappedRamFile.open(path);
+  } catch (e) {
+    if (e instanceof StreamError) {
+      if (e.code === 'incomplete') throw new SendError('incomplete-saved-vm', `${path}: the mapped-ram file is incomplete (${e.message}); only a complete capture can be restored`);
+      throw new SendError('saved-vm', `${path}: not a saved VM qmt can send: ${e.code} at offset ${e.offset}: ${e.message}`);
+    }
+    throw e;
+  }
+  try {
+    const machineType = file.configuration?.machineType;
+    if (!machineType) throw new SendError('saved-vm', `${path}: the mapped-ram file has no configuration section (no machine type)`);
+    const devices: DeviceStateSection[] = [];
+    for (const d of file.devices) {
+      if (d.kind !== 'full') throw new SendError('saved-vm', `${path}: device section "${d.idstr}" is a ${d.kind.toUpperCase()} section: only FULL device sections can be sent`);
+      // Copied: the file's read buffers are not ours to keep.
+      devices.push({ sectionId: d.sectionId, idstr: d.idstr, instanceId: d.instanceId, versionId: d.versionId, data: Buffer.from(d.data) });
+    }
+    return {
+      format: 'mapped-ram',
+      machineType,
+      blocks: file.blocks.map((b) => ({ idstr: b.idstr, length: b.length })),
+      devices,
+      vmdesc: file.vmdesc ? Buffer.from(file.vmdesc) : undefined,
+      source: (opts) => SavedVmSource.fromMappedRam(path, file, opts),
+    };
+  } finally {
+    await file.close();
+  }
+}
+
+/** What `--from` names. */
+export type SavedVmFormat = 'directory' | 'mapped-ram';
+
+/** A saved VM read and checked, ready to send: what the session needs, and its pages' source. */
+export interface SavedVmInput {
+  readonly format: SavedVmFormat;
+  readonly machineType: string;
+  readonly blocks: readonly { idstr: string; length: number }[];
+  readonly devices: DeviceStateSection[];
+  readonly vmdesc: Uint8Array | undefined;
+  /** Opens the files to read the pages from (close() it afterwards). */
+  source(opts: SavedVmSourceOptions): SavedVmSource;
+}
+
+/** A saved VM at `path`: a directory (qmt's) or a file (mapped-ram), each read and checked. */
+export async function readSavedVmInput(path: string, policy: PostcopyPolicy): Promise<SavedVmInput> {
+  let st;
+  try {
+    st = await stat(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new CliError('not-found', `${path}: no such file or directory (--from, the saved VM)`, { cause: e });
+    throw e;
+  }
+  return st.isDirectory() ? checkSavedVm(path, policy) : checkMappedRamVm(path);
 }
 
 function fileSize(path: string): number | undefined {
@@ -214,6 +295,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
   const report: SendReport = {
     ok: false,
     from,
+    format: null,
     to: opts.to,
     tls: opts.tls !== undefined,
     policy: policyName(policy),
@@ -229,18 +311,19 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
 
   let source: SavedVmSource | undefined;
   let session: SourceSession;
-  let saved: Awaited<ReturnType<typeof checkSavedVm>>;
+  let saved: SavedVmInput;
   try {
     parseEndpoint(opts.to);
     if (opts.preempt && policy === 'never') throw new SendError('usage', '--preempt needs --postcopy manual, auto or after:N');
     if (opts.tlsHostname !== undefined && opts.tls === undefined) throw new SendError('usage', '--tls-hostname needs --tls');
     if (opts.tlsAllow?.length && opts.tls === undefined) throw new SendError('usage', '--tls-allow needs --tls');
-    saved = await checkSavedVm(from, policy);
-    report.machineType = saved.manifest.machineType;
+    saved = await readSavedVmInput(from, policy);
+    report.format = saved.format;
+    report.machineType = saved.machineType;
     const multifd = opts.multifd ? { channels: opts.multifd } : undefined;
     // The saved VM's read buffers must outlast every page the channels may still hold by reference
     // (one thread; with threads each channel's worker reads into buffers of its own).
-    source = await SavedVmSource.open(from, multifd ? { reuseAfterBytes: Math.max(32 << 20, 2 * sourceUnsentBytes({ multifd })) } : {});
+    source = saved.source(multifd ? { reuseAfterBytes: Math.max(32 << 20, 2 * sourceUnsentBytes({ multifd })) } : {});
     session = new SourceSession({
       threads: opts.threads ?? 'auto',
       to: opts.to,
@@ -248,7 +331,7 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
         ? { tls: { dir: opts.tls, ...(opts.tlsHostname ? { hostname: opts.tlsHostname } : {}), ...(opts.tlsAllow?.length ? { allowedPeers: opts.tlsAllow } : {}) } }
         : {},
       memory: source,
-      machineType: saved.manifest.machineType!,
+      machineType: saved.machineType,
       devices: saved.devices,
       ...(saved.vmdesc ? { vmdesc: saved.vmdesc } : {}),
       postcopy: policy,
@@ -265,11 +348,11 @@ export async function sendSavedVm(opts: SendOptions): Promise<SendReport> {
     return report;
   }
 
-  const m = saved.manifest;
+  const m = saved;
   const s = session;
   const totalPages = m.blocks.reduce((n, b) => n + b.length / TARGET_PAGE_SIZE, 0);
   const ramBytes = m.blocks.reduce((n, b) => n + b.length, 0);
-  progress.log(`saved VM ${from}: ${m.machineType}, ${m.blocks.length} RAM blocks (${formatBytes(ramBytes)}), ${m.devices.length} device sections`);
+  progress.log(`saved VM ${from}${m.format === 'mapped-ram' ? ' (mapped-ram)' : ''}: ${m.machineType}, ${m.blocks.length} RAM blocks (${formatBytes(ramBytes)}), ${m.devices.length} device sections`);
 
   let phase: string = 'connecting';
   const refresh = (): void => {
@@ -441,6 +524,8 @@ interface SendCliOptions {
 /** The fields of `qmt send --json` after the envelope (README "JSON output"). */
 export interface SendJson {
   from: string;
+  /** directory | mapped-ram (null when --from could not be read). */
+  format: SavedVmFormat | null;
   to: string;
   tls: boolean;
   policy: string;
@@ -457,6 +542,7 @@ export interface SendJson {
 export function sendJson(r: SendReport): SendJson {
   return {
     from: r.from,
+    format: r.format,
     to: r.to,
     tls: r.tls,
     policy: r.policy,
@@ -484,7 +570,6 @@ export async function runSendCommand(ctx: CommandContext, o: SendCliOptions): Pr
   const onLine = (): void => switchNow?.();
   const stdin = process.stdin;
   const readEnter = o.postcopy === 'manual' && stdin.isTTY === true;
-  await checkInputDirectory(o.from, '--from, the saved VM');
   let r: SendReport;
   try {
     r = await sendSavedVm({
@@ -534,8 +619,8 @@ export async function runSendCommand(ctx: CommandContext, o: SendCliOptions): Pr
 export function registerSendCommand(program: Command): Command {
   return program
     .command('send')
-    .description('restore a saved VM (from qmt receive) into a waiting QEMU 10 destination; with postcopy the VM runs at once and its memory follows on demand')
-    .requiredOption('--from <dir>', 'saved-VM directory written by qmt receive')
+    .description("restore a saved VM (from qmt receive, or QEMU's own mapped-ram file) into a waiting QEMU 10 destination; with postcopy the VM runs at once and its memory follows on demand")
+    .requiredOption('--from <path>', 'the saved VM: a directory written by qmt receive, or a mapped-ram file (QEMU migrate file: with mapped-ram, or qmt receive --format mapped-ram)')
     .requiredOption('--to <uri>', 'where the destination listens: tcp:HOST:PORT or unix:PATH', endpointArg)
     .option('--tls <dir>', 'QEMU tls-creds-x509 directory (client side: ca-cert.pem, client-cert.pem, client-key.pem): TLS on every channel')
     .option('--tls-hostname <name>', "name the destination's certificate must carry (default: the host of --to)")

@@ -15,7 +15,7 @@
  * channel. Then the same through the `qmt send` command (child process).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -29,7 +29,9 @@ import { SavedVmSource } from '../../src/protocol/memory-source.js';
 import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import { MANIFEST, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
+import { INCOMPLETE_MAGIC } from '../../src/stream/mapped-ram.js';
 import { initPkiDir } from '../../src/transport/pki.js';
+import { loadMappedRam } from '../stream/mapped-ram-fixtures.js';
 import { liveQemus, stopAll } from './harness.js';
 import { describeWithQemu } from './require-qemu.js';
 
@@ -376,6 +378,36 @@ describe('qmt send refuses what it cannot restore', () => {
     r = await qmtSend(['--from', ok, '--to', 'tcp:127.0.0.1:1']).exit;
     expect(r.code).toBe(1);
     expect(lastLine(r.stderr)).toMatch(/^qmt: connect-failed: \(main channel\) connect ECONNREFUSED 127\.0\.0\.1:1/);
+  });
+
+  it('a mapped-ram file: an incomplete one, a cut one, a stream that is not mapped-ram, a missing path: exit 1, one line naming why', async () => {
+    const capture = loadMappedRam('mapped-ram-paused');
+    const incomplete = join(dir, 'incomplete.mapped-ram');
+    // What qmt receive --format mapped-ram leaves until it is done: "QMTP" where "QEVM" will be.
+    const q = Buffer.from(capture.bytes);
+    q.writeUInt32BE(INCOMPLETE_MAGIC, 0);
+    writeFileSync(incomplete, q);
+    let r = await qmtSend(['--from', incomplete, '--to', 'tcp:127.0.0.1:1', '--json']).exit;
+    expect(r.code).toBe(1);
+    expect(lastLine(r.stderr)).toMatch(new RegExp(`^qmt: incomplete-saved-vm: ${incomplete}: the mapped-ram file is incomplete \\(.+\\); only a complete capture can be restored$`));
+    expect(JSON.parse(r.stdout)).toMatchObject({ ok: false, format: null, error: { code: 'incomplete-saved-vm' }, stats: null });
+
+    const cut = join(dir, 'cut.mapped-ram');
+    writeFileSync(cut, capture.bytes.subarray(0, 3 * MiB));
+    r = await qmtSend(['--from', cut, '--to', 'tcp:127.0.0.1:1']).exit;
+    expect(r.code).toBe(1);
+    expect(lastLine(r.stderr)).toMatch(new RegExp(`^qmt: saved-vm: ${cut}: not a saved VM qmt can send: truncated at offset \\d+: the (bitmap|pages) of RAM block "pc.ram"`));
+
+    const plain = join(dir, 'plain.bin');
+    writeFileSync(plain, readFileSync(join(ROOT, 'test', 'fixtures', 'paused-guest.bin')));
+    r = await qmtSend(['--from', plain, '--to', 'tcp:127.0.0.1:1']).exit;
+    expect(r.code).toBe(1);
+    expect(lastLine(r.stderr)).toBe(`qmt: saved-vm: ${plain}: not a saved VM qmt can send: unsupported at offset 0: not a mapped-ram file (its configuration does not list the mapped-ram capability)`);
+
+    const missing = join(dir, 'no-such-vm');
+    r = await qmtSend(['--from', missing, '--to', 'tcp:127.0.0.1:1']).exit;
+    expect(r.code).toBe(1);
+    expect(lastLine(r.stderr)).toBe(`qmt: not-found: ${missing}: no such file or directory (--from, the saved VM)`);
   });
 
   it('--tls-allow: a destination whose valid certificate names none of the peers is refused, typed, in one line; a named one gets the saved VM', async () => {
