@@ -18,6 +18,11 @@
  *   restore: `qmt send --from DIR` → a waiting QEMU (plain, TLS; DIR = this
  *            round's saved VM of the same kind) next to QEMU → QEMU;
  *            QEMU's own `migrate-incoming file:F` of this round's F.
+ *   mapped-ram (issue 14, QEMU's saved-VM file format): QEMU →
+ *            `qmt receive --format mapped-ram --out F` (durable at exit)
+ *            next to QEMU's own mapped-ram `migrate file:` + fsync; QEMU
+ *            loading our F next to QEMU loading its own; `qmt send --from`
+ *            QEMU's F → a waiting QEMU next to QEMU loading that F.
  *            Timed from the destination's first MIGRATION event (the
  *            connection, or the file opened) to its `completed`; `qmt send`'s
  *            time from its spawn (node start-up included) is shown too.
@@ -40,7 +45,17 @@ import type { QemuProcess } from './lib/qemu.js';
 
 const MiB = 1024 * 1024;
 
-export type SavedRow = 'qemu-qemu' | 'qemu-receive' | 'file-save' | 'send-qemu' | 'file-restore';
+export type SavedRow = 'qemu-qemu' | 'qemu-receive' | 'file-save' | 'send-qemu' | 'file-restore' | MappedRamRow;
+/** Issue 14's rows: QEMU's saved-VM file format (capability mapped-ram), each next to QEMU doing the same. */
+export type MappedRamRow = 'mr-receive' | 'mr-file-save' | 'mr-load-ours' | 'mr-file-restore' | 'mr-send-qemu';
+/** The baseline of each mapped-ram row: QEMU's own save, or QEMU's own restore of its own file. */
+const MR_BASELINE: Record<MappedRamRow, MappedRamRow> = {
+  'mr-receive': 'mr-file-save',
+  'mr-file-save': 'mr-file-save',
+  'mr-load-ours': 'mr-file-restore',
+  'mr-file-restore': 'mr-file-restore',
+  'mr-send-qemu': 'mr-file-restore',
+};
 export type Kind = 'plain' | 'tls';
 
 export interface SavedRun {
@@ -151,9 +166,9 @@ async function qemuToQemu(env: Env, tls: boolean): Promise<SavedRun> {
 const diff = (a: number | undefined, b: number | undefined): number | undefined => (a === undefined || b === undefined ? undefined : b - a);
 const cliCpu = (r: QmtCliResult): number | undefined => (r.cpu ? r.cpu.userS + r.cpu.systemS : undefined);
 
-async function qemuToReceive(env: Env, tls: boolean, out: string): Promise<SavedRun> {
+async function qemuToReceive(env: Env, tls: boolean, out: string, mappedRam = false): Promise<SavedRun> {
   const { q, src, mib, pkiDir } = env;
-  const args = ['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--progress', 'none', '--json', ...(tls ? ['--tls', pkiDir] : [])];
+  const args = ['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--progress', 'none', '--json', ...(tls ? ['--tls', pkiDir] : []), ...(mappedRam ? ['--format', 'mapped-ram'] : [])];
   const recv = startQmtCli(args);
   try {
     const uri = (await recv.stderrMatches(/^qmt: listening on (\S+)/m))[1]!;
@@ -177,10 +192,11 @@ async function qemuToReceive(env: Env, tls: boolean, out: string): Promise<Saved
   }
 }
 
-async function fileSave(env: Env, file: string): Promise<SavedRun> {
+async function fileSave(env: Env, file: string, mappedRam = false): Promise<SavedRun> {
   const { q, src, mib } = env;
   try {
     await src.setParameters({ 'tls-creds': '', 'tls-hostname': '' });
+    if (mappedRam) await src.setCapabilities({ 'mapped-ram': true });
     const since = src.qmp.events.length;
     syncDisks();
     const c0 = processCpuSeconds(src.pid);
@@ -200,6 +216,8 @@ async function fileSave(env: Env, file: string): Promise<SavedRun> {
     const completed = eventUsSince(src, since, 'completed');
     return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpuSource: diff(c0, c1), cpuDest: undefined, extra: { fsyncMs: completed === undefined ? undefined : Math.round((durableUs - completed) / 1000) } };
   } finally {
+    // Off again: the other rows migrate over TCP, where mapped-ram is refused.
+    if (mappedRam) await src.setCapabilities({ 'mapped-ram': false });
     await resetSource(src);
   }
 }
@@ -228,10 +246,11 @@ async function sendToQemu(env: Env, tls: boolean, from: string): Promise<SavedRu
   }
 }
 
-async function fileRestore(env: Env, file: string): Promise<SavedRun> {
+async function fileRestore(env: Env, file: string, mappedRam = false): Promise<SavedRun> {
   const { q, mib } = env;
   const dst = await destinationQemu(env, 'saved-file-restore', false);
   try {
+    if (mappedRam) await dst.setCapabilities({ 'mapped-ram': true });
     const dsince = dst.qmp.events.length;
     syncDisks();
     const c0 = processCpuSeconds(dst.pid);
@@ -314,6 +333,23 @@ function markdown(d: SavedData): string {
     ],
     "timed from the destination's first MIGRATION event (the connection accepted, or the file opened) to its `completed` (QEMU → QEMU: as above). `qmt send` reads the saved VM `qmt receive` wrote in the same round; QEMU reads its own file of the same round; both were just written (in the page cache).",
   );
+  const mr: MappedRamRow[] = ['mr-file-save', 'mr-receive', 'mr-file-restore', 'mr-load-ours', 'mr-send-qemu'];
+  if (mr.some((r) => get(r, 'plain'))) {
+    lines.push(
+      "**mapped-ram (QEMU's saved-VM file format, issue 14)** — saves timed as above (to durable); loads from the destination's first MIGRATION event to its `completed`. Each row next to QEMU doing the same job in the same round: QEMU's own mapped-ram save, or QEMU loading its own mapped-ram file. The files were just written (in the page cache).",
+      '',
+      "| transfer | GB/s median (min–max) | runs (GB/s) | vs QEMU's own | CPU s/GB, source end | CPU s/GB, destination end |",
+      '|---|--:|---|--:|--:|--:|',
+    );
+    for (const row of mr) {
+      const v = get(row, 'plain');
+      if (!v) continue;
+      const base = MR_BASELINE[row];
+      const err = v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : '';
+      lines.push(`| ${SAVED_LABEL[row]}${err} | ${fmtStats(v.stats, 2)} | ${v.runs.map((r) => fmt(r.gbps, 2)).join(', ')} | ${base === row ? '1.00× (baseline)' : fmtRatio(v.stats?.median, get(base, 'plain')?.stats?.median)} | ${fmt(v.cpuPerGb?.source, 2)} | ${fmt(v.cpuPerGb?.dest, 2)} |`);
+    }
+    lines.push('');
+  }
   lines.push('Aims (issue 12), reported, not asserted:', '');
   for (const a of savedAims(d)) lines.push(`- ${a.what}: ${fmt(a.figure, 2)} vs ${fmt(a.baseline, 2)} GB/s = ${a.ratio === undefined ? '–' : `${fmt(a.ratio, 2)}×`}; aim ≥ ${a.aim}× — ${a.met === undefined ? 'not measured' : a.met ? 'met' : 'missed'}`);
   if (d.skipped) lines.push('', `Skipped: ${d.skipped}.`);
@@ -343,6 +379,12 @@ await runPart<SavedData>('saved', 'QEMU ↔ qmt: saving and restoring a VM', { m
     ['send-qemu', 'plain'],
     ['file-restore', 'plain'],
     ['send-qemu', 'tls'],
+    // Issue 14: the mapped-ram rows, interleaved with each other (each file is this round's).
+    ['mr-file-save', 'plain'],
+    ['mr-receive', 'plain'],
+    ['mr-file-restore', 'plain'],
+    ['mr-load-ours', 'plain'],
+    ['mr-send-qemu', 'plain'],
   ];
   for (const [row, kind] of order) data.variants.push({ row, kind, runs: [], errors: [] });
   const why = (await q.qemuUnavailable()) ?? builtCliProblem();
@@ -370,10 +412,22 @@ await runPart<SavedData>('saved', 'QEMU ↔ qmt: saving and restoring a VM', { m
     await mkdir(dir, { recursive: true });
     const saved: Record<Kind, string> = { plain: join(dir, 'vm-plain'), tls: join(dir, 'vm-tls') };
     const file = join(dir, 'qemu.mig');
+    const qemuMr = join(dir, 'qemu.mapped-ram');
+    const ourMr = join(dir, 'ours.mapped-ram');
     for (const v of data.variants) {
       try {
         const r =
-          v.row === 'qemu-qemu'
+          v.row === 'mr-file-save'
+            ? await fileSave(env, qemuMr, true)
+            : v.row === 'mr-receive'
+              ? await qemuToReceive(env, false, ourMr, true)
+              : v.row === 'mr-file-restore'
+                ? await fileRestore(env, qemuMr, true)
+                : v.row === 'mr-load-ours'
+                  ? await fileRestore(env, ourMr, true)
+                  : v.row === 'mr-send-qemu'
+                    ? await sendToQemu(env, false, qemuMr)
+                    : v.row === 'qemu-qemu'
             ? await qemuToQemu(env, v.kind === 'tls')
             : v.row === 'qemu-receive'
               ? await qemuToReceive(env, v.kind === 'tls', saved[v.kind])

@@ -16,6 +16,11 @@ export const SAVED_LABEL: Record<SavedRow, string> = {
   'file-save': "QEMU's own `migrate file:` + fsync",
   'send-qemu': '`qmt send` (saved VM) → QEMU',
   'file-restore': "QEMU's own `migrate-incoming file:`",
+  'mr-receive': 'QEMU → `qmt receive --format mapped-ram` (durable)',
+  'mr-file-save': "QEMU's own mapped-ram `migrate file:` + fsync",
+  'mr-load-ours': 'QEMU loads our mapped-ram file',
+  'mr-file-restore': 'QEMU loads its own mapped-ram file',
+  'mr-send-qemu': "`qmt send` (QEMU's mapped-ram file) → QEMU",
 };
 
 /** The aims of issue 12, as ratios of medians: [row, kind, baseline row, baseline kind, at least]. */
