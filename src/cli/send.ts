@@ -221,7 +221,7 @@ export async function checkMappedRamVm(path: string): Promise<SavedVmInput> {
   } catch (e) {
     if (e instanceof StreamError) {
       if (e.code === 'incomplete') throw new SendError('incomplete-saved-vm', `${path}: the mapped-ram file is incomplete (${e.message}); only a complete capture can be restored`);
-      throw new SendError('saved-vm', `${path}: not a saved VM qmt can send: ${e.code} at offset ${e.offset}: ${e.message}`);
+      throw new SendError('saved-vm', `${path}: not a saved VM (a directory from qmt receive, or a complete mapped-ram file): ${e.code} at offset ${e.offset}: ${e.message}`);
     }
     throw e;
   }

@@ -109,8 +109,9 @@ describe('qmt: bad invocations, one line each', () => {
     await check([
       [['send', '--from', DIR], 2, /^qmt: usage: required option '--to <uri>' not specified$/],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:99999'], 2, /^qmt: usage: option '--to <uri>' argument 'tcp:127\.0\.0\.1:99999' is invalid\. bad port/],
-      [['send', '--from', MISSING, '--to', 'tcp:127.0.0.1:1'], 1, new RegExp(`^qmt: not-found: ${esc(MISSING)}: no such directory \\(--from`)],
-      [['send', '--from', FILE, '--to', 'tcp:127.0.0.1:1'], 1, new RegExp(`^qmt: not-a-directory: ${esc(FILE)}: is a file, expected a directory \\(--from`)],
+      [['send', '--from', MISSING, '--to', 'tcp:127.0.0.1:1'], 1, new RegExp(`^qmt: not-found: ${esc(MISSING)}: no such file or directory \\(--from, the saved VM\\)$`)],
+      // A file is read as a mapped-ram file.
+      [['send', '--from', FILE, '--to', 'tcp:127.0.0.1:1'], 1, new RegExp(`^qmt: saved-vm: ${esc(FILE)}: not a saved VM \\(a directory from qmt receive, or a complete mapped-ram file\\): bad-magic at offset 0: `)],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1'], 1, new RegExp(`^qmt: saved-vm: .*a-dir: not a saved VM \\(no manifest\\.json`)],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--bandwidth', '1'], 2, /^qmt: usage: option '--bandwidth <bytes\/s>' argument '1' is invalid/],
       [['send', '--from', DIR, '--to', 'tcp:127.0.0.1:1', '--postcopy', 'later'], 2, /^qmt: usage: option '--postcopy <policy>' argument 'later' is invalid/],

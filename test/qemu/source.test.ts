@@ -396,13 +396,13 @@ describe('qmt send refuses what it cannot restore', () => {
     writeFileSync(cut, capture.bytes.subarray(0, 3 * MiB));
     r = await qmtSend(['--from', cut, '--to', 'tcp:127.0.0.1:1']).exit;
     expect(r.code).toBe(1);
-    expect(lastLine(r.stderr)).toMatch(new RegExp(`^qmt: saved-vm: ${cut}: not a saved VM qmt can send: truncated at offset \\d+: the (bitmap|pages) of RAM block "pc.ram"`));
+    expect(lastLine(r.stderr)).toMatch(new RegExp(`^qmt: saved-vm: ${cut}: not a saved VM \\(a directory from qmt receive, or a complete mapped-ram file\\): truncated at offset \\d+: the (bitmap|pages) of RAM block "pc.ram"`));
 
     const plain = join(dir, 'plain.bin');
     writeFileSync(plain, readFileSync(join(ROOT, 'test', 'fixtures', 'paused-guest.bin')));
     r = await qmtSend(['--from', plain, '--to', 'tcp:127.0.0.1:1']).exit;
     expect(r.code).toBe(1);
-    expect(lastLine(r.stderr)).toBe(`qmt: saved-vm: ${plain}: not a saved VM qmt can send: unsupported at offset 0: not a mapped-ram file (its configuration does not list the mapped-ram capability)`);
+    expect(lastLine(r.stderr)).toBe(`qmt: saved-vm: ${plain}: not a saved VM (a directory from qmt receive, or a complete mapped-ram file): unsupported at offset 0: not a mapped-ram file (its configuration does not list the mapped-ram capability)`);
 
     const missing = join(dir, 'no-such-vm');
     r = await qmtSend(['--from', missing, '--to', 'tcp:127.0.0.1:1']).exit;
