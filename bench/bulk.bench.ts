@@ -29,7 +29,7 @@ import { runPart, type PartContext } from './lib/part.js';
 import { barChartSvg, fmt } from './lib/report.js';
 import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
 import { BULK_AIM_VS_RAW, bulkCpuPerGb } from './lib/aims.js';
-import { fmtRatio, fmtStats, ratio, runStats, type RunStats } from './lib/stats.js';
+import { fmtRatio, fmtStats, mean, ratio, runStats, type RunStats } from './lib/stats.js';
 
 const MiB = 1024 * 1024;
 const SESSION_PEER = fileURLToPath(new URL('./lib/session-peer.ts', import.meta.url));
@@ -186,9 +186,10 @@ function markdown(d: BulkData, runs: number): string {
     const raw = get('raw', v.kind)?.stats?.median;
     const qemu = get('qemu', v.kind)?.stats?.median;
     const m = v.stats?.median;
-    const wire = v.runs.length > 0 ? v.runs.reduce((s, r) => s + r.wireBytes, 0) / v.runs.length / d.guestBytes : undefined;
+    const wireMean = mean(v.runs.map((r) => r.wireBytes));
+    const wire = wireMean === undefined ? undefined : wireMean / d.guestBytes;
     const cpus = v.runs.map((r) => r.cpu).filter((c): c is CpuUse => c !== undefined);
-    const cpu = cpus.length > 0 ? `${fmt(cpus.reduce((s, c) => s + c.hostBusyPct, 0) / cpus.length)}, ${fmt(cpus.reduce((s, c) => s + c.oursPct, 0) / cpus.length)}` : '–';
+    const cpu = cpus.length > 0 ? `${fmt(mean(cpus.map((c) => c.hostBusyPct)))}, ${fmt(mean(cpus.map((c) => c.oursPct)))}` : '–';
     const err = v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : '';
     const per = bulkCpuPerGb(v, d.guestBytes);
     const rawV = get('raw', v.kind);

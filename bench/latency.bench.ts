@@ -32,8 +32,9 @@ import { VethLink, removeStaleNamespaces, vethUnavailable, type Shaping } from '
 import { PeerProcess, REPO_ROOT } from './lib/peer-process.js';
 import { MODE_LABEL, MODE_SHORT, MODES, type CellKind, type LoopDelay, type Mode, type RunResult, type ThroughputVariant } from './lib/protocol.js';
 import { probeUrgentPriority } from './lib/sockets.js';
-import { cdfChartSvg, fmt, machineInfo, summarize, type ChartSeries, type LatencySummary, type MachineInfo } from './lib/report.js';
+import { cdfChartSvg, fmt, machineInfo, type ChartSeries, type MachineInfo } from './lib/report.js';
 import { cleanUpOnSignal } from './lib/signal-cleanup.js';
+import { mean, median, summarize, type LatencySummary } from './lib/stats.js';
 
 const { values: args } = parseArgs({
   options: {
@@ -310,13 +311,6 @@ async function throughputRun(p: Peers, variant: ThroughputVariant, tlsDir: strin
   }
 }
 
-function median(xs: readonly number[]): number | undefined {
-  if (xs.length === 0) return undefined;
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : ((s[m - 1] ?? 0) + (s[m] ?? 0)) / 2;
-}
-
 const NICE = Number(args.nice);
 if (!Number.isInteger(NICE) || NICE < -20 || NICE > 19) throw new Error(`--nice must be an integer in -20 … 19, got ${args.nice}`);
 
@@ -367,10 +361,6 @@ function us(n: number | undefined): string {
   return fmt(n);
 }
 
-function meanOf(xs: readonly number[]): number | undefined {
-  return xs.length === 0 ? undefined : xs.reduce((a, b) => a + b, 0) / xs.length;
-}
-
 function latencyTable(cells: readonly LatencyCell[]): string {
   const rows = [
     '| link | mode | samples | idle p50 | idle p99 | loaded p50 | loaded p99 | loaded p99.9 | loaded max | p99 per round | bulk during (MB/s) | bulk alone (MB/s) | during / alone | CPU % busy / ours / irq / others |',
@@ -379,7 +369,7 @@ function latencyTable(cells: readonly LatencyCell[]): string {
   for (const c of cells) {
     const ratio = c.bulkDuringMBps !== undefined && c.bulkAloneMBps ? c.bulkDuringMBps / c.bulkAloneMBps : undefined;
     const err = c.errors.length > 0 ? ` (errors: ${c.errors.join('; ')})` : '';
-    const avg = (f: (x: CpuUse) => number): string => fmt(meanOf(c.cpu.map(f)));
+    const avg = (f: (x: CpuUse) => number): string => fmt(mean(c.cpu.map(f)));
     const cpu = c.cpu.length > 0 ? `${avg((x) => x.hostBusyPct)} / ${avg((x) => x.oursPct)} / ${avg((x) => x.irqPct)} / ${avg((x) => Math.max(0, x.otherPct))}` : '–';
     rows.push(
       `| ${c.link} | ${c.label}${err} | ${fmt(c.loaded?.count)}${c.loadedUnanswered ? ` (+${c.loadedUnanswered} unanswered)` : ''} | ${us(c.idle?.p50Us)} | ${us(c.idle?.p99Us)} | ${us(c.loaded?.p50Us)} | ${us(c.loaded?.p99Us)} | ${us(c.loaded?.p999Us)} | ${us(c.loaded?.maxUs)} | ${c.loadedPerRound.map((r) => us(r.p99Us)).join(', ')} | ${fmt(c.bulkDuringMBps, 1)} | ${fmt(c.bulkAloneMBps, 1)} | ${ratio === undefined ? '–' : `${fmt(ratio * 100, 1)} %`} | ${cpu} |`,
@@ -468,7 +458,7 @@ function markdown(rep: Report): string {
     `- Load average at start / end: ${rep.loadAverage.start} / ${rep.loadAverage.end ?? '?'}. The VM is shared with other work; the CPU column is the whole machine's busy time during the loaded runs (100 = both cores), split into the two benchmark processes, interrupts + softirqs (network processing, mostly ours; tick-based, it can overlap the processes' own time) and everything else (other people's processes, steal; floored at 0).`,
   );
   lines.push(
-    `- Method: a 16-byte request destination → source, answered by a 12-byte header + 4 KiB page source → destination; one request outstanding, ${T.gap} ms pause between requests; round trip timed at the destination (hrtime), recorded in hdr-histogram (1 µs, 3 digits). Bulk: 256 KiB groups on the main channel, the sender awaiting send() for backpressure and yielding to the event loop after each group (as the source session does in postcopy; send() resolves as a microtask while under its bound, so a producer that only awaits it never lets the request be read). Source and destination are separate Node processes${NICE !== 0 ? `, both under \`nice -n ${NICE}\`` : ' at normal priority'}.`,
+    `- Method: a 16-byte request destination → source, answered by a 12-byte header + 4 KiB page source → destination; one request outstanding, ${T.gap} ms pause between requests; round trip timed at the destination (hrtime), recorded in an HDR histogram (perf_hooks.createHistogram: 1 µs, 3 digits). Bulk: 256 KiB groups on the main channel, the sender awaiting send() for backpressure and yielding to the event loop after each group (as the source session does in postcopy; send() resolves as a microtask while under its bound, so a producer that only awaits it never lets the request be read). Source and destination are separate Node processes${NICE !== 0 ? `, both under \`nice -n ${NICE}\`` : ' at normal priority'}.`,
   );
   lines.push(
     `- Each cell runs ${T.rounds} round(s) on a fresh connection, the rounds of all cells of a link interleaved; per round: idle round trips ${T.idle / 1000} s (no bulk; 0.2 s of requests discarded first), bulk alone ${T.alone / 1000} s (after ${T.warmup / 1000} s warm-up), bulk + requests ${T.loaded / 1000} s, bulk alone ${T.alone / 1000} s again. Percentiles are over all rounds' samples; "bulk alone" is all alone windows together. Bulk is counted at the destination (payload bytes of bulk frames), MB = 10⁶ bytes.`,

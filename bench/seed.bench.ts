@@ -33,9 +33,9 @@ import type { PostcopyPolicy } from '../src/protocol/postcopy-policy.js';
 import { initPkiDir } from '../src/transport/pki.js';
 import { BenchChild } from './lib/child.js';
 import { runPart, type PartContext } from './lib/part.js';
-import { barChartSvg, fmt, summarize } from './lib/report.js';
+import { barChartSvg, fmt } from './lib/report.js';
 import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
-import { fmtRatio, fmtStats, ratio, runStats, type RunStats } from './lib/stats.js';
+import { fmtRatio, fmtStats, ratio, runStats, summarize, type RunStats } from './lib/stats.js';
 import { VIDEO_VCPUS, videoLayout } from './lib/synthetic-guest.js';
 import type { TapCommand, TapRun } from './lib/tap-peer.js';
 

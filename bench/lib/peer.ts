@@ -33,6 +33,7 @@ import {
   type ThroughputVariant,
 } from './protocol.js';
 import { KERNEL_DEFAULTS, readSocketOptions, setSocketPriority } from './sockets.js';
+import { delaySummaryUs } from './stats.js';
 
 const role = process.argv[2];
 if (role !== 'source' && role !== 'dest') {
@@ -419,7 +420,7 @@ const loopDelay = monitorEventLoopDelay({ resolution: 1 });
 loopDelay.enable();
 
 function readLoopDelay(): LoopDelay {
-  const r = { p50Us: loopDelay.percentile(50) / 1000, p99Us: loopDelay.percentile(99) / 1000, maxUs: loopDelay.max / 1000 };
+  const r = delaySummaryUs(loopDelay);
   loopDelay.reset();
   return r;
 }

@@ -1,67 +1,15 @@
 /**
- * Latency summaries (hdr-histogram-js), machine description, and the CDF chart
- * (vega-lite → SVG, no browser).
+ * Machine description and the charts (vega-lite → SVG, no browser). The
+ * statistics themselves (latency summaries, medians) are in stats.ts.
  */
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
-import hdr from 'hdr-histogram-js';
 import * as vega from 'vega';
 import * as vl from 'vega-lite';
+import { fmt, type CdfPoint } from './stats.js';
 
-export interface CdfPoint {
-  /** Round trip, µs. */
-  us: number;
-  /** Fraction of samples at or below `us`. */
-  p: number;
-}
-
-export interface LatencySummary {
-  count: number;
-  minUs: number;
-  p50Us: number;
-  p90Us: number;
-  p99Us: number;
-  p999Us: number;
-  maxUs: number;
-  meanUs: number;
-  /** Value at each percentile of PERCENTILES, from the histogram. */
-  percentiles: Record<string, number>;
-  cdf: CdfPoint[];
-}
-
-const PERCENTILES = [0, 1, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99, 100];
-const CDF_STEPS = [...Array.from({ length: 100 }, (_, i) => i), 99.5, 99.75, 99.9, 99.95, 99.99, 100];
-
-/** Records samples (µs, float) at 1 µs resolution, 3 significant digits. */
-export function summarize(samplesUs: readonly number[]): LatencySummary | undefined {
-  if (samplesUs.length === 0) return undefined;
-  const h = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: 3, bitBucketSize: 64, autoResize: true, useWebAssembly: false });
-  try {
-    for (const s of samplesUs) h.recordValue(Math.max(1, Math.round(s)));
-    const at = (p: number): number => h.getValueAtPercentile(p);
-    const percentiles: Record<string, number> = {};
-    for (const p of PERCENTILES) percentiles[String(p)] = at(p);
-    const cdf: CdfPoint[] = [];
-    for (const p of CDF_STEPS) {
-      const us = p === 0 ? h.minNonZeroValue : p === 100 ? h.maxValue : at(p);
-      cdf.push({ us, p: p / 100 });
-    }
-    return {
-      count: h.totalCount,
-      minUs: h.minNonZeroValue,
-      p50Us: at(50),
-      p90Us: at(90),
-      p99Us: at(99),
-      p999Us: at(99.9),
-      maxUs: h.maxValue,
-      meanUs: Math.round(h.mean * 10) / 10,
-      percentiles,
-      cdf,
-    };
-  } finally {
-    h.destroy();
-  }
-}
+// Number formatting lives in the statistics module; re-exported for the parts that import it from here.
+export { fmt };
 
 export interface MachineInfo {
   /** `git describe`-like revision of the code measured, and uncommitted changes under src. */
@@ -136,12 +84,6 @@ export async function cdfChartSvg(title: string, series: readonly ChartSeries[])
     },
   };
   return renderSvg(spec);
-}
-
-/** Right-aligned number formatting for tables. */
-export function fmt(n: number | undefined, digits = 0): string {
-  if (n === undefined || !Number.isFinite(n)) return '–';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
 }
 
 export interface Bar {
