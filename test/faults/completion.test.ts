@@ -12,6 +12,10 @@
  *   a stalled preempt channel (EOF read): the close must cancel it at once,
  *   and the source must hear of it (SHUT 1), not retry a recovery against a
  *   destination that is gone (sessions.test.ts, seed 2023983780).
+ * - The link is reset while the destination waits for those pages (EOF
+ *   read): a network failure in postcopy, so both ends pause, and the
+ *   recovery sends what the destination lacks; it was a 'protocol' failure
+ *   ("pages never received") before.
  */
 import { randomFillSync } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
@@ -191,6 +195,38 @@ describe('a destination closed while it waits for late pages', () => {
     expect(r.events.filter((e) => e.startsWith('source recovering')), why).toEqual([]);
     // Not the 5 s wait for late pages, nor a 'pages never received'.
     expect(settledMs, why).toBeLessThan(3000);
+    expect(await leftAfter(before, 3000), `nothing left open; ${why}`).toEqual([]);
+  }, 60_000);
+});
+
+describe('a link lost while the destination waits for late pages', () => {
+  it('EOF read, requested pages stuck on a stalled preempt channel, then the link is reset: both ends pause, recover, complete; memory bit for bit', async () => {
+    const before = resourceSnapshot();
+    const r = await start(true, [{}, { up: { stall: { at: 64, ms: 20_000 } } }]);
+    const requests: Promise<unknown>[] = [];
+    r.dst.once('postcopy-run', () => {
+      for (let i = 1; i <= 4; i++) requests.push(r.dst.requestPage('pc.ram', RAM - i * 32 * PAGE).catch((e: unknown) => e));
+    });
+    r.src.start();
+    let settled = false;
+    void Promise.allSettled([r.dst.done]).then(() => (settled = true));
+    const t0 = performance.now();
+    while (!settled && r.dst.currentPhase !== 'completion' && performance.now() - t0 < RUN_LIMIT_MS) await new Promise((res) => setTimeout(res, 5));
+    const phase = r.dst.currentPhase;
+    // A network failure now: both ends see a reset on every connection.
+    const cut = r.relay.cut(() => true);
+    const { source, destination, stuck } = await settle(r);
+    const answers = await Promise.all(requests);
+    await r.relay.close();
+    const why = `${stuck}phase at the cut ${phase}; source ${describeResult(source)}, destination ${describeResult(destination)}; events: ${r.events.join(', ')}; fired: ${r.relay.fired.join('; ')}`;
+    expect(phase, `the destination waited for late pages at the cut\n  ${why}`).toBe('completion');
+    expect(cut, why).toBeGreaterThan(0);
+    expect(destination.status, why).toBe('fulfilled');
+    expect(source.status, why).toBe('fulfilled');
+    expect(r.events, why).toContain('destination resumed');
+    expect(r.events.some((e) => e.startsWith('destination paused')), why).toBe(true);
+    for (const a of answers) expect(a instanceof Error ? a.message : 'answered', why).toBe('answered');
+    for (const id of ['pc.ram', 'pc.bios']) expect(r.sink.blocks.get(id)?.equals(r.memory.memory.get(id)!), `${id} bit for bit`).toBe(true);
     expect(await leftAfter(before, 3000), `nothing left open; ${why}`).toEqual([]);
   }, 60_000);
 });

@@ -94,7 +94,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   private configRecord: ConfigurationRecord | undefined;
   private readonly onAbort = () => this.fail(abortError(this.opts.signal!, this.phase));
   /** Whether the source can know that we completed (postcopy: else a completed destination answers its recovery). */
-  private readonly shutNews = new ShutNews();
+  private shutNews = new ShutNews();
   /** close() was called: a completed destination stops answering recovery connections. */
   private closing = false;
 
@@ -383,7 +383,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onThreadPreemptEnded(link: ThreadLink, error: Error | undefined): void {
-    if (this.canRecover() && this.state.kind !== 'completing') {
+    // Completing with every page here, the channel's end is the source's: nothing to recover.
+    if (this.canRecover()) {
       this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the preempt channel before the migration completed'));
       return;
     }
@@ -570,8 +571,8 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
   }
 
   private onPreemptEnded(link: ChannelLink): void {
-    // While the VM runs here the source never ends this channel first: a cut.
-    if (this.canRecover() && this.state.kind !== 'completing') {
+    // While the VM runs here the source never ends this channel first: a cut (completing: only while pages are missing).
+    if (this.canRecover()) {
       this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the preempt channel before the migration completed'));
       return;
     }
@@ -689,17 +690,24 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
     if (ev.reason === 'recovery' && s.kind === 'postcopy' && this.canRecover()) this.recoveryArrivedEarly(s.link, undefined);
   }
 
-  /** The VM runs here (package read whole), so its memory is split: a network failure must pause. */
+  /**
+   * The VM runs here (package read whole), so its memory is split: a network
+   * failure must pause. After a postcopy EOF too, while requested pages are
+   * still missing (in flight on the preempt channel): lost with the link, only
+   * a recovery brings them (the source resends what RECV_BITMAP lacks).
+   */
   private canRecover(): boolean {
     if (this.opts.recovery === false) return false;
     const s = this.state;
+    if (s.kind === 'completing') return s.postcopy && s.step !== 'flushing' && this.pages.missing() > 0;
     return (s.kind === 'postcopy' && s.vmHere) || s.kind === 'paused' || s.kind === 'recovering';
   }
 
   /** A channel of `link` failed: pause (VM running here, network) or fail. */
   private linkLost(link: Link, e: unknown): void {
     if (this.completes(link)) this.shutNews.lost();
-    if (link !== this.link || isOver(this.state)) return;
+    // Over, unless completing still waits for requested pages (canRecover): then the loss pauses.
+    if (link !== this.link || (isOver(this.state) && !this.canRecover())) return;
     const err = MigrationError.from(e, this.phase);
     if (this.canRecover() && isNetworkFailure(err)) this.enterPause(err);
     else this.fail(err);
@@ -735,8 +743,11 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    */
   private enterPause(e: MigrationError): void {
     const s = this.state;
-    if (s.kind !== 'postcopy' && s.kind !== 'recovering') return;
-    const phase = s.phase;
+    if (s.kind !== 'postcopy' && s.kind !== 'recovering' && !(s.kind === 'completing' && s.postcopy)) return;
+    // Paused after EOF: the recovery goes on with postcopy (the source sends what is missing, then EOF again).
+    const phase = s.kind === 'completing' ? 'postcopy' : s.phase;
+    // That link no longer completes (it never queued SHUT 0): the link that resumes will.
+    if (s.kind === 'completing') this.shutNews = new ShutNews();
     const outage = s.kind === 'recovering' ? s.outage : new Outage(e, performance.now(), (this.opts.recovery || {}).timeoutMs, (err) => this.fail(err));
     s.link.drop();
     this.state = { kind: 'paused', outage, phase };
@@ -915,6 +926,11 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       // Pages requested late may still be in flight on the preempt channel.
       await waitLatePages(link, this.pages, s.postcopy, this.sections.ramEnded, () => this.state === s);
       if (this.state !== s) return;
+      // The wait ended with the link lost before its loss was told (pages missing): a network failure, a pause.
+      if (s.postcopy && (link.preemptEnded || !link.alive) && this.canRecover()) {
+        this.enterPause(new MigrationError('peer-disconnected', 'completion', `the link was lost while ${this.pages.missing()} requested pages were still in flight`));
+        return;
+      }
       s.step = 'flushing';
       checkMultifdDrained(link instanceof ChannelLink ? link.multifd : undefined);
       checkRamComplete(this.pages, s.postcopy, this.sections.ramEnded);
