@@ -16,6 +16,7 @@ export type SessionErrorCode =
   | 'length-mismatch' // the stream's RAM block list differs from the sink's preallocated blocks (QEMU: "Length mismatch")
   | 'bad-page-request' // the destination asked for a page the source does not have
   | 'source-refused' // the source ended the stream early: it refused one of our page requests
+  | 'thread-failed' // a channel's worker thread could not start (its module failed to load) or ended before it served
   | 'cancelled'; // cancel()/close(), or the AbortSignal fired (`cause`: the signal's reason)
 
 /**

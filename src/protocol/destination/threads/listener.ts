@@ -21,9 +21,18 @@ import { loadTlsDir, type TlsMaterial } from '../../../transport/pki.js';
 import { DEFAULT_MAX_PENDING_CONNECTIONS, DEFAULT_QUALIFY_TIMEOUT_MS, judgeMainOrMultifd, type StrangerEvent, type StrangerReason } from '../../../transport/qualify.js';
 import { listen, type Listening } from '../../../transport/sockets.js';
 import { spawnWorker } from '../../../transport/worker/spawn.js';
+import { MigrationError } from '../../errors.js';
 import { errorFromData, type ChannelWorkerData, type FromWorker, type ToWorker } from './wire.js';
 
 const WORKER = 'protocol/destination/threads/channel-worker';
+
+/** How channel workers start: spawnWorker, but for a test of a worker that fails to start. */
+let spawnChannelWorker: typeof spawnWorker = spawnWorker;
+
+/** @internal For tests only: start channel workers with `f` (undefined: spawnWorker again). */
+export function setChannelWorkerSpawn(f: typeof spawnWorker | undefined): void {
+  spawnChannelWorker = f ?? spawnWorker;
+}
 
 /** A worker that holds one connection: a candidate, then (qualified) a channel. */
 export class ChannelWorker {
@@ -140,7 +149,7 @@ interface Events {
 
 export class ThreadedListener extends EventEmitter<Events> {
   private conn: ThreadConnection | undefined;
-  private acceptWaiters: { resolve: (c: ThreadConnection) => void; reject: (e: TransportError) => void }[] = [];
+  private acceptWaiters: { resolve: (c: ThreadConnection) => void; reject: (e: TransportError | MigrationError) => void }[] = [];
   private closing = false;
   private readonly pending = new Set<Candidate>();
   private readonly maxPending: number;
@@ -197,11 +206,27 @@ export class ThreadedListener extends EventEmitter<Events> {
       preempt: { ...(this.opts.preempt?.tuning ? { tuning: this.opts.preempt.tuning } : {}), limits: this.opts.preempt ?? {} },
       multifd: { ...(this.opts.multifd?.tuning ? { tuning: this.opts.multifd.tuning } : {}), limits: this.opts.multifd ?? {} },
     };
-    const w = spawnWorker(WORKER, data);
+    const w = spawnChannelWorker(WORKER, data);
     // An idle spare must not keep the process alive.
     w.unref();
+    // A spare that fails before it serves (its module did not load: a broken install, a missing
+    // dist entry) would take a connection into a dead thread: no connection could ever qualify.
+    w.once('error', (e) => this.spareLost(w, e.message));
+    w.once('exit', (code) => this.spareLost(w, `it exited (code ${code})`));
     return w;
   }
+
+  /** The spare ended before it was given a connection: the listener cannot serve any, typed. */
+  private spareLost(w: Worker, why: string): void {
+    if (w !== this.spare || this.closing) return;
+    this.spare = undefined;
+    this.failure = new MigrationError('thread-failed', 'setup', `a channel's worker thread failed before it served a connection: ${why}`);
+    for (const x of this.acceptWaiters.splice(0)) x.reject(this.failure);
+    this.close();
+  }
+
+  /** Why no connection can be served (a spare thread that failed): accept() rejects with it. */
+  private failure: MigrationError | undefined;
 
   private takeSpare(): Worker {
     const w = this.spare ?? this.spawn();
@@ -472,6 +497,7 @@ export class ThreadedListener extends EventEmitter<Events> {
 
   accept(): Promise<ThreadConnection> {
     if (this.conn) return Promise.resolve(this.conn);
+    if (this.failure) return Promise.reject(this.failure);
     if (this.closing) return Promise.reject(new TransportError('closed', 'listener closed'));
     return new Promise((resolve, reject) => this.acceptWaiters.push({ resolve, reject }));
   }
