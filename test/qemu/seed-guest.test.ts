@@ -37,8 +37,10 @@ describeWithQemu('the seed guest, QEMU → QEMU', () => {
     expect(res.source.ram?.['postcopy-requests'], 'the guest faulted at the destination').toBeGreaterThan(0);
     expect(blocktime, 'QEMU counts blocktime with the capability').toBeGreaterThan(0);
     expect(perVcpu).toHaveLength(1);
-    // One vCPU: its own blocktime is the total.
-    expect(perVcpu![0]).toBe(blocktime);
+    // The total counts only while every vCPU waits, so no vCPU's own blocktime is below it. With one vCPU
+    // they are often equal, but not always: under CI load QEMU 10.0.2 reported 1641 ms for the vCPU and 934 ms
+    // in total (its total is kept by counters that faults off the vCPU threads also move).
+    expect(perVcpu![0]).toBeGreaterThanOrEqual(blocktime!);
     const passes = dst.serialPasses();
     await dst.waitSerialPasses(passes + 3, 60_000);
     await dst.pauseVm();
