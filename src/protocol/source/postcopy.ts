@@ -28,6 +28,8 @@ export async function runPostcopy(run: SourceRun): Promise<void> {
       await waitForShut(run);
       return;
     } catch (e) {
+      // SHUT 0 came before the loss (QEMU closes at once; a flush of ours can fail with it): completed.
+      if (run.destinationCompleted) return;
       run.pauseOrThrow(e);
     }
   }

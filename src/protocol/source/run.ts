@@ -210,6 +210,15 @@ export class SourceRun {
   }
 
   /** After a failure in postcopy: pause if a new connection can cure it, else rethrow. */
+  /**
+   * The destination said it completed (SHUT 0) on the current link. It may
+   * close its end right after — before a flush or write of ours was answered,
+   * or its channel's thread has ended: that is its finish, not a loss.
+   */
+  get destinationCompleted(): boolean {
+    return this.link?.shut === 0 && !this.link.dropped;
+  }
+
   pauseOrThrow(e: unknown): void {
     this.check();
     if (this.pausedBy) return;

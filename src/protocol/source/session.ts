@@ -102,7 +102,12 @@ export class SourceSession extends EventEmitter<SourceEvents> {
       await switchToPostcopy(run);
       await runPostcopy(run);
     } else {
-      await completePrecopy(run);
+      try {
+        await completePrecopy(run);
+      } catch (e) {
+        // SHUT 0 came before a flush was answered (the destination closed at once): completed all the same.
+        if (!run.destinationCompleted) throw e;
+      }
       run.state = { kind: 'completing', postcopy: false };
       await waitForShut(run);
     }
