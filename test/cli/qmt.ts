@@ -67,3 +67,23 @@ export async function mapLimit<T, R>(items: readonly T[], n: number, f: (x: T) =
   );
   return out;
 }
+
+/**
+ * `startQmt` for a test file whose runs must not outlive it: `run` starts
+ * one and remembers it until it exits; `killAll` (in afterAll) kills those
+ * still running.
+ */
+export function qmtChildren(): { run: (args: string[]) => QmtRun; killAll: () => void } {
+  const children = new Set<ChildProcess>();
+  return {
+    run: (args) => {
+      const r = startQmt(args);
+      children.add(r.child);
+      void r.exit.then(() => children.delete(r.child));
+      return r;
+    },
+    killAll: () => {
+      for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    },
+  };
+}

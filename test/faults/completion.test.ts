@@ -163,23 +163,31 @@ describe('a postcopy migration whose end is lost', () => {
   }, 60_000);
 });
 
+/**
+ * Starts `r` with four requests for hot pages once the destination runs the VM (near the top: the
+ * background stream, from the bottom up, reaches them last), and waits until the destination has read
+ * EOF and waits for them (or has settled: a failure the caller reports). Each request settles with its
+ * error, or its answer.
+ */
+async function untilWaitingForLatePages(r: Run): Promise<{ requests: Promise<unknown>[]; phase: string }> {
+  const requests: Promise<unknown>[] = [];
+  r.dst.once('postcopy-run', () => {
+    for (let i = 1; i <= 4; i++) requests.push(r.dst.requestPage('pc.ram', RAM - i * 32 * PAGE).catch((e: unknown) => e));
+  });
+  r.src.start();
+  let settled = false;
+  void Promise.allSettled([r.dst.done]).then(() => (settled = true));
+  const t0 = performance.now();
+  while (!settled && r.dst.currentPhase !== 'completion' && performance.now() - t0 < RUN_LIMIT_MS) await new Promise((res) => setTimeout(res, 5));
+  return { requests, phase: r.dst.currentPhase };
+}
+
 describe('a destination closed while it waits for late pages', () => {
   it('EOF read, requested pages stuck on a stalled preempt channel, then close(): cancelled at once, the source fails with its SHUT 1 and attempts no recovery', async () => {
     const before = resourceSnapshot();
     // The preempt channel qualifies (its first bytes pass), then carries nothing for 20 s.
     const r = await start(true, [{}, { up: { stall: { at: 64, ms: 20_000 } } }]);
-    const requests: Promise<unknown>[] = [];
-    r.dst.once('postcopy-run', () => {
-      // Hot pages near the top: the background stream, from the bottom up, reaches them last.
-      for (let i = 1; i <= 4; i++) requests.push(r.dst.requestPage('pc.ram', RAM - i * 32 * PAGE).catch((e: unknown) => e));
-    });
-    r.src.start();
-    // Wait until the destination has read EOF and waits for the requested pages (or settled: a failure below).
-    let settled = false;
-    void Promise.allSettled([r.dst.done]).then(() => (settled = true));
-    const t0 = performance.now();
-    while (!settled && r.dst.currentPhase !== 'completion' && performance.now() - t0 < RUN_LIMIT_MS) await new Promise((res) => setTimeout(res, 5));
-    const phase = r.dst.currentPhase;
+    const { requests, phase } = await untilWaitingForLatePages(r);
     const closedAt = performance.now();
     const closing = r.dst.close();
     const { source, destination, stuck } = await settle(r);
@@ -209,16 +217,7 @@ describe('a link lost while the destination waits for late pages', () => {
   it.each(modes)('threads %s: EOF read, requested pages stuck on a stalled preempt channel, then the link is reset: both ends pause, recover, complete; memory bit for bit', async (threads) => {
     const before = resourceSnapshot();
     const r = await start(true, [{}, { up: { stall: { at: 64, ms: 20_000 } } }], { threads }, threads === 'on' ? 2 * MiB : 16 * MiB);
-    const requests: Promise<unknown>[] = [];
-    r.dst.once('postcopy-run', () => {
-      for (let i = 1; i <= 4; i++) requests.push(r.dst.requestPage('pc.ram', RAM - i * 32 * PAGE).catch((e: unknown) => e));
-    });
-    r.src.start();
-    let settled = false;
-    void Promise.allSettled([r.dst.done]).then(() => (settled = true));
-    const t0 = performance.now();
-    while (!settled && r.dst.currentPhase !== 'completion' && performance.now() - t0 < RUN_LIMIT_MS) await new Promise((res) => setTimeout(res, 5));
-    const phase = r.dst.currentPhase;
+    const { requests, phase } = await untilWaitingForLatePages(r);
     // A network failure now: both ends see a reset on every connection.
     const cut = r.relay.cut(() => true);
     const { source, destination, stuck } = await settle(r);

@@ -11,7 +11,6 @@
  * destination without multifd refuses the channels and the source fails
  * typed too.
  */
-import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,7 +24,7 @@ import { SourceSession, type SourceStats } from '../../src/protocol/source.js';
 import { TransportError } from '../../src/transport/errors.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
-import { startQmt, type QmtRun } from '../cli/qmt.js';
+import { qmtChildren } from '../cli/qmt.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { stopAll } from './harness.js';
 import { startRelay } from './relay.js';
@@ -39,17 +38,12 @@ let work: string;
 let vmDir: string;
 let pkiDir: string;
 let manifest: SavedVmManifest;
-const children = new Set<ChildProcess>();
 
-function qmt(args: string[]): QmtRun {
-  const run = startQmt(args);
-  children.add(run.child);
-  void run.exit.then(() => children.delete(run.child));
-  return run;
-}
+/** The real `qmt` command (src/cli/main.ts, as users run it), killed at the end if still running. */
+const { run: qmt, killAll } = qmtChildren();
 
 afterAll(async () => {
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  killAll();
   await stopAll();
   if (work) await rm(work, { recursive: true, force: true });
 });

@@ -12,7 +12,6 @@
  * completes, the guest keeps running there, its invariant holds, and every
  * page outside the guest's range equals the stopped source's bit for bit.
  */
-import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -23,7 +22,7 @@ import type { JsonEnvelope } from '../../src/cli/json.js';
 import type { SendJson } from '../../src/cli/send.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
-import { startQmt, type QmtRun } from '../cli/qmt.js';
+import { qmtChildren } from '../cli/qmt.js';
 import { FaultRelay } from '../faults/relay.js';
 import { readAllRamBlocks } from './destination-helpers.js';
 import { startQemu, stopAll } from './harness.js';
@@ -58,14 +57,9 @@ let pkiDir: string;
 let expected: Buffer;
 let ourFile: string;
 let ourExpected: Buffer;
-const children = new Set<ChildProcess>();
 
-function qmt(args: string[]): QmtRun {
-  const run = startQmt(args);
-  children.add(run.child);
-  void run.exit.then(() => children.delete(run.child));
-  return run;
-}
+/** The real `qmt` command (src/cli/main.ts, as users run it), killed at the end if still running. */
+const { run: qmt, killAll } = qmtChildren();
 
 /** A port nothing listens on now (the kernel's pick, released): where QEMU will migrate-recover. */
 async function freePort(): Promise<number> {
@@ -77,7 +71,7 @@ async function freePort(): Promise<number> {
 }
 
 afterAll(async () => {
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  killAll();
   await stopAll();
   if (work) await rm(work, { recursive: true, force: true });
 });

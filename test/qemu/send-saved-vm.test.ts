@@ -15,7 +15,6 @@
  * keeps running there, its invariant holds, and every page outside the
  * guest's range equals the saved VM's bit for bit.
  */
-import type { ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,7 +24,7 @@ import type { JsonEnvelope } from '../../src/cli/json.js';
 import type { SendJson } from '../../src/cli/send.js';
 import { readSavedVmManifest, type SavedVmManifest } from '../../src/protocol/saved-vm.js';
 import { initPkiDir } from '../../src/transport/pki.js';
-import { startQmt, type QmtRun } from '../cli/qmt.js';
+import { qmtChildren } from '../cli/qmt.js';
 import { startQemu, stopAll } from './harness.js';
 import { describeWithQemu } from './require-qemu.js';
 import { checkDestination, migrationStatuses, savedRam, startDestination, type GuestSpec } from './source-helpers.js';
@@ -40,18 +39,12 @@ let work: string;
 let vmDir: string;
 let pkiDir: string;
 let manifest: SavedVmManifest;
-const children = new Set<ChildProcess>();
 
 /** The real `qmt` command (src/cli/main.ts, as users run it), killed at the end if still running. */
-function qmt(args: string[]): QmtRun {
-  const run = startQmt(args);
-  children.add(run.child);
-  void run.exit.then(() => children.delete(run.child));
-  return run;
-}
+const { run: qmt, killAll } = qmtChildren();
 
 afterAll(async () => {
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  killAll();
   await stopAll();
   if (work) await rm(work, { recursive: true, force: true });
 });
