@@ -28,7 +28,7 @@ import { leftAfter, noneAlive, resourceSnapshot, watchWorkers } from '../support
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
 import { MiB, firstDifferentPage, pollMigration, readAllRamBlocks, startSource, within, type SourceBlock } from './destination-helpers.js';
 import { checkGuestInvariant, guestRangeOf, stopAll, type QemuProcess } from './harness.js';
-import { startRelay, type MigrationRelay } from './relay.js';
+import { startRelay, type MigrationRelay, type RelayConnection } from './relay.js';
 import { describeWithQemu } from './require-qemu.js';
 import type net from 'node:net';
 import type { StrangerEvent } from '../../src/transport/qualify.js';
@@ -247,9 +247,15 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         await relay.waitConnections(3);
         // The first pass is under way: pages flow on the multifd connections.
         await pollMigration(src, (m) => (m.ram?.['multifd-bytes'] ?? m.ram?.transferred ?? 0) > 4 * MiB, 'multifd bytes > 4 MiB', 30_000);
-        // A connection that has not yet sent 4 bytes is not one (main, or a channel still in its handshake).
-        const multifd = relay.connections.filter((c) => c.srcToDst.data().length >= 4 && c.srcToDst.data().readUInt32BE(0) === 0x11223344);
-        expect(multifd).toHaveLength(2);
+        // QEMU counts multifd bytes once its write returns, so a channel's bytes may still sit in
+        // the kernel while the relay waits for that channel's upstream connect (CI saw one of two):
+        // wait until the relay has seen both channels' 64-byte init.
+        const multifdSeen = (): RelayConnection[] =>
+          relay!.connections.filter((c) => c.srcToDst.bytes >= 64 && c.srcToDst.data().readUInt32BE(0) === 0x11223344);
+        const deadline = performance.now() + 20_000;
+        while (multifdSeen().length < 2 && performance.now() < deadline) await sleep(20);
+        const multifd = multifdSeen();
+        expect(multifd, relay.connections.map((c) => `#${c.index} ${c.srcToDst.bytes} B`).join(', ')).toHaveLength(2);
         const victim = multifd[1]!;
         const id = victim.srcToDst.data()[24]!;
         relay.cutConnection(victim.index);
