@@ -58,6 +58,18 @@ export class Link {
   shut: number | undefined;
   readonly recvBitmaps = new Map<string, Uint8Array>();
   resumeAcked = false;
+  /**
+   * The migration's end (EOF) went to main on this link. From then on the
+   * preempt channel's loss is the destination finishing, not a failure:
+   * QEMU shuts its preempt channel down once the pages its guest asked for
+   * are in and before it sends SHUT (postcopy_ram_incoming_cleanup runs
+   * before migration_incoming_state_destroy). Main's SHUT or loss decides;
+   * a destination that sends neither within replyTimeoutMs of the loss (its
+   * guest may wait for a page that was on the lost channel, and with all our
+   * bytes acknowledged nothing else ends waitForShut) pauses as any loss.
+   */
+  endSent = false;
+  private endGrace: NodeJS.Timeout | undefined;
   private lastReqBlock: string | undefined;
   private readonly waiters = new Set<() => void>();
   private writeWatch: NodeJS.Timeout | undefined;
@@ -98,10 +110,21 @@ export class Link {
       throw this.dropReason ?? new MigrationError('peer-disconnected', 'postcopy', 'the connection was lost');
     }
     this.preempt = ch;
-    ch.on('error', (e) => {
-      if (this.shut !== 0) this.lost(e);
-    });
+    ch.on('error', (e) => this.preemptLost(e));
     return ch;
+  }
+
+  /** The preempt channel failed or closed: a loss, or after the end the destination finishing (endSent). */
+  preemptLost(e: unknown): void {
+    if (this.shut === 0 || this.dropped) return;
+    if (!this.endSent) {
+      this.lost(e);
+      return;
+    }
+    this.endGrace ??= setTimeout(() => {
+      if (this.shut !== 0 && !this.hooks.over()) this.lost(e);
+    }, this.replyTimeoutMs);
+    this.endGrace.unref();
   }
 
   /**
@@ -158,6 +181,7 @@ export class Link {
     this.dropped = true;
     this.dropReason = reason;
     clearInterval(this.writeWatch);
+    clearTimeout(this.endGrace);
     this.conn.destroy();
     this.wake();
   }
@@ -165,10 +189,12 @@ export class Link {
   /** Stops the write watchdog (the migration is over; the link closes normally). */
   quiet(): void {
     clearInterval(this.writeWatch);
+    clearTimeout(this.endGrace);
   }
 
   close(): Promise<void> {
     clearInterval(this.writeWatch);
+    clearTimeout(this.endGrace);
     return this.conn.close();
   }
 

@@ -21,9 +21,11 @@ export async function runPostcopy(run: SourceRun): Promise<void> {
       await run.requests.drained(run.live);
       run.check();
       run.write([{ type: 'section', kind: 'end', sectionId, idstr: RAM_IDSTR, instanceId: 0, versionId: RAM_VERSION }, { type: 'ram-eos' }, { type: 'footer', sectionId }, { type: 'eof' }]);
-      await run.flushMain();
       const link = run.live;
-      await Promise.all([link.main.flush(), link.preempt?.flush()]);
+      link.endSent = true;
+      await run.flushMain();
+      // A preempt channel that closes now is QEMU finishing (Link.endSent): SHUT on main decides.
+      await Promise.all([link.main.flush(), link.preempt?.flush().catch((e: unknown) => link.preemptLost(e))]);
       run.state = { kind: 'completing', postcopy: true };
       await waitForShut(run);
       return;
