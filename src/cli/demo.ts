@@ -357,7 +357,7 @@ export function registerDemoCommand(program: Command): Command {
     .addOption(new Option('--workload <kind>', 'video (hot set + streaming buffer) | idle').choices([...WORKLOADS]).default('video'))
     .option('--no-tls', 'plain TCP instead of TLS')
     .option('--no-preempt', 'answer page requests on the main channel')
-    .addOption(new Option('--threads <mode>', 'each channel in a worker thread, at both ends: on | off | auto (on where this Node can move sockets to threads, 26.6+)').choices(['auto', 'on', 'off']).default('auto'))
+    .addOption(new Option('--threads <mode>', 'each channel in a worker thread, at both ends: on | off | auto (on where this Node can move sockets to threads, 26.6+, with 4 or more cores)').choices(['auto', 'on', 'off']).default('auto'))
     .option('--json', 'print the report as JSON')
     .addOption(new Option('--progress <mode>', 'progress on stderr: a bar on a TTY, plain lines otherwise').choices([...PROGRESS_MODES]).default('auto'))
     .action(

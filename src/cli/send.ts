@@ -632,7 +632,7 @@ export function registerSendCommand(program: Command): Command {
     )
     .option('--preempt', 'answer page requests on a separate preempt channel (the destination needs postcopy-preempt)')
     .option('--multifd <n>', "QEMU's multifd: precopy pages on N more connections, 1-255 (the destination needs capability multifd, multifd-channels N)", parseMultifdChannels)
-    .option('--threads <mode>', "each channel in its own worker thread, reading the pages it sends from the saved files: auto (when possible: Node 26.6+), on, off (default auto)", parseThreadMode)
+    .option('--threads <mode>', "each channel in its own worker thread, reading the pages it sends from the saved files: auto (when possible: Node 26.6+ and 4 or more cores), on, off (default auto)", parseThreadMode)
     .option('--bandwidth <bytes/s>', 'cap the stream (precopy passes and postcopy background), e.g. 32M; requested pages on the preempt channel are never capped', parseRate)
     .option('--postcopy-bandwidth <bytes/s>', 'cap the postcopy background stream (default: --bandwidth)', parseRate)
     .option('--recover-to <uri>', "postcopy recovery: reconnect here after a network failure (the destination's migrate-recover address; default: --to)", endpointArg)

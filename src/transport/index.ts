@@ -15,4 +15,4 @@ export { BULK_PROFILE, URGENT_PROFILE, SOCKOPT_UNAVAILABLE_WARNING, applyTuning,
 export { generatePki, initPkiDir, writePkiDir, loadTlsDir, PKI_FILES, type Pki, type TlsMaterial } from './pki.js';
 export { clientTlsOptions, serverTlsOptions, classifyTlsError, checkAllowedPeer, certificateNames, type TlsSettings } from './tls.js';
 export { OPENSSL_NO_TICKETS_CONF } from './openssl-conf.js';
-export { socketTransferSupported, type ThreadMode } from './worker/support.js';
+export { AUTO_THREADS_MIN_CORES, availableCores, socketTransferSupported, type ThreadMode } from './worker/support.js';

@@ -19,7 +19,7 @@ import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
 import type { StrangerEvent } from '../../src/transport/qualify.js';
 import { MultifdFlag, encodeMultifdInit, encodeMultifdPacketHeader } from '../../src/stream/multifd.js';
 import { initPkiDir } from '../../src/transport/pki.js';
-import { socketTransferSupported } from '../../src/transport/worker/support.js';
+import { setAvailableCoresForTest, socketTransferSupported } from '../../src/transport/worker/support.js';
 import { leftAfter, noneAlive, resourceSnapshot, watchWorkers } from '../support/resources.js';
 
 const PAGE = 4096;
@@ -195,7 +195,9 @@ const listen = (channels: number, uuid?: Uint8Array) => DestinationSession.liste
 
 describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted source', () => {
   it("'auto' with multifd runs the channels in workers (and says why); a plain sink falls back", async () => {
-    const auto = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 } });
+    // On a machine with the cores for them ('auto' wants 4: threads-destination.test.ts).
+    setAvailableCoresForTest(8);
+    const auto = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 } }).finally(() => setAvailableCoresForTest(undefined));
     expect(auto.stats().threads).toMatchObject({ used: true, why: expect.stringMatching(/threads: 'auto' \(sockets can move/) });
     await auto.close();
     const plain = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), multifd: { channels: 2 } });

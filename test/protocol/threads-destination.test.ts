@@ -14,7 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DestinationSession, InMemorySink, InMemorySource, SourceSession } from '../../src/index.js';
 import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
 import { initPkiDir } from '../../src/transport/pki.js';
-import { socketTransferSupported } from '../../src/transport/worker/support.js';
+import { AUTO_THREADS_MIN_CORES, availableCores, setAvailableCoresForTest, socketTransferSupported } from '../../src/transport/worker/support.js';
 import { qmt } from '../cli/qmt.js';
 
 const PAGE = 4096;
@@ -144,7 +144,8 @@ describe('threads: the choice and why', () => {
   });
 
   it("multifd is no reason to stay on one thread: 'auto' runs the multifd channels in workers exactly when this Node can transfer sockets; 'on' where it cannot is a typed error", async () => {
-    const auto = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 } });
+    setAvailableCoresForTest(8);
+    const auto = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 } }).finally(() => setAvailableCoresForTest(undefined));
     expect(auto.stats().threads.used).toBe(threadsWork);
     expect(auto.stats().threads.why).not.toMatch(/multifd/);
     if (!threadsWork) expect(auto.stats().threads.why).toMatch(/cannot transfer a socket/);
@@ -160,10 +161,29 @@ describe('threads: the choice and why', () => {
     }
   });
 
-  it("'auto' with a shared sink: threads exactly when this Node can transfer sockets", async () => {
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
-    expect(dst.stats().threads.used).toBe(threadsWork);
-    await dst.close();
+  it("'auto' with a shared sink: threads exactly when this Node can transfer sockets and there are 4 or more cores; fewer cores say so, and 'on' ignores them", async () => {
+    try {
+      setAvailableCoresForTest(AUTO_THREADS_MIN_CORES);
+      const many = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
+      expect(many.stats().threads.used).toBe(threadsWork);
+      await many.close();
+      setAvailableCoresForTest(AUTO_THREADS_MIN_CORES - 1);
+      const few = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
+      expect(few.stats().threads.used).toBe(false);
+      expect(few.stats().threads.why).toMatch(threadsWork ? /fell back to one thread: 3 cores available: .*needs 4 or more/ : /cannot transfer a socket/);
+      await few.close();
+      if (threadsWork) {
+        const on = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), threads: 'on' });
+        expect(on.stats().threads).toMatchObject({ used: true, why: "threads: 'on'" });
+        await on.close();
+      }
+    } finally {
+      setAvailableCoresForTest(undefined);
+    }
+    // This machine, as it is.
+    const real = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
+    expect(real.stats().threads.used).toBe(threadsWork && availableCores() >= AUTO_THREADS_MIN_CORES);
+    await real.close();
   });
 });
 

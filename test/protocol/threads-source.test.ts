@@ -14,7 +14,7 @@ import { InMemorySource } from '../../src/protocol/memory-source.js';
 import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
 import { SourceSession, type AnswerReason, type DeviceStateSection, type SourceStats } from '../../src/protocol/source.js';
-import { socketTransferSupported } from '../../src/transport/worker/support.js';
+import { AUTO_THREADS_MIN_CORES, setAvailableCoresForTest, socketTransferSupported } from '../../src/transport/worker/support.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const MiB = 1024 * 1024;
@@ -236,6 +236,20 @@ describe('threads: where they are impossible', () => {
     expect(sink.blocks.get('pc.ram')!.equals(guest.source.memory.get('pc.ram')!)).toBe(true);
     expect(stats.threads).toEqual({ used: false, why: expect.stringMatching(threadsPossible ? /^auto: the guest memory is not shared/ : /^auto: this Node/), channels: [] });
     expect(new SourceSession(opts(new Workload(true).source, 'off')).stats().threads).toEqual({ used: false, why: "threads: 'off'", channels: [] });
+    // Shared memory: 'auto' takes threads with 4 or more cores, stays on one thread with fewer and says so; 'on' ignores the count.
+    try {
+      setAvailableCoresForTest(AUTO_THREADS_MIN_CORES);
+      expect(new SourceSession(opts(new Workload(true).source)).stats().threads?.used).toBe(threadsPossible);
+      setAvailableCoresForTest(2);
+      expect(new SourceSession(opts(new Workload(true).source)).stats().threads).toEqual({
+        used: false,
+        why: threadsPossible ? expect.stringMatching(/^auto: 2 cores available: a thread per channel needs 4 or more/) : expect.stringMatching(/^auto: this Node/),
+        channels: [],
+      });
+      if (threadsPossible) expect(new SourceSession(opts(new Workload(true).source, 'on')).stats().threads?.used).toBe(true);
+    } finally {
+      setAvailableCoresForTest(undefined);
+    }
     expect(() => new SourceSession({ ...opts(new Workload(true).source), threads: 'yes' as never })).toThrow(expect.objectContaining({ code: 'bad-option', option: 'threads' }));
   });
 });

@@ -146,8 +146,9 @@ export interface DestinationOptions {
   /**
    * Run each channel (its socket, TLS, decoding and page copies) in a worker
    * thread of its own: 'on', 'off', or 'auto' (default: threads when this
-   * Node can pass sockets to workers — 26.6 and later — and the sink is
-   * `InMemorySink({ shared: true })`; otherwise the single-thread path).
+   * Node can pass sockets to workers — 26.6 and later —, the sink is
+   * `InMemorySink({ shared: true })` and the machine has at least
+   * AUTO_THREADS_MIN_CORES (4) cores; otherwise the single-thread path).
    * 'on' where impossible throws at the call (`threads-unavailable`, saying
    * why); `stats().threads` says which path ran and why.
    */

@@ -69,8 +69,10 @@ export interface SourceOptions {
    * 26.6+ (sockets transferred to workers) and shared memory (an
    * InMemorySource with `{ shared: true }`); not with XBZRLE. With multifd
    * every multifd channel has its own worker too (socket, TLS, packets).
-   * 'auto' falls back to one thread otherwise (`stats.threads.why` says
-   * why); 'on' then throws a RangeError 'threads-unavailable' at the call.
+   * 'auto' falls back to one thread otherwise, and on a machine with fewer
+   * than AUTO_THREADS_MIN_CORES (4) cores, where threads measured slower
+   * (`stats.threads.why` says why); 'on' where a condition fails throws a
+   * RangeError 'threads-unavailable' at the call (few cores are no reason).
    * Events, state and the API are the same either way.
    */
   threads?: ThreadMode;

@@ -1,5 +1,5 @@
 import { usageError } from '../../../errors.js';
-import { socketTransferSupported, socketTransferWhy, type ThreadMode } from '../../../transport/worker/support.js';
+import { socketTransferSupported, socketTransferWhy, tooFewCoresWhy, type ThreadMode } from '../../../transport/worker/support.js';
 import { InMemorySink, type GuestMemorySink } from '../../memory.js';
 
 /** Whether a destination runs its channels in worker threads, and why (stats.threads). */
@@ -24,7 +24,9 @@ export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySin
   const m = mode ?? 'auto';
   if (m !== 'auto' && m !== 'on' && m !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(mode)}`);
   if (m === 'off') return { used: false, why: "threads: 'off'" };
-  const why = !socketTransferSupported() ? socketTransferWhy() : multifd && typeof sink.blockFiles === 'function' ? 'multifd channels in worker threads land in shared memory, not in a sink of files' : sinkNotShareable(sink);
+  const why =
+    (!socketTransferSupported() ? socketTransferWhy() : multifd && typeof sink.blockFiles === 'function' ? 'multifd channels in worker threads land in shared memory, not in a sink of files' : sinkNotShareable(sink)) ??
+    (m === 'auto' && typeof sink.blockFiles !== 'function' ? tooFewCoresWhy() : undefined);
   if (why === undefined) {
     const files = typeof sink.blockFiles === 'function';
     // A sink of files takes threads when asked only: a recovery into one intermittently hung in testing (not yet understood).

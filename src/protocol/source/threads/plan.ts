@@ -1,5 +1,5 @@
 import { usageError } from '../../../errors.js';
-import { socketTransferSupported, socketTransferWhy, type ThreadMode } from '../../../transport/worker/support.js';
+import { socketTransferSupported, socketTransferWhy, tooFewCoresWhy, type ThreadMode } from '../../../transport/worker/support.js';
 import { InMemorySource } from '../../memory-source.js';
 import type { SourceOptions } from '../options.js';
 
@@ -22,13 +22,14 @@ function blocker(o: SourceOptions): string | undefined {
 
 /**
  * `threads` of SourceOptions: 'auto' (default) uses threads when every
- * condition holds and says which failed otherwise; 'on' where one fails is
+ * condition holds and the machine has the cores for them
+ * (AUTO_THREADS_MIN_CORES), and says which failed otherwise; 'on' where one fails is
  * a RangeError (code 'threads-unavailable', option 'threads') at the call.
  */
 export function planSourceThreads(o: SourceOptions): ThreadPlan {
   const mode: ThreadMode = o.threads ?? 'auto';
   if (mode === 'off') return { used: false, why: "threads: 'off'" };
-  const why = blocker(o);
+  const why = blocker(o) ?? (mode === 'auto' ? tooFewCoresWhy() : undefined);
   if (why === undefined) {
     if (o.memory instanceof InMemorySource) return { used: true, why: mode === 'on' ? "threads: 'on'" : 'auto: sockets can be transferred to worker threads and the guest memory is shared' };
     const files = "each channel's thread reads the pages it sends from the block files";
