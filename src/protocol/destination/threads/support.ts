@@ -24,11 +24,11 @@ export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySin
   const m = mode ?? 'auto';
   if (m !== 'auto' && m !== 'on' && m !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(mode)}`);
   if (m === 'off') return { used: false, why: "threads: 'off'" };
-  const why =
-    (!socketTransferSupported() ? socketTransferWhy() : multifd && typeof sink.blockFiles === 'function' ? 'multifd channels in worker threads land in shared memory, not in a sink of files' : sinkNotShareable(sink)) ??
-    (m === 'auto' && typeof sink.blockFiles !== 'function' ? tooFewCoresWhy() : undefined);
+  const files = typeof sink.blockFiles === 'function';
+  const blocker = !socketTransferSupported() ? socketTransferWhy() : multifd && files ? 'multifd channels in worker threads land in shared memory, not in a sink of files' : sinkNotShareable(sink);
+  // A sink of files has its own 'auto' answer below; the core count decides for the others.
+  const why = blocker ?? (m === 'auto' && !files ? tooFewCoresWhy() : undefined);
   if (why === undefined) {
-    const files = typeof sink.blockFiles === 'function';
     // A sink of files takes threads when asked only: a recovery into one intermittently hung in testing (not yet understood).
     if (files && m === 'auto') return { used: false, why: "threads: 'auto' keeps a sink of files on one thread (threads: 'on' runs its channels in workers that write the files)" };
     if (!files) return { used: true, why: m === 'on' ? "threads: 'on'" : "threads: 'auto' (sockets can move to worker threads, the sink is shared memory)" };
