@@ -1,9 +1,10 @@
 /**
  * QEMU 10.0's multifd into our destination: a running QEMU source with
  * capability `multifd` and `multifd-channels` N migrates
- * - over TLS with 4 channels into the real `qmt receive --multifd 4` command:
- *   the saved VM's RAM files equal, bit for bit, every RAM block of the
- *   stopped source;
+ * - over TLS with 4 channels into the real `qmt receive --multifd 4` command,
+ *   on one thread and with `--threads on` (each multifd channel's worker
+ *   writes its pages into the block files): the saved VM's RAM files equal,
+ *   bit for bit, every RAM block of the stopped source;
  * - over plain TCP with 4 channels into a DestinationSession (the public API):
  *   every block bit for bit, the guest's invariant holds;
  * - over TLS with 4 channels into a DestinationSession with threads (shared
@@ -69,26 +70,39 @@ function expectSameBlocks(source: SourceBlock[], got: (name: string) => Buffer |
 }
 
 describeWithQemu('QEMU 10.0 multifd → our destination', () => {
-  it(
-    'multifd ×4 over TLS → qmt receive --multifd 4: the saved RAM is the stopped source’s, bit for bit',
-    async () => {
+  it.each([
+    { threads: undefined, name: 'one thread' },
+    ...(socketTransferSupported() ? [{ threads: 'on' as const, name: '--threads on' }] : []),
+  ])(
+    'multifd ×4 over TLS → qmt receive --multifd 4 ($name): the saved RAM is the stopped source’s, bit for bit',
+    async ({ threads }) => {
       const work = await mkdtemp(join(tmpdir(), 'qmt-mfd-recv-tls-'));
       const pki = join(work, 'pki');
       const out = join(work, 'vm');
       await initPkiDir(pki);
-      const receive = startQmt(['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--multifd', '4', '--tls', pki, '--json', '--progress', 'none', '--idle-timeout', '30000']);
+      const receive = startQmt(['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--multifd', '4', '--tls', pki, ...(threads ? ['--threads', threads] : []), '--json', '--progress', 'none', '--idle-timeout', '30000']);
       let src: QemuProcess | undefined;
       try {
         const uri = (await receive.stderrMatches(/^qmt: listening on (\S+)/m))[1]!;
-        src = await multifdSource('src-mfd-tls', 4, pki);
+        src = await multifdSource(`src-mfd-tls${threads ? '-threads' : ''}`, 4, pki);
         const t0 = performance.now();
         await src.migrate(uri);
         await converge(src);
         const info = await src.queryMigrate();
         const r = await within(receive.exit, 30_000, 'qmt receive to exit');
         expect(r.code, r.stderr).toBe(0);
-        const report = JSON.parse(r.stdout) as { ok: boolean; stats: { multifd?: { channels: number; syncs: number; packets: number; perChannel: { id: number; bytes: number }[] }; channels: { main?: { tls?: { protocol: string } } } } };
+        const report = JSON.parse(r.stdout) as {
+          ok: boolean;
+          stats: { multifd?: { channels: number; syncs: number; packets: number; perChannel: { id: number; bytes: number }[] }; channels: { main?: { tls?: { protocol: string } } }; threads: { used: boolean; why: string; channels: { role: string }[] } };
+        };
         expect(report.ok).toBe(true);
+        const t = report.stats.threads;
+        expect(t.used, t.why).toBe(threads === 'on');
+        if (threads === 'on') {
+          // Each multifd channel's worker wrote its pages into the saved VM's files itself.
+          expect(t.why).toMatch(/writes the pages it decodes into the sink's files/);
+          expect(t.channels.map((c) => c.role).sort()).toEqual(['main', 'multifd-0', 'multifd-1', 'multifd-2', 'multifd-3']);
+        }
         const m = report.stats.multifd!;
         expect(m.channels).toBe(4);
         // Every channel carried pages; a barrier at setup, one per pass, one at completion.
@@ -97,7 +111,7 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         expect(m.syncs).toBeGreaterThanOrEqual(4);
         expect(report.stats.channels.main?.tls?.protocol).toBe('TLSv1.3');
         console.log(
-          `[multifd destination] QEMU ×4 TLS → qmt receive: ${Math.round(performance.now() - t0)} ms, QEMU multifd-bytes ${info.ram?.['multifd-bytes'] ?? '?'}, ` +
+          `[multifd destination] QEMU ×4 TLS → qmt receive${threads ? ` --threads ${threads}` : ''}: ${Math.round(performance.now() - t0)} ms, QEMU multifd-bytes ${info.ram?.['multifd-bytes'] ?? '?'}, ` +
             `${m.packets} packets, ${m.syncs} barriers, per channel ${m.perChannel.map((c) => `${(c.bytes / MiB).toFixed(1)} MiB`).join(' / ')}`,
         );
         const manifest = await readSavedVmManifest(out);

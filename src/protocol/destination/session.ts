@@ -153,7 +153,7 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
    */
   static listen(opts: DestinationOptions): Promise<DestinationSession> {
     validateDestinationOptions(opts);
-    const threads = decideThreads(opts.threads, opts.sink, opts.multifd !== undefined);
+    const threads = decideThreads(opts.threads, opts.sink);
     return DestinationSession.open(opts, threads);
   }
 

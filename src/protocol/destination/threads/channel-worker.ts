@@ -20,7 +20,7 @@ import { tuneChannel } from '../../../transport/sockets.js';
 import { checkAllowedPeer, secureAccept, serverTlsOptions } from '../../../transport/tls.js';
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import { WorkerLanding } from './worker-landing.js';
-import { MultifdServe, multifdFlush } from './multifd-worker.js';
+import { MultifdServe, multifdDrainedForListen, multifdFlush } from './multifd-worker.js';
 import { MigrationError } from '../../errors.js';
 import { REQUEST_WORDS, Sync, errorToData, type ChannelWorkerData, type ControlRecord, type FromWorker, type SharedBlock, type ToWorker } from './wire.js';
 
@@ -52,7 +52,8 @@ port.on('message', (m: ToWorker) => {
       serving = new Preempt(take(), m);
       return;
     case 'drain':
-      if (serving && !(serving instanceof MultifdServe)) void drain(serving.landing);
+      if (serving instanceof MultifdServe) void serving.drain().then((e) => post({ t: 'drained', ...(e ? { error: errorToData(e) } : {}) }));
+      else if (serving) void drain(serving.landing);
       else post({ t: 'drained' });
       return;
     case 'serve-multifd': {
@@ -320,10 +321,12 @@ class Main {
         this.control(c, pages);
         out.push(c);
         // A sink of files: every precopy page written before the session hears of LISTEN (after it, the preempt
-        // worker may write a newer copy of a page, and a write of ours still in flight must not land after it).
+        // worker may write a newer copy of a page, and a write of ours still in flight must not land after it) —
+        // ours, and every multifd worker's (each drains its writer once it sees LISTENING).
         if (c.type === 'command' && c.command.cmd === 'postcopy-listen' && this.landing.writer) {
           post({ t: 'records', recs: out.splice(0), iterationPages: pages.splice(0) });
-          return this.landing.writer.drained().then(() => {
+          const multifd = this.multifd ? multifdDrainedForListen(this.multifd.sync, this.multifd.channels) : undefined;
+          return Promise.all([this.landing.writer.drained(), multifd]).then(() => {
             if (this.landing.writer?.failed) return this.fail(this.landing.writer.failed);
             return this.records(recs, i + 1, out, pages);
           });
@@ -339,8 +342,18 @@ class Main {
   }
 
   private flush(): Promise<void> | undefined {
-    if (!this.multifd) throw new MigrationError('protocol', 'precopy', 'the source uses multifd (MULTIFD_FLUSH on the main channel), but this destination was not given multifd: { channels }');
-    return multifdFlush(this.multifd.sync, this.multifd.channels);
+    const mfd = this.multifd;
+    if (!mfd) throw new MigrationError('protocol', 'precopy', 'the source uses multifd (MULTIFD_FLUSH on the main channel), but this destination was not given multifd: { channels }');
+    // A sink of files: main's own writes (zero pages, with QEMU's legacy zero-page detection) done before the
+    // barrier releases the channels, whose next pass may write the same pages (see MultifdServe.arrive).
+    const w = this.landing.writer;
+    if (w && w.stats().bufferedBytes > 0) {
+      return w.drained().then(() => {
+        w.check();
+        return multifdFlush(mfd.sync, mfd.channels);
+      });
+    }
+    return multifdFlush(mfd.sync, mfd.channels);
   }
 
   /** What a record means for the pages here, in stream order. */
@@ -357,7 +370,10 @@ class Main {
       case 'command':
         if (c.command.cmd === 'postcopy-listen') {
           this.landing.listening = true;
-          if (this.multifd) Atomics.store(this.multifd.sync, Sync.LISTENING, 1);
+          if (this.multifd) {
+            Atomics.store(this.multifd.sync, Sync.LISTENING, 1);
+            Atomics.notify(this.multifd.sync, Sync.LISTENING); // a sink of files: the multifd workers drain their writers for it
+          }
         }
         if (c.command.cmd === 'postcopy-ram-discard') {
           const index = this.decoder.ramBlocks.get(c.command.block)?.index;

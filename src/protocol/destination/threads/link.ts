@@ -238,11 +238,12 @@ export class ThreadLink {
 
   /**
    * A sink of files: waits until every page the workers of this link took is
-   * written to its file (each worker's writer drained), at most `ms`; throws
-   * the StorageError of a write that failed. The session fsyncs after this.
+   * written to its file (each worker's writer drained: main's, preempt's and
+   * every multifd channel's — each writes its own pages), at most `ms`;
+   * throws the StorageError of a write that failed. The session fsyncs after this.
    */
   async drainWriters(ms = 30_000): Promise<void> {
-    const workers = [this.threads.main, ...(this.preemptWorker ? [this.preemptWorker] : [])];
+    const workers = [this.threads.main, ...this.multifdWorkers, ...(this.preemptWorker ? [this.preemptWorker] : [])];
     const answers = await Promise.all(
       workers.map(
         (w) =>
@@ -323,10 +324,14 @@ export class ThreadLink {
     if (!this.dropped && !this.released) this.events.lost(this, new Error('the main channel thread exited'));
   }
 
+  /** The multifd channels' workers by id, once all are in and their messages come here (drainWriters asks them too). */
+  private multifdWorkers: readonly ChannelWorker[] = [];
+
   /** Every multifd channel is in: each serves once the block list is here (its packets name blocks of it). */
   private onMultifd(ws: readonly ChannelWorker[]): void {
     const m = this.mfd!;
     const mo = this.threads.multifdOptions!;
+    this.multifdWorkers = ws;
     ws.forEach((w, id) => {
       w.onMessage = (msg) => this.onMultifdMessage(id, msg);
       void w.exited.then(() => {
@@ -356,6 +361,8 @@ export class ThreadLink {
   }
 
   private onMultifdMessage(id: number, m: FromWorker): void {
+    const w = this.multifdWorkers[id];
+    if (w && this.drainedBy(w, m)) return;
     if (this.dropped) return;
     switch (m.t) {
       case 'stats':

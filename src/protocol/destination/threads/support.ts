@@ -20,12 +20,12 @@ function sinkNotShareable(sink: GuestMemorySink): string | undefined {
  * `threads` of DestinationOptions, decided at the call: 'on' where threads
  * are impossible is a typed error naming why; 'auto' falls back and says why.
  */
-export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink, multifd = false): ThreadDecision {
+export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySink): ThreadDecision {
   const m = mode ?? 'auto';
   if (m !== 'auto' && m !== 'on' && m !== 'off') throw usageError('type', 'bad-option', 'threads', `threads must be 'auto', 'on' or 'off', got ${String(mode)}`);
   if (m === 'off') return { used: false, why: "threads: 'off'" };
   const files = typeof sink.blockFiles === 'function';
-  const blocker = !socketTransferSupported() ? socketTransferWhy() : multifd && files ? 'multifd channels in worker threads land in shared memory, not in a sink of files' : sinkNotShareable(sink);
+  const blocker = !socketTransferSupported() ? socketTransferWhy() : sinkNotShareable(sink);
   // A sink of files has its own 'auto' answer below; the core count decides for the others.
   const why = blocker ?? (m === 'auto' && !files ? tooFewCoresWhy() : undefined);
   if (why === undefined) {

@@ -76,11 +76,18 @@ export interface ChannelWorkerData {
  * WAKE until every channel's `synced` is past RELEASE (or one ENDED before
  * it), then bumps RELEASE. LISTENING: set by the main worker at
  * POSTCOPY_LISTEN (multifd is idle in postcopy). No message per packet.
+ * With a sink of files a worker arrives only once its writes are done.
  */
 export const Sync = { WAKE: 0, RELEASE: 1, LISTENING: 2 } as const;
-export const syncedWord = (id: number): number => 4 + 2 * id;
-export const endedWord = (id: number): number => 5 + 2 * id;
-export const syncWords = (channels: number): number => 4 + 2 * channels;
+export const syncedWord = (id: number): number => 4 + 3 * id;
+export const endedWord = (id: number): number => 5 + 3 * id;
+/**
+ * A sink of files: set (and WAKE bumped) by a multifd worker once it saw
+ * LISTENING and every write it took is done; the main worker waits for all
+ * of them before it reads on past POSTCOPY_LISTEN (multifd-worker.ts).
+ */
+export const listenDrainedWord = (id: number): number => 6 + 3 * id;
+export const syncWords = (channels: number): number => 4 + 3 * channels;
 
 /** A multifd worker's counters (Float64Array, the fields of MultifdChannelCounters). */
 export const MfdCount = { bytes: 0, packets: 1, syncs: 2, normal: 3, zero: 4, runs: 5, runPages: 6 } as const;
