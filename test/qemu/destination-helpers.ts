@@ -111,6 +111,10 @@ export interface DemandResult {
  * preempt. To ask only for pages the source must send on demand, the walk
  * stops once any page within `marginBytes` below the next one has arrived
  * (the bulk stream is near; more than the data in flight on the link).
+ *
+ * `gapMs` is a pause after each answered page: a slower guest, so that a test
+ * which must act during postcopy (cut it, say) is not racing a walk that,
+ * with preempt, fetches the whole range in well under a second.
  */
 export async function demandTopDown(
   session: DestinationSession,
@@ -118,6 +122,7 @@ export async function demandTopDown(
   start: number,
   end: number,
   marginBytes = 4 * MiB,
+  gapMs = 0,
 ): Promise<DemandResult> {
   const out: DemandResult = { answered: [], alreadyThere: 0, notWalked: 0, ended: 'walked' };
   const bulkNear = (off: number): boolean => {
@@ -134,6 +139,7 @@ export async function demandTopDown(
       const r = await session.requestPage(block, off);
       if (r.requested) out.answered.push(r);
       else out.alreadyThere++;
+      if (gapMs > 0) await sleep(gapMs);
     } catch {
       // The migration completed (or failed) while the request was outstanding.
       out.ended = 'session-ended';
