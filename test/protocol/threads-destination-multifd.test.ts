@@ -298,6 +298,50 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
     w.stop();
   });
 
+  it.each([
+    ['main', 'reset'],
+    ['main', 'fin'],
+    ['multifd-0', 'reset'],
+    ['multifd-0', 'fin'],
+  ] as const)('%s cut (%s) after it qualified, while it waits to be served: fails typed at once, naming it (main used to hang until the idle timeout)', async (which, how) => {
+    const before = resourceSnapshot();
+    const w = watchWorkers();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }), multifd: { channels: 2 }, threads: 'on', idleTimeoutMs: 60_000 });
+    const strangers: StrangerEvent[] = [];
+    dst.on('stranger', (ev) => strangers.push(ev));
+    const ended = dst.done.then(
+      () => new Error('completed'),
+      (err: unknown) => err as MigrationError,
+    );
+    // Main is served only once every multifd channel is in (as QEMU reads it), a multifd channel once
+    // they all are: the channel cut is judged and taken (nothing tells when: a second is ample), and
+    // cut before the last channel comes. A cut before its verdict would make it a stranger.
+    const main = await dial(dst.uri);
+    main.write(mainRecords(1));
+    const c0 = await dial(dst.uri);
+    c0.write(Buffer.concat([encodeMultifdInit(0), sync(0)]));
+    await new Promise((r) => setTimeout(r, 1000));
+    const cut = which === 'main' ? main : c0;
+    if (how === 'reset') cut.resetAndDestroy();
+    else cut.end();
+    await closed(cut);
+    await new Promise((r) => setTimeout(r, 100));
+    const c1 = await dial(dst.uri);
+    c1.write(Buffer.concat([encodeMultifdInit(1), sync(1)]));
+    const t0 = Date.now();
+    const e = await Promise.race([ended, new Promise<undefined>((r) => setTimeout(() => r(undefined), 10_000).unref())]);
+    expect(strangers.map((x) => x.reason), `${which} was cut before it qualified`).toEqual([]);
+    expect(e, 'the session ended within 10 s').toBeDefined();
+    expect(e).toBeInstanceOf(MigrationError);
+    expect(e).toMatchObject({ kind: 'network', message: expect.stringContaining(which) });
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    for (const s of [main, c0, c1]) s.destroy();
+    await dst.close();
+    expect(await leftAfter(before, 3000)).toEqual([]);
+    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
+    w.stop();
+  });
+
   it('bad init messages (another UUID, an id ≥ N, a taken id) are strangers judged in their workers; the migration then completes', async () => {
     const before = resourceSnapshot();
     const w = watchWorkers();

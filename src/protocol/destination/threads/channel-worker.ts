@@ -36,6 +36,18 @@ let socket: net.Socket | tls.TLSSocket | undefined;
 let seen: Buffer = Buffer.alloc(0);
 let unwatch: (() => void) | undefined;
 let serving: Main | Preempt | MultifdServe | undefined;
+/**
+ * What the socket did while it waited for the session's verdict and, once
+ * qualified, to be served (a multifd channel waits for every channel and the
+ * block list; the session no longer listens for 'closed-early' then). Those
+ * events fired before the serving Channel listened, so take() replays them:
+ * without that, a reset in the wait left the channel waiting for a close that
+ * had already happened, and the session hung until its idle timeout.
+ */
+const early: { error?: Error; ended: boolean; closed: boolean } = { ended: false, closed: false };
+const rememberError = (e: Error): void => {
+  early.error ??= e;
+};
 /** The role offered with the socket (a spare worker is started before any connection comes). */
 let role: 'main' | 'preempt' | 'multifd' = 'main';
 
@@ -89,7 +101,7 @@ function writerPressure(landing: WorkerLanding, fail: (e: unknown) => void): Pro
 /** The candidate: handshake (TLS), then every byte seen goes to the session's judge until it decides. */
 async function begin(s: net.Socket): Promise<void> {
   raw = s;
-  s.on('error', noop);
+  s.on('error', rememberError);
   if (data.tls) {
     try {
       const secure = await secureAccept(s, serverTlsOptions(data.tls.material, data.tls.settings), { channel: role, timeoutMs: 0 });
@@ -100,7 +112,7 @@ async function begin(s: net.Socket): Promise<void> {
         return;
       }
       socket = secure;
-      secure.on('error', noop);
+      secure.on('error', rememberError);
       post({ t: 'secured' });
     } catch (e) {
       post({ t: 'tls-failed', error: errorToData(e), bytesRead: s.bytesRead });
@@ -110,7 +122,13 @@ async function begin(s: net.Socket): Promise<void> {
     socket = s;
   }
   const sock = socket;
-  const onClose = (): void => post({ t: 'closed-early' });
+  const onEnd = (): void => {
+    early.ended = true;
+  };
+  const onClose = (): void => {
+    early.closed = true;
+    post({ t: 'closed-early' });
+  };
   // Read only what the judge looks at: the rest waits in the socket (backpressure to the source) while the
   // channel waits to be served — a multifd channel, until every channel and the block list are in.
   const onReadable = (): void => {
@@ -124,22 +142,39 @@ async function begin(s: net.Socket): Promise<void> {
     if (more) post({ t: 'seen', bytes: new Uint8Array(seen.subarray(0, JUDGED_BYTES)) });
   };
   sock.on('readable', onReadable);
+  sock.once('end', onEnd);
   sock.once('close', onClose);
   unwatch = () => {
     sock.off('readable', onReadable);
+    sock.off('end', onEnd);
     sock.off('close', onClose);
   };
 }
 
-/** The session's verdict: this socket is a channel. The bytes peeked go back in front. */
+/**
+ * The session's verdict: this socket is a channel. The bytes peeked go back
+ * in front. Its error, end and close, if they came already, are replayed
+ * once the caller's Channel listens (the serving classes attach their
+ * listeners in their constructors); after 'end' a stream cannot take bytes
+ * back (unshift is an error then), so the peeked ones are replayed as data.
+ */
 function take(): net.Socket | tls.TLSSocket {
   const s = socket!;
   unwatch?.();
-  s.off('error', noop);
-  raw?.off('error', noop);
-  if (seen.length > 0) s.unshift(seen);
+  s.off('error', rememberError);
+  raw?.off('error', rememberError);
+  const peeked = seen;
   seen = Buffer.alloc(0);
+  if (early.ended || early.closed || early.error) process.nextTick(replayEarly, s, peeked);
+  else if (peeked.length > 0) s.unshift(peeked);
   return s;
+}
+
+function replayEarly(s: net.Socket | tls.TLSSocket, peeked: Buffer): void {
+  if (peeked.length > 0 && !early.error) s.emit('data', peeked);
+  if (early.error) s.emit('error', early.error);
+  if (early.ended) s.emit('end');
+  if (early.closed) s.emit('close', early.error !== undefined);
 }
 
 function channelOf(s: net.Socket | tls.TLSSocket, role: 'main' | 'preempt' | 'multifd', id?: number): [Channel, () => void] {
