@@ -12,7 +12,7 @@ import { performance } from 'node:perf_hooks';
 import type { DecoderResumeState } from '../../../stream/decoder.js';
 import type { RamBlockInfo, ReturnPathMessage } from '../../../stream/records.js';
 import type { ChannelStats } from '../../../transport/channel.js';
-import type { MigrationError } from '../../errors.js';
+import { StorageError, type MigrationError } from '../../errors.js';
 import type { PageTracker } from '../../page-tracker.js';
 import { AtomicRing } from '../../../transport/worker/ring.js';
 import type { ChannelWorker, ThreadConnection } from './listener.js';
@@ -179,6 +179,7 @@ export class ThreadLink {
     this.armIdle();
     const serve = (resume: DecoderResumeState | undefined): void => {
       if (this.dropped) return;
+      this.served = true;
       const blocks = this.opts.blocks();
       if (blocks) this.indexBlocks(blocks);
       main.post({
@@ -207,7 +208,8 @@ export class ThreadLink {
           if (state) serve(state);
           else if (!this.dropped) this.events.malformed(this, new Error('the stream state of the failed connection was lost with its thread: the recovery cannot continue it'));
         },
-        (e: unknown) => this.events.lost(this, e),
+        // A storage failure of the last link is not the network's: the migration fails, it does not pause again.
+        (e: unknown) => (e instanceof StorageError ? this.events.malformed(this, e) : this.events.lost(this, e)),
       );
     } else {
       serve(undefined);
@@ -240,25 +242,32 @@ export class ThreadLink {
    * A sink of files: waits until every page the workers of this link took is
    * written to its file (each worker's writer drained: main's, preempt's and
    * every multifd channel's — each writes its own pages), at most `ms`;
-   * throws the StorageError of a write that failed. The session fsyncs after this.
+   * throws the StorageError of a write that failed, or one saying whose
+   * writes did not finish in time or whose thread exited first: either way
+   * pages counted as received may not be in the files. The session fsyncs after this.
    */
   async drainWriters(ms = 30_000): Promise<void> {
     const workers = [this.threads.main, ...this.multifdWorkers, ...(this.preemptWorker ? [this.preemptWorker] : [])];
+    const files = (this.opts.blocks() ?? []).flatMap((b) => (b.file ? [b.file.path] : [])).join(', ');
+    const unfinished = (w: ChannelWorker, why: string): StorageError => new StorageError('write', files, 0, new Error(`the ${w.role} channel's thread ${why}`));
     const answers = await Promise.all(
       workers.map(
         (w) =>
-          new Promise<Extract<FromWorker, { t: 'drained' }> | undefined>((resolve) => {
-            const timer = setTimeout(() => resolve(undefined), ms);
+          new Promise<Extract<FromWorker, { t: 'drained' }> | StorageError>((resolve) => {
+            const timer = setTimeout(() => resolve(unfinished(w, `had not written its pages within ${ms} ms`)), ms);
             timer.unref();
             const list = this.drainWaiters.get(w) ?? [];
             list.push((m) => (clearTimeout(timer), resolve(m)));
             this.drainWaiters.set(w, list);
-            void w.exited.then(() => resolve(undefined));
+            void w.exited.then(() => (clearTimeout(timer), resolve(unfinished(w, 'exited before its pages were written'))));
             w.post({ t: 'drain' });
           }),
       ),
     );
-    for (const a of answers) if (a?.error) throw errorFromData(a.error);
+    for (const a of answers) {
+      if (a instanceof StorageError) throw a;
+      if (a.error) throw errorFromData(a.error);
+    }
   }
 
   private statsSeen: (() => void) | undefined;
@@ -508,8 +517,18 @@ export class ThreadLink {
   }
 
   private released = false;
+  /** serve-main was posted: the main thread decodes, so it has a state to export. */
+  private served = false;
 
-  /** The connection failed: its workers end (the main one gives its decoder's state first) and none of its handlers runs again. */
+  /**
+   * The connection failed: its workers end (the main one gives its decoder's
+   * state first) and none of its handlers runs again. `resumeState` is what
+   * the next link continues: a link never served (a recovery connection lost
+   * before its main thread decoded a byte) hands on the state it was given;
+   * with a sink of files it rejects (StorageError) when the workers' writes
+   * failed or did not finish, since a recovery would then trust received
+   * bits for pages missing from the files.
+   */
   drop(): void {
     if (this.dropped) return;
     this.dropped = true;
@@ -517,20 +536,33 @@ export class ThreadLink {
     this.ring.close();
     Atomics.notify(this.landed, 0);
     const main = this.threads.main;
-    this.resumeState = new Promise<DecoderResumeState | undefined>((resolve) => {
-      const timer = setTimeout(() => resolve(undefined), 2000);
-      main.onMessage = (m) => {
-        if (this.drainedBy(main, m) || m.t !== 'state') return;
-        clearTimeout(timer);
-        resolve(m.state);
-      };
-      void main.exited.then(() => resolve(undefined));
-      main.post({ t: 'export' });
-    }).finally(async () => {
-      // A sink of files: what the workers staged reaches the files before their threads end.
-      if (this.opts.blocks()?.some((b) => b.file)) await this.drainWriters(10_000).catch(() => undefined);
-      this.threads.destroy();
-    });
+    const exported = this.served
+      ? new Promise<DecoderResumeState | undefined>((resolve) => {
+          const timer = setTimeout(() => resolve(undefined), 2000);
+          main.onMessage = (m) => {
+            if (this.drainedBy(main, m) || m.t !== 'state') return;
+            clearTimeout(timer);
+            resolve(m.state);
+          };
+          void main.exited.then(() => resolve(undefined));
+          main.post({ t: 'export' });
+        })
+      : (this.opts.resume ?? Promise.resolve(undefined));
+    this.resumeState = exported.then(
+      async (state) => {
+        // A sink of files: what the workers staged reaches the files before their threads end.
+        try {
+          if (this.served && this.opts.blocks()?.some((b) => b.file)) await this.drainWriters(10_000);
+        } finally {
+          this.threads.destroy();
+        }
+        return state;
+      },
+      (e: unknown) => {
+        this.threads.destroy();
+        throw e;
+      },
+    );
     this.resumeState.catch(() => undefined);
   }
 
