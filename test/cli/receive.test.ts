@@ -46,6 +46,8 @@ interface Run {
   /** The URI from "qmt: listening on URI". */
   uri: Promise<string>;
   exit: Promise<{ code: number | null; stdout: string; stderr: string }>;
+  /** Resolves once a stderr line matches `re`. */
+  printed(re: RegExp): Promise<void>;
 }
 
 /** Starts `qmt receive ARGS` (plain progress: stderr is a pipe). */
@@ -57,11 +59,17 @@ function receive(args: string[]): Run {
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
   let resolveUri!: (u: string) => void;
   const uri = new Promise<string>((r) => (resolveUri = r));
+  const waiting: { re: RegExp; resolve: () => void }[] = [];
   child.stderr!.setEncoding('utf8').on('data', (d: string) => {
     stderr += d;
     const m = /^qmt: listening on (\S+)/m.exec(stderr);
     if (m) resolveUri(m[1]!);
+    for (const w of waiting.splice(0)) {
+      if (w.re.test(stderr)) w.resolve();
+      else waiting.push(w);
+    }
   });
+  const printed = (re: RegExp): Promise<void> => (re.test(stderr) ? Promise.resolve() : new Promise((resolve) => waiting.push({ re, resolve })));
   const exit = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) => {
     child.on('close', (code) => {
       children.delete(child);
@@ -74,7 +82,7 @@ function receive(args: string[]): Run {
   });
   const listening = Promise.race([uri, exitFirst]);
   listening.catch(() => undefined);
-  return { child, uri: listening, exit };
+  return { child, uri: listening, exit, printed };
 }
 
 /** The last stderr line, and a check that nothing looks like a stack trace. */
@@ -309,7 +317,10 @@ describe('qmt receive without QEMU', () => {
       postcopyBandwidthLimit: 2 * MiB,
       recovery: { initialDelayMs: 20 },
     });
-    src.once('postcopy-active', () => setTimeout(() => relay.cut(), 300));
+    // Cut once both sides are in postcopy: the source's event alone came, under load, before qmt had read
+    // the package (a VM then running on neither side: nothing to recover).
+    const bothInPostcopy = Promise.all([new Promise<void>((r) => src.once('postcopy-active', () => r())), run.printed(/^qmt: postcopy running/m)]);
+    void bothInPostcopy.then(() => setTimeout(() => relay.cut(), 300));
     src.start();
     const stats = await src.done;
     const { code, stderr } = await run.exit;
