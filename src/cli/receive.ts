@@ -44,7 +44,7 @@ export interface ReceiveOptions {
    * Channels in worker threads (DestinationOptions.threads). 'on' (Node
    * 26.6 and later): each channel's thread (multifd channels' too) writes the
    * pages it decodes into the saved VM's block files itself. 'auto' (default)
-   * keeps one thread for now.
+   * does so with 4 or more cores.
    */
   threads?: ThreadMode;
   /** Make demand page requests once postcopy runs (needs `postcopy`). */
@@ -463,7 +463,7 @@ export function registerReceiveCommand(program: Command): Command {
     .option('--tls-allow <name>', "with --tls: accept only a source whose certificate names NAME (subject DN, CN or subjectAltName; repeatable; QEMU's tls-authz)", (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--postcopy', "accept postcopy (QEMU's postcopy-ram capability)")
     .option('--multifd <n>', "QEMU's multifd: the source opens N more channels for the pages (its multifd-channels, 1..255)", intArg('--multifd', 1, 255))
-    .addOption(new Option('--threads <mode>', 'each channel in a worker thread that writes the pages it decodes into the block files: on | off | auto (default: auto, one thread for now; on needs Node 26.6+)').choices(['auto', 'on', 'off']))
+    .addOption(new Option('--threads <mode>', 'each channel in a worker thread that writes the pages it decodes into the block files: on | off | auto (default: auto, threads with 4 or more cores; on needs Node 26.6+)').choices(['auto', 'on', 'off']))
     .addOption(new Option('--fault <pattern>', 'during postcopy, request missing pages like a faulting guest').choices([...FAULT_PATTERNS]))
     .option('--fault-rate <n>', `demand requests per second with --fault (1..${MAX_FAULT_RATE}, default 100)`, intArg('--fault-rate', 1, MAX_FAULT_RATE))
     .option('--idle-timeout <ms>', 'fail when no byte arrives for this long once connected (default 60000; 0 = never); once postcopy runs, pause instead', intArg('--idle-timeout', 0, 2_147_483_647))

@@ -4,7 +4,9 @@
  * faults pages in; the destination pauses, its new connection goes to a new
  * worker that continues the old stream (its decoder's state handed over by
  * the old main worker), both sides recover and complete, memory bit for bit,
- * no page placed twice, no worker left.
+ * no page placed twice, no worker left. Into shared memory and into a
+ * DirectorySink (`qmt receive`'s sink: each worker writes the files, and a
+ * failed link's writes are drained before the recovery trusts its bits).
  */
 import { randomFillSync } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -12,7 +14,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readFileSync } from 'node:fs';
 import { DestinationSession } from '../../src/protocol/destination.js';
+import { DirectorySink, blockFileName } from '../../src/protocol/directory-sink.js';
 import { InMemorySink } from '../../src/protocol/memory.js';
 import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { SourceSession } from '../../src/protocol/source.js';
@@ -58,8 +62,13 @@ async function faultTopDown(dst: DestinationSession): Promise<number> {
 }
 
 describe.skipIf(!socketTransferSupported())('postcopy recovery with the destination in threads', () => {
-  for (const tls of [false, true]) {
-    it(`${tls ? 'TLS' : 'plain'}: a cut of every channel, then of preempt alone: paused, resumed on new workers, completed, memory bit for bit`, async () => {
+  for (const [tls, files] of [
+    [false, false],
+    [true, false],
+    [false, true],
+    [true, true],
+  ] as const) {
+    it(`${tls ? 'TLS' : 'plain'}, ${files ? 'a DirectorySink' : 'shared memory'}: a cut of every channel, then of preempt alone: paused, resumed on new workers, completed, memory bit for bit`, async () => {
       const alive = new Set<Worker>();
       const onWorker = (w: Worker): void => {
         alive.add(w);
@@ -67,7 +76,8 @@ describe.skipIf(!socketTransferSupported())('postcopy recovery with the destinat
       };
       process.on('worker', onWorker);
       const transport: TransportOptions = tls ? { tls: { dir: pki } } : {};
-      const sink = new InMemorySink({ shared: true });
+      const dir = files ? await mkdtemp(join(tmpdir(), 'qmt-threads-recovery-files-')) : undefined;
+      const sink = dir ? new DirectorySink(dir) : new InMemorySink({ shared: true });
       const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, idleTimeoutMs: 20_000, transport, threads: 'on' });
       const relay = await FaultRelay.start({ target: dst.uri, maxConnections: 64 });
       const source = new InMemorySource([{ idstr: 'pc.ram', length: RAM }]);
@@ -112,19 +122,26 @@ describe.skipIf(!socketTransferSupported())('postcopy recovery with the destinat
         expect(b.status, String((b as PromiseRejectedResult).reason)).toBe('fulfilled');
         const requests = await faulting;
         const s = dst.stats();
-        console.log(`[threads recovery ${tls ? 'TLS' : 'plain'}] cuts ${cuts}, recoveries ${s.recoveries}, requests ${requests}, preempt pages ${s['preempt-pages']}, p50 ${s['postcopy-latency'].p50} µs`);
+        console.log(`[threads recovery ${tls ? 'TLS' : 'plain'}${files ? ', files' : ''}] cuts ${cuts}, recoveries ${s.recoveries}, requests ${requests}, preempt pages ${s['preempt-pages']}, p50 ${s['postcopy-latency'].p50} µs`);
         expect(cuts).toBeGreaterThanOrEqual(1);
         expect(s.recoveries).toBe(src.stats().recoveries);
         expect(s.recoveries).toBeGreaterThanOrEqual(1);
         expect(s['placed-twice']).toBe(0);
         expect(s.threads.used).toBe(true);
-        expect(sink.blocks.get('pc.ram')!.equals(ram), 'memory bit for bit').toBe(true);
+        if (sink instanceof DirectorySink) {
+          await sink.close();
+          expect(sink.stats().writes, 'the workers wrote the files, not the session').toBe(0);
+          expect(readFileSync(join(dir!, blockFileName('pc.ram'))).equals(ram), 'the file bit for bit').toBe(true);
+        } else {
+          expect(sink.blocks.get('pc.ram')!.equals(ram), 'memory bit for bit').toBe(true);
+        }
         expect(alive.size, 'workers alive after done').toBe(0);
       } finally {
         clearInterval(writer);
         process.off('worker', onWorker);
         await relay.close();
         await dst.close();
+        if (dir) await rm(dir, { recursive: true, force: true });
       }
     }, 90_000);
   }

@@ -7,11 +7,12 @@
  * to fall back.
  */
 import { randomFillSync } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DestinationSession, InMemorySink, InMemorySource, SourceSession } from '../../src/index.js';
+import { DestinationSession, DirectorySink, InMemorySink, InMemorySource, SourceSession } from '../../src/index.js';
 import type { PageRequestResult } from '../../src/protocol/page-tracker.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { AUTO_THREADS_MIN_CORES, availableCores, setAvailableCoresForTest, socketTransferSupported } from '../../src/transport/worker/support.js';
@@ -184,6 +185,24 @@ describe('threads: the choice and why', () => {
     const real = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink({ shared: true }) });
     expect(real.stats().threads.used).toBe(threadsWork && availableCores() >= AUTO_THREADS_MIN_CORES);
     await real.close();
+  });
+  it("'auto' with a DirectorySink (qmt receive's sink) follows the same rule: threads with 4 or more cores, and the workers write the files", async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'qmt-auto-files-'));
+    try {
+      setAvailableCoresForTest(AUTO_THREADS_MIN_CORES);
+      const many = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new DirectorySink(join(dir, 'a')) });
+      expect(many.stats().threads.used).toBe(threadsWork);
+      if (threadsWork) expect(many.stats().threads.why).toMatch(/^threads: 'auto' \(sockets can move to worker threads; each channel's thread writes the pages it decodes into the sink's files\)$/);
+      await many.close();
+      setAvailableCoresForTest(AUTO_THREADS_MIN_CORES - 1);
+      const few = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new DirectorySink(join(dir, 'b')) });
+      expect(few.stats().threads.used).toBe(false);
+      expect(few.stats().threads.why).toMatch(threadsWork ? /fell back to one thread: 3 cores available: .*needs 4 or more/ : /cannot transfer a socket/);
+      await few.close();
+    } finally {
+      setAvailableCoresForTest(undefined);
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -26,11 +26,10 @@ export function decideThreads(mode: ThreadMode | undefined, sink: GuestMemorySin
   if (m === 'off') return { used: false, why: "threads: 'off'" };
   const files = typeof sink.blockFiles === 'function';
   const blocker = !socketTransferSupported() ? socketTransferWhy() : sinkNotShareable(sink);
-  // A sink of files has its own 'auto' answer below; the core count decides for the others.
-  const why = blocker ?? (m === 'auto' && !files ? tooFewCoresWhy() : undefined);
+  // The core count decides 'auto' for every sink, files too (the hang that kept files on one thread was a
+  // reset replayed to no one: channel-worker.ts take()).
+  const why = blocker ?? (m === 'auto' ? tooFewCoresWhy() : undefined);
   if (why === undefined) {
-    // A sink of files takes threads when asked only: a recovery into one intermittently hung in testing (not yet understood).
-    if (files && m === 'auto') return { used: false, why: "threads: 'auto' keeps a sink of files on one thread (threads: 'on' runs its channels in workers that write the files)" };
     if (!files) return { used: true, why: m === 'on' ? "threads: 'on'" : "threads: 'auto' (sockets can move to worker threads, the sink is shared memory)" };
     const where = "each channel's thread writes the pages it decodes into the sink's files";
     return { used: true, why: m === 'on' ? `threads: 'on'; ${where}` : `threads: 'auto' (sockets can move to worker threads; ${where})` };
