@@ -32,7 +32,7 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { initPkiDir } from '../src/transport/pki.js';
-import { MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdScaling, REFERENCE_CORES } from './lib/aims.js';
+import { MULTIFD_AIM_ROWS, MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdAimRowMeasured, multifdScaling, REFERENCE_CORES } from './lib/aims.js';
 import { BenchChild } from './lib/child.js';
 import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, threadsRefused, threadsUnavailable } from './lib/features.js';
 import { runPart, type PartContext } from './lib/part.js';
@@ -54,7 +54,7 @@ export interface MultifdRun {
   seconds: number;
   gbps: number;
   cpu: ThreadCpuReport;
-  /** Library: each session's own word on threads (undefined: its stats say nothing of threads); the RAM the same at both ends. */
+  /** Library and `qmt receive`: each session's own word on threads (undefined: its stats say nothing of threads); library: the RAM the same at both ends. */
   threadsUsed?: { source?: boolean; dest?: boolean };
   workers?: number;
   identical?: boolean;
@@ -64,7 +64,7 @@ export interface MultifdVariant {
   row: MultifdRow;
   kind: Kind;
   channels: number;
-  /** Library rows: the `threads` mode they ran with. */
+  /** Library and `qmt receive` rows: the `threads` mode they ran with (a `qmt receive` row without: its default, 'auto'). */
   threads?: 'on' | 'off';
   runs: MultifdRun[];
   errors: string[];
@@ -154,10 +154,19 @@ async function qemuToQemu(env: Env, channels: number, tls: boolean): Promise<Mul
   }
 }
 
-async function qemuToReceive(env: Env, channels: number, tls: boolean, node: string | undefined): Promise<MultifdRun> {
+/** `stats` of a `qmt … --json` output, undefined when it is not that. */
+function jsonStats(stdout: string): unknown {
+  try {
+    return (JSON.parse(stdout) as { stats?: unknown }).stats;
+  } catch {
+    return undefined;
+  }
+}
+
+async function qemuToReceive(env: Env, channels: number, tls: boolean, node: string | undefined, threads: 'on' | 'off' | undefined): Promise<MultifdRun> {
   const { q, src, mib } = env;
   const out = join(env.work, `saved-${channels}-${tls ? 'tls' : 'plain'}`);
-  const args = ['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--progress', 'none', '--json', '--multifd', String(channels), ...(tls ? ['--tls', env.pkiDir] : [])];
+  const args = ['receive', '--listen', 'tcp:127.0.0.1:0', '--out', out, '--progress', 'none', '--json', '--multifd', String(channels), ...(tls ? ['--tls', env.pkiDir] : []), ...(threads ? ['--threads', threads] : [])];
   const recv = startQmtCli(args, node ? { node } : {});
   try {
     const uri = (await recv.stderrMatches(/^qmt: listening on (\S+)/m))[1]!;
@@ -169,13 +178,16 @@ async function qemuToReceive(env: Env, channels: number, tls: boolean, node: str
     const r = await Promise.race([recv.exit, new Promise<never>((_, rej) => setTimeout(() => rej(new Error('qmt receive: no exit within 300 s')), 300_000).unref())]);
     const cpu = sampler.stop();
     if (r.code !== 0) throw new Error(`qmt receive exited ${r.code ?? r.signal}: ${r.stderr.slice(-1500)}`);
+    // Its own word on threads (--json: stats.threads), so that a row says what ran.
+    const td = threadsOf(jsonStats(r.stdout));
+    if (threads === 'on' && td && !td.used) throw new FeatureMissing(`threads not used: ${td.why}`);
     await q.waitMigrationEvent(src, 'completed', 30_000, since);
     const setup = eventUsSince(src, since, 'setup');
     if (setup === undefined) throw new Error('no MIGRATION setup event on the source');
     const seconds = (r.exitUs - setup) / 1e6;
     // The sampler misses the last instants of a process that exits: qmt's own total (process.cpuUsage at exit) is the floor.
     const own = r.cpu ? r.cpu.userS + r.cpu.systemS : 0;
-    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpu: { ...cpu, totalS: Math.max(cpu.totalS, own) } };
+    return { seconds, gbps: (mib * MiB) / seconds / 1e9, cpu: { ...cpu, totalS: Math.max(cpu.totalS, own) }, ...(td ? { threadsUsed: { dest: td.used }, workers: td.channels.length } : {}) };
   } finally {
     if (recv.child.exitCode === null && recv.child.signalCode === null) recv.child.kill('SIGKILL');
     await rm(out, { recursive: true, force: true });
@@ -288,8 +300,12 @@ function markdown(d: MultifdData): string {
   for (const v of d.variants) {
     const last = v.runs[v.runs.length - 1];
     const yn = (b: boolean | undefined): string => (b === undefined ? 'no stats' : b ? 'yes' : 'no');
-    const used = v.row === 'library' && last?.threadsUsed ? ` (in threads: source ${yn(last.threadsUsed?.source)}, destination ${yn(last.threadsUsed?.dest)}; ${last.workers ?? 0} workers)` : '';
-    const label = `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}${used}` : ''}`;
+    const used = !last?.threadsUsed
+      ? ''
+      : v.row === 'library'
+        ? ` (in threads: source ${yn(last.threadsUsed.source)}, destination ${yn(last.threadsUsed.dest)}; ${last.workers ?? 0} workers)`
+        : ` (in threads: ${yn(last.threadsUsed.dest)}; ${last.workers ?? 0} workers)`;
+    const label = `${MULTIFD_LABEL[v.row]}${v.threads ? `, threads ${v.threads}${used}` : ''}`;
     const kind = v.kind === 'tls' ? 'TLS 1.3' : 'plain TCP';
     if (v.unavailable) {
       lines.push(`| ${label} | ${kind} | ${v.channels} | ${notAvailable(v.unavailable)} | | | | | | | | |`);
@@ -314,8 +330,8 @@ function markdown(d: MultifdData): string {
     lines.push(`- ${MULTIFD_LABEL[v.row]}${v.threads ? `, threads ${v.threads}` : ''}, ${v.kind === 'tls' ? 'TLS' : 'plain'}, ${v.channels} channel${v.channels === 1 ? '' : 's'}: ${topThreads(last.cpu, 6)}`);
   }
   lines.push('', `Aim (issue 13), reported, not asserted: on these ${d.cores}-core machines 2 TLS channels ≥ ${MULTIFD_TLS_2_VS_1}× the throughput of one:`, '');
-  for (const [row, threads] of [['library', 'on'], ['library', 'off'], ['qemu-receive'], ['send-qemu'], ['qemu-qemu']] as const) {
-    if (row === 'library' && !d.variants.some((v) => v.row === 'library' && v.threads === threads)) continue;
+  for (const [row, threads] of MULTIFD_AIM_ROWS) {
+    if (!multifdAimRowMeasured(d, row, threads)) continue;
     const s = multifdScaling(d, row, threads);
     lines.push(
       `- ${MULTIFD_LABEL[row]}${threads ? `, threads ${threads}` : ''}${row === 'qemu-qemu' ? ' (reference)' : ''}: ${s.unavailable ? notAvailable(s.unavailable) : s.ratio === undefined ? 'not measured' : `${fmt(s.two, 2)} / ${fmt(s.one, 2)} GB/s = ${fmt(s.ratio, 2)}× — ${s.ratio >= MULTIFD_TLS_2_VS_1 ? 'met' : 'missed'}`}`,
@@ -346,12 +362,14 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   const libWhy = multifdUnavailable('both');
   // Threads on is the row of the issue; off next to it (same run) shows what the threads bring. Without threads in the tree: off only.
   const libThreads = threadsUnavailable() ? (['off'] as const) : (['on', 'off'] as const);
+  // `qmt receive`: both, where its build has --threads (its 'auto' is one thread on fewer than 4 cores); else its default alone.
+  const recvThreads = !threadsUnavailable() && !cliWhy && cliHasFlag('receive', '--threads') ? (['on', 'off'] as const) : ([undefined] as const);
   const q = await import('./lib/qemu.js');
   const qemuWhy = await q.qemuUnavailable();
   for (const kind of ['plain', 'tls'] as const) {
     for (const channels of channelCounts) {
       data.variants.push({ row: 'qemu-qemu', kind, channels, runs: [], errors: [], ...(qemuWhy ? { unavailable: qemuWhy } : {}) });
-      data.variants.push({ row: 'qemu-receive', kind, channels, runs: [], errors: [], ...((qemuWhy ?? cliWhy) ? { unavailable: (qemuWhy ?? cliWhy)! } : {}) });
+      for (const threads of recvThreads) data.variants.push({ row: 'qemu-receive', kind, channels, ...(threads ? { threads } : {}), runs: [], errors: [], ...((qemuWhy ?? cliWhy) ? { unavailable: (qemuWhy ?? cliWhy)! } : {}) });
       data.variants.push({ row: 'send-qemu', kind, channels, runs: [], errors: [], ...((qemuWhy ?? sendWhy) ? { unavailable: (qemuWhy ?? sendWhy)! } : {}) });
       if (kind === 'tls') for (const threads of libThreads) data.variants.push({ row: 'library', kind, channels, threads, runs: [], errors: [], ...(libWhy ? { unavailable: libWhy } : {}) });
     }
@@ -389,7 +407,7 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
           v.row === 'qemu-qemu'
             ? await qemuToQemu(env!, v.channels, tls)
             : v.row === 'qemu-receive'
-              ? await qemuToReceive(env!, v.channels, tls, node?.path)
+              ? await qemuToReceive(env!, v.channels, tls, node?.path, v.threads)
               : v.row === 'send-qemu'
                 ? await sendToQemu(env!, v.channels, tls, vmDir!, node?.path)
                 : await libraryRun(ctx, bytes, v.channels, pkiDir, v.threads ?? 'off', node?.path);

@@ -87,6 +87,15 @@ export const MULTIFD_LABEL: Record<MultifdRow, string> = {
   library: 'library ↔ library multifd',
 };
 
+/** The rows the multifd aim is read on, in the report's order (threads: the rows that ran in either mode, each apart). */
+export const MULTIFD_AIM_ROWS: readonly (readonly [MultifdRow, ('on' | 'off')?])[] = [['library', 'on'], ['library', 'off'], ['qemu-receive', 'on'], ['qemu-receive', 'off'], ['qemu-receive'], ['send-qemu'], ['qemu-qemu']];
+
+/** Whether the run has the row: a row split by threads is read per mode, an older run's `qmt receive` row (no mode) alone. */
+export function multifdAimRowMeasured(d: MultifdData, row: MultifdRow, threads?: 'on' | 'off'): boolean {
+  const split = d.variants.some((v) => v.row === row && v.threads !== undefined);
+  return threads === undefined ? !split : d.variants.some((v) => v.row === row && v.threads === threads);
+}
+
 /** 2 TLS channels against 1 for a row: ratio of median GB/s. */
 export function multifdScaling(d: MultifdData, row: MultifdRow, threads?: 'on' | 'off'): { one?: number; two?: number; ratio?: number; unavailable?: string } {
   const v = (n: number): MultifdVariant | undefined => d.variants.find((x) => x.row === row && x.kind === 'tls' && x.channels === n && (threads === undefined || x.threads === threads));

@@ -8,7 +8,7 @@ import type { DemoData, DemoVariant } from '../demo.bench.js';
 import type { LoadData } from '../load.bench.js';
 import type { MultifdData } from '../multifd.bench.js';
 import type { UrgentData } from '../urgent.bench.js';
-import { DEMO_AIMS, demoAims, LOAD_AIM, MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdScaling } from './aims.js';
+import { DEMO_AIMS, demoAims, LOAD_AIM, MULTIFD_AIM_ROWS, MULTIFD_LABEL, MULTIFD_TLS_2_VS_1, multifdAimRowMeasured, multifdScaling } from './aims.js';
 import { notAvailable } from './features.js';
 import type { PartResult } from './part.js';
 import { fmt } from './report.js';
@@ -140,9 +140,9 @@ function loadLines(p: PartResult<unknown>, out: Issue13Line[]): void {
 
 function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
   const d = p.data as MultifdData;
-  for (const [row, threads] of [['library', 'on'], ['library', 'off'], ['qemu-receive'], ['send-qemu'], ['qemu-qemu']] as const) {
+  for (const [row, threads] of MULTIFD_AIM_ROWS) {
     // The library's row of the issue is threads on; off (same run) next to it, or alone when the tree has no threads.
-    if (row === 'library' && !d.variants.some((v) => v.row === 'library' && v.threads === threads)) continue;
+    if (!multifdAimRowMeasured(d, row, threads)) continue;
     const s = multifdScaling(d, row, threads);
     const name = `${MULTIFD_LABEL[row]}${threads ? `, threads ${threads}` : ''}: 2 TLS channels vs 1${row === 'qemu-qemu' ? ' (reference)' : ''}`;
     if (s.unavailable) {
@@ -167,7 +167,7 @@ function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
     const big = expectedGbps(d.referenceCores, v.cpuPerGb, v.busiestPerGb);
     const qq = d.variants.find((x) => x.row === 'qemu-qemu' && x.kind === 'tls' && x.channels === v.channels)?.stats?.median;
     out.push({
-      row: `${MULTIFD_LABEL[v.row]}${v.row === 'library' ? `, threads ${v.threads ?? '?'}` : ''}, TLS, ${v.channels} channel${v.channels === 1 ? '' : 's'}, ${fmt(d.guestBytes / 2 ** 20)} MiB`,
+      row: `${MULTIFD_LABEL[v.row]}${v.threads ? `, threads ${v.threads}` : ''}, TLS, ${v.channels} channel${v.channels === 1 ? '' : 's'}, ${fmt(d.guestBytes / 2 ** 20)} MiB`,
       figure: `${fmt(v.stats!.median, 2)} GB/s; ${fmt(v.cpuPerGb, 2)} CPU s/GB; ${fmt(big, 2)} GB/s expected on ${d.referenceCores} cores`,
       baseline: v.row === 'qemu-qemu' ? '–' : `QEMU → QEMU ${qq === undefined ? '–' : `${fmt(qq, 2)} GB/s`}`,
       ratio: v.row === 'qemu-qemu' ? '–' : ratio(v.stats!.median, qq) === undefined ? '–' : `${fmt(ratio(v.stats!.median, qq), 2)}×`,
