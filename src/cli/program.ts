@@ -12,6 +12,7 @@ import { registerReceiveCommand } from './receive.js';
 import { registerRecodeCommand } from './recode.js';
 import { registerSendCommand } from './send.js';
 import { registerTapCommand } from './tap.js';
+import { registerTunnelCommand } from './tunnel.js';
 
 export const QMT_VERSION = '0.1.0';
 
@@ -39,5 +40,6 @@ export function buildProgram(): Command {
   registerReceiveCommand(program);
   registerSendCommand(program);
   registerTapCommand(program);
+  registerTunnelCommand(program);
   return program;
 }

@@ -140,6 +140,13 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
   /** The first bytes read locally (up to what the first read brought), for telling the role. */
   firstBytes: Buffer | undefined;
 
+  /**
+   * Sees every chunk as it passes: `read` from the local socket (before it is
+   * sent), `delivered` to it. Set it from 'first-bytes' / 'peer-first-bytes'
+   * and it sees that first chunk too. Per chunk, never per page.
+   */
+  observer: { read(chunk: Buffer): void; delivered(chunk: Buffer): void } | undefined;
+
   stats(): ResumableStats {
     return {
       sent: this.out.end,
@@ -222,6 +229,7 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
       this.firstBytes = chunk;
       this.emit('first-bytes', chunk);
     }
+    this.observer?.read(chunk);
     const seq = this.out.append(chunk);
     if (this.out.unacknowledged > this.counters.peak) this.counters.peak = this.out.unacknowledged;
     const hop = this.hop;
@@ -327,6 +335,7 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
           const part = skip > 0 ? f.payload.subarray(skip) : f.payload;
           if (this.delivered === 0) this.emit('peer-first-bytes', part);
           this.delivered += part.length;
+          this.observer?.delivered(part);
           if (!this.local.write(part) && !this.hopPaused) {
             // The local reader is slower: the hop waits (the peer's replay buffer then fills, and its reading waits).
             this.hopPaused = true;
@@ -433,8 +442,9 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
     if (state === 'failed') {
       this.failure = error;
       this.local.on('error', () => undefined);
-      // A reset, not a FIN: the QEMU behind it must see a failure, not the end of a stream.
-      if (typeof this.local.resetAndDestroy === 'function' && !this.local.destroyed && !this.local.connecting) this.local.resetAndDestroy();
+      // A reset, not a FIN: the QEMU behind it must see a failure, not the end of a stream (TCP only: a
+      // unix socket has no reset, and resetAndDestroy throws on it).
+      if (this.local.remoteFamily !== undefined && !this.local.destroyed && !this.local.connecting) this.local.resetAndDestroy();
       else this.local.destroy();
       this.emit('failed', error!);
     } else {

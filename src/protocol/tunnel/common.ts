@@ -11,6 +11,8 @@ import type { ResumableConnection, ResumableLimits, ResumableStats } from '../..
 import { tuneChannel } from '../../transport/sockets.js';
 import type { Endpoint } from '../../transport/endpoint.js';
 import type { EventEmitter } from 'node:events';
+import type { AnalysisReport } from '../tap/analysis.js';
+import type { TunnelAnalysis } from './analysis.js';
 import type net from 'node:net';
 import type tls from 'node:tls';
 
@@ -78,6 +80,8 @@ export interface TunnelConnectionStats extends TunnelConnectionInfo, ResumableSt
 
 export interface TunnelStats {
   readonly connections: TunnelConnectionStats[];
+  /** The migrations carried, as parsed at this end (the tap's report: pages per channel, passes, switchover, request → page latency). */
+  readonly migrations: AnalysisReport[];
   /** Over every connection. */
   readonly outages: number;
   readonly replayedBytes: number;
@@ -92,10 +96,11 @@ export interface Carried {
   role: TunnelRole;
 }
 
-export function statsOf(all: readonly Carried[], up: (c: Carried) => number, down: (c: Carried) => number): TunnelStats {
+export function statsOf(all: readonly Carried[], up: (c: Carried) => number, down: (c: Carried) => number, analysis: TunnelAnalysis): TunnelStats {
   const connections = all.map((c) => ({ index: c.index, role: c.role, state: c.conn.state, ...c.conn.stats(), ...(c.conn.error ? { error: c.conn.error.describe() } : {}) }));
   return {
     connections,
+    migrations: analysis.reports(),
     outages: connections.reduce((n, c) => n + c.outages, 0),
     replayedBytes: connections.reduce((n, c) => n + c.replayed, 0),
     bytesUp: all.reduce((n, c) => n + up(c), 0),

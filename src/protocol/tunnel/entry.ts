@@ -28,6 +28,7 @@ import { hello } from '../../transport/resumable-hop.js';
 import { connect, listen, type Listening, type TlsClientSpec } from '../../transport/sockets.js';
 import { usageError } from '../../errors.js';
 import type { ChannelRole } from '../../transport/channel.js';
+import { TunnelAnalysis } from './analysis.js';
 import { forwardEvents, profileOf, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
 
 export interface TunnelEntryOptions {
@@ -59,6 +60,7 @@ interface Entry extends Carried {
 export class TunnelEntry extends EventEmitter<TunnelEvents> {
   private readonly tunnel = randomBytes(16);
   private readonly carried: Entry[] = [];
+  private readonly analysis = new TunnelAnalysis();
   private next = 0;
   /** Index of the current migration's first connection. */
   private leader = 0;
@@ -101,6 +103,7 @@ export class TunnelEntry extends EventEmitter<TunnelEvents> {
       this.carried,
       (c) => c.conn.stats().sent,
       (c) => c.conn.stats().received,
+      this.analysis,
     );
   }
 
@@ -128,6 +131,8 @@ export class TunnelEntry extends EventEmitter<TunnelEvents> {
     forwardEvents(c, this);
     conn.on('first-bytes', (b) => {
       c.role = roleOf(b);
+      const feed = this.analysis.feed(c.role);
+      if (feed) conn.observer = { read: feed.toward, delivered: feed.back };
       const profile = this.profile(c);
       tuneFor(local, profile, 'destination', this.listening.endpoint.kind);
       if (c.hop) tuneFor(c.hop, profile, 'source', 'tcp');

@@ -28,6 +28,7 @@ import type { HopFrame } from '../../transport/resumable-frames.js';
 import { connectSocket, listen, type Listening } from '../../transport/sockets.js';
 import { checkAllowedPeer, secureAccept, serverTlsOptions, type TlsSettings } from '../../transport/tls.js';
 import { usageError } from '../../errors.js';
+import { TunnelAnalysis } from './analysis.js';
 import { forwardEvents, profileOf, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
 
 export interface TunnelExitOptions {
@@ -62,6 +63,7 @@ interface Slot {
 export class TunnelExit extends EventEmitter<TunnelExitEvents> {
   private readonly slots = new Map<string, Slot>();
   private readonly carried: ExitConn[] = [];
+  private readonly analysis = new TunnelAnalysis();
   private pending = 0;
   private closing = false;
   private readonly timeoutMs: number;
@@ -106,6 +108,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
       this.carried,
       (c) => c.conn.stats().received,
       (c) => c.conn.stats().sent,
+      this.analysis,
     );
   }
 
@@ -209,6 +212,8 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
           // The entry's bytes say the role (the exit sees them first as what it writes to QEMU).
           conn.on('peer-first-bytes', (b) => {
             c.role = roleOf(b);
+            const feed = this.analysis.feed(c.role);
+            if (feed) conn.observer = { read: feed.back, delivered: feed.toward };
             const profile = profileOf(c.role, index, false);
             tuneFor(local, profile, 'source', this.target.kind);
           });
