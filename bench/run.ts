@@ -1,5 +1,5 @@
 /**
- * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,urgent,seed,switchover,memory,load,multifd] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace] [-- --report-only]`
+ * `npm run bench [-- --quick] [-- --only codec,bulk,saved,demo,sink,latency,urgent,seed,switchover,memory,load,multifd,tunnel] [-- --skip ...] [-- --mib N] [-- --runs N] [-- --no-veth] [-- --trace] [-- --report-only]`
  *
  * Runs every part of the benchmark, each in a process of its own, one after
  * the other, and writes bench/REPORT.md: the machine, how loaded it was, a
@@ -93,7 +93,8 @@ const PARTS: readonly PartEntry[] = [
   { name: 'memory', script: 'memory.bench.ts' },
   { name: 'load', script: 'load.bench.ts', args: runsOnly, threads: true },
   { name: 'multifd', script: 'multifd.bench.ts', args: () => sizing, threads: true, cli: true },
-  // Issues 14 and 15 add theirs here, e.g. { name: 'mapped-ram', script: 'mapped-ram.bench.ts', args: () => sizing, cli: true }.
+  { name: 'tunnel', script: 'tunnel.bench.ts', args: () => sizing, cli: true },
+  // Issue 14 adds its part here, e.g. { name: 'mapped-ram', script: 'mapped-ram.bench.ts', args: () => sizing, cli: true }.
 ];
 const NAMES = PARTS.map((p) => p.name);
 const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);

@@ -182,59 +182,76 @@ export function encodeFrame(f: HopFrame): Buffer {
 
 /**
  * A push parser of hop frames. `push(chunk)` returns the frames the bytes
- * complete and keeps the rest (one remainder buffer); a DATA payload is a view
- * into the chunk unless it spans chunks. Malformed bytes throw a
- * TransportError 'hop-protocol' naming the offset; need-more-data is simply
+ * complete. A DATA frame's payload is handed out as it comes, as views into
+ * the chunks (never joined, never copied): a frame whose payload spans reads
+ * comes as several 'data' frames with consecutive `seq` — the same bytes at
+ * the same numbers, which is all a DATA frame says. Only a frame header split
+ * between reads (at most 35 bytes) is kept and joined. Malformed bytes throw
+ * a TransportError 'hop-protocol' naming the offset; need-more-data is simply
  * no frame yet. After an error the decoder refuses further input.
  */
 export class HopFrameDecoder {
-  /** Bytes that do not make a frame yet, in the chunks they came in (joined once enough are in). */
-  private rest: Buffer[] = [];
-  private restLength = 0;
-  /** Bytes the frame at the start of `rest` needs, as far as known (a DATA frame's whole length once its header is in). */
-  private need = 1;
+  /** The start of a frame (at most a header) that did not complete in the last read. */
+  private rest: Buffer = Buffer.alloc(0);
+  /** Payload bytes of the current DATA frame still to come, and the sequence number of the next one. */
+  private dataLeft = 0;
+  private dataSeq = 0;
   /** Bytes consumed so far (the offset errors name). */
   private offset = 0;
   private failed: TransportError | undefined;
 
-  /** Bytes held that do not make a frame yet. */
+  /** Bytes held that do not make a frame yet (a split header). */
   get pending(): number {
-    return this.restLength;
+    return this.rest.length;
+  }
+
+  /** Inside a frame: a split header held, or a DATA payload not all in yet. */
+  get midFrame(): boolean {
+    return this.rest.length > 0 || this.dataLeft > 0;
   }
 
   push(chunk: Buffer): HopFrame[] {
     if (this.failed) throw this.failed;
-    if (chunk.length === 0) return [];
-    let buf = chunk;
-    if (this.restLength > 0) {
-      this.rest.push(chunk);
-      this.restLength += chunk.length;
-      // A large DATA frame over many small reads is joined once, not at every read.
-      if (this.restLength < this.need) return [];
-      buf = Buffer.concat(this.rest, this.restLength);
-      this.rest = [];
-      this.restLength = 0;
-    }
     const out: HopFrame[] = [];
+    if (chunk.length === 0) return out;
     let at = 0;
-    this.need = 1;
-    while (at < buf.length) {
-      const n = this.frameAt(buf, at, out);
+    if (this.rest.length > 0) {
+      // A split header: joined with just enough of this chunk to finish it (headers are at most 35 bytes).
+      const held = this.rest.length;
+      const joined = Buffer.concat([this.rest, chunk.subarray(0, HELLO_LENGTH)]);
+      this.rest = Buffer.alloc(0);
+      const used = this.parse(joined, out);
+      if (used < held) {
+        // Still not a whole header: this chunk was shorter than what it lacks.
+        this.rest = joined.subarray(used);
+        return out;
+      }
+      at = used - held;
+    }
+    const used = this.parse(chunk.subarray(at), out);
+    if (at + used < chunk.length) this.rest = chunk.subarray(at + used);
+    return out;
+  }
+
+  /** Parses what it can of `b` into `out`: the bytes used (a frame's start it cannot finish stays unused). */
+  private parse(b: Buffer, out: HopFrame[]): number {
+    let at = 0;
+    while (at < b.length) {
+      if (this.dataLeft > 0) {
+        const n = Math.min(this.dataLeft, b.length - at);
+        out.push({ type: 'data', seq: this.dataSeq, payload: b.subarray(at, at + n) });
+        this.dataSeq += n;
+        this.dataLeft -= n;
+        at += n;
+        this.offset += n;
+        continue;
+      }
+      const n = this.frameAt(b, at, out);
       if (n === 0) break;
       at += n;
       this.offset += n;
     }
-    if (at < buf.length) {
-      this.rest = [at === 0 ? buf : buf.subarray(at)];
-      this.restLength = buf.length - at;
-    }
-    return out;
-  }
-
-  /** Needs `n` bytes from the frame's start before it can go on: 0 (no frame yet). */
-  private more(n: number): 0 {
-    this.need = n;
-    return 0;
+    return at;
   }
 
   /** Parses one frame at `at` into `out`: its length, or 0 when more bytes are needed. */
@@ -243,13 +260,16 @@ export class HopFrameDecoder {
     const type = b[at]!;
     switch (type) {
       case FrameType.Data: {
-        if (avail < DATA_HEADER_LENGTH) return this.more(DATA_HEADER_LENGTH);
+        if (avail < DATA_HEADER_LENGTH) return 0;
         const seq = this.counter(b, at + 1, 'DATA seq');
         const length = b.readUInt32BE(at + 9);
         if (length < 1 || length > MAX_DATA_PAYLOAD) this.fail(`a DATA frame of ${length} bytes (1..${MAX_DATA_PAYLOAD})`);
-        if (avail < DATA_HEADER_LENGTH + length) return this.more(DATA_HEADER_LENGTH + length);
-        out.push({ type: 'data', seq, payload: b.subarray(at + DATA_HEADER_LENGTH, at + DATA_HEADER_LENGTH + length) });
-        return DATA_HEADER_LENGTH + length;
+        // The payload as far as it is here; the rest comes as it arrives (parse()).
+        const here = Math.min(length, avail - DATA_HEADER_LENGTH);
+        if (here > 0) out.push({ type: 'data', seq, payload: b.subarray(at + DATA_HEADER_LENGTH, at + DATA_HEADER_LENGTH + here) });
+        this.dataSeq = seq + here;
+        this.dataLeft = length - here;
+        return DATA_HEADER_LENGTH + here;
       }
       case FrameType.Ack:
         if (avail < ACK_LENGTH) return 0;
@@ -313,8 +333,8 @@ export class HopFrameDecoder {
   private fail(what: string): never {
     const e = new TransportError('hop-protocol', `hop frame at byte ${this.offset}: ${what}`);
     this.failed = e;
-    this.rest = [];
-    this.restLength = 0;
+    this.rest = Buffer.alloc(0);
+    this.dataLeft = 0;
     throw e;
   }
 }

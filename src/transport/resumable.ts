@@ -169,7 +169,9 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
    */
   attach(socket: HopSocket, decoder: HopFrameDecoder, peerReceived: number, frames: readonly HopFrame[] = []): void {
     if (this.stateNow === 'done' || this.stateNow === 'failed') {
-      socket.destroy();
+      // Ended: let what the caller wrote (a WELCOME with everything acknowledged) reach the peer.
+      if (this.stateNow === 'done') socket.end();
+      else socket.destroy();
       return;
     }
     if (this.hop) this.detach(new TransportError('closed', 'a newer hop connection replaced this one', { channel: this.channel }), false);

@@ -46,6 +46,8 @@ interface Tunnel {
   exit: QmtRun;
   relay: FaultRelay;
   entryUri: string;
+  /** Whatever is still running of it, killed (after a failure). */
+  kill(): Promise<void>;
   /** SIGTERM to both; their --json stats (exit codes checked). */
   stop(): Promise<{ entry: TunnelStats; exit: TunnelStats; entryStderr: string; exitStderr: string }>;
 }
@@ -61,6 +63,11 @@ async function startTunnel(to: string, extra: string[] = []): Promise<Tunnel> {
     exit,
     relay,
     entryUri,
+    async kill() {
+      entry.child.kill('SIGKILL');
+      exit.child.kill('SIGKILL');
+      await relay.close();
+    },
     async stop() {
       entry.child.kill('SIGTERM');
       exit.child.kill('SIGTERM');
@@ -163,9 +170,7 @@ describeWithQemu('QEMU 10 → qmt tunnel entry → (cut hop) → qmt tunnel exit
         expect(st.entry.migrations).toEqual([]);
       }
     } finally {
-      t.entry.child.kill('SIGKILL');
-      t.exit.child.kill('SIGKILL');
-      await t.relay.close();
+      await t.kill();
       await Promise.all([src.stop(), dst.stop()]);
     }
   }, 150_000);
@@ -221,9 +226,7 @@ describeWithQemu('QEMU 10 → qmt tunnel entry → (cut hop) → qmt tunnel exit
       expect(st.entryStderr).toMatch(/failed: outage-timeout/);
       console.log(`[tunnel outage] entry: ${st.entry.connections.map((x) => `${x.index} ${x.role} ${x.state}`).join(', ')}`);
     } finally {
-      t.entry.child.kill('SIGKILL');
-      t.exit.child.kill('SIGKILL');
-      await t.relay.close();
+      await t.kill();
       await Promise.all([src.stop(), dst.stop()]);
     }
   }, 150_000);
