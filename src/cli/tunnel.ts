@@ -7,7 +7,7 @@
  * QEMU side failed, or the hop stayed down past --outage-timeout) is an
  * event and a line of the stats, not a failure of the tunnel.
  */
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { TunnelEntry, TunnelExit, type TunnelEvents, type TunnelLimits, type TunnelStats } from '../protocol/tunnel/index.js';
 import { endpointArg, intArg } from './args.js';
 import { formatBytes, formatMicros } from './progress.js';
@@ -20,6 +20,7 @@ interface CommonOptions {
   outageTimeout: number;
   silenceTimeout: number;
   replayBuffer: number;
+  whenFull: 'wait' | 'close';
 }
 
 interface EntryOptions extends CommonOptions {
@@ -28,7 +29,7 @@ interface EntryOptions extends CommonOptions {
 }
 
 function limitsOf(o: CommonOptions): TunnelLimits {
-  return { outageMs: o.outageTimeout, silenceMs: o.silenceTimeout, replayBytes: o.replayBuffer * 1024 * 1024 };
+  return { outageMs: o.outageTimeout, silenceMs: o.silenceTimeout, replayBytes: o.replayBuffer * 1024 * 1024, whenFull: o.whenFull };
 }
 
 /** Event lines on stderr, the same at both ends. */
@@ -76,6 +77,7 @@ function common(cmd: Command): Command {
     .option('--outage-timeout <ms>', 'close the QEMU side of a connection whose hop stays down longer (QEMU then pauses or fails on its own)', intArg('--outage-timeout', 100, 24 * 3600 * 1000), 30_000)
     .option('--silence-timeout <ms>', 'a hop connection silent this long is taken as cut (a link that goes silent instead of resetting)', intArg('--silence-timeout', 100, 600_000), 2000)
     .option('--replay-buffer <MiB>', 'bytes per connection and direction kept until the other end acknowledges them; reading QEMU waits beyond', intArg('--replay-buffer', 1, 4096), 64)
+    .addOption(new Option('--when-full <what>', 'a replay buffer that fills during an outage: wait (for the hop, up to --outage-timeout) or close the QEMU side at once').choices(['wait', 'close']).default('wait'))
     .option('--json', 'print the stats of every carried connection on stdout when stopped');
 }
 

@@ -43,9 +43,17 @@ export interface ResumableLimits {
   readonly silenceMs?: number;
   /** An outage longer than this fails the connection, 'outage-timeout' (default 30 s; 0: never). */
   readonly outageMs?: number;
+  /**
+   * What a full replay buffer does during an outage: 'wait' (default) keeps
+   * the local socket open, unread, until the hop is back or `outageMs` passes;
+   * 'close' fails the connection at once ('outage-timeout'), so that an
+   * outage costs at most `replayBytes` of the source's progress before QEMU's
+   * own recovery takes over. Outside an outage a full buffer only waits.
+   */
+  readonly whenFull?: 'wait' | 'close';
 }
 
-const DEFAULTS = { replayBytes: 64 << 20, ackBytes: 1 << 20, keepaliveMs: 250, silenceMs: 2000, outageMs: 30_000 } as const;
+const DEFAULTS = { replayBytes: 64 << 20, ackBytes: 1 << 20, keepaliveMs: 250, silenceMs: 2000, outageMs: 30_000, whenFull: 'wait' } as const;
 
 export type ResumableState = 'waiting' | 'attached' | 'outage' | 'done' | 'failed';
 
@@ -268,6 +276,10 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
   /** Reading the local socket waits while the replay buffer is full or the hop socket's buffer is. */
   private updateLocalFlow(): void {
     if (this.stateNow === 'done' || this.stateNow === 'failed') return;
+    if (this.stateNow === 'outage' && this.out.full && this.limits.whenFull === 'close') {
+      this.finish('failed', new TransportError('outage-timeout', `the replay buffer (${this.limits.replayBytes} bytes) filled while the hop was down: the local connection is closed`, { channel: this.channel }));
+      return;
+    }
     const stop = this.out.full || (this.hop?.needsDrain ?? false);
     if (stop && !this.localPaused) {
       this.localPaused = true;

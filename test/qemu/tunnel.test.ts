@@ -17,7 +17,9 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import type { TunnelStats } from '../../src/protocol/tunnel/index.js';
-import { initPkiDir } from '../../src/transport/pki.js';
+import net from 'node:net';
+import tls from 'node:tls';
+import { initPkiDir, loadTlsDir, type TlsMaterial } from '../../src/transport/pki.js';
 import { startQmt, type QmtRun } from '../cli/qmt.js';
 import { FaultRelay } from '../faults/relay.js';
 import { checkGuestInvariant, dumpSizeFor, guestRangeOf, migrateBetween, readGuestRam, startQemu, stopAll, type QemuProcess } from './harness.js';
@@ -28,9 +30,13 @@ const MEMORY_MIB = 64;
 const GUEST = { startMiB: 1, endMiB: 48, direction: 'down' as const };
 
 let pki: string;
+let otherPki: TlsMaterial;
 beforeAll(async () => {
   pki = await mkdtemp(join(tmpdir(), 'qmt-tunnel-qemu-'));
   await initPkiDir(pki);
+  const other = join(pki, 'other-ca');
+  await initPkiDir(other);
+  otherPki = await loadTlsDir(other, 'client');
 });
 afterAll(async () => {
   await stopAll();
@@ -46,10 +52,11 @@ interface Tunnel {
   exit: QmtRun;
   relay: FaultRelay;
   entryUri: string;
+  exitUri: string;
   /** Whatever is still running of it, killed (after a failure). */
   kill(): Promise<void>;
   /** SIGTERM to both; their --json stats (exit codes checked). */
-  stop(): Promise<{ entry: TunnelStats; exit: TunnelStats; entryStderr: string; exitStderr: string }>;
+  stop(): Promise<{ entry: TunnelStats; exit: TunnelStats; strangers: number; entryStderr: string; exitStderr: string }>;
 }
 
 async function startTunnel(to: string, extra: string[] = []): Promise<Tunnel> {
@@ -63,6 +70,7 @@ async function startTunnel(to: string, extra: string[] = []): Promise<Tunnel> {
     exit,
     relay,
     entryUri,
+    exitUri,
     async kill() {
       entry.child.kill('SIGKILL');
       exit.child.kill('SIGKILL');
@@ -75,7 +83,8 @@ async function startTunnel(to: string, extra: string[] = []): Promise<Tunnel> {
       await relay.close();
       expect(e.code, e.stderr).toBe(0);
       expect(x.code, x.stderr).toBe(0);
-      return { entry: (JSON.parse(e.stdout) as { stats: TunnelStats }).stats, exit: (JSON.parse(x.stdout) as { stats: TunnelStats }).stats, entryStderr: e.stderr, exitStderr: x.stderr };
+      const xj = JSON.parse(x.stdout) as { stats: TunnelStats; strangers: number };
+      return { entry: (JSON.parse(e.stdout) as { stats: TunnelStats }).stats, exit: xj.stats, strangers: xj.strangers, entryStderr: e.stderr, exitStderr: x.stderr };
     },
   };
 }
@@ -88,15 +97,31 @@ interface Case {
   cuts: number;
   /** QEMU's multifd channels (precopy only in 10.0). */
   multifd?: number;
+  /** Strangers knock on the exit's port during the migration. */
+  strangers?: boolean;
 }
 
 const CASES: Case[] = [
   { name: 'precopy', postcopy: false, preempt: false, tls: false, cuts: 2 },
   { name: 'precopy, multifd ×2', postcopy: false, preempt: false, tls: false, cuts: 2, multifd: 2 },
   { name: 'postcopy after one pass', postcopy: true, preempt: false, tls: false, cuts: 1 },
-  { name: 'postcopy + preempt', postcopy: true, preempt: true, tls: false, cuts: 3 },
+  { name: 'postcopy + preempt, strangers on the exit port', postcopy: true, preempt: true, tls: false, cuts: 3, strangers: true },
   { name: 'postcopy + preempt, QEMU TLS end to end', postcopy: true, preempt: true, tls: true, cuts: 2 },
 ];
+
+/** A port scan, an HTTP request and a client of another CA on the exit's port. */
+function knock(uri: string): void {
+  const port = Number(uri.split(':').pop());
+  const probe = net.connect(port, '127.0.0.1');
+  probe.on('error', () => undefined);
+  probe.once('connect', () => probe.destroy());
+  const http = net.connect(port, '127.0.0.1');
+  http.on('error', () => undefined);
+  http.once('connect', () => http.end('GET / HTTP/1.1\r\nHost: x\r\n\r\n'));
+  const foreign = tls.connect({ port, host: '127.0.0.1', ca: otherPki.ca, cert: otherPki.cert, key: otherPki.key, rejectUnauthorized: false });
+  foreign.on('error', () => undefined);
+  setTimeout(() => [probe, http, foreign].forEach((s) => s.destroy()), 3000).unref();
+}
 
 const statuses = (q: QemuProcess): string[] => q.qmp.events.filter((e) => e.event === 'MIGRATION').map((e) => String((e.data as { status?: unknown }).status));
 
@@ -118,6 +143,7 @@ describeWithQemu('QEMU 10 → qmt tunnel entry → (cut hop) → qmt tunnel exit
     let cut = 0;
     let cutting: Promise<void> = Promise.resolve();
     const cutRandomly = async (): Promise<void> => {
+      if (c.strangers) knock(t.exitUri);
       for (let i = 0; i < c.cuts; i++) {
         await sleep(250 + Math.floor(Math.random() * 500));
         if (t.relay.cut() > 0) cut++;
@@ -156,6 +182,10 @@ describeWithQemu('QEMU 10 → qmt tunnel entry → (cut hop) → qmt tunnel exit
       expect(st.entry.connections.map((x) => x.state)).not.toContain('failed');
       expect(st.exit.connections.map((x) => x.role)[0]).toBe(c.tls ? 'tls' : 'main');
       expect(st.entry.bytesUp).toBe(st.exit.bytesUp);
+      if (c.strangers) {
+        expect(st.strangers, 'the probe, the HTTP request and the other CA were dropped').toBe(3);
+        expect(st.exitStderr).toMatch(/stranger from 127\.0\.0\.1:\d+ dropped \(tls\)/);
+      }
       // Protocol-aware at both ends: each parsed the same migration, and its counts are QEMU's own.
       if (!c.tls) {
         const ram = result.source.ram!;

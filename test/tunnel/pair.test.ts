@@ -207,6 +207,40 @@ describe('qmt tunnel: entry and exit', () => {
     }
   }, 30_000);
 
+  it.each(['wait', 'close'] as const)('a replay buffer that fills during an outage (%s): bounded memory; wait holds QEMU until the hop is back, close fails the connection at once', async (whenFull) => {
+    const t = await pair({ silenceMs: 300, keepaliveMs: 50, replayBytes: MiB, whenFull, outageMs: 20_000 });
+    try {
+      const payload = randomBytes(8 * MiB);
+      const src = await sourceConnection(t.entry.uri, randomBytes(64 * 1024), false);
+      await src.sent;
+      await new Promise((r) => setTimeout(r, 200));
+      t.relay.freeze();
+      await new Promise((r) => setTimeout(r, 500)); // the hop is found silent
+      const failed = new Promise<string>((r) => t.entry.once('failed', (e) => r(e.error.message)));
+      const t0 = Date.now();
+      const more = writeSlowly(src.s, payload).then(() => src.s.end());
+      more.catch(() => undefined);
+      if (whenFull === 'close') {
+        expect(await failed).toMatch(/replay buffer \(1048576 bytes\) filled while the hop was down/);
+        expect(Date.now() - t0, 'at once, not at the 20 s limit').toBeLessThan(5000);
+        t.relay.heal();
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+      const during = t.entry.stats().connections[0]!;
+      expect(during.state).toBe('outage');
+      expect(during.peakUnacknowledged, 'what waits for an acknowledgement stays bounded').toBeLessThanOrEqual(MiB + 64 * 1024);
+      t.relay.heal();
+      await more;
+      await t.dst.accepted[0]!.ended;
+      expect(Buffer.concat(t.dst.accepted[0]!.got).length).toBe(64 * 1024 + payload.length);
+      expect(t.events.filter((e) => e.includes('failed'))).toEqual([]);
+      src.s.destroy();
+    } finally {
+      await t.close();
+    }
+  }, 30_000);
+
   it("strangers on the exit's port (a probe, plain bytes, another CA's certificate, TLS then silence) are dropped typed; the tunnel carries on", async () => {
     const t = await pair({ connectTimeoutMs: 800 });
     try {
@@ -230,6 +264,7 @@ describe('qmt tunnel: entry and exit', () => {
       await new Promise((r) => setTimeout(r, 1500));
       const reasons = t.strangers.map((s) => s.reason).sort();
       expect(reasons, t.strangers.map((s) => s.error.describe()).join('\n')).toEqual(['closed', 'timeout', 'tls', 'tls']);
+      expect(t.strangers.map((x) => x.remote?.replace(/:\d+$/, '')), 'each says where it came from').toEqual(['127.0.0.1', '127.0.0.1', '127.0.0.1', '127.0.0.1']);
       expect(t.dst.accepted.length, 'only the real connection reached the destination').toBe(1);
       expect(Buffer.concat(t.dst.accepted[0]!.got).length).toBe(MiB);
       for (const s of [probe, http, foreign, silent, src.s]) s.destroy();

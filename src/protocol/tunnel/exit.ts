@@ -119,21 +119,22 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
     for (const c of this.carried) c.conn.fail(new TransportError('closed', 'the tunnel exit was closed', { channel: c.name }));
   }
 
-  private stranger(reason: StrangerReason, error: TransportError, raw: net.Socket): void {
+  private stranger(reason: StrangerReason, error: TransportError, remote: string | undefined): void {
     this.strangerCount.total++;
-    const remote = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : undefined;
     this.emit('stranger', { reason, error, ...(remote ? { remote } : {}) });
   }
 
   private async onHop(raw: net.Socket): Promise<void> {
     raw.on('error', () => undefined);
+    // Read now: a destroyed socket no longer says who it was.
+    const remote = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : undefined;
     if (this.closing) {
       raw.destroy();
       return;
     }
     if (this.pending >= (this.opts.maxPending ?? 64)) {
       raw.destroy();
-      this.stranger('too-many', new TransportError('too-many-connections', `${this.pending} hop connections were already in their handshake`), raw);
+      this.stranger('too-many', new TransportError('too-many-connections', `${this.pending} hop connections were already in their handshake`), remote);
       return;
     }
     this.pending++;
@@ -144,20 +145,20 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
         secure = await secureAccept(raw, serverTlsOptions(this.material, this.settings), { timeoutMs: this.timeoutMs });
       } catch (e) {
         const err = TransportError.is(e) ? e : classifySocketError(e);
-        this.stranger(raw.bytesRead === 0 ? 'closed' : err.code === 'qualify-timeout' ? 'timeout' : 'tls', err, raw);
+        this.stranger(raw.bytesRead === 0 ? 'closed' : err.code === 'qualify-timeout' ? 'timeout' : 'tls', err, remote);
         return;
       }
       const notAllowed = checkAllowedPeer(secure, this.settings.allowedPeers);
       if (notAllowed) {
         secure.destroy();
-        this.stranger('tls', notAllowed, raw);
+        this.stranger('tls', notAllowed, remote);
         return;
       }
       try {
         h = await readHello(secure, this.timeoutMs);
       } catch (e) {
         const err = e as TransportError;
-        this.stranger(err.code === 'hop-protocol' ? 'not-migration' : err.code === 'qualify-timeout' ? 'timeout' : 'closed', err, raw);
+        this.stranger(err.code === 'hop-protocol' ? 'not-migration' : err.code === 'qualify-timeout' ? 'timeout' : 'closed', err, remote);
         return;
       }
     } finally {
