@@ -53,6 +53,8 @@ interface ExitConn extends Carried {
   readonly name: ChannelName;
   readonly tunnel: string;
   local: net.Socket | undefined;
+  /** The hop connection it rides on now (retuned once its role is known). */
+  hop: tls.TLSSocket | undefined;
 }
 
 /** A connection of the entry's: its QEMU side connecting, then carried (a second HELLO for it waits for the same outcome). */
@@ -138,6 +140,9 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
       return;
     }
     this.pending++;
+    // Until the role is known: the main channel's profile at a destination, Nagle off — this end
+    // writes the return path (a page request) and the ACKs on it, small and urgent.
+    tuneFor(raw, 'main', 'destination', 'tcp');
     let secure: tls.TLSSocket;
     let h: HandshakeRead<Extract<HopFrame, { type: 'hello' }>>;
     try {
@@ -197,6 +202,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
     const first = c.conn.stats().hops === 0;
     welcome(secure, first ? 'new' : 'resumed', c.conn.received);
     if (c.role !== 'pending') tuneFor(secure, profileOf(c.role, f.connection, false), 'destination', 'tcp');
+    c.hop = secure;
     c.conn.attach(secure, h.decoder, f.received, h.after);
     if (first) this.emit('connection', { index: c.index, role: c.role });
   }
@@ -207,7 +213,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
       ready: connectSocket(this.target, name, this.timeoutMs, { allowHalfOpen: true }).then(
         (local) => {
           const conn = new ResumableConnection(local, name, this.opts.limits);
-          const c: ExitConn = { index, conn, role: 'pending', name, tunnel, local };
+          const c: ExitConn = { index, conn, role: 'pending', name, tunnel, local, hop: undefined };
           this.carried.push(c);
           forwardEvents(c, this);
           // The entry's bytes say the role (the exit sees them first as what it writes to QEMU).
@@ -217,6 +223,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
             if (feed) conn.observer = { read: feed.back, delivered: feed.toward };
             const profile = profileOf(c.role, index, false);
             tuneFor(local, profile, 'source', this.target.kind);
+            if (c.hop && !c.hop.destroyed) tuneFor(c.hop, profile, 'destination', 'tcp');
           });
           const forget = (): void => {
             setTimeout(() => this.slots.delete(key), this.opts.lingerMs ?? 30_000).unref();
