@@ -15,6 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import tls from 'node:tls';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { KEEP_FINISHED } from '../../src/protocol/tunnel/common.js';
 import { TunnelEntry, TunnelExit, type TunnelLimits } from '../../src/protocol/tunnel/index.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import type { StrangerEvent } from '../../src/transport/qualify.js';
@@ -110,7 +111,8 @@ async function sourceConnection(uri: string, data: Buffer, end = true) {
 describe('qmt tunnel: entry and exit', () => {
   it('three connections, both directions, cut and frozen on the hop: every byte once, in order; accepted in the order opened; no QEMU side saw an error', async () => {
     const before = resourceSnapshot();
-    const t = await pair({ silenceMs: 600, keepaliveMs: 100 }, { bytesPerSecond: 24 * MiB });
+    // Throttled so that the bytes are still flowing at the freeze (12 MiB at 8 MiB/s).
+    const t = await pair({ silenceMs: 600, keepaliveMs: 100 }, { bytesPerSecond: 8 * MiB });
     try {
       const payloads = [randomBytes(12 * MiB), randomBytes(2 * MiB), randomBytes(4 * MiB)];
       // Each source connection announces its number first: the destination's accept order must match.
@@ -236,6 +238,25 @@ describe('qmt tunnel: entry and exit', () => {
       expect(Buffer.concat(t.dst.accepted[0]!.got).length).toBe(64 * 1024 + payload.length);
       expect(t.events.filter((e) => e.includes('failed'))).toEqual([]);
       src.s.destroy();
+    } finally {
+      await t.close();
+    }
+  }, 30_000);
+
+  it('a long-running tunnel keeps the stats of the latest finished connections only (bounded memory)', async () => {
+    const t = await pair();
+    try {
+      for (let i = 0; i < KEEP_FINISHED + 6; i++) {
+        const src = await sourceConnection(t.entry.uri, Buffer.from([i]));
+        await src.sent;
+        await src.ended;
+        src.s.destroy();
+      }
+      await new Promise((r) => setTimeout(r, 200));
+      const st = t.entry.stats();
+      expect(st.connections.length).toBe(KEEP_FINISHED);
+      expect(st.connections[0]!.index, 'the oldest went first').toBe(6);
+      expect(t.exit.stats().connections.length).toBe(KEEP_FINISHED);
     } finally {
       await t.close();
     }

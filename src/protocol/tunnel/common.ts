@@ -108,6 +108,21 @@ export function statsOf(all: readonly Carried[], up: (c: Carried) => number, dow
   };
 }
 
+/** Ended or failed connections kept for the stats (the latest); a long-running tunnel forgets older ones. */
+export const KEEP_FINISHED = 64;
+
+/** Drops the oldest finished connections beyond KEEP_FINISHED from `all` (in place). */
+export function pruneFinished<C extends Carried>(all: C[]): void {
+  let finished = all.filter((c) => c.conn.state === 'done' || c.conn.state === 'failed').length;
+  for (let i = 0; i < all.length && finished > KEEP_FINISHED; ) {
+    const st = all[i]!.conn.state;
+    if (st === 'done' || st === 'failed') {
+      all.splice(i, 1);
+      finished--;
+    } else i++;
+  }
+}
+
 /** Wires a carried connection's events to the tunnel's. */
 export function forwardEvents(c: Carried, to: Pick<EventEmitter<TunnelEvents>, 'emit'>): void {
   c.conn.on('lost', (error) => to.emit('lost', { index: c.index, role: c.role, error }));

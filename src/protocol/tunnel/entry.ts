@@ -29,7 +29,7 @@ import { connect, listen, type Listening, type TlsClientSpec } from '../../trans
 import { usageError } from '../../errors.js';
 import type { ChannelRole } from '../../transport/channel.js';
 import { TunnelAnalysis } from './analysis.js';
-import { forwardEvents, profileOf, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
+import { forwardEvents, profileOf, pruneFinished, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
 
 export interface TunnelEntryOptions {
   /** Where QEMU's `migrate` connects: `unix:PATH` or `tcp:HOST:PORT` (binds only there). */
@@ -129,6 +129,9 @@ export class TunnelEntry extends EventEmitter<TunnelEvents> {
     const c: Entry = { index, conn, role: 'pending', name, position, reconnecting: false, hop: undefined };
     this.carried.push(c);
     forwardEvents(c, this);
+    const prune = (): void => pruneFinished(this.carried);
+    conn.once('done', prune);
+    conn.once('failed', prune);
     conn.on('first-bytes', (b) => {
       c.role = roleOf(b);
       const feed = this.analysis.feed(c.role);

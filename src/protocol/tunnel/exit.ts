@@ -29,7 +29,7 @@ import { connectSocket, listen, type Listening } from '../../transport/sockets.j
 import { checkAllowedPeer, secureAccept, serverTlsOptions, type TlsSettings } from '../../transport/tls.js';
 import { usageError } from '../../errors.js';
 import { TunnelAnalysis } from './analysis.js';
-import { forwardEvents, profileOf, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
+import { forwardEvents, profileOf, pruneFinished, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
 
 export interface TunnelExitOptions {
   /** Where the entry's hop connections come: `tcp:HOST:PORT`. */
@@ -216,6 +216,9 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
           const c: ExitConn = { index, conn, role: 'pending', name, tunnel, local, hop: undefined };
           this.carried.push(c);
           forwardEvents(c, this);
+          const prune = (): void => pruneFinished(this.carried);
+          conn.once('done', prune);
+          conn.once('failed', prune);
           // The entry's bytes say the role (the exit sees them first as what it writes to QEMU).
           conn.on('peer-first-bytes', (b) => {
             c.role = roleOf(b);
