@@ -79,6 +79,15 @@ export interface ResumableStats {
 /** A hop socket: TLS in the tunnel, but anything that frames can ride on. */
 export type HopSocket = net.Socket | tls.TLSSocket;
 
+/** The hop connection attached now: its socket, its frame decoder, when it was last heard and written. */
+interface Hop {
+  readonly socket: HopSocket;
+  readonly decoder: HopFrameDecoder;
+  heard: number;
+  sentAt: number;
+  needsDrain: boolean;
+}
+
 export interface ResumableEvents {
   /** The hop connection was lost (reset, closed, silent, or bad frames); an outage begins. */
   lost: [error: TransportError];
@@ -101,7 +110,7 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
   private delivered = 0;
   private ackedToPeer = 0;
   private peerEnded = false;
-  private hop: { socket: HopSocket; decoder: HopFrameDecoder; heard: number; sentAt: number; needsDrain: boolean } | undefined;
+  private hop: Hop | undefined;
   private stateNow: ResumableState = 'waiting';
   private readonly timer: NodeJS.Timeout;
   private outageStart = 0;
@@ -112,6 +121,10 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
   private hopPaused = false;
   private sawFirst = false;
   private failure: TransportError | undefined;
+  /** Bulk connections: bytes read (either socket) before reading yields to the event loop; undefined: never. */
+  private yieldBytes: number | undefined;
+  private turnBytes = 0;
+  private yielded: { local: boolean; hop: Hop | undefined } | undefined;
 
   constructor(
     /** Opened with `allowHalfOpen` (the peer's FIN is passed on as such, and our direction goes on after it). */
@@ -223,6 +236,47 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
     }
   }
 
+  /**
+   * A bulk connection yields: once `bytes` were read in one turn of the event
+   * loop (from either socket), the socket that brought them pauses until the
+   * next turn (setImmediate). libuv otherwise reads a ready socket up to 32
+   * times in a row, 64 KiB each, and encrypts or decrypts all of it before
+   * another connection on the same thread is served: a preempt channel's
+   * urgent page, a page request on the way back. Undefined (the default):
+   * never — the urgent connection's own reads are never held.
+   */
+  setYield(bytes: number | undefined): void {
+    this.yieldBytes = bytes;
+  }
+
+  /** Counts `n` bytes read from `from`; past the turn's budget, that socket waits for the next turn. */
+  private counted(n: number, from: 'local' | Hop): void {
+    if (this.yieldBytes === undefined) return;
+    this.turnBytes += n;
+    if (this.turnBytes < this.yieldBytes) return;
+    if (!this.yielded) {
+      this.yielded = { local: false, hop: undefined };
+      setImmediate(() => this.nextTurn());
+    }
+    if (from === 'local') {
+      this.yielded.local = true;
+      this.local.pause();
+    } else {
+      this.yielded.hop = from;
+      from.socket.pause();
+    }
+  }
+
+  private nextTurn(): void {
+    const y = this.yielded!;
+    this.yielded = undefined;
+    this.turnBytes = 0;
+    if (this.stateNow === 'done' || this.stateNow === 'failed') return;
+    // Flow control may want them paused still (a full replay buffer, a slow reader): it resumes them itself.
+    if (y.local && !this.localPaused) this.local.resume();
+    if (y.hop && y.hop === this.hop && !this.hopPaused) y.hop.socket.resume();
+  }
+
   /** Ends the connection from outside (the tunnel closes): the local socket is destroyed, the peer told. */
   fail(error: TransportError): void {
     if (this.stateNow === 'done' || this.stateNow === 'failed') return;
@@ -248,6 +302,7 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
       this.sentHigh = this.out.end;
     }
     this.updateLocalFlow();
+    this.counted(chunk.length, 'local');
   }
 
   private onLocalEnd(): void {
@@ -269,7 +324,7 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
     const hop = this.hop;
     if (this.hopPaused && hop) {
       this.hopPaused = false;
-      hop.socket.resume();
+      if (this.yielded?.hop !== hop) hop.socket.resume();
     }
   }
 
@@ -286,20 +341,21 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
       this.local.pause();
     } else if (!stop && this.localPaused) {
       this.localPaused = false;
-      this.local.resume();
+      // Yielding this turn: the next turn resumes it.
+      if (!this.yielded?.local) this.local.resume();
     }
   }
 
   // --- hop connection --------------------------------------------------------
 
-  private write(hop: NonNullable<typeof this.hop>, b: Buffer): boolean {
+  private write(hop: Hop, b: Buffer): boolean {
     hop.sentAt = performance.now();
     const ok = hop.socket.write(b);
     if (!ok) hop.needsDrain = true;
     return ok;
   }
 
-  private writeData(hop: NonNullable<typeof this.hop>, seq: number, chunk: Buffer): void {
+  private writeData(hop: Hop, seq: number, chunk: Buffer): void {
     hop.socket.cork();
     for (let at = 0; at < chunk.length; at += MAX_DATA_PAYLOAD) {
       const part = at === 0 && chunk.length <= MAX_DATA_PAYLOAD ? chunk : chunk.subarray(at, at + MAX_DATA_PAYLOAD);
@@ -309,18 +365,18 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
     hop.socket.uncork();
   }
 
-  private sendAck(hop: NonNullable<typeof this.hop>): void {
+  private sendAck(hop: Hop): void {
     this.ackedToPeer = this.delivered;
     this.write(hop, encodeAck(this.delivered));
   }
 
-  private onHopDrain(hop: NonNullable<typeof this.hop>): void {
+  private onHopDrain(hop: Hop): void {
     if (this.hop !== hop) return;
     hop.needsDrain = false;
     this.updateLocalFlow();
   }
 
-  private onHopData(hop: NonNullable<typeof this.hop>, chunk: Buffer): void {
+  private onHopData(hop: Hop, chunk: Buffer): void {
     if (this.hop !== hop) return;
     hop.heard = performance.now();
     let frames: HopFrame[];
@@ -335,9 +391,10 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
       this.onFrame(hop, f);
     }
     if (this.hop === hop && this.delivered - this.ackedToPeer >= this.limits.ackBytes) this.sendAck(hop);
+    if (this.hop === hop) this.counted(chunk.length, hop);
   }
 
-  private onFrame(hop: NonNullable<typeof this.hop>, f: HopFrame): void {
+  private onFrame(hop: Hop, f: HopFrame): void {
     try {
       switch (f.type) {
         case 'data': {
@@ -383,7 +440,7 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
     }
   }
 
-  private hopGone(hop: NonNullable<typeof this.hop>, e: Error | undefined): void {
+  private hopGone(hop: Hop, e: Error | undefined): void {
     if (this.hop !== hop) return;
     const err = e
       ? TransportError.is(e)

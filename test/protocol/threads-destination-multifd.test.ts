@@ -273,6 +273,7 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
     const before = resourceSnapshot();
     const w = watchWorkers();
     const dst = await listen(2);
+    const blocks = new Promise<void>((res) => dst.once('ram-blocks', () => res()));
     const main = await dial(dst.uri);
     main.write(mainRecords(1));
     const c0 = await dial(dst.uri);
@@ -280,6 +281,9 @@ describe.skipIf(!threadsWork)('multifd channels in worker threads: a scripted so
     // Channel 0 stops inside a packet: its header says one page, no page follows.
     c0.write(Buffer.concat([encodeMultifdInit(0), sync(0), packet(2, 'pc.ram', [0], [], 1).subarray(0, 200)]));
     c1.write(Buffer.concat([encodeMultifdInit(1), sync(1)]));
+    // In precopy: main is read (its block list) once every channel is in. A cut before that is a setup
+    // failure (the cases below); a fixed wait alone was not enough on a loaded machine.
+    await blocks;
     await new Promise((r) => setTimeout(r, 150));
     if (how === 'reset') c0.resetAndDestroy();
     else c0.end();

@@ -29,7 +29,7 @@ import { connect, listen, type Listening, type TlsClientSpec } from '../../trans
 import { usageError } from '../../errors.js';
 import type { ChannelRole } from '../../transport/channel.js';
 import { TunnelAnalysis } from './analysis.js';
-import { forwardEvents, profileOf, pruneFinished, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
+import { forwardEvents, profileOf, pruneFinished, settleRole, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
 
 export interface TunnelEntryOptions {
   /** Where QEMU's `migrate` connects: `unix:PATH` or `tcp:HOST:PORT` (binds only there). */
@@ -139,6 +139,7 @@ export class TunnelEntry extends EventEmitter<TunnelEvents> {
       const profile = this.profile(c);
       tuneFor(local, profile, 'destination', this.listening.endpoint.kind);
       if (c.hop) tuneFor(c.hop, profile, 'source', 'tcp');
+      settleRole(c, profile);
     });
     conn.on('lost', () => void this.reconnect(c));
     const first = this.setup.then(() => this.firstHop(c));

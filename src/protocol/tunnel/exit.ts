@@ -29,7 +29,7 @@ import { connectSocket, listen, type Listening } from '../../transport/sockets.j
 import { checkAllowedPeer, secureAccept, serverTlsOptions, type TlsSettings } from '../../transport/tls.js';
 import { usageError } from '../../errors.js';
 import { TunnelAnalysis } from './analysis.js';
-import { forwardEvents, profileOf, pruneFinished, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
+import { forwardEvents, profileOf, pruneFinished, settleRole, roleOf, statsOf, tuneFor, type Carried, type TunnelEvents, type TunnelLimits, type TunnelStats } from './common.js';
 
 export interface TunnelExitOptions {
   /** Where the entry's hop connections come: `tcp:HOST:PORT`. */
@@ -227,6 +227,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
             const profile = profileOf(c.role, index, false);
             tuneFor(local, profile, 'source', this.target.kind);
             if (c.hop && !c.hop.destroyed) tuneFor(c.hop, profile, 'destination', 'tcp');
+            settleRole(c, profile);
           });
           const forget = (): void => {
             setTimeout(() => this.slots.delete(key), this.opts.lingerMs ?? 30_000).unref();
