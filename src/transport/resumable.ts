@@ -232,7 +232,11 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
       this.checkDone();
     } catch (e) {
       socket.destroy();
-      this.loseHop(TransportError.is(e) ? e : new TransportError('hop-protocol', (e as Error).message, { channel: this.channel }));
+      const err = TransportError.is(e) ? e : new TransportError('hop-protocol', (e as Error).message, { channel: this.channel });
+      // A peer that resumes where it cannot be (outside what this side holds): that hop connection is
+      // lost before it began — an outage, so that the owner tries again and the outage limit applies.
+      if (this.hop) this.loseHop(err);
+      else this.beginOutage(err);
     }
   }
 
@@ -466,13 +470,17 @@ export class ResumableConnection extends EventEmitter<ResumableEvents> {
       this.hopPaused = false;
     }
     if (this.stateNow === 'done' || this.stateNow === 'failed') return;
-    if (outage) {
+    if (outage) this.beginOutage(error);
+  }
+
+  private beginOutage(error: TransportError): void {
+    if (this.stateNow !== 'outage') {
       this.stateNow = 'outage';
       this.outageStart = performance.now();
       this.counters.outages++;
-      this.updateLocalFlow();
-      this.emit('lost', error);
     }
+    this.updateLocalFlow();
+    this.emit('lost', error);
   }
 
   private tick(): void {

@@ -1,6 +1,8 @@
 /**
- * A bulk connection of the tunnel yields to the event loop (ResumableConnection
- * setYield): between two turns it reads at most its budget and one read more,
+ * ResumableConnection on its own. A peer that resumes at a byte this side
+ * never sent loses that hop connection before it begins: an outage (so
+ * the owner tries again, and the outage limit applies), not a connection
+ * left waiting forever. A bulk connection of the tunnel yields to the event loop (setYield): between two turns it reads at most its budget and one read more,
  * so that another connection on the same thread (the preempt channel's urgent
  * page) is served within that much work; without a budget a burst is read in
  * one go (libuv reads a ready socket up to 32 times in a row). Every byte still
@@ -76,5 +78,32 @@ describe('a bulk connection yields to the event loop', () => {
     expect(r.digest).toBe(r.sent);
     // The comparison the budget is for: libuv reads many 64 KiB chunks per turn.
     expect(r.most).toBeGreaterThan(320 * KiB);
+  });
+});
+
+describe('a hop connection that resumes where it cannot', () => {
+  it('is lost before it begins: an outage, typed hop-protocol; a good one after it carries on', async () => {
+    const [qemu, local] = await socketPair();
+    const conn = new ResumableConnection(local, 'main', { outageMs: 0 });
+    const lost: string[] = [];
+    conn.on('lost', (e) => lost.push(`${e.code}: ${e.message}`));
+    qemu.write(Buffer.from('QEVM'));
+    await new Promise((r) => setTimeout(r, 50));
+    const [bad, badFar] = await socketPair();
+    conn.attach(bad, new HopFrameDecoder(), 1_000_000);
+    expect(conn.state).toBe('outage');
+    expect(lost).toEqual([expect.stringMatching(/^hop-protocol: the peer acknowledged byte 1000000 of 4 sent/)]);
+    expect(bad.destroyed).toBe(true);
+    const [good, goodFar] = await socketPair();
+    const far = new HopFrameDecoder();
+    const got: Buffer[] = [];
+    goodFar.on('data', (c: Buffer) => {
+      for (const f of far.push(c)) if (f.type === 'data') got.push(Buffer.from(f.payload));
+    });
+    conn.attach(good, new HopFrameDecoder(), 0);
+    expect(conn.state).toBe('attached');
+    await new Promise((r) => setTimeout(r, 50));
+    expect(Buffer.concat(got).toString('latin1')).toBe('QEVM');
+    for (const s of [qemu, local, badFar, good, goodFar]) s.destroy();
   });
 });
