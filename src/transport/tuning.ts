@@ -180,3 +180,22 @@ export function setNotSentLowat(socket: Socket, bytes: number | undefined, eff: 
     eff.warnings.push(`${what}: ${e instanceof Error ? e.message : String(e)}`);
   }
 }
+
+/** SO_ERROR: the error pending on a socket. */
+const SO_ERROR = 4;
+
+/**
+ * The error the kernel holds for a socket nobody reads (SO_ERROR: a reset
+ * arrived, say), as its errno number; 0 when none, undefined when it cannot
+ * be asked (no addon, the socket gone). A paused socket learns of a reset
+ * only when it reads again: a multifd channel held at its barrier is one.
+ */
+export function pendingSocketError(socket: Socket): number | undefined {
+  const so = loadAddon();
+  if (!so || socket.destroyed) return undefined;
+  try {
+    return so.getsockopt(socket, SOL_SOCKET, SO_ERROR);
+  } catch {
+    return undefined;
+  }
+}

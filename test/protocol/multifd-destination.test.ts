@@ -206,6 +206,37 @@ describe('DestinationSession with multifd (scripted source, plain TCP)', () => {
     expect(await leftAfter(before, 3000)).toEqual([]);
   });
 
+  it('a multifd channel reset while it waits at its barrier, then the main channel ended by the source: the error names that channel (its reset, unread, was still in the kernel)', async () => {
+    const before = resourceSnapshot();
+    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), multifd: { channels: 2 } });
+    const blocks = new Promise<void>((r) => dst.once('ram-blocks', () => r()));
+    const main = await dial(dst.uri);
+    // The setup pass only: main then waits for more (it is read), and no flush releases a second SYNC.
+    main.write(encode(mainRecords(0)));
+    const c0 = await dial(dst.uri);
+    const c1 = await dial(dst.uri);
+    c0.write(Buffer.concat([encodeMultifdInit(0), sync(0)]));
+    // Channel 1's pass-1 SYNC holds it at the barrier, and pass 2's pages pile up behind it: more than a
+    // read takes, so its socket stops reading and the rest waits in the kernel.
+    const pass2 = Array.from({ length: 256 }, (_, i) => packet(4 + i, 'pc.ram', Array.from({ length: 32 }, (_, k) => (k + (i % 2) * 32) * PAGE), [], 2));
+    c1.write(Buffer.concat([encodeMultifdInit(1), sync(1), packet(2, 'pc.ram', [PAGE], [], 1), sync(3), ...pass2]));
+    await blocks;
+    await new Promise((r) => setTimeout(r, 300));
+    c1.resetAndDestroy();
+    await new Promise((r) => setTimeout(r, 100));
+    // A QEMU source whose multifd channel failed gives up its main channel.
+    main.end();
+    const e = await dst.done.then(
+      () => undefined,
+      (err: unknown) => err as MigrationError,
+    );
+    expect(e).toBeInstanceOf(MigrationError);
+    expect(e).toMatchObject({ code: 'reset', kind: 'network', phase: 'precopy', message: expect.stringContaining('multifd-1: the connection was reset (ECONNRESET), before the source closed its main channel') });
+    await Promise.all([main, c0].map(closed));
+    await dst.close();
+    expect(await leftAfter(before, 3000)).toEqual([]);
+  });
+
   it('a multifd channel that never connects: idle-timeout naming how many came, nothing left open', async () => {
     const before = resourceSnapshot();
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink: new InMemorySink(), multifd: { channels: 3 }, idleTimeoutMs: 300 });

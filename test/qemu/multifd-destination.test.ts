@@ -257,6 +257,13 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         relay = await startRelay({ target: session.uri });
         src = await multifdSource('src-mfd-cut', 2);
         const before = resourceSnapshot();
+        // Our side has taken both channels and read main's block list (precopy): under load the relay
+        // forwarding the inits came well before that, and a cut then lands in setup (CI saw it).
+        let taken = 0;
+        const inPrecopy = Promise.all([
+          new Promise<void>((r) => session.on('channel', (c) => c.role === 'multifd' && ++taken === 2 && r())),
+          new Promise<void>((r) => session.once('ram-blocks', () => r())),
+        ]);
         await src.migrate(relay.uri);
         await relay.waitConnections(3);
         // The first pass is under way: pages flow on the multifd connections.
@@ -270,6 +277,7 @@ describeWithQemu('QEMU 10.0 multifd → our destination', () => {
         while (multifdSeen().length < 2 && performance.now() < deadline) await sleep(20);
         const multifd = multifdSeen();
         expect(multifd, relay.connections.map((c) => `#${c.index} ${c.srcToDst.bytes} B`).join(', ')).toHaveLength(2);
+        await within(inPrecopy, 20_000, 'both multifd channels taken and the block list read');
         const victim = multifd[1]!;
         const id = victim.srcToDst.data()[24]!;
         relay.cutConnection(victim.index);

@@ -7,6 +7,8 @@ import type { PreemptRecordWithRuns, ReturnPathMessage, StreamRecordWithRuns } f
 import type { Channel, ChannelStats } from '../../transport/channel.js';
 import { MigrationListener, type DestinationConnection } from '../../transport/connection.js';
 import type { StrangerEvent } from '../../transport/qualify.js';
+import { TransportError } from '../../transport/errors.js';
+import { pendingSocketError } from '../../transport/tuning.js';
 import { usageError } from '../../errors.js';
 import { MigrationError, abortError, type MigrationPhase } from '../errors.js';
 import { PageTracker, type PageRequestResult } from '../page-tracker.js';
@@ -332,7 +334,23 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       }
       return;
     }
-    this.linkLost(link, new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
+    this.linkLost(link, this.brokenMultifd(link) ?? new MigrationError('peer-disconnected', this.phase, 'the source closed the main channel before the migration completed'));
+  }
+
+  /**
+   * A source closes its main channel when one of its multifd channels failed:
+   * the cause, if such a channel was reset while it waited at its barrier
+   * (not read, so it has not seen the reset yet: the kernel holds it).
+   */
+  private brokenMultifd(link: ChannelLink): MigrationError | undefined {
+    for (const ch of link.conn.multifd?.list() ?? []) {
+      const errno = pendingSocketError(ch.socket);
+      if (!errno) continue;
+      const name = ch.stats.id !== undefined ? (`multifd-${ch.stats.id}` as const) : ('multifd' as const);
+      const what = errno === 104 ? 'reset (ECONNRESET)' : `failed (errno ${errno})`;
+      return MigrationError.from(new TransportError(errno === 104 ? 'reset' : 'closed', `${name}: the connection was ${what}, before the source closed its main channel`, { channel: name }), this.phase);
+    }
+    return undefined;
   }
 
   // ---- the main channel in a worker (threads) --------------------------------------
