@@ -11,7 +11,6 @@
  * fails in a multifd worker fails the migration typed (storage, naming the
  * file), nothing left alive. Needs Node 26.6+ (socket transfer).
  */
-import { randomFillSync } from 'node:crypto';
 import * as fs from 'node:fs';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
@@ -22,12 +21,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DestinationSession } from '../../src/protocol/destination.js';
 import { DirectorySink, blockFileName, type DirectorySinkFs } from '../../src/protocol/directory-sink.js';
 import { MigrationError, StorageError } from '../../src/protocol/errors.js';
-import { InMemorySource } from '../../src/protocol/memory-source.js';
 import { SourceSession } from '../../src/protocol/source.js';
 import { StreamEncoder, concatPieces, type StreamRecord } from '../../src/index.js';
 import { MultifdFlag, encodeMultifdInit, encodeMultifdPacketHeader } from '../../src/stream/multifd.js';
 import { initPkiDir } from '../../src/transport/pki.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
+import { faultTopDown, writingGuest } from '../support/writing-guest.js';
 import { leftAfter, noneAlive, resourceSnapshot, watchWorkers } from '../support/resources.js';
 
 const PAGE = 4096;
@@ -41,49 +40,6 @@ beforeAll(async () => {
   await initPkiDir(pki, { hostnames: ['127.0.0.1', 'localhost'] });
 });
 afterAll(() => rmSync(root, { recursive: true, force: true }));
-
-/** A guest in shared memory: data in a third of its pages; it rewrites 100 random pages every 10 ms until stopped. */
-function guest(): { source: InMemorySource; start: () => void; stop: () => void } {
-  const source = new InMemorySource(
-    [
-      { idstr: 'pc.ram', length: RAM },
-      { idstr: 'pc.bios', length: 256 * 1024 },
-    ],
-    { shared: true },
-  );
-  const ram = source.memory.get('pc.ram')!;
-  for (let p = 0; p < RAM; p += 3 * PAGE) randomFillSync(ram, p, PAGE);
-  randomFillSync(source.memory.get('pc.bios')!);
-  let timer: NodeJS.Timeout | undefined;
-  const noise = Buffer.alloc(64);
-  return {
-    source,
-    start: () => {
-      timer = setInterval(() => {
-        for (let i = 0; i < 100; i++) source.write('pc.ram', Math.floor(Math.random() * (RAM / PAGE)) * PAGE + 64 * Math.floor(Math.random() * 60), randomFillSync(noise));
-      }, 10);
-    },
-    stop: () => clearInterval(timer),
-  };
-}
-
-/** Once the destination runs, it touches pc.ram from the top down, four faults in flight. */
-function faultTopDown(dst: DestinationSession): void {
-  dst.once('postcopy-run', () => {
-    void (async () => {
-      const inFlight = new Set<Promise<unknown>>();
-      for (let off = RAM - PAGE; off >= 0; off -= 7 * PAGE) {
-        if (dst.hasPage('pc.ram', off)) continue;
-        const st = dst.stats().status;
-        if (st === 'completed' || st === 'failed') break;
-        const p: Promise<unknown> = dst.requestPage('pc.ram', off).catch(() => undefined);
-        inFlight.add(p);
-        void p.then(() => inFlight.delete(p));
-        if (inFlight.size >= 4) await Promise.race(inFlight);
-      }
-    })();
-  });
-}
 
 /** The first page where the block file differs from the source's memory, -1 if none. */
 function firstDifferingPage(dir: string, name: string, mem: Buffer): number {
@@ -99,8 +55,8 @@ async function migrate(channels: number, tls: boolean, postcopy: boolean) {
   const sink = new DirectorySink(dir);
   const transport = tls ? { tls: { dir: pki } } : {};
   const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, transport, postcopy, multifd: { channels }, threads: 'on', idleTimeoutMs: 20_000 });
-  if (postcopy) faultTopDown(dst);
-  const g = guest();
+  if (postcopy) faultTopDown(dst, RAM);
+  const g = writingGuest(RAM);
   const src = new SourceSession({
     to: dst.uri,
     memory: g.source,
@@ -193,7 +149,7 @@ describe.skipIf(!socketTransferSupported())('multifd channels in worker threads 
     };
     const sink = new DirectorySink(dir, { fs: io });
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 2 }, threads: 'on', idleTimeoutMs: 20_000 });
-    const g = guest();
+    const g = writingGuest(RAM);
     const src = new SourceSession({ to: dst.uri, memory: g.source, machineType: 'pc-q35-10.0', devices: [], multifd: { channels: 2 } });
     src.start();
     const e = await dst.done.then(
@@ -290,98 +246,107 @@ async function dial(uri: string, secure = false): Promise<net.Socket> {
   return s;
 }
 
+/** Byte offsets of `n` pages from page `from`. */
+const run = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => (from + i) * PAGE);
+
+/** A threaded multifd destination (2 channels) into a fresh DirectorySink, for a scripted source. */
+async function scriptedDestination(opts: { postcopy?: boolean; secure?: boolean } = {}) {
+  const before = resourceSnapshot();
+  const w = watchWorkers();
+  const dir = join(root, `d${dirs++}`);
+  const sink = new DirectorySink(dir);
+  const dst = await DestinationSession.listen({
+    listen: 'tcp:127.0.0.1:0',
+    sink,
+    multifd: { channels: 2 },
+    threads: 'on',
+    idleTimeoutMs: 20_000,
+    ...(opts.postcopy ? { postcopy: true } : {}),
+    ...(opts.secure ? { transport: { tls: { dir: pki } } } : {}),
+  });
+  return {
+    dst,
+    sink,
+    dir,
+    /** The pages among `offsets` whose bytes in pc.ram's file are not `expected`'s, by number. */
+    stale(expected: Buffer, offsets: readonly number[]): number[] {
+      const file = readFileSync(join(dir, blockFileName('pc.ram')));
+      return offsets.filter((o) => file.compare(expected, o, o + PAGE, o, o + PAGE) !== 0).map((o) => o / PAGE);
+    },
+    /** Closes the destination: no socket, timer or worker left. */
+    async end(sockets: readonly net.Socket[]): Promise<void> {
+      for (const s of sockets) s.destroy();
+      await dst.close();
+      expect(await leftAfter(before, 3000)).toEqual([]);
+      expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
+      w.stop();
+    },
+  };
+}
+
+/**
+ * Main's `passes` up to the completion and both channels' scripts; once
+ * `landed` pages are in (and 300 ms for their last writes to reach the files,
+ * before the completion drains the writers), the completion. The result.
+ */
+async function playPasses(dst: DestinationSession, passes: number, bodies: StreamRecord[][], ch0: readonly Uint8Array[], ch1: readonly Uint8Array[], landed: number) {
+  const whole = mainStream(passes, COMPLETION, bodies);
+  const head = mainStream(passes, [], bodies);
+  expect(whole.subarray(0, head.length).equals(head), 'the stream up to the completion is a prefix of the whole').toBe(true);
+  const main = await dial(dst.uri);
+  main.write(head);
+  const [c0, c1] = [await dial(dst.uri), await dial(dst.uri)];
+  c0.write(Buffer.concat(ch0));
+  c1.write(Buffer.concat(ch1));
+  await until(() => (dst.stats().multifd?.normal ?? 0) >= landed, `${landed} pages landed`);
+  await new Promise((res) => setTimeout(res, 300));
+  main.write(whole.subarray(head.length));
+  return { result: await dst.done, sockets: [main, c0, c1] };
+}
+
 describe.skipIf(!socketTransferSupported())('multifd workers into files: a scripted source', () => {
   it("a page sent in pass 1 on channel 0 and in pass 2 on channel 1: the file ends with pass 2's copy (channel 0's write is done before it arrives at its SYNC)", async () => {
-    const before = resourceSnapshot();
-    const w = watchWorkers();
-    const r = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => (from + i) * PAGE);
     // Pass 1: channel 0 pages 0–7 (one contiguous run: its writer keeps it staged, growing, until something seals
     // it), channel 1 pages 8–15. Pass 2: channel 1 pages 0 and 2 (not contiguous: page 0's run is sealed and written
     // at once). Without the drain before arriving, channel 0's run of pass 1 is written only when the session drains
     // the writers at completion: after channel 1's page 0 of pass 2, over it.
     const expected = Buffer.alloc(64 * PAGE);
-    for (const o of r(0, 16)) pageBytes(1, o).copy(expected, o);
+    for (const o of run(0, 16)) pageBytes(1, o).copy(expected, o);
     for (const o of [0, 2 * PAGE]) pageBytes(2, o).copy(expected, o);
-    const ch0 = [encodeMultifdInit(0), sync(0), packet(2, r(0, 8), 1), sync(4), sync(6), sync(8)];
-    const ch1 = [encodeMultifdInit(1), sync(1), packet(3, r(8, 8), 1), sync(5), packet(7, [0, 2 * PAGE], 2), sync(9), sync(10)];
-    const dir = join(root, `d${dirs++}`);
-    const sink = new DirectorySink(dir);
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 2 }, threads: 'on', idleTimeoutMs: 20_000 });
-    const whole = mainStream(2, COMPLETION);
-    const head = mainStream(2, []);
-    expect(whole.subarray(0, head.length).equals(head), 'the stream up to the completion is a prefix of the whole').toBe(true);
-    const main = await dial(dst.uri);
-    main.write(head);
-    const [c0, c1] = [await dial(dst.uri), await dial(dst.uri)];
-    c0.write(Buffer.concat(ch0));
-    c1.write(Buffer.concat(ch1));
-    // Every pass landed, and time for channel 1's page 0 of pass 2 to reach its file, before the completion drains the writers.
-    await until(() => (dst.stats().multifd?.normal ?? 0) >= 18, 'the pages of both passes');
-    await new Promise((res) => setTimeout(res, 300));
-    main.write(whole.subarray(head.length));
-    const result = await dst.done;
-    await sink.close();
+    const ch0 = [encodeMultifdInit(0), sync(0), packet(2, run(0, 8), 1), sync(4), sync(6), sync(8)];
+    const ch1 = [encodeMultifdInit(1), sync(1), packet(3, run(8, 8), 1), sync(5), packet(7, [0, 2 * PAGE], 2), sync(9), sync(10)];
+    const d = await scriptedDestination();
+    const { result, sockets } = await playPasses(d.dst, 2, [], ch0, ch1, 18);
+    await d.sink.close();
     expect(result.stats.multifd).toMatchObject({ channels: 2, syncs: 4, normal: 18 });
-    const file = readFileSync(join(dir, blockFileName('pc.ram')));
-    const stale = r(0, 16).filter((o) => file.compare(expected, o, o + PAGE, o, o + PAGE) !== 0).map((o) => o / PAGE);
-    expect(stale, 'pages whose last copy did not win').toEqual([]);
-    for (const s of [main, c0, c1]) s.destroy();
-    await dst.close();
-    expect(await leftAfter(before, 3000)).toEqual([]);
-    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
-    w.stop();
+    expect(d.stale(expected, run(0, 16)), 'pages whose last copy did not win').toEqual([]);
+    await d.end(sockets);
   }, 30_000);
 
   it("a zero page on main (QEMU's legacy zero-page detection) between two multifd copies: main's write is done before the barrier releases the channels", async () => {
-    const before = resourceSnapshot();
-    const w = watchWorkers();
-    const r = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => (from + i) * PAGE);
     // Pass 1: channel 0 pages 0–7. Pass 2: page 0 is zero, on main (a run main's writer keeps staged). Pass 3: channel 1
     // pages 0 and 2 (page 0's run written at once). Main's zero write must not land after pass 3's page 0.
     const expected = Buffer.alloc(64 * PAGE);
-    for (const o of r(0, 8)) pageBytes(1, o).copy(expected, o);
+    for (const o of run(0, 8)) pageBytes(1, o).copy(expected, o);
     for (const o of [0, 2 * PAGE]) pageBytes(3, o).copy(expected, o);
-    const ch0 = [encodeMultifdInit(0), sync(0), packet(2, r(0, 8), 1), sync(4), sync(6), sync(8), sync(10)];
+    const ch0 = [encodeMultifdInit(0), sync(0), packet(2, run(0, 8), 1), sync(4), sync(6), sync(8), sync(10)];
     const ch1 = [encodeMultifdInit(1), sync(1), sync(5), sync(7), packet(9, [0, 2 * PAGE], 3), sync(11), sync(12)];
     const bodies: StreamRecord[][] = [[], [{ type: 'ram-zero', block: 'pc.ram', offset: 0, continued: false }], []];
-    const dir = join(root, `d${dirs++}`);
-    const sink = new DirectorySink(dir);
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 2 }, threads: 'on', idleTimeoutMs: 20_000 });
-    const whole = mainStream(3, COMPLETION, bodies);
-    const head = mainStream(3, [], bodies);
-    expect(whole.subarray(0, head.length).equals(head), 'the stream up to the completion is a prefix of the whole').toBe(true);
-    const main = await dial(dst.uri);
-    main.write(head);
-    const [c0, c1] = [await dial(dst.uri), await dial(dst.uri)];
-    c0.write(Buffer.concat(ch0));
-    c1.write(Buffer.concat(ch1));
-    await until(() => (dst.stats().multifd?.normal ?? 0) >= 10, 'the pages of passes 1 and 3');
-    await new Promise((res) => setTimeout(res, 300));
-    main.write(whole.subarray(head.length));
-    const result = await dst.done;
-    await sink.close();
+    const d = await scriptedDestination();
+    const { result, sockets } = await playPasses(d.dst, 3, bodies, ch0, ch1, 10);
+    await d.sink.close();
     expect(result.stats.multifd).toMatchObject({ channels: 2, syncs: 5, normal: 10 });
-    const file = readFileSync(join(dir, blockFileName('pc.ram')));
-    const stale = r(0, 8).filter((o) => file.compare(expected, o, o + PAGE, o, o + PAGE) !== 0).map((o) => o / PAGE);
-    expect(stale, 'pages whose last copy did not win').toEqual([]);
-    for (const s of [main, c0, c1]) s.destroy();
-    await dst.close();
-    expect(await leftAfter(before, 3000)).toEqual([]);
-    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
-    w.stop();
+    expect(d.stale(expected, run(0, 8)), 'pages whose last copy did not win').toEqual([]);
+    await d.end(sockets);
   }, 30_000);
 
   it.each([false, true])('a channel that ends right after its last SYNC (as QEMU once done) while its writes drain (TLS %s): the barrier takes it as arrived; completes, the files hold every page', async (secure) => {
-    const before = resourceSnapshot();
-    const w = watchWorkers();
     // Channel 1's last pass: 8 MiB of pages, its SYNC and its FIN at once. The FIN is read while the writes drain
     // before the arrival: it must not be taken for a channel that ended before the barrier.
     const pages = Array.from({ length: 2048 }, (_, i) => i * PAGE);
     const packets: Buffer[] = [];
     for (let i = 0; i < pages.length; i += 128) packets.push(packet(3 + i / 128, pages.slice(i, i + 128), 1));
-    const dir = join(root, `d${dirs++}`);
-    const sink = new DirectorySink(dir);
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, multifd: { channels: 2 }, threads: 'on', idleTimeoutMs: 20_000, ...(secure ? { transport: { tls: { dir: pki } } } : {}) });
+    const { dst, sink, dir, end } = await scriptedDestination({ secure });
     const main = await dial(dst.uri, secure);
     main.write(mainStream(1, COMPLETION));
     const [c0, c1] = [await dial(dst.uri, secure), await dial(dst.uri, secure)];
@@ -396,18 +361,11 @@ describe.skipIf(!socketTransferSupported())('multifd workers into files: a scrip
     const file = readFileSync(join(dir, blockFileName('pc.ram')));
     const bad = pages.filter((o) => !file.subarray(o, o + PAGE).equals(pageBytes(1, o))).map((o) => o / PAGE);
     expect(bad, 'pages not in the file').toEqual([]);
-    for (const s of [main, c0, c1]) s.destroy();
-    await dst.close();
-    expect(await leftAfter(before, 3000)).toEqual([]);
-    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
-    w.stop();
+    await end([main, c0, c1]);
   }, 30_000);
 
   it("multifd pages after the last barrier are in the file before main reads on past POSTCOPY_LISTEN: main's postcopy copy of a page wins", async () => {
-    const before = resourceSnapshot();
-    const w = watchWorkers();
     const blocks = [{ idstr: 'pc.ram', length: 8 * PAGE }];
-    const r = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => (from + i) * PAGE);
     const ram = (kind: 'start' | 'part' | 'end', body: StreamRecord[]): StreamRecord[] => [{ type: 'section', kind, ...RAM_SECTION }, ...body, { type: 'ram-eos' }, { type: 'footer', sectionId: 2 }];
     const encode = (recs: StreamRecord[]): Buffer => {
       const e = new StreamEncoder({ continueMode: 'as-recorded' });
@@ -438,35 +396,28 @@ describe.skipIf(!socketTransferSupported())('multifd workers into files: a scrip
     const cuts = [encode(head).length, encode([...head, ...postcopy]).length];
     expect(whole.subarray(0, cuts[1]).equals(encode([...head, ...postcopy])), 'the parts are prefixes of the whole').toBe(true);
     const expected = Buffer.alloc(8 * PAGE);
-    for (const o of r(0, 8)) pageBytes(1, o).copy(expected, o);
+    for (const o of run(0, 8)) pageBytes(1, o).copy(expected, o);
     for (const o of [0, 2 * PAGE]) pageBytes(2, o).copy(expected, o);
-    const dir = join(root, `d${dirs++}`);
-    const sink = new DirectorySink(dir);
-    const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy: true, multifd: { channels: 2 }, threads: 'on', idleTimeoutMs: 20_000 });
+    const d = await scriptedDestination({ postcopy: true });
+    const { dst, sink } = d;
     const main = await dial(dst.uri);
     main.write(whole.subarray(0, cuts[0]));
     const [c0, c1] = [await dial(dst.uri), await dial(dst.uri)];
     // Channel 0: the setup barrier, then pages 0–7 with no SYNC after them (one run, staged in its writer).
-    c0.write(Buffer.concat([encodeMultifdInit(0), sync(0), packet(2, r(0, 8), 1)]));
+    c0.write(Buffer.concat([encodeMultifdInit(0), sync(0), packet(2, run(0, 8), 1)]));
     c1.write(Buffer.concat([encodeMultifdInit(1), sync(1)]));
-    await until(() => r(0, 8).every((o) => dst.hasPage('pc.ram', o)), "channel 0's pages");
+    await until(() => run(0, 8).every((o) => dst.hasPage('pc.ram', o)), "channel 0's pages");
     // (A failure instead: dst.done rejects with it.)
-    const run = Promise.race([new Promise((res) => dst.once('postcopy-run', res)), dst.done]);
+    const running = Promise.race([new Promise((res) => dst.once('postcopy-run', res)), dst.done]);
     main.write(whole.subarray(cuts[0], cuts[1]));
     // Main's pages come after RUN in the same write; time for its page 0 to reach its file before the completion drains the writers.
-    await run;
+    await running;
     await new Promise((res) => setTimeout(res, 300));
     main.write(whole.subarray(cuts[1]));
     const result = await dst.done;
     await sink.close();
     expect(result.postcopy).toBe(true);
-    const file = readFileSync(join(dir, blockFileName('pc.ram')));
-    const stale = r(0, 8).filter((o) => file.compare(expected, o, o + PAGE, o, o + PAGE) !== 0).map((o) => o / PAGE);
-    expect(stale, 'pages whose last copy did not win').toEqual([]);
-    for (const s of [main, c0, c1]) s.destroy();
-    await dst.close();
-    expect(await leftAfter(before, 3000)).toEqual([]);
-    expect(await noneAlive(w.alive, 5000), 'workers alive').toBe(0);
-    w.stop();
+    expect(d.stale(expected, run(0, 8)), 'pages whose last copy did not win').toEqual([]);
+    await d.end([main, c0, c1]);
   }, 30_000);
 });

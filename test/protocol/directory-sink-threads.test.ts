@@ -8,7 +8,6 @@
  * write that fails in a worker fails the migration typed (storage, naming
  * the file), nothing left alive.
  */
-import { randomFillSync } from 'node:crypto';
 import * as fs from 'node:fs';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -17,10 +16,10 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { DestinationSession } from '../../src/protocol/destination.js';
 import { DirectorySink, blockFileName, type DirectorySinkFs } from '../../src/protocol/directory-sink.js';
 import { MigrationError, StorageError } from '../../src/protocol/errors.js';
-import { InMemorySource } from '../../src/protocol/memory-source.js';
 import type { PostcopyPolicy } from '../../src/protocol/postcopy-policy.js';
 import { SourceSession } from '../../src/protocol/source.js';
 import { socketTransferSupported } from '../../src/transport/worker/support.js';
+import { faultTopDown, writingGuest } from '../support/writing-guest.js';
 import { leftAfter, resourceSnapshot } from '../support/resources.js';
 
 const PAGE = 4096;
@@ -29,49 +28,6 @@ const RAM = 24 * MiB;
 const root = mkdtempSync(join(tmpdir(), 'qmt-dirsink-threads-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 let dirs = 0;
-
-/** A guest in shared memory: data in a third of its pages; it rewrites 100 random pages every 10 ms until stopped. */
-function guest(): { source: InMemorySource; start: () => void; stop: () => void } {
-  const source = new InMemorySource(
-    [
-      { idstr: 'pc.ram', length: RAM },
-      { idstr: 'pc.bios', length: 256 * 1024 },
-    ],
-    { shared: true },
-  );
-  const ram = source.memory.get('pc.ram')!;
-  for (let p = 0; p < RAM; p += 3 * PAGE) randomFillSync(ram, p, PAGE);
-  randomFillSync(source.memory.get('pc.bios')!);
-  let timer: NodeJS.Timeout | undefined;
-  const noise = Buffer.alloc(64);
-  return {
-    source,
-    start: () => {
-      timer = setInterval(() => {
-        for (let i = 0; i < 100; i++) source.write('pc.ram', Math.floor(Math.random() * (RAM / PAGE)) * PAGE + 64 * Math.floor(Math.random() * 60), randomFillSync(noise));
-      }, 10);
-    },
-    stop: () => clearInterval(timer),
-  };
-}
-
-/** Once the destination runs, it touches pc.ram from the top down, four faults in flight. */
-function faultTopDown(dst: DestinationSession): void {
-  dst.once('postcopy-run', () => {
-    void (async () => {
-      const inFlight = new Set<Promise<unknown>>();
-      for (let off = RAM - PAGE; off >= 0; off -= 7 * PAGE) {
-        if (dst.hasPage('pc.ram', off)) continue;
-        const st = dst.stats().status;
-        if (st === 'completed' || st === 'failed') break;
-        const p: Promise<unknown> = dst.requestPage('pc.ram', off).catch(() => undefined);
-        inFlight.add(p);
-        void p.then(() => inFlight.delete(p));
-        if (inFlight.size >= 4) await Promise.race(inFlight);
-      }
-    })();
-  });
-}
 
 describe.skipIf(!socketTransferSupported())('DestinationSession with a DirectorySink and threads (Node 26.6+)', () => {
   it.each([
@@ -83,8 +39,8 @@ describe.skipIf(!socketTransferSupported())('DestinationSession with a Directory
     const sink = new DirectorySink(dir);
     const postcopy = policy !== 'never';
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy, threads: 'on', idleTimeoutMs: 20_000 });
-    if (postcopy) faultTopDown(dst);
-    const g = guest();
+    if (postcopy) faultTopDown(dst, RAM);
+    const g = writingGuest(RAM);
     const src = new SourceSession({ to: dst.uri, memory: g.source, machineType: 'pc-q35-10.0', devices: [], postcopy: policy, preempt, threads: 'on', bandwidthLimit: 48 * MiB, postcopyBandwidthLimit: 24 * MiB, maxPasses: 3, downtimeLimitMs: 1, stopVm: () => g.stop() });
     g.start();
     src.start();
@@ -136,7 +92,7 @@ describe.skipIf(!socketTransferSupported())('DestinationSession with a Directory
     const sink = new DirectorySink(dir, { fs: io });
     const postcopy = policy !== 'never';
     const dst = await DestinationSession.listen({ listen: 'tcp:127.0.0.1:0', sink, postcopy, threads: 'on', idleTimeoutMs: 20_000 });
-    const g = guest();
+    const g = writingGuest(RAM);
     const src = new SourceSession({ to: dst.uri, memory: g.source, machineType: 'pc-q35-10.0', devices: [], postcopy: policy, preempt: postcopy, threads: 'on' });
     src.start();
     const e = await dst.done.then(
