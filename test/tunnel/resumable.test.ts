@@ -1,12 +1,12 @@
 /**
  * ResumableConnection on its own. A peer that resumes at a byte this side
- * never sent loses that hop connection before it begins: an outage (so
- * the owner tries again, and the outage limit applies), not a connection
- * left waiting forever. A bulk connection of the tunnel yields to the event loop (setYield): between two turns it reads at most its budget and one read more,
- * so that another connection on the same thread (the preempt channel's urgent
- * page) is served within that much work; without a budget a burst is read in
- * one go (libuv reads a ready socket up to 32 times in a row). Every byte still
- * arrives, in order.
+ * never sent loses that hop connection before it begins: an outage (so the
+ * owner tries again, and the outage limit applies), not a connection left
+ * waiting forever. A bulk connection of the tunnel yields to the event loop
+ * (setYield): between two turns it reads at most its budget and one read
+ * more, so that another connection on the same thread (the preempt channel's
+ * urgent page) is served within that much work (without one, libuv reads a
+ * ready socket up to 32 times in a row). Every byte still arrives, in order.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import net from 'node:net';
@@ -73,11 +73,11 @@ describe('a bulk connection yields to the event loop', () => {
     expect(r.most, 'bytes read between two turns').toBeLessThanOrEqual(256 * KiB + 64 * KiB);
   });
 
-  it('without a budget (the urgent connection) a burst is read as it comes', async () => {
+  it('without a budget (the urgent connection) every byte arrives in order too', async () => {
+    // How much libuv reads per turn without a budget depends on how fast the bytes come (CI saw 190 KiB on a
+    // loaded machine, 2 MiB on an idle one): not asserted.
     const r = await burst(undefined, 16 * MiB);
     expect(r.digest).toBe(r.sent);
-    // The comparison the budget is for: libuv reads many 64 KiB chunks per turn.
-    expect(r.most).toBeGreaterThan(320 * KiB);
   });
 });
 
