@@ -23,37 +23,55 @@ export interface ChannelFeed {
 }
 
 export class TunnelAnalysis {
+  /** The migrations shown in the reports: those whose first connection turned out to be a main channel. */
   private readonly migrations: MigrationAnalysis[] = [];
+  /** The migration of the latest first connection, shown or not yet. */
+  private latest: MigrationAnalysis | undefined;
 
-  /** The feed of a connection whose role its first bytes told; undefined for one that cannot be parsed. */
-  feed(role: TunnelRole): ChannelFeed | undefined {
-    if (role === 'main') return this.pair(this.startMigration(), 'main', 'return-path');
-    const current = this.migrations[this.migrations.length - 1];
-    if (!current) return undefined;
-    if (role === 'preempt') {
-      current.preemptConnected();
-      return this.pair(current, 'preempt', 'preempt-reverse');
-    }
-    if (role === 'multifd') {
-      const ch = current.multifdConnected();
-      return this.pair(current, 'multifd', 'multifd-reverse', ch);
-    }
-    return undefined;
+  /**
+   * A QEMU connection has opened, in QEMU's order; `leader`: it is the first
+   * of its migration (or recovery), the others join the latest one. The
+   * migration is fixed here, not when the first bytes come: a multifd
+   * channel's MultiFDInit can come before the main channel's header (QEMU's
+   * multifd threads send it while the migration thread still writes the
+   * header into its buffer). Returns the connection's feed, to be asked once
+   * its first bytes tell its role; undefined for one that cannot be parsed.
+   */
+  opened(leader: boolean): (role: TunnelRole) => ChannelFeed | undefined {
+    const m = leader ? (this.latest = this.newMigration()) : this.latest;
+    return (role) => {
+      if (!m) return undefined;
+      if (leader) {
+        // QEMU's TLS (or bytes that are no migration): nothing of this migration is parsed.
+        if (role !== 'main') return undefined;
+        this.show(m);
+        return this.pair(m, 'main', 'return-path');
+      }
+      if (role === 'preempt') {
+        m.preemptConnected();
+        return this.pair(m, 'preempt', 'preempt-reverse');
+      }
+      if (role === 'multifd') return this.pair(m, 'multifd', 'multifd-reverse', m.multifdConnected());
+      return undefined;
+    };
   }
 
   reports(): AnalysisReport[] {
     return this.migrations.map((m) => m.report());
   }
 
-  private startMigration(): MigrationAnalysis {
+  private newMigration(): MigrationAnalysis {
     const previous = this.migrations[this.migrations.length - 1];
-    const m = new MigrationAnalysis({ t0: performance.now(), ...(previous?.resumable ? { previous } : {}) });
+    return new MigrationAnalysis({ t0: performance.now(), ...(previous?.resumable ? { previous } : {}) });
+  }
+
+  private show(m: MigrationAnalysis): void {
+    const previous = this.migrations[this.migrations.length - 1];
     // The one before the previous is over (no recovery continues it): its per-page state goes.
     if (this.migrations.length >= 2) this.migrations[this.migrations.length - 2]!.release();
     if (previous && !previous.resumable) previous.release();
     this.migrations.push(m);
     if (this.migrations.length > KEEP) this.migrations.shift()!.release();
-    return m;
   }
 
   private pair(m: MigrationAnalysis, toward: TapDirection, back: TapDirection, channel = 0): ChannelFeed {

@@ -132,9 +132,10 @@ export class TunnelEntry extends EventEmitter<TunnelEvents> {
     const prune = (): void => pruneFinished(this.carried);
     conn.once('done', prune);
     conn.once('failed', prune);
+    const feedOf = this.analysis.opened(position === 0);
     conn.on('first-bytes', (b) => {
       c.role = roleOf(b);
-      const feed = this.analysis.feed(c.role);
+      const feed = feedOf(c.role);
       if (feed) conn.observer = { read: feed.toward, delivered: feed.back };
       const profile = this.profile(c);
       tuneFor(local, profile, 'destination', this.listening.endpoint.kind);

@@ -209,6 +209,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
 
   /** Connects the QEMU side of a new connection (the entry's order is QEMU's: one at a time). */
   private openSlot(key: string, tunnel: string, index: number, name: ChannelName): Slot {
+    const feedOf = this.analysis.opened(name === 'main');
     const slot: Slot = {
       ready: connectSocket(this.target, name, this.timeoutMs, { allowHalfOpen: true }).then(
         (local) => {
@@ -222,7 +223,7 @@ export class TunnelExit extends EventEmitter<TunnelExitEvents> {
           // The entry's bytes say the role (the exit sees them first as what it writes to QEMU).
           conn.on('peer-first-bytes', (b) => {
             c.role = roleOf(b);
-            const feed = this.analysis.feed(c.role);
+            const feed = feedOf(c.role);
             if (feed) conn.observer = { read: feed.back, delivered: feed.toward };
             const profile = profileOf(c.role, index, false);
             tuneFor(local, profile, 'source', this.target.kind);
