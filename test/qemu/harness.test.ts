@@ -243,8 +243,9 @@ describeWithQemu('QEMU harness', () => {
     expect(compareGuestRam(mem, await readGuestRam(src, size, 0, 'pmemsave')).equal).toBe(true);
     const res = checkGuestInvariant(mem, guestRangeOf(src));
     expect(res.ok, res.detail).toBe(true);
-    expect(mem[15.875 * MiB]).not.toBe(0);
-    expect(mem[16.125 * MiB - 4096]).not.toBe(0);
+    // The guest wrote the range (not a zero range that holds the invariant trivially). Its counter is a byte:
+    // one pass in 256 writes 0, so one end alone may hold 0; both ends only if the snapshot fell between two passes.
+    expect(mem[15.875 * MiB] !== 0 || mem[16.125 * MiB - 4096] !== 0, `counter bytes ${mem[15.875 * MiB]} and ${mem[16.125 * MiB - 4096]}`).toBe(true);
     if (res.stepAt !== null) {
       // A snapshot taken mid-pass has its step in top-down order only.
       expect(checkGuestInvariant(mem, { ...guestRangeOf(src), direction: 'up' }).ok).toBe(false);

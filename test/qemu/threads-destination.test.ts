@@ -52,7 +52,10 @@ describeWithQemu('QEMU 10 → DestinationSession with threads', () => {
       // TLS precopy with the return path, as mfd-dest's TLS case: QEMU then closes after our SHUT; without
       // it, the TLS 1.3 tickets it never reads can make its close a reset before we read its last bytes.
       await src.setCapabilities(capabilitiesFor(mode, tls ? { 'return-path': true } : {}));
-      await src.setParameters({ 'max-bandwidth': 32 * MiB, 'max-postcopy-bandwidth': 16 * MiB, 'downtime-limit': 10 });
+      // Postcopy: slow enough that the guest rewrites much of its range during the first pass (a busy machine
+      // slows the TCG guest), so that postcopy still has pages to fetch when the demand walk begins; at 32 MiB/s
+      // the second pass could hold so few that postcopy ended before the first request, and preempt carried none.
+      await src.setParameters(mode === 'precopy' ? { 'max-bandwidth': 32 * MiB, 'max-postcopy-bandwidth': 16 * MiB, 'downtime-limit': 10 } : { 'max-bandwidth': 8 * MiB, 'max-postcopy-bandwidth': 8 * MiB, 'downtime-limit': 10 });
       await src.migrate(session.uri);
       let demand: Promise<DemandResult> | undefined;
       if (mode === 'precopy') {
