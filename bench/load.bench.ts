@@ -10,7 +10,8 @@
  * one pass with preempt, the destination faulting pages in top-down; half of
  * each over TLS), plus one of our sources restoring a saved VM into a real
  * QEMU 10.0 (postcopy + preempt). Next to it, in the same round, the single
- * migration alone (default the 144 MiB postcopy + preempt one over TLS).
+ * migration alone (default the 144 MiB postcopy + preempt one over TLS), and
+ * the QEMU restore alone (the baseline of its p99 under the eight).
  * Each round runs, interleaved: single, eight with threads off, then the
  * same with threads on (when the tree has them).
  *
@@ -50,7 +51,8 @@ const SPECS: Spec[] = [
 ];
 
 export type LoadThreads = 'off' | 'on';
-export type LoadShape = 'single' | 'eight';
+/** 'qemu-alone': the QEMU restore of the eight's run by itself, the baseline of its p99. */
+export type LoadShape = 'single' | 'eight' | 'qemu-alone';
 
 export interface LoadMigration {
   name: string;
@@ -193,15 +195,21 @@ function markdown(d: LoadData): string {
   const lines: string[] = [];
   const single = (t: LoadThreads): LoadVariant | undefined => d.variants.find((v) => v.shape === 'single' && v.threads === t);
   lines.push(
-    `The scenario of test/load/concurrent.test.ts in one process under Node.js ${d.node}: eight library migrations at once (${SPECS.map((s) => scaledName(s, d.scale)).join(', ')}; MiB, synthetic guests rewriting a hot region; postcopy ones fault top-down at the destination)${d.withQemu ? ' plus our source restoring a saved VM into QEMU 10.0 (postcopy + preempt)' : ''}, against \`${d.single}\` alone (the same spec as in the eight); ${d.runs} round${d.runs === 1 ? '' : 's'}, each running single and eight with threads off, then with threads on (interleaved). Urgent p99 = the destination's request sent → page placed (the library's histogram), per run; the eight's figure is the worst p99 among its postcopy migrations. Median (min–max) over the rounds; ratio of medians.${d.qemuSkipped ? ` QEMU restore skipped: ${d.qemuSkipped}.` : ''}`,
+    `The scenario of test/load/concurrent.test.ts in one process under Node.js ${d.node}: eight library migrations at once (${SPECS.map((s) => scaledName(s, d.scale)).join(', ')}; MiB, synthetic guests rewriting a hot region; postcopy ones fault top-down at the destination)${d.withQemu ? ' plus our source restoring a saved VM into QEMU 10.0 (postcopy + preempt)' : ''}, against \`${d.single}\` alone (the same spec as in the eight)${d.withQemu ? ' and the QEMU restore alone' : ''}; ${d.runs} round${d.runs === 1 ? '' : 's'}, each running ${d.withQemu ? 'the QEMU restore alone, ' : ''}single and eight with threads off, then with threads on (interleaved). Urgent p99 = the destination's request sent → page placed (the library's histogram), per run; the eight's figure is the worst p99 among its postcopy migrations. Median (min–max) over the rounds; ratio of medians.${d.qemuSkipped ? ` QEMU restore skipped: ${d.qemuSkipped}.` : ''}`,
     '',
-    '| load | threads | worst urgent p99 (ms) | worst of | vs single, same threads | aim | memory identical | migrations completed | aggregate MB/s (wire) | QEMU restore p99 at our source (ms) | OS threads (workers), cores used |',
-    '|---|---|--:|---|--:|---|---|--:|--:|--:|--:|',
+    '| load | threads | worst urgent p99 (ms) | worst of | vs single, same threads | aim | memory identical | migrations completed | aggregate MB/s (wire), vs single | CPU s/GB (both ends) | QEMU restore p99 at our source (ms), vs alone | OS threads (workers), cores used |',
+    '|---|---|--:|---|--:|---|---|--:|--:|--:|--:|--:|',
   );
   for (const v of d.variants) {
-    const what = v.shape === 'single' ? `\`${d.single}\` alone (1 migration)` : `eight at once${d.withQemu ? ' + QEMU restore' : ''}`;
+    const what = v.shape === 'single' ? `\`${d.single}\` alone (1 migration)` : v.shape === 'qemu-alone' ? 'the QEMU restore alone (baseline of its p99)' : `eight at once${d.withQemu ? ' + QEMU restore' : ''}`;
     if (v.unavailable) {
-      lines.push(`| ${what} | ${v.threads} | ${notAvailable(v.unavailable)} | | | | | | | | |`);
+      lines.push(`| ${what} | ${v.threads} | ${notAvailable(v.unavailable)} | | | | | | | | | |`);
+      continue;
+    }
+    const qp99 = (x: LoadVariant | undefined): RunStats | undefined => (x?.runs.some((r) => r.qemu) ? runStats(x.runs.map((r) => (r.qemu?.p99SrcUs ?? NaN) / 1000)) : undefined);
+    if (v.shape === 'qemu-alone') {
+      const ok = v.runs.length === 0 ? '–' : v.runs.every((x) => x.qemu?.ok) ? 'yes, every run (invariant, completed)' : 'NO';
+      lines.push(`| ${what}${v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : ''} | ${v.threads} | – | | | | ${ok} | ${v.runs.filter((x) => x.qemu?.ok).length}/${v.runs.length} | – | – | ${fmtStats(qp99(v), 1)} (baseline) | ${fmtStats(runStats(v.runs.map((x) => x.osThreads ?? NaN)))} (–), ${fmtStats(runStats(v.runs.map((x) => x.cpuS / (x.wallMs / 1000))), 2)} of ${d.cores} |`);
       continue;
     }
     const err = v.errors.length > 0 ? ` (errors: ${v.errors.join('; ')})` : '';
@@ -210,13 +218,20 @@ function markdown(d: LoadData): string {
     const names = [...new Set(v.runs.map((x) => x.worstName).filter(Boolean))].join(', ') || '–';
     const ident = v.runs.length === 0 ? '–' : v.runs.every((x) => x.migrations.every((m) => m.identical)) ? 'yes, every run' : 'NO';
     const completed = v.runs.map((x) => `${x.migrations.length}/${x.migrations.length + x.failures.filter((f) => !f.startsWith('qemu')).length}`).join(', ');
-    const agg = fmtStats(runStats(v.runs.map((x) => x.migrations.reduce((s, m) => s + (m.mbps * m.ms) / 1000, 0) / (x.wallMs / 1000))));
-    const q = v.runs.some((x) => x.qemu) ? fmtStats(runStats(v.runs.map((x) => (x.qemu?.p99SrcUs ?? NaN) / 1000)), 1) : '–';
+    const aggOf = (x: LoadVariant | undefined): RunStats | undefined => (x ? runStats(x.runs.map((y) => y.migrations.reduce((s, m) => s + (m.mbps * m.ms) / 1000, 0) / (y.wallMs / 1000))) : undefined);
+    const aggStats = aggOf(v);
+    const aggRatio = v.shape === 'eight' ? ratio(aggStats?.median, aggOf(single(v.threads))?.median) : undefined;
+    const agg = `${fmtStats(aggStats)}${v.shape === 'single' ? ' (baseline)' : aggRatio === undefined ? '' : `, ${fmt(aggRatio, 2)}×`}`;
+    // Core-seconds of this process (both ends of every library migration) per GB (10⁹ bytes) they carried.
+    const cpuPerGb = fmtStats(runStats(v.runs.map((x) => x.cpuS / (x.migrations.reduce((s, m) => s + m.mbps * m.ms, 0) / 1e6))), 2);
+    const qs = qp99(v);
+    const qRatio = ratio(qs?.median, qp99(d.variants.find((x) => x.shape === 'qemu-alone'))?.median);
+    const q = qs ? `${fmtStats(qs, 1)}${qRatio === undefined ? '' : `, ${fmt(qRatio, 2)}×`}` : '–';
     const workers = v.runs.flatMap((x) => (x.migrations.some((m) => m.workers !== undefined) ? [x.migrations.reduce((s, m) => s + (m.workers ?? 0), 0)] : []));
     const used = v.runs.flatMap((x) => x.migrations.map((m) => m.threadsUsed)).filter((x) => x !== undefined);
     const procs = `${fmtStats(runStats(v.runs.map((x) => x.osThreads ?? NaN)))} (${workers.length > 0 ? fmtStats(runStats(workers)) : '–'}${v.threads === 'on' && used.length > 0 && used.some((u) => !u) ? `; not used by ${used.filter((u) => !u).length}` : ''}), ${fmtStats(runStats(v.runs.map((x) => x.cpuS / (x.wallMs / 1000))), 2)} of ${d.cores}`;
     lines.push(
-      `| ${what}${err} | ${v.threads} | ${fmtStats(v.worstP99, 1, 1e-3)} | ${names} | ${v.shape === 'single' ? '1.00× (baseline)' : r === undefined ? '–' : `${fmt(r, 2)}×`} | ${v.shape === 'eight' ? `≤ ${LOAD_AIM}×${r === undefined ? '' : r <= LOAD_AIM ? ' — met' : ' — missed'}` : ''} | ${ident} | ${completed || '–'} | ${agg} | ${q} | ${procs} |`,
+      `| ${what}${err} | ${v.threads} | ${fmtStats(v.worstP99, 1, 1e-3)} | ${names} | ${v.shape === 'single' ? '1.00× (baseline)' : r === undefined ? '–' : `${fmt(r, 2)}×`} | ${v.shape === 'eight' ? `≤ ${LOAD_AIM}×${r === undefined ? '' : r <= LOAD_AIM ? ' — met' : ' — missed'}` : ''} | ${ident} | ${completed || '–'} | ${agg} | ${cpuPerGb} | ${q} | ${procs} |`,
     );
   }
   lines.push(
@@ -224,7 +239,7 @@ function markdown(d: LoadData): string {
     'Per migration, last round (p99 µs at the destination / at the source):',
     '',
     ...d.variants
-      .filter((v) => v.runs.length > 0)
+      .filter((v) => v.runs.length > 0 && v.shape !== 'qemu-alone')
       .map((v) => `- ${v.shape}, threads ${v.threads}: ${v.runs[v.runs.length - 1]!.migrations.map((m) => `${m.name} ${fmt(m.mbps)} MB/s${m.p99Dst !== undefined ? ` p99 ${fmt(m.p99Dst)} / ${fmt(m.p99Src)}` : ''}${m.identical ? '' : ' MEMORY DIFFERS'}`).join('; ')}`),
     '',
     'Where the CPU went, per thread of this process (last round):',
@@ -265,15 +280,17 @@ await runPart<LoadData>('load', 'The eight-migration load: urgent p99 against a 
       const manifest = await mods.helpers.captureSavedVm(vmDir, mods.restore.QEMU_SPEC, 'load-capture');
       qemu = { mods, vmDir, manifest };
       data.withQemu = true;
+      // First in each round: the QEMU restore by itself, the baseline of its p99 under the eight.
+      data.variants.unshift({ shape: 'qemu-alone', threads: 'off', runs: [], errors: [] });
     }
   }
   for (let round = 0; round < runs; round++) {
     for (const v of data.variants) {
       if (v.unavailable) continue;
       try {
-        const r = await oneRun(ctx, v.shape === 'single' ? [single] : SPECS, scale, pkiDir, v.threads, v.shape === 'eight' ? qemu : undefined);
+        const r = await oneRun(ctx, v.shape === 'single' ? [single] : v.shape === 'qemu-alone' ? [] : SPECS, scale, pkiDir, v.threads, v.shape === 'single' ? undefined : qemu);
         v.runs.push(r);
-        ctx.log(`round ${round + 1}/${runs}: ${v.shape}, threads ${v.threads}: worst urgent p99 ${fmt((r.worstP99Us ?? NaN) / 1000, 1)} ms (${r.worstName ?? '–'}), ${fmt(r.wallMs)} ms, CPU ${fmt(r.cpuS, 1)} s${r.failures.length ? `, failed: ${r.failures.join('; ')}` : ''}`);
+        ctx.log(`round ${round + 1}/${runs}: ${v.shape}, threads ${v.threads}: worst urgent p99 ${fmt((r.worstP99Us ?? NaN) / 1000, 1)} ms (${r.worstName ?? '–'}), ${fmt(r.wallMs)} ms, CPU ${fmt(r.cpuS, 1)} s${r.qemu ? `, QEMU restore p99 at our source ${fmt(r.qemu.p99SrcUs / 1000, 1)} ms` : ''}${r.failures.length ? `, failed: ${r.failures.join('; ')}` : ''}`);
         // A tree that has threads but whose sessions report none: not what the row says.
         if (v.threads === 'on' && r.migrations.length > 0 && r.migrations.every((m) => m.threadsUsed === undefined)) {
           v.unavailable = 'the sessions report no stats.threads';

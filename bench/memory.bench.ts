@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { DEVICES_DIR, MANIFEST, RAM_DIR, type SavedVmManifest } from '../src/protocol/saved-vm.js';
 import { initPkiDir } from '../src/transport/pki.js';
 import { BenchChild } from './lib/child.js';
+import { cpuDelta, processCpuSeconds } from './lib/cpu.js';
 import { residentSet } from './lib/child-server.js';
 import { runPart, type PartContext } from './lib/part.js';
 import { fmt } from './lib/report.js';
@@ -33,6 +34,9 @@ interface MemRun {
   destHwm: number;
   seconds: number;
   wireBytes: number;
+  /** Core-seconds (user + system) of each child over the migration. */
+  sourceCpuS: number | undefined;
+  destCpuS: number | undefined;
 }
 
 export interface MemoryData {
@@ -44,6 +48,9 @@ export interface MemoryData {
   source?: RunStats;
   dest?: RunStats;
   seconds?: RunStats;
+  /** Core-seconds per GB (10⁹ bytes) of guest RAM, each end. */
+  sourceCpuPerGb?: RunStats;
+  destCpuPerGb?: RunStats;
 }
 
 /** A saved VM of `bytes` RAM whose every page holds data (a counter in its first byte), and two small devices. */
@@ -104,16 +111,18 @@ async function memoryRun(ctx: PartContext, vmDir: string, sinkDir: string, tlsDi
       dst.call<{ uri: string }>({ cmd: 'dest-listen', host: '127.0.0.1', postcopy: false, sink: { kind: 'directory', dir: sinkDir }, ...(tlsDir ? { tlsDir } : {}) }, 30_000),
       src.call({ cmd: 'source-prepare', memory: { kind: 'saved-vm', dir: vmDir } }, 30_000),
     ]);
+    const cpuBefore = [processCpuSeconds(src.pid), processCpuSeconds(dst.pid)];
     const [s, d] = await Promise.all([
       src.call<SourceRun>({ cmd: 'source-migrate', to: uri, policy: 'never', preempt: false, timeoutMs: 600_000, ...(tlsDir ? { tlsDir, tlsHostname: 'localhost' } : {}) }, 610_000),
       // The destination's answer comes after the sink closed (its directory is then removed): read its peak first.
       dst.call<DestinationRun>({ cmd: 'dest-wait', timeoutMs: 600_000 }, 610_000),
     ]);
+    const [sourceCpuS, destCpuS] = cpuDelta(cpuBefore, [processCpuSeconds(src.pid), processCpuSeconds(dst.pid)]);
     // VmHWM is a high-water mark: reading it after the migration gives the peak over the whole run.
     const sr = residentSet(src.pid!);
     const dr = residentSet(dst.pid!);
     if (!sr || !dr) throw new Error('cannot read /proc/<pid>/status');
-    return { sourceHwm: sr.hwm, destHwm: dr.hwm, seconds: (d.completedUs - s.startUs) / 1e6, wireBytes: s.stats.transferred };
+    return { sourceHwm: sr.hwm, destHwm: dr.hwm, seconds: (d.completedUs - s.startUs) / 1e6, wireBytes: s.stats.transferred, sourceCpuS, destCpuS };
   } finally {
     await Promise.all([ctx.release(src), ctx.release(dst)]);
   }
@@ -132,7 +141,7 @@ function markdown(d: MemoryData): string {
     `| source (SavedVmSource, reads the ${mib(d.guestBytes)} MiB file) | ${fmtStats(d.source, 0, 1 / MiB)} | ${fmtRatio(d.source?.median, idle)} | ${d.source ? `${fmt((d.source.median / d.guestBytes) * 100, 1)} %` : '–'} | ≤ 256 MiB: ${d.source ? (d.source.max <= AIM_SOURCE ? 'met (every run)' : d.source.median <= AIM_SOURCE ? 'met (median)' : 'missed') : '–'} |`,
     `| destination (DirectorySink) | ${fmtStats(d.dest, 0, 1 / MiB)} | ${fmtRatio(d.dest?.median, idle)} | ${d.dest ? `${fmt((d.dest.median / d.guestBytes) * 100, 1)} %` : '–'} | – |`,
     '',
-    `Migration time ${fmtStats(d.seconds, 1)} s (${d.seconds ? fmt(d.guestBytes / d.seconds.median / 1e9, 2) : '–'} GB/s of guest RAM, reading from the page cache and writing into it). RSS counts anonymous memory and mapped files, not the page cache that the reads and the positioned writes go through.${d.errors.length > 0 ? ` Errors: ${d.errors.join('; ')}.` : ''}`,
+    `Migration time ${fmtStats(d.seconds, 1)} s (${d.seconds ? fmt(d.guestBytes / d.seconds.median / 1e9, 2) : '–'} GB/s of guest RAM, reading from the page cache and writing into it). CPU s/GB (core-seconds per 10⁹ bytes of guest RAM, /proc/<pid>/stat): source ${fmtStats(d.sourceCpuPerGb, 2)}, destination ${fmtStats(d.destCpuPerGb, 2)}. RSS counts anonymous memory and mapped files, not the page cache that the reads and the positioned writes go through.${d.errors.length > 0 ? ` Errors: ${d.errors.join('; ')}.` : ''}`,
   );
   return lines.join('\n');
 }
@@ -171,6 +180,11 @@ await runPart<MemoryData>(
     set('source', runStats(data.runs.map((r) => r.sourceHwm)));
     set('dest', runStats(data.runs.map((r) => r.destHwm)));
     set('seconds', runStats(data.runs.map((r) => r.seconds)));
+    const perGb = (cpu: number | undefined): number[] => (cpu === undefined ? [] : [cpu / (data.guestBytes / 1e9)]);
+    const sc = runStats(data.runs.flatMap((r) => perGb(r.sourceCpuS)));
+    const dc = runStats(data.runs.flatMap((r) => perGb(r.destCpuS)));
+    if (sc) data.sourceCpuPerGb = sc;
+    if (dc) data.destCpuPerGb = dc;
     return { config: { mib, runs, tls, aimSourceBytes: AIM_SOURCE }, data, markdown: markdown(data) };
   },
 );

@@ -27,7 +27,7 @@
  * those (bench/lib/thread-cpu.ts expectedGbps). Prints figures; asserts nothing.
  */
 import { execFileSync } from 'node:child_process';
-import { rm } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -38,7 +38,7 @@ import { cliHasFlag, multifdUnavailable, notAvailable, threadsNode, threadsOf, t
 import { runPart, type PartContext } from './lib/part.js';
 import type { QemuProcess } from './lib/qemu.js';
 import { builtCliProblem, startQmtCli } from './lib/qmt-cli.js';
-import { fmt } from './lib/report.js';
+import { barChartSvg, fmt } from './lib/report.js';
 import type { DestinationRun, SessionCommand, SourceRun } from './lib/session-peer.js';
 import { fmtStats, median, ratio, runStats, type RunStats } from './lib/stats.js';
 import { RAM_BLOCK } from './lib/synthetic-guest.js';
@@ -427,5 +427,12 @@ await runPart<MultifdData>('multifd', 'Multifd: throughput and CPU per GB by cha
   }
   for (const v of data.variants) summarise(v, bytes);
   if (rows) data.variants = data.variants.filter((v) => rows.includes(v.row));
+  const svg = await barChartSvg(
+    `Multifd throughput by channel count, ${fmt(mib)} MiB guest over loopback (median of ${runs}; whiskers: min–max)`,
+    'GB/s',
+    data.variants.filter((v) => v.stats).map((v) => ({ group: `${MULTIFD_LABEL[v.row]}${v.threads ? `, threads ${v.threads}` : ''}`, label: `${v.kind === 'tls' ? 'TLS' : 'plain'}, ${v.channels} channel${v.channels === 1 ? '' : 's'}`, value: v.stats!.median, min: v.stats!.min, max: v.stats!.max })),
+  );
+  await mkdir(ctx.out, { recursive: true });
+  await writeFile(join(ctx.out, 'multifd-throughput.svg'), svg);
   return { config: { mib, runs, channels: channelCounts, host: '127.0.0.1', referenceCores: REFERENCE_CORES }, data, markdown: markdown(data) };
 });

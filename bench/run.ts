@@ -304,6 +304,7 @@ async function main(): Promise<void> {
     '',
     ...[
       ['bulk-throughput.svg', 'bulk throughput'],
+      ['multifd-throughput.svg', 'multifd throughput by channel count'],
       ['urgent-cdf.svg', 'urgent page requests, CDF (one chart, both links; the threads rows included)'],
       ['seed-stall.svg', "the seed's experiment: the VM's stall (downtime + blocktime)"],
       ['latency-cdf-loopback.svg', 'bench:latency, loopback'],

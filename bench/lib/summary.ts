@@ -23,6 +23,8 @@ export interface SummaryLine {
   baseline: string;
   ratio: string;
   aim: string;
+  /** Throughput rows: CPU core-seconds per GB (10⁹ bytes) of guest RAM, ours and the baseline's. */
+  cpu?: string;
 }
 
 export interface CodecData {
@@ -37,14 +39,21 @@ export interface CodecData {
 }
 
 const x = (a: number | undefined, b: number | undefined): string => (a === undefined || b === undefined || !b ? '–' : `${fmt(a / b, 2)}×`);
+/** Core-seconds per GB, or '–'. */
+const sgb = (v: number | undefined): string => fmt(v, 2);
 const verdict = (ok: boolean | undefined): string => (ok === undefined ? '' : ok ? ' — met' : ' — missed');
 
 export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLine[] {
   const out: SummaryLine[] = [];
   const codec = parts.get('codec')?.data as CodecData | undefined;
   if (codec) {
-    out.push({ part: 'codec', what: 'decode into guest memory', figure: `${fmt(codec.gbps.decode, 2)} GB/s`, baseline: `Buffer.copy page by page ${fmt(codec.gbps.copy, 2)} GB/s`, ratio: x(codec.gbps.decode, codec.gbps.copy), aim: '' });
-    out.push({ part: 'codec', what: 'encode with zero-page detection', figure: `${fmt(codec.gbps.encode, 2)} GB/s`, baseline: `Buffer.copy page by page ${fmt(codec.gbps.copy, 2)} GB/s`, ratio: x(codec.gbps.encode, codec.gbps.copy), aim: '' });
+    const perGb = (k: string): number | undefined => {
+      const c = median(codec.cpuSeconds?.[k] ?? []);
+      return c === undefined ? undefined : c / ((codec.mib * 2 ** 20) / 1e9);
+    };
+    const cpu = (k: string): string => `${sgb(perGb(k))} (copy ${sgb(perGb('copy'))})`;
+    out.push({ part: 'codec', what: 'decode into guest memory', figure: `${fmt(codec.gbps.decode, 2)} GB/s`, baseline: `Buffer.copy page by page ${fmt(codec.gbps.copy, 2)} GB/s`, ratio: x(codec.gbps.decode, codec.gbps.copy), aim: '', cpu: cpu('decode') });
+    out.push({ part: 'codec', what: 'encode with zero-page detection', figure: `${fmt(codec.gbps.encode, 2)} GB/s`, baseline: `Buffer.copy page by page ${fmt(codec.gbps.copy, 2)} GB/s`, ratio: x(codec.gbps.encode, codec.gbps.copy), aim: '', cpu: cpu('encode') });
   }
   const bulk = parts.get('bulk')?.data as BulkData | undefined;
   if (bulk) {
@@ -52,9 +61,15 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
     const gb = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
     const tls = m('library', 'tls');
     const qtls = m('qemu', 'tls');
-    out.push({ part: 'bulk', what: `library → library, TLS, ${fmt(bulk.guestBytes / 2 ** 20)} MiB guest`, figure: gb(tls), baseline: `QEMU → QEMU TLS ${gb(qtls)}`, ratio: x(tls, qtls), aim: `≥ 2×${verdict(tls !== undefined && qtls !== undefined ? tls / qtls >= 2 : undefined)}` });
-    out.push({ part: 'bulk', what: 'library → library, TLS', figure: gb(tls), baseline: `raw TLS socket pair ${gb(m('raw', 'tls'))}`, ratio: x(tls, m('raw', 'tls')), aim: '' });
-    out.push({ part: 'bulk', what: 'library → library, plain TCP', figure: gb(m('library', 'plain')), baseline: `QEMU → QEMU plain ${gb(m('qemu', 'plain'))}; raw pair ${gb(m('raw', 'plain'))}`, ratio: `${x(m('library', 'plain'), m('qemu', 'plain'))}; ${x(m('library', 'plain'), m('raw', 'plain'))}`, aim: '' });
+    // Sender + receiver core-seconds per GB of guest RAM.
+    const c = (impl: string, kind: string): string => {
+      const v = bulk.variants.find((y) => y.impl === impl && y.kind === kind);
+      const p = v ? bulkCpuPerGb(v, bulk.guestBytes) : {};
+      return sgb(p.source !== undefined && p.dest !== undefined ? p.source + p.dest : undefined);
+    };
+    out.push({ part: 'bulk', what: `library → library, TLS, ${fmt(bulk.guestBytes / 2 ** 20)} MiB guest`, figure: gb(tls), baseline: `QEMU → QEMU TLS ${gb(qtls)}`, ratio: x(tls, qtls), aim: `≥ 2×${verdict(tls !== undefined && qtls !== undefined ? tls / qtls >= 2 : undefined)}`, cpu: `${c('library', 'tls')} (QEMU ${c('qemu', 'tls')})` });
+    out.push({ part: 'bulk', what: 'library → library, TLS', figure: gb(tls), baseline: `raw TLS socket pair ${gb(m('raw', 'tls'))}`, ratio: x(tls, m('raw', 'tls')), aim: '', cpu: `${c('library', 'tls')} (raw ${c('raw', 'tls')})` });
+    out.push({ part: 'bulk', what: 'library → library, plain TCP', figure: gb(m('library', 'plain')), baseline: `QEMU → QEMU plain ${gb(m('qemu', 'plain'))}; raw pair ${gb(m('raw', 'plain'))}`, ratio: `${x(m('library', 'plain'), m('qemu', 'plain'))}; ${x(m('library', 'plain'), m('raw', 'plain'))}`, aim: '', cpu: `${c('library', 'plain')} (QEMU ${c('qemu', 'plain')}; raw ${c('raw', 'plain')})` });
   }
   const urgent = parts.get('urgent')?.data as UrgentData | undefined;
   if (urgent) {
@@ -79,6 +94,8 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
     out.push({ part: 'seed', what: "the VM's stall (downtime + blocktime), library ↔ library, postcopy after 1 pass", figure: `${fmt(st('after-1'), 1)} ms`, baseline: `postcopy at once ${fmt(st('immediate'), 1)} ms; precopy only ${fmt(st('precopy'), 1)} ms`, ratio: `at once / after-1 = ${x(st('immediate'), st('after-1'))}`, aim: '≥ 3× (the seed: 3.5 s → < 1 s)' });
     const q = (n: string): number | undefined => seed.qemu?.rows.find((r) => r.name === n && !r.viaTap)?.stall?.median;
     if (seed.qemu) out.push({ part: 'seed', what: "the VM's stall, QEMU → QEMU (seed guest), postcopy after 1 pass", figure: `${fmt(q('after-1'), 1)} ms`, baseline: `postcopy at once ${fmt(q('immediate'), 1)} ms; precopy only ${fmt(q('precopy'), 1)} ms`, ratio: `at once / after-1 = ${x(q('immediate'), q('after-1'))}`, aim: '≥ 3× (the seed: 3.5 s → < 1 s)' });
+    const t = (n: string): number | undefined => seed.qemu?.rows.find((r) => r.name === n && r.viaTap)?.stall?.median;
+    if (seed.qemu && t('after-1') !== undefined) out.push({ part: 'seed', what: "the VM's stall, QEMU → `qmt tap` → QEMU (seed guest), postcopy after 1 pass", figure: `${fmt(t('after-1'), 1)} ms`, baseline: `postcopy at once ${fmt(t('immediate'), 1)} ms (through the tap)`, ratio: `at once / after-1 = ${x(t('immediate'), t('after-1'))}`, aim: '≥ 3× (the seed: 3.5 s → < 1 s)' });
   }
   const sw = parts.get('switchover')?.data as SwitchoverData | undefined;
   if (sw) {
@@ -102,10 +119,12 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
     const g = (v: number | undefined): string => (v === undefined ? '–' : `${fmt(v, 2)} GB/s`);
     const w = gb(sink.write?.sink);
     const wn = gb(sink.write?.node);
-    out.push({ part: 'sink', what: `DirectorySink to durable (writePages + flush), ${fmt(sink.bytes / 2 ** 20)} MiB`, figure: g(w), baseline: `Node fs.write 1 MiB + fsync ${g(wn)}`, ratio: x(w, wn), aim: '' });
+    // This process's core-seconds per GB (the part runs both the sink and the baseline in it).
+    const c = (ts: { cpu?: number | undefined }[] | undefined): string => sgb(median((ts ?? []).flatMap((t) => (t.cpu === undefined ? [] : [t.cpu / (sink.bytes / 1e9)]))));
+    out.push({ part: 'sink', what: `DirectorySink to durable (writePages + flush), ${fmt(sink.bytes / 2 ** 20)} MiB`, figure: g(w), baseline: `Node fs.write 1 MiB + fsync ${g(wn)}`, ratio: x(w, wn), aim: '', cpu: `${c(sink.write?.sink)} (fs.write ${c(sink.write?.node)})` });
     const r = gb(sink.read?.uncached?.source);
     const rn = gb(sink.read?.uncached?.node);
-    out.push({ part: 'sink', what: 'SavedVmSource scan, not cached', figure: g(r), baseline: `Node fs.read 1 MiB ${g(rn)}`, ratio: x(r, rn), aim: '' });
+    out.push({ part: 'sink', what: 'SavedVmSource scan, not cached', figure: g(r), baseline: `Node fs.read 1 MiB ${g(rn)}`, ratio: x(r, rn), aim: '', cpu: `${c(sink.read?.uncached?.source)} (fs.read ${c(sink.read?.uncached?.node)})` });
   }
   const mem = parts.get('memory')?.data as MemoryData | undefined;
   if (mem?.source) {
@@ -123,8 +142,8 @@ export function summaryLines(parts: Map<string, PartResult<unknown>>): SummaryLi
 }
 
 export function summaryTable(lines: readonly SummaryLine[]): string {
-  const rows = ['| part | what | figure | baseline (same run) | ratio | aim |', '|---|---|---|---|---|---|'];
-  for (const l of lines) rows.push(`| ${l.part} | ${l.what} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} |`);
+  const rows = ['| part | what | figure | baseline (same run) | ratio | aim | CPU s/GB (baseline) |', '|---|---|---|---|---|---|---|'];
+  for (const l of lines) rows.push(`| ${l.part} | ${l.what} | ${l.figure} | ${l.baseline} | ${l.ratio} | ${l.aim} | ${l.cpu ?? ''} |`);
   return rows.join('\n');
 }
 

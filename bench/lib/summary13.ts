@@ -150,12 +150,13 @@ function multifdLines(p: PartResult<unknown>, out: Issue13Line[]): void {
       continue;
     }
     const two = d.variants.find((v) => v.row === row && v.kind === 'tls' && v.channels === 2 && (threads === undefined || v.threads === threads));
+    const one = d.variants.find((v) => v.row === row && v.kind === 'tls' && v.channels === 1 && (threads === undefined || v.threads === threads));
     const time = timeGoesTo(s.ratio === undefined ? undefined : s.ratio >= MULTIFD_TLS_2_VS_1, two ? topThreadsOf(two) : undefined, row === 'library' && threads === 'on' ? 'library-multifd2-tls-threads' : undefined);
     out.push({
       ...(time ? { time } : {}),
       row: name,
-      figure: s.two === undefined ? '–' : `${fmt(s.two, 2)} GB/s`,
-      baseline: s.one === undefined ? '–' : `1 channel ${fmt(s.one, 2)} GB/s`,
+      figure: s.two === undefined ? '–' : `${fmt(s.two, 2)} GB/s; ${fmt(two?.cpuPerGb, 2)} CPU s/GB`,
+      baseline: s.one === undefined ? '–' : `1 channel ${fmt(s.one, 2)} GB/s; ${fmt(one?.cpuPerGb, 2)} CPU s/GB`,
       ratio: s.ratio === undefined ? '–' : `${fmt(s.ratio, 2)}×`,
       aim: `≥ ${MULTIFD_TLS_2_VS_1}×${verdict(s.ratio === undefined ? undefined : s.ratio >= MULTIFD_TLS_2_VS_1)}`,
       machine: two ? `${fmt(two.osThreads)} threads (${fmt(two.busyThreads)} busy), ${fmt(two.coresUsed, 2)} of ${d.cores} cores` : '',
