@@ -220,7 +220,7 @@ export function issue13Intro(parts: Map<string, PartResult<unknown>>, runStart: 
     stale.length > 0 ? `not run this time (earlier results): ${stale.join(', ')}` : '',
   ].filter(Boolean);
   return [
-    'Each figure next to its same-run baseline (ratios of medians over the rounds), against the aim of issue 13; reported, not asserted. "Threads, cores used": the OS threads of the process(es) of the row (Node\'s and QEMU\'s own included; workers = channel threads the sessions name) and the cores their CPU kept busy over the run (CPU core-seconds / wall seconds). A row whose feature the measured tree lacked says "not available". Final figures: `npm run bench -- --only urgent,demo,load,multifd --runs 3` on a quiet machine.',
+    'Each figure next to its same-run baseline (ratios of medians over the rounds), against the aim of issue 13; reported, not asserted. "Threads, cores used": the OS threads of the process(es) of the row (Node\'s and QEMU\'s own included; workers = channel threads the sessions name) and the cores their CPU kept busy over the run (CPU core-seconds / wall seconds). A row whose feature the measured tree lacked says "not available". These rows alone: `npm run bench -- --only urgent,demo,load,multifd --runs 3`.',
     ...(notes.length > 0 ? ['', `> ${notes.join('. ')}.`] : []),
   ].join('\n');
 }
