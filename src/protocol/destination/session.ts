@@ -1,5 +1,6 @@
 import { BlockTime } from '../blocktime.js';
 import { EventEmitter } from 'node:events';
+import { constants } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { StreamDecoder } from '../../stream/decoder.js';
 import { RecordType, TARGET_PAGE_SIZE } from '../../stream/constants.js';
@@ -347,8 +348,9 @@ export class DestinationSession extends EventEmitter<DestinationEvents> {
       const errno = pendingSocketError(ch.socket);
       if (!errno) continue;
       const name = ch.stats.id !== undefined ? (`multifd-${ch.stats.id}` as const) : ('multifd' as const);
-      const what = errno === 104 ? 'reset (ECONNRESET)' : `failed (errno ${errno})`;
-      return MigrationError.from(new TransportError(errno === 104 ? 'reset' : 'closed', `${name}: the connection was ${what}, before the source closed its main channel`, { channel: name }), this.phase);
+      const reset = errno === constants.errno.ECONNRESET;
+      const what = reset ? 'reset (ECONNRESET)' : `failed (errno ${errno})`;
+      return MigrationError.from(new TransportError(reset ? 'reset' : 'closed', `${name}: the connection was ${what}, before the source closed its main channel`, { channel: name }), this.phase);
     }
     return undefined;
   }
