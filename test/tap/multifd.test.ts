@@ -389,8 +389,12 @@ describe('tap: a multifd channel cut in precopy', () => {
     main.write(MAIN);
     await dst.waitArrivals(3);
     c1.write(CH1.subarray(64, 2000));
-    const atDst = dst.arrivals.find((a) => a.index > 0 && Buffer.concat(a.data).subarray(0, 64).equals(CH1.subarray(0, 64)))!;
+    // Accepted is not yet arrived: on a busy machine channel 1's init may still be on its way.
     const deadline = Date.now() + 5000;
+    const ch1 = () => dst.arrivals.find((a) => a.index > 0 && Buffer.concat(a.data).subarray(0, 64).equals(CH1.subarray(0, 64)));
+    while (!ch1() && Date.now() < deadline) await sleep(5);
+    const atDst = ch1();
+    if (!atDst) throw new Error("channel 1's init never reached the destination");
     while (Buffer.concat(atDst.data).length < 2000 && Date.now() < deadline) await sleep(5);
     const reset = new Promise<string | undefined>((resolve) => {
       atDst.sock.once('error', (e: NodeJS.ErrnoException) => resolve(e.code));
